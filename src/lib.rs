@@ -3,12 +3,24 @@
 //! replicas (applying those transactions into their own WAL).
 //!
 //! Module index (see docs/ARCHITECTURE.md):
+//! - `entry`: the `sqlite3_replica_init` entry point (unsafe boundary).
+//! - `ffi`: the host API table, the panic guard, safe wrappers (unsafe boundary).
+//! - `vfs`: the shim over the host's default VFS: trampolines and hooks (unsafe boundary).
+//! - `registry`: per-process state of databases opened through the VFS.
+//! - `primary`: the capture agent (T1/T2/T3 triggers, gap detection, snapshots).
+//! - `functions`: the `repl_*` SQL functions.
 //! - `types`: the domain newtypes (`Lsn`, `PageNo`, `FrameNo`, `PageSize`, `Generation`, `Checksum`).
 //! - `wal`: WAL file and wal-index formats (pure, no unsafe).
 //! - `txlog`: the replication log: record/snapshot format, segments (pure, no unsafe).
 //! - `error`: the one error type and its SQLite-code table.
 
+pub mod entry;
 pub mod error;
+pub mod ffi;
+pub mod functions;
+pub mod primary;
+pub mod registry;
 pub mod txlog;
 pub mod types;
+pub mod vfs;
 pub mod wal;

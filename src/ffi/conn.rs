@@ -1,0 +1,175 @@
+//! Safe wrappers around connection-level host APIs: internal connections the extension opens
+//! itself (through the host's API table), statements returning one value, and the per-database
+//! file controls used to find our VFS file behind a user's connection.
+
+use super::*;
+use crate::error::{Error, Result};
+
+/// A borrowed connection handle (a user's connection inside a function call).
+#[derive(Clone, Copy)]
+pub struct DbRef(pub *mut sqlite3);
+
+/// A value read from a one-value query.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SqlValue {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+impl DbRef {
+    /// The file name of database `schema` ("main"), or None for in-memory / temp databases.
+    pub fn filename(&self, schema: &str) -> Option<String> {
+        let f = api().db_filename?;
+        let s = CString::new(schema).ok()?;
+        // SAFETY: valid connection handle (inside a call on it) and valid schema string.
+        let p = unsafe { f(self.0, s.as_ptr()) };
+        cstr_to_string(p).filter(|n| !n.is_empty())
+    }
+
+    /// `sqlite3_db_readonly(db, schema)`: 1 read-only, 0 read-write, -1 no such db.
+    pub fn readonly(&self, schema: &str) -> i32 {
+        let Some(f) = api().db_readonly else { return -1 };
+        let s = CString::new(schema).unwrap_or_default();
+        // SAFETY: valid connection handle and schema string.
+        unsafe { f(self.0, s.as_ptr()) }
+    }
+
+    /// The top-level `sqlite3_file` of `schema` (SQLITE_FCNTL_FILE_POINTER), if open.
+    pub fn file_pointer(&self, schema: &str) -> Option<*mut sqlite3_file> {
+        let f = api().file_control?;
+        let s = CString::new(schema).ok()?;
+        let mut p: *mut sqlite3_file = std::ptr::null_mut();
+        // SAFETY: FILE_POINTER writes one `sqlite3_file*` into the pointer we pass.
+        let rc = unsafe {
+            f(self.0, s.as_ptr(), SQLITE_FCNTL_FILE_POINTER, &mut p as *mut _ as *mut c_void)
+        };
+        (rc == SQLITE_OK && !p.is_null()).then_some(p)
+    }
+
+    /// Run SQL without results.
+    pub fn exec(&self, sql: &str) -> Result<()> {
+        let f = api().exec.expect("exec");
+        let c = CString::new(sql).map_err(|_| Error::Misuse("SQL contains NUL".into()))?;
+        let mut err: *mut c_char = std::ptr::null_mut();
+        // SAFETY: valid handle, SQL string, no callback; `err` receives an sqlite3_malloc'd message.
+        let rc = unsafe { f(self.0, c.as_ptr(), None, std::ptr::null_mut(), &mut err) };
+        if rc != SQLITE_OK {
+            let msg = cstr_to_string(err).unwrap_or_else(|| format!("error code {rc}"));
+            sqlite_free(err as *mut c_void);
+            return Err(sql_error(rc, format!("{sql}: {msg}")));
+        }
+        Ok(())
+    }
+
+    /// Run a query and return the first column of its first row (Null when no row).
+    pub fn query_value(&self, sql: &str) -> Result<SqlValue> {
+        let a = api();
+        let c = CString::new(sql).map_err(|_| Error::Misuse("SQL contains NUL".into()))?;
+        let mut stmt = std::ptr::null_mut();
+        // SAFETY: valid handle and SQL; `stmt` receives a statement we finalize below.
+        let rc = unsafe {
+            a.prepare_v2.expect("prepare_v2")(self.0, c.as_ptr(), -1, &mut stmt, std::ptr::null_mut())
+        };
+        if rc != SQLITE_OK {
+            return Err(sql_error(rc, format!("{sql}: {}", self.errmsg())));
+        }
+        // SAFETY: `stmt` is a valid prepared statement until finalize.
+        let out = unsafe {
+            let rc = a.step.expect("step")(stmt);
+            let v = if rc == SQLITE_ROW {
+                Ok(match a.column_type.expect("column_type")(stmt, 0) {
+                    1 => SqlValue::Int(a.column_int64.expect("column_int64")(stmt, 0)),
+                    2 => SqlValue::Real(a.column_double.expect("column_double")(stmt, 0)),
+                    3 => SqlValue::Text(
+                        cstr_to_string(a.column_text.expect("column_text")(stmt, 0) as *const c_char)
+                            .unwrap_or_default(),
+                    ),
+                    4 => {
+                        let p = a.column_blob.expect("column_blob")(stmt, 0) as *const u8;
+                        let n = a.column_bytes.expect("column_bytes")(stmt, 0) as usize;
+                        SqlValue::Blob(if p.is_null() {
+                            vec![]
+                        } else {
+                            std::slice::from_raw_parts(p, n).to_vec()
+                        })
+                    }
+                    _ => SqlValue::Null,
+                })
+            } else if rc == SQLITE_DONE {
+                Ok(SqlValue::Null)
+            } else {
+                Err(sql_error(rc, format!("{sql}: {}", self.errmsg())))
+            };
+            a.finalize.expect("finalize")(stmt);
+            v
+        };
+        out
+    }
+
+    /// The connection's last error message.
+    pub fn errmsg(&self) -> String {
+        let Some(f) = api().errmsg else { return String::new() };
+        // SAFETY: valid handle; returned string owned by SQLite, copied immediately.
+        cstr_to_string(unsafe { f(self.0) }).unwrap_or_default()
+    }
+}
+
+fn sql_error(rc: c_int, msg: String) -> Error {
+    match rc & 0xff {
+        SQLITE_BUSY => Error::Busy(msg),
+        SQLITE_READONLY => Error::ReadOnly(msg),
+        _ => Error::Other(msg),
+    }
+}
+
+/// A connection opened by the extension itself; closed on drop.
+pub struct OwnedDb(DbRef);
+
+// SAFETY: SQLite connections opened with the default (serialized or multi-thread) threading
+// mode may move between threads as long as one thread uses them at a time, which the owner of
+// an `OwnedDb` guarantees (it is only used behind `&mut` or a Mutex).
+unsafe impl Send for OwnedDb {}
+
+impl OwnedDb {
+    /// Open `path` through VFS `vfs` with `flags`.
+    pub fn open(path: &str, flags: c_int, vfs: Option<&CStr>) -> Result<OwnedDb> {
+        let f = api().open_v2.expect("open_v2");
+        let c = CString::new(path).map_err(|_| Error::Misuse("path contains NUL".into()))?;
+        let mut db = std::ptr::null_mut();
+        // SAFETY: valid path/VFS strings; `db` receives a handle we close on drop (also on error).
+        let rc = unsafe { f(c.as_ptr(), &mut db, flags, vfs.map_or(std::ptr::null(), |v| v.as_ptr())) };
+        let owned = OwnedDb(DbRef(db));
+        if rc != SQLITE_OK {
+            let msg = if db.is_null() { format!("error code {rc}") } else { owned.0.errmsg() };
+            return Err(sql_error(rc, format!("cannot open {path}: {msg}")));
+        }
+        Ok(owned)
+    }
+
+    pub fn db(&self) -> DbRef {
+        self.0
+    }
+
+    /// Set a busy timeout in milliseconds.
+    pub fn busy_timeout(&self, ms: i32) {
+        if let Some(f) = api().busy_timeout {
+            // SAFETY: valid handle.
+            unsafe { f(self.0 .0, ms) };
+        }
+    }
+}
+
+impl Drop for OwnedDb {
+    fn drop(&mut self) {
+        if self.0 .0.is_null() {
+            return;
+        }
+        if let Some(f) = api().close_v2.or(api().close) {
+            // SAFETY: handle opened by us, closed exactly once.
+            unsafe { f(self.0 .0) };
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! The `repl_*` SQL functions: thin adapters from SQL values to the roles. Each Rust function
+//! carries the name of the SQL function it implements; `register_all` is the index.
+
+use crate::error::{Error, Result};
+use crate::ffi::conn::{DbRef, OwnedDb, SqlValue};
+use crate::ffi::func::{register_scalar, Call};
+use crate::ffi::{self, sqlite3};
+use crate::registry::Db;
+use std::sync::Arc;
+
+/// Every SQL function of the extension: (name, number of args, implementation).
+pub const FUNCTIONS: &[(&str, i32, crate::ffi::func::ScalarFn)] = &[
+    ("repl_version", 0, repl_version),
+    ("repl_debug", 0, repl_debug),
+    ("repl_primary", 0, repl_primary),
+    ("repl_lsn", 0, repl_lsn),
+    ("repl_role", 0, repl_role),
+    ("repl_checksum", 0, repl_checksum),
+    ("repl_status", 0, repl_status),
+];
+
+/// Register every function on `db`.
+pub fn register_all(db: *mut sqlite3) -> Result<()> {
+    for (name, n, f) in FUNCTIONS {
+        register_scalar(db, name, *n, *f)?;
+    }
+    Ok(())
+}
+
+fn repl_version(_c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
+    Ok(SqlValue::Text(env!("CARGO_PKG_VERSION").into()))
+}
+
+fn repl_debug(_c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
+    let v = ffi::libversion_number();
+    Ok(SqlValue::Text(format!(
+        "sqlite-replica {}\nhost SQLite {}.{}.{}\nvfs replica over {}\nbuild {}",
+        env!("CARGO_PKG_VERSION"),
+        v / 1_000_000,
+        (v / 1000) % 1000,
+        v % 1000,
+        crate::vfs::base_name(),
+        if cfg!(debug_assertions) { "debug" } else { "release" },
+    )))
+}
+
+/// The registry entry of the connection's main database, if it was opened through our VFS.
+fn main_db(db: DbRef) -> Option<Arc<Db>> {
+    let f = db.file_pointer("main")?;
+    crate::vfs::db_of_file(f)
+}
+
+/// Like `main_db`, but explains what is wrong when there is no usable main database.
+fn main_db_checked(db: DbRef, what: &str) -> Result<(Arc<Db>, String)> {
+    let Some(path) = db.filename("main") else {
+        return Err(Error::Misuse(format!(
+            "{what} needs a database file: ':memory:' and temporary databases cannot be replicated; open a file"
+        )));
+    };
+    let Some(f) = db.file_pointer("main") else {
+        return Err(Error::Misuse(format!("{what}: the main database is not open")));
+    };
+    if !crate::vfs::is_ours(f) {
+        return Err(Error::Misuse(format!(
+            "{what}: {path} was opened before sqlite-replica was loaded (not through the 'replica' VFS); \
+             reopen it after loading the extension (e.g. '.open {path}' in the shell) or open it with ?vfs=replica"
+        )));
+    }
+    let entry = crate::vfs::db_of_file(f).ok_or_else(|| Error::Other(format!("{what}: no state for {path}")))?;
+    Ok((entry, path))
+}
+
+fn repl_primary(c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
+    let (entry, path) = main_db_checked(c.db, "repl_primary()")?;
+    if let Some(p) = entry.primary() {
+        return Ok(SqlValue::Int(p.lsn().0 as i64));
+    }
+    if c.db.readonly("main") == 1 {
+        return Err(Error::ReadOnly(format!(
+            "repl_primary(): {path} is opened read-only; a primary must be writable (check file permissions and open flags)"
+        )));
+    }
+    // Enforce WAL mode from a separate connection: the calling statement may hold the db.
+    let aux = OwnedDb::open(&path, ffi::SQLITE_OPEN_READWRITE, Some(crate::vfs::VFS_NAME))?;
+    aux.busy_timeout(5000);
+    let mode = aux.db().query_value("PRAGMA journal_mode=WAL")?;
+    if mode != SqlValue::Text("wal".into()) {
+        return Err(Error::Unsupported(format!(
+            "repl_primary(): could not switch {path} to WAL mode (journal_mode is {mode:?}); \
+             close other connections or finish open transactions and retry"
+        )));
+    }
+    aux.db().query_value("PRAGMA schema_version")?; // initialises the wal-index
+    let p = crate::primary::make_primary(&entry)?;
+    drop(aux);
+    Ok(SqlValue::Int(p.lsn().0 as i64))
+}
+
+fn repl_lsn(c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
+    Ok(match main_db(c.db).and_then(|d| d.primary()) {
+        Some(p) => SqlValue::Int(p.lsn().0 as i64),
+        None => SqlValue::Null,
+    })
+}
+
+fn repl_role(c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
+    Ok(match main_db(c.db).and_then(|d| d.primary()) {
+        Some(_) => SqlValue::Text("primary".into()),
+        None => SqlValue::Null,
+    })
+}
+
+fn repl_checksum(c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
+    Ok(match main_db(c.db).and_then(|d| d.primary()) {
+        Some(p) => SqlValue::Text(p.checksum()?.1.to_string()),
+        None => SqlValue::Null,
+    })
+}
+
+fn repl_status(c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
+    let v = match main_db(c.db).and_then(|d| d.primary()) {
+        Some(p) => p.status_json(),
+        None => serde_json::json!({
+            "role": null,
+            "db": c.db.filename("main"),
+            "through_vfs": c.db.file_pointer("main").is_some_and(crate::vfs::is_ours),
+        }),
+    };
+    Ok(SqlValue::Text(v.to_string()))
+}

@@ -1,0 +1,804 @@
+//! The primary's capture agent (wal-spec D): one per database per process. It turns every
+//! committed WAL transaction into exactly one log record with LSN = previous + 1.
+//!
+//! Triggers: T1 (this process took the WAL WRITE lock: catch up before anyone of ours can
+//! restart the WAL), T2 (WRITE is about to be released: capture what was just committed), T3
+//! (a poll thread: commits by writers that bypass the shim ⇒ gap). The agent handle holds a
+//! SHARED lock on the database for the life of the process.
+//!
+//! Shared state across processes (D.3) is the log itself plus `<dir>/position`, both modified
+//! only while holding WRITE. The process-local mutex `Primary::state` is always taken *after*
+//! WRITE, never the other way round, so there is no lock-order cycle.
+//!
+//! Invariants: the log has no hole: a capture that cannot prove continuity (a WAL restart we
+//! did not witness, a WAL that went backwards, a broken checksum chain) starts a new generation
+//! with a full snapshot. `sums` always equals the per-page checksums of the state at `pos.lsn`.
+
+use crate::error::{Error, Result};
+use crate::registry::{self, Db, Role};
+use crate::txlog::{DbChecksum, Log, Meta, Page, Record, RecordMeta};
+use crate::types::{Checksum, Generation, Lsn, PageNo, PageSize};
+use crate::vfs::AgentHandle;
+#[allow(unused_imports)]
+use DbFileIo as _;
+use crate::wal::{self, FrameReader, WalHeader, WalIndexHeader};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// What capture needs from a database file handle (a connection's, or the agent's).
+pub trait DbFileIo {
+    /// The first 136 bytes of the wal-index (header copies + checkpoint info), if mapped.
+    fn shm_head(&self) -> Option<[u8; 136]>;
+    /// Read database-file bytes at `offset`; zero-fills past EOF.
+    fn read_db(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+/// What T1 established for the connection that now holds WRITE.
+#[derive(Clone, Copy, Debug)]
+pub struct T1Witness {
+    /// After T1, every committed frame was captured (position == header).
+    caught_up: bool,
+}
+
+/// The capture position: the last LSN and the WAL position just after it (wal-spec D.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+struct Position {
+    lsn: Lsn,
+    generation: Generation,
+    salts: [u8; 8],
+    frame: u32,
+    cksum: (u32, u32),
+}
+
+const POSITION_LEN: usize = 40;
+
+impl Position {
+    fn encode(&self) -> [u8; POSITION_LEN] {
+        let mut b = [0u8; POSITION_LEN];
+        b[0..8].copy_from_slice(&self.lsn.0.to_be_bytes());
+        b[8..12].copy_from_slice(&self.generation.0.to_be_bytes());
+        b[12..20].copy_from_slice(&self.salts);
+        b[20..24].copy_from_slice(&self.frame.to_be_bytes());
+        b[24..28].copy_from_slice(&self.cksum.0.to_be_bytes());
+        b[28..32].copy_from_slice(&self.cksum.1.to_be_bytes());
+        let h = xxhash_rust::xxh3::xxh3_64(&b[0..32]);
+        b[32..40].copy_from_slice(&h.to_be_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Position> {
+        if b.len() < POSITION_LEN || xxhash_rust::xxh3::xxh3_64(&b[0..32]).to_be_bytes() != b[32..40] {
+            return None;
+        }
+        let u32at = |o: usize| u32::from_be_bytes(b[o..o + 4].try_into().unwrap());
+        Some(Position {
+            lsn: Lsn(u64::from_be_bytes(b[0..8].try_into().unwrap())),
+            generation: Generation(u32at(8)),
+            salts: b[12..20].try_into().unwrap(),
+            frame: u32at(20),
+            cksum: (u32at(24), u32at(28)),
+        })
+    }
+
+    fn from_meta(m: &RecordMeta) -> Position {
+        Position {
+            lsn: m.lsn,
+            generation: m.generation,
+            salts: m.wal_salts,
+            frame: m.wal_frame,
+            cksum: m.wal_cksum,
+        }
+    }
+}
+
+struct Capture {
+    log: Log,
+    wal: Option<File>,
+    pos: Position,
+    sums: DbChecksum,
+    page_size: Option<PageSize>,
+    last_error: Option<String>,
+    durable: Lsn,
+    pending: bool,
+    gaps: u64,
+    captured_txns: u64,
+    /// Position and checksums loaded (done under WRITE, lazily for resumed primaries).
+    loaded: bool,
+}
+
+pub struct Primary {
+    db_path: String,
+    dir: PathBuf,
+    agent: AgentHandle,
+    state: Mutex<Capture>,
+    wake: Condvar,
+    stop: AtomicBool,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Veto a PRAGMA on a primary database (wal-spec D.2 T4). Returns the error message to show.
+pub fn pragma_veto(db: &Db, name: &str, value: Option<&str>) -> Option<String> {
+    db.primary()?;
+    let v = value?.trim().trim_matches(|c| c == '\'' || c == '"').to_ascii_lowercase();
+    if name.eq_ignore_ascii_case("locking_mode") && v == "exclusive" {
+        return Some(
+            "sqlite-replica: PRAGMA locking_mode=EXCLUSIVE is refused on a primary: exclusive mode \
+             makes commits invisible to replication; keep locking_mode=NORMAL"
+                .into(),
+        );
+    }
+    if name.eq_ignore_ascii_case("journal_mode") && v != "wal" {
+        return Some(format!(
+            "sqlite-replica: PRAGMA journal_mode={v} is refused on a primary: replication needs WAL mode"
+        ));
+    }
+    None
+}
+
+/// `repl_primary()`: make the database at `path` (opened through our VFS) a primary.
+pub fn make_primary(db: &Arc<Db>) -> Result<Arc<Primary>> {
+    let _g = lock(&db.attach_lock);
+    if let Some(p) = db.primary() {
+        return Ok(p);
+    }
+    let p = Primary::attach(db, true)?;
+    *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::Primary(p.clone());
+    Ok(p)
+}
+
+impl Primary {
+    /// Attach capture to `db` (create = start a new lineage if there is no log yet).
+    pub fn attach(db: &Arc<Db>, create: bool) -> Result<Arc<Primary>> {
+        let dir = registry::log_dir(&db.path);
+        let agent = AgentHandle::open(&db.path)?;
+        let log = if dir.join("meta.json").exists() {
+            Log::open(&dir, Default::default())?
+        } else if create {
+            let mut head = [0u8; 100];
+            agent.read_db(0, &mut head)?;
+            let raw = u16::from_be_bytes([head[16], head[17]]) as u32;
+            let page_size = if raw == 1 { 65536 } else { raw };
+            let meta = Meta {
+                format: 1,
+                lineage: random_hex(16),
+                role: "primary".into(),
+                page_size,
+                created_ms: now_ms(),
+            };
+            Log::create(&dir, &meta, Default::default())?
+        } else {
+            return Err(Error::Other(format!("no replication log at {}", dir.display())));
+        };
+        let cap = Capture {
+            log,
+            wal: None,
+            pos: Position::default(),
+            sums: DbChecksum::new(PageSize::new(4096).expect("valid")),
+            page_size: None,
+            last_error: None,
+            durable: Lsn(0),
+            pending: false,
+            gaps: 0,
+            captured_txns: 0,
+            loaded: false,
+        };
+        let p = Arc::new(Primary {
+            db_path: db.path.clone(),
+            dir,
+            agent,
+            state: Mutex::new(cap),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        if create {
+            p.initialise()?;
+        }
+        let weak = Arc::downgrade(&p);
+        std::thread::Builder::new()
+            .name("repl-capture".into())
+            .spawn(move || background(weak))
+            .map_err(|e| Error::io("starting the capture thread", e))?;
+        Ok(p)
+    }
+
+    /// Take the agent's WRITE lock (polling with a deadline) and load the state now.
+    fn initialise(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.agent.try_lock_write() {
+            if Instant::now() > deadline {
+                return Err(Error::Busy(
+                    "could not take the WAL write lock within 10 s: another connection keeps a write \
+                     transaction open; commit or roll it back and retry"
+                        .into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let r = match read_header(&self.agent) {
+            Some(h) => {
+                let mut st = lock(&self.state);
+                self.ensure_loaded(&mut st, &self.agent, &h)
+            }
+            None => Err(Error::Other(
+                "the wal-index is not initialised; is the database in WAL mode?".into(),
+            )),
+        };
+        self.agent.unlock_write();
+        r
+    }
+
+    /// With WRITE held: load the position and checksums (or take the first snapshot of a new
+    /// lineage) if this process has not done so yet. Resumed primaries load lazily here, at
+    /// the first write lock, because the wal-index may not exist when the file is opened.
+    fn ensure_loaded(&self, st: &mut Capture, io: &dyn DbFileIo, h: &WalIndexHeader) -> Result<()> {
+        if st.loaded {
+            return Ok(());
+        }
+        let snap = st.log.latest_snapshot(None)?;
+        if snap.is_none() && st.log.last().is_none() {
+            // A new lineage: the state now is LSN 0, generation 1.
+            let rec = self.snapshot_record(st, io, h, Lsn(0), Generation(1))?;
+            st.log.write_snapshot(&rec)?;
+            st.pos = Position::from_meta(&rec.meta);
+            self.save_position(st)?;
+            Log::write_durable(&self.dir, Lsn(0), Generation(1))?;
+            log_event(&format!("event=lineage_created db={:?} pages={}", self.db_path, rec.pages.len()));
+        } else {
+            self.load_state(st)?;
+            log_event(&format!(
+                "event=primary_resumed db={:?} lsn={} generation={}",
+                self.db_path, st.pos.lsn, st.pos.generation
+            ));
+        }
+        st.loaded = true;
+        Ok(())
+    }
+
+    /// Rebuild the per-page checksums at the log's tail from the latest snapshot + records.
+    fn load_state(&self, st: &mut Capture) -> Result<()> {
+        let Some((smeta, spath)) = st.log.latest_snapshot(None)? else {
+            return Err(Error::Corrupt(format!("{}: the log has records but no snapshot", self.dir.display())));
+        };
+        let snap = Log::read_snapshot(&spath)?;
+        st.page_size = Some(smeta.page_size);
+        st.sums = DbChecksum::new(smeta.page_size);
+        apply_to_sums(&mut st.sums, &snap);
+        let mut pos = Position::from_meta(&smeta);
+        let _ = st.log.refresh_for_append()?;
+        for r in st.log.read_from(smeta.lsn.next(), None)? {
+            let r = r?;
+            apply_to_sums(&mut st.sums, &r);
+            pos = Position::from_meta(&r.meta);
+        }
+        if let Some(fp) = self.read_position() {
+            if fp.lsn == pos.lsn {
+                pos = fp; // same LSN, possibly a newer WAL position (reset to frame 0)
+            }
+        }
+        st.pos = pos;
+        st.durable = Log::read_durable(&self.dir)?.map(|(l, _)| l).unwrap_or(Lsn(0));
+        Ok(())
+    }
+
+    fn position_path(&self) -> PathBuf {
+        self.dir.join("position")
+    }
+
+    fn read_position(&self) -> Option<Position> {
+        let f = File::open(self.position_path()).ok()?;
+        let mut b = [0u8; POSITION_LEN];
+        f.read_exact_at(&mut b, 0).ok()?;
+        Position::decode(&b)
+    }
+
+    fn save_position(&self, st: &Capture) -> Result<()> {
+        let path = self.position_path();
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        f.write_all_at(&st.pos.encode(), 0)
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+    }
+
+    /// Adopt records appended by other processes (call with WRITE held).
+    fn sync_shared(&self, st: &mut Capture) -> Result<()> {
+        let new = st.log.refresh_for_append()?;
+        for r in &new {
+            apply_to_sums(&mut st.sums, r);
+            st.pos = Position::from_meta(&r.meta);
+            st.page_size = Some(r.meta.page_size);
+        }
+        if let Some(fp) = self.read_position() {
+            if fp.lsn == st.pos.lsn && fp.generation == st.pos.generation {
+                st.pos = fp;
+            }
+        }
+        Ok(())
+    }
+
+    /// T1: this process's connection just took WRITE.
+    pub fn on_write_locked(&self, io: &dyn DbFileIo) -> T1Witness {
+        let Some(h) = read_header(io) else {
+            return T1Witness { caught_up: false }; // recovery about to run; T2 handles it
+        };
+        let mut st = lock(&self.state);
+        self.capture(&mut st, io, &h, false, false);
+        let caught_up = st.pos.salts == h.salts && (st.pos.frame == h.mx_frame) && st.last_error.is_none();
+        T1Witness { caught_up }
+    }
+
+    /// T2: the connection holding WRITE is about to release it.
+    pub fn on_write_unlocking(&self, io: &dyn DbFileIo, w: Option<T1Witness>, wal_synced: bool) {
+        let Some(h) = read_header(io) else {
+            lock(&self.state).last_error = Some("wal-index header invalid at write-lock release".into());
+            return;
+        };
+        let witnessed = w.is_some_and(|w| w.caught_up);
+        let mut st = lock(&self.state);
+        self.capture(&mut st, io, &h, witnessed, witnessed && wal_synced);
+    }
+
+    /// Capture everything between the position and header `h` (WRITE held by the caller).
+    fn capture(&self, st: &mut Capture, io: &dyn DbFileIo, h: &WalIndexHeader, witnessed: bool, durable: bool) {
+        if let Err(e) = self.ensure_loaded(st, io, h) {
+            st.last_error = Some(e.to_string());
+            log_event(&format!("event=load_error db={:?} error={:?}", self.db_path, e.to_string()));
+            return;
+        }
+        let before = st.pos.lsn;
+        if let Err(e) = self.sync_shared(st) {
+            st.last_error = Some(e.to_string());
+            log_event(&format!("event=capture_error db={:?} error={:?}", self.db_path, e.to_string()));
+            return;
+        }
+        let r = match self.plan(st, h, witnessed) {
+            Ok(Plan::Nothing) => Ok(()),
+            Ok(Plan::Reset) => {
+                st.pos.salts = h.salts;
+                st.pos.frame = 0;
+                st.pos.cksum = (0, 0);
+                self.save_position(st)
+            }
+            Ok(Plan::Frames { start, running }) => self.capture_frames(st, h, start, running),
+            Ok(Plan::Gap(reason)) => self.new_generation(st, io, h, &reason),
+            Err(e) => Err(e),
+        };
+        let r = match r {
+            // The WAL could not be read as the position promised: never leave a hole.
+            Err(Error::Corrupt(m)) => self.new_generation(st, io, h, &format!("capture failed: {m}")),
+            r => r,
+        };
+        match r {
+            Ok(()) => {
+                if st.pos.lsn != before || st.pending {
+                    if durable {
+                        st.durable = st.pos.lsn;
+                        st.pending = false;
+                        if let Err(e) = Log::write_durable(&self.dir, st.pos.lsn, st.pos.generation) {
+                            st.last_error = Some(e.to_string());
+                        }
+                    } else {
+                        st.pending = true;
+                        self.wake.notify_one();
+                    }
+                }
+            }
+            Err(e) => {
+                st.last_error = Some(e.to_string());
+                log_event(&format!("event=capture_error db={:?} error={:?}", self.db_path, e.to_string()));
+            }
+        }
+    }
+
+    fn plan(&self, st: &mut Capture, h: &WalIndexHeader, witnessed: bool) -> Result<Plan> {
+        let pos = st.pos;
+        if h.mx_frame == 0 {
+            if h.salts == pos.salts {
+                if pos.frame == 0 {
+                    return Ok(Plan::Nothing);
+                }
+                return Ok(Plan::Gap(format!(
+                    "the WAL went backwards: empty with the same salts, captured up to frame {}",
+                    pos.frame
+                )));
+            }
+            if pos.frame == 0 || witnessed {
+                return Ok(Plan::Reset);
+            }
+            return Ok(Plan::Gap(format!(
+                "the WAL was reset (salts changed, now empty) by a writer we did not witness; captured up to frame {}",
+                pos.frame
+            )));
+        }
+        let wal_hdr = self.wal_header(st)?;
+        if wal_hdr.salts != h.salts {
+            return Err(Error::Corrupt("WAL header salts differ from the wal-index header".into()));
+        }
+        if h.salts == pos.salts {
+            if h.mx_frame < pos.frame {
+                return Ok(Plan::Gap(format!(
+                    "the WAL went backwards: mxFrame {} < captured frame {} (lost committed frames?)",
+                    h.mx_frame, pos.frame
+                )));
+            }
+            if h.mx_frame == pos.frame {
+                if h.frame_cksum != pos.cksum && pos.frame > 0 {
+                    return Ok(Plan::Gap("WAL checksum at the captured frame changed".into()));
+                }
+                return Ok(Plan::Nothing);
+            }
+            if pos.frame == 0 {
+                return Ok(Plan::Frames { start: 1, running: wal_hdr.cksum });
+            }
+            return Ok(Plan::Frames { start: pos.frame + 1, running: pos.cksum });
+        }
+        if witnessed {
+            return Ok(Plan::Frames { start: 1, running: wal_hdr.cksum });
+        }
+        Ok(Plan::Gap("the WAL was restarted (new salts) by a writer we did not witness".into()))
+    }
+
+    fn wal_file(&self, st: &mut Capture) -> Result<File> {
+        if st.wal.is_none() {
+            let p = format!("{}-wal", self.db_path);
+            let f = File::open(&p).map_err(|e| Error::io(format!("opening {p}"), e))?;
+            st.wal = Some(f);
+        }
+        st.wal.as_ref().expect("set above").try_clone().map_err(|e| Error::io("cloning the WAL fd", e))
+    }
+
+    fn wal_header(&self, st: &mut Capture) -> Result<WalHeader> {
+        let f = self.wal_file(st)?;
+        let mut b = [0u8; 32];
+        f.read_exact_at(&mut b, 0).map_err(|e| Error::io("reading the WAL header", e))?;
+        WalHeader::parse(&b)
+    }
+
+    /// Read frames start..=h.mx_frame, split them into transactions, append one record each.
+    fn capture_frames(&self, st: &mut Capture, h: &WalIndexHeader, start: u32, running: (u32, u32)) -> Result<()> {
+        let f = self.wal_file(st)?;
+        let hdr = self.wal_header(st)?;
+        let ps = hdr.page_size;
+        if st.page_size.is_some_and(|p| p != ps) {
+            return Err(Error::Corrupt(format!("page size changed to {ps} inside WAL mode")));
+        }
+        st.page_size = Some(ps);
+        let mut reader = FrameReader::new(&f, &hdr, start, running);
+        let mut txn: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+        let mut txn_frames = 0u32;
+        let mut last_commit: Option<(u32, u32, Vec<u8>)> = None;
+        let mut pos = st.pos;
+        pos.salts = h.salts;
+        while reader.next_frame_no() <= h.mx_frame {
+            let fr = reader
+                .next_frame()?
+                .ok_or_else(|| Error::Corrupt(format!("WAL ends before published frame {}", h.mx_frame)))?;
+            txn_frames += 1;
+            let commit = fr.header.commit_size;
+            if commit == 0 {
+                txn.insert(fr.header.pgno, fr.data);
+                continue;
+            }
+            // Padding (sync=FULL, psow=0): a one-frame commit identical to the previous commit frame.
+            let is_padding = txn_frames == 1
+                && last_commit.as_ref().is_some_and(|(p, c, d)| *p == fr.header.pgno && *c == commit && *d == fr.data);
+            pos.frame = fr.frame_no;
+            pos.cksum = reader.running();
+            if !is_padding {
+                let pgno = fr.header.pgno;
+                last_commit = Some((pgno, commit, fr.data.clone()));
+                txn.insert(pgno, fr.data);
+                pos.lsn = pos.lsn.next();
+                let rec = self.txn_record(st, ps, &mut txn, commit, pos);
+                st.log.append(&rec)?;
+                st.captured_txns += 1;
+            } else {
+                txn.clear();
+            }
+            st.pos = pos;
+            txn_frames = 0;
+        }
+        if reader.running() != h.frame_cksum {
+            return Err(Error::Corrupt(format!(
+                "checksum at frame {} does not match the wal-index header",
+                h.mx_frame
+            )));
+        }
+        st.pos = pos;
+        self.save_position(st)
+    }
+
+    fn txn_record(&self, st: &mut Capture, ps: PageSize, txn: &mut BTreeMap<u32, Vec<u8>>, commit: u32, pos: Position) -> Record {
+        let lock_page = ps.lock_byte_page().get();
+        let mut pages = Vec::with_capacity(txn.len());
+        for (pgno, data) in std::mem::take(txn) {
+            if pgno > commit || pgno == lock_page {
+                continue;
+            }
+            let p = PageNo::new(pgno).expect("frame reader rejects page 0");
+            st.sums.set_page(p, &data);
+            pages.push(Page { pgno: p, data });
+        }
+        st.sums.truncate(commit);
+        Record {
+            meta: RecordMeta {
+                lsn: pos.lsn,
+                generation: pos.generation,
+                snapshot: false,
+                page_size: ps,
+                commit_size: commit,
+                timestamp_ms: now_ms(),
+                wal_salts: pos.salts,
+                wal_frame: pos.frame,
+                wal_cksum: pos.cksum,
+                db_checksum: st.sums.total(),
+                page_count: pages.len() as u32,
+            },
+            pages,
+        }
+    }
+
+    /// A gap: log it and start generation + 1 with a full snapshot as the next LSN.
+    fn new_generation(&self, st: &mut Capture, io: &dyn DbFileIo, h: &WalIndexHeader, reason: &str) -> Result<()> {
+        let lsn = st.pos.lsn.next();
+        let generation = Generation(st.pos.generation.0 + 1);
+        log_event(&format!(
+            "event=gap db={:?} reason={:?} new_generation={} lsn={}",
+            self.db_path, reason, generation, lsn
+        ));
+        let rec = self.snapshot_record(st, io, h, lsn, generation)?;
+        st.log.append(&rec)?;
+        st.log.write_snapshot(&rec)?;
+        st.pos = Position::from_meta(&rec.meta);
+        st.gaps += 1;
+        st.last_error = Some(format!("gap detected ({reason}); generation {generation} started with a snapshot at LSN {lsn}"));
+        self.save_position(st)
+    }
+
+    /// A SNAPSHOT record of the state published in `h` (WRITE held: the state cannot move).
+    fn snapshot_record(&self, st: &mut Capture, io: &dyn DbFileIo, h: &WalIndexHeader, lsn: Lsn, generation: Generation) -> Result<Record> {
+        let mut wal_pages: BTreeMap<u32, u32> = BTreeMap::new();
+        let mut frame_cksum = (0, 0);
+        let mut ps = None;
+        let mut f_opt = None;
+        let mut hdr_opt = None;
+        if h.mx_frame > 0 {
+            let f = self.wal_file(st)?;
+            let hdr = self.wal_header(st)?;
+            let mut reader = FrameReader::new(&f, &hdr, 1, hdr.cksum);
+            while reader.next_frame_no() <= h.mx_frame {
+                let fr = reader
+                    .next_frame()?
+                    .ok_or_else(|| Error::Corrupt(format!("WAL ends before published frame {}", h.mx_frame)))?;
+                wal_pages.insert(fr.header.pgno, fr.frame_no);
+            }
+            frame_cksum = reader.running();
+            ps = Some(hdr.page_size);
+            f_opt = Some(f);
+            hdr_opt = Some(hdr);
+        }
+        let mut head = [0u8; 100];
+        io.read_db(0, &mut head)?;
+        let ps = match ps {
+            Some(p) => p,
+            None => {
+                let raw = u16::from_be_bytes([head[16], head[17]]) as u32;
+                let raw = if raw == 1 { 65536 } else { raw };
+                PageSize::new(raw).unwrap_or(PageSize::new(4096).expect("valid"))
+            }
+        };
+        let n_pages = if h.mx_frame > 0 { h.n_page } else { u32::from_be_bytes(head[28..32].try_into().unwrap()) };
+        let lock_page = ps.lock_byte_page().get();
+        let mut sums = DbChecksum::new(ps);
+        let mut pages = Vec::with_capacity(n_pages as usize);
+        let mut buf = vec![0u8; ps.bytes()];
+        for pgno in 1..=n_pages {
+            if pgno == lock_page {
+                continue;
+            }
+            match (wal_pages.get(&pgno), &f_opt) {
+                (Some(&fno), Some(f)) => {
+                    let off = wal::frame_offset(ps, fno) + wal::FRAME_HEADER_SIZE as u64;
+                    f.read_exact_at(&mut buf, off).map_err(|e| Error::io("reading a WAL frame", e))?;
+                }
+                _ => io.read_db((pgno as u64 - 1) * ps.get() as u64, &mut buf)?,
+            }
+            let p = PageNo::new(pgno).expect("pgno >= 1");
+            sums.set_page(p, &buf);
+            pages.push(Page { pgno: p, data: buf.clone() });
+        }
+        let _ = hdr_opt;
+        st.sums = sums;
+        st.page_size = Some(ps);
+        Ok(Record {
+            meta: RecordMeta {
+                lsn,
+                generation,
+                snapshot: true,
+                page_size: ps,
+                commit_size: n_pages,
+                timestamp_ms: now_ms(),
+                wal_salts: h.salts,
+                wal_frame: h.mx_frame,
+                wal_cksum: if h.mx_frame > 0 { frame_cksum } else { (0, 0) },
+                db_checksum: st.sums.total(),
+                page_count: pages.len() as u32,
+            },
+            pages,
+        })
+    }
+
+    // ---- queries used by the SQL functions ----
+
+    /// The latest LSN (refreshed from the shared position if another process moved it).
+    pub fn lsn(&self) -> Lsn {
+        let st = lock(&self.state);
+        let mine = st.pos.lsn;
+        drop(st);
+        self.read_position().map_or(mine, |p| p.lsn.max(mine))
+    }
+
+    /// Database checksum at the current LSN.
+    pub fn checksum(&self) -> Result<(Lsn, Checksum)> {
+        let stale = {
+            let st = lock(&self.state);
+            !st.loaded || self.read_position().is_some_and(|p| p.lsn > st.pos.lsn)
+        };
+        if stale {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !self.agent.try_lock_write() {
+                if Instant::now() > deadline {
+                    return Err(Error::Busy("the primary is busy writing; retry repl_checksum()".into()));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let r = match read_header(&self.agent) {
+                Some(h) => {
+                    let mut st = lock(&self.state);
+                    self.ensure_loaded(&mut st, &self.agent, &h).and_then(|_| self.sync_shared(&mut st))
+                }
+                None => Err(Error::Other("the wal-index is not initialised".into())),
+            };
+            self.agent.unlock_write();
+            r?;
+        }
+        let st = lock(&self.state);
+        Ok((st.pos.lsn, st.sums.total()))
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let st = lock(&self.state);
+        let durable = Log::read_durable(&self.dir).ok().flatten().map(|(l, _)| l.0);
+        serde_json::json!({
+            "role": "primary",
+            "db": self.db_path,
+            "lsn": st.pos.lsn.0.max(self.read_position().map_or(0, |p| p.lsn.0)),
+            "generation": st.pos.generation.0,
+            "lineage": st.log.meta().lineage,
+            "checksum": st.sums.total().to_string(),
+            "wal": {"frame": st.pos.frame, "salts": hex(&st.pos.salts)},
+            "log": {
+                "dir": self.dir.display().to_string(),
+                "first_lsn": st.log.first_lsn().map(|l| l.0),
+                "last_lsn": st.log.last().map(|m| m.lsn.0),
+                "durable_lsn": durable,
+            },
+            "captured_txns": st.captured_txns,
+            "gaps": st.gaps,
+            "last_error": st.last_error,
+        })
+    }
+
+    /// Group fsync (synchronous=NORMAL) and the T3 poll; runs on the background thread.
+    fn tick(&self) {
+        // T3: a commit the shim did not see (foreign writer) shows as a header ahead of the
+        // shared position while nobody holds WRITE.
+        if let Some(h) = read_header(&self.agent) {
+            let shared = self.read_position();
+            let loaded = lock(&self.state).loaded;
+            let moved = !loaded || shared.is_none_or(|p| p.salts != h.salts || p.frame != h.mx_frame);
+            if moved && self.agent.try_lock_write() {
+                if let Some(h) = read_header(&self.agent) {
+                    let mut st = lock(&self.state);
+                    self.capture(&mut st, &self.agent, &h, false, false);
+                }
+                self.agent.unlock_write();
+            }
+        }
+        // Group fsync: make pending records durable, then advance the watermark.
+        let (target, wal) = {
+            let mut st = lock(&self.state);
+            if !st.pending {
+                return;
+            }
+            st.pending = false;
+            (st.pos, self.wal_file(&mut st).ok())
+        };
+        if let Some(w) = wal {
+            if let Err(e) = w.sync_data() {
+                lock(&self.state).last_error = Some(format!("fsync of the WAL failed: {e}"));
+                lock(&self.state).pending = true;
+                return;
+            }
+        }
+        let mut st = lock(&self.state);
+        if let Err(e) = st.log.sync() {
+            st.last_error = Some(e.to_string());
+        }
+        if target.lsn > st.durable {
+            st.durable = target.lsn;
+            if let Err(e) = Log::write_durable(&self.dir, target.lsn, target.generation) {
+                st.last_error = Some(e.to_string());
+            }
+        }
+    }
+}
+
+enum Plan {
+    Nothing,
+    Reset,
+    Frames { start: u32, running: (u32, u32) },
+    Gap(String),
+}
+
+fn background(p: std::sync::Weak<Primary>) {
+    loop {
+        let Some(p) = p.upgrade() else { return };
+        if p.stop.load(Ordering::Acquire) {
+            return;
+        }
+        p.tick();
+        let st = lock(&p.state);
+        let timeout = if st.pending { Duration::from_millis(1) } else { Duration::from_millis(20) };
+        let _ = p.wake.wait_timeout(st, timeout);
+    }
+}
+
+fn apply_to_sums(sums: &mut DbChecksum, r: &Record) {
+    if r.meta.snapshot {
+        *sums = DbChecksum::new(r.meta.page_size);
+    }
+    for pg in &r.pages {
+        sums.set_page(pg.pgno, &pg.data);
+    }
+    sums.truncate(r.meta.commit_size);
+}
+
+fn read_header(io: &dyn DbFileIo) -> Option<WalIndexHeader> {
+    let head = io.shm_head()?;
+    WalIndexHeader::read_valid(&head[..96])
+}
+
+fn log_event(line: &str) {
+    eprintln!("{line}");
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    if let Ok(f) = File::open("/dev/urandom") {
+        let _ = f.read_exact_at(&mut b, 0);
+    }
+    hex(&b)
+}

@@ -1,0 +1,199 @@
+//! The replicating VFS `replica`: a shim over the host's default VFS (normally `unix`).
+//!
+//! Every method forwards to the underlying VFS; the shim adds, per database file, the hooks the
+//! replication roles need (see `file.rs`): capture triggers at the WAL write lock (wal-spec D.2
+//! T1/T2), guards (PRAGMA veto, WAL writes without the write lock, writes on replicas), and the
+//! bookkeeping that tells capture whether the WAL was synced. The unsafe code of the crate lives
+//! here and in `ffi/`: trampolines only; decisions are made by safe code in `registry`,
+//! `primary` and friends.
+//!
+//! Layout of our `sqlite3_file`: `ShimFile` (our fields) followed, at `SHIM_SIZE`, by the
+//! underlying VFS's file object, in the single allocation of `szOsFile` bytes SQLite makes.
+
+mod agent;
+mod file;
+
+pub use agent::AgentHandle;
+
+use crate::ffi::{self, guard, sqlite3_file, sqlite3_vfs};
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+pub const VFS_NAME: &CStr = c"replica";
+
+static BASE: AtomicPtr<sqlite3_vfs> = AtomicPtr::new(std::ptr::null_mut());
+static OURS: AtomicPtr<sqlite3_vfs> = AtomicPtr::new(std::ptr::null_mut());
+
+/// The underlying VFS (set once by `register`).
+pub(crate) fn base() -> &'static sqlite3_vfs {
+    let p = BASE.load(Ordering::Acquire);
+    assert!(!p.is_null(), "replica VFS used before registration");
+    // SAFETY: set once to a registered VFS object, which SQLite never frees.
+    unsafe { &*p }
+}
+
+pub(crate) fn base_ptr() -> *mut sqlite3_vfs {
+    BASE.load(Ordering::Acquire)
+}
+
+/// Register the `replica` VFS over the current default VFS and make it the default.
+/// Idempotent: a second call (another connection loading the extension) does nothing.
+pub fn register() -> Result<(), String> {
+    if !OURS.load(Ordering::Acquire).is_null() {
+        return Ok(());
+    }
+    // Already registered by an earlier load of this library (e.g. a second copy)?
+    let existing = ffi::vfs_find(Some(VFS_NAME));
+    if !existing.is_null() {
+        OURS.store(existing, Ordering::Release);
+        return Ok(());
+    }
+    let base = ffi::vfs_find(None);
+    if base.is_null() {
+        return Err("the host SQLite has no default VFS".into());
+    }
+    // SAFETY: vfs_find returned a registered, immutable VFS object.
+    let b = unsafe { &*base };
+    if b.iVersion < 2 || b.xOpen.is_none() {
+        return Err("the host's default VFS is too old (iVersion < 2)".into());
+    }
+    BASE.store(base, Ordering::Release);
+    let v = Box::new(sqlite3_vfs {
+        iVersion: b.iVersion.min(3),
+        szOsFile: (file::SHIM_SIZE + b.szOsFile as usize) as c_int,
+        mxPathname: b.mxPathname,
+        pNext: std::ptr::null_mut(),
+        zName: VFS_NAME.as_ptr(),
+        pAppData: std::ptr::null_mut(),
+        xOpen: Some(file::x_open),
+        xDelete: Some(x_delete),
+        xAccess: Some(x_access),
+        xFullPathname: Some(x_full_pathname),
+        xDlOpen: b.xDlOpen.map(|_| x_dl_open as _),
+        xDlError: b.xDlError.map(|_| x_dl_error as _),
+        xDlSym: b.xDlSym.map(|_| x_dl_sym as _),
+        xDlClose: b.xDlClose.map(|_| x_dl_close as _),
+        xRandomness: Some(x_randomness),
+        xSleep: Some(x_sleep),
+        xCurrentTime: Some(x_current_time),
+        xGetLastError: Some(x_get_last_error),
+        xCurrentTimeInt64: b.xCurrentTimeInt64.map(|_| x_current_time_int64 as _),
+        xSetSystemCall: None,
+        xGetSystemCall: None,
+        xNextSystemCall: None,
+    });
+    let raw = Box::into_raw(v); // lives for the process: SQLite keeps pointers to it
+    let rc = ffi::vfs_register(raw, true);
+    if rc != ffi::SQLITE_OK {
+        return Err(format!("sqlite3_vfs_register failed with code {rc}"));
+    }
+    OURS.store(raw, Ordering::Release);
+    Ok(())
+}
+
+/// True if `f` is a file opened through our VFS (its methods are ours).
+pub fn is_ours(f: *mut sqlite3_file) -> bool {
+    file::is_shim(f)
+}
+
+/// The per-database state behind a user's main-database file, if it was opened through us.
+pub fn db_of_file(f: *mut sqlite3_file) -> Option<std::sync::Arc<crate::registry::Db>> {
+    file::db_of(f)
+}
+
+unsafe extern "C" fn x_delete(_v: *mut sqlite3_vfs, name: *const c_char, sync_dir: c_int) -> c_int {
+    guard(ffi::SQLITE_IOERR, || {
+        let b = base();
+        // SAFETY: forwarding the caller's arguments to the underlying VFS.
+        unsafe { b.xDelete.expect("xDelete")(base_ptr(), name, sync_dir) }
+    })
+}
+
+unsafe extern "C" fn x_access(_v: *mut sqlite3_vfs, name: *const c_char, flags: c_int, out: *mut c_int) -> c_int {
+    guard(ffi::SQLITE_IOERR, || {
+        // SAFETY: forwarding the caller's arguments to the underlying VFS.
+        unsafe { base().xAccess.expect("xAccess")(base_ptr(), name, flags, out) }
+    })
+}
+
+unsafe extern "C" fn x_full_pathname(_v: *mut sqlite3_vfs, name: *const c_char, n: c_int, out: *mut c_char) -> c_int {
+    guard(ffi::SQLITE_CANTOPEN, || {
+        // SAFETY: forwarding the caller's arguments to the underlying VFS.
+        unsafe { base().xFullPathname.expect("xFullPathname")(base_ptr(), name, n, out) }
+    })
+}
+
+unsafe extern "C" fn x_dl_open(_v: *mut sqlite3_vfs, name: *const c_char) -> *mut c_void {
+    guard(std::ptr::null_mut(), || {
+        // SAFETY: forwarding; only installed when the base VFS has xDlOpen.
+        unsafe { base().xDlOpen.expect("xDlOpen")(base_ptr(), name) }
+    })
+}
+
+unsafe extern "C" fn x_dl_error(_v: *mut sqlite3_vfs, n: c_int, out: *mut c_char) {
+    guard((), || {
+        // SAFETY: forwarding; only installed when the base VFS has xDlError.
+        unsafe { base().xDlError.expect("xDlError")(base_ptr(), n, out) }
+    })
+}
+
+type DlSym = Option<unsafe extern "C" fn(*mut sqlite3_vfs, *mut c_void, *const c_char)>;
+unsafe extern "C" fn x_dl_sym(_v: *mut sqlite3_vfs, h: *mut c_void, sym: *const c_char) -> DlSym {
+    guard(None, || {
+        // SAFETY: forwarding; only installed when the base VFS has xDlSym.
+        unsafe { base().xDlSym.expect("xDlSym")(base_ptr(), h, sym) }
+    })
+}
+
+unsafe extern "C" fn x_dl_close(_v: *mut sqlite3_vfs, h: *mut c_void) {
+    guard((), || {
+        // SAFETY: forwarding; only installed when the base VFS has xDlClose.
+        unsafe { base().xDlClose.expect("xDlClose")(base_ptr(), h) }
+    })
+}
+
+unsafe extern "C" fn x_randomness(_v: *mut sqlite3_vfs, n: c_int, out: *mut c_char) -> c_int {
+    guard(0, || {
+        // SAFETY: forwarding the caller's buffer.
+        unsafe { base().xRandomness.expect("xRandomness")(base_ptr(), n, out) }
+    })
+}
+
+unsafe extern "C" fn x_sleep(_v: *mut sqlite3_vfs, us: c_int) -> c_int {
+    guard(0, || {
+        // SAFETY: forwarding.
+        unsafe { base().xSleep.expect("xSleep")(base_ptr(), us) }
+    })
+}
+
+unsafe extern "C" fn x_current_time(_v: *mut sqlite3_vfs, out: *mut f64) -> c_int {
+    guard(ffi::SQLITE_ERROR, || {
+        // SAFETY: forwarding the caller's out pointer.
+        unsafe { base().xCurrentTime.expect("xCurrentTime")(base_ptr(), out) }
+    })
+}
+
+unsafe extern "C" fn x_get_last_error(_v: *mut sqlite3_vfs, n: c_int, out: *mut c_char) -> c_int {
+    guard(0, || match base().xGetLastError {
+        // SAFETY: forwarding the caller's buffer.
+        Some(f) => unsafe { f(base_ptr(), n, out) },
+        None => 0,
+    })
+}
+
+unsafe extern "C" fn x_current_time_int64(_v: *mut sqlite3_vfs, out: *mut i64) -> c_int {
+    guard(ffi::SQLITE_ERROR, || {
+        // SAFETY: forwarding; only installed when the base VFS has it.
+        unsafe { base().xCurrentTimeInt64.expect("xCurrentTimeInt64")(base_ptr(), out) }
+    })
+}
+
+/// Name of the underlying VFS (for repl_debug).
+pub fn base_name() -> String {
+    let p = BASE.load(Ordering::Acquire);
+    if p.is_null() {
+        return "(not registered)".into();
+    }
+    // SAFETY: registered VFS objects are immutable and live for the process.
+    ffi::cstr_to_string(unsafe { (*p).zName }).unwrap_or_default()
+}
