@@ -53,7 +53,11 @@ fn init(db: *mut sqlite3) -> Result<(), String> {
         // with; the API declares the parameter as `void(*)(void)`, hence the cast.
         let f: unsafe extern "C" fn() = unsafe {
             std::mem::transmute::<
-                unsafe extern "C" fn(*mut sqlite3, *mut *mut c_char, *const sqlite3_api_routines) -> c_int,
+                unsafe extern "C" fn(
+                    *mut sqlite3,
+                    *mut *mut c_char,
+                    *const sqlite3_api_routines,
+                ) -> c_int,
                 unsafe extern "C" fn(),
             >(auto_entry)
         };
@@ -71,8 +75,10 @@ unsafe extern "C" fn auto_entry(
     _pz_err_msg: *mut *mut c_char,
     _p_api: *const sqlite3_api_routines,
 ) -> c_int {
-    guard(ffi::SQLITE_ERROR, || match crate::functions::register_all(db) {
-        Ok(()) => ffi::SQLITE_OK,
-        Err(_) => ffi::SQLITE_ERROR,
+    guard(ffi::SQLITE_ERROR, || {
+        match crate::functions::register_all(db) {
+            Ok(()) => ffi::SQLITE_OK,
+            Err(_) => ffi::SQLITE_ERROR,
+        }
     })
 }

@@ -6,7 +6,10 @@ use std::fmt;
 #[derive(Debug)]
 pub enum Error {
     /// An I/O error on one of our own files (log segments, snapshots, WAL reads).
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
     /// Bytes on disk or on the wire failed validation (bad magic, checksum, truncated).
     Corrupt(String),
     /// The caller asked for something invalid (bad argument, wrong database kind).
@@ -25,19 +28,22 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Error {
-        Error::Io { context: context.into(), source }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
     }
 
     /// The SQLite primary result code for this error. ONE table:
     pub fn sqlite_code(&self) -> i32 {
         match self {
-            Error::Io { .. } => 10,         // SQLITE_IOERR: our file I/O failed
-            Error::Corrupt(_) => 11,        // SQLITE_CORRUPT: bytes failed validation
-            Error::Misuse(_) => 1,          // SQLITE_ERROR: bad argument (not SQLITE_MISUSE: that means API misuse)
-            Error::ReadOnly(_) => 8,        // SQLITE_READONLY: write on a replica
-            Error::Busy(_) => 5,            // SQLITE_BUSY: try again
-            Error::Unsupported(_) => 1,     // SQLITE_ERROR: configuration we refuse
-            Error::Other(_) => 1,           // SQLITE_ERROR
+            Error::Io { .. } => 10,     // SQLITE_IOERR: our file I/O failed
+            Error::Corrupt(_) => 11,    // SQLITE_CORRUPT: bytes failed validation
+            Error::Misuse(_) => 1, // SQLITE_ERROR: bad argument (not SQLITE_MISUSE: that means API misuse)
+            Error::ReadOnly(_) => 8, // SQLITE_READONLY: write on a replica
+            Error::Busy(_) => 5,   // SQLITE_BUSY: try again
+            Error::Unsupported(_) => 1, // SQLITE_ERROR: configuration we refuse
+            Error::Other(_) => 1,  // SQLITE_ERROR
         }
     }
 }

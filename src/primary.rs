@@ -19,8 +19,6 @@ use crate::registry::{self, Db, Role};
 use crate::txlog::{DbChecksum, Log, Meta, Page, Record, RecordMeta};
 use crate::types::{Checksum, Generation, Lsn, PageNo, PageSize};
 use crate::vfs::AgentHandle;
-#[allow(unused_imports)]
-use DbFileIo as _;
 use crate::wal::{self, FrameReader, WalHeader, WalIndexHeader};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -29,6 +27,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+#[allow(unused_imports)]
+use DbFileIo as _;
 
 /// What capture needs from a database file handle (a connection's, or the agent's).
 pub trait DbFileIo {
@@ -72,7 +72,9 @@ impl Position {
     }
 
     fn decode(b: &[u8]) -> Option<Position> {
-        if b.len() < POSITION_LEN || xxhash_rust::xxh3::xxh3_64(&b[0..32]).to_be_bytes() != b[32..40] {
+        if b.len() < POSITION_LEN
+            || xxhash_rust::xxh3::xxh3_64(&b[0..32]).to_be_bytes() != b[32..40]
+        {
             return None;
         }
         let u32at = |o: usize| u32::from_be_bytes(b[o..o + 4].try_into().unwrap());
@@ -98,7 +100,9 @@ impl Position {
 
 struct Capture {
     log: Log,
-    wal: Option<File>,
+    wal: Option<Arc<File>>,
+    /// The WAL header of the current generation (re-read when the salts change).
+    wal_hdr: Option<WalHeader>,
     pos: Position,
     sums: DbChecksum,
     page_size: Option<PageSize>,
@@ -107,6 +111,9 @@ struct Capture {
     pending: bool,
     gaps: u64,
     captured_txns: u64,
+    last_log_sync: Instant,
+    /// Set by T2 when T1 of the same WRITE session already synced with the shared state.
+    skip_shared_once: bool,
     /// Position and checksums loaded (done under WRITE, lazily for resumed primaries).
     loaded: bool,
 }
@@ -118,7 +125,15 @@ pub struct Primary {
     state: Mutex<Capture>,
     wake: Condvar,
     stop: AtomicBool,
+    posf: once_cell::sync::OnceCell<File>,
+    durable_file: crate::txlog::DurableFile,
+    file_id: Option<(u64, u64)>,
+    dir_id: Option<(u64, u64)>,
+    /// T3: the (header, shared position) mismatch seen on the previous tick.
+    t3_seen: Mutex<Option<T3Seen>>,
 }
+
+type T3Seen = ([u8; 8], u32, u32, Option<(Lsn, u32)>);
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -134,7 +149,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Veto a PRAGMA on a primary database (wal-spec D.2 T4). Returns the error message to show.
 pub fn pragma_veto(db: &Db, name: &str, value: Option<&str>) -> Option<String> {
     db.primary()?;
-    let v = value?.trim().trim_matches(|c| c == '\'' || c == '"').to_ascii_lowercase();
+    let v = value?
+        .trim()
+        .trim_matches(|c| c == '\'' || c == '"')
+        .to_ascii_lowercase();
     if name.eq_ignore_ascii_case("locking_mode") && v == "exclusive" {
         return Some(
             "sqlite-replica: PRAGMA locking_mode=EXCLUSIVE is refused on a primary: exclusive mode \
@@ -182,11 +200,15 @@ impl Primary {
             };
             Log::create(&dir, &meta, Default::default())?
         } else {
-            return Err(Error::Other(format!("no replication log at {}", dir.display())));
+            return Err(Error::Other(format!(
+                "no replication log at {}",
+                dir.display()
+            )));
         };
         let cap = Capture {
             log,
             wal: None,
+            wal_hdr: None,
             pos: Position::default(),
             sums: DbChecksum::new(PageSize::new(4096).expect("valid")),
             page_size: None,
@@ -196,14 +218,21 @@ impl Primary {
             gaps: 0,
             captured_txns: 0,
             loaded: false,
+            last_log_sync: Instant::now(),
+            skip_shared_once: false,
         };
         let p = Arc::new(Primary {
             db_path: db.path.clone(),
-            dir,
+            dir: dir.clone(),
             agent,
             state: Mutex::new(cap),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
+            t3_seen: Mutex::new(None),
+            posf: once_cell::sync::OnceCell::new(),
+            durable_file: crate::txlog::DurableFile::open(&dir)?,
+            file_id: file_identity(&db.path),
+            dir_id: file_identity(&dir),
         });
         if create {
             p.initialise()?;
@@ -257,7 +286,11 @@ impl Primary {
             st.pos = Position::from_meta(&rec.meta);
             self.save_position(st)?;
             Log::write_durable(&self.dir, Lsn(0), Generation(1))?;
-            log_event(&format!("event=lineage_created db={:?} pages={}", self.db_path, rec.pages.len()));
+            log_event(&format!(
+                "event=lineage_created db={:?} pages={}",
+                self.db_path,
+                rec.pages.len()
+            ));
         } else {
             self.load_state(st)?;
             log_event(&format!(
@@ -272,7 +305,10 @@ impl Primary {
     /// Rebuild the per-page checksums at the log's tail from the latest snapshot + records.
     fn load_state(&self, st: &mut Capture) -> Result<()> {
         let Some((smeta, spath)) = st.log.latest_snapshot(None)? else {
-            return Err(Error::Corrupt(format!("{}: the log has records but no snapshot", self.dir.display())));
+            return Err(Error::Corrupt(format!(
+                "{}: the log has records but no snapshot",
+                self.dir.display()
+            )));
         };
         let snap = Log::read_snapshot(&spath)?;
         st.page_size = Some(smeta.page_size);
@@ -291,7 +327,9 @@ impl Primary {
             }
         }
         st.pos = pos;
-        st.durable = Log::read_durable(&self.dir)?.map(|(l, _)| l).unwrap_or(Lsn(0));
+        st.durable = Log::read_durable(&self.dir)?
+            .map(|(l, _)| l)
+            .unwrap_or(Lsn(0));
         Ok(())
     }
 
@@ -299,34 +337,54 @@ impl Primary {
         self.dir.join("position")
     }
 
+    /// The position file, opened once (read + write; pread/pwrite are thread-safe).
+    fn position_file(&self) -> Result<&File> {
+        self.posf.get_or_try_init(|| {
+            let path = self.position_path();
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| Error::io(format!("opening {}", path.display()), e))
+        })
+    }
+
     fn read_position(&self) -> Option<Position> {
-        let f = File::open(self.position_path()).ok()?;
+        let f = self.position_file().ok()?;
         let mut b = [0u8; POSITION_LEN];
         f.read_exact_at(&mut b, 0).ok()?;
         Position::decode(&b)
     }
 
     fn save_position(&self, st: &Capture) -> Result<()> {
-        let path = self.position_path();
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        f.write_all_at(&st.pos.encode(), 0)
-            .map_err(|e| Error::io(format!("writing {}", path.display()), e))
+        self.position_file()?
+            .write_all_at(&st.pos.encode(), 0)
+            .map_err(|e| Error::io(format!("writing {}", self.position_path().display()), e))
     }
 
     /// Adopt records appended by other processes (call with WRITE held).
-    fn sync_shared(&self, st: &mut Capture) -> Result<()> {
+    fn sync_shared(&self, st: &mut Capture, force: bool) -> Result<()> {
+        // Every appender rewrites the position file right after appending, so an unchanged
+        // position file means nobody else appended: skip the log re-scan (the commit path).
+        // A process that died between its append and its position write leaves a record our
+        // handle does not know; `append` then refuses (the segment grew) and `capture` calls
+        // this again with `force`.
+        if !force && std::mem::take(&mut st.skip_shared_once) {
+            return Ok(());
+        }
+        let fp = self.read_position();
+        if !force && st.loaded && fp == Some(st.pos) {
+            return Ok(());
+        }
         let new = st.log.refresh_for_append()?;
         for r in &new {
             apply_to_sums(&mut st.sums, r);
             st.pos = Position::from_meta(&r.meta);
             st.page_size = Some(r.meta.page_size);
         }
-        if let Some(fp) = self.read_position() {
+        if let Some(fp) = fp {
             if fp.lsn == st.pos.lsn && fp.generation == st.pos.generation {
                 st.pos = fp;
             }
@@ -341,34 +399,95 @@ impl Primary {
         };
         let mut st = lock(&self.state);
         self.capture(&mut st, io, &h, false, false);
-        let caught_up = st.pos.salts == h.salts && (st.pos.frame == h.mx_frame) && st.last_error.is_none();
+        let caught_up =
+            st.pos.salts == h.salts && (st.pos.frame == h.mx_frame) && st.last_error.is_none();
         T1Witness { caught_up }
     }
 
     /// T2: the connection holding WRITE is about to release it.
     pub fn on_write_unlocking(&self, io: &dyn DbFileIo, w: Option<T1Witness>, wal_synced: bool) {
         let Some(h) = read_header(io) else {
-            lock(&self.state).last_error = Some("wal-index header invalid at write-lock release".into());
+            lock(&self.state).last_error =
+                Some("wal-index header invalid at write-lock release".into());
             return;
         };
         let witnessed = w.is_some_and(|w| w.caught_up);
         let mut st = lock(&self.state);
+        // Nobody else can have appended since T1: we held WRITE all along.
+        st.skip_shared_once = witnessed;
         self.capture(&mut st, io, &h, witnessed, witnessed && wal_synced);
     }
 
     /// Capture everything between the position and header `h` (WRITE held by the caller).
-    fn capture(&self, st: &mut Capture, io: &dyn DbFileIo, h: &WalIndexHeader, witnessed: bool, durable: bool) {
+    fn capture(
+        &self,
+        st: &mut Capture,
+        io: &dyn DbFileIo,
+        h: &WalIndexHeader,
+        witnessed: bool,
+        durable: bool,
+    ) {
         if let Err(e) = self.ensure_loaded(st, io, h) {
             st.last_error = Some(e.to_string());
-            log_event(&format!("event=load_error db={:?} error={:?}", self.db_path, e.to_string()));
+            log_event(&format!(
+                "event=load_error db={:?} error={:?}",
+                self.db_path,
+                e.to_string()
+            ));
             return;
         }
         let before = st.pos.lsn;
-        if let Err(e) = self.sync_shared(st) {
+        if let Err(e) = self.sync_shared(st, false) {
             st.last_error = Some(e.to_string());
-            log_event(&format!("event=capture_error db={:?} error={:?}", self.db_path, e.to_string()));
+            log_event(&format!(
+                "event=capture_error db={:?} error={:?}",
+                self.db_path,
+                e.to_string()
+            ));
             return;
         }
+        let mut r = self.capture_once(st, io, h, witnessed);
+        if matches!(r, Err(Error::Misuse(_))) {
+            // The log grew behind our back (an appender died before writing the position).
+            r = self
+                .sync_shared(st, true)
+                .and_then(|_| self.capture_once(st, io, h, witnessed));
+        }
+        match r {
+            Ok(()) => {
+                if st.pos.lsn != before || st.pending {
+                    if durable {
+                        st.durable = st.pos.lsn;
+                        st.pending = false;
+                        if let Err(e) = self.durable_file.raise(st.pos.lsn, st.pos.generation) {
+                            st.last_error = Some(e.to_string());
+                        }
+                    } else if !st.pending {
+                        // Wake the group-fsync thread only on the first pending record: later
+                        // commits join the same fsync round at no cost to the commit path.
+                        st.pending = true;
+                        self.wake.notify_one();
+                    }
+                }
+            }
+            Err(e) => {
+                st.last_error = Some(e.to_string());
+                log_event(&format!(
+                    "event=capture_error db={:?} error={:?}",
+                    self.db_path,
+                    e.to_string()
+                ));
+            }
+        }
+    }
+
+    fn capture_once(
+        &self,
+        st: &mut Capture,
+        io: &dyn DbFileIo,
+        h: &WalIndexHeader,
+        witnessed: bool,
+    ) -> Result<()> {
         let r = match self.plan(st, h, witnessed) {
             Ok(Plan::Nothing) => Ok(()),
             Ok(Plan::Reset) => {
@@ -381,30 +500,12 @@ impl Primary {
             Ok(Plan::Gap(reason)) => self.new_generation(st, io, h, &reason),
             Err(e) => Err(e),
         };
-        let r = match r {
-            // The WAL could not be read as the position promised: never leave a hole.
-            Err(Error::Corrupt(m)) => self.new_generation(st, io, h, &format!("capture failed: {m}")),
-            r => r,
-        };
         match r {
-            Ok(()) => {
-                if st.pos.lsn != before || st.pending {
-                    if durable {
-                        st.durable = st.pos.lsn;
-                        st.pending = false;
-                        if let Err(e) = Log::write_durable(&self.dir, st.pos.lsn, st.pos.generation) {
-                            st.last_error = Some(e.to_string());
-                        }
-                    } else {
-                        st.pending = true;
-                        self.wake.notify_one();
-                    }
-                }
+            // The WAL could not be read as the position promised: never leave a hole.
+            Err(Error::Corrupt(m)) => {
+                self.new_generation(st, io, h, &format!("capture failed: {m}"))
             }
-            Err(e) => {
-                st.last_error = Some(e.to_string());
-                log_event(&format!("event=capture_error db={:?} error={:?}", self.db_path, e.to_string()));
-            }
+            r => r,
         }
     }
 
@@ -428,10 +529,7 @@ impl Primary {
                 pos.frame
             )));
         }
-        let wal_hdr = self.wal_header(st)?;
-        if wal_hdr.salts != h.salts {
-            return Err(Error::Corrupt("WAL header salts differ from the wal-index header".into()));
-        }
+        let wal_hdr = self.wal_header(st, h.salts)?;
         if h.salts == pos.salts {
             if h.mx_frame < pos.frame {
                 return Ok(Plan::Gap(format!(
@@ -441,56 +539,89 @@ impl Primary {
             }
             if h.mx_frame == pos.frame {
                 if h.frame_cksum != pos.cksum && pos.frame > 0 {
-                    return Ok(Plan::Gap("WAL checksum at the captured frame changed".into()));
+                    return Ok(Plan::Gap(
+                        "WAL checksum at the captured frame changed".into(),
+                    ));
                 }
                 return Ok(Plan::Nothing);
             }
             if pos.frame == 0 {
-                return Ok(Plan::Frames { start: 1, running: wal_hdr.cksum });
+                return Ok(Plan::Frames {
+                    start: 1,
+                    running: wal_hdr.cksum,
+                });
             }
-            return Ok(Plan::Frames { start: pos.frame + 1, running: pos.cksum });
+            return Ok(Plan::Frames {
+                start: pos.frame + 1,
+                running: pos.cksum,
+            });
         }
         if witnessed {
-            return Ok(Plan::Frames { start: 1, running: wal_hdr.cksum });
+            return Ok(Plan::Frames {
+                start: 1,
+                running: wal_hdr.cksum,
+            });
         }
-        Ok(Plan::Gap("the WAL was restarted (new salts) by a writer we did not witness".into()))
+        Ok(Plan::Gap(
+            "the WAL was restarted (new salts) by a writer we did not witness".into(),
+        ))
     }
 
-    fn wal_file(&self, st: &mut Capture) -> Result<File> {
+    fn wal_file(&self, st: &mut Capture) -> Result<Arc<File>> {
         if st.wal.is_none() {
             let p = format!("{}-wal", self.db_path);
             let f = File::open(&p).map_err(|e| Error::io(format!("opening {p}"), e))?;
-            st.wal = Some(f);
+            st.wal = Some(Arc::new(f));
         }
-        st.wal.as_ref().expect("set above").try_clone().map_err(|e| Error::io("cloning the WAL fd", e))
+        Ok(st.wal.clone().expect("set above"))
     }
 
-    fn wal_header(&self, st: &mut Capture) -> Result<WalHeader> {
+    /// The WAL header whose salts are `salts` (cached per generation).
+    fn wal_header(&self, st: &mut Capture, salts: [u8; 8]) -> Result<WalHeader> {
+        if let Some(h) = st.wal_hdr.filter(|h| h.salts == salts) {
+            return Ok(h);
+        }
         let f = self.wal_file(st)?;
         let mut b = [0u8; 32];
-        f.read_exact_at(&mut b, 0).map_err(|e| Error::io("reading the WAL header", e))?;
-        WalHeader::parse(&b)
+        f.read_exact_at(&mut b, 0)
+            .map_err(|e| Error::io("reading the WAL header", e))?;
+        let h = WalHeader::parse(&b)?;
+        if h.salts != salts {
+            return Err(Error::Corrupt(
+                "WAL header salts differ from the wal-index header".into(),
+            ));
+        }
+        st.wal_hdr = Some(h);
+        Ok(h)
     }
 
     /// Read frames start..=h.mx_frame, split them into transactions, append one record each.
-    fn capture_frames(&self, st: &mut Capture, h: &WalIndexHeader, start: u32, running: (u32, u32)) -> Result<()> {
+    fn capture_frames(
+        &self,
+        st: &mut Capture,
+        h: &WalIndexHeader,
+        start: u32,
+        running: (u32, u32),
+    ) -> Result<()> {
         let f = self.wal_file(st)?;
-        let hdr = self.wal_header(st)?;
+        let hdr = self.wal_header(st, h.salts)?;
         let ps = hdr.page_size;
         if st.page_size.is_some_and(|p| p != ps) {
-            return Err(Error::Corrupt(format!("page size changed to {ps} inside WAL mode")));
+            return Err(Error::Corrupt(format!(
+                "page size changed to {ps} inside WAL mode"
+            )));
         }
         st.page_size = Some(ps);
-        let mut reader = FrameReader::new(&f, &hdr, start, running);
+        let mut reader = FrameReader::new(&*f, &hdr, start, running);
         let mut txn: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
         let mut txn_frames = 0u32;
         let mut last_commit: Option<(u32, u32, Vec<u8>)> = None;
         let mut pos = st.pos;
         pos.salts = h.salts;
         while reader.next_frame_no() <= h.mx_frame {
-            let fr = reader
-                .next_frame()?
-                .ok_or_else(|| Error::Corrupt(format!("WAL ends before published frame {}", h.mx_frame)))?;
+            let fr = reader.next_frame()?.ok_or_else(|| {
+                Error::Corrupt(format!("WAL ends before published frame {}", h.mx_frame))
+            })?;
             txn_frames += 1;
             let commit = fr.header.commit_size;
             if commit == 0 {
@@ -499,7 +630,9 @@ impl Primary {
             }
             // Padding (sync=FULL, psow=0): a one-frame commit identical to the previous commit frame.
             let is_padding = txn_frames == 1
-                && last_commit.as_ref().is_some_and(|(p, c, d)| *p == fr.header.pgno && *c == commit && *d == fr.data);
+                && last_commit
+                    .as_ref()
+                    .is_some_and(|(p, c, d)| *p == fr.header.pgno && *c == commit && *d == fr.data);
             pos.frame = fr.frame_no;
             pos.cksum = reader.running();
             if !is_padding {
@@ -526,7 +659,14 @@ impl Primary {
         self.save_position(st)
     }
 
-    fn txn_record(&self, st: &mut Capture, ps: PageSize, txn: &mut BTreeMap<u32, Vec<u8>>, commit: u32, pos: Position) -> Record {
+    fn txn_record(
+        &self,
+        st: &mut Capture,
+        ps: PageSize,
+        txn: &mut BTreeMap<u32, Vec<u8>>,
+        commit: u32,
+        pos: Position,
+    ) -> Record {
         let lock_page = ps.lock_byte_page().get();
         let mut pages = Vec::with_capacity(txn.len());
         for (pgno, data) in std::mem::take(txn) {
@@ -557,7 +697,13 @@ impl Primary {
     }
 
     /// A gap: log it and start generation + 1 with a full snapshot as the next LSN.
-    fn new_generation(&self, st: &mut Capture, io: &dyn DbFileIo, h: &WalIndexHeader, reason: &str) -> Result<()> {
+    fn new_generation(
+        &self,
+        st: &mut Capture,
+        io: &dyn DbFileIo,
+        h: &WalIndexHeader,
+        reason: &str,
+    ) -> Result<()> {
         let lsn = st.pos.lsn.next();
         let generation = Generation(st.pos.generation.0 + 1);
         log_event(&format!(
@@ -569,12 +715,21 @@ impl Primary {
         st.log.write_snapshot(&rec)?;
         st.pos = Position::from_meta(&rec.meta);
         st.gaps += 1;
-        st.last_error = Some(format!("gap detected ({reason}); generation {generation} started with a snapshot at LSN {lsn}"));
+        st.last_error = Some(format!(
+            "gap detected ({reason}); generation {generation} started with a snapshot at LSN {lsn}"
+        ));
         self.save_position(st)
     }
 
     /// A SNAPSHOT record of the state published in `h` (WRITE held: the state cannot move).
-    fn snapshot_record(&self, st: &mut Capture, io: &dyn DbFileIo, h: &WalIndexHeader, lsn: Lsn, generation: Generation) -> Result<Record> {
+    fn snapshot_record(
+        &self,
+        st: &mut Capture,
+        io: &dyn DbFileIo,
+        h: &WalIndexHeader,
+        lsn: Lsn,
+        generation: Generation,
+    ) -> Result<Record> {
         let mut wal_pages: BTreeMap<u32, u32> = BTreeMap::new();
         let mut frame_cksum = (0, 0);
         let mut ps = None;
@@ -582,12 +737,12 @@ impl Primary {
         let mut hdr_opt = None;
         if h.mx_frame > 0 {
             let f = self.wal_file(st)?;
-            let hdr = self.wal_header(st)?;
-            let mut reader = FrameReader::new(&f, &hdr, 1, hdr.cksum);
+            let hdr = self.wal_header(st, h.salts)?;
+            let mut reader = FrameReader::new(&*f, &hdr, 1, hdr.cksum);
             while reader.next_frame_no() <= h.mx_frame {
-                let fr = reader
-                    .next_frame()?
-                    .ok_or_else(|| Error::Corrupt(format!("WAL ends before published frame {}", h.mx_frame)))?;
+                let fr = reader.next_frame()?.ok_or_else(|| {
+                    Error::Corrupt(format!("WAL ends before published frame {}", h.mx_frame))
+                })?;
                 wal_pages.insert(fr.header.pgno, fr.frame_no);
             }
             frame_cksum = reader.running();
@@ -605,7 +760,11 @@ impl Primary {
                 PageSize::new(raw).unwrap_or(PageSize::new(4096).expect("valid"))
             }
         };
-        let n_pages = if h.mx_frame > 0 { h.n_page } else { u32::from_be_bytes(head[28..32].try_into().unwrap()) };
+        let n_pages = if h.mx_frame > 0 {
+            h.n_page
+        } else {
+            u32::from_be_bytes(head[28..32].try_into().unwrap())
+        };
         let lock_page = ps.lock_byte_page().get();
         let mut sums = DbChecksum::new(ps);
         let mut pages = Vec::with_capacity(n_pages as usize);
@@ -617,13 +776,17 @@ impl Primary {
             match (wal_pages.get(&pgno), &f_opt) {
                 (Some(&fno), Some(f)) => {
                     let off = wal::frame_offset(ps, fno) + wal::FRAME_HEADER_SIZE as u64;
-                    f.read_exact_at(&mut buf, off).map_err(|e| Error::io("reading a WAL frame", e))?;
+                    f.read_exact_at(&mut buf, off)
+                        .map_err(|e| Error::io("reading a WAL frame", e))?;
                 }
                 _ => io.read_db((pgno as u64 - 1) * ps.get() as u64, &mut buf)?,
             }
             let p = PageNo::new(pgno).expect("pgno >= 1");
             sums.set_page(p, &buf);
-            pages.push(Page { pgno: p, data: buf.clone() });
+            pages.push(Page {
+                pgno: p,
+                data: buf.clone(),
+            });
         }
         let _ = hdr_opt;
         st.sums = sums;
@@ -646,6 +809,19 @@ impl Primary {
         })
     }
 
+    /// True while the database file and log directory are the ones this agent attached to.
+    pub fn still_describes(&self, path: &str) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let id = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+        id(std::path::Path::new(path)) == self.file_id && id(&self.dir) == self.dir_id
+    }
+
+    /// Stop the background thread (the agent is released when the last reference goes).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.wake.notify_all();
+    }
+
     // ---- queries used by the SQL functions ----
 
     /// The latest LSN (refreshed from the shared position if another process moved it).
@@ -666,14 +842,17 @@ impl Primary {
             let deadline = Instant::now() + Duration::from_secs(5);
             while !self.agent.try_lock_write() {
                 if Instant::now() > deadline {
-                    return Err(Error::Busy("the primary is busy writing; retry repl_checksum()".into()));
+                    return Err(Error::Busy(
+                        "the primary is busy writing; retry repl_checksum()".into(),
+                    ));
                 }
                 std::thread::sleep(Duration::from_millis(1));
             }
             let r = match read_header(&self.agent) {
                 Some(h) => {
                     let mut st = lock(&self.state);
-                    self.ensure_loaded(&mut st, &self.agent, &h).and_then(|_| self.sync_shared(&mut st))
+                    self.ensure_loaded(&mut st, &self.agent, &h)
+                        .and_then(|_| self.sync_shared(&mut st, true))
                 }
                 None => Err(Error::Other("the wal-index is not initialised".into())),
             };
@@ -686,7 +865,10 @@ impl Primary {
 
     pub fn status_json(&self) -> serde_json::Value {
         let st = lock(&self.state);
-        let durable = Log::read_durable(&self.dir).ok().flatten().map(|(l, _)| l.0);
+        let durable = Log::read_durable(&self.dir)
+            .ok()
+            .flatten()
+            .map(|(l, _)| l.0);
         serde_json::json!({
             "role": "primary",
             "db": self.db_path,
@@ -709,18 +891,33 @@ impl Primary {
 
     /// Group fsync (synchronous=NORMAL) and the T3 poll; runs on the background thread.
     fn tick(&self) {
-        // T3: a commit the shim did not see (foreign writer) shows as a header ahead of the
-        // shared position while nobody holds WRITE.
+        // T3: a commit the shim did not see (a writer without the extension) shows as a
+        // header ahead of the shared position. Our own commits are captured under WRITE (T2)
+        // and only differ for microseconds, so act only when the same mismatch is seen on two
+        // consecutive ticks: taking WRITE here can make an application's write fail with
+        // SQLITE_BUSY if it has no busy timeout, so never take it on a transient.
         if let Some(h) = read_header(&self.agent) {
             let shared = self.read_position();
             let loaded = lock(&self.state).loaded;
-            let moved = !loaded || shared.is_none_or(|p| p.salts != h.salts || p.frame != h.mx_frame);
-            if moved && self.agent.try_lock_write() {
+            let moved =
+                !loaded || shared.is_none_or(|p| p.salts != h.salts || p.frame != h.mx_frame);
+            let seen = (
+                h.salts,
+                h.mx_frame,
+                h.change,
+                shared.map(|p| (p.lsn, p.frame)),
+            );
+            let mut last = lock(&self.t3_seen);
+            let stable = moved && *last == Some(seen);
+            *last = if moved { Some(seen) } else { None };
+            drop(last);
+            if stable && self.agent.try_lock_write() {
                 if let Some(h) = read_header(&self.agent) {
                     let mut st = lock(&self.state);
                     self.capture(&mut st, &self.agent, &h, false, false);
                 }
                 self.agent.unlock_write();
+                *lock(&self.t3_seen) = None;
             }
         }
         // Group fsync: make pending records durable, then advance the watermark.
@@ -739,13 +936,17 @@ impl Primary {
                 return;
             }
         }
-        let mut st = lock(&self.state);
-        if let Err(e) = st.log.sync() {
-            st.last_error = Some(e.to_string());
+        // Raise the watermark without holding the state lock (commits may be waiting on it).
+        if let Err(e) = self.durable_file.raise(target.lsn, target.generation) {
+            lock(&self.state).last_error = Some(e.to_string());
         }
-        if target.lsn > st.durable {
-            st.durable = target.lsn;
-            if let Err(e) = Log::write_durable(&self.dir, target.lsn, target.generation) {
+        let mut st = lock(&self.state);
+        st.durable = st.durable.max(target.lsn);
+        // The WAL is the durable copy of every captured transaction (capture re-reads it after
+        // a crash), so the log itself is synced lazily, at most once a second.
+        if st.last_log_sync.elapsed() > Duration::from_secs(1) {
+            st.last_log_sync = Instant::now();
+            if let Err(e) = st.log.sync() {
                 st.last_error = Some(e.to_string());
             }
         }
@@ -767,8 +968,14 @@ fn background(p: std::sync::Weak<Primary>) {
         }
         p.tick();
         let st = lock(&p.state);
-        let timeout = if st.pending { Duration::from_millis(1) } else { Duration::from_millis(20) };
-        let _ = p.wake.wait_timeout(st, timeout);
+        if st.pending {
+            // More records arrived during the last fsync round: start the next one after a
+            // short pause so a burst of commits shares one fsync.
+            drop(st);
+            std::thread::sleep(group_fsync_interval());
+        } else {
+            let _ = p.wake.wait_timeout(st, Duration::from_millis(20));
+        }
     }
 }
 
@@ -801,4 +1008,22 @@ fn random_hex(n: usize) -> String {
         let _ = f.read_exact_at(&mut b, 0);
     }
     hex(&b)
+}
+
+fn file_identity(p: impl AsRef<std::path::Path>) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Pause between group-fsync rounds of the WAL (synchronous=NORMAL primaries):
+/// `REPL_FSYNC_INTERVAL_US`, default 2000 µs.
+fn group_fsync_interval() -> Duration {
+    static V: once_cell::sync::Lazy<Duration> = once_cell::sync::Lazy::new(|| {
+        let us = std::env::var("REPL_FSYNC_INTERVAL_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2000);
+        Duration::from_micros(us)
+    });
+    *V
 }

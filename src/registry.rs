@@ -57,7 +57,10 @@ impl Db {
 
 /// Find the entry for `path` without creating one.
 pub fn lookup(path: &str) -> Option<Arc<Db>> {
-    DBS.lock().unwrap_or_else(|e| e.into_inner()).get(path).cloned()
+    DBS.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(path)
+        .cloned()
 }
 
 /// The entry for `path`, created on first use.
@@ -81,6 +84,15 @@ pub fn get_or_create(path: &str) -> Arc<Db> {
 /// database has a remembered role (a log directory with meta.json), resumes that role.
 pub fn on_open_main(path: &str) -> Arc<Db> {
     let db = get_or_create(path);
+    if let Some(p) = db.primary() {
+        // The files were deleted or replaced under a live primary (tests do this; so do
+        // restores): the old capture state describes another file. Drop it and start over.
+        if !p.still_describes(path) {
+            eprintln!("event=primary_detached db={path:?} reason=\"database file or log directory replaced\"");
+            p.stop();
+            *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::None;
+        }
+    }
     if db.primary().is_none() && Path::new(&log_dir(path)).join("meta.json").exists() {
         if let Err(e) = resume_role(&db) {
             eprintln!("event=resume_failed db={path:?} error={:?}", e.to_string());
@@ -95,7 +107,9 @@ fn resume_role(db: &Arc<Db>) -> Result<()> {
         return Ok(());
     }
     let dir = log_dir(&db.path);
-    let meta = crate::txlog::Log::open(&dir, Default::default())?.meta().clone();
+    let meta = crate::txlog::Log::open(&dir, Default::default())?
+        .meta()
+        .clone();
     if meta.role == "primary" {
         let p = Primary::attach(db, false)?;
         *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::Primary(p);

@@ -31,7 +31,9 @@ impl DbRef {
 
     /// `sqlite3_db_readonly(db, schema)`: 1 read-only, 0 read-write, -1 no such db.
     pub fn readonly(&self, schema: &str) -> i32 {
-        let Some(f) = api().db_readonly else { return -1 };
+        let Some(f) = api().db_readonly else {
+            return -1;
+        };
         let s = CString::new(schema).unwrap_or_default();
         // SAFETY: valid connection handle and schema string.
         unsafe { f(self.0, s.as_ptr()) }
@@ -44,7 +46,12 @@ impl DbRef {
         let mut p: *mut sqlite3_file = std::ptr::null_mut();
         // SAFETY: FILE_POINTER writes one `sqlite3_file*` into the pointer we pass.
         let rc = unsafe {
-            f(self.0, s.as_ptr(), SQLITE_FCNTL_FILE_POINTER, &mut p as *mut _ as *mut c_void)
+            f(
+                self.0,
+                s.as_ptr(),
+                SQLITE_FCNTL_FILE_POINTER,
+                &mut p as *mut _ as *mut c_void,
+            )
         };
         (rc == SQLITE_OK && !p.is_null()).then_some(p)
     }
@@ -71,7 +78,13 @@ impl DbRef {
         let mut stmt = std::ptr::null_mut();
         // SAFETY: valid handle and SQL; `stmt` receives a statement we finalize below.
         let rc = unsafe {
-            a.prepare_v2.expect("prepare_v2")(self.0, c.as_ptr(), -1, &mut stmt, std::ptr::null_mut())
+            a.prepare_v2.expect("prepare_v2")(
+                self.0,
+                c.as_ptr(),
+                -1,
+                &mut stmt,
+                std::ptr::null_mut(),
+            )
         };
         if rc != SQLITE_OK {
             return Err(sql_error(rc, format!("{sql}: {}", self.errmsg())));
@@ -84,8 +97,10 @@ impl DbRef {
                     1 => SqlValue::Int(a.column_int64.expect("column_int64")(stmt, 0)),
                     2 => SqlValue::Real(a.column_double.expect("column_double")(stmt, 0)),
                     3 => SqlValue::Text(
-                        cstr_to_string(a.column_text.expect("column_text")(stmt, 0) as *const c_char)
-                            .unwrap_or_default(),
+                        cstr_to_string(
+                            a.column_text.expect("column_text")(stmt, 0) as *const c_char
+                        )
+                        .unwrap_or_default(),
                     ),
                     4 => {
                         let p = a.column_blob.expect("column_blob")(stmt, 0) as *const u8;
@@ -111,7 +126,9 @@ impl DbRef {
 
     /// The connection's last error message.
     pub fn errmsg(&self) -> String {
-        let Some(f) = api().errmsg else { return String::new() };
+        let Some(f) = api().errmsg else {
+            return String::new();
+        };
         // SAFETY: valid handle; returned string owned by SQLite, copied immediately.
         cstr_to_string(unsafe { f(self.0) }).unwrap_or_default()
     }
@@ -140,10 +157,21 @@ impl OwnedDb {
         let c = CString::new(path).map_err(|_| Error::Misuse("path contains NUL".into()))?;
         let mut db = std::ptr::null_mut();
         // SAFETY: valid path/VFS strings; `db` receives a handle we close on drop (also on error).
-        let rc = unsafe { f(c.as_ptr(), &mut db, flags, vfs.map_or(std::ptr::null(), |v| v.as_ptr())) };
+        let rc = unsafe {
+            f(
+                c.as_ptr(),
+                &mut db,
+                flags,
+                vfs.map_or(std::ptr::null(), |v| v.as_ptr()),
+            )
+        };
         let owned = OwnedDb(DbRef(db));
         if rc != SQLITE_OK {
-            let msg = if db.is_null() { format!("error code {rc}") } else { owned.0.errmsg() };
+            let msg = if db.is_null() {
+                format!("error code {rc}")
+            } else {
+                owned.0.errmsg()
+            };
             return Err(sql_error(rc, format!("cannot open {path}: {msg}")));
         }
         Ok(owned)

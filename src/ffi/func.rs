@@ -38,7 +38,9 @@ pub fn register_scalar(db: *mut sqlite3, name: &str, n_args: c_int, func: Scalar
         )
     };
     if rc != SQLITE_OK {
-        return Err(Error::Other(format!("cannot register SQL function {name}: code {rc}")));
+        return Err(Error::Other(format!(
+            "cannot register SQL function {name}: code {rc}"
+        )));
     }
     Ok(())
 }
@@ -52,7 +54,11 @@ unsafe extern "C" fn destroy_fn(p: *mut c_void) {
     })
 }
 
-unsafe extern "C" fn trampoline(ctx: *mut sqlite3_context, argc: c_int, argv: *mut *mut sqlite3_value) {
+unsafe extern "C" fn trampoline(
+    ctx: *mut sqlite3_context,
+    argc: c_int,
+    argv: *mut *mut sqlite3_value,
+) {
     guard((), || {
         let a = api();
         // SAFETY: SQLite passes a valid context; user data is our boxed ScalarFn.
@@ -66,7 +72,11 @@ unsafe extern "C" fn trampoline(ctx: *mut sqlite3_context, argc: c_int, argv: *m
             args.push(read_value(v));
         }
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| func(&Call { db }, &args)))
-            .unwrap_or_else(|_| Err(Error::Other("internal error (panic) in sqlite-replica".into())));
+            .unwrap_or_else(|_| {
+                Err(Error::Other(
+                    "internal error (panic) in sqlite-replica".into(),
+                ))
+            });
         match result {
             Ok(v) => set_result(ctx, v),
             Err(e) => set_error(ctx, &e),
@@ -93,7 +103,11 @@ fn read_value(v: *mut sqlite3_value) -> SqlValue {
             4 => {
                 let p = a.value_blob.expect("value_blob")(v) as *const u8;
                 let n = a.value_bytes.expect("value_bytes")(v) as usize;
-                SqlValue::Blob(if p.is_null() { vec![] } else { std::slice::from_raw_parts(p, n).to_vec() })
+                SqlValue::Blob(if p.is_null() {
+                    vec![]
+                } else {
+                    std::slice::from_raw_parts(p, n).to_vec()
+                })
             }
             _ => SqlValue::Null,
         }
@@ -135,7 +149,11 @@ fn set_error(ctx: *mut sqlite3_context, e: &Error) {
     let msg = e.to_string();
     // SAFETY: valid context; the message is copied by SQLite (length given explicitly).
     unsafe {
-        a.result_error.expect("result_error")(ctx, msg.as_ptr() as *const c_char, msg.len() as c_int);
+        a.result_error.expect("result_error")(
+            ctx,
+            msg.as_ptr() as *const c_char,
+            msg.len() as c_int,
+        );
         // After the message: result_error_code keeps an existing message and only sets the
         // code (result_error itself would reset the code to SQLITE_ERROR).
         a.result_error_code.expect("result_error_code")(ctx, e.sqlite_code());

@@ -65,7 +65,10 @@ pub fn set_api(p: *mut sqlite3_api_routines) {
 /// The host's API table. Panics (caught by `guard`) if called before the entry point ran.
 pub fn api() -> &'static sqlite3_api_routines {
     let p = API.load(Ordering::Acquire);
-    assert!(!p.is_null(), "sqlite-replica: host API table used before the entry point ran");
+    assert!(
+        !p.is_null(),
+        "sqlite-replica: host API table used before the entry point ran"
+    );
     // SAFETY: set once from the pointer SQLite gave us; SQLite's table is static and immutable.
     unsafe { &*p }
 }

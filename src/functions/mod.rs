@@ -40,7 +40,11 @@ fn repl_debug(_c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
         (v / 1000) % 1000,
         v % 1000,
         crate::vfs::base_name(),
-        if cfg!(debug_assertions) { "debug" } else { "release" },
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
     )))
 }
 
@@ -58,7 +62,9 @@ fn main_db_checked(db: DbRef, what: &str) -> Result<(Arc<Db>, String)> {
         )));
     };
     let Some(f) = db.file_pointer("main") else {
-        return Err(Error::Misuse(format!("{what}: the main database is not open")));
+        return Err(Error::Misuse(format!(
+            "{what}: the main database is not open"
+        )));
     };
     if !crate::vfs::is_ours(f) {
         return Err(Error::Misuse(format!(
@@ -66,7 +72,8 @@ fn main_db_checked(db: DbRef, what: &str) -> Result<(Arc<Db>, String)> {
              reopen it after loading the extension (e.g. '.open {path}' in the shell) or open it with ?vfs=replica"
         )));
     }
-    let entry = crate::vfs::db_of_file(f).ok_or_else(|| Error::Other(format!("{what}: no state for {path}")))?;
+    let entry = crate::vfs::db_of_file(f)
+        .ok_or_else(|| Error::Other(format!("{what}: no state for {path}")))?;
     Ok((entry, path))
 }
 
@@ -81,7 +88,11 @@ fn repl_primary(c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
         )));
     }
     // Enforce WAL mode from a separate connection: the calling statement may hold the db.
-    let aux = OwnedDb::open(&path, ffi::SQLITE_OPEN_READWRITE, Some(crate::vfs::VFS_NAME))?;
+    let aux = OwnedDb::open(
+        &path,
+        ffi::SQLITE_OPEN_READWRITE,
+        Some(crate::vfs::VFS_NAME),
+    )?;
     aux.busy_timeout(5000);
     let mode = aux.db().query_value("PRAGMA journal_mode=WAL")?;
     if mode != SqlValue::Text("wal".into()) {

@@ -50,7 +50,15 @@ impl AgentHandle {
             Error::Unsupported("the host SQLite lacks sqlite3_create_filename (needs 3.32+)".into())
         })?;
         // SAFETY: valid C strings, no URI parameters; the result is freed in Drop.
-        let fname = unsafe { create(db.as_ptr(), jrnl.as_ptr(), wal.as_ptr(), 0, std::ptr::null_mut()) };
+        let fname = unsafe {
+            create(
+                db.as_ptr(),
+                jrnl.as_ptr(),
+                wal.as_ptr(),
+                0,
+                std::ptr::null_mut(),
+            )
+        };
         if fname.is_null() {
             return Err(Error::Other("out of memory creating a filename".into()));
         }
@@ -58,19 +66,26 @@ impl AgentHandle {
         let flags = ffi::SQLITE_OPEN_MAIN_DB | ffi::SQLITE_OPEN_READWRITE;
         // SAFETY: `file` is a zeroed buffer of szOsFile bytes, 8-byte aligned, that lives as
         // long as `mem`, i.e. as long as this handle.
-        let rc = unsafe { b.xOpen.expect("xOpen")(super::base_ptr(), fname, file, flags, &mut out) };
+        let rc =
+            unsafe { b.xOpen.expect("xOpen")(super::base_ptr(), fname, file, flags, &mut out) };
         let h = AgentHandle {
             file,
             mem,
             fname,
-            state: Mutex::new(AgentState { shm0: std::ptr::null_mut(), write_locked: false }),
+            state: Mutex::new(AgentState {
+                shm0: std::ptr::null_mut(),
+                write_locked: false,
+            }),
             path: path.to_string(),
         };
         if rc != ffi::SQLITE_OK {
-            return Err(Error::Other(format!("cannot open agent handle on {path}: code {rc}")));
+            return Err(Error::Other(format!(
+                "cannot open agent handle on {path}: code {rc}"
+            )));
         }
         // SAFETY: the file is open; SHARED is the lock every WAL-mode connection holds.
-        let rc = unsafe { (*(*file).pMethods).xLock.expect("xLock")(file, ffi::SQLITE_LOCK_SHARED) };
+        let rc =
+            unsafe { (*(*file).pMethods).xLock.expect("xLock")(file, ffi::SQLITE_LOCK_SHARED) };
         if rc != ffi::SQLITE_OK {
             return Err(Error::Busy(format!(
                 "cannot take a shared lock on {path} (code {rc}): another process holds it exclusively"
@@ -105,9 +120,18 @@ impl AgentHandle {
         if st.write_locked || self.map0(&mut st).is_none() {
             return false;
         }
-        let Some(l) = self.methods().xShmLock else { return false };
+        let Some(l) = self.methods().xShmLock else {
+            return false;
+        };
         // SAFETY: slot 0 exclusive try-lock through our own handle.
-        let rc = unsafe { l(self.file, 0, 1, ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE) };
+        let rc = unsafe {
+            l(
+                self.file,
+                0,
+                1,
+                ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE,
+            )
+        };
         st.write_locked = rc == ffi::SQLITE_OK;
         st.write_locked
     }
@@ -120,7 +144,14 @@ impl AgentHandle {
         }
         if let Some(l) = self.methods().xShmLock {
             // SAFETY: releasing the lock we hold.
-            unsafe { l(self.file, 0, 1, ffi::SQLITE_SHM_UNLOCK | ffi::SQLITE_SHM_EXCLUSIVE) };
+            unsafe {
+                l(
+                    self.file,
+                    0,
+                    1,
+                    ffi::SQLITE_SHM_UNLOCK | ffi::SQLITE_SHM_EXCLUSIVE,
+                )
+            };
         }
         st.write_locked = false;
     }

@@ -113,7 +113,9 @@ pub(super) unsafe extern "C" fn x_open(
             std::ptr::write(
                 file as *mut ShimFile,
                 ShimFile {
-                    base: sqlite3_file { pMethods: std::ptr::null() },
+                    base: sqlite3_file {
+                        pMethods: std::ptr::null(),
+                    },
                     real,
                     kind,
                     db: None,
@@ -188,7 +190,12 @@ unsafe extern "C" fn x_read(f: *mut sqlite3_file, buf: *mut c_void, n: c_int, of
     })
 }
 
-unsafe extern "C" fn x_write(f: *mut sqlite3_file, buf: *const c_void, n: c_int, off: i64) -> c_int {
+unsafe extern "C" fn x_write(
+    f: *mut sqlite3_file,
+    buf: *const c_void,
+    n: c_int,
+    off: i64,
+) -> c_int {
     guard(ffi::SQLITE_IOERR_WRITE, || {
         // SAFETY: SQLite calls io methods only on files we opened.
         let s = unsafe { shim(f) };
@@ -222,7 +229,9 @@ unsafe extern "C" fn x_sync(f: *mut sqlite3_file, flags: c_int) -> c_int {
     guard(ffi::SQLITE_IOERR, || {
         // SAFETY: SQLite calls io methods only on files we opened.
         let s = unsafe { shim(f) };
-        let seq = s.db.as_ref().map(|d| d.wal_write_seq.load(Ordering::Acquire));
+        let seq =
+            s.db.as_ref()
+                .map(|d| d.wal_write_seq.load(Ordering::Acquire));
         // SAFETY: forwarding.
         let rc = unsafe { real_methods(s).xSync.expect("xSync")(s.real, flags) };
         if rc == ffi::SQLITE_OK && s.kind == Kind::Wal {
@@ -266,7 +275,11 @@ unsafe extern "C" fn x_check_reserved_lock(f: *mut sqlite3_file, out: *mut c_int
         // SAFETY: SQLite calls io methods only on files we opened.
         let s = unsafe { shim(f) };
         // SAFETY: forwarding.
-        unsafe { real_methods(s).xCheckReservedLock.expect("xCheckReservedLock")(s.real, out) }
+        unsafe {
+            real_methods(s)
+                .xCheckReservedLock
+                .expect("xCheckReservedLock")(s.real, out)
+        }
     })
 }
 
@@ -277,7 +290,12 @@ unsafe extern "C" fn x_file_control(f: *mut sqlite3_file, op: c_int, arg: *mut c
         if op == ffi::SQLITE_FCNTL_PRAGMA && s.kind == Kind::MainDb {
             // SAFETY: for FCNTL_PRAGMA, `arg` is a `char*[3]`: [0] error out, [1] name, [2] value.
             let args = arg as *mut *mut c_char;
-            let (name, value) = unsafe { (ffi::cstr_to_string(*args.add(1)), ffi::cstr_to_string(*args.add(2))) };
+            let (name, value) = unsafe {
+                (
+                    ffi::cstr_to_string(*args.add(1)),
+                    ffi::cstr_to_string(*args.add(2)),
+                )
+            };
             if let (Some(db), Some(name)) = (&s.db, name) {
                 if let Some(msg) = crate::primary::pragma_veto(db, &name, value.as_deref()) {
                     // SAFETY: SQLite frees azArg[0] with sqlite3_free; mprintf allocates with it.
@@ -305,15 +323,27 @@ unsafe extern "C" fn x_device_characteristics(f: *mut sqlite3_file) -> c_int {
         // SAFETY: SQLite calls io methods only on files we opened.
         let s = unsafe { shim(f) };
         // SAFETY: forwarding.
-        unsafe { real_methods(s).xDeviceCharacteristics.map_or(0, |x| x(s.real)) }
+        unsafe {
+            real_methods(s)
+                .xDeviceCharacteristics
+                .map_or(0, |x| x(s.real))
+        }
     })
 }
 
-unsafe extern "C" fn x_shm_map(f: *mut sqlite3_file, pg: c_int, sz: c_int, extend: c_int, pp: *mut *mut c_void) -> c_int {
+unsafe extern "C" fn x_shm_map(
+    f: *mut sqlite3_file,
+    pg: c_int,
+    sz: c_int,
+    extend: c_int,
+    pp: *mut *mut c_void,
+) -> c_int {
     guard(ffi::SQLITE_IOERR, || {
         // SAFETY: SQLite calls io methods only on files we opened.
         let s = unsafe { shim(f) };
-        let Some(m) = real_methods(s).xShmMap else { return ffi::SQLITE_IOERR };
+        let Some(m) = real_methods(s).xShmMap else {
+            return ffi::SQLITE_IOERR;
+        };
         // SAFETY: forwarding; `pp` receives the mapping.
         let rc = unsafe { m(s.real, pg, sz, extend, pp) };
         if rc == ffi::SQLITE_OK && pg == 0 {
@@ -341,11 +371,20 @@ unsafe extern "C" fn x_shm_unmap(f: *mut sqlite3_file, delete: c_int) -> c_int {
         let s = unsafe { shim(f) };
         s.shm0 = std::ptr::null_mut();
         // SAFETY: forwarding.
-        unsafe { real_methods(s).xShmUnmap.map_or(ffi::SQLITE_OK, |u| u(s.real, delete)) }
+        unsafe {
+            real_methods(s)
+                .xShmUnmap
+                .map_or(ffi::SQLITE_OK, |u| u(s.real, delete))
+        }
     })
 }
 
-unsafe extern "C" fn x_fetch(f: *mut sqlite3_file, off: i64, n: c_int, pp: *mut *mut c_void) -> c_int {
+unsafe extern "C" fn x_fetch(
+    f: *mut sqlite3_file,
+    off: i64,
+    n: c_int,
+    pp: *mut *mut c_void,
+) -> c_int {
     guard(ffi::SQLITE_IOERR, || {
         // SAFETY: SQLite calls io methods only on files we opened.
         let s = unsafe { shim(f) };
@@ -378,11 +417,18 @@ fn covers_write(ofst: c_int, n: c_int) -> bool {
     ofst <= 0 && 0 < ofst + n
 }
 
-unsafe extern "C" fn x_shm_lock(f: *mut sqlite3_file, ofst: c_int, n: c_int, flags: c_int) -> c_int {
+unsafe extern "C" fn x_shm_lock(
+    f: *mut sqlite3_file,
+    ofst: c_int,
+    n: c_int,
+    flags: c_int,
+) -> c_int {
     guard(ffi::SQLITE_IOERR, || {
         // SAFETY: SQLite calls io methods only on files we opened.
         let s = unsafe { shim(f) };
-        let Some(lock) = real_methods(s).xShmLock else { return ffi::SQLITE_IOERR };
+        let Some(lock) = real_methods(s).xShmLock else {
+            return ffi::SQLITE_IOERR;
+        };
         let db = match (&s.db, s.kind) {
             (Some(db), Kind::MainDb) if covers_write(ofst, n) => db.clone(),
             // SAFETY: forwarding.
@@ -459,10 +505,19 @@ impl DbFileIo for ConnIo<'_> {
 }
 
 /// Read from an underlying file; a short read zero-fills (as SQLite does).
-pub(super) fn read_real(real: *mut sqlite3_file, offset: u64, buf: &mut [u8]) -> crate::error::Result<()> {
+pub(super) fn read_real(
+    real: *mut sqlite3_file,
+    offset: u64,
+    buf: &mut [u8],
+) -> crate::error::Result<()> {
     // SAFETY: `real` is an open underlying file; xRead is thread-safe for the unix VFS (pread).
     let rc = unsafe {
-        (*(*real).pMethods).xRead.expect("xRead")(real, buf.as_mut_ptr() as *mut c_void, buf.len() as c_int, offset as i64)
+        (*(*real).pMethods).xRead.expect("xRead")(
+            real,
+            buf.as_mut_ptr() as *mut c_void,
+            buf.len() as c_int,
+            offset as i64,
+        )
     };
     match rc {
         ffi::SQLITE_OK => Ok(()),

@@ -109,14 +109,24 @@ unsafe extern "C" fn x_delete(_v: *mut sqlite3_vfs, name: *const c_char, sync_di
     })
 }
 
-unsafe extern "C" fn x_access(_v: *mut sqlite3_vfs, name: *const c_char, flags: c_int, out: *mut c_int) -> c_int {
+unsafe extern "C" fn x_access(
+    _v: *mut sqlite3_vfs,
+    name: *const c_char,
+    flags: c_int,
+    out: *mut c_int,
+) -> c_int {
     guard(ffi::SQLITE_IOERR, || {
         // SAFETY: forwarding the caller's arguments to the underlying VFS.
         unsafe { base().xAccess.expect("xAccess")(base_ptr(), name, flags, out) }
     })
 }
 
-unsafe extern "C" fn x_full_pathname(_v: *mut sqlite3_vfs, name: *const c_char, n: c_int, out: *mut c_char) -> c_int {
+unsafe extern "C" fn x_full_pathname(
+    _v: *mut sqlite3_vfs,
+    name: *const c_char,
+    n: c_int,
+    out: *mut c_char,
+) -> c_int {
     guard(ffi::SQLITE_CANTOPEN, || {
         // SAFETY: forwarding the caller's arguments to the underlying VFS.
         unsafe { base().xFullPathname.expect("xFullPathname")(base_ptr(), name, n, out) }

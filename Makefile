@@ -1,0 +1,77 @@
+# sqlite-replica: build, test and demo entry points (GNU make).
+#
+#   make deps    install what a fresh Debian 12 machine lacks (idempotent, quiet when satisfied)
+#   make build   cargo build --release, then copy the artefacts to build/ (stable paths)
+#   make test    deps + build, then every Rust test, clippy, rustfmt and the Python suite
+#   make demo    build, then scripts/demo.sh
+#   make bench   build, then scripts/bench.py
+#   make clean   remove build/ and target/
+#
+# CI (.ci/run) runs `make test` in a clean clone with no standard input.
+
+SHELL       := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := build
+
+CARGO   ?= cargo
+PYTHON  ?= python3
+BUILD   := build
+RELEASE := target/release
+
+# Root installs directly; anyone else goes through sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
+PIP_INSTALL := $(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore
+
+.PHONY: all build deps test demo bench clean
+# deps before build before tests, even under -j.
+.NOTPARALLEL:
+
+all: build
+
+## deps: checks are cheap commands run every time (no stamp files); installs only what is missing.
+deps:
+	@apt_updated=; \
+	apt_install() { \
+	  if [ -z "$$apt_updated" ]; then $(SUDO) apt-get update -q >/dev/null; apt_updated=1; fi; \
+	  echo "deps: apt-get install $$*"; $(APT_INSTALL) "$$@" >/dev/null; \
+	}; \
+	if [ ! -e /usr/lib/llvm-14/lib/libclang.so ] && ! { ldconfig -p 2>/dev/null || /sbin/ldconfig -p; } | grep -q 'libclang[-.0-9]*\.so'; then \
+	  apt_install libclang-dev; \
+	fi; \
+	if ! command -v sqlite3 >/dev/null 2>&1; then apt_install sqlite3; fi; \
+	if ! $(PYTHON) -c 'import apsw, pytest' >/dev/null 2>&1; then \
+	  if ! $(PYTHON) -m pip --version >/dev/null 2>&1; then apt_install python3-pip; fi; \
+	  echo "deps: pip install apsw pytest"; \
+	  $(PIP_INSTALL) apsw pytest 2>/dev/null || $(PIP_INSTALL) --break-system-packages apsw pytest; \
+	  $(PYTHON) -c 'import apsw, pytest'; \
+	fi; \
+	if ! $(CARGO) clippy --version >/dev/null 2>&1 || ! $(CARGO) fmt --version >/dev/null 2>&1; then \
+	  echo "deps: rustup component add clippy rustfmt"; rustup component add clippy rustfmt; \
+	fi
+
+## build: cargo is incremental, so always ask it; copy via rename so a process that has the
+## old .so mapped keeps a consistent file.
+build:
+	$(CARGO) build --release
+	@mkdir -p $(BUILD)
+	@cp -f $(RELEASE)/libreplica.so $(BUILD)/.libreplica.so.tmp && mv -f $(BUILD)/.libreplica.so.tmp $(BUILD)/libreplica.so
+	@cp -f $(RELEASE)/sqlite-replica $(BUILD)/.sqlite-replica.tmp && mv -f $(BUILD)/.sqlite-replica.tmp $(BUILD)/sqlite-replica
+	@echo "build: $(BUILD)/libreplica.so $(BUILD)/sqlite-replica"
+
+## test: each step must pass; make stops at the first failing one and returns its exit code.
+test: deps build
+	$(CARGO) test --release
+	$(CARGO) clippy --all-targets --release -- -D warnings
+	$(CARGO) fmt --check
+	$(PYTHON) -m pytest -q tests/python
+
+demo: build
+	scripts/demo.sh
+
+bench: build
+	$(PYTHON) scripts/bench.py
+
+clean:
+	rm -rf $(BUILD)
+	$(CARGO) clean

@@ -1,0 +1,211 @@
+//! Readers of the log: `Log::read_from` (records with pages), `Log::read_meta_from` (validated
+//! headers only) and `Log::read_durable_from` (capped at the durable watermark, for serving
+//! replicas). All go through `Cursor`, which lists the segments when created, skips records below
+//! `from` by their headers, validates every returned record (checksums and the sequence rules),
+//! stops quietly at an incomplete record at the end of the last segment (a write in progress), and
+//! reports anything else invalid as an error naming the segment and offset.
+
+use super::segment::{list_segments, ScanKind, SegmentReader};
+use super::{check_sequence, Log, Page, Record, RecordMeta};
+use crate::error::{Error, Result};
+use crate::types::{Lsn, PageNo};
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+impl Log {
+    /// Records with `from <= lsn (<= upto)`, in LSN order. LSN 0 is read as 1 (it never carries a
+    /// record). Errors if `from` is older than the first retained LSN.
+    pub fn read_from(&self, from: Lsn, upto: Option<Lsn>) -> Result<LogIter> {
+        Ok(LogIter {
+            c: Cursor::new(&self.log_dir, from, upto)?,
+        })
+    }
+
+    /// Like `read_from` but yields only the (fully validated) record metadata.
+    pub fn read_meta_from(&self, from: Lsn, upto: Option<Lsn>) -> Result<LogMetaIter> {
+        Ok(LogMetaIter {
+            c: Cursor::new(&self.log_dir, from, upto)?,
+        })
+    }
+
+    /// `read_from` capped at the durable watermark: what may be served to replicas.
+    pub fn read_durable_from(&self, from: Lsn) -> Result<LogIter> {
+        match Log::read_durable(&self.dir)? {
+            Some((upto, _)) => self.read_from(from, Some(upto)),
+            None => Ok(LogIter { c: Cursor::empty() }),
+        }
+    }
+}
+
+/// Iterator of `Result<Record>`; ends after the first error.
+pub struct LogIter {
+    c: Cursor,
+}
+
+impl Iterator for LogIter {
+    type Item = Result<Record>;
+    fn next(&mut self) -> Option<Result<Record>> {
+        let meta = match self.c.advance()? {
+            Ok(m) => m,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut pages = Vec::with_capacity(meta.page_count as usize);
+        let body = self.c.body(&mut |pgno, data| {
+            pages.push(Page {
+                pgno,
+                data: data.to_vec(),
+            });
+            Ok(())
+        });
+        Some(body.map(|()| Record { meta, pages }))
+    }
+}
+
+/// Iterator of `Result<RecordMeta>` (bodies validated, pages not kept); ends after the first error.
+pub struct LogMetaIter {
+    c: Cursor,
+}
+
+impl Iterator for LogMetaIter {
+    type Item = Result<RecordMeta>;
+    fn next(&mut self) -> Option<Result<RecordMeta>> {
+        let meta = match self.c.advance()? {
+            Ok(m) => m,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(self.c.body(&mut |_, _| Ok(())).map(|()| meta))
+    }
+}
+
+/// Two-phase reader over the segments: `advance` to the next record's header, then `body`.
+pub(crate) struct Cursor {
+    segs: Vec<(Lsn, PathBuf)>,
+    idx: usize,
+    rd: Option<SegmentReader<BufReader<File>>>,
+    from: Lsn,
+    upto: Option<Lsn>,
+    prev: Option<RecordMeta>,
+    done: bool,
+}
+
+impl Cursor {
+    pub(crate) fn new(log_dir: &Path, from: Lsn, upto: Option<Lsn>) -> Result<Cursor> {
+        let from = from.max(Lsn(1));
+        let segs = list_segments(log_dir)?;
+        if let Some((first, _)) = segs.first() {
+            if from < *first {
+                return Err(Error::Misuse(format!(
+                    "LSN {from} is older than the log's first retained LSN {first}: re-snapshot"
+                )));
+            }
+        }
+        let idx = segs.iter().rposition(|(l, _)| *l <= from).unwrap_or(0);
+        Ok(Cursor {
+            segs,
+            idx,
+            rd: None,
+            from,
+            upto,
+            prev: None,
+            done: false,
+        })
+    }
+
+    fn empty() -> Cursor {
+        Cursor {
+            segs: Vec::new(),
+            idx: 0,
+            rd: None,
+            from: Lsn(1),
+            upto: None,
+            prev: None,
+            done: true,
+        }
+    }
+
+    fn fail(&mut self, e: Error) -> Option<Result<RecordMeta>> {
+        self.done = true;
+        Some(Err(e))
+    }
+
+    /// Positions on the next record to return and yields its header; its body is pending.
+    pub(crate) fn advance(&mut self) -> Option<Result<RecordMeta>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            let is_last = self.idx + 1 >= self.segs.len();
+            if self.rd.is_none() {
+                let Some((_, path)) = self.segs.get(self.idx) else {
+                    self.done = true;
+                    return None;
+                };
+                match SegmentReader::open(path) {
+                    Ok(rd) => self.rd = Some(rd),
+                    Err(e) if is_last && e.kind == ScanKind::Torn => {
+                        self.done = true;
+                        return None;
+                    }
+                    Err(e) => return self.fail(e.error),
+                }
+            }
+            let rd = self.rd.as_mut().expect("opened above");
+            let meta = match rd.next_header() {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    self.rd = None;
+                    self.idx += 1;
+                    continue;
+                }
+                Err(e) if is_last && e.kind == ScanKind::Torn => {
+                    self.done = true;
+                    return None;
+                }
+                Err(e) => return self.fail(e.error),
+            };
+            if meta.lsn < self.from {
+                continue; // next_header skips the pending body
+            }
+            if self.upto.is_some_and(|u| meta.lsn > u) {
+                self.done = true;
+                return None;
+            }
+            let where_ = format!(
+                "segment {} at offset {}",
+                self.segs[self.idx].1.display(),
+                rd.position()
+            );
+            let seq = match &self.prev {
+                None if meta.lsn != self.from => Err(format!(
+                    "LSN gap: asked for LSN {} but the log continues with LSN {}",
+                    self.from, meta.lsn
+                )),
+                None => Ok(()),
+                Some(p) => check_sequence(p, &meta),
+            };
+            if let Err(m) = seq {
+                return self.fail(Error::Corrupt(format!("{where_}: {m}")));
+            }
+            return Some(Ok(meta));
+        }
+    }
+
+    /// Reads and validates the pending record's body, handing each page to `on_page`.
+    pub(crate) fn body(
+        &mut self,
+        on_page: &mut dyn FnMut(PageNo, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let rd = self.rd.as_mut().expect("body() after advance()");
+        match rd.read_body(on_page) {
+            Ok(()) => {
+                self.prev = rd.last_meta().cloned();
+                Ok(())
+            }
+            Err(e) => {
+                self.done = true;
+                Err(e.error)
+            }
+        }
+    }
+}

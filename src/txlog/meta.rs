@@ -1,0 +1,262 @@
+//! `meta.json` (FORMAT.md §6), the durable watermark file (§7) and the small filesystem helpers
+//! the log needs: atomic file creation (tmp + fsync + link/rename + dir fsync), directory fsync,
+//! the wall clock and random lineage ids. Crash reasoning: `meta.json` appears complete or not at
+//! all; `durable` is one 20-byte pwrite at offset 0, so it holds the old or the new watermark.
+
+use crate::error::{Error, Result};
+use crate::types::{Generation, Lsn, PageSize};
+use serde_json::{json, Value};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use xxhash_rust::xxh3::xxh3_64;
+
+/// Directory format version (`meta.json` `format`).
+pub const DIR_FORMAT: u32 = 1;
+pub(crate) const META_FILE: &str = "meta.json";
+pub(crate) const DURABLE_FILE: &str = "durable";
+const DURABLE_LEN: usize = 20;
+
+/// The identity of a log directory (`meta.json`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Meta {
+    pub format: u32,
+    /// 32 lowercase hex digits.
+    pub lineage: String,
+    pub role: String,
+    pub page_size: u32,
+    pub created_ms: u64,
+}
+
+impl Meta {
+    /// A new identity: fresh random lineage, current time.
+    pub fn new(role: &str, page_size: PageSize) -> Result<Meta> {
+        Ok(Meta {
+            format: DIR_FORMAT,
+            lineage: random_hex16()?,
+            role: role.to_string(),
+            page_size: page_size.get(),
+            created_ms: now_ms(),
+        })
+    }
+
+    pub fn to_json(&self) -> String {
+        json!({
+            "format": self.format,
+            "lineage": self.lineage,
+            "role": self.role,
+            "page_size": self.page_size,
+            "created_ms": self.created_ms,
+        })
+        .to_string()
+    }
+
+    /// Parses and validates `meta.json` text; `what` names the file in messages.
+    pub fn from_json(text: &str, what: &str) -> Result<Meta> {
+        let bad = |m: String| Error::Corrupt(format!("{what}: {m}"));
+        let v: Value =
+            serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let uint = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_u64)
+                .ok_or_else(|| bad(format!("missing or non-integer \"{k}\"")))
+        };
+        let string = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| bad(format!("missing or non-string \"{k}\"")))
+        };
+        let format = uint("format")?;
+        if format != u64::from(DIR_FORMAT) {
+            return Err(Error::Unsupported(format!(
+                "{what}: log directory format {format} is not supported (this build reads format {DIR_FORMAT})"
+            )));
+        }
+        let meta = Meta {
+            format: DIR_FORMAT,
+            lineage: string("lineage")?,
+            role: string("role")?,
+            page_size: u32::try_from(uint("page_size")?)
+                .map_err(|_| bad("page_size out of range".into()))?,
+            created_ms: uint("created_ms")?,
+        };
+        meta.validate().map_err(bad)?;
+        Ok(meta)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        if self.lineage.len() != 32 || !self.lineage.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!("lineage {:?} is not 32 hex digits", self.lineage));
+        }
+        if PageSize::new(self.page_size).is_none() {
+            return Err(format!("invalid page_size {}", self.page_size));
+        }
+        Ok(())
+    }
+}
+
+/// Reads `<dir>/meta.json`.
+pub(crate) fn read_meta(dir: &Path) -> Result<Meta> {
+    let path = dir.join(META_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::Misuse(format!(
+                "{} not found: {} is not a replication log directory",
+                path.display(),
+                dir.display()
+            ))
+        } else {
+            Error::io(format!("reading {}", path.display()), e)
+        }
+    })?;
+    Meta::from_json(&text, &path.display().to_string())
+}
+
+/// Writes `<dir>/meta.json` atomically; fails if it already exists.
+pub(crate) fn create_meta(dir: &Path, meta: &Meta) -> Result<()> {
+    meta.validate()
+        .map_err(|m| Error::Misuse(format!("invalid meta: {m}")))?;
+    let path = dir.join(META_FILE);
+    let tmp = dir.join(format!("{META_FILE}.{}.tmp", std::process::id()));
+    write_and_sync(&tmp, meta.to_json().as_bytes())?;
+    // link() fails if the target exists: exactly one creator wins.
+    let linked = std::fs::hard_link(&tmp, &path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => sync_dir(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(Error::Misuse(format!(
+            "{} already exists: the log directory is already initialised (open it instead)",
+            path.display()
+        ))),
+        Err(e) => Err(Error::io(format!("creating {}", path.display()), e)),
+    }
+}
+
+/// Creates/truncates `path`, writes `data` and fsyncs it.
+pub(crate) fn write_and_sync(path: &Path, data: &[u8]) -> Result<()> {
+    let ctx = || format!("writing {}", path.display());
+    let mut f = File::create(path).map_err(|e| Error::io(ctx(), e))?;
+    f.write_all(data).map_err(|e| Error::io(ctx(), e))?;
+    f.sync_all().map_err(|e| Error::io(ctx(), e))
+}
+
+/// fsync of a directory, making creations/renames/removals in it durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(format!("fsync of directory {}", dir.display()), e))
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// 16 bytes from /dev/urandom as 32 lowercase hex digits.
+pub(crate) fn random_hex16() -> Result<String> {
+    let mut b = [0u8; 16];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| Error::io("reading /dev/urandom", e))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+fn encode_durable(lsn: Lsn, gen: Generation) -> [u8; DURABLE_LEN] {
+    let mut b = [0u8; DURABLE_LEN];
+    b[0..8].copy_from_slice(&lsn.0.to_be_bytes());
+    b[8..12].copy_from_slice(&gen.0.to_be_bytes());
+    let sum = xxh3_64(&b[..12]);
+    b[12..20].copy_from_slice(&sum.to_be_bytes());
+    b
+}
+
+/// Decodes the durable file's bytes (§7); empty = no watermark.
+pub(crate) fn decode_durable(b: &[u8], what: &str) -> Result<Option<(Lsn, Generation)>> {
+    if b.is_empty() {
+        return Ok(None);
+    }
+    if b.len() != DURABLE_LEN {
+        return Err(Error::Corrupt(format!(
+            "{what}: {} bytes, expected {DURABLE_LEN}",
+            b.len()
+        )));
+    }
+    let stored = u64::from_be_bytes(b[12..20].try_into().expect("8 bytes"));
+    let actual = xxh3_64(&b[..12]);
+    if stored != actual {
+        return Err(Error::Corrupt(format!(
+            "{what}: checksum mismatch (stored {stored:016x}, computed {actual:016x})"
+        )));
+    }
+    let lsn = Lsn(u64::from_be_bytes(b[0..8].try_into().expect("8 bytes")));
+    let gen = Generation(u32::from_be_bytes(b[8..12].try_into().expect("4 bytes")));
+    Ok(Some((lsn, gen)))
+}
+
+pub(crate) fn read_durable(dir: &Path) -> Result<Option<(Lsn, Generation)>> {
+    let path = dir.join(DURABLE_FILE);
+    match std::fs::read(&path) {
+        Ok(b) => decode_durable(&b, &format!("durable watermark {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+    }
+}
+
+/// Raises the watermark to (lsn, gen); never lowers it. One pwrite at offset 0, no fsync.
+pub(crate) fn write_durable(dir: &Path, lsn: Lsn, gen: Generation) -> Result<()> {
+    if let Some(cur) = read_durable(dir)? {
+        if (lsn, gen) <= cur {
+            return Ok(());
+        }
+    }
+    let path = dir.join(DURABLE_FILE);
+    let ctx = || format!("writing {}", path.display());
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::io(ctx(), e))?;
+    f.write_all_at(&encode_durable(lsn, gen), 0)
+        .map_err(|e| Error::io(ctx(), e))
+}
+
+/// The durable watermark file kept open by a writer that raises it often (one pread + one
+/// pwrite per raise instead of open/read/close/open/write/close).
+pub struct DurableFile {
+    f: std::fs::File,
+    path: std::path::PathBuf,
+}
+
+impl DurableFile {
+    pub fn open(dir: &Path) -> Result<DurableFile> {
+        let path = dir.join(DURABLE_FILE);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        Ok(DurableFile { f, path })
+    }
+
+    /// Raise the watermark to (lsn, gen); never lowers it.
+    pub fn raise(&self, lsn: Lsn, gen: Generation) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; DURABLE_LEN];
+        let n = self.f.read_at(&mut b, 0).unwrap_or(0);
+        if let Ok(Some(cur)) = decode_durable(&b[..n], "durable watermark") {
+            if (lsn, gen) <= cur {
+                return Ok(());
+            }
+        }
+        self.f
+            .write_all_at(&encode_durable(lsn, gen), 0)
+            .map_err(|e| Error::io(format!("writing {}", self.path.display()), e))
+    }
+}

@@ -1,0 +1,360 @@
+//! The record codec (FORMAT.md §3): the 88-byte header, page entries and the checksum trailer.
+//! `encode_record` writes exactly the layout of §3.1–§3.3; `decode_record_meta` validates the
+//! header alone (enough to skip a record), `decode_record` validates everything in the order of
+//! §3.4. `PageOrder` and `parse_header` are shared with the streaming scanner in `segment.rs`
+//! so both paths reject exactly the same bytes.
+
+use super::{Page, Record, RecordMeta};
+use crate::error::{Error, Result};
+use crate::types::{Checksum, Generation, Lsn, PageNo, PageSize};
+use xxhash_rust::xxh3::xxh3_64;
+
+/// ASCII `RPLR`.
+pub const RECORD_MAGIC: [u8; 4] = *b"RPLR";
+/// Record format version written and accepted by this build.
+pub const RECORD_VERSION: u16 = 1;
+/// Size of the record header (§3.1).
+pub const RECORD_HEADER_LEN: usize = 88;
+/// Size of the record trailer (§3.3).
+pub const RECORD_TRAILER_LEN: usize = 8;
+/// Flag bit 0: the record holds the complete database.
+pub const FLAG_SNAPSHOT: u16 = 1;
+/// Flag bit 1: reserved for compression; must be 0 in version 1.
+pub const FLAG_COMPRESSED: u16 = 2;
+
+/// Offset of `header_checksum` (§3.1): the header checksum covers bytes 0..80.
+const HEADER_CHECKSUM_AT: usize = 80;
+/// Per-page overhead of a page entry (the `pgno` field, §3.2).
+const PAGE_ENTRY_OVERHEAD: u64 = 4;
+
+/// Total encoded length of a record with `page_count` pages: `88 + n × (4 + page_size) + 8`.
+pub fn record_len(page_size: PageSize, page_count: u32) -> u64 {
+    RECORD_HEADER_LEN as u64
+        + u64::from(page_count) * (PAGE_ENTRY_OVERHEAD + u64::from(page_size.get()))
+        + RECORD_TRAILER_LEN as u64
+}
+
+/// Number of pages a complete database of `commit_size` pages holds (the lock-byte page excluded).
+pub(crate) fn full_page_count(page_size: PageSize, commit_size: u32) -> u32 {
+    if page_size.lock_byte_page().get() <= commit_size {
+        commit_size - 1
+    } else {
+        commit_size
+    }
+}
+
+fn label(lsn: Option<Lsn>) -> String {
+    match lsn {
+        Some(l) => format!("record LSN {l}"),
+        None => "record".to_string(),
+    }
+}
+
+/// An `Error::Corrupt` naming the record (and its LSN once known).
+pub(crate) fn corrupt(lsn: Option<Lsn>, msg: impl std::fmt::Display) -> Error {
+    Error::Corrupt(format!("{}: {msg}", label(lsn)))
+}
+
+/// Checks the invariants `encode_record` relies on (always cheap: no page data is hashed).
+/// `Log::append` and `Log::write_snapshot` call it in every build; `encode_record` in debug.
+pub fn validate_record(r: &Record) -> Result<()> {
+    let m = &r.meta;
+    let bad = |msg: String| Error::Misuse(format!("invalid record LSN {}: {msg}", m.lsn));
+    if m.commit_size == 0 {
+        return Err(bad("commit size is 0".into()));
+    }
+    if m.page_count as usize != r.pages.len() {
+        return Err(bad(format!(
+            "page_count {} but {} pages",
+            m.page_count,
+            r.pages.len()
+        )));
+    }
+    let full = full_page_count(m.page_size, m.commit_size);
+    if m.snapshot && m.page_count != full {
+        return Err(bad(format!(
+            "SNAPSHOT holds {} pages but a database of {} pages has {full}",
+            m.page_count, m.commit_size
+        )));
+    }
+    let mut order = PageOrder::new(m);
+    for p in &r.pages {
+        if p.data.len() != m.page_size.bytes() {
+            return Err(bad(format!(
+                "page {} has {} bytes, page size is {}",
+                p.pgno,
+                p.data.len(),
+                m.page_size
+            )));
+        }
+        order.check(p.pgno.get()).map_err(|e| bad(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Encodes `r` (FORMAT.md §3). Validates the invariants with `validate_record` in debug builds
+/// (panicking on violation); release builds trust the caller (`Log::append` validates).
+pub fn encode_record(r: &Record) -> Vec<u8> {
+    if cfg!(debug_assertions) {
+        if let Err(e) = validate_record(r) {
+            panic!("encode_record: {e}");
+        }
+    }
+    let m = &r.meta;
+    let page_count = r.pages.len() as u32;
+    let total = record_len(m.page_size, page_count);
+    let mut out = Vec::with_capacity(total as usize);
+    out.extend_from_slice(&encode_header(m, page_count, total));
+    for p in &r.pages {
+        out.extend_from_slice(&p.pgno.get().to_be_bytes());
+        out.extend_from_slice(&p.data);
+    }
+    let sum = xxh3_64(&out);
+    out.extend_from_slice(&sum.to_be_bytes());
+    out
+}
+
+/// The 88-byte header of §3.1, `header_checksum` included.
+fn encode_header(m: &RecordMeta, page_count: u32, total: u64) -> [u8; RECORD_HEADER_LEN] {
+    let mut h = [0u8; RECORD_HEADER_LEN];
+    h[0..4].copy_from_slice(&RECORD_MAGIC);
+    h[4..6].copy_from_slice(&RECORD_VERSION.to_be_bytes());
+    let flags = if m.snapshot { FLAG_SNAPSHOT } else { 0 };
+    h[6..8].copy_from_slice(&flags.to_be_bytes());
+    h[8..16].copy_from_slice(&total.to_be_bytes());
+    h[16..24].copy_from_slice(&m.lsn.0.to_be_bytes());
+    h[24..28].copy_from_slice(&m.generation.0.to_be_bytes());
+    h[28..32].copy_from_slice(&m.page_size.get().to_be_bytes());
+    h[32..36].copy_from_slice(&m.commit_size.to_be_bytes());
+    h[36..40].copy_from_slice(&page_count.to_be_bytes());
+    h[40..48].copy_from_slice(&m.timestamp_ms.to_be_bytes());
+    h[48..56].copy_from_slice(&m.wal_salts);
+    h[56..60].copy_from_slice(&m.wal_frame.to_be_bytes());
+    h[60..64].copy_from_slice(&m.wal_cksum.0.to_be_bytes());
+    h[64..68].copy_from_slice(&m.wal_cksum.1.to_be_bytes());
+    // 68..72 reserved = 0
+    h[72..80].copy_from_slice(&m.db_checksum.0.to_be_bytes());
+    let sum = xxh3_64(&h[..HEADER_CHECKSUM_AT]);
+    h[HEADER_CHECKSUM_AT..].copy_from_slice(&sum.to_be_bytes());
+    h
+}
+
+pub(crate) fn be_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+pub(crate) fn be_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+pub(crate) fn be_u64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(a)
+}
+
+/// Validates a complete 88-byte header (rules 2–5 of §3.4) and returns the metadata and the
+/// total record length. `h` must hold at least `RECORD_HEADER_LEN` bytes.
+pub(crate) fn parse_header(h: &[u8]) -> Result<(RecordMeta, u64)> {
+    if h[0..4] != RECORD_MAGIC {
+        return Err(corrupt(
+            None,
+            format!(
+                "bad magic {:02x?} (expected {:02x?} \"RPLR\")",
+                &h[0..4],
+                RECORD_MAGIC
+            ),
+        ));
+    }
+    let version = be_u16(h, 4);
+    if version != RECORD_VERSION {
+        return Err(corrupt(
+            None,
+            format!(
+                "unsupported record format version {version} (this build reads version \
+                 {RECORD_VERSION})"
+            ),
+        ));
+    }
+    let claimed = Lsn(be_u64(h, 16));
+    let stored = be_u64(h, HEADER_CHECKSUM_AT);
+    let actual = xxh3_64(&h[..HEADER_CHECKSUM_AT]);
+    if stored != actual {
+        return Err(corrupt(
+            None,
+            format!(
+                "header checksum mismatch (stored {stored:016x}, computed {actual:016x}; \
+                 claimed LSN {claimed})"
+            ),
+        ));
+    }
+    let lsn = Some(claimed);
+    let flags = be_u16(h, 6);
+    if flags & FLAG_COMPRESSED != 0 {
+        return Err(corrupt(
+            lsn,
+            "COMPRESSED flag set: compression is not supported in format version 1",
+        ));
+    }
+    if flags & !FLAG_SNAPSHOT != 0 {
+        return Err(corrupt(lsn, format!("unknown flags 0x{flags:04x}")));
+    }
+    if be_u32(h, 68) != 0 {
+        return Err(corrupt(
+            lsn,
+            format!("reserved field is 0x{:08x}, must be 0", be_u32(h, 68)),
+        ));
+    }
+    let raw_page_size = be_u32(h, 28);
+    let page_size = PageSize::new(raw_page_size).ok_or_else(|| {
+        corrupt(
+            lsn,
+            format!("invalid page size {raw_page_size} (must be a power of two in 512..=65536)"),
+        )
+    })?;
+    let commit_size = be_u32(h, 32);
+    if commit_size == 0 {
+        return Err(corrupt(lsn, "commit size is 0"));
+    }
+    let page_count = be_u32(h, 36);
+    let snapshot = flags & FLAG_SNAPSHOT != 0;
+    let full = full_page_count(page_size, commit_size);
+    if page_count > full {
+        return Err(corrupt(
+            lsn,
+            format!(
+                "page count {page_count} exceeds the {full} pages of a {commit_size}-page database"
+            ),
+        ));
+    }
+    if snapshot && page_count != full {
+        return Err(corrupt(
+            lsn,
+            format!(
+                "SNAPSHOT holds {page_count} pages but a {commit_size}-page database has {full}"
+            ),
+        ));
+    }
+    let total = be_u64(h, 8);
+    let expected = record_len(page_size, page_count);
+    if total != expected {
+        return Err(corrupt(
+            lsn,
+            format!(
+                "record length {total} inconsistent with {page_count} pages of {page_size} bytes \
+                 (expected {expected})"
+            ),
+        ));
+    }
+    let meta = RecordMeta {
+        lsn: claimed,
+        generation: Generation(be_u32(h, 24)),
+        snapshot,
+        page_size,
+        commit_size,
+        timestamp_ms: be_u64(h, 40),
+        wal_salts: h[48..56].try_into().expect("8 bytes"),
+        wal_frame: be_u32(h, 56),
+        wal_cksum: (be_u32(h, 60), be_u32(h, 64)),
+        db_checksum: Checksum(be_u64(h, 72)),
+        page_count,
+    };
+    Ok((meta, total))
+}
+
+/// Validates only the header of the record at the start of `b` (which may hold just the header)
+/// and returns its metadata and total record length, so a reader can skip or stream it.
+pub fn decode_record_meta(b: &[u8]) -> Result<(RecordMeta, usize)> {
+    if b.len() < RECORD_HEADER_LEN {
+        return Err(corrupt(
+            None,
+            format!(
+                "truncated header: {} of {RECORD_HEADER_LEN} bytes available",
+                b.len()
+            ),
+        ));
+    }
+    let (meta, total) = parse_header(&b[..RECORD_HEADER_LEN])?;
+    let total = usize::try_from(total)
+        .map_err(|_| corrupt(Some(meta.lsn), format!("record length {total} too large")))?;
+    Ok((meta, total))
+}
+
+/// Decodes and fully validates the record at the start of `b`; returns it and the bytes consumed.
+pub fn decode_record(b: &[u8]) -> Result<(Record, usize)> {
+    let (meta, total) = decode_record_meta(b)?;
+    let lsn = Some(meta.lsn);
+    if b.len() < total {
+        return Err(corrupt(
+            lsn,
+            format!("truncated: {total} bytes needed, {} available", b.len()),
+        ));
+    }
+    let body_end = total - RECORD_TRAILER_LEN;
+    let stored = be_u64(b, body_end);
+    let actual = xxh3_64(&b[..body_end]);
+    if stored != actual {
+        return Err(corrupt(
+            lsn,
+            format!("record checksum mismatch (stored {stored:016x}, computed {actual:016x})"),
+        ));
+    }
+    let ps = meta.page_size.bytes();
+    let mut order = PageOrder::new(&meta);
+    let mut pages = Vec::with_capacity(meta.page_count as usize);
+    let mut at = RECORD_HEADER_LEN;
+    for _ in 0..meta.page_count {
+        let pgno = order.check(be_u32(b, at))?;
+        pages.push(Page {
+            pgno,
+            data: b[at + 4..at + 4 + ps].to_vec(),
+        });
+        at += 4 + ps;
+    }
+    debug_assert_eq!(at, body_end);
+    Ok((Record { meta, pages }, total))
+}
+
+/// Checks page numbers one entry at a time (rule 7 of §3.4).
+pub(crate) struct PageOrder {
+    lsn: Lsn,
+    commit_size: u32,
+    lock_byte: u32,
+    prev: u32,
+}
+
+impl PageOrder {
+    pub(crate) fn new(meta: &RecordMeta) -> PageOrder {
+        PageOrder {
+            lsn: meta.lsn,
+            commit_size: meta.commit_size,
+            lock_byte: meta.page_size.lock_byte_page().get(),
+            prev: 0,
+        }
+    }
+
+    pub(crate) fn check(&mut self, raw: u32) -> Result<PageNo> {
+        let lsn = Some(self.lsn);
+        let pgno = PageNo::new(raw).ok_or_else(|| corrupt(lsn, "page number 0"))?;
+        if raw <= self.prev {
+            let what = if raw == self.prev {
+                "duplicate"
+            } else {
+                "unsorted"
+            };
+            return Err(corrupt(
+                lsn,
+                format!("pages {what}: page {raw} follows page {}", self.prev),
+            ));
+        }
+        if raw > self.commit_size {
+            return Err(corrupt(
+                lsn,
+                format!("page {raw} is beyond the commit size {}", self.commit_size),
+            ));
+        }
+        if raw == self.lock_byte {
+            return Err(corrupt(lsn, format!("page {raw} is the lock-byte page")));
+        }
+        self.prev = raw;
+        Ok(pgno)
+    }
+}

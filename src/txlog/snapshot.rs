@@ -1,0 +1,205 @@
+//! Snapshot files (FORMAT.md §5): `snap/<lsn:020>-<generation:010>.snap` = a segment header plus
+//! exactly one SNAPSHOT record. Written atomically (tmp + fsync + rename + dir fsync), so a
+//! snapshot file either is complete or does not exist. Reading validates everything a segment
+//! reader does plus: the SNAPSHOT flag, the name matching the record, nothing after the record,
+//! and the record's `db_checksum` against the pages (computed while streaming).
+
+use super::checksum::DbChecksum;
+use super::meta::{now_ms, sync_dir, write_and_sync};
+use super::record::validate_record;
+use super::segment::{encode_segment_header, SegmentHeader, SegmentReader};
+use super::{encode_record, Log, Page, Record, RecordMeta};
+use crate::error::{Error, Result};
+use crate::types::{Generation, Lsn, PageNo};
+use std::path::{Path, PathBuf};
+
+/// `<lsn as 20 digits>-<generation as 10 digits>.snap`
+pub fn snapshot_file_name(lsn: Lsn, generation: Generation) -> String {
+    format!("{:020}-{:010}.snap", lsn.0, generation.0)
+}
+
+/// Inverse of `snapshot_file_name`; `None` for any other name (tmp files included).
+pub fn parse_snapshot_file_name(name: &str) -> Option<(Lsn, Generation)> {
+    let stem = name.strip_suffix(".snap")?;
+    let (l, g) = stem.split_once('-')?;
+    let digits = |s: &str, n| s.len() == n && s.bytes().all(|c| c.is_ascii_digit());
+    if !digits(l, 20) || !digits(g, 10) {
+        return None;
+    }
+    Some((Lsn(l.parse().ok()?), Generation(g.parse().ok()?)))
+}
+
+/// Snapshot files in `<dir>/snap`, sorted by (LSN, generation). A missing directory = none.
+pub(crate) fn list_snapshots(dir: &Path) -> Result<Vec<(Lsn, Generation, PathBuf)>> {
+    let snap_dir = dir.join("snap");
+    let rd = match std::fs::read_dir(&snap_dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(format!("listing {}", snap_dir.display()), e)),
+    };
+    let mut out = Vec::new();
+    for ent in rd {
+        let ent = ent.map_err(|e| Error::io(format!("listing {}", snap_dir.display()), e))?;
+        if let Some((l, g)) = ent.file_name().to_str().and_then(parse_snapshot_file_name) {
+            out.push((l, g, ent.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The newest snapshot with LSN <= `at_or_before` (None = any), with its validated header.
+pub(crate) fn latest_snapshot_in(
+    dir: &Path,
+    at_or_before: Option<Lsn>,
+) -> Result<Option<(RecordMeta, PathBuf)>> {
+    let snaps = list_snapshots(dir)?;
+    let Some((_, _, path)) = snaps
+        .into_iter()
+        .rev()
+        .find(|(l, _, _)| at_or_before.is_none_or(|u| *l <= u))
+    else {
+        return Ok(None);
+    };
+    let mut rd = SegmentReader::open(&path).map_err(|e| e.error)?;
+    let meta = match rd.next_header() {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            return Err(Error::Corrupt(format!(
+                "snapshot {} holds no record",
+                path.display()
+            )))
+        }
+        Err(e) => return Err(e.error),
+    };
+    check_snapshot_meta(&path, &meta)?;
+    Ok(Some((meta, path)))
+}
+
+fn check_snapshot_meta(path: &Path, meta: &RecordMeta) -> Result<()> {
+    if !meta.snapshot {
+        return Err(Error::Corrupt(format!(
+            "snapshot {}: record LSN {} is not a SNAPSHOT record",
+            path.display(),
+            meta.lsn
+        )));
+    }
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(parse_snapshot_file_name);
+    if let Some((l, g)) = name {
+        if (l, g) != (meta.lsn, meta.generation) {
+            return Err(Error::Corrupt(format!(
+                "snapshot {}: holds LSN {} generation {}, the file name says LSN {l} generation {g}",
+                path.display(),
+                meta.lsn,
+                meta.generation
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Streams and fully validates a snapshot file, handing each page to `on_page`; returns its
+/// metadata and the database checksum of its pages (already compared with `db_checksum`).
+pub(crate) fn stream_snapshot(
+    path: &Path,
+    on_page: &mut dyn FnMut(PageNo, &[u8]) -> Result<()>,
+) -> Result<(RecordMeta, DbChecksum)> {
+    let mut rd = SegmentReader::open(path).map_err(|e| e.error)?;
+    let meta = match rd.next_header() {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            return Err(Error::Corrupt(format!(
+                "snapshot {} holds no record",
+                path.display()
+            )))
+        }
+        Err(e) => return Err(e.error),
+    };
+    check_snapshot_meta(path, &meta)?;
+    let mut sum = DbChecksum::new(meta.page_size);
+    rd.read_body(&mut |pgno, data| {
+        sum.set_page(pgno, data);
+        on_page(pgno, data)
+    })
+    .map_err(|e| e.error)?;
+    sum.truncate(meta.commit_size);
+    match rd.next_header() {
+        Ok(None) => {}
+        Ok(Some(_)) | Err(_) => {
+            return Err(Error::Corrupt(format!(
+                "snapshot {}: unexpected bytes after the snapshot record at offset {}",
+                path.display(),
+                rd.position()
+            )))
+        }
+    }
+    if sum.total() != meta.db_checksum {
+        return Err(Error::Corrupt(format!(
+            "snapshot {}: record LSN {}: database checksum mismatch (record says {}, pages give {})",
+            path.display(),
+            meta.lsn,
+            meta.db_checksum,
+            sum.total()
+        )));
+    }
+    Ok((meta, sum))
+}
+
+impl Log {
+    /// Writes `r` (a SNAPSHOT record) as `snap/<lsn>-<generation>.snap`, atomically.
+    pub fn write_snapshot(&self, r: &Record) -> Result<PathBuf> {
+        if !r.meta.snapshot {
+            return Err(Error::Misuse(format!(
+                "write_snapshot: record LSN {} is not a SNAPSHOT record",
+                r.meta.lsn
+            )));
+        }
+        validate_record(r)?;
+        let snap_dir = self.dir.join("snap");
+        std::fs::create_dir_all(&snap_dir)
+            .map_err(|e| Error::io(format!("creating {}", snap_dir.display()), e))?;
+        let name = snapshot_file_name(r.meta.lsn, r.meta.generation);
+        let path = snap_dir.join(&name);
+        let tmp = snap_dir.join(format!("{name}.{}.tmp", std::process::id()));
+        let mut bytes = encode_segment_header(&SegmentHeader {
+            first_lsn: r.meta.lsn,
+            created_ms: now_ms(),
+        })
+        .to_vec();
+        bytes.extend_from_slice(&encode_record(r));
+        let res = write_and_sync(&tmp, &bytes).and_then(|()| {
+            std::fs::rename(&tmp, &path)
+                .map_err(|e| Error::io(format!("renaming to {}", path.display()), e))
+        });
+        if let Err(e) = res {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        sync_dir(&snap_dir)?;
+        Ok(path)
+    }
+
+    /// The newest snapshot at or before `at_or_before` (None = the newest), header validated.
+    pub fn latest_snapshot(
+        &self,
+        at_or_before: Option<Lsn>,
+    ) -> Result<Option<(RecordMeta, PathBuf)>> {
+        latest_snapshot_in(&self.dir, at_or_before)
+    }
+
+    /// Reads and fully validates a snapshot file (including its database checksum).
+    pub fn read_snapshot(path: &Path) -> Result<Record> {
+        let mut pages = Vec::new();
+        let (meta, _) = stream_snapshot(path, &mut |pgno, data| {
+            pages.push(Page {
+                pgno,
+                data: data.to_vec(),
+            });
+            Ok(())
+        })?;
+        Ok(Record { meta, pages })
+    }
+}

@@ -1,0 +1,437 @@
+//! Format tests: record round trips, every rejection path of FORMAT.md §3.4, the segment header
+//! and scanner, file names, `DbChecksum`, the durable file and `meta.json`.
+
+use super::support::*;
+use crate::txlog::meta::decode_durable;
+use crate::txlog::record::full_page_count;
+use crate::txlog::*;
+use crate::types::{Checksum, Generation, Lsn, PageSize};
+use xxhash_rust::xxh3::xxh3_64;
+
+fn sample() -> (Record, Vec<u8>) {
+    let mut m = Model::new(ps());
+    m.txn(&[1, 2, 3], 3);
+    let r = m.txn(&[3, 1, 5], 6);
+    let b = encode_record(&r);
+    (r, b)
+}
+
+fn put(b: &mut [u8], at: usize, v: &[u8]) {
+    b[at..at + v.len()].copy_from_slice(v);
+}
+fn fix_header(b: &mut [u8]) {
+    let s = xxh3_64(&b[..80]);
+    put(b, 80, &s.to_be_bytes());
+}
+fn fix_trailer(b: &mut [u8]) {
+    let n = b.len() - 8;
+    let s = xxh3_64(&b[..n]);
+    put(b, n, &s.to_be_bytes());
+}
+fn rejected(b: &[u8], needle: &str) {
+    let e = decode_record(b).expect_err("must be rejected").to_string();
+    assert!(e.contains(needle), "error {e:?} should contain {needle:?}");
+    assert!(matches!(
+        decode_record(b),
+        Err(crate::error::Error::Corrupt(_))
+    ));
+}
+
+#[test]
+fn round_trip_transaction_and_snapshot() {
+    let (r, b) = sample();
+    assert_eq!(b.len() as u64, record_len(ps(), 3));
+    let (d, used) = decode_record(&b).unwrap();
+    assert_eq!((d, used), (r.clone(), b.len()));
+    let (m, total) = decode_record_meta(&b[..RECORD_HEADER_LEN]).unwrap();
+    assert_eq!((m, total), (r.meta.clone(), b.len()));
+    // Trailing bytes are not consumed.
+    let mut more = b.clone();
+    more.extend_from_slice(&b);
+    assert_eq!(decode_record(&more).unwrap().1, b.len());
+
+    let mut model = Model::new(ps());
+    model.txn(&[1, 2], 4);
+    let s = model.snapshot_record(true);
+    assert!(s.meta.snapshot && s.meta.page_count == 4);
+    let sb = encode_record(&s);
+    assert_eq!(decode_record(&sb).unwrap().0, s);
+    assert_eq!(be16(&sb, 6), FLAG_SNAPSHOT);
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+#[test]
+fn header_layout_matches_format_md() {
+    let (r, b) = sample();
+    assert_eq!(&b[0..4], b"RPLR");
+    assert_eq!(be16(&b, 4), 1);
+    assert_eq!(
+        u64::from_be_bytes(b[8..16].try_into().unwrap()),
+        b.len() as u64
+    );
+    assert_eq!(
+        u64::from_be_bytes(b[16..24].try_into().unwrap()),
+        r.meta.lsn.0
+    );
+    assert_eq!(u32::from_be_bytes(b[28..32].try_into().unwrap()), PS);
+    assert_eq!(u32::from_be_bytes(b[36..40].try_into().unwrap()), 3);
+    assert_eq!(&b[48..56], &r.meta.wal_salts);
+    assert_eq!(
+        u64::from_be_bytes(b[72..80].try_into().unwrap()),
+        r.meta.db_checksum.0
+    );
+    assert_eq!(u32::from_be_bytes(b[88..92].try_into().unwrap()), 1); // first pgno
+}
+
+#[test]
+fn rejects_truncation() {
+    let (_, b) = sample();
+    rejected(&b[..40], "truncated header: 40 of 88");
+    rejected(&b[..b.len() - 1], "truncated");
+    rejected(&b[..b.len() - 1], "LSN 2");
+    assert!(decode_record_meta(&b[..87]).is_err());
+    assert!(decode_record(&[]).is_err());
+}
+
+#[test]
+fn rejects_bad_header_fields() {
+    let (_, b) = sample();
+    let mut x = b.clone();
+    x[0] = b'X';
+    rejected(&x, "bad magic");
+    let mut x = b.clone();
+    put(&mut x, 4, &2u16.to_be_bytes());
+    rejected(&x, "unsupported record format version 2");
+    let mut x = b.clone();
+    x[20] ^= 1;
+    rejected(&x, "header checksum mismatch");
+    let cases: [(usize, Vec<u8>, &str); 8] = [
+        (6, 4u16.to_be_bytes().to_vec(), "unknown flags 0x0004"),
+        (6, FLAG_COMPRESSED.to_be_bytes().to_vec(), "COMPRESSED"),
+        (68, 1u32.to_be_bytes().to_vec(), "reserved"),
+        (28, 1000u32.to_be_bytes().to_vec(), "invalid page size 1000"),
+        (32, 0u32.to_be_bytes().to_vec(), "commit size is 0"),
+        (36, 7u32.to_be_bytes().to_vec(), "page count 7 exceeds"),
+        (
+            8,
+            12345u64.to_be_bytes().to_vec(),
+            "record length 12345 inconsistent",
+        ),
+        (
+            6,
+            FLAG_SNAPSHOT.to_be_bytes().to_vec(),
+            "SNAPSHOT holds 3 pages",
+        ),
+    ];
+    for (at, v, needle) in cases {
+        let mut x = b.clone();
+        put(&mut x, at, &v);
+        fix_header(&mut x);
+        rejected(&x, needle);
+        rejected(&x, "record LSN 2");
+    }
+}
+
+#[test]
+fn rejects_checksum_and_page_order() {
+    let (_, b) = sample();
+    let mut x = b.clone();
+    x[200] ^= 0x40;
+    rejected(&x, "record checksum mismatch");
+    rejected(&x, "LSN 2");
+    let entry = 4 + PS as usize;
+    let pg = |i: usize| 88 + i * entry;
+    for (i, v, needle) in [
+        (1, 1u32, "duplicate: page 1 follows page 1"),
+        (2, 2u32, "unsorted: page 2 follows page 3"),
+        (0, 0u32, "page number 0"),
+        (2, 7u32, "page 7 is beyond the commit size 6"),
+    ] {
+        let mut x = b.clone();
+        put(&mut x, pg(i), &v.to_be_bytes());
+        fix_trailer(&mut x);
+        rejected(&x, needle);
+    }
+    // The lock-byte page (needs a page size whose lock-byte page number is small).
+    let big = PageSize::new(65536).unwrap();
+    let lock = big.lock_byte_page().get();
+    let r = Record {
+        meta: RecordMeta {
+            page_size: big,
+            commit_size: lock + 3,
+            page_count: 1,
+            ..sample().0.meta
+        },
+        pages: vec![Page {
+            pgno: pn(lock + 1),
+            data: vec![1; 65536],
+        }],
+    };
+    let mut x = encode_record(&r);
+    put(&mut x, 88, &lock.to_be_bytes());
+    fix_trailer(&mut x);
+    rejected(&x, "is the lock-byte page");
+}
+
+#[test]
+fn snapshot_page_count_excludes_lock_byte_page() {
+    let big = PageSize::new(65536).unwrap();
+    let lock = big.lock_byte_page().get();
+    assert_eq!(full_page_count(big, lock - 1), lock - 1);
+    assert_eq!(full_page_count(big, lock + 4), lock + 3);
+    // Header-only check: a SNAPSHOT claiming every page including the lock-byte page is rejected.
+    let meta = RecordMeta {
+        page_size: big,
+        commit_size: lock + 4,
+        snapshot: true,
+        page_count: 1,
+        ..sample().0.meta
+    };
+    let mut h = encode_record(&Record {
+        meta: RecordMeta {
+            snapshot: false,
+            ..meta.clone()
+        },
+        pages: vec![Page {
+            pgno: pn(1),
+            data: vec![0; 65536],
+        }],
+    });
+    h.truncate(RECORD_HEADER_LEN);
+    for (count, ok) in [(lock + 3, true), (lock + 4, false)] {
+        put(&mut h, 6, &FLAG_SNAPSHOT.to_be_bytes());
+        put(&mut h, 36, &count.to_be_bytes());
+        put(&mut h, 8, &record_len(big, count).to_be_bytes());
+        fix_header(&mut h);
+        assert_eq!(decode_record_meta(&h).is_ok(), ok, "count {count}");
+    }
+}
+
+#[test]
+fn validate_record_catches_bad_input() {
+    let (r, _) = sample();
+    let mut x = r.clone();
+    x.pages[0].data.pop();
+    assert!(validate_record(&x)
+        .unwrap_err()
+        .to_string()
+        .contains("page 1 has 511 bytes"));
+    let mut x = r.clone();
+    x.pages.swap(0, 1);
+    assert!(validate_record(&x)
+        .unwrap_err()
+        .to_string()
+        .contains("unsorted"));
+    let mut x = r.clone();
+    x.meta.page_count = 9;
+    assert!(validate_record(&x).is_err());
+    let mut x = r;
+    x.meta.snapshot = true;
+    assert!(validate_record(&x)
+        .unwrap_err()
+        .to_string()
+        .contains("SNAPSHOT"));
+}
+
+#[test]
+#[should_panic(expected = "encode_record")]
+fn encode_panics_on_invalid_record_in_debug() {
+    let (mut r, _) = sample();
+    r.pages.reverse();
+    encode_record(&r);
+}
+
+#[test]
+fn segment_header_and_names() {
+    let h = SegmentHeader {
+        first_lsn: Lsn(42),
+        created_ms: 7,
+    };
+    let b = encode_segment_header(&h);
+    assert_eq!(&b[0..4], b"RPLS");
+    assert_eq!(decode_segment_header(&b).unwrap(), h);
+    let mut x = b;
+    x[3] = 0;
+    assert!(decode_segment_header(&x)
+        .unwrap_err()
+        .to_string()
+        .contains("bad magic"));
+    let mut x = b;
+    x[5] = 9;
+    assert!(decode_segment_header(&x)
+        .unwrap_err()
+        .to_string()
+        .contains("version 9"));
+    let mut x = b;
+    x[12] ^= 1;
+    assert!(decode_segment_header(&x)
+        .unwrap_err()
+        .to_string()
+        .contains("checksum"));
+    assert!(decode_segment_header(&b[..31])
+        .unwrap_err()
+        .to_string()
+        .contains("truncated"));
+
+    assert_eq!(segment_file_name(Lsn(42)), "00000000000000000042.seg");
+    assert_eq!(
+        parse_segment_file_name("00000000000000000042.seg"),
+        Some(Lsn(42))
+    );
+    assert_eq!(
+        parse_segment_file_name("00000000000000000042.seg.1.tmp"),
+        None
+    );
+    assert_eq!(parse_segment_file_name("42.seg"), None);
+    assert_eq!(
+        snapshot_file_name(Lsn(9), Generation(2)),
+        "00000000000000000009-0000000002.snap"
+    );
+    assert_eq!(
+        parse_snapshot_file_name("00000000000000000009-0000000002.snap"),
+        Some((Lsn(9), Generation(2)))
+    );
+    assert_eq!(
+        parse_snapshot_file_name("00000000000000000009-2.snap"),
+        None
+    );
+}
+
+fn segment_bytes_of(records: &[Record]) -> Vec<u8> {
+    let first = records[0].meta.lsn;
+    let mut b = encode_segment_header(&SegmentHeader {
+        first_lsn: first,
+        created_ms: 1,
+    })
+    .to_vec();
+    for r in records {
+        b.extend_from_slice(&encode_record(r));
+    }
+    b
+}
+
+#[test]
+fn segment_scanner() {
+    let mut m = Model::new(ps());
+    let recs: Vec<Record> = (0..3).map(|i| m.txn(&[1, i + 2], i + 2)).collect();
+    let b = segment_bytes_of(&recs);
+    let scan = scan_segment_bytes(&b).unwrap();
+    assert_eq!(scan.records.len(), 3);
+    assert_eq!(scan.end, b.len() as u64);
+    assert!(scan.torn_tail.is_none());
+    // Torn tail: reported, not an error.
+    let scan = scan_segment_bytes(&b[..b.len() - 5]).unwrap();
+    assert_eq!(scan.records.len(), 2);
+    assert!(scan.torn_tail.unwrap().contains("record LSN 3 truncated"));
+    // Corrupt byte in the middle: an error naming the offset of the bad record.
+    let mut x = b.clone();
+    let second = 32 + record_len(ps(), 2) as usize;
+    x[second + 100] ^= 1;
+    let e = scan_segment_bytes(&x).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("at offset {second}")) && e.contains("record LSN 2"),
+        "{e}"
+    );
+    // LSN gap inside a segment.
+    let gap = segment_bytes_of(&[recs[0].clone(), recs[2].clone()]);
+    assert!(scan_segment_bytes(&gap)
+        .unwrap_err()
+        .to_string()
+        .contains("does not follow"));
+    // First record must match the header.
+    let mut y = b.clone();
+    put(
+        &mut y,
+        0,
+        &encode_segment_header(&SegmentHeader {
+            first_lsn: Lsn(5),
+            created_ms: 1,
+        }),
+    );
+    assert!(scan_segment_bytes(&y)
+        .unwrap_err()
+        .to_string()
+        .contains("segment header says 5"));
+}
+
+#[test]
+fn db_checksum_incremental_equals_full_recompute() {
+    let mut m = Model::new(ps());
+    let mut c = DbChecksum::new(ps());
+    let ops: [(&[u32], u32); 6] = [
+        (&[1, 2, 3], 3),
+        (&[2], 3),
+        (&[5, 9], 9),
+        (&[1], 4),
+        (&[12], 12),
+        (&[], 2),
+    ];
+    for (pages, size) in ops {
+        let r = m.txn(pages, size);
+        c.apply(&r);
+        assert_eq!(c.total(), m.checksum());
+        assert_eq!(c.total(), r.meta.db_checksum);
+        assert_eq!(c.size(), size);
+        assert_eq!(
+            DbChecksum::from_db_bytes(ps(), &m.bytes()).total(),
+            m.checksum()
+        );
+    }
+    let s = m.snapshot_of_current();
+    let from = DbChecksum::from_pages(ps(), s.meta.commit_size, &s.pages);
+    assert_eq!(from.total(), m.checksum());
+    c.apply(&s);
+    assert_eq!(c.total(), m.checksum());
+    c.truncate(0);
+    assert_eq!(c.total(), Checksum(0));
+    // The lock-byte page never counts.
+    let big = PageSize::new(65536).unwrap();
+    let mut d = DbChecksum::new(big);
+    d.set_page(big.lock_byte_page(), &[1; 65536]);
+    assert_eq!((d.size(), d.total()), (0, Checksum(0)));
+    assert_eq!(d.page(big.lock_byte_page()), None);
+}
+
+#[test]
+fn durable_and_meta_files() {
+    assert_eq!(decode_durable(&[], "d").unwrap(), None);
+    let dir = tempfile::tempdir().unwrap();
+    Log::write_durable(dir.path(), Lsn(7), Generation(1)).unwrap();
+    Log::write_durable(dir.path(), Lsn(5), Generation(1)).unwrap(); // never lowers
+    assert_eq!(
+        Log::read_durable(dir.path()).unwrap(),
+        Some((Lsn(7), Generation(1)))
+    );
+    let mut b = std::fs::read(dir.path().join("durable")).unwrap();
+    assert_eq!(b.len(), 20);
+    b[3] ^= 1;
+    assert!(decode_durable(&b, "d")
+        .unwrap_err()
+        .to_string()
+        .contains("checksum mismatch"));
+    assert!(decode_durable(&b[..19], "d")
+        .unwrap_err()
+        .to_string()
+        .contains("19 bytes"));
+
+    let meta = Meta::new("primary", ps()).unwrap();
+    assert_eq!(meta.lineage.len(), 32);
+    assert_eq!(Meta::from_json(&meta.to_json(), "m").unwrap(), meta);
+    let v2 = meta.to_json().replace("\"format\":1", "\"format\":2");
+    assert!(Meta::from_json(&v2, "m")
+        .unwrap_err()
+        .to_string()
+        .contains("format 2 is not supported"));
+    assert!(Meta::from_json("{}", "m")
+        .unwrap_err()
+        .to_string()
+        .contains("\"format\""));
+    let bad = meta.to_json().replace(&meta.lineage, "xyz");
+    assert!(Meta::from_json(&bad, "m")
+        .unwrap_err()
+        .to_string()
+        .contains("lineage"));
+}

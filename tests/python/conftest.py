@@ -1,0 +1,30 @@
+"""Fixtures for the Python tests; the helpers themselves (and how the extension is loaded, and
+why) are in helpers.py: ``from helpers import apsw_conn, sqlite3_cli, run_py, wait_for``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helpers import require_extension, load_in_process
+
+
+@pytest.fixture(scope="session")
+def ext_path() -> str:
+    """Absolute path of build/libreplica (no ``.so``; SQLite appends it)."""
+    return require_extension()
+
+
+@pytest.fixture
+def tmp(tmp_path: Path) -> Path:
+    """A fresh, empty directory for this test's databases."""
+    return tmp_path
+
+
+@pytest.fixture
+def loaded(ext_path: str) -> str:
+    """The extension is loaded into this (pytest) process."""
+    load_in_process()
+    return ext_path

@@ -1,0 +1,255 @@
+"""Helpers for the Python (apsw + sqlite3 CLI) tests; conftest.py turns some into fixtures.
+
+How the extension is loaded here, and why:
+
+* The extension lives at ``build/libreplica.so`` (``make build``). SQLite appends ``.so`` by
+  itself and derives the entry point ``sqlite3_replica_init`` from the file name
+  (``libreplica`` -> drop ``lib`` -> ``replica``), so the path without the suffix works both for
+  the CLI's ``.load`` and for apsw's ``Connection.load_extension``. ``REPLICA_EXT`` overrides it.
+* Loading once per process registers the ``replica`` VFS as the process default and an
+  auto-extension, so every connection opened AFTER that has the ``repl_*`` functions and goes
+  through the VFS. A connection whose database was opened BEFORE the load did not go through
+  the VFS: ``repl_primary()`` refuses it ("reopen it"). Hence ``apsw_conn`` loads the extension
+  through a throw-away ``:memory:`` connection first, then opens the real database.
+* In the CLI the same rule means: ``.load`` first, then ``.open`` (``sqlite3_cli`` does that).
+* The pytest process keeps the extension loaded for its whole life; tests that need a process
+  without it, or several processes, use ``run_py`` / ``spawn_py``.
+
+Synchronisation between processes is done by polling with a deadline (``wait_for``), never by
+bare sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import apsw
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SQLITE3_CLI = os.environ.get("REPLICA_SQLITE3", "/usr/bin/sqlite3")
+
+# The documented SQL functions (docs/SQL.md has one heading per name).
+FUNCTIONS = (
+    "repl_version",
+    "repl_debug",
+    "repl_primary",
+    "repl_lsn",
+    "repl_role",
+    "repl_checksum",
+    "repl_status",
+)
+
+
+def extension_path() -> str:
+    """Absolute path of the built extension, without the ``.so`` suffix."""
+    env = os.environ.get("REPLICA_EXT")
+    if env:
+        return str(Path(env).resolve())
+    return str(REPO / "build" / "libreplica")
+
+
+def require_extension() -> str:
+    path = extension_path()
+    if not (os.path.exists(path) or os.path.exists(path + ".so")):
+        pytest.fail(f"extension not built: {path}.so is missing; run `make build` first")
+    return path
+
+
+_loaded_in_process = False
+
+
+def load_in_process() -> None:
+    """Load the extension into this process's SQLite once (via a throw-away connection)."""
+    global _loaded_in_process
+    if _loaded_in_process:
+        return
+    boot = apsw.Connection(":memory:")
+    boot.enable_load_extension(True)
+    boot.load_extension(require_extension())
+    boot.close()
+    _loaded_in_process = True
+
+
+def apsw_conn(path: str | os.PathLike[str], flags: int | None = None, **kwargs: Any) -> apsw.Connection:
+    """Open ``path`` with apsw, with the extension loaded BEFORE the database is opened.
+
+    After the first load the ``replica`` VFS is the process default and the functions are
+    registered on every new connection; extension loading is still enabled on the returned
+    connection and the extension loaded on it explicitly (loading twice must be harmless).
+    """
+    load_in_process()
+    if flags is None:
+        flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE | apsw.SQLITE_OPEN_URI
+    conn = apsw.Connection(str(path), flags=flags, **kwargs)
+    conn.enable_load_extension(True)
+    conn.load_extension(require_extension())
+    return conn
+
+
+def one(conn: apsw.Connection, sql: str, bindings: Iterable[Any] = ()) -> Any:
+    """The first column of the first row of ``sql`` (None when there is no row)."""
+    for row in conn.execute(sql, tuple(bindings)):
+        return row[0]
+    return None
+
+
+def _cli_quote(path: str) -> str:
+    if "'" not in path:
+        return f"'{path}'"
+    return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def sqlite3_cli(
+    db: str | os.PathLike[str] | None,
+    sql: str,
+    load: bool = True,
+    open_before_load: bool = False,
+    args: Iterable[str] = (),
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run the system sqlite3 shell (Debian's 3.40.1) with ``-bail`` on ``sql`` (stdin).
+
+    With ``load``, the script starts with ``.load <ext>`` and THEN ``.open <db>``, the order
+    the VFS needs. ``open_before_load`` puts ``db`` on the command line instead, so the shell
+    opens it before the ``.load`` (the "reopen it" case). ``db=None`` keeps the shell's
+    in-memory database. Returns the CompletedProcess (text, stdout/stderr captured); the caller
+    checks ``returncode``.
+    """
+    argv = [SQLITE3_CLI, "-bail", "-batch", *args]
+    script = []
+    if open_before_load and db is not None:
+        argv.append(str(db))
+    if load:
+        script.append(f".load {_cli_quote(require_extension())}")
+    if db is not None and not open_before_load:
+        script.append(f".open {_cli_quote(str(db))}")
+    script.append(sql)
+    return subprocess.run(
+        argv,
+        input="\n".join(script) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
+
+
+def cli_ok(db: str | os.PathLike[str] | None, sql: str, **kwargs: Any) -> str:
+    """``sqlite3_cli`` that must succeed; returns stdout."""
+    proc = sqlite3_cli(db, sql, **kwargs)
+    assert proc.returncode == 0, f"sqlite3 failed ({proc.returncode}):\n{proc.stderr}\nstdout:\n{proc.stdout}"
+    return proc.stdout
+
+
+# Put in front of every run_py/spawn_py snippet: the extension path and a connect() that loads
+# the extension before opening (same rule as apsw_conn).
+PY_PRELUDE = textwrap.dedent(
+    """\
+    import json, os, sys, time
+    import apsw
+    EXT = os.environ["REPLICA_EXT"]
+    _loaded = False
+    def load():
+        global _loaded
+        if not _loaded:
+            boot = apsw.Connection(":memory:")
+            boot.enable_load_extension(True)
+            boot.load_extension(EXT)
+            boot.close()
+            _loaded = True
+    def connect(path, flags=None):
+        load()
+        if flags is None:
+            flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE | apsw.SQLITE_OPEN_URI
+        return apsw.Connection(str(path), flags=flags)
+    def one(conn, sql, bindings=()):
+        for row in conn.execute(sql, tuple(bindings)):
+            return row[0]
+        return None
+    """
+)
+
+
+def _py_env(env: dict[str, str] | None) -> dict[str, str]:
+    full = dict(os.environ)
+    full["REPLICA_EXT"] = require_extension()
+    full["PYTHONUNBUFFERED"] = "1"
+    if env:
+        full.update(env)
+    return full
+
+
+def run_py(
+    code: str, timeout: float = 60, env: dict[str, str] | None = None, prelude: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run a Python snippet in a SEPARATE process (``sys.executable -c``) and wait for it.
+
+    The snippet is dedented and, with ``prelude``, gets ``PY_PRELUDE`` (``EXT``, ``load()``,
+    ``connect(path)``, ``one(conn, sql)``) in front. Returns the CompletedProcess; stdout is
+    the snippet's channel back (print JSON).
+    """
+    src = (PY_PRELUDE if prelude else "") + textwrap.dedent(code)
+    return subprocess.run(
+        [sys.executable, "-c", src],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_py_env(env),
+        cwd=REPO,
+    )
+
+
+def py_ok(code: str, **kwargs: Any) -> str:
+    """``run_py`` that must succeed; returns stdout."""
+    proc = run_py(code, **kwargs)
+    assert proc.returncode == 0, f"python child failed ({proc.returncode}):\n{proc.stderr}\nstdout:\n{proc.stdout}"
+    return proc.stdout
+
+
+def spawn_py(code: str, env: dict[str, str] | None = None, prelude: bool = True) -> subprocess.Popen[str]:
+    """Start a Python snippet in a separate process without waiting (pipes for stdin/stdout)."""
+    src = (PY_PRELUDE if prelude else "") + textwrap.dedent(code)
+    return subprocess.Popen(
+        [sys.executable, "-c", src],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_py_env(env),
+        cwd=REPO,
+    )
+
+
+def wait_for(
+    cond: Callable[[], Any],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str = "condition",
+    ignore: tuple[type[BaseException], ...] = (),
+) -> Any:
+    """Poll ``cond()`` until it returns something truthy, and return that; fail at the deadline.
+
+    Exceptions listed in ``ignore`` count as "not yet" (e.g. ``apsw.BusyError``).
+    """
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = cond()
+            if value:
+                return value
+        except ignore as exc:  # noqa: PERF203 - polling
+            last_exc = exc
+        if time.monotonic() >= deadline:
+            extra = f" (last error: {last_exc!r})" if last_exc else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
+        time.sleep(interval)
