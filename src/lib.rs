@@ -16,11 +16,11 @@
 
 pub mod entry;
 pub mod error;
-pub mod ffi;
-pub mod functions;
-pub mod primary;
-pub mod registry;
+pub(crate) mod ffi;
+pub(crate) mod functions;
+pub(crate) mod primary;
+pub(crate) mod registry;
 pub mod txlog;
 pub mod types;
-pub mod vfs;
+pub(crate) mod vfs;
 pub mod wal;

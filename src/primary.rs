@@ -882,6 +882,8 @@ impl Primary {
                 "first_lsn": st.log.first_lsn().map(|l| l.0),
                 "last_lsn": st.log.last().map(|m| m.lsn.0),
                 "durable_lsn": durable,
+                "segments": segs,
+                "bytes": bytes,
             },
             "captured_txns": st.captured_txns,
             "gaps": st.gaps,

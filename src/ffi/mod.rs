@@ -20,31 +20,24 @@ pub use sqlite3ext_sys::{
 
 pub const SQLITE_OK: c_int = 0;
 pub const SQLITE_ERROR: c_int = 1;
-pub const SQLITE_INTERNAL: c_int = 2;
 pub const SQLITE_BUSY: c_int = 5;
 pub const SQLITE_READONLY: c_int = 8;
 pub const SQLITE_IOERR: c_int = 10;
-pub const SQLITE_NOTFOUND: c_int = 12;
 pub const SQLITE_CANTOPEN: c_int = 14;
 pub const SQLITE_ROW: c_int = 100;
 pub const SQLITE_DONE: c_int = 101;
 pub const SQLITE_OK_LOAD_PERMANENTLY: c_int = 256;
 pub const SQLITE_IOERR_WRITE: c_int = SQLITE_IOERR | (3 << 8);
 
-pub const SQLITE_OPEN_READONLY: c_int = 0x0000_0001;
 pub const SQLITE_OPEN_READWRITE: c_int = 0x0000_0002;
-pub const SQLITE_OPEN_CREATE: c_int = 0x0000_0004;
-pub const SQLITE_OPEN_URI: c_int = 0x0000_0040;
 pub const SQLITE_OPEN_MAIN_DB: c_int = 0x0000_0100;
 pub const SQLITE_OPEN_WAL: c_int = 0x0008_0000;
-pub const SQLITE_OPEN_NOMUTEX: c_int = 0x0000_8000;
 
 pub const SQLITE_FCNTL_FILE_POINTER: c_int = 7;
 pub const SQLITE_FCNTL_PRAGMA: c_int = 14;
 
 pub const SQLITE_SHM_UNLOCK: c_int = 1;
 pub const SQLITE_SHM_LOCK: c_int = 2;
-pub const SQLITE_SHM_SHARED: c_int = 4;
 pub const SQLITE_SHM_EXCLUSIVE: c_int = 8;
 
 pub const SQLITE_LOCK_SHARED: c_int = 1;
@@ -71,11 +64,6 @@ pub fn api() -> &'static sqlite3_api_routines {
     );
     // SAFETY: set once from the pointer SQLite gave us; SQLite's table is static and immutable.
     unsafe { &*p }
-}
-
-/// True once the entry point has stored the API table.
-pub fn api_ready() -> bool {
-    !API.load(Ordering::Acquire).is_null()
 }
 
 /// Run `f`, converting a panic into `on_panic` so no unwind crosses into C. The one guard used

@@ -104,6 +104,9 @@ fn repl_primary(c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
     aux.db().query_value("PRAGMA schema_version")?; // initialises the wal-index
     let p = crate::primary::make_primary(&entry)?;
     drop(aux);
+    // Let the calling connection see WAL mode at once (it would also notice at its next
+    // read); failing here is harmless, e.g. inside an explicit transaction.
+    let _ = c.db.exec("PRAGMA main.journal_mode=WAL");
     Ok(SqlValue::Int(p.lsn().0 as i64))
 }
 

@@ -21,7 +21,6 @@ pub struct AgentHandle {
     mem: Vec<u64>,
     fname: *const c_char,
     state: Mutex<AgentState>,
-    path: String,
 }
 
 struct AgentState {
@@ -76,7 +75,6 @@ impl AgentHandle {
                 shm0: std::ptr::null_mut(),
                 write_locked: false,
             }),
-            path: path.to_string(),
         };
         if rc != ffi::SQLITE_OK {
             return Err(Error::Other(format!(
@@ -154,10 +152,6 @@ impl AgentHandle {
             };
         }
         st.write_locked = false;
-    }
-
-    pub fn path(&self) -> &str {
-        &self.path
     }
 }
 

@@ -237,6 +237,7 @@ fn validate_record_catches_bad_input() {
 }
 
 #[test]
+#[cfg(debug_assertions)]
 #[should_panic(expected = "encode_record")]
 fn encode_panics_on_invalid_record_in_debug() {
     let (mut r, _) = sample();
