@@ -869,6 +869,13 @@ impl Primary {
             .ok()
             .flatten()
             .map(|(l, _)| l.0);
+        let (segs, bytes) = std::fs::read_dir(self.dir.join("log"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .fold((0u64, 0u64), |(n, b), m| (n + 1, b + m.len()))
+            })
+            .unwrap_or((0, 0));
         serde_json::json!({
             "role": "primary",
             "db": self.db_path,
