@@ -49,7 +49,12 @@ pub(super) struct CurSeg {
     pub(super) header_ok: bool,
     /// Write handle, opened on the first append.
     pub(super) file: Option<File>,
+    /// Bytes reserved on disk (fallocate KEEP_SIZE) from the start of the file.
+    pub(super) reserved: u64,
 }
+
+/// How far ahead of the tail appends reserve disk blocks.
+const PREALLOCATE_BYTES: u64 = 4 << 20;
 
 #[derive(Default)]
 struct SyncState {
@@ -274,6 +279,7 @@ impl Log {
                     has_records,
                     header_ok: true,
                     file: None,
+                    reserved: 0,
                 });
                 c.end = end;
                 c.has_records = has_records;
@@ -362,6 +368,15 @@ impl Log {
         }
         let f = c.file.as_ref().expect("just opened");
         check_unchanged(f, c)?;
+        if c.end + len > c.reserved {
+            // Reserve blocks ahead of the tail (size unchanged, so readers see no zeros):
+            // an append into reserved space is a plain overwrite, much cheaper than one that
+            // allocates. Best effort.
+            let want = (c.end + len).max(c.reserved) + PREALLOCATE_BYTES;
+            if crate::ffi::os::preallocate_keep_size(f, c.end, want - c.end).is_ok() {
+                c.reserved = want;
+            }
+        }
         if let Err(e) = f.write_all_at(&bytes, c.end) {
             let _ = f.set_len(c.end);
             return Err(Error::io(ctx("appending to"), e));
@@ -432,6 +447,7 @@ impl Log {
             has_records: false,
             header_ok: true,
             file: None,
+            reserved: 0,
         });
         Ok(())
     }
@@ -534,6 +550,7 @@ fn scan_segment(path: &Path, first_lsn: Lsn, is_last: bool) -> Result<TailScan> 
         has_records,
         header_ok,
         file: None,
+        reserved: 0,
     };
     let mut rd = match SegmentReader::open(path) {
         Ok(rd) => rd,
