@@ -399,8 +399,9 @@ impl Primary {
         };
         let mut st = lock(&self.state);
         self.capture(&mut st, io, &h, false, false);
-        let caught_up =
-            st.pos.salts == h.salts && (st.pos.frame == h.mx_frame) && st.last_error.is_none();
+        // Caught up = the position is the header: anything this WRITE session publishes is
+        // then ours. (Not tied to last_error: a past gap must not poison later sessions.)
+        let caught_up = st.pos.salts == h.salts && st.pos.frame == h.mx_frame;
         T1Witness { caught_up }
     }
 
@@ -544,6 +545,18 @@ impl Primary {
                     ));
                 }
                 return Ok(Plan::Nothing);
+            }
+            if !witnessed {
+                // Committed frames nobody of ours captured under WRITE: a writer without the
+                // extension (or one of ours that died between commit and capture). They could
+                // be read, but the lineage promise is that every commit went through capture;
+                // answer with a new generation and a snapshot that includes them.
+                return Ok(Plan::Gap(format!(
+                    "frames {}..{} were committed without capture (a writer without the extension, \
+                     or a process that died before capturing)",
+                    pos.frame + 1,
+                    h.mx_frame
+                )));
             }
             if pos.frame == 0 {
                 return Ok(Plan::Frames {

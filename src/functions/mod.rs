@@ -87,13 +87,19 @@ fn repl_primary(c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
             "repl_primary(): {path} is opened read-only; a primary must be writable (check file permissions and open flags)"
         )));
     }
-    // Enforce WAL mode from a separate connection: the calling statement may hold the db.
+    // Enforce WAL mode on the calling connection first: it honours a page size chosen
+    // before the database was created. If that fails (e.g. inside a transaction or with
+    // statements running), switch from a separate connection with the same page size.
+    let _ = c.db.exec("PRAGMA main.journal_mode=WAL");
     let aux = OwnedDb::open(
         &path,
         ffi::SQLITE_OPEN_READWRITE,
         Some(crate::vfs::VFS_NAME),
     )?;
     aux.busy_timeout(5000);
+    if let SqlValue::Int(ps) = c.db.query_value("PRAGMA main.page_size")? {
+        let _ = aux.db().exec(&format!("PRAGMA page_size={ps}"));
+    }
     let mode = aux.db().query_value("PRAGMA journal_mode=WAL")?;
     if mode != SqlValue::Text("wal".into()) {
         return Err(Error::Unsupported(format!(
@@ -104,8 +110,6 @@ fn repl_primary(c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
     aux.db().query_value("PRAGMA schema_version")?; // initialises the wal-index
     let p = crate::primary::make_primary(&entry)?;
     drop(aux);
-    // Let the calling connection see WAL mode at once (it would also notice at its next
-    // read); failing here is harmless, e.g. inside an explicit transaction.
     let _ = c.db.exec("PRAGMA main.journal_mode=WAL");
     Ok(SqlValue::Int(p.lsn().0 as i64))
 }
