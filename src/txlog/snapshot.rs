@@ -61,19 +61,24 @@ pub(crate) fn latest_snapshot_in(
     else {
         return Ok(None);
     };
-    let mut rd = SegmentReader::open(&path).map_err(|e| e.error)?;
-    let meta = match rd.next_header() {
-        Ok(Some(m)) => m,
-        Ok(None) => {
-            return Err(Error::Corrupt(format!(
-                "snapshot {} holds no record",
-                path.display()
-            )))
-        }
-        Err(e) => return Err(e.error),
-    };
+    let (_, meta) = open_snapshot(&path)?;
     check_snapshot_meta(&path, &meta)?;
     Ok(Some((meta, path)))
+}
+
+/// Opens a snapshot file and decodes its (only) record header.
+fn open_snapshot(
+    path: &Path,
+) -> Result<(SegmentReader<std::io::BufReader<std::fs::File>>, RecordMeta)> {
+    let mut rd = SegmentReader::open(path).map_err(|e| e.error)?;
+    match rd.next_header() {
+        Ok(Some(m)) => Ok((rd, m)),
+        Ok(None) => Err(Error::Corrupt(format!(
+            "snapshot {} holds no record",
+            path.display()
+        ))),
+        Err(e) => Err(e.error),
+    }
 }
 
 fn check_snapshot_meta(path: &Path, meta: &RecordMeta) -> Result<()> {
@@ -107,17 +112,7 @@ pub(crate) fn stream_snapshot(
     path: &Path,
     on_page: &mut dyn FnMut(PageNo, &[u8]) -> Result<()>,
 ) -> Result<(RecordMeta, DbChecksum)> {
-    let mut rd = SegmentReader::open(path).map_err(|e| e.error)?;
-    let meta = match rd.next_header() {
-        Ok(Some(m)) => m,
-        Ok(None) => {
-            return Err(Error::Corrupt(format!(
-                "snapshot {} holds no record",
-                path.display()
-            )))
-        }
-        Err(e) => return Err(e.error),
-    };
+    let (mut rd, meta) = open_snapshot(path)?;
     check_snapshot_meta(path, &meta)?;
     let mut sum = DbChecksum::new(meta.page_size);
     rd.read_body(&mut |pgno, data| {
