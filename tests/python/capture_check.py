@@ -13,6 +13,14 @@ holds". With writers finished, it compares
 Also: ``inspect`` / ``verify`` wrappers, ``status`` (repl_status as a dict) and a tiny WAL frame
 scanner (``wal_frames``) used to prove that a workload really produced what a test is about
 (spilled frames, padding frames).
+
+POSIX advisory locks: closing ANY file descriptor of a file drops every fcntl lock the process
+holds on that file. SQLite's unix VFS works around that for its own opens, but a plain
+``open(db).read(); close()`` in a process that has connections on ``db`` silently releases
+their locks on the db file (and, for ``-shm``, the WAL locks) -- including the capture agent's
+SHARED lock, after which another process's last close checkpoints and deletes the WAL under us.
+So everything that reads the database, ``-shm`` or ``-wal`` files directly (walutil included)
+runs here in a separate process (``_read_in_child``).
 """
 
 from __future__ import annotations
@@ -20,8 +28,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 import subprocess
+import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,7 +143,7 @@ def assert_rebuild_equals(db: str | os.PathLike[str], out: str | os.PathLike[str
     # capture's catch-up (T1), so anything still uncaptured would show up as an LSN change.
     conn.execute("BEGIN IMMEDIATE")
     try:
-        page_size, pages = walutil.logical_pages(str(db))
+        page_size, pages = logical_pages(db, Path(f"{out}.primary-pages"))
         frozen_lsn = one(conn, "SELECT repl_lsn()")
         primary_rows = table_rows(conn)
     finally:
@@ -166,6 +175,38 @@ def assert_rebuild_equals(db: str | os.PathLike[str], out: str | os.PathLike[str
     return info
 
 
+# ------------------------------------------------------------------ raw file reads (in a child)
+
+HERE = str(Path(__file__).resolve().parent)
+
+
+def _read_in_child(code: str) -> str:
+    """Run ``code`` (which may ``import walutil``) in a separate process; returns its stdout.
+    See the module docstring: reading SQLite's files in this process would drop our locks."""
+    src = f"import sys, json, hashlib, struct\nsys.path.insert(0, {HERE!r})\n" + textwrap.dedent(code)
+    proc = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"reader child failed:\n{proc.stderr}"
+    return proc.stdout
+
+
+def logical_pages(db: str | os.PathLike[str], scratch: Path) -> tuple[int, list[bytes]]:
+    """``walutil.logical_pages(db)``, read by a child process (through the file ``scratch``)."""
+    out = _read_in_child(
+        f"""
+        import walutil
+        ps, pages = walutil.logical_pages({str(db)!r})
+        with open({str(scratch)!r}, "wb") as f:
+            f.write(b"".join(pages))
+        print(json.dumps([ps, len(pages)]))
+        """
+    )
+    ps, n = json.loads(out)
+    data = scratch.read_bytes()
+    scratch.unlink()
+    assert len(data) == ps * n
+    return ps, [data[i * ps:(i + 1) * ps] for i in range(n)]
+
+
 # ---------------------------------------------------------------------------------- WAL frames
 
 
@@ -174,35 +215,39 @@ class Frame:
     no: int
     pgno: int
     commit_size: int
-    data: bytes
+    digest: str  # sha256 of the page image
 
 
-def wal_frames(db: str | os.PathLike[str], upto: int | None = None) -> list[Frame]:
-    """The frames 1..upto (default: the wal-index mxFrame) of ``<db>-wal`` (format: wal-spec A)."""
-    if upto is None:
-        h = walutil.shm_header(str(db))
+def wal_frames(db: str | os.PathLike[str]) -> list[Frame]:
+    """The published frames 1..mxFrame of ``<db>-wal`` (format: wal-spec A), read by a child."""
+    out = _read_in_child(
+        f"""
+        import walutil
+        h = walutil.shm_header({str(db)!r})
         upto = h[0] if h else 0
-    with open(f"{db}-wal", "rb") as f:
-        wal = f.read()
-    if upto == 0 or len(wal) < 32:
-        return []
-    ps = struct.unpack(">I", wal[8:12])[0]
-    out = []
-    for i in range(upto):
-        off = 32 + i * (24 + ps)
-        pgno, commit = struct.unpack(">II", wal[off:off + 8])
-        out.append(Frame(i + 1, pgno, commit, wal[off + 24:off + 24 + ps]))
-    return out
+        with open({str(db)!r} + "-wal", "rb") as f:
+            wal = f.read()
+        frames = []
+        if upto and len(wal) >= 32:
+            ps = struct.unpack(">I", wal[8:12])[0]
+            for i in range(upto):
+                off = 32 + i * (24 + ps)
+                pgno, commit = struct.unpack(">II", wal[off:off + 8])
+                frames.append([i + 1, pgno, commit, hashlib.sha256(wal[off + 24:off + 24 + ps]).hexdigest()])
+        print(json.dumps(frames))
+        """
+    )
+    return [Frame(*f) for f in json.loads(out)]
 
 
 def padding_frames(frames: list[Frame]) -> int:
     """Commit frames that repeat the previous commit frame exactly (wal-spec D.4 step 7)."""
     n = 0
     for prev, cur in zip(frames, frames[1:]):
-        if prev.commit_size and cur.commit_size and (prev.pgno, prev.commit_size, prev.data) == (
+        if prev.commit_size and cur.commit_size and (prev.pgno, prev.commit_size, prev.digest) == (
             cur.pgno,
             cur.commit_size,
-            cur.data,
+            cur.digest,
         ):
             n += 1
     return n

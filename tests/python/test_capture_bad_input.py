@@ -18,7 +18,7 @@ import apsw
 import pytest
 
 from capture_check import log_dir, run_cli
-from helpers import apsw_conn, cli_ok, one, py_ok, spawn_py, sqlite3_cli, wait_for
+from helpers import apsw_conn, one, py_ok, spawn_py, sqlite3_cli, wait_for
 
 
 def test_memory_and_temp_databases_are_refused_and_nothing_is_created(tmp):
@@ -104,7 +104,7 @@ def test_read_only_connections_are_refused_and_nothing_is_created(tmp):
 # ----------------------------------------------------------------------- corrupt log segment
 
 PRIMARY = """
-c = connect(sys.argv[1] if len(sys.argv) > 1 else json.loads(sys.stdin.readline())["db"])
+c = connect(json.loads(sys.stdin.readline())["db"])
 c.setbusytimeout(5000)
 for line in sys.stdin:
     cmd = line.strip()

@@ -109,7 +109,7 @@ def test_foreign_truncate_checkpoint_is_a_gap_answered_with_a_snapshot(tmp):
 # ------------------------------------------------------------------------------------- gap
 
 
-def test_foreign_write_is_detected_and_captured(tmp):
+def test_foreign_write_is_a_gap_and_the_rebuild_includes_it(tmp):
     db = tmp / "f.db"
     conn, lsn = make_primary(db)
     conn.execute("CREATE TABLE t(x)")
@@ -120,31 +120,47 @@ def test_foreign_write_is_detected_and_captured(tmp):
     foreign(db, "INSERT INTO t VALUES ('foreign');")
     assert one(conn, "SELECT count(*) FROM t WHERE x = 'foreign'") == 1
 
-    # Without any further commit of ours, capture notices the foreign commit (T3 poll).
-    wait_for(lambda: lsn_of(conn) > lsn, timeout=10, what="capture to notice the foreign commit")
-    st = status(conn)
-    assert st["lsn"] == lsn + 1, st
+    # Without any further commit of ours, capture notices the foreign commit (T3 poll) and
+    # answers it with a new generation that starts with a SNAPSHOT record.
+    st = wait_for(
+        lambda: (s := status(conn))["generation"] >= 2 and s,
+        timeout=10,
+        what="a gap (generation 2) after a commit by a writer without the extension",
+    )
+    assert st["generation"] == 2 and st["gaps"] >= 1, st
+    assert st["lsn"] == lsn + 1, f"the gap must take exactly one LSN (the snapshot): {st}"
     lsn += 1
     records = inspect(db)
     assert_dense(records)
+    assert (records[-1].lsn, records[-1].generation, records[-1].kind) == (lsn, 2, "snapshot")
+    assert all(r.kind == "txn" and r.generation == 1 for r in records[:-1])
     verify_ok(db)
     assert_rebuild_equals(db, tmp / "out.db", conn)  # includes the foreign row
 
+    # Later normal writes: one LSN each, in generation 2.
     for i in range(3):
         conn.execute("INSERT INTO t VALUES (?)", (f"after{i}",))
         lsn += 1
         assert lsn_of(conn) == lsn
-    assert_dense(inspect(db))
+    records = inspect(db)
+    assert_dense(records)
+    assert [(r.generation, r.kind) for r in records[-3:]] == [(2, "txn")] * 3
     assert_rebuild_equals(db, tmp / "out2.db", conn)
 
-    # The foreign writer must not go unnoticed (architecture.md guarantee 3): a gap and a new
-    # generation starting with a SNAPSHOT record.
+    # A foreign commit immediately followed by one of ours (before the poll can notice): our
+    # write lock catches the foreign frames up first (T1) -> snapshot, then our transaction.
+    foreign(db, "INSERT INTO t VALUES ('foreign2');")
+    conn.execute("INSERT INTO t VALUES ('ours')")
     st = status(conn)
-    assert st["generation"] == 2 or st["gaps"] >= 1, (
-        f"a commit by a writer without the extension was captured as an ordinary transaction, "
-        f"no gap reported: generation {st['generation']}, gaps {st['gaps']}, log {[(r.lsn, r.generation, r.kind) for r in inspect(db)]}"
-    )
-    assert any(r.kind == "snapshot" and r.generation == 2 for r in inspect(db))
+    assert st["generation"] == 3, st
+    records = inspect(db)
+    assert_dense(records)
+    assert [(r.lsn, r.generation, r.kind) for r in records[-2:]] == [(lsn + 1, 3, "snapshot"), (lsn + 2, 3, "txn")]
+    lsn += 2
+    assert lsn_of(conn) == lsn
+    verify_ok(db)
+    info = assert_rebuild_equals(db, tmp / "out3.db", conn)
+    assert info["generation"] == 3
 
 
 # ------------------------------------------------------------------------------------- G19

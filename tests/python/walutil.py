@@ -1,7 +1,11 @@
 """An independent, minimal reader of a live SQLite database's logical pages (db file + WAL
 frames up to the wal-index's mxFrame), written from the file-format docs for the tests. It
 shares no code with the extension, so comparing its output with what the extension logged is an
-honest check. Use it only while writers are frozen (e.g. inside BEGIN IMMEDIATE)."""
+honest check. Use it only while writers are frozen (e.g. inside BEGIN IMMEDIATE).
+
+The raw reads run in a CHILD process: closing any file descriptor of the db or -shm drops every
+POSIX lock the calling process holds on it (the capture agent's SHARED lock, WAL locks), which
+would let a foreign process checkpoint and delete the WAL under a live primary."""
 
 import os
 import struct
@@ -21,7 +25,20 @@ def shm_header(db_path):
 
 
 def logical_pages(db_path):
-    """The list of page images of the database as readers currently see it."""
+    """(page_size, [page images]) of the database as readers currently see it, read in a child
+    process (see the module docstring)."""
+    import pickle
+    import subprocess
+    import sys
+    code = ("import pickle, sys; sys.path.insert(0, %r); import walutil; "
+            "sys.stdout.buffer.write(pickle.dumps(walutil._logical_pages_here(%r)))"
+            % (os.path.dirname(os.path.abspath(__file__)), str(db_path)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout
+    return pickle.loads(out)
+
+
+def _logical_pages_here(db_path):
+    """In-process reader; only for a process that holds no SQLite connection on db_path."""
     with open(db_path, "rb") as f:
         head = f.read(100)
         ps = struct.unpack(">H", head[16:18])[0]
