@@ -8,6 +8,8 @@
 //! - `vfs`: the shim over the host's default VFS: trampolines and hooks (unsafe boundary).
 //! - `registry`: per-process state of databases opened through the VFS.
 //! - `primary`: the capture agent (T1/T2/T3 triggers, gap detection, snapshots).
+//! - `replica`: the applier (bootstrap, batch apply into the replica's WAL, position, re-snapshot).
+//! - `transport`: record sources for replicas (`dir`: a primary's log directory).
 //! - `functions`: the `repl_*` SQL functions.
 //! - `types`: the domain newtypes (`Lsn`, `PageNo`, `FrameNo`, `PageSize`, `Generation`, `Checksum`).
 //! - `wal`: WAL file and wal-index formats (pure, no unsafe).
@@ -20,6 +22,8 @@ pub(crate) mod ffi;
 pub(crate) mod functions;
 pub(crate) mod primary;
 pub(crate) mod registry;
+pub(crate) mod replica;
+pub(crate) mod transport;
 pub mod txlog;
 pub mod types;
 pub(crate) mod vfs;

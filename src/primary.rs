@@ -148,21 +148,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Veto a PRAGMA on a primary database (wal-spec D.2 T4). Returns the error message to show.
 pub fn pragma_veto(db: &Db, name: &str, value: Option<&str>) -> Option<String> {
-    db.primary()?;
+    let role = if db.primary().is_some() {
+        "primary"
+    } else if db.replica().is_some() {
+        "replica"
+    } else {
+        return None;
+    };
     let v = value?
         .trim()
         .trim_matches(|c| c == '\'' || c == '"')
         .to_ascii_lowercase();
     if name.eq_ignore_ascii_case("locking_mode") && v == "exclusive" {
-        return Some(
-            "sqlite-replica: PRAGMA locking_mode=EXCLUSIVE is refused on a primary: exclusive mode \
-             makes commits invisible to replication; keep locking_mode=NORMAL"
-                .into(),
-        );
+        return Some(format!(
+            "sqlite-replica: PRAGMA locking_mode=EXCLUSIVE is refused on a {role}: exclusive mode \
+             hides commits from replication and blocks the applier; keep locking_mode=NORMAL"
+        ));
     }
     if name.eq_ignore_ascii_case("journal_mode") && v != "wal" {
         return Some(format!(
-            "sqlite-replica: PRAGMA journal_mode={v} is refused on a primary: replication needs WAL mode"
+            "sqlite-replica: PRAGMA journal_mode={v} is refused on a {role}: replication needs WAL mode"
         ));
     }
     None

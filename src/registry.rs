@@ -8,6 +8,7 @@
 
 use crate::error::Result;
 use crate::primary::Primary;
+use crate::replica::Replica;
 use once_cell::sync::Lazy;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ pub enum Role {
     #[default]
     None,
     Primary(Arc<Primary>),
+    Replica(Arc<Replica>),
 }
 
 pub struct Db {
@@ -45,8 +47,23 @@ impl Db {
     pub fn primary(&self) -> Option<Arc<Primary>> {
         match &*self.role.read().unwrap_or_else(|e| e.into_inner()) {
             Role::Primary(p) => Some(p.clone()),
-            Role::None => None,
+            _ => None,
         }
+    }
+
+    pub fn replica(&self) -> Option<Arc<Replica>> {
+        match &*self.role.read().unwrap_or_else(|e| e.into_inner()) {
+            Role::Replica(r) => Some(r.clone()),
+            _ => None,
+        }
+    }
+
+    /// True when the role is set (primary or replica).
+    pub fn has_role(&self) -> bool {
+        !matches!(
+            &*self.role.read().unwrap_or_else(|e| e.into_inner()),
+            Role::None
+        )
     }
 
     /// True when all WAL writes made through this process are covered by a sync.
@@ -93,7 +110,10 @@ pub fn on_open_main(path: &str) -> Arc<Db> {
             *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::None;
         }
     }
-    if db.primary().is_none() && Path::new(&log_dir(path)).join("meta.json").exists() {
+    if !db.has_role()
+        && (Path::new(&log_dir(path)).join("meta.json").exists()
+            || crate::replica::is_replica_dir(path))
+    {
         if let Err(e) = resume_role(&db) {
             eprintln!("event=resume_failed db={path:?} error={:?}", e.to_string());
         }
@@ -103,7 +123,12 @@ pub fn on_open_main(path: &str) -> Arc<Db> {
 
 fn resume_role(db: &Arc<Db>) -> Result<()> {
     let _g = db.attach_lock.lock().unwrap_or_else(|e| e.into_inner());
-    if db.primary().is_some() {
+    if db.has_role() {
+        return Ok(());
+    }
+    if crate::replica::is_replica_dir(&db.path) {
+        let r = Replica::attach(db, false)?;
+        *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::Replica(r);
         return Ok(());
     }
     let dir = log_dir(&db.path);
@@ -115,4 +140,15 @@ fn resume_role(db: &Arc<Db>) -> Result<()> {
         *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::Primary(p);
     }
     Ok(())
+}
+
+/// `repl_sync()` on a database without a role: attach the replica role (creating its directory).
+pub fn make_replica(db: &Arc<Db>) -> Result<Arc<Replica>> {
+    let _g = db.attach_lock.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(r) = db.replica() {
+        return Ok(r);
+    }
+    let r = Replica::attach(db, true)?;
+    *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::Replica(r.clone());
+    Ok(r)
 }

@@ -43,6 +43,8 @@ pub const SQLITE_SHM_EXCLUSIVE: c_int = 8;
 
 pub const SQLITE_LOCK_SHARED: c_int = 1;
 pub const SQLITE_LOCK_NONE: c_int = 0;
+pub const SQLITE_LOCK_RESERVED: c_int = 2;
+pub const SQLITE_LOCK_EXCLUSIVE: c_int = 4;
 
 static API: AtomicPtr<sqlite3_api_routines> = AtomicPtr::new(std::ptr::null_mut());
 

@@ -13,6 +13,7 @@ pub const FUNCTIONS: &[(&str, i32, crate::ffi::func::ScalarFn)] = &[
     ("repl_version", 0, repl_version),
     ("repl_debug", 0, repl_debug),
     ("repl_primary", 0, repl_primary),
+    ("repl_sync", -1, repl_sync),
     ("repl_lsn", 0, repl_lsn),
     ("repl_role", 0, repl_role),
     ("repl_checksum", 0, repl_checksum),
@@ -79,6 +80,12 @@ fn main_db_checked(db: DbRef, what: &str) -> Result<(Arc<Db>, String)> {
 
 fn repl_primary(c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
     let (entry, path) = main_db_checked(c.db, "repl_primary()")?;
+    if let Some(r) = entry.replica() {
+        return Err(Error::Misuse(format!(
+            "repl_primary(): {path} is a replica of {}; a replica cannot become a primary (promotion is not supported yet)",
+            r.source().unwrap_or_else(|| "?".into())
+        )));
+    }
     if let Some(p) = entry.primary() {
         return Ok(SqlValue::Int(p.lsn().0 as i64));
     }
@@ -114,31 +121,95 @@ fn repl_primary(c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
     Ok(SqlValue::Int(p.lsn().0 as i64))
 }
 
+/// `repl_sync([source])`: make the main database a replica of `source` (a primary's database
+/// path or a `file:` URL) if it is not one yet, then pull and apply everything available.
+fn repl_sync(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
+    if a.len() > 1 {
+        return Err(Error::Misuse(
+            "repl_sync() takes at most one argument: the primary's database path or URL".into(),
+        ));
+    }
+    let source = match a.first() {
+        None | Some(SqlValue::Null) => None,
+        Some(SqlValue::Text(t)) => Some(t.as_str()),
+        Some(v) => {
+            return Err(Error::Misuse(format!(
+                "repl_sync(): the source must be text (a path or URL), got {v:?}"
+            )))
+        }
+    };
+    let (entry, path) = main_db_checked(c.db, "repl_sync()")?;
+    if entry.primary().is_some() {
+        return Err(Error::Misuse(format!(
+            "repl_sync(): {path} is a primary; a primary cannot follow another database"
+        )));
+    }
+    let r = match entry.replica() {
+        Some(r) => r,
+        None => {
+            if source.is_none() {
+                return Err(Error::Misuse(format!(
+                    "repl_sync(): {path} is not a replica yet; pass the primary, e.g. SELECT repl_sync('/path/to/primary.db')"
+                )));
+            }
+            // Refuse to overwrite a database that is not empty: only an empty (new) file
+            // can be bootstrapped.
+            let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            if size > 0 {
+                return Err(Error::Misuse(format!(
+                    "repl_sync(): {path} already holds a database ({size} bytes) that is not a replica;                      a replica must start from a new, empty file: open a new path"
+                )));
+            }
+            // Validate the source before creating anything on disk.
+            crate::transport::open_source(source.unwrap_or_default())?;
+            crate::registry::make_replica(&entry)?
+        }
+    };
+    Ok(SqlValue::Int(r.sync(source)?.0 as i64))
+}
+
 fn repl_lsn(c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
-    Ok(match main_db(c.db).and_then(|d| d.primary()) {
-        Some(p) => SqlValue::Int(p.lsn().0 as i64),
-        None => SqlValue::Null,
+    let Some(d) = main_db(c.db) else {
+        return Ok(SqlValue::Null);
+    };
+    Ok(match (d.primary(), d.replica()) {
+        (Some(p), _) => SqlValue::Int(p.lsn().0 as i64),
+        (_, Some(r)) => SqlValue::Int(r.lsn().0 as i64),
+        _ => SqlValue::Null,
     })
 }
 
 fn repl_role(c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
-    Ok(match main_db(c.db).and_then(|d| d.primary()) {
-        Some(_) => SqlValue::Text("primary".into()),
-        None => SqlValue::Null,
+    let Some(d) = main_db(c.db) else {
+        return Ok(SqlValue::Null);
+    };
+    Ok(match (d.primary(), d.replica()) {
+        (Some(_), _) => SqlValue::Text("primary".into()),
+        (_, Some(_)) => SqlValue::Text("replica".into()),
+        _ => SqlValue::Null,
     })
 }
 
 fn repl_checksum(c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
-    Ok(match main_db(c.db).and_then(|d| d.primary()) {
-        Some(p) => SqlValue::Text(p.checksum()?.1.to_string()),
-        None => SqlValue::Null,
+    let Some(d) = main_db(c.db) else {
+        return Ok(SqlValue::Null);
+    };
+    Ok(match (d.primary(), d.replica()) {
+        (Some(p), _) => SqlValue::Text(p.checksum()?.1.to_string()),
+        (_, Some(r)) => SqlValue::Text(r.checksum()?.1.to_string()),
+        _ => SqlValue::Null,
     })
 }
 
 fn repl_status(c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
-    let v = match main_db(c.db).and_then(|d| d.primary()) {
-        Some(p) => p.status_json(),
-        None => serde_json::json!({
+    let d = main_db(c.db);
+    let v = match (
+        d.as_ref().and_then(|d| d.primary()),
+        d.as_ref().and_then(|d| d.replica()),
+    ) {
+        (Some(p), _) => p.status_json(),
+        (_, Some(r)) => r.status_json(),
+        _ => serde_json::json!({
             "role": null,
             "db": c.db.filename("main"),
             "through_vfs": c.db.file_pointer("main").is_some_and(crate::vfs::is_ours),

@@ -9,11 +9,11 @@
 //! are serialised by an internal mutex (the unix shm object of one handle is not thread-safe).
 
 use super::base;
-use super::file::{read_real, shm_read_head};
+use super::file::{read_real, shm_load_u32, shm_read_head};
 use crate::error::{Error, Result};
 use crate::ffi::{self, sqlite3_file};
 use crate::primary::DbFileIo;
-use std::ffi::{c_char, c_void, CString};
+use std::ffi::{c_char, c_int, c_void, CString};
 use std::sync::Mutex;
 
 pub struct AgentHandle {
@@ -24,8 +24,11 @@ pub struct AgentHandle {
 }
 
 struct AgentState {
-    shm0: *mut c_void,
+    /// Mapped wal-index regions (32 KiB each); `regions[0]` is block 0 once mapped.
+    regions: Vec<*mut c_void>,
     write_locked: bool,
+    /// WAL lock slots held through `LiveShm` (bit i = slot i; exclusive only).
+    held: u8,
 }
 
 // SAFETY: the underlying unix file object may be used from any thread; every call that
@@ -72,8 +75,9 @@ impl AgentHandle {
             mem,
             fname,
             state: Mutex::new(AgentState {
-                shm0: std::ptr::null_mut(),
+                regions: Vec::new(),
                 write_locked: false,
+                held: 0,
             }),
         };
         if rc != ffi::SQLITE_OK {
@@ -99,17 +103,123 @@ impl AgentHandle {
 
     /// Map region 0 if not yet mapped (never creates or grows the wal-index).
     fn map0(&self, st: &mut AgentState) -> Option<*mut c_void> {
-        if st.shm0.is_null() {
-            let mut p: *mut c_void = std::ptr::null_mut();
-            let m = self.methods().xShmMap?;
-            // SAFETY: mapping region 0 of 32 KiB without extending; `p` receives it.
-            let rc = unsafe { m(self.file, 0, 32768, 0, &mut p) };
-            if rc != ffi::SQLITE_OK || p.is_null() {
-                return None;
-            }
-            st.shm0 = p;
+        self.map_region(st, 0, false).ok().flatten()
+    }
+
+    /// Map region `k` (32 KiB), growing the wal-index when `extend` (caller holds WRITE).
+    /// `Ok(None)`: the region does not exist and `extend` is false.
+    fn map_region(&self, st: &mut AgentState, k: u32, extend: bool) -> Result<Option<*mut c_void>> {
+        if let Some(p) = st.regions.get(k as usize).filter(|p| !p.is_null()) {
+            return Ok(Some(*p));
         }
-        Some(st.shm0)
+        let Some(m) = self.methods().xShmMap else {
+            return Err(Error::Unsupported(
+                "the underlying VFS has no shared-memory support (xShmMap)".into(),
+            ));
+        };
+        let mut p: *mut c_void = std::ptr::null_mut();
+        // SAFETY: mapping region k of 32 KiB through our own open handle; `p` receives it.
+        let rc = unsafe { m(self.file, k as c_int, 32768, c_int::from(extend), &mut p) };
+        if rc != ffi::SQLITE_OK {
+            return Err(Error::io(
+                format!("mapping wal-index region {k}"),
+                std::io::Error::other(format!("SQLite error code {rc}")),
+            ));
+        }
+        if p.is_null() {
+            return Ok(None);
+        }
+        if st.regions.len() <= k as usize {
+            st.regions.resize(k as usize + 1, std::ptr::null_mut());
+        }
+        st.regions[k as usize] = p;
+        Ok(Some(p))
+    }
+
+    /// Exclusive access to the wal-index through this handle (the applier's view): block
+    /// access, WAL locks, the barrier. `Ok(None)` when the wal-index is not initialised yet.
+    pub fn live_shm(&self) -> Result<Option<LiveShm<'_>>> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if self.map_region(&mut st, 0, false)?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(LiveShm { h: self, st }))
+    }
+
+    fn shm_lock_raw(&self, ofst: u32, n: u32, flags: c_int) -> c_int {
+        match self.methods().xShmLock {
+            // SAFETY: a WAL lock request through our own open handle with a mapped shm.
+            Some(l) => unsafe { l(self.file, ofst as c_int, n as c_int, flags) },
+            None => ffi::SQLITE_IOERR,
+        }
+    }
+
+    /// Write database-file bytes at `offset` through the underlying VFS.
+    pub fn write_db(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        let w = self.methods().xWrite.expect("xWrite");
+        // SAFETY: `buf` is valid for `len` bytes; the handle is open.
+        let rc = unsafe {
+            w(
+                self.file,
+                buf.as_ptr() as *const c_void,
+                buf.len() as c_int,
+                offset as i64,
+            )
+        };
+        code_to_result(rc, "writing the database file")
+    }
+
+    /// Truncate the database file to `size` bytes.
+    pub fn truncate_db(&self, size: u64) -> Result<()> {
+        let t = self.methods().xTruncate.expect("xTruncate");
+        // SAFETY: plain call on our open handle.
+        let rc = unsafe { t(self.file, size as i64) };
+        code_to_result(rc, "truncating the database file")
+    }
+
+    /// fsync the database file.
+    pub fn sync_db(&self) -> Result<()> {
+        let s = self.methods().xSync.expect("xSync");
+        // SAFETY: plain call on our open handle (SQLITE_SYNC_NORMAL = 2).
+        let rc = unsafe { s(self.file, 2) };
+        code_to_result(rc, "syncing the database file")
+    }
+
+    /// Size of the database file in bytes.
+    pub fn db_size(&self) -> Result<u64> {
+        let f = self.methods().xFileSize.expect("xFileSize");
+        let mut n: i64 = 0;
+        // SAFETY: `n` receives the size.
+        let rc = unsafe { f(self.file, &mut n) };
+        code_to_result(rc, "reading the database file size")?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// Take the database-file lock up to EXCLUSIVE (RESERVED first, as SQLite does). Fails
+    /// with `Busy` when another connection reads or writes; the handle stays SHARED then.
+    pub fn lock_db_exclusive(&self) -> Result<()> {
+        let l = self.methods().xLock.expect("xLock");
+        for level in [ffi::SQLITE_LOCK_RESERVED, ffi::SQLITE_LOCK_EXCLUSIVE] {
+            // SAFETY: lock escalation on our open handle, which holds SHARED.
+            let rc = unsafe { l(self.file, level) };
+            if rc != ffi::SQLITE_OK {
+                self.unlock_db_to_shared();
+                return Err(Error::Busy(
+                    "the database file is in use by another connection (read or write \
+                     transaction open); retry when it is idle"
+                        .into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Drop back to the SHARED database-file lock this handle keeps for its life.
+    pub fn unlock_db_to_shared(&self) {
+        if let Some(u) = self.methods().xUnlock {
+            // SAFETY: lowering our own lock.
+            unsafe { u(self.file, ffi::SQLITE_LOCK_SHARED) };
+        }
     }
 
     /// Try to take the WAL WRITE lock (never waits). Returns false when busy.
@@ -152,6 +262,157 @@ impl AgentHandle {
             };
         }
         st.write_locked = false;
+    }
+}
+
+fn code_to_result(rc: c_int, what: &str) -> Result<()> {
+    if rc == ffi::SQLITE_OK {
+        Ok(())
+    } else {
+        Err(Error::io(
+            what.to_string(),
+            std::io::Error::other(format!("SQLite I/O error code {rc}")),
+        ))
+    }
+}
+
+/// The applier's exclusive view of the wal-index behind an `AgentHandle` (wal-spec E.2): the
+/// pure algorithms of `wal` run on it through `ShmAccess`. Words are accessed atomically, as
+/// SQLite does. Locks taken with `try_lock` are released when this value is dropped, so no
+/// error path can leave WRITE (or READ1..4) held.
+pub struct LiveShm<'a> {
+    h: &'a AgentHandle,
+    st: std::sync::MutexGuard<'a, AgentState>,
+}
+
+impl LiveShm<'_> {
+    /// Try to take WAL lock slots `ofst..ofst+n` exclusively (never waits).
+    pub fn try_lock_exclusive(&mut self, ofst: u32, n: u32) -> bool {
+        let mask = slot_mask(ofst, n);
+        if self.st.held & mask != 0 || (ofst == 0 && self.st.write_locked) {
+            return false;
+        }
+        let rc = self
+            .h
+            .shm_lock_raw(ofst, n, ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE);
+        if rc == ffi::SQLITE_OK {
+            self.st.held |= mask;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Release slots taken with `try_lock_exclusive`.
+    pub fn unlock_exclusive(&mut self, ofst: u32, n: u32) {
+        let mask = slot_mask(ofst, n);
+        if self.st.held & mask == mask {
+            self.h
+                .shm_lock_raw(ofst, n, ffi::SQLITE_SHM_UNLOCK | ffi::SQLITE_SHM_EXCLUSIVE);
+            self.st.held &= !mask;
+        }
+    }
+
+    fn region(&self, k: u32) -> *mut c_void {
+        self.st.regions[k as usize]
+    }
+}
+
+fn slot_mask(ofst: u32, n: u32) -> u8 {
+    (((1u16 << n) - 1) << ofst) as u8
+}
+
+impl Drop for LiveShm<'_> {
+    fn drop(&mut self) {
+        for slot in 0..8u32 {
+            if self.st.held & (1 << slot) != 0 {
+                self.h
+                    .shm_lock_raw(slot, 1, ffi::SQLITE_SHM_UNLOCK | ffi::SQLITE_SHM_EXCLUSIVE);
+            }
+        }
+        self.st.held = 0;
+    }
+}
+
+impl crate::wal::ShmAccess for LiveShm<'_> {
+    fn block_count(&self) -> u32 {
+        self.st.regions.iter().take_while(|p| !p.is_null()).count() as u32
+    }
+
+    fn ensure_block(&mut self, k: u32) -> Result<()> {
+        for i in 0..=k {
+            let st = &mut *self.st;
+            if self.h.map_region(st, i, true)?.is_none() {
+                return Err(Error::Other(format!(
+                    "wal-index region {i} could not be created"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn read_u32(&self, block: u32, off: usize) -> u32 {
+        assert!(
+            off.is_multiple_of(4) && off + 4 <= 32768,
+            "aligned in-block offset"
+        );
+        let p = self.region(block);
+        assert!(!p.is_null(), "wal-index block {block} not mapped");
+        // SAFETY: `p` is a live 32 KiB mapping (callers check block_count / ensure_block
+        // first; an unmapped block is a null pointer, asserted against above).
+        unsafe { shm_load_u32(p, off / 4) }
+    }
+
+    fn write_u32(&mut self, block: u32, off: usize, v: u32) {
+        assert!(
+            off.is_multiple_of(4) && off + 4 <= 32768,
+            "aligned in-block offset"
+        );
+        let p = self.region(block);
+        assert!(!p.is_null(), "wal-index block {block} not mapped");
+        // SAFETY: aligned word inside a live 32 KiB shared mapping; other processes access it
+        // concurrently, so the store is atomic (as SQLite's own stores are word-sized).
+        unsafe {
+            std::sync::atomic::AtomicU32::from_ptr((p as *mut u32).add(off / 4))
+                .store(v, std::sync::atomic::Ordering::Release)
+        }
+    }
+
+    fn read_u16(&self, block: u32, off: usize) -> u16 {
+        assert!(
+            off.is_multiple_of(2) && off + 2 <= 32768,
+            "aligned in-block offset"
+        );
+        let p = self.region(block);
+        assert!(!p.is_null(), "wal-index block {block} not mapped");
+        // SAFETY: aligned half-word inside a live 32 KiB shared mapping, read atomically.
+        unsafe {
+            std::sync::atomic::AtomicU16::from_ptr((p as *mut u16).add(off / 2))
+                .load(std::sync::atomic::Ordering::Acquire)
+        }
+    }
+
+    fn write_u16(&mut self, block: u32, off: usize, v: u16) {
+        assert!(
+            off.is_multiple_of(2) && off + 2 <= 32768,
+            "aligned in-block offset"
+        );
+        let p = self.region(block);
+        assert!(!p.is_null(), "wal-index block {block} not mapped");
+        // SAFETY: aligned half-word inside a live 32 KiB shared mapping; a single 16-bit
+        // atomic store, as wal-spec B.5 requires for hash slots.
+        unsafe {
+            std::sync::atomic::AtomicU16::from_ptr((p as *mut u16).add(off / 2))
+                .store(v, std::sync::atomic::Ordering::Release)
+        }
+    }
+
+    fn barrier(&self) {
+        match self.h.methods().xShmBarrier {
+            // SAFETY: the underlying VFS's memory barrier on our own handle.
+            Some(b) => unsafe { b(self.h.file) },
+            None => std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst),
+        }
     }
 }
 

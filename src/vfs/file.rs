@@ -201,6 +201,14 @@ unsafe extern "C" fn x_write(
         let s = unsafe { shim(f) };
         if s.kind == Kind::Wal {
             if let Some(db) = &s.db {
+                if db.replica().is_some() {
+                    // Backstop: the WRITE-lock refusal below stops writers before this point.
+                    eprintln!(
+                        "event=wal_write_refused db={:?} reason=\"replica is read-only\"",
+                        db.path
+                    );
+                    return ffi::SQLITE_READONLY;
+                }
                 if db.primary().is_some() && db.write_holders.load(Ordering::Acquire) == 0 {
                     eprintln!(
                         "event=wal_write_refused db={:?} reason=\"no WAL write lock held (exclusive locking mode?)\"",
@@ -434,6 +442,19 @@ unsafe extern "C" fn x_shm_lock(
             // SAFETY: forwarding.
             _ => return unsafe { lock(s.real, ofst, n, flags) },
         };
+        if flags == ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE
+            && db.replica().is_some()
+            && !s.shm0.is_null()
+        {
+            // A replica is read-only: refuse the WAL write lock to connections of ours before
+            // they write anything (SQLite reports SQLITE_READONLY, "attempt to write a readonly
+            // database"). Recovery of an invalid wal-index also needs WRITE: allow that.
+            // SAFETY: shm0 is this connection's live region-0 mapping.
+            let head = unsafe { shm_read_head(s.shm0) };
+            if crate::wal::WalIndexHeader::read_valid(&head[..96]).is_some() {
+                return ffi::SQLITE_READONLY;
+            }
+        }
         if flags == ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE {
             // SAFETY: forwarding.
             let rc = unsafe { lock(s.real, ofst, n, flags) };

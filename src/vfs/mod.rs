@@ -13,7 +13,7 @@
 mod agent;
 mod file;
 
-pub use agent::AgentHandle;
+pub use agent::{AgentHandle, LiveShm};
 
 use crate::ffi::{self, guard, sqlite3_file, sqlite3_vfs};
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -196,6 +196,13 @@ unsafe extern "C" fn x_current_time_int64(_v: *mut sqlite3_vfs, out: *mut i64) -
         // SAFETY: forwarding; only installed when the base VFS has it.
         unsafe { base().xCurrentTimeInt64.expect("xCurrentTimeInt64")(base_ptr(), out) }
     })
+}
+
+/// Name of the underlying VFS as a C string (to open connections that bypass the shim).
+pub fn base_name_cstr() -> &'static CStr {
+    // SAFETY: registered VFS objects are immutable and live for the process; zName is a
+    // NUL-terminated static string.
+    unsafe { CStr::from_ptr(base().zName) }
 }
 
 /// Name of the underlying VFS (for repl_debug).

@@ -1,0 +1,398 @@
+//! The applier's WAL writer (wal-spec E.2 steps 3–10, C.4, C.6), written against the pure
+//! `wal` algorithms so it runs on the live wal-index (`LiveShm`) and on `VecShm` in tests.
+//! The caller holds the WAL WRITE lock for the whole call.
+//!
+//! Invariants (E.3): frames ≤ the published mxFrame are never touched; mxFrame only goes
+//! down through a C.6 restart taken with READ1..4 exclusive; hash entries are appended in
+//! frame order, aPgno before the slot; the header is published copy 2, barrier, copy 1 with
+//! nothing in between; read-marks and nBackfill are only written by the restart, holding
+//! every lock they need. The WAL is fdatasync'ed before a header that makes frames visible.
+
+use crate::error::Error;
+#[cfg(test)]
+use crate::error::Result;
+use crate::types::PageSize;
+use crate::wal::{
+    self, hash_insert, hash_truncate, native_is_big_endian, shm_ckpt_info, shm_publish_header,
+    shm_read_header, shm_write_ckpt_info, CkptInfo, ShmAccess, WalHeader, WalIndexHeader,
+    READMARK_UNUSED, SHM_VERSION,
+};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+/// WAL lock slots (wal-spec C.2).
+pub const SLOT_WRITE: u32 = 0;
+pub const SLOT_READ1: u32 = 4;
+
+/// Exclusive try-locks on WAL lock slots (the applier only ever needs exclusive ones).
+pub trait WalLocks {
+    fn try_lock_exclusive(&mut self, ofst: u32, n: u32) -> bool;
+    fn unlock_exclusive(&mut self, ofst: u32, n: u32);
+}
+
+impl WalLocks for crate::vfs::LiveShm<'_> {
+    fn try_lock_exclusive(&mut self, ofst: u32, n: u32) -> bool {
+        crate::vfs::LiveShm::try_lock_exclusive(self, ofst, n)
+    }
+    fn unlock_exclusive(&mut self, ofst: u32, n: u32) {
+        crate::vfs::LiveShm::unlock_exclusive(self, ofst, n)
+    }
+}
+
+/// Why the applier did not write.
+#[derive(Debug)]
+pub enum ApplyError {
+    /// The wal-index header is invalid: run stock recovery (a read on a normal connection) and retry.
+    NeedRecovery,
+    /// The live header is not the one we published last: someone else wrote to the replica.
+    Foreign(String),
+    Other(Error),
+}
+
+impl From<Error> for ApplyError {
+    fn from(e: Error) -> ApplyError {
+        ApplyError::Other(e)
+    }
+}
+
+/// The ownership rule of E.2 step 4: may we append after `live`, given that `last` is the
+/// header we published last (None: no expectation, e.g. right after bootstrap or a re-scan)?
+pub fn owned(
+    live: &WalIndexHeader,
+    last: Option<&WalIndexHeader>,
+) -> std::result::Result<(), String> {
+    let Some(last) = last else { return Ok(()) };
+    if live.mx_frame == last.mx_frame
+        && live.salts == last.salts
+        && live.frame_cksum == last.frame_cksum
+    {
+        return Ok(()); // identical, or rebuilt by recovery (iChange differs)
+    }
+    if live.mx_frame == 0 {
+        // A stock TRUNCATE/RESTART checkpoint, or the WAL deleted by a last closer: both only
+        // happen after every frame was copied into the database file.
+        return Ok(());
+    }
+    Err(format!(
+        "the replica's WAL changed behind the applier: mxFrame {} salts {} (expected mxFrame {} salts {}): \
+         a process wrote to the replica without the extension",
+        live.mx_frame,
+        hex(&live.salts),
+        last.mx_frame,
+        hex(&last.salts)
+    ))
+}
+
+/// Append one replica commit holding `pages` (ascending page numbers, final images) with
+/// database size `commit_size`, and publish it. WRITE must be held by the caller. Returns the
+/// header now published.
+pub fn append_commit<S: ShmAccess + WalLocks>(
+    shm: &mut S,
+    wal: &File,
+    last: Option<&WalIndexHeader>,
+    page_size: PageSize,
+    pages: &[(u32, &[u8])],
+    commit_size: u32,
+) -> std::result::Result<WalIndexHeader, ApplyError> {
+    if pages.is_empty() {
+        return Err(Error::Misuse("append_commit: no pages (include page 1)".into()).into());
+    }
+    let mut h = shm_read_header(shm).ok_or(ApplyError::NeedRecovery)?;
+    if h.version != SHM_VERSION {
+        return Err(Error::Corrupt(format!(
+            "wal-index version {} is not {SHM_VERSION}",
+            h.version
+        ))
+        .into());
+    }
+    owned(&h, last).map_err(ApplyError::Foreign)?;
+    if h.page_size != 0 && h.page_size != page_size.get() {
+        return Err(Error::Corrupt(format!(
+            "the replica's page size is {} but the records' is {}; bootstrap into a new file",
+            h.page_size, page_size
+        ))
+        .into());
+    }
+    // C.6: restart when everything was checkpointed and no reader uses the WAL.
+    let ck = shm_ckpt_info(shm);
+    if h.mx_frame > 0 && ck.n_backfill == h.mx_frame && shm.try_lock_exclusive(SLOT_READ1, 4) {
+        h = restart(shm, &h);
+        shm.unlock_exclusive(SLOT_READ1, 4);
+    }
+    let big_endian;
+    let salts;
+    let mut running;
+    let start;
+    if h.mx_frame == 0 {
+        salts = if h.salts == [0u8; 8] {
+            random_salts()
+        } else {
+            h.salts
+        };
+        let seq = read_wal_header(wal).map_or(0, |w| w.ckpt_seq.wrapping_add(1));
+        big_endian = native_is_big_endian();
+        let (bytes, whdr) = WalHeader::encode(big_endian, page_size, seq, salts);
+        wal.write_all_at(&bytes, 0)
+            .map_err(|e| Error::io("writing the replica's WAL header", e))?;
+        // E.5: the new header must be durable before frames of the generation follow it.
+        wal.sync_data()
+            .map_err(|e| Error::io("syncing the replica's WAL header", e))?;
+        running = whdr.cksum;
+        start = 1;
+    } else {
+        let whdr = read_wal_header(wal).ok_or_else(|| {
+            Error::Corrupt(
+                "the replica's WAL header is unreadable although frames are published".into(),
+            )
+        })?;
+        if whdr.salts != h.salts {
+            return Err(Error::Corrupt(
+                "the replica's WAL header salts differ from the wal-index header".into(),
+            )
+            .into());
+        }
+        big_endian = whdr.big_endian_cksum;
+        salts = h.salts;
+        running = h.frame_cksum;
+        start = h.mx_frame + 1;
+        // Stale entries of an aborted writer or a recovery scan (B.5 step 3).
+        hash_truncate(shm, h.mx_frame);
+    }
+    let n = pages.len() as u32;
+    let last_frame = start
+        .checked_add(n - 1)
+        .filter(|f| *f < u32::MAX - 1)
+        .ok_or_else(|| Error::Unsupported("the replica's WAL would exceed 2^32 frames".into()))?;
+    let mut buf = Vec::with_capacity(pages.len() * (page_size.bytes() + wal::FRAME_HEADER_SIZE));
+    for (i, (pgno, data)) in pages.iter().enumerate() {
+        if data.len() != page_size.bytes() {
+            return Err(Error::Corrupt(format!(
+                "page {pgno}: {} bytes, expected {page_size}",
+                data.len()
+            ))
+            .into());
+        }
+        let commit = if i as u32 + 1 == n { commit_size } else { 0 };
+        let (frame, c) = wal::encode_frame(running, *pgno, commit, salts, data, big_endian);
+        running = c;
+        buf.extend_from_slice(&frame);
+    }
+    wal.write_all_at(&buf, wal::frame_offset(page_size, start))
+        .map_err(|e| Error::io("writing frames to the replica's WAL", e))?;
+    wal.sync_data()
+        .map_err(|e| Error::io("syncing the replica's WAL", e))?;
+    for (i, (pgno, _)) in pages.iter().enumerate() {
+        hash_insert(shm, start + i as u32, *pgno)?;
+    }
+    let new = WalIndexHeader {
+        version: SHM_VERSION,
+        change: h.change.wrapping_add(1),
+        is_init: 1,
+        big_end_cksum: big_endian,
+        page_size: page_size.get(),
+        mx_frame: last_frame,
+        n_page: commit_size,
+        frame_cksum: running,
+        salts,
+        cksum: (0, 0),
+    };
+    shm_publish_header(shm, &new);
+    Ok(new.with_cksum())
+}
+
+/// C.6 restart writes (WRITE and READ1..4 held): mxFrame 0, salt-1 + 1, new salt-2, the
+/// checkpoint information reset; published at once. Returns the new header.
+fn restart<S: ShmAccess>(shm: &mut S, h: &WalIndexHeader) -> WalIndexHeader {
+    let mut salts = h.salts;
+    let s1 = u32::from_be_bytes([salts[0], salts[1], salts[2], salts[3]]).wrapping_add(1);
+    salts[0..4].copy_from_slice(&s1.to_be_bytes());
+    salts[4..8].copy_from_slice(&random_salts()[4..8]);
+    let new = WalIndexHeader {
+        mx_frame: 0,
+        salts,
+        ..*h
+    };
+    shm_publish_header(shm, &new);
+    let mut marks = [READMARK_UNUSED; wal::N_READ_MARKS];
+    marks[0] = 0;
+    marks[1] = 0;
+    shm_write_ckpt_info(
+        shm,
+        &CkptInfo {
+            n_backfill: 0,
+            read_marks: marks,
+            n_backfill_attempted: 0,
+        },
+    );
+    new.with_cksum()
+}
+
+fn read_wal_header(wal: &File) -> Option<WalHeader> {
+    let mut b = [0u8; wal::WAL_HEADER_SIZE];
+    wal.read_exact_at(&mut b, 0).ok()?;
+    WalHeader::parse(&b).ok()
+}
+
+fn random_salts() -> [u8; 8] {
+    let mut b = [0u8; 8];
+    if let Ok(f) = File::open("/dev/urandom") {
+        let _ = f.read_exact_at(&mut b, 0);
+    }
+    if b == [0u8; 8] {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        b = (t | 1).to_le_bytes();
+    }
+    b
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wal::{hash_lookup, recover_scan, VecShm};
+
+    struct Locks {
+        shm: VecShm,
+        readers: bool,
+    }
+    impl ShmAccess for Locks {
+        fn block_count(&self) -> u32 {
+            self.shm.block_count()
+        }
+        fn ensure_block(&mut self, k: u32) -> Result<()> {
+            self.shm.ensure_block(k)
+        }
+        fn read_u32(&self, b: u32, o: usize) -> u32 {
+            self.shm.read_u32(b, o)
+        }
+        fn write_u32(&mut self, b: u32, o: usize, v: u32) {
+            self.shm.write_u32(b, o, v)
+        }
+        fn read_u16(&self, b: u32, o: usize) -> u16 {
+            self.shm.read_u16(b, o)
+        }
+        fn write_u16(&mut self, b: u32, o: usize, v: u16) {
+            self.shm.write_u16(b, o, v)
+        }
+        fn barrier(&self) {}
+    }
+    impl WalLocks for Locks {
+        fn try_lock_exclusive(&mut self, _o: u32, _n: u32) -> bool {
+            !self.readers
+        }
+        fn unlock_exclusive(&mut self, _o: u32, _n: u32) {}
+    }
+
+    fn fresh() -> Locks {
+        let mut shm = VecShm::new();
+        shm.ensure_block(0).unwrap();
+        let h = WalIndexHeader {
+            version: SHM_VERSION,
+            is_init: 1,
+            ..Default::default()
+        };
+        shm_publish_header(&mut shm, &h);
+        let mut marks = [READMARK_UNUSED; wal::N_READ_MARKS];
+        marks[0] = 0;
+        shm_write_ckpt_info(
+            &mut shm,
+            &CkptInfo {
+                n_backfill: 0,
+                read_marks: marks,
+                n_backfill_attempted: 0,
+            },
+        );
+        Locks {
+            shm,
+            readers: false,
+        }
+    }
+
+    fn page(b: u8) -> Vec<u8> {
+        vec![b; 1024]
+    }
+
+    #[test]
+    fn appended_commits_recover_and_look_up() {
+        let ps = PageSize::new(1024).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let wal = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(dir.path().join("x-wal"))
+            .unwrap();
+        let mut s = fresh();
+        let p1 = page(1);
+        let p2 = page(2);
+        let h1 = append_commit(&mut s, &wal, None, ps, &[(1, &p1), (2, &p2)], 2).unwrap();
+        assert_eq!((h1.mx_frame, h1.n_page, h1.change), (2, 2, 1));
+        let p3 = page(3);
+        // Many frames across a block boundary.
+        let mut last = h1;
+        for i in 0..5000u32 {
+            last = append_commit(&mut s, &wal, Some(&last), ps, &[((i % 7) + 1, &p3)], 7).unwrap();
+        }
+        assert_eq!(last.mx_frame, 5002);
+        // Stock recovery over our WAL finds the same commit point and checksum.
+        let r = recover_scan(&wal).unwrap();
+        assert_eq!(r.mx_frame, last.mx_frame);
+        assert_eq!(r.frame_cksum, last.frame_cksum);
+        // The hash index finds the newest frame of each page.
+        assert_eq!(
+            hash_lookup(&s, 2, 1, last.mx_frame),
+            Some(5002 - (5000 - 6) % 7)
+        );
+        assert_eq!(hash_lookup(&s, 1, 1, 2), Some(1));
+        // A header changed behind our back is refused.
+        let e = append_commit(&mut s, &wal, Some(&h1), ps, &[(1, &p1)], 7).unwrap_err();
+        assert!(matches!(e, ApplyError::Foreign(_)), "{e:?}");
+    }
+
+    #[test]
+    fn restart_only_when_checkpointed_and_no_reader() {
+        let ps = PageSize::new(1024).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let wal = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(dir.path().join("x-wal"))
+            .unwrap();
+        let mut s = fresh();
+        let p = page(9);
+        let h = append_commit(&mut s, &wal, None, ps, &[(1, &p), (2, &p)], 2).unwrap();
+        // Not checkpointed: append.
+        let h = append_commit(&mut s, &wal, Some(&h), ps, &[(1, &p)], 2).unwrap();
+        assert_eq!(h.mx_frame, 3);
+        // Checkpointed but a reader holds READ_i: append.
+        let mut ck = shm_ckpt_info(&s);
+        ck.n_backfill = 3;
+        shm_write_ckpt_info(&mut s, &ck);
+        s.readers = true;
+        let h = append_commit(&mut s, &wal, Some(&h), ps, &[(2, &p)], 2).unwrap();
+        assert_eq!(h.mx_frame, 4);
+        // Checkpointed, no reader: restart with salt-1 + 1, frame 1 again.
+        let mut ck = shm_ckpt_info(&s);
+        ck.n_backfill = 4;
+        shm_write_ckpt_info(&mut s, &ck);
+        s.readers = false;
+        let old = h.salts;
+        let h2 = append_commit(&mut s, &wal, Some(&h), ps, &[(2, &p)], 2).unwrap();
+        assert_eq!(h2.mx_frame, 1);
+        let s1 = |b: [u8; 8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        assert_eq!(s1(h2.salts), s1(old).wrapping_add(1));
+        assert_eq!(shm_ckpt_info(&s).n_backfill, 0);
+        assert_eq!(h2.change, h.change + 1);
+        let r = recover_scan(&wal).unwrap();
+        assert_eq!(r.mx_frame, 1);
+    }
+}

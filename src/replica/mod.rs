@@ -1,0 +1,787 @@
+//! The replica role (wal-spec E): one `Replica` per database per process. `repl_sync()` pulls
+//! records from a `Source` and the applier writes them into the replica's own WAL and
+//! wal-index exactly as SQLite's writer would, so readers in any process keep their
+//! snapshots and never wait for a sync.
+//!
+//! Files in `<db>-replica/`: `replica.json` (role, source, lineage), `applied` (the recorded
+//! position, see `position.rs`), `applier.lock` (an flock held by the process that applies,
+//! so two syncing processes take turns instead of mistaking each other for foreign writers).
+//!
+//! Invariants: the in-memory checksums (`sums`) equal the live content at `lsn` whenever
+//! `loaded`; every batch is verified against the primary's checksum *before* it is written;
+//! a state that matches neither the recorded position nor its intent, a foreign write, or an
+//! LSN older than the source retains is answered with a re-snapshot applied as one WAL
+//! transaction (E.10), never with a guess.
+
+mod apply;
+mod plan;
+mod position;
+
+pub use apply::{append_commit, ApplyError, WalLocks, SLOT_WRITE};
+pub use plan::{plan_batch, BatchPlan, PlanError};
+
+use crate::error::{Error, Result};
+use crate::ffi::conn::OwnedDb;
+use crate::registry::Db;
+use crate::transport::{self, Fetch, Source};
+use crate::txlog::DbChecksum;
+use crate::types::{Checksum, Generation, Lsn, PageNo, PageSize};
+use crate::vfs::{AgentHandle, LiveShm};
+use crate::wal::{self, hash_lookup_checked, shm_read_header, WalIndexHeader};
+use position::{Applied, PositionFile};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Page bytes fetched per batch (one replica commit).
+const BATCH_BYTES: usize = 32 << 20;
+/// Checkpoint (PASSIVE) after a batch once the WAL holds this many frames (E.6).
+const CHECKPOINT_FRAMES: u32 = 1000;
+/// How long the applier waits for the WAL write lock before reporting busy.
+const WRITE_LOCK_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug, Default)]
+struct ReplicaMeta {
+    format: u32,
+    role: String,
+    source: Option<String>,
+    lineage: Option<String>,
+    created_ms: u64,
+}
+
+struct State {
+    meta: ReplicaMeta,
+    source: Option<Box<dyn Source>>,
+    loaded: bool,
+    /// The live state is not a state of the primary (divergence, foreign write): re-snapshot.
+    diverged: Option<String>,
+    lsn: Lsn,
+    generation: Generation,
+    sums: DbChecksum,
+    page_size: Option<PageSize>,
+    last_hdr: Option<WalIndexHeader>,
+    seen_seq: u64,
+    wal: Option<File>,
+    ckpt: Option<OwnedDb>,
+    last_error: Option<String>,
+    last_sync_ms: Option<u64>,
+    primary_lsn: Option<Lsn>,
+    last_record_ms: Option<u64>,
+    batches: u64,
+    resnapshots: u64,
+    foreign_writes: u64,
+    checkpoints: u64,
+    restarts_seen: u64,
+    /// (first LSN, last LSN, pages, contained a snapshot) of the last batch written.
+    last_batch: Option<(Lsn, Lsn, usize, bool)>,
+    primary_first_lsn: Option<Lsn>,
+}
+
+pub struct Replica {
+    db_path: String,
+    dir: PathBuf,
+    handle: AgentHandle,
+    pos: PositionFile,
+    lock_file: File,
+    state: Mutex<State>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn log_event(line: &str) {
+    eprintln!("{line}");
+}
+
+/// Does `<db>-replica/replica.json` exist (the database is a replica)?
+pub fn is_replica_dir(db_path: &str) -> bool {
+    crate::registry::log_dir(db_path)
+        .join("replica.json")
+        .exists()
+}
+
+impl Replica {
+    /// Attach the replica role to `db` (creating `<db>-replica/replica.json` when `create`).
+    pub fn attach(db: &Arc<Db>, create: bool) -> Result<Arc<Replica>> {
+        let dir = crate::registry::log_dir(&db.path);
+        let meta_path = dir.join("replica.json");
+        let meta = if meta_path.exists() {
+            let text = std::fs::read_to_string(&meta_path)
+                .map_err(|e| Error::io(format!("reading {}", meta_path.display()), e))?;
+            ReplicaMeta::from_json(&text).ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "{} is not valid replica metadata; remove {} to start the replica over",
+                    meta_path.display(),
+                    meta_path
+                        .parent()
+                        .map_or(String::new(), |d| d.display().to_string())
+                ))
+            })?
+        } else if create {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+            let m = ReplicaMeta {
+                format: 1,
+                role: "replica".into(),
+                source: None,
+                lineage: None,
+                created_ms: now_ms(),
+            };
+            write_meta(&dir, &m)?;
+            m
+        } else {
+            return Err(Error::Other(format!("{} is not a replica", db.path)));
+        };
+        let handle = AgentHandle::open(&db.path)?;
+        let pos = PositionFile::open(&dir)?;
+        let lp = dir.join("applier.lock");
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lp)
+            .map_err(|e| Error::io(format!("opening {}", lp.display()), e))?;
+        Ok(Arc::new(Replica {
+            db_path: db.path.clone(),
+            dir,
+            handle,
+            pos,
+            lock_file,
+            state: Mutex::new(State {
+                meta,
+                source: None,
+                loaded: false,
+                diverged: None,
+                lsn: Lsn(0),
+                generation: Generation(0),
+                sums: DbChecksum::new(PageSize::new(4096).expect("valid")),
+                page_size: None,
+                last_hdr: None,
+                seen_seq: 0,
+                wal: None,
+                ckpt: None,
+                last_error: None,
+                last_sync_ms: None,
+                primary_lsn: None,
+                last_record_ms: None,
+                batches: 0,
+                resnapshots: 0,
+                foreign_writes: 0,
+                checkpoints: 0,
+                restarts_seen: 0,
+                last_batch: None,
+                primary_first_lsn: None,
+            }),
+        }))
+    }
+
+    /// `repl_sync([source])`: pull and apply everything the source has now; returns the LSN.
+    pub fn sync(&self, source: Option<&str>) -> Result<Lsn> {
+        let _applier = self.applier_lock()?;
+        let mut st = lock(&self.state);
+        let r = self.sync_locked(&mut st, source);
+        st.last_sync_ms = Some(now_ms());
+        match &r {
+            Ok(_) => st.last_error = None,
+            Err(e) => st.last_error = Some(e.to_string()),
+        }
+        r
+    }
+
+    fn applier_lock(&self) -> Result<ApplierGuard<'_>> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.lock_file.try_lock() {
+                Ok(()) => return Ok(ApplierGuard(&self.lock_file)),
+                Err(std::fs::TryLockError::WouldBlock) => {}
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(Error::io("locking applier.lock", e))
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Busy(format!(
+                    "another process has been applying to {} for 30 s; retry repl_sync() later",
+                    self.db_path
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn sync_locked(&self, st: &mut State, spec: Option<&str>) -> Result<Lsn> {
+        if let Some(spec) = spec {
+            if st.meta.source.as_deref() != Some(spec) || st.source.is_none() {
+                let src = transport::open_source(spec)?;
+                let info = src.info()?;
+                if let Some(l) = &st.meta.lineage {
+                    if *l != info.lineage {
+                        return Err(Error::Misuse(format!(
+                            "repl_sync('{spec}'): that primary serves lineage {} but {} replicates lineage {l} \
+                             (from {}); a replica follows one primary: use a new database file for another one",
+                            info.lineage,
+                            self.db_path,
+                            st.meta.source.as_deref().unwrap_or("?")
+                        )));
+                    }
+                }
+                st.meta.source = Some(spec.to_string());
+                st.meta.lineage = Some(info.lineage);
+                write_meta(&self.dir, &st.meta)?;
+                st.source = Some(src);
+            }
+        }
+        if st.source.is_none() {
+            let Some(spec) = st.meta.source.clone() else {
+                return Err(Error::Misuse(format!(
+                    "repl_sync(): {} has no source yet; pass the primary, e.g. repl_sync('/path/to/primary.db')",
+                    self.db_path
+                )));
+            };
+            st.source = Some(transport::open_source(&spec)?);
+        }
+        let info = st.source.as_ref().expect("set").info()?;
+        if st.meta.lineage.as_deref() != Some(info.lineage.as_str()) {
+            return Err(Error::Misuse(format!(
+                "the source now serves lineage {} but this replica follows {}: the primary was re-created; \
+                 bootstrap a new replica file",
+                info.lineage,
+                st.meta.lineage.as_deref().unwrap_or("?")
+            )));
+        }
+        st.primary_lsn = info.durable_lsn;
+        st.primary_first_lsn = info.first_lsn;
+        if st.page_size.is_some_and(|p| p.get() != info.page_size) && info.page_size != 0 {
+            log_event(&format!(
+                "event=page_size_note db={:?} replica={:?} primary_log={}",
+                self.db_path, st.page_size, info.page_size
+            ));
+        }
+        if self.handle.db_size()? == 0 && self.pos.read().is_none() {
+            self.bootstrap(st)?;
+        }
+        self.ensure_open(st)?;
+        if !st.loaded || self.pos.read().map(|a| a.seq) != Some(st.seen_seq) {
+            self.load(st)?;
+        }
+        loop {
+            if let Some(why) = st.diverged.take() {
+                self.resnapshot(st, &why)?;
+                continue;
+            }
+            let fetched = st
+                .source
+                .as_ref()
+                .expect("set")
+                .fetch(st.lsn.next(), BATCH_BYTES)?;
+            let records = match fetched {
+                Fetch::Truncated { first_lsn } => {
+                    let why = format!(
+                        "replica is at LSN {} and the primary's log now starts at {first_lsn}",
+                        st.lsn
+                    );
+                    self.resnapshot(st, &why)?;
+                    continue;
+                }
+                Fetch::Records(r) if r.is_empty() => break,
+                Fetch::Records(r) => r,
+            };
+            let mut sums = std::mem::replace(
+                &mut st.sums,
+                DbChecksum::new(PageSize::new(512).expect("valid")),
+            );
+            let planned = plan_batch(st.lsn, st.generation, &mut sums, &records);
+            st.sums = sums;
+            match planned {
+                Ok(plan) => self.write_plan(st, &plan)?,
+                Err(PlanError::Divergence(m)) => st.diverged = Some(m),
+                Err(PlanError::Sequence(m)) => {
+                    st.loaded = false;
+                    return Err(Error::Corrupt(format!(
+                        "{m}; the source's log is inconsistent"
+                    )));
+                }
+            }
+        }
+        self.maybe_checkpoint(st);
+        Ok(st.lsn)
+    }
+
+    /// E.1 bootstrap of an empty file: the snapshot written straight into the database file
+    /// under an EXCLUSIVE lock (no reader can see it half-written: page 1, which makes the
+    /// file a database, is written last), then synced.
+    fn bootstrap(&self, st: &mut State) -> Result<()> {
+        let snap = st.source.as_ref().expect("set").snapshot()?;
+        let ps = snap.meta.page_size;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Err(e) = self.handle.lock_db_exclusive() {
+            if Instant::now() > deadline {
+                return Err(e);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let r = (|| -> Result<()> {
+            if self.handle.db_size()? != 0 {
+                return Err(Error::Busy(format!(
+                    "{} was written by someone else while bootstrapping; retry",
+                    self.db_path
+                )));
+            }
+            // A stale WAL or wal-index next to an empty file would be recovered over the
+            // snapshot: nobody can use them while we hold EXCLUSIVE.
+            for suffix in ["-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", self.db_path));
+            }
+            for p in snap.pages.iter().filter(|p| p.pgno.get() != 1) {
+                self.handle
+                    .write_db((p.pgno.get() as u64 - 1) * ps.get() as u64, &p.data)?;
+            }
+            if let Some(p1) = snap.pages.iter().find(|p| p.pgno.get() == 1) {
+                self.handle.write_db(0, &p1.data)?;
+            }
+            self.handle
+                .truncate_db(snap.meta.commit_size as u64 * ps.get() as u64)?;
+            self.handle.sync_db()
+        })();
+        self.handle.unlock_db_to_shared();
+        r?;
+        let mut sums = DbChecksum::new(ps);
+        sums.apply(&snap);
+        if sums.total() != snap.meta.db_checksum {
+            return Err(Error::Corrupt(format!(
+                "snapshot LSN {}: pages do not match its checksum",
+                snap.meta.lsn
+            )));
+        }
+        let a = self.pos.write(&Applied {
+            lsn: snap.meta.lsn,
+            generation: snap.meta.generation,
+            checksum: sums.total(),
+            ..Default::default()
+        })?;
+        self.pos.sync()?;
+        st.seen_seq = a.seq;
+        st.sums = sums;
+        st.lsn = snap.meta.lsn;
+        st.generation = snap.meta.generation;
+        st.page_size = Some(ps);
+        st.loaded = true;
+        st.last_hdr = None;
+        st.last_record_ms = Some(snap.meta.timestamp_ms);
+        log_event(&format!(
+            "event=bootstrap db={:?} lsn={} pages={} bytes={}",
+            self.db_path,
+            snap.meta.lsn,
+            snap.pages.len(),
+            snap.pages.len() * ps.bytes()
+        ));
+        Ok(())
+    }
+
+    /// E.1 step 2: the applier's own SQLite connection (the host's underlying VFS, not ours)
+    /// keeps the wal-index alive, runs stock recovery when needed and does the checkpoints.
+    fn ensure_open(&self, st: &mut State) -> Result<()> {
+        if st.ckpt.is_none() {
+            let c = OwnedDb::open(
+                &self.db_path,
+                crate::ffi::SQLITE_OPEN_READWRITE,
+                Some(crate::vfs::base_name_cstr()),
+            )?;
+            c.busy_timeout(5000);
+            let mode = c.db().query_value("PRAGMA journal_mode")?;
+            if mode != crate::ffi::conn::SqlValue::Text("wal".into()) {
+                return Err(Error::Corrupt(format!(
+                    "{} is not in WAL mode (journal_mode {mode:?}); a replica must be bootstrapped from the primary",
+                    self.db_path
+                )));
+            }
+            c.db().query_value("PRAGMA schema_version")?;
+            st.ckpt = Some(c);
+        }
+        if st.wal.is_none() {
+            let p = format!("{}-wal", self.db_path);
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&p)
+                .map_err(|e| Error::io(format!("opening {p}"), e))?;
+            st.wal = Some(f);
+        }
+        Ok(())
+    }
+
+    /// Run a read on the applier connection: performs stock recovery of an invalid wal-index.
+    fn recover(&self, st: &State) {
+        if let Some(c) = &st.ckpt {
+            let _ = c.db().query_value("PRAGMA schema_version");
+        }
+    }
+
+    /// Take WRITE through our handle (recovering an invalid header on the way).
+    fn write_locked<'a>(&'a self, st: &State) -> Result<LiveShm<'a>> {
+        let deadline = Instant::now() + WRITE_LOCK_WAIT;
+        let mut pause = Duration::from_micros(100);
+        loop {
+            match self.handle.live_shm()? {
+                Some(mut shm) => {
+                    if shm.try_lock_exclusive(SLOT_WRITE, 1) {
+                        if shm_read_header(&shm).is_some() {
+                            return Ok(shm);
+                        }
+                        drop(shm);
+                        self.recover(st);
+                        continue;
+                    }
+                }
+                None => self.recover(st),
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Busy(format!(
+                    "the WAL write lock of {} has been busy for {} s (a checkpoint or a foreign writer); retry",
+                    self.db_path,
+                    WRITE_LOCK_WAIT.as_secs()
+                )));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+    }
+
+    /// Recompute the checksums of the live content and decide which LSN it is (E.8).
+    fn load(&self, st: &mut State) -> Result<()> {
+        let shm = self.write_locked(st)?;
+        let h =
+            shm_read_header(&shm).ok_or_else(|| Error::Other("wal-index header invalid".into()))?;
+        let wal = st.wal.as_ref().expect("opened");
+        let mut head = [0u8; 100];
+        read_page_into(
+            &self.handle,
+            &shm,
+            wal,
+            &h,
+            PageNo::new(1).expect("1"),
+            None,
+            &mut head,
+        )?;
+        let raw = u16::from_be_bytes([head[16], head[17]]) as u32;
+        let ps = PageSize::new(if raw == 1 { 65536 } else { raw }).ok_or_else(|| {
+            Error::Corrupt(format!("{}: bad page size in the header", self.db_path))
+        })?;
+        let n_page = if h.mx_frame > 0 {
+            h.n_page
+        } else {
+            (self.handle.db_size()? / ps.get() as u64) as u32
+        };
+        let mut sums = DbChecksum::new(ps);
+        let mut buf = vec![0u8; ps.bytes()];
+        let lock_page = ps.lock_byte_page().get();
+        for pg in 1..=n_page {
+            if pg == lock_page {
+                continue;
+            }
+            let p = PageNo::new(pg).expect("pg >= 1");
+            read_page_into(&self.handle, &shm, wal, &h, p, Some(ps), &mut buf)?;
+            sums.set_page(p, &buf);
+        }
+        sums.truncate(n_page);
+        drop(shm);
+        let a = self.pos.read().unwrap_or_default();
+        st.seen_seq = a.seq;
+        st.sums = sums;
+        st.page_size = Some(ps);
+        st.last_hdr = Some(h);
+        st.loaded = true;
+        let total = st.sums.total();
+        if total == a.checksum && a.seq > 0 {
+            st.lsn = a.lsn;
+            st.generation = a.generation;
+        } else if let Some((l, g, c)) = a.intent.filter(|i| i.2 == total) {
+            st.lsn = l;
+            st.generation = g;
+            let w = self.pos.write(&Applied {
+                lsn: l,
+                generation: g,
+                checksum: c,
+                intent: None,
+                seq: 0,
+            })?;
+            st.seen_seq = w.seq;
+        } else {
+            st.lsn = a.lsn;
+            st.generation = a.generation;
+            st.diverged = Some(format!(
+                "the replica's content (checksum {total}) is neither LSN {} ({}) nor the batch in flight: \
+                 it was modified outside the applier",
+                a.lsn, a.checksum
+            ));
+        }
+        Ok(())
+    }
+
+    fn resnapshot(&self, st: &mut State, why: &str) -> Result<()> {
+        let snap = st.source.as_ref().expect("set").snapshot()?;
+        log_event(&format!(
+            "event=resnapshot db={:?} reason={why:?} from_lsn={} to_lsn={}",
+            self.db_path, st.lsn, snap.meta.lsn
+        ));
+        let mut sums = DbChecksum::new(snap.meta.page_size);
+        let plan = plan_batch(
+            Lsn(snap.meta.lsn.0.saturating_sub(1)),
+            snap.meta.generation,
+            &mut sums,
+            std::slice::from_ref(&snap),
+        )?;
+        st.sums = sums;
+        st.last_hdr = None; // whatever is in the WAL now, the snapshot overrides every page
+        st.resnapshots += 1;
+        self.write_plan(st, &plan)
+    }
+
+    /// Write one planned batch as one replica commit and record the new position.
+    fn write_plan(&self, st: &mut State, plan: &BatchPlan) -> Result<()> {
+        let r = self.write_plan_inner(st, plan);
+        if r.is_err() {
+            st.loaded = false; // sums were advanced by the plan: re-derive them next time
+        }
+        r
+    }
+
+    fn write_plan_inner(&self, st: &mut State, plan: &BatchPlan) -> Result<()> {
+        let applied = Applied {
+            seq: 0,
+            lsn: st.lsn,
+            generation: st.generation,
+            checksum: self.pos.read().map(|a| a.checksum).unwrap_or_default(),
+            intent: Some((plan.last_lsn, plan.generation, plan.db_checksum)),
+        };
+        self.pos.write(&applied)?;
+        let mut shm = self.write_locked(st)?;
+        let wal = st.wal.as_ref().expect("opened");
+        let page1;
+        let mut pages: Vec<(u32, &[u8])> =
+            plan.pages.iter().map(|(p, d)| (*p, d.as_slice())).collect();
+        if pages.is_empty() {
+            // A pure truncation still needs a commit frame: page 1's current image.
+            let h = shm_read_header(&shm)
+                .ok_or_else(|| Error::Other("wal-index header invalid".into()))?;
+            let mut b = vec![0u8; plan.page_size.bytes()];
+            read_page_into(
+                &self.handle,
+                &shm,
+                wal,
+                &h,
+                PageNo::new(1).expect("1"),
+                Some(plan.page_size),
+                &mut b,
+            )?;
+            page1 = b;
+            pages.push((1, page1.as_slice()));
+        }
+        let before = shm_read_header(&shm).map(|h| h.salts);
+        let res = append_commit(
+            &mut shm,
+            wal,
+            st.last_hdr.as_ref(),
+            plan.page_size,
+            &pages,
+            plan.commit_size,
+        );
+        drop(shm);
+        let h = match res {
+            Ok(h) => h,
+            Err(ApplyError::Foreign(m)) => {
+                st.foreign_writes += 1;
+                log_event(&format!(
+                    "event=foreign_write db={:?} detail={m:?}",
+                    self.db_path
+                ));
+                st.diverged = Some(m);
+                return Ok(());
+            }
+            Err(ApplyError::NeedRecovery) => {
+                return Err(Error::Busy("the wal-index needs recovery; retry".into()))
+            }
+            Err(ApplyError::Other(e)) => return Err(e),
+        };
+        if before.is_some_and(|s| s != h.salts) {
+            st.restarts_seen += 1;
+        }
+        st.last_hdr = Some(h);
+        st.lsn = plan.last_lsn;
+        st.generation = plan.generation;
+        st.page_size = Some(plan.page_size);
+        st.batches += 1;
+        st.last_batch = Some((
+            plan.first_lsn,
+            plan.last_lsn,
+            plan.pages.len(),
+            plan.has_snapshot,
+        ));
+        st.last_record_ms = Some(plan.timestamp_ms);
+        let w = self.pos.write(&Applied {
+            seq: 0,
+            lsn: plan.last_lsn,
+            generation: plan.generation,
+            checksum: plan.db_checksum,
+            intent: None,
+        })?;
+        st.seen_seq = w.seq;
+        Ok(())
+    }
+
+    /// E.6: checkpoint PASSIVE through the applier connection once the WAL is long.
+    fn maybe_checkpoint(&self, st: &mut State) {
+        let long = st.last_hdr.is_some_and(|h| h.mx_frame >= CHECKPOINT_FRAMES);
+        if let (true, Some(c)) = (long, &st.ckpt) {
+            if c.db().exec("PRAGMA wal_checkpoint(PASSIVE)").is_ok() {
+                st.checkpoints += 1;
+            }
+        }
+    }
+
+    // ---- queries used by the SQL functions ----
+
+    pub fn lsn(&self) -> Lsn {
+        let st = lock(&self.state);
+        if st.loaded {
+            return st.lsn;
+        }
+        drop(st);
+        self.pos.read().map_or(Lsn(0), |a| a.lsn)
+    }
+
+    /// Checksum of the live content (loads the state if this process has not synced).
+    pub fn checksum(&self) -> Result<(Lsn, Checksum)> {
+        let _applier = self.applier_lock()?;
+        let mut st = lock(&self.state);
+        let stale = self.pos.read().map(|a| a.seq) != Some(st.seen_seq);
+        if !st.loaded || stale {
+            self.ensure_open(&mut st)?;
+            self.load(&mut st)?;
+        }
+        Ok((st.lsn, st.sums.total()))
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let st = lock(&self.state);
+        let lsn = if st.loaded {
+            st.lsn.0
+        } else {
+            self.pos.read().map_or(0, |a| a.lsn.0)
+        };
+        let lag_lsn = st.primary_lsn.map(|p| p.0.saturating_sub(lsn));
+        serde_json::json!({
+            "role": "replica",
+            "db": self.db_path,
+            "source": st.source.as_ref().map(|s| s.describe()).or(st.meta.source.clone()),
+            "primary": st.meta.source,
+            "primary_first_lsn": st.primary_first_lsn.map(|l| l.0),
+            "last_batch": st.last_batch.map(|(f, l, n, s)| serde_json::json!({
+                "first_lsn": f.0, "last_lsn": l.0, "pages": n, "snapshot": s})),
+            "lineage": st.meta.lineage,
+            "lsn": lsn,
+            "generation": st.generation.0,
+            "primary_lsn": st.primary_lsn.map(|l| l.0),
+            "lag_lsn": lag_lsn,
+            "last_sync_ms": st.last_sync_ms,
+            "last_record_ms": st.last_record_ms,
+            "wal": st.last_hdr.map(|h| serde_json::json!({"mx_frame": h.mx_frame, "pages": h.n_page})),
+            "batches": st.batches,
+            "resnapshots": st.resnapshots,
+            "foreign_writes": st.foreign_writes,
+            "checkpoints": st.checkpoints,
+            "last_error": st.last_error,
+        })
+    }
+
+    pub fn source(&self) -> Option<String> {
+        lock(&self.state).meta.source.clone()
+    }
+}
+
+struct ApplierGuard<'a>(&'a File);
+
+impl Drop for ApplierGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
+}
+
+fn write_meta(dir: &Path, m: &ReplicaMeta) -> Result<()> {
+    let p = dir.join("replica.json");
+    let tmp = dir.join(format!("replica.json.{}.tmp", std::process::id()));
+    let text = m.to_json();
+    std::fs::write(&tmp, text).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, &p).map_err(|e| Error::io(format!("renaming to {}", p.display()), e))
+}
+
+/// Read page `p` of the state published in `h`: the newest WAL frame ≤ mxFrame holding it
+/// (WRITE is held, so no restart can reuse the frame), else the database file. `ps` None reads
+/// just `buf.len()` bytes (page 1's header before the page size is known).
+fn read_page_into(
+    handle: &AgentHandle,
+    shm: &LiveShm<'_>,
+    wal: &File,
+    h: &WalIndexHeader,
+    p: PageNo,
+    ps: Option<PageSize>,
+    buf: &mut [u8],
+) -> Result<()> {
+    let frame = if h.mx_frame > 0 {
+        hash_lookup_checked(shm, p.get(), 1, h.mx_frame)?
+    } else {
+        None
+    };
+    match frame {
+        Some(f) => {
+            let ps = match ps {
+                Some(ps) => ps,
+                None => PageSize::new(h.page_size)
+                    .ok_or_else(|| Error::Corrupt("wal-index page size invalid".into()))?,
+            };
+            let off = wal::frame_offset(ps, f) + wal::FRAME_HEADER_SIZE as u64;
+            wal.read_exact_at(buf, off)
+                .map_err(|e| Error::io(format!("reading WAL frame {f}"), e))
+        }
+        None => {
+            let ps = ps.map_or(buf.len() as u64, |p| p.get() as u64);
+            crate::primary::DbFileIo::read_db(handle, (p.get() as u64 - 1) * ps, buf)
+        }
+    }
+}
+
+impl ReplicaMeta {
+    fn to_json(&self) -> String {
+        serde_json::to_string_pretty(&serde_json::json!({
+            "format": self.format,
+            "role": self.role,
+            "source": self.source,
+            "lineage": self.lineage,
+            "created_ms": self.created_ms,
+        }))
+        .unwrap_or_default()
+    }
+
+    fn from_json(text: &str) -> Option<ReplicaMeta> {
+        let v: serde_json::Value = serde_json::from_str(text).ok()?;
+        let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        Some(ReplicaMeta {
+            format: v.get("format")?.as_u64()? as u32,
+            role: s("role").filter(|r| r == "replica")?,
+            source: s("source"),
+            lineage: s("lineage"),
+            created_ms: v.get("created_ms").and_then(|x| x.as_u64()).unwrap_or(0),
+        })
+    }
+}

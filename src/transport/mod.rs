@@ -1,0 +1,69 @@
+//! Where a replica gets records from. A `Source` answers three questions: which lineage it
+//! serves, the newest snapshot, and the records after an LSN (only what the primary made
+//! durable). `dir` reads a primary's log directory directly (one machine or shared storage);
+//! the HTTP client of the next stage implements the same trait.
+//!
+//! Invariant: a source never returns a record it could not validate (record checksums are
+//! checked by the txlog decoder before a record leaves here).
+
+pub mod dir;
+
+use crate::error::{Error, Result};
+use crate::txlog::Record;
+use crate::types::Lsn;
+
+/// What a source says about itself.
+#[derive(Clone, Debug)]
+pub struct SourceInfo {
+    pub lineage: String,
+    pub page_size: u32,
+    /// Oldest LSN still retained (None: the log is empty).
+    pub first_lsn: Option<Lsn>,
+    /// Newest durable LSN (what may be served).
+    pub durable_lsn: Option<Lsn>,
+}
+
+/// Records after an LSN.
+pub enum Fetch {
+    /// Consecutive records starting at the requested LSN (possibly none: up to date).
+    Records(Vec<Record>),
+    /// The requested LSN is older than what the source retains: re-snapshot.
+    Truncated { first_lsn: Lsn },
+}
+
+pub trait Source: Send + Sync {
+    /// A human-readable name (the path or URL the user gave).
+    fn describe(&self) -> String;
+    fn info(&self) -> Result<SourceInfo>;
+    /// The newest snapshot record (every page of the database at its LSN).
+    fn snapshot(&self) -> Result<Record>;
+    /// Up to `max_bytes` of page data in records with LSN >= `from`, never past the durable LSN.
+    fn fetch(&self, from: Lsn, max_bytes: usize) -> Result<Fetch>;
+}
+
+/// Parse what the user passed to `repl_sync()`: a primary database path, or a `file:` URL.
+pub fn open_source(spec: &str) -> Result<Box<dyn Source>> {
+    let s = spec.trim();
+    if s.is_empty() {
+        return Err(Error::Misuse(
+            "repl_sync(): the source is empty; pass the primary's database path, e.g. repl_sync('/data/app.db')"
+                .into(),
+        ));
+    }
+    if s.starts_with("http://") || s.starts_with("https://") {
+        return Err(Error::Unsupported(format!(
+            "repl_sync('{s}'): HTTP sources are not available in this build yet; use the primary's database path (shared disk)"
+        )));
+    }
+    let path = if let Some(rest) = s.strip_prefix("file:") {
+        let rest = rest.split('?').next().unwrap_or("");
+        rest.strip_prefix("//").unwrap_or(rest).to_string()
+    } else if s.contains("://") {
+        return Err(Error::Misuse(format!(
+            "repl_sync('{s}'): unknown source scheme; use a database path, a file: URL or http(s)://"
+        )));
+    } else {
+        s.to_string()
+    };
+    Ok(Box::new(dir::DirSource::open(&path)?))
+}
