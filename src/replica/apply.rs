@@ -346,10 +346,11 @@ mod tests {
         assert_eq!(r.mx_frame, last.mx_frame);
         assert_eq!(r.frame_cksum, last.frame_cksum);
         // The hash index finds the newest frame of each page.
-        assert_eq!(
-            hash_lookup(&s, 2, 1, last.mx_frame),
-            Some(5002 - (5000 - 6) % 7)
-        );
+        let newest =
+            |pg: u32, below: u32| (0..below).rev().find(|i| i % 7 + 1 == pg).map(|i| i + 3);
+        assert_eq!(hash_lookup(&s, 2, 1, last.mx_frame), newest(2, 5000));
+        assert_eq!(hash_lookup(&s, 7, 1, last.mx_frame), newest(7, 5000));
+        assert_eq!(hash_lookup(&s, 7, 1, 4000), newest(7, 3998));
         assert_eq!(hash_lookup(&s, 1, 1, 2), Some(1));
         // A header changed behind our back is refused.
         let e = append_commit(&mut s, &wal, Some(&h1), ps, &[(1, &p1)], 7).unwrap_err();
