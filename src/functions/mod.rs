@@ -195,7 +195,12 @@ fn repl_checksum(c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
         return Ok(SqlValue::Null);
     };
     Ok(match (d.primary(), d.replica()) {
-        (Some(p), _) => SqlValue::Text(p.checksum()?.1.to_string()),
+        (Some(p), _) => {
+            // A process that has not read the database yet has no wal-index mapped (the first
+            // reader of a closed database rebuilds it): read once on the caller's connection.
+            let _ = c.db.query_value("PRAGMA main.schema_version");
+            SqlValue::Text(p.checksum()?.1.to_string())
+        }
         (_, Some(r)) => SqlValue::Text(r.checksum()?.1.to_string()),
         _ => SqlValue::Null,
     })

@@ -40,6 +40,7 @@ FUNCTIONS = (
     "repl_version",
     "repl_debug",
     "repl_primary",
+    "repl_sync",
     "repl_lsn",
     "repl_role",
     "repl_checksum",
@@ -253,3 +254,203 @@ def wait_for(
             extra = f" (last error: {last_exc!r})" if last_exc else ""
             raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
         time.sleep(interval)
+
+
+# ------------------------------------------------------------- long-lived worker processes
+#
+# Replica tests need a primary process, an applier process and reader processes that stay
+# alive across steps (a reader holding BEGIN, an applier keeping its connection). A worker is a
+# child process owning ONE connection; the test sends it one request per line and reads one
+# JSON reply per line, with a deadline (select), so a hung child fails the test instead of
+# hanging it.
+
+import json as _json
+import select as _select
+import signal as _signal
+
+# The worker's request loop. cfg (first stdin line): path, ext (load the extension before
+# opening; False = a process that never loads it, plain unix VFS), flags ("rw" / "ro").
+WORKER_PY = textwrap.dedent(
+    """\
+    cfg = json.loads(sys.stdin.readline())
+    if cfg["flags"] == "ro":
+        flags = apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI
+    else:
+        flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE | apsw.SQLITE_OPEN_URI
+    if cfg["ext"]:
+        conn = connect(cfg["path"], flags)
+    else:
+        conn = apsw.Connection(cfg["path"], flags=flags)
+    conn.setbusytimeout(cfg.get("busy", 5000))
+    def enc(v):
+        return {"hex": v.hex()} if isinstance(v, (bytes, bytearray, memoryview)) else v
+    print(json.dumps({"ok": "ready", "pid": os.getpid(),
+                      "sqlite": apsw.sqlite_lib_version()}), flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        try:
+            if "script" in req:
+                out = {"rows": []}
+                for stmt in req["script"]:
+                    out["rows"] = [[enc(v) for v in r] for r in conn.execute(stmt)]
+            else:
+                out = {"rows": [[enc(v) for v in r] for r in conn.execute(req["sql"], req.get("args", []))]}
+        except apsw.Error as e:
+            out = {"error": type(e).__name__, "msg": str(e)}
+        print(json.dumps(out), flush=True)
+    """
+)
+
+
+class WorkerError(Exception):
+    """An SQL error reported by a worker: ``name`` is apsw's exception class name."""
+
+    def __init__(self, name: str, msg: str):
+        super().__init__(f"{name}: {msg}")
+        self.name = name
+        self.msg = msg
+
+
+def _readline(proc: subprocess.Popen[str], timeout: float, what: str) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"{what}: no reply within {timeout}s")
+        r, _, _ = _select.select([proc.stdout], [], [], left)
+        if r:
+            line = proc.stdout.readline()
+            if not line:
+                err = proc.stderr.read() if proc.stderr and proc.poll() is not None else ""
+                raise AssertionError(f"{what}: the process ended (rc {proc.poll()}); stderr:\n{err}")
+            return line
+
+
+class Worker:
+    """A child process with one apsw connection on ``path`` (see WORKER_PY).
+
+    ``ext=True`` loads the extension before opening (so the connection uses the replica VFS);
+    ``ext=False`` is a process that never loads it (stock SQLite 3.54 of apsw, unix VFS).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], ext: bool = True, flags: str = "rw", busy: int = 5000):
+        self.path = str(path)
+        self.proc = spawn_py(WORKER_PY)
+        self.proc.stdin.write(_json.dumps({"path": self.path, "ext": ext, "flags": flags, "busy": busy}) + "\n")
+        self.proc.stdin.flush()
+        hello = _json.loads(_readline(self.proc, 30, f"worker on {self.path}"))
+        assert hello.get("ok") == "ready", hello
+        self.pid = hello["pid"]
+        self.sqlite_version = hello["sqlite"]
+
+    def _send(self, req: dict, timeout: float) -> list[list[Any]]:
+        self.proc.stdin.write(_json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        out = _json.loads(_readline(self.proc, timeout, f"worker {self.pid} on {self.path}: {req}"))
+        if "error" in out:
+            raise WorkerError(out["error"], out["msg"])
+        return out["rows"]
+
+    def q(self, sql: str, args: Iterable[Any] = (), timeout: float = 60) -> list[list[Any]]:
+        """Rows of ``sql`` (raises WorkerError on an SQL error)."""
+        return self._send({"sql": sql, "args": list(args)}, timeout)
+
+    def one(self, sql: str, args: Iterable[Any] = (), timeout: float = 60) -> Any:
+        rows = self.q(sql, args, timeout)
+        return rows[0][0] if rows else None
+
+    def script(self, stmts: Iterable[str], timeout: float = 60) -> list[list[Any]]:
+        """Run statements in order; rows of the last one."""
+        return self._send({"script": list(stmts)}, timeout)
+
+    def close(self, timeout: float = 30) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f:
+                f.close()
+
+    def kill(self) -> None:
+        """SIGKILL (a crash), then reap."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, _signal.SIGKILL)
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if f:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+    def __enter__(self) -> "Worker":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class CliWorker:
+    """A long-lived stock ``/usr/bin/sqlite3`` shell (3.40.1) on ``path`` WITHOUT the extension.
+
+    Each ``q`` sends SQL plus a ``.print`` marker and returns the output lines before it (list
+    mode, ``|`` separated); error messages go to the same stream, so ``q`` raises WorkerError
+    when a line starts with ``Error:``/``Parse error``/``Runtime error``.
+    """
+
+    MARK = "@@done@@"
+
+    def __init__(self, path: str | os.PathLike[str], busy: int = 5000):
+        self.path = str(path)
+        self.proc = subprocess.Popen(
+            [SQLITE3_CLI, "-batch", self.path],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO,
+        )
+        self.pid = self.proc.pid
+        self.q(f".timeout {busy}")
+
+    def q(self, sql: str, timeout: float = 60) -> list[str]:
+        self.proc.stdin.write(sql.rstrip() + f"\n.print {self.MARK}\n")
+        self.proc.stdin.flush()
+        lines = []
+        while True:
+            line = _readline(self.proc, timeout, f"sqlite3 {self.pid} on {self.path}: {sql!r}").rstrip("\n")
+            if line == self.MARK:
+                break
+            lines.append(line)
+        errors = [ln for ln in lines if ln.startswith(("Error:", "Parse error", "Runtime error"))]
+        if errors:
+            raise WorkerError("sqlite3", "\n".join(lines))
+        return lines
+
+    def close(self, timeout: float = 30) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(".quit\n")
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> "CliWorker":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
