@@ -39,6 +39,11 @@ use std::time::{Duration, Instant};
 const BATCH_BYTES: usize = 32 << 20;
 /// Checkpoint (PASSIVE) after a batch once the WAL holds this many frames (E.6).
 const CHECKPOINT_FRAMES: u32 = 1000;
+/// Drain (E.6): past this many frames the applier stops appending until a checkpoint has
+/// backfilled everything and no reader pins the WAL, so the next batch restarts it.
+const DRAIN_FRAMES: u32 = 4000;
+/// How long a drain may wait for readers before it gives up (and reports the pinned WAL).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the applier waits for the WAL write lock before reporting busy.
 const WRITE_LOCK_WAIT: Duration = Duration::from_secs(5);
 
@@ -77,6 +82,9 @@ struct State {
     /// (first LSN, last LSN, pages, contained a snapshot) of the last batch written.
     last_batch: Option<(Lsn, Lsn, usize, bool)>,
     primary_first_lsn: Option<Lsn>,
+    drains: u64,
+    /// Set when the last drain timed out: a reader held the WAL longer than DRAIN_TIMEOUT.
+    wal_pinned: Option<String>,
 }
 
 pub struct Replica {
@@ -181,6 +189,8 @@ impl Replica {
                 restarts_seen: 0,
                 last_batch: None,
                 primary_first_lsn: None,
+                drains: 0,
+                wal_pinned: None,
             }),
         }))
     }
@@ -295,6 +305,7 @@ impl Replica {
                 Fetch::Records(r) if r.is_empty() => break,
                 Fetch::Records(r) => r,
             };
+            self.maybe_drain(st);
             let mut sums = std::mem::replace(
                 &mut st.sums,
                 DbChecksum::new(PageSize::new(512).expect("valid")),
@@ -650,6 +661,58 @@ impl Replica {
         }
     }
 
+    /// E.6 drain: when the WAL is long, checkpoint until every frame is backfilled and no
+    /// reader holds READ1..4 (new readers then read the database file), so the next append
+    /// restarts the WAL. Gives up after DRAIN_TIMEOUT and reports the pinning reader.
+    fn maybe_drain(&self, st: &mut State) {
+        let Some(h) = st.last_hdr.filter(|h| h.mx_frame >= DRAIN_FRAMES) else {
+            return;
+        };
+        let started = Instant::now();
+        let deadline = started + DRAIN_TIMEOUT;
+        loop {
+            if let Some(c) = &st.ckpt {
+                let _ = c.db().exec("PRAGMA wal_checkpoint(PASSIVE)");
+            }
+            let ready = match self.handle.live_shm() {
+                Ok(Some(mut shm)) => {
+                    let ck = crate::wal::shm_ckpt_info(&shm);
+                    let done = ck.n_backfill >= h.mx_frame;
+                    done && {
+                        let free = shm.try_lock_exclusive(apply::SLOT_READ1, 4);
+                        shm.unlock_exclusive(apply::SLOT_READ1, 4);
+                        free
+                    }
+                }
+                _ => false,
+            };
+            if ready {
+                st.drains += 1;
+                st.wal_pinned = None;
+                return;
+            }
+            if Instant::now() > deadline {
+                let msg = format!(
+                    "the replica's WAL holds {} frames and a reader kept it pinned for more than {} s; \
+                     it grows until long read transactions end",
+                    h.mx_frame,
+                    DRAIN_TIMEOUT.as_secs()
+                );
+                if st.wal_pinned.is_none() {
+                    log_event(&format!(
+                        "event=wal_pinned db={:?} frames={} waited_ms={}",
+                        self.db_path,
+                        h.mx_frame,
+                        started.elapsed().as_millis()
+                    ));
+                }
+                st.wal_pinned = Some(msg);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     // ---- queries used by the SQL functions ----
 
     pub fn lsn(&self) -> Lsn {
@@ -701,6 +764,8 @@ impl Replica {
             "resnapshots": st.resnapshots,
             "foreign_writes": st.foreign_writes,
             "checkpoints": st.checkpoints,
+            "drains": st.drains,
+            "wal_pinned": st.wal_pinned,
             "last_error": st.last_error,
         })
     }
