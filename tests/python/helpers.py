@@ -311,19 +311,32 @@ class WorkerError(Exception):
         self.msg = msg
 
 
-def _readline(proc: subprocess.Popen[str], timeout: float, what: str) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"{what}: no reply within {timeout}s")
-        r, _, _ = _select.select([proc.stdout], [], [], left)
-        if r:
-            line = proc.stdout.readline()
-            if not line:
-                err = proc.stderr.read() if proc.stderr and proc.poll() is not None else ""
-                raise AssertionError(f"{what}: the process ended (rc {proc.poll()}); stderr:\n{err}")
-            return line
+class _Lines:
+    """Line reader over a child's stdout pipe with a deadline (select on the raw fd, own
+    buffer: a buffered readline could hold a second line select cannot see)."""
+
+    def __init__(self, proc: subprocess.Popen[str]):
+        self.proc = proc
+        self.fd = proc.stdout.fileno()
+        self.buf = b""
+
+    def readline(self, timeout: float, what: str) -> str:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{what}: no reply within {timeout}s")
+            r, _, _ = _select.select([self.fd], [], [], left)
+            if not r:
+                continue
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                self.proc.wait(5)
+                err = self.proc.stderr.read() if self.proc.stderr else ""
+                raise AssertionError(f"{what}: the process ended (rc {self.proc.returncode}); stderr:\n{err}")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode()
 
 
 class Worker:
@@ -338,7 +351,8 @@ class Worker:
         self.proc = spawn_py(WORKER_PY)
         self.proc.stdin.write(_json.dumps({"path": self.path, "ext": ext, "flags": flags, "busy": busy}) + "\n")
         self.proc.stdin.flush()
-        hello = _json.loads(_readline(self.proc, 30, f"worker on {self.path}"))
+        self.lines = _Lines(self.proc)
+        hello = _json.loads(self.lines.readline(30, f"worker on {self.path}"))
         assert hello.get("ok") == "ready", hello
         self.pid = hello["pid"]
         self.sqlite_version = hello["sqlite"]
@@ -346,7 +360,7 @@ class Worker:
     def _send(self, req: dict, timeout: float) -> list[list[Any]]:
         self.proc.stdin.write(_json.dumps(req) + "\n")
         self.proc.stdin.flush()
-        out = _json.loads(_readline(self.proc, timeout, f"worker {self.pid} on {self.path}: {req}"))
+        out = _json.loads(self.lines.readline(timeout, f"worker {self.pid} on {self.path}: {req}"))
         if "error" in out:
             raise WorkerError(out["error"], out["msg"])
         return out["rows"]
@@ -410,7 +424,8 @@ class CliWorker:
     def __init__(self, path: str | os.PathLike[str], busy: int = 5000):
         self.path = str(path)
         self.proc = subprocess.Popen(
-            [SQLITE3_CLI, "-batch", self.path],
+            # stdbuf: the shell's stdout is a pipe (fully buffered by stdio otherwise).
+            ["stdbuf", "-oL", SQLITE3_CLI, "-batch", self.path],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -418,6 +433,7 @@ class CliWorker:
             cwd=REPO,
         )
         self.pid = self.proc.pid
+        self.lines = _Lines(self.proc)
         self.q(f".timeout {busy}")
 
     def q(self, sql: str, timeout: float = 60) -> list[str]:
@@ -425,7 +441,7 @@ class CliWorker:
         self.proc.stdin.flush()
         lines = []
         while True:
-            line = _readline(self.proc, timeout, f"sqlite3 {self.pid} on {self.path}: {sql!r}").rstrip("\n")
+            line = self.lines.readline(timeout, f"sqlite3 {self.pid} on {self.path}: {sql!r}")
             if line == self.MARK:
                 break
             lines.append(line)
