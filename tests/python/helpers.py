@@ -267,6 +267,7 @@ def wait_for(
 import json as _json
 import select as _select
 import signal as _signal
+import tempfile
 
 # The worker's request loop. cfg (first stdin line): path, ext (load the extension before
 # opening; False = a process that never loads it, plain unix VFS), flags ("rw" / "ro").
@@ -315,8 +316,9 @@ class _Lines:
     """Line reader over a child's stdout pipe with a deadline (select on the raw fd, own
     buffer: a buffered readline could hold a second line select cannot see)."""
 
-    def __init__(self, proc: subprocess.Popen[str]):
+    def __init__(self, proc: subprocess.Popen[str], stderr_text: Callable[[], str] = lambda: ""):
         self.proc = proc
+        self.stderr_text = stderr_text
         self.fd = proc.stdout.fileno()
         self.buf = b""
 
@@ -332,7 +334,7 @@ class _Lines:
             chunk = os.read(self.fd, 65536)
             if not chunk:
                 self.proc.wait(5)
-                err = self.proc.stderr.read() if self.proc.stderr else ""
+                err = self.stderr_text()
                 raise AssertionError(f"{what}: the process ended (rc {self.proc.returncode}); stderr:\n{err}")
             self.buf += chunk
         line, self.buf = self.buf.split(b"\n", 1)
@@ -346,16 +348,42 @@ class Worker:
     ``ext=False`` is a process that never loads it (stock SQLite 3.54 of apsw, unix VFS).
     """
 
-    def __init__(self, path: str | os.PathLike[str], ext: bool = True, flags: str = "rw", busy: int = 5000):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        ext: bool = True,
+        flags: str = "rw",
+        busy: int = 5000,
+        env: dict[str, str] | None = None,
+    ):
         self.path = str(path)
-        self.proc = spawn_py(WORKER_PY)
+        # stderr into a file, not a pipe: the extension logs events there and a full pipe
+        # would block a long-running child.
+        self.err = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", PY_PRELUDE + WORKER_PY],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.err,
+            text=True,
+            env=_py_env(env),
+            cwd=REPO,
+        )
         self.proc.stdin.write(_json.dumps({"path": self.path, "ext": ext, "flags": flags, "busy": busy}) + "\n")
         self.proc.stdin.flush()
-        self.lines = _Lines(self.proc)
+        self.lines = _Lines(self.proc, self.stderr)
         hello = _json.loads(self.lines.readline(30, f"worker on {self.path}"))
         assert hello.get("ok") == "ready", hello
         self.pid = hello["pid"]
         self.sqlite_version = hello["sqlite"]
+
+    def stderr(self) -> str:
+        """What the child wrote to stderr so far (the extension's event lines)."""
+        self.err.flush()
+        self.err.seek(0)
+        text = self.err.read()
+        self.err.seek(0, os.SEEK_END)
+        return text
 
     def _send(self, req: dict, timeout: float) -> list[list[Any]]:
         self.proc.stdin.write(_json.dumps(req) + "\n")
@@ -388,16 +416,15 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for f in (self.proc.stdout, self.proc.stderr):
-            if f:
-                f.close()
+        if self.proc.stdout:
+            self.proc.stdout.close()
 
     def kill(self) -> None:
         """SIGKILL (a crash), then reap."""
         if self.proc.poll() is None:
             os.kill(self.proc.pid, _signal.SIGKILL)
         self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+        for f in (self.proc.stdin, self.proc.stdout):
             if f:
                 try:
                     f.close()
@@ -470,3 +497,68 @@ class CliWorker:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# ------------------------------------------------------------------ replica test helpers
+
+
+def start_primary(path: str | os.PathLike[str], **kwargs: Any) -> Worker:
+    """A primary process: a worker on ``path`` that ran ``SELECT repl_primary()``."""
+    w = Worker(path, **kwargs)
+    lsn = w.one("SELECT repl_primary()")
+    assert isinstance(lsn, int), f"repl_primary() returned {lsn!r}"
+    return w
+
+
+def start_replica(path: str | os.PathLike[str], source: str | os.PathLike[str], **kwargs: Any) -> Worker:
+    """An applier process: a worker on the NEW file ``path`` that ran ``repl_sync(source)``."""
+    w = Worker(path, **kwargs)
+    lsn = w.one("SELECT repl_sync(?)", [str(source)])
+    assert isinstance(lsn, int), f"repl_sync() returned {lsn!r}"
+    return w
+
+
+def lsn_checksum(w: Worker) -> tuple[int, str]:
+    """(repl_lsn(), repl_checksum()) of a primary or replica worker."""
+    lsn, ck = w.q("SELECT repl_lsn(), repl_checksum()")[0]
+    return lsn, ck
+
+
+def sync_to(replica: Worker, lsn: int, timeout: float = 30) -> int:
+    """``repl_sync()`` until the replica reached ``lsn`` (the primary serves only durable
+    records, so a sync right after a commit may legitimately return less)."""
+    return wait_for(
+        lambda: (got := replica.one("SELECT repl_sync()")) >= lsn and got,
+        timeout=timeout,
+        interval=0.01,
+        what=f"the replica reaching LSN {lsn}",
+    )
+
+
+def worker_status(w: Worker) -> dict:
+    value = _json.loads(w.one("SELECT repl_status()"))
+    assert isinstance(value, dict), value
+    return value
+
+
+def worker_tables(w: Worker) -> dict[str, list]:
+    """Every row of every table (schema included) through ``w``'s connection, sorted."""
+    out: dict[str, list] = {"sqlite_schema": sorted(w.q("SELECT type, name, tbl_name, sql FROM sqlite_schema"), key=repr)}
+    names = [r[0] for r in w.q("SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+    for name in sorted(names):
+        quoted = '"' + name.replace('"', '""') + '"'
+        out[name] = sorted(w.q(f"SELECT * FROM {quoted}"), key=repr)
+    return out
+
+
+def stock_tables(db: str | os.PathLike[str]) -> dict[str, list]:
+    """``worker_tables`` read by a fresh process that never loads the extension."""
+    with Worker(db, ext=False, flags="ro") as r:
+        return worker_tables(r)
+
+
+def stock_one(db: str | os.PathLike[str], sql: str) -> str:
+    """``sql`` run by a fresh stock ``/usr/bin/sqlite3`` (3.40.1) WITHOUT the extension; stdout."""
+    proc = sqlite3_cli(db, sql, load=False, args=["-cmd", ".timeout 5000"])
+    assert proc.returncode == 0, f"stock sqlite3 failed ({proc.returncode}): {proc.stderr}"
+    return proc.stdout.strip()
