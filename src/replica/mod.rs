@@ -284,6 +284,10 @@ impl Replica {
             self.load(st)?;
         }
         loop {
+            if !st.loaded {
+                // write_plan found the WAL emptied behind us: verify the content first.
+                self.load(st)?;
+            }
             if let Some(why) = st.diverged.take() {
                 self.resnapshot(st, &why)?;
                 continue;
@@ -560,15 +564,18 @@ impl Replica {
     }
 
     /// Write one planned batch as one replica commit and record the new position.
+    /// Sets `loaded = false` without writing when the live content must be re-verified first
+    /// (the sync loop then reloads and re-plans).
     fn write_plan(&self, st: &mut State, plan: &BatchPlan) -> Result<()> {
         let r = self.write_plan_inner(st, plan);
-        if r.is_err() {
+        if !matches!(r, Ok(true)) {
             st.loaded = false; // sums were advanced by the plan: re-derive them next time
         }
-        r
+        r.map(|_| ())
     }
 
-    fn write_plan_inner(&self, st: &mut State, plan: &BatchPlan) -> Result<()> {
+    /// Ok(false): nothing written, the content must be re-verified (see below).
+    fn write_plan_inner(&self, st: &mut State, plan: &BatchPlan) -> Result<bool> {
         let applied = Applied {
             seq: 0,
             lsn: st.lsn,
@@ -578,6 +585,19 @@ impl Replica {
         };
         self.pos.write(&applied)?;
         let mut shm = self.write_locked(st)?;
+        // An empty WAL that is not the one we published: a stock RESTART/TRUNCATE checkpoint
+        // copied everything into the database file — possibly including a foreign commit made
+        // before it, which the header no longer shows. The plan was verified against our
+        // in-memory checksums, so re-derive them from the live content (a foreign change then
+        // shows up as divergence → re-snapshot) before writing anything on top.
+        if let (Some(last), Some(live)) = (st.last_hdr.as_ref(), shm_read_header(&shm)) {
+            if live.mx_frame == 0
+                && (live.mx_frame, live.salts, live.frame_cksum)
+                    != (last.mx_frame, last.salts, last.frame_cksum)
+            {
+                return Ok(false);
+            }
+        }
         let wal = st.wal.as_ref().expect("opened");
         let page1;
         let mut pages: Vec<(u32, &[u8])> =
@@ -618,7 +638,7 @@ impl Replica {
                     self.db_path
                 ));
                 st.diverged = Some(m);
-                return Ok(());
+                return Ok(true);
             }
             Err(ApplyError::NeedRecovery) => {
                 return Err(Error::Busy("the wal-index needs recovery; retry".into()))
@@ -648,7 +668,7 @@ impl Replica {
             intent: None,
         })?;
         st.seen_seq = w.seq;
-        Ok(())
+        Ok(true)
     }
 
     /// E.6: checkpoint PASSIVE through the applier connection once the WAL is long.
