@@ -562,3 +562,40 @@ def stock_one(db: str | os.PathLike[str], sql: str) -> str:
     proc = sqlite3_cli(db, sql, load=False, args=["-cmd", ".timeout 5000"])
     assert proc.returncode == 0, f"stock sqlite3 failed ({proc.returncode}): {proc.stderr}"
     return proc.stdout.strip()
+
+
+def spawn_bg(code: str, logdir: str | os.PathLike[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start a Python snippet (with PY_PRELUDE) in the background, stdout and stderr into
+    ``logdir/name.out`` / ``name.err`` (files, not pipes: a long-running child that logs must
+    never block on a full pipe). Read the result with ``bg_result``."""
+    out = open(Path(logdir) / f"{name}.out", "w")
+    err = open(Path(logdir) / f"{name}.err", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PY_PRELUDE + textwrap.dedent(code)],
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=err,
+        text=True,
+        env=_py_env(env),
+        cwd=REPO,
+    )
+    out.close()
+    err.close()
+    proc.logdir, proc.name = Path(logdir), name  # type: ignore[attr-defined]
+    return proc
+
+
+def bg_result(proc: subprocess.Popen[str], timeout: float = 60) -> Any:
+    """Wait for a ``spawn_bg`` child; it must exit 0; returns the JSON of its last stdout line."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"{proc.name} did not finish within {timeout}s")  # type: ignore[attr-defined]
+    out = (proc.logdir / f"{proc.name}.out").read_text()  # type: ignore[attr-defined]
+    err = (proc.logdir / f"{proc.name}.err").read_text()  # type: ignore[attr-defined]
+    assert proc.returncode == 0, f"{proc.name} failed ({proc.returncode}):\n{err[-4000:]}\nstdout:\n{out[-2000:]}"  # type: ignore[attr-defined]
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert lines, f"{proc.name} printed nothing; stderr:\n{err[-4000:]}"  # type: ignore[attr-defined]
+    return _json.loads(lines[-1])

@@ -1,0 +1,324 @@
+"""Concurrency stress on a live replica (wal-spec G16; issue 3 "differential replication test"),
+bounded to well under a minute. Every party is its own process:
+
+* a primary process doing bank transfers: each transaction moves money between two of N
+  accounts (the sum of balances never changes), increments the single version row and stamps
+  the touched accounts with the new version (so in every committed state
+  ``max(acct.ver) == ver.v``); sometimes it also inserts or deletes spilling blobs (multi-page,
+  overflow, shrinking commits). It samples ``(repl_lsn(), repl_checksum())`` as it goes;
+* an applier process calling ``repl_sync()`` in a loop, sampling the same pair after each sync;
+* three reader processes on the replica that never load the extension: two apsw (3.54) loops
+  of short reads and long read transactions (the snapshot must not change inside them), and
+  the stock ``/usr/bin/sqlite3`` 3.40.1 shell driven from this process (a script of short reads
+  and ``BEGIN`` blocks, one fresh shell after the other);
+* a stock checkpointer (no extension): PASSIVE every 30 ms, now and then RESTART or TRUNCATE.
+
+Checks: zero invariant violations (sum, max(ver) == v, v never decreasing within one reader,
+identical reads inside a read transaction), zero SQLITE_PROTOCOL / SQLITE_CORRUPT (no SQLite
+error at all in the readers), the replica's checksum equals the primary's at every LSN both
+sampled, and at the end: integrity_check ok, content equal, a fresh process's
+``repl_checksum()`` (recomputed from the live files) equal to the primary's.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+
+import walutil
+
+from helpers import (
+    SQLITE3_CLI,
+    Worker,
+    bg_result,
+    lsn_checksum,
+    spawn_bg,
+    start_primary,
+    start_replica,
+    stock_one,
+    stock_tables,
+    sync_to,
+    worker_tables,
+)
+
+N_ACCT = 20
+START_BAL = 1000
+TOTAL = N_ACCT * START_BAL
+TXNS = int(os.environ.get("REPL_STRESS_TXNS", "20000"))  # cap; the run is bounded by WORK_S
+WORK_S = float(os.environ.get("REPL_STRESS_SECS", "12"))
+SEED = int(os.environ.get("REPL_STRESS_SEED", "1616"))
+BUDGET_S = 40  # the whole workload phase; everything is stopped at this deadline
+
+READ_SQL = (
+    "SELECT (SELECT total(bal) FROM acct), (SELECT count(*) FROM acct), (SELECT v FROM ver), "
+    "(SELECT max(ver) FROM acct), (SELECT count(*) FROM junk)"
+)
+
+PRIMARY = """
+import random
+conn = connect(os.environ["P_DB"])
+conn.setbusytimeout(10000)
+rng = random.Random(int(os.environ["SEED"]))
+n, txns, deadline = int(os.environ["N_ACCT"]), int(os.environ["TXNS"]), time.monotonic() + float(os.environ["SECS"])
+samples, done = [], 0
+while done < txns and time.monotonic() < deadline:
+    a, b = rng.sample(range(n), 2)
+    x = rng.randint(1, 100)
+    conn.execute("BEGIN IMMEDIATE")
+    v = one(conn, "SELECT v FROM ver") + 1
+    conn.execute("UPDATE acct SET bal = bal - ?, ver = ? WHERE id = ?", (x, v, a))
+    conn.execute("UPDATE acct SET bal = bal + ?, ver = ? WHERE id = ?", (x, v, b))
+    conn.execute("UPDATE ver SET v = ?", (v,))
+    r = rng.random()
+    if done == 500:  # one commit of > 4062 pages: the replica's wal-index crosses a hash block
+        conn.execute("INSERT INTO junk(b) VALUES (randomblob(17500000))")
+    elif done == 1500:
+        conn.execute("DELETE FROM junk WHERE length(b) > 1000000")
+    elif r < 0.06:
+        conn.execute("INSERT INTO junk(b) VALUES (randomblob(?))", (rng.randint(2000, 60000),))
+    elif r < 0.08:
+        conn.execute("DELETE FROM junk WHERE rowid % 2 = ?", (rng.randint(0, 1),))
+    conn.execute("COMMIT")
+    done += 1
+    if rng.random() < 0.3:
+        time.sleep(rng.random() * 0.003)  # workload shape: some syncs see one txn, some many
+    if done % 7 == 0:
+        samples.append(list(conn.execute("SELECT repl_lsn(), repl_checksum()").fetchone()))
+samples.append(list(conn.execute("SELECT repl_lsn(), repl_checksum()").fetchone()))
+print(json.dumps({"txns": done, "samples": samples}))
+"""
+
+APPLIER = """
+conn = connect(os.environ["R_DB"])
+conn.setbusytimeout(5000)
+stop = os.environ["STOP"]
+samples, errors, syncs, max_frames = [], [], 0, 0
+while True:
+    stopping = os.path.exists(stop)
+    try:
+        lsn = one(conn, "SELECT repl_sync()")
+        samples.append([lsn, one(conn, "SELECT repl_checksum()")])
+        syncs += 1
+        wal = json.loads(one(conn, "SELECT repl_status()"))["wal"]
+        max_frames = max(max_frames, wal["mx_frame"] if wal else 0)
+    except apsw.Error as e:
+        errors.append(f"{type(e).__name__}: {e}")
+    if stopping:
+        break
+print(json.dumps({"syncs": syncs, "samples": samples, "errors": errors, "max_frames": max_frames,
+                  "status": json.loads(one(conn, "SELECT repl_status()"))}))
+"""
+
+READER = """
+import random
+conn = apsw.Connection(os.environ["R_DB"])  # no extension in this process: stock unix VFS
+conn.setbusytimeout(5000)
+rng = random.Random(int(os.environ["SEED"]))
+stop, total, n = os.environ["STOP"], float(os.environ["TOTAL"]), int(os.environ["N_ACCT"])
+sql = os.environ["READ_SQL"]
+violations, errors, reads, long_txns, last_v = [], [], 0, 0, -1
+def check(row):
+    global last_v
+    s, c, v, mv, _ = row
+    if s != total or c != n or (v > 0 and mv != v) or v < last_v:
+        violations.append(["state", row, last_v])
+    last_v = max(last_v, v)
+while not os.path.exists(stop):
+    try:
+        if rng.random() < 0.15:
+            conn.execute("BEGIN")
+            first = conn.execute(sql).fetchone()
+            check(first)
+            until = time.monotonic() + rng.uniform(0.05, 0.6)
+            while time.monotonic() < until:
+                again = conn.execute(sql).fetchone()
+                reads += 1
+                if again != first:
+                    violations.append(["snapshot moved", first, again])
+            conn.execute("COMMIT")
+            long_txns += 1
+        else:
+            check(conn.execute(sql).fetchone())
+            reads += 1
+    except apsw.Error as e:
+        errors.append(f"{type(e).__name__}: {e}")
+        if not conn.getautocommit():
+            conn.execute("ROLLBACK")
+print(json.dumps({"reads": reads, "long_txns": long_txns, "violations": violations[:20],
+                  "n_violations": len(violations), "errors": errors[:20], "last_v": last_v}))
+"""
+
+CHECKPOINTER = """
+import random
+conn = apsw.Connection(os.environ["R_DB"])  # stock, no extension
+conn.setbusytimeout(50)
+rng = random.Random(int(os.environ["SEED"]))
+stop = os.environ["STOP"]
+done, busy, errors = {}, 0, []
+while not os.path.exists(stop):
+    mode = "PASSIVE" if rng.random() < 0.9 else rng.choice(["RESTART", "TRUNCATE", "FULL"])
+    try:
+        b, log, ck = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        done[mode] = done.get(mode, 0) + 1
+        busy += b
+    except apsw.BusyError:
+        busy += 1
+    except apsw.Error as e:
+        errors.append(f"{type(e).__name__}: {e}")
+    time.sleep(0.03)  # pacing (every 30 ms, as in wal-spec G16), not synchronisation
+print(json.dumps({"done": done, "busy": busy, "errors": errors[:20]}))
+"""
+
+
+def cli_script(blocks: int) -> str:
+    """Short reads and BEGIN blocks for the stock shell; ``.print`` lines delimit the blocks."""
+    out = []
+    for i in range(blocks):
+        if i % 4 == 0:
+            out.append(".print BEGIN")
+            out.append("BEGIN;")
+            out.extend([READ_SQL + ";"] * 30)
+            out.append("COMMIT;")
+            out.append(".print END")
+        else:
+            out.extend([READ_SQL + ";"] * 5)
+    return "\n".join(out) + "\n"
+
+
+def check_cli_output(text: str, last_v: int, violations: list) -> tuple[int, int]:
+    """Parse one shell run; returns (reads, new last_v)."""
+    reads = 0
+    block: list[str] | None = None
+    for line in text.splitlines():
+        if line == "BEGIN":
+            block = []
+            continue
+        if line == "END":
+            if block and any(b != block[0] for b in block):
+                violations.append(["sqlite3: snapshot moved inside BEGIN", sorted(set(block))[:3]])
+            block = None
+            continue
+        s, c, v, mv, _ = line.split("|")
+        reads += 1
+        v_i = int(v)
+        if float(s) != TOTAL or int(c) != N_ACCT or (v_i > 0 and int(mv) != v_i) or v_i < last_v:
+            violations.append(["sqlite3: state", line, last_v])
+        last_v = max(last_v, v_i)
+        if block is not None:
+            block.append(line)
+    return reads, last_v
+
+
+def test_bank_invariant_under_concurrent_apply_reads_and_checkpoints(tmp):
+    pdb, rdb, stop = tmp / "p.db", tmp / "r.db", tmp / "STOP"
+    with start_primary(pdb) as p:
+        p.script(
+            [
+                "CREATE TABLE acct(id INTEGER PRIMARY KEY, bal INTEGER NOT NULL, ver INTEGER NOT NULL)",
+                "CREATE TABLE ver(v INTEGER NOT NULL)",
+                "CREATE TABLE junk(b BLOB)",
+                "BEGIN",
+                *[f"INSERT INTO acct VALUES ({i}, {START_BAL}, 0)" for i in range(N_ACCT)],
+                "INSERT INTO ver VALUES (0)",
+                "COMMIT",
+            ]
+        )
+    start_replica(rdb, pdb).close()  # bootstrapped; the applier process resumes it
+
+    env = {
+        "P_DB": str(pdb),
+        "R_DB": str(rdb),
+        "STOP": str(stop),
+        "N_ACCT": str(N_ACCT),
+        "TOTAL": str(TOTAL),
+        "TXNS": str(TXNS),
+        "SECS": str(WORK_S),
+        "READ_SQL": READ_SQL,
+    }
+    applier = spawn_bg(APPLIER, tmp, "applier", env)
+    readers = [spawn_bg(READER, tmp, f"reader{i}", {**env, "SEED": str(SEED + i)}) for i in range(2)]
+    ckpt = spawn_bg(CHECKPOINTER, tmp, "checkpointer", {**env, "SEED": str(SEED + 7)})
+    primary = spawn_bg(PRIMARY, tmp, "primary", {**env, "SEED": str(SEED)})
+    procs = [applier, *readers, ckpt, primary]
+    # The largest mxFrame published on the replica, polled from -shm (the batches of one
+    # repl_sync() call are not visible to the applier's own status between calls). This
+    # process holds no SQLite connection on the replica, so reading its files drops no lock.
+    seen = {"mx_frame": 0}
+    polling = threading.Event()
+
+    def poll_shm() -> None:
+        while not polling.is_set():
+            h = walutil.shm_header(str(rdb))
+            if h:
+                seen["mx_frame"] = max(seen["mx_frame"], h[0])
+            time.sleep(0.001)
+
+    poller = threading.Thread(target=poll_shm, daemon=True)
+    poller.start()
+    deadline = time.monotonic() + BUDGET_S
+    cli_violations: list = []
+    cli_reads = cli_runs = 0
+    cli_last_v = -1
+    try:
+        # The third reader: fresh stock sqlite3 shells, one after the other, while the
+        # primary works.
+        while primary.poll() is None and time.monotonic() < deadline:
+            proc = subprocess.run(
+                [SQLITE3_CLI, "-batch", "-cmd", ".timeout 5000", str(rdb)],
+                input=cli_script(16),
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert proc.returncode == 0 and not proc.stderr, f"stock sqlite3 reader failed: {proc.stderr}"
+            n, cli_last_v = check_cli_output(proc.stdout, cli_last_v, cli_violations)
+            cli_reads += n
+            cli_runs += 1
+        prim = bg_result(primary, timeout=max(1, deadline - time.monotonic()))
+    finally:
+        stop.touch()
+        polling.set()
+        for proc in procs:
+            if proc.poll() is None and time.monotonic() > deadline + 20:
+                proc.kill()
+    app = bg_result(applier, timeout=30)
+    rds = [bg_result(r, timeout=30) for r in readers]
+    ck = bg_result(ckpt, timeout=30)
+
+    summary = {"primary_txns": prim["txns"], "syncs": app["syncs"], "max_frames": max(app["max_frames"], seen["mx_frame"]), "cli": (cli_runs, cli_reads),
+               "readers": [(r["reads"], r["long_txns"]) for r in rds], "checkpointer": ck}
+    assert prim["txns"] >= 200, f"the primary did too little to mean anything: {summary}"
+    # Readers: no violation, no SQLite error of any kind (PROTOCOL, CORRUPT, BUSY...).
+    for i, r in enumerate(rds):
+        assert r["n_violations"] == 0, f"reader{i} saw inconsistent states: {r['violations']}"
+        assert not r["errors"], f"reader{i} got SQLite errors: {r['errors']}"
+        assert r["reads"] > 50 and r["long_txns"] > 0, f"reader{i} hardly read: {r}"
+    assert not cli_violations, f"the stock sqlite3 reader saw inconsistent states: {cli_violations[:5]}"
+    assert cli_runs >= 1 and cli_reads > 0
+    assert not ck["errors"], f"the stock checkpointer got errors: {ck['errors']}"
+    assert not app["errors"], f"repl_sync() failed during the run: {app['errors'][:5]} ({summary})"
+    assert app["syncs"] > 10, summary
+    assert summary["max_frames"] > 4062, f"the replica's WAL never crossed a wal-index hash block: {summary}"
+
+    # The replica's checksum equals the primary's at every LSN both sampled.
+    primary_at = {lsn: ck_ for lsn, ck_ in prim["samples"]}
+    common = [(lsn, c) for lsn, c in app["samples"] if lsn in primary_at]
+    assert len(common) >= 5, f"too few common sampled LSNs: {len(common)} ({summary})"
+    bad = [(lsn, c, primary_at[lsn]) for lsn, c in common if c != primary_at[lsn]]
+    assert not bad, f"replica checksum != primary checksum at LSNs {bad[:5]}"
+    final_lsn, final_ck = prim["samples"][-1]
+    assert app["samples"][-1] == [final_lsn, final_ck], "the last sync did not reach the primary's final state"
+    st = app["status"]
+    assert st["resnapshots"] == 0 and st["foreign_writes"] == 0, f"stock readers/checkpoints taken for foreign writes: {st}"
+
+    # Final state, checked by fresh processes.
+    assert stock_one(rdb, "PRAGMA integrity_check;") == "ok"
+    with start_primary(pdb) as p2:
+        assert lsn_checksum(p2) == (final_lsn, final_ck)
+        want = worker_tables(p2)
+    assert stock_tables(rdb) == want
+    with Worker(rdb) as fresh:  # repl_checksum() recomputed from the live files
+        assert lsn_checksum(fresh) == (final_lsn, final_ck)
+        assert sync_to(fresh, final_lsn) == final_lsn
