@@ -1,0 +1,305 @@
+"""``kill -9`` of the syncing replica process at random points (issue 3 acceptance "crash test",
+wal-spec E.4/E.8/G15): a primary process keeps committing bank transfers and multi-page
+updates; an applier process loops ``repl_sync()`` and is SIGKILLed after a random (seeded)
+delay, at least 30 times — mid-batch, between frames and publish, between the header copies,
+before or after the position is recorded, wherever the delay lands. After every kill a new
+applier process resumes.
+
+Checks after each kill, by stock readers without the extension: the bank invariant holds (a
+killed applier never exposes a partial batch), the version never goes back, and the position a
+killed applier had reported is not lost (a fresh process's ``repl_lsn()`` is at least that).
+At the end: a clean ``repl_sync()`` reaches the primary's LSN with an equal ``repl_checksum()``
+(recomputed from the files by a fresh process), equal content, integrity_check ok.
+
+``test_kill_at_exact_apply_points``: an LD_PRELOAD shim kills the applier at its k-th
+``pwrite`` to the replica's ``-wal`` (before it, or after half of it: frames not written / a torn
+batch, nothing published) or to ``<db>-replica/applied`` (the intent write before a batch, or
+the position write right after a batch was published). The wal-index publish itself is a
+memory write a shim cannot intercept: the header-copies window is left to the random kills.
+
+Knobs: REPL_REPLICA_KILLS (default 32), REPL_REPLICA_CRASH_SEED (default 9090).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from helpers import (
+    Worker,
+    bg_result,
+    lsn_checksum,
+    spawn_bg,
+    start_primary,
+    start_replica,
+    stock_one,
+    stock_tables,
+    sync_to,
+    wait_for,
+    worker_tables,
+)
+
+KILLS = int(os.environ.get("REPL_REPLICA_KILLS", "32"))
+SEED = int(os.environ.get("REPL_REPLICA_CRASH_SEED", "9090"))
+N_ACCT = 10
+TOTAL = N_ACCT * 100
+
+PRIMARY = """
+import random
+conn = connect(os.environ["P_DB"])
+conn.setbusytimeout(10000)
+rng = random.Random(int(os.environ["SEED"]))
+stop, n = os.environ["STOP"], int(os.environ["N_ACCT"])
+done = 0
+while not os.path.exists(stop):
+    a, b = rng.sample(range(n), 2)
+    conn.execute("BEGIN IMMEDIATE")
+    v = one(conn, "SELECT v FROM ver") + 1
+    conn.execute("UPDATE acct SET bal = bal - 1, ver = ? WHERE id = ?", (v, a))
+    conn.execute("UPDATE acct SET bal = bal + 1, ver = ? WHERE id = ?", (v, b))
+    conn.execute("UPDATE ver SET v = ?", (v,))
+    if rng.random() < 0.3:  # a multi-page commit: the applier needs a while to write it
+        conn.execute("UPDATE junk SET b = randomblob(length(b)) WHERE id % 4 = ?", (rng.randint(0, 3),))
+    conn.execute("COMMIT")
+    done += 1
+    if rng.random() < 0.5:
+        time.sleep(rng.random() * 0.004)  # workload shape, not synchronisation
+print(json.dumps({"txns": done}))
+"""
+
+APPLIER = """
+conn = connect(os.environ["R_DB"])
+conn.setbusytimeout(5000)
+print("open", one(conn, "SELECT repl_lsn()"), flush=True)
+while True:
+    try:
+        print("synced", one(conn, "SELECT repl_sync()"), flush=True)
+    except apsw.Error as e:
+        print("error", json.dumps(f"{type(e).__name__}: {e}"), flush=True)
+"""
+
+CHECK_SQL = "SELECT (SELECT total(bal) FROM acct), (SELECT count(*) FROM acct), (SELECT v FROM ver), (SELECT max(ver) FROM acct);"
+
+
+def stock_state(rdb) -> tuple[float, int, int, int]:
+    s, c, v, mv = stock_one(rdb, CHECK_SQL).split("|")
+    return float(s), int(c), int(v), int(mv)
+
+
+def test_kill_9_of_the_applier_at_random_points(tmp):
+    pdb, rdb, stop = tmp / "p.db", tmp / "r.db", tmp / "STOP"
+    rng = random.Random(SEED)
+    with start_primary(pdb) as p:
+        p.script(
+            [
+                "CREATE TABLE acct(id INTEGER PRIMARY KEY, bal INTEGER NOT NULL, ver INTEGER NOT NULL)",
+                "CREATE TABLE ver(v INTEGER NOT NULL)",
+                "CREATE TABLE junk(id INTEGER PRIMARY KEY, b BLOB)",
+                "BEGIN",
+                *[f"INSERT INTO acct VALUES ({i}, 100, 0)" for i in range(N_ACCT)],
+                "INSERT INTO ver VALUES (0)",
+                "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 120) "
+                "INSERT INTO junk(b) SELECT randomblob(3000 + n * 20) FROM c",
+                "COMMIT",
+            ]
+        )
+    start_replica(rdb, pdb).close()
+    env = {"P_DB": str(pdb), "R_DB": str(rdb), "STOP": str(stop), "N_ACCT": str(N_ACCT), "SEED": str(SEED)}
+    primary = spawn_bg(PRIMARY, tmp, "primary", env)
+    kills = 0
+    last_v = -1
+    reported = 0  # highest LSN a killed applier printed after repl_sync() returned
+    errors: list[str] = []
+    try:
+        while kills < KILLS:
+            name = f"applier{kills}"
+            app = spawn_bg(APPLIER, tmp, name, env)
+            out = tmp / f"{name}.out"
+            opened = wait_for(
+                lambda: (t := out.read_text()).startswith("open") and t, timeout=20, what=f"{name} to open"
+            )
+            lsn_at_open = int(opened.split()[1])
+            assert lsn_at_open >= reported, f"{name} resumed at LSN {lsn_at_open}, a killed applier had reported {reported}"
+            # Two in three appliers first complete a sync (so a killed one has reported a
+            # position); then a random delay decides where the kill lands.
+            if kills % 3:
+                wait_for(lambda: "synced" in out.read_text(), timeout=20, what=f"{name}'s first sync")
+            time.sleep(rng.uniform(0.0, 0.12))  # the kill point (random), not synchronisation
+            os.kill(app.pid, signal.SIGKILL)
+            app.wait(10)
+            kills += 1
+            lines = out.read_text().splitlines()
+            errors += [ln for ln in lines if ln.startswith("error")]
+            synced = [int(ln.split()[1]) for ln in lines if ln.startswith("synced") and len(ln.split()) == 2]
+            if synced:
+                reported = max(reported, max(synced))
+            # What stock readers see after the crash: a committed state, never older.
+            s, c, v, mv = stock_state(rdb)
+            assert (s, c) == (TOTAL, N_ACCT) and (v == 0 or mv == v), f"kill {kills}: inconsistent state {(s, c, v, mv)}"
+            assert v >= last_v, f"kill {kills}: the replica went back from version {last_v} to {v}"
+            last_v = v
+            if kills % 8 == 0:
+                assert stock_one(rdb, "PRAGMA integrity_check;") == "ok", f"kill {kills}"
+        assert primary.poll() is None, "the primary stopped early"
+    finally:
+        stop.touch()
+    prim = bg_result(primary, timeout=30)
+    assert not errors, f"repl_sync() failed in killed appliers: {errors[:5]}"
+    assert kills >= 30 and prim["txns"] > 100, (kills, prim)
+    assert reported > 0, "no applier ever completed a sync before being killed"
+
+    with start_primary(pdb) as p:
+        want = lsn_checksum(p)
+        tables = worker_tables(p)
+    with Worker(rdb) as r:
+        assert r.one("SELECT repl_lsn()") >= reported
+        assert sync_to(r, want[0]) == want[0]
+    with Worker(rdb) as fresh:  # checksum recomputed from the files by a new process
+        assert lsn_checksum(fresh) == want
+    assert stock_one(rdb, "PRAGMA integrity_check;") == "ok"
+    assert stock_tables(rdb) == tables
+    resnaps = [n for n in os.listdir(tmp) if n.endswith(".err") and "event=resnapshot" in (tmp / n).read_text()]
+    assert not resnaps, f"a crash was answered with a re-snapshot instead of the position logic: {resnaps}"
+
+
+# ---------------------------------------------------------------------- exact kill points
+
+SHIM_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+/* SIGKILL this process at its (KILL_AFTER + 1)-th pwrite to a file whose path ends with
+   KILL_SUFFIX: before the write (KILL_MODE "before") or after writing half of it ("half"). */
+static ssize_t (*real_pwrite64)(int, const void *, size_t, off_t);
+static long countdown = -2;
+
+static int matches(int fd) {
+    const char *suffix = getenv("KILL_SUFFIX");
+    char link[64], path[4096];
+    if (!suffix) return 0;
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, path, sizeof path - 1);
+    if (n <= 0) return 0;
+    path[n] = 0;
+    size_t ls = strlen(suffix);
+    return (size_t)n >= ls && strcmp(path + n - ls, suffix) == 0;
+}
+
+static ssize_t hook(int fd, const void *buf, size_t count, off_t off) {
+    if (!real_pwrite64) real_pwrite64 = dlsym(RTLD_NEXT, "pwrite64");
+    if (countdown == -2) {
+        const char *a = getenv("KILL_AFTER");
+        countdown = a ? atol(a) : -1;
+    }
+    if (countdown >= 0 && matches(fd) && countdown-- == 0) {
+        const char *mode = getenv("KILL_MODE");
+        if (mode && strcmp(mode, "half") == 0) real_pwrite64(fd, buf, count / 2, off);
+        static const char msg[] = "killshim: SIGKILL\n";
+        write(2, msg, sizeof msg - 1);
+        kill(getpid(), SIGKILL);
+    }
+    return real_pwrite64(fd, buf, count, off);
+}
+
+ssize_t pwrite64(int fd, const void *buf, size_t count, off_t off) { return hook(fd, buf, count, off); }
+ssize_t pwrite(int fd, const void *buf, size_t count, off_t off) { return hook(fd, buf, count, off); }
+"""
+
+KILL_POINTS = [
+    # (mode, suffix): killed at the k-th write to it, k = 0, 1, 2, 3, 0 over the runs (at
+    # "applied" the even ones are intents, the odd ones positions after a publish)
+    ("before", "r.db-wal"),  # frames (or a new WAL header) not written, nothing published
+    ("half", "r.db-wal"),  # a torn batch in the WAL, nothing published
+    ("before", "r.db-replica/applied"),  # the intent write, or the position after a publish
+]
+
+
+@pytest.fixture(scope="module")
+def kill_shim(tmp_path_factory) -> str:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler for the LD_PRELOAD kill shim")
+    d = tmp_path_factory.mktemp("killshim")
+    (d / "killshim.c").write_text(SHIM_C)
+    so = d / "killshim.so"
+    proc = subprocess.run(
+        [cc, "-shared", "-fPIC", "-O1", "-o", str(so), str(d / "killshim.c"), "-ldl"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    return str(so)
+
+
+def test_kill_at_exact_apply_points(tmp, kill_shim):
+    pdb, rdb, stop = tmp / "p.db", tmp / "r.db", tmp / "STOP"
+    with start_primary(pdb) as p:
+        p.script(
+            [
+                "CREATE TABLE acct(id INTEGER PRIMARY KEY, bal INTEGER NOT NULL, ver INTEGER NOT NULL)",
+                "CREATE TABLE ver(v INTEGER NOT NULL)",
+                "CREATE TABLE junk(id INTEGER PRIMARY KEY, b BLOB)",
+                "BEGIN",
+                *[f"INSERT INTO acct VALUES ({i}, 100, 0)" for i in range(N_ACCT)],
+                "INSERT INTO ver VALUES (0)",
+                "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 60) "
+                "INSERT INTO junk(b) SELECT randomblob(3000) FROM c",
+                "COMMIT",
+            ]
+        )
+    start_replica(rdb, pdb).close()
+    env = {"P_DB": str(pdb), "R_DB": str(rdb), "STOP": str(stop), "N_ACCT": str(N_ACCT), "SEED": str(SEED + 2)}
+    primary = spawn_bg(PRIMARY, tmp, "primary", env)
+    last_v = -1
+    killed = {}
+    try:
+        for i in range(15):
+            mode, suffix = KILL_POINTS[i % len(KILL_POINTS)]
+            name = f"applier{i}"
+            app = spawn_bg(
+                APPLIER,
+                tmp,
+                name,
+                {**env, "LD_PRELOAD": kill_shim, "KILL_MODE": mode, "KILL_SUFFIX": suffix, "KILL_AFTER": str((i // len(KILL_POINTS)) % 4)},
+            )
+            try:
+                app.wait(30)
+            except subprocess.TimeoutExpired:
+                app.kill()
+                app.wait()
+                raise AssertionError(f"{name} never reached its kill point {mode} {suffix}")
+            err = (tmp / f"{name}.err").read_text()
+            assert app.returncode == -signal.SIGKILL and "killshim: SIGKILL" in err, (app.returncode, err[-2000:])
+            killed[(mode, suffix)] = killed.get((mode, suffix), 0) + 1
+            out = (tmp / f"{name}.out").read_text()
+            assert "error" not in out, out
+            s, c, v, mv = stock_state(rdb)
+            assert (s, c) == (TOTAL, N_ACCT) and (v == 0 or mv == v), f"after {name} ({mode} {suffix}): {(s, c, v, mv)}"
+            assert v >= last_v, f"after {name}: the replica went back from version {last_v} to {v}"
+            last_v = v
+        assert primary.poll() is None
+    finally:
+        stop.touch()
+    bg_result(primary, timeout=30)
+    assert len(killed) == len(KILL_POINTS), killed
+    with start_primary(pdb) as p:
+        want = lsn_checksum(p)
+        tables = worker_tables(p)
+    with Worker(rdb) as r:
+        assert sync_to(r, want[0]) == want[0]
+    with Worker(rdb) as fresh:
+        assert lsn_checksum(fresh) == want
+    assert stock_one(rdb, "PRAGMA integrity_check;") == "ok"
+    assert stock_tables(rdb) == tables
+    resnaps = [n for n in os.listdir(tmp) if n.endswith(".err") and "event=resnapshot" in (tmp / n).read_text()]
+    assert not resnaps, f"a crash was answered with a re-snapshot instead of the position logic: {resnaps}"
