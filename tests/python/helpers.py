@@ -448,11 +448,13 @@ class CliWorker:
 
     MARK = "@@done@@"
 
-    def __init__(self, path: str | os.PathLike[str], busy: int = 5000):
+    def __init__(self, path: str | os.PathLike[str], busy: int = 5000, load: bool = False):
+        """``load``: ``.load`` the extension first, then ``.open`` the database (an applier or
+        replica connection hosted by SQLite 3.40.1)."""
         self.path = str(path)
         self.proc = subprocess.Popen(
             # stdbuf: the shell's stdout is a pipe (fully buffered by stdio otherwise).
-            ["stdbuf", "-oL", SQLITE3_CLI, "-batch", self.path],
+            ["stdbuf", "-oL", SQLITE3_CLI, "-batch"] + ([] if load else [self.path]),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -461,6 +463,10 @@ class CliWorker:
         )
         self.pid = self.proc.pid
         self.lines = _Lines(self.proc)
+        self.events: list[str] = []
+        if load:
+            self.q(f".load {_cli_quote(require_extension())}")
+            self.q(f".open {_cli_quote(self.path)}")
         self.q(f".timeout {busy}")
 
     def q(self, sql: str, timeout: float = 60) -> list[str]:
@@ -471,11 +477,25 @@ class CliWorker:
             line = self.lines.readline(timeout, f"sqlite3 {self.pid} on {self.path}: {sql!r}")
             if line == self.MARK:
                 break
+            if line.startswith("event="):  # the extension's log lines (stderr is merged)
+                self.events.append(line)
+                continue
             lines.append(line)
         errors = [ln for ln in lines if ln.startswith(("Error:", "Parse error", "Runtime error"))]
         if errors:
             raise WorkerError("sqlite3", "\n".join(lines))
         return lines
+
+    def kill(self) -> None:
+        """SIGKILL (a crash: no close-time checkpoint), then reap."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, _signal.SIGKILL)
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
 
     def close(self, timeout: float = 30) -> None:
         if self.proc.poll() is None:
