@@ -261,7 +261,14 @@ struct Capture {
     page_size: Option<PageSize>,
     last_error: Option<String>,
     durable: Lsn,
+    /// Records not yet durable (synchronous=NORMAL): the next round fdatasyncs the WAL.
     pending: bool,
+    /// Records up to here are durable already (their commit synced the WAL,
+    /// synchronous=FULL): the next round only raises the watermark file, without an fsync.
+    synced: Option<Position>,
+    /// The background thread was woken for `pending`/`synced` and has not gone idle since:
+    /// later commits need not wake it again (a futex wake per commit is not free).
+    round_scheduled: bool,
     gaps: u64,
     captured_txns: u64,
     last_log_sync: Instant,
@@ -368,6 +375,8 @@ impl Primary {
             last_error: None,
             durable: Lsn(0),
             pending: false,
+            synced: None,
+            round_scheduled: false,
             gaps: 0,
             captured_txns: 0,
             loaded: false,
@@ -672,15 +681,18 @@ impl Primary {
             Ok(()) => {
                 if st.pos.lsn != before || st.pending {
                     if durable {
-                        st.durable = st.pos.lsn;
+                        // The commit synced the WAL: everything captured so far is durable.
+                        // The watermark file is raised by the background thread (one
+                        // pread + pwrite per round instead of per commit).
                         st.pending = false;
-                        if let Err(e) = self.durable_file.raise(st.pos.lsn, st.pos.generation) {
-                            st.last_error = Some(e.to_string());
-                        }
-                    } else if !st.pending {
-                        // Wake the group-fsync thread only on the first pending record: later
-                        // commits join the same fsync round at no cost to the commit path.
+                        st.synced = Some(st.pos);
+                    } else {
                         st.pending = true;
+                    }
+                    // Wake the background thread only for the first record of a round: later
+                    // commits join the same round at no cost to the commit path.
+                    if !st.round_scheduled {
+                        st.round_scheduled = true;
                         self.wake.notify_one();
                     }
                 }
@@ -1265,11 +1277,15 @@ impl Primary {
         // Group fsync: make pending records durable, then advance the watermark.
         let (target, wal) = {
             let mut st = lock(&self.state);
-            if !st.pending {
+            if st.pending {
+                st.pending = false;
+                st.synced = None;
+                (st.pos, self.wal_file(&mut st).ok())
+            } else if let Some(p) = st.synced.take() {
+                (p, None) // synced by its commit (synchronous=FULL)
+            } else {
                 return;
             }
-            st.pending = false;
-            (st.pos, self.wal_file(&mut st).ok())
         };
         if let Some(w) = wal {
             if let Err(e) = w.sync_data() {
@@ -1316,13 +1332,14 @@ fn background(p: std::sync::Weak<Primary>) {
             return;
         }
         p.tick();
-        let st = lock(&p.state);
-        if st.pending {
-            // More records arrived during the last fsync round: start the next one after a
-            // short pause so a burst of commits shares one fsync.
+        let mut st = lock(&p.state);
+        if st.pending || st.synced.is_some() {
+            // More records arrived during the last round: start the next one after a short
+            // pause so a burst of commits shares one fsync / watermark write.
             drop(st);
             std::thread::sleep(group_fsync_interval());
         } else {
+            st.round_scheduled = false;
             let _ = p.wake.wait_timeout(st, Duration::from_millis(20));
         }
     }
