@@ -13,6 +13,41 @@
 //! Invariants: the log has no hole: a capture that cannot prove continuity (a WAL restart we
 //! did not witness, a WAL that went backwards, a broken checksum chain) starts a new generation
 //! with a full snapshot. `sums` always equals the per-page checksums of the state at `pos.lsn`.
+//!
+//! ## Crashed writers of ours vs writers without the extension (the write intent)
+//!
+//! Committed frames beyond the shared position, found by a WRITE holder that did not write
+//! them, have two possible authors: a writer without the extension (the lineage promise says:
+//! gap, new generation + snapshot) or one of ours that was killed between its commit and its
+//! T2 (wal-spec D.7 says: catch up, ordinary records, no gap). Capturing checksummed WAL frames
+//! is loss-free either way; what must be decided is only *who* wrote them. The position file
+//! therefore carries a second record, the *intent*: T1, once it has caught up, stores "a write
+//! session of pid P is open at salts S, frame F, iChange C, LSN L, generation G"; a capture
+//! under WRITE that leaves the position at the header clears it (normally T2 of the same
+//! session, after its position write). WRITE is exclusive, so an intent seen by the next
+//! WRITE holder that is not that session's T2 belongs to a session that never reached T2: its
+//! process died. Its frames are accepted iff the position is still exactly (S, F, L, G) and
+//! the WAL is consistent with *one* write session (SQLite releases WRITE after every commit):
+//!
+//! * same salts: (F, mxFrame] holds exactly one transaction (padding collapsed);
+//! * new salts, mxFrame > 0: the session restarted the WAL after catching up (witnessed by its
+//!   intent) and committed one transaction in frames 1..mxFrame;
+//! * new salts, mxFrame 0: a TRUNCATE checkpoint (or restart + rollback): reset, no LSN;
+//! * and the header's iChange (+1 per commit, kept across restarts) is C + that count, or 0
+//!   (recovery rebuilt the header, e.g. every process died: then only the frame structure is
+//!   checked).
+//!
+//! Anything else (two transactions, a foreign commit on top of ours, a foreign commit after a
+//! session of ours died without committing *and* the iChange matching is the one case the
+//! intent cannot tell apart) stays a gap, as do uncaptured frames without an intent. A session
+//! killed while storing its intent leaves a tag that does not match: read as no intent, which
+//! is right because it had not written to the WAL yet. T2's own capture failing leaves the
+//! intent in place, so the next WRITE holder captures those frames instead of calling them a
+//! gap. Cost: the intent lives in a `MAP_SHARED` mapping of the position file
+//! (`ffi::os::SharedWords`), so T1 stores ten words and T2 one, and T1 reads the position from
+//! the mapping instead of `pread`: no syscall added to the commit path. The position itself
+//! is still written with one `pwrite` by T2 (its checksum lets lock-free readers detect a torn
+//! copy).
 
 use crate::error::{Error, Result};
 use crate::registry::{self, Db, Role};
@@ -98,6 +133,124 @@ impl Position {
     }
 }
 
+/// The position file mapped: 4 KiB, bytes 0..40 the position (written with `pwrite`, read
+/// from the mapping), bytes 64..104 the write intent (memory loads/stores only).
+struct PosFile {
+    file: File,
+    map: crate::ffi::os::SharedWords,
+}
+
+const POSITION_FILE_WORDS: usize = 1024;
+const INTENT_WORD: usize = 16;
+const INTENT_WORDS: usize = 10;
+
+/// "A write session of ours is open and was caught up at this WAL position" (see the module
+/// doc). Written by T1 after its catch-up, cleared once a capture under WRITE has the
+/// position at the header again (normally T2 of the same session). Found by a later WRITE
+/// holder, it can only belong to a session whose process died: WRITE is exclusive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Intent {
+    pid: u32,
+    /// Header (= position) when T1 caught up.
+    salts: [u8; 8],
+    frame: u32,
+    /// The wal-index header's iChange at that moment.
+    change: u32,
+    lsn: Lsn,
+    generation: Generation,
+}
+
+impl Intent {
+    fn fields(&self) -> [u32; INTENT_WORDS - 1] {
+        [
+            self.pid,
+            u32::from_ne_bytes(self.salts[0..4].try_into().expect("4 bytes")),
+            u32::from_ne_bytes(self.salts[4..8].try_into().expect("4 bytes")),
+            self.frame,
+            self.change,
+            self.lsn.0 as u32,
+            (self.lsn.0 >> 32) as u32,
+            self.generation.0,
+            0x494e_5431, // "INT1": layout version
+        ]
+    }
+
+    fn tag(f: &[u32; INTENT_WORDS - 1]) -> u32 {
+        let mut b = [0u8; (INTENT_WORDS - 1) * 4];
+        for (c, v) in b.chunks_exact_mut(4).zip(f) {
+            c.copy_from_slice(&v.to_ne_bytes());
+        }
+        (xxhash_rust::xxh3::xxh3_64(&b) as u32).max(1)
+    }
+
+    /// Fields first, the tag (non-zero checksum of the fields) last: a writer killed half-way
+    /// leaves a tag that does not match, read as "no intent" (correct: it had not caught up
+    /// yet, so it had not written anything to the WAL).
+    fn store(&self, w: &[std::sync::atomic::AtomicU32]) {
+        let f = self.fields();
+        w[0].store(0, Ordering::Release);
+        for (slot, v) in w[1..].iter().zip(f) {
+            slot.store(v, Ordering::Relaxed);
+        }
+        w[0].store(Self::tag(&f), Ordering::Release);
+    }
+
+    fn load(w: &[std::sync::atomic::AtomicU32]) -> Option<Intent> {
+        let tag = w[0].load(Ordering::Acquire);
+        if tag == 0 {
+            return None;
+        }
+        let mut f = [0u32; INTENT_WORDS - 1];
+        for (v, slot) in f.iter_mut().zip(&w[1..]) {
+            *v = slot.load(Ordering::Relaxed);
+        }
+        if Self::tag(&f) != tag || f[8] != 0x494e_5431 {
+            return None;
+        }
+        let mut salts = [0u8; 8];
+        salts[0..4].copy_from_slice(&f[1].to_ne_bytes());
+        salts[4..8].copy_from_slice(&f[2].to_ne_bytes());
+        Some(Intent {
+            pid: f[0],
+            salts,
+            frame: f[3],
+            change: f[4],
+            lsn: Lsn(f[5] as u64 | (f[6] as u64) << 32),
+            generation: Generation(f[7]),
+        })
+    }
+}
+
+/// The intent of a dead write session whose position is still the current one: what the
+/// frames after it must satisfy to be accepted as that one session's work (`Primary::plan`).
+#[derive(Clone, Copy, Debug)]
+struct IntentCheck {
+    intent: Intent,
+}
+
+impl IntentCheck {
+    /// Is header `h` consistent with the dead session having committed `total` transactions
+    /// (at most one)? iChange is +1 per commit and survives WAL restarts; recovery rebuilds
+    /// the header with iChange 0 (then only the frame structure can be checked).
+    fn accepts(&self, h: &WalIndexHeader, total: u64) -> std::result::Result<(), String> {
+        if total > 1 {
+            return Err(format!(
+                "{total} transactions since the write intent of pid {} (one write session commits at most one)",
+                self.intent.pid
+            ));
+        }
+        let want = self.intent.change.wrapping_add(total as u32);
+        if h.change != want && h.change != 0 {
+            return Err(format!(
+                "wal-index iChange {} != {} (intent of pid {} at iChange {} + {total} commit(s)): \
+                 another writer committed",
+                h.change, want, self.intent.pid, self.intent.change
+            ));
+        }
+        Ok(())
+    }
+}
+
 struct Capture {
     log: Log,
     wal: Option<Arc<File>>,
@@ -108,7 +261,14 @@ struct Capture {
     page_size: Option<PageSize>,
     last_error: Option<String>,
     durable: Lsn,
+    /// Records not yet durable (synchronous=NORMAL): the next round fdatasyncs the WAL.
     pending: bool,
+    /// Records up to here are durable already (their commit synced the WAL,
+    /// synchronous=FULL): the next round only raises the watermark file, without an fsync.
+    synced: Option<Position>,
+    /// The background thread was woken for `pending`/`synced` and has not gone idle since:
+    /// later commits need not wake it again (a futex wake per commit is not free).
+    round_scheduled: bool,
     gaps: u64,
     captured_txns: u64,
     last_log_sync: Instant,
@@ -125,7 +285,7 @@ pub struct Primary {
     state: Mutex<Capture>,
     wake: Condvar,
     stop: AtomicBool,
-    posf: once_cell::sync::OnceCell<File>,
+    posf: once_cell::sync::OnceCell<PosFile>,
     durable_file: crate::txlog::DurableFile,
     file_id: Option<(u64, u64)>,
     dir_id: Option<(u64, u64)>,
@@ -220,6 +380,8 @@ impl Primary {
             last_error: None,
             durable: Lsn(0),
             pending: false,
+            synced: None,
+            round_scheduled: false,
             gaps: 0,
             captured_txns: 0,
             loaded: false,
@@ -342,31 +504,76 @@ impl Primary {
         self.dir.join("position")
     }
 
-    /// The position file, opened once (read + write; pread/pwrite are thread-safe).
-    fn position_file(&self) -> Result<&File> {
+    /// The position file, opened and mapped once (pwrite for the position, the mapping for
+    /// reads and for the write intent; both are thread-safe).
+    fn position_file(&self) -> Result<&PosFile> {
         self.posf.get_or_try_init(|| {
             let path = self.position_path();
-            std::fs::OpenOptions::new()
+            let file = std::fs::OpenOptions::new()
                 .create(true)
                 .truncate(false)
                 .read(true)
                 .write(true)
                 .open(&path)
-                .map_err(|e| Error::io(format!("opening {}", path.display()), e))
+                .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+            let map = crate::ffi::os::SharedWords::map(&file, POSITION_FILE_WORDS)
+                .map_err(|e| Error::io(format!("mapping {}", path.display()), e))?;
+            Ok(PosFile { file, map })
         })
     }
 
+    /// The shared position. Lock-free readers (T3's pre-check, `repl_lsn()`) may race a
+    /// writer's pwrite: the checksum catches a torn copy and the read is retried.
     fn read_position(&self) -> Option<Position> {
         let f = self.position_file().ok()?;
-        let mut b = [0u8; POSITION_LEN];
-        f.read_exact_at(&mut b, 0).ok()?;
-        Position::decode(&b)
+        let w = f.map.words();
+        for _ in 0..4 {
+            let mut b = [0u8; POSITION_LEN];
+            for (i, c) in b.chunks_exact_mut(4).enumerate() {
+                c.copy_from_slice(&w[i].load(Ordering::Acquire).to_ne_bytes());
+            }
+            if let Some(p) = Position::decode(&b) {
+                return Some(p);
+            }
+            std::hint::spin_loop();
+        }
+        None
     }
 
     fn save_position(&self, st: &Capture) -> Result<()> {
         self.position_file()?
+            .file
             .write_all_at(&st.pos.encode(), 0)
             .map_err(|e| Error::io(format!("writing {}", self.position_path().display()), e))
+    }
+
+    /// The pending write intent (call with WRITE held: only WRITE holders write it).
+    fn read_intent(&self) -> Option<Intent> {
+        let f = self.position_file().ok()?;
+        Intent::load(&f.map.words()[INTENT_WORD..INTENT_WORD + INTENT_WORDS])
+    }
+
+    /// Record (or, with `None`, clear) the write intent (WRITE held). Memory stores only.
+    fn write_intent(&self, i: Option<&Intent>) {
+        if let Ok(f) = self.position_file() {
+            let w = &f.map.words()[INTENT_WORD..INTENT_WORD + INTENT_WORDS];
+            match i {
+                Some(i) => i.store(w),
+                None => w[0].store(0, Ordering::Release),
+            }
+        }
+    }
+
+    /// After a capture under WRITE: a caught-up position resolves any pending intent.
+    fn clear_intent_if_caught_up(&self, st: &Capture, h: &WalIndexHeader) {
+        if st.loaded && st.pos.salts == h.salts && st.pos.frame == h.mx_frame {
+            if let Ok(f) = self.position_file() {
+                let tag = &f.map.words()[INTENT_WORD];
+                if tag.load(Ordering::Relaxed) != 0 {
+                    tag.store(0, Ordering::Release);
+                }
+            }
+        }
     }
 
     /// Adopt records appended by other processes (call with WRITE held).
@@ -406,7 +613,19 @@ impl Primary {
         self.capture(&mut st, io, &h, false, false);
         // Caught up = the position is the header: anything this WRITE session publishes is
         // then ours. (Not tied to last_error: a past gap must not poison later sessions.)
-        let caught_up = st.pos.salts == h.salts && st.pos.frame == h.mx_frame;
+        let caught_up = st.loaded && st.pos.salts == h.salts && st.pos.frame == h.mx_frame;
+        if caught_up {
+            // Tell whoever holds WRITE next, should this process die before T2, that what
+            // follows this position is this session's work (at most one transaction).
+            self.write_intent(Some(&Intent {
+                pid: std::process::id(),
+                salts: h.salts,
+                frame: h.mx_frame,
+                change: h.change,
+                lsn: st.pos.lsn,
+                generation: st.pos.generation,
+            }));
+        }
         T1Witness { caught_up }
     }
 
@@ -422,6 +641,10 @@ impl Primary {
         // Nobody else can have appended since T1: we held WRITE all along.
         st.skip_shared_once = witnessed;
         self.capture(&mut st, io, &h, witnessed, witnessed && wal_synced);
+        // Our own intent (or a dead session's, resolved by this capture) is done with once the
+        // position is the header; if capture failed it stays, and the next WRITE holder treats
+        // the frames as this (then dead or failed) session's.
+        self.clear_intent_if_caught_up(&st, &h);
     }
 
     /// Capture everything between the position and header `h` (WRITE held by the caller).
@@ -463,15 +686,18 @@ impl Primary {
             Ok(()) => {
                 if st.pos.lsn != before || st.pending {
                     if durable {
-                        st.durable = st.pos.lsn;
+                        // The commit synced the WAL: everything captured so far is durable.
+                        // The watermark file is raised by the background thread (one
+                        // pread + pwrite per round instead of per commit).
                         st.pending = false;
-                        if let Err(e) = self.durable_file.raise(st.pos.lsn, st.pos.generation) {
-                            st.last_error = Some(e.to_string());
-                        }
-                    } else if !st.pending {
-                        // Wake the group-fsync thread only on the first pending record: later
-                        // commits join the same fsync round at no cost to the commit path.
+                        st.synced = Some(st.pos);
+                    } else {
                         st.pending = true;
+                    }
+                    // Wake the background thread only for the first record of a round: later
+                    // commits join the same round at no cost to the commit path.
+                    if !st.round_scheduled {
+                        st.round_scheduled = true;
                         self.wake.notify_one();
                     }
                 }
@@ -502,7 +728,25 @@ impl Primary {
                 st.pos.cksum = (0, 0);
                 self.save_position(st)
             }
-            Ok(Plan::Frames { start, running }) => self.capture_frames(st, h, start, running),
+            Ok(Plan::Frames {
+                start,
+                running,
+                check,
+            }) => match self.capture_frames(st, h, start, running, check) {
+                Ok(Some(why)) => self.new_generation(st, io, h, &why),
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            },
+            Ok(Plan::ResetIfDbMatches(why)) => match self.db_file_matches(st, io) {
+                Ok(true) => {
+                    st.pos.salts = h.salts;
+                    st.pos.frame = 0;
+                    st.pos.cksum = (0, 0);
+                    self.save_position(st)
+                }
+                Ok(false) => self.new_generation(st, io, h, &why),
+                Err(e) => Err(e),
+            },
             Ok(Plan::Gap(reason)) => self.new_generation(st, io, h, &reason),
             Err(e) => Err(e),
         };
@@ -517,6 +761,21 @@ impl Primary {
 
     fn plan(&self, st: &mut Capture, h: &WalIndexHeader, witnessed: bool) -> Result<Plan> {
         let pos = st.pos;
+        // Not the owning session's T2, and an intent is pending: its session's process died
+        // (WRITE is exclusive and we hold it). It vouches for the frames only while the
+        // position is still exactly where that session's T1 left it.
+        let dead = if witnessed {
+            None
+        } else {
+            self.read_intent()
+                .filter(|i| {
+                    i.lsn == pos.lsn
+                        && i.generation == pos.generation
+                        && i.salts == pos.salts
+                        && i.frame == pos.frame
+                })
+                .map(|intent| IntentCheck { intent })
+        };
         if h.mx_frame == 0 {
             if h.salts == pos.salts {
                 if pos.frame == 0 {
@@ -529,6 +788,22 @@ impl Primary {
             }
             if pos.frame == 0 || witnessed {
                 return Ok(Plan::Reset);
+            }
+            if let Some(c) = dead {
+                // The dead session reset the WAL (a TRUNCATE checkpoint, or a restart whose
+                // transaction rolled back) after catching up: loss-free if nothing committed
+                // since, which an unchanged iChange proves. A rebuilt header (iChange reset by
+                // recovery) proves nothing: the WAL may also have been checkpointed and deleted
+                // by a writer without the extension closing last. Then the database file (the
+                // whole state while the WAL is empty) must equal the captured state.
+                if h.change == c.intent.change {
+                    return Ok(Plan::Reset);
+                }
+                return Ok(Plan::ResetIfDbMatches(format!(
+                    "the WAL was reset after write session of pid {} died, iChange {} -> {}, and \
+                     the database file differs from the captured state",
+                    c.intent.pid, c.intent.change, h.change
+                )));
             }
             return Ok(Plan::Gap(format!(
                 "the WAL was reset (salts changed, now empty) by a writer we did not witness; captured up to frame {}",
@@ -551,38 +826,62 @@ impl Primary {
                 }
                 return Ok(Plan::Nothing);
             }
-            if !witnessed {
-                // Committed frames nobody of ours captured under WRITE: a writer without the
-                // extension (or one of ours that died between commit and capture). They could
-                // be read, but the lineage promise is that every commit went through capture;
-                // answer with a new generation and a snapshot that includes them.
+            if !witnessed && dead.is_none() {
+                // Committed frames nobody of ours captured under WRITE and no crashed write
+                // session of ours to account for them: a writer without the extension. They
+                // could be read, but the lineage promise is that every commit went through
+                // capture; answer with a new generation and a snapshot that includes them.
                 return Ok(Plan::Gap(format!(
-                    "frames {}..{} were committed without capture (a writer without the extension, \
-                     or a process that died before capturing)",
+                    "frames {}..{} were committed without capture (a writer without the extension)",
                     pos.frame + 1,
                     h.mx_frame
                 )));
             }
-            if pos.frame == 0 {
-                return Ok(Plan::Frames {
-                    start: 1,
-                    running: wal_hdr.cksum,
-                });
-            }
+            let (start, running) = if pos.frame == 0 {
+                (1, wal_hdr.cksum)
+            } else {
+                (pos.frame + 1, pos.cksum)
+            };
             return Ok(Plan::Frames {
-                start: pos.frame + 1,
-                running: pos.cksum,
+                start,
+                running,
+                check: dead,
             });
         }
-        if witnessed {
+        if witnessed || dead.is_some() {
+            // A restart by this session (after T1 caught up), or by the dead one (its intent
+            // says it had caught up; the frames must then be its one transaction).
             return Ok(Plan::Frames {
                 start: 1,
                 running: wal_hdr.cksum,
+                check: dead,
             });
         }
         Ok(Plan::Gap(
             "the WAL was restarted (new salts) by a writer we did not witness".into(),
         ))
+    }
+
+    /// With the WAL empty (mxFrame 0, WRITE held): is the database file the captured state?
+    /// Reads the whole file; only used on the rare crash + recovery path.
+    fn db_file_matches(&self, st: &Capture, io: &dyn DbFileIo) -> Result<bool> {
+        let mut head = [0u8; 100];
+        io.read_db(0, &mut head)?;
+        let raw = u16::from_be_bytes([head[16], head[17]]) as u32;
+        let raw = if raw == 1 { 65536 } else { raw };
+        let ps = st.sums.page_size();
+        let n_pages = u32::from_be_bytes(head[28..32].try_into().expect("4 bytes"));
+        if raw != ps.get() || n_pages != st.sums.size() {
+            return Ok(false);
+        }
+        let mut sums = DbChecksum::new(ps);
+        let mut buf = vec![0u8; ps.bytes()];
+        for pgno in 1..=n_pages {
+            io.read_db((pgno as u64 - 1) * ps.get() as u64, &mut buf)?;
+            sums.set_page(PageNo::new(pgno).expect("pgno >= 1"), &buf);
+        }
+        sums.truncate(n_pages);
+        Ok(sums.total() == st.sums.total())
     }
 
     fn wal_file(&self, st: &mut Capture) -> Result<Arc<File>> {
@@ -614,13 +913,16 @@ impl Primary {
     }
 
     /// Read frames start..=h.mx_frame, split them into transactions, append one record each.
+    /// With `check` (frames of a dead write session), the records are held back until the
+    /// whole range passed it; `Ok(Some(reason))` = it did not: the caller answers with a gap.
     fn capture_frames(
         &self,
         st: &mut Capture,
         h: &WalIndexHeader,
         start: u32,
         running: (u32, u32),
-    ) -> Result<()> {
+        check: Option<IntentCheck>,
+    ) -> Result<Option<String>> {
         let f = self.wal_file(st)?;
         let hdr = self.wal_header(st, h.salts)?;
         let ps = hdr.page_size;
@@ -634,6 +936,7 @@ impl Primary {
         let mut txn: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
         let mut txn_frames = 0u32;
         let mut last_commit: Option<(u32, u32, Vec<u8>)> = None;
+        let mut held: Vec<(Record, Position)> = Vec::new();
         let mut pos = st.pos;
         pos.salts = h.salts;
         while reader.next_frame_no() <= h.mx_frame {
@@ -653,19 +956,25 @@ impl Primary {
                     .is_some_and(|(p, c, d)| *p == fr.header.pgno && *c == commit && *d == fr.data);
             pos.frame = fr.frame_no;
             pos.cksum = reader.running();
-            if !is_padding {
+            txn_frames = 0;
+            if is_padding {
+                txn.clear();
+            } else {
                 let pgno = fr.header.pgno;
                 last_commit = Some((pgno, commit, fr.data.clone()));
                 txn.insert(pgno, fr.data);
                 pos.lsn = pos.lsn.next();
                 let rec = self.txn_record(st, ps, &mut txn, commit, pos);
+                if check.is_some() {
+                    held.push((rec, pos));
+                    continue;
+                }
                 st.log.append(&rec)?;
                 st.captured_txns += 1;
-            } else {
-                txn.clear();
             }
-            st.pos = pos;
-            txn_frames = 0;
+            if check.is_none() {
+                st.pos = pos;
+            }
         }
         if reader.running() != h.frame_cksum {
             return Err(Error::Corrupt(format!(
@@ -673,8 +982,30 @@ impl Primary {
                 h.mx_frame
             )));
         }
+        if let Some(c) = check {
+            if let Err(why) = c.accepts(h, held.len() as u64) {
+                return Ok(Some(format!(
+                    "frames {start}..{} were committed without capture and are not one crashed \
+                     write session of ours: {why}",
+                    h.mx_frame
+                )));
+            }
+            log_event(&format!(
+                "event=crash_catch_up db={:?} pid={} frames={start}..{} txns={}",
+                self.db_path,
+                c.intent.pid,
+                h.mx_frame,
+                held.len()
+            ));
+            for (rec, p) in held {
+                st.log.append(&rec)?;
+                st.captured_txns += 1;
+                st.pos = p;
+            }
+        }
         st.pos = pos;
-        self.save_position(st)
+        self.save_position(st)?;
+        Ok(None)
     }
 
     fn txn_record(
@@ -942,6 +1273,7 @@ impl Primary {
                 if let Some(h) = read_header(&self.agent) {
                     let mut st = lock(&self.state);
                     self.capture(&mut st, &self.agent, &h, false, false);
+                    self.clear_intent_if_caught_up(&st, &h);
                 }
                 self.agent.unlock_write();
                 *lock(&self.t3_seen) = None;
@@ -950,11 +1282,15 @@ impl Primary {
         // Group fsync: make pending records durable, then advance the watermark.
         let (target, wal) = {
             let mut st = lock(&self.state);
-            if !st.pending {
+            if st.pending {
+                st.pending = false;
+                st.synced = None;
+                (st.pos, self.wal_file(&mut st).ok())
+            } else if let Some(p) = st.synced.take() {
+                (p, None) // synced by its commit (synchronous=FULL)
+            } else {
                 return;
             }
-            st.pending = false;
-            (st.pos, self.wal_file(&mut st).ok())
         };
         if let Some(w) = wal {
             if let Err(e) = w.sync_data() {
@@ -983,7 +1319,14 @@ impl Primary {
 enum Plan {
     Nothing,
     Reset,
-    Frames { start: u32, running: (u32, u32) },
+    /// Reset if the database file equals the captured state, else a gap (the reason).
+    ResetIfDbMatches(String),
+    /// Capture frames start..=mxFrame; with `check`, only if they pass it (else a gap).
+    Frames {
+        start: u32,
+        running: (u32, u32),
+        check: Option<IntentCheck>,
+    },
     Gap(String),
 }
 
@@ -994,13 +1337,14 @@ fn background(p: std::sync::Weak<Primary>) {
             return;
         }
         p.tick();
-        let st = lock(&p.state);
-        if st.pending {
-            // More records arrived during the last fsync round: start the next one after a
-            // short pause so a burst of commits shares one fsync.
+        let mut st = lock(&p.state);
+        if st.pending || st.synced.is_some() {
+            // More records arrived during the last round: start the next one after a short
+            // pause so a burst of commits shares one fsync / watermark write.
             drop(st);
             std::thread::sleep(group_fsync_interval());
         } else {
+            st.round_scheduled = false;
             let _ = p.wake.wait_timeout(st, Duration::from_millis(20));
         }
     }
@@ -1053,4 +1397,62 @@ fn group_fsync_interval() -> Duration {
         Duration::from_micros(us)
     });
     *V
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    fn intent() -> Intent {
+        Intent {
+            pid: 4242,
+            salts: [1, 2, 3, 4, 5, 6, 7, 8],
+            frame: 17,
+            change: 99,
+            lsn: Lsn(0x1_0000_0005),
+            generation: Generation(3),
+        }
+    }
+
+    fn header(change: u32) -> WalIndexHeader {
+        let mut h = WalIndexHeader::parse_copy(&[0u8; 48]);
+        h.change = change;
+        h
+    }
+
+    #[test]
+    fn intent_round_trips_and_clears() {
+        let w: Vec<AtomicU32> = (0..INTENT_WORDS).map(|_| AtomicU32::new(0)).collect();
+        assert_eq!(Intent::load(&w), None);
+        intent().store(&w);
+        assert_eq!(Intent::load(&w), Some(intent()));
+        w[0].store(0, Ordering::Release);
+        assert_eq!(Intent::load(&w), None);
+    }
+
+    #[test]
+    fn torn_intent_reads_as_none() {
+        let w: Vec<AtomicU32> = (0..INTENT_WORDS).map(|_| AtomicU32::new(0)).collect();
+        intent().store(&w);
+        w[4].store(18, Ordering::Relaxed); // frame changed after the tag: a half-written intent
+        assert_eq!(Intent::load(&w), None);
+    }
+
+    #[test]
+    fn intent_check_counts_transactions_and_ichange() {
+        let c = IntentCheck { intent: intent() };
+        assert!(c.accepts(&header(100), 1).is_ok());
+        assert!(c.accepts(&header(99), 0).is_ok());
+        assert!(c.accepts(&header(0), 1).is_ok(), "recovery resets iChange");
+        assert!(c.accepts(&header(101), 2).is_err(), "two transactions");
+        assert!(
+            c.accepts(&header(101), 1).is_err(),
+            "another commit besides ours"
+        );
+        assert!(
+            c.accepts(&header(100), 0).is_err(),
+            "a commit without frames of ours"
+        );
+    }
 }

@@ -22,3 +22,70 @@ pub fn preallocate_keep_size(f: &File, offset: u64, len: u64) -> std::io::Result
         Err(std::io::Error::last_os_error())
     }
 }
+
+/// A `MAP_SHARED` read-write mapping of the first `words * 4` bytes of a file, seen as 32-bit
+/// atomics: stores are visible to every process mapping the same file (one page cache), loads
+/// and stores are single machine instructions (no syscall).
+///
+/// The file is grown (never shrunk) to the mapped size when opened. Nobody may truncate it
+/// below that size while it is mapped (access past EOF would raise SIGBUS); our files are only
+/// ever created and grown by this code.
+pub struct SharedWords {
+    ptr: std::ptr::NonNull<std::sync::atomic::AtomicU32>,
+    words: usize,
+}
+
+// SAFETY: the mapping is plain shared memory accessed only through atomics; it is not tied to
+// the thread that created it.
+unsafe impl Send for SharedWords {}
+// SAFETY: as above; `&SharedWords` only hands out `&[AtomicU32]`, which is Sync.
+unsafe impl Sync for SharedWords {}
+
+impl SharedWords {
+    /// Map `words` 32-bit words of `f` (opened read-write), growing the file if it is shorter.
+    pub fn map(f: &File, words: usize) -> std::io::Result<SharedWords> {
+        let len = words * 4;
+        if words == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+        }
+        if f.metadata()?.len() < len as u64 {
+            f.set_len(len as u64)?;
+        }
+        // SAFETY: mmap of a valid open fd; we ask the kernel to choose the address, so no
+        // existing memory is affected. The result is checked for MAP_FAILED below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(p.cast()).ok_or_else(std::io::Error::last_os_error)?;
+        Ok(SharedWords { ptr, words })
+    }
+
+    /// The mapped words (page-aligned, hence 4-byte aligned).
+    pub fn words(&self) -> &[std::sync::atomic::AtomicU32] {
+        // SAFETY: `ptr` is a live, page-aligned mapping of `words * 4` bytes (unmapped only in
+        // Drop, which needs `&mut self`, so not while this borrow lives). AtomicU32 has the size
+        // and alignment of u32, and all access goes through atomics, so concurrent stores by
+        // other threads or processes are not data races.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.words) }
+    }
+}
+
+impl Drop for SharedWords {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the region `map` created; no borrow of it can outlive
+        // `&self` (see `words`).
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.words * 4);
+        }
+    }
+}

@@ -20,12 +20,18 @@ pub fn cksum_extend(state: CksumPair, bytes: &[u8], big_endian: bool) -> CksumPa
         "cksum_extend: input length {} is not a multiple of 8",
         bytes.len()
     );
-    let (mut s1, mut s2) = state;
-    let decode = if big_endian {
-        u32::from_be_bytes
+    // One monomorphic loop per word order: a decode chosen through a function pointer is not
+    // inlined (an indirect call per word; this runs over every captured page).
+    if big_endian {
+        extend_with(state, bytes, u32::from_be_bytes)
     } else {
-        u32::from_le_bytes
-    };
+        extend_with(state, bytes, u32::from_le_bytes)
+    }
+}
+
+#[inline(always)]
+fn extend_with(state: CksumPair, bytes: &[u8], decode: impl Fn([u8; 4]) -> u32) -> CksumPair {
+    let (mut s1, mut s2) = state;
     for pair in bytes.chunks_exact(8) {
         let x0 = decode([pair[0], pair[1], pair[2], pair[3]]);
         let x1 = decode([pair[4], pair[5], pair[6], pair[7]]);

@@ -1,0 +1,511 @@
+"""Crash tests: ``kill -9`` of primary writer processes (wal-spec D.7 "crash of a primary process
+after commit, before capture": the frames are in the WAL, the next T1/T3 catches up).
+
+* ``test_random_kills``: a writer process commits transactions in a loop, each one inserting the
+  next id into ``t`` and printing the id to stdout once COMMIT returned (with random
+  synchronous/cache_size/autocheckpoint settings, big spilling blobs, savepoint rollbacks and
+  PASSIVE/RESTART/TRUNCATE checkpoints); the test SIGKILLs it after a random delay (seeded),
+  starts the next writer, and so on (>= 20 kills). In the second half this process holds a
+  connection of its own (so the wal-index survives the kills and this process's poll/T3 may be
+  the one that catches up). At the end a clean process commits one last transaction.
+
+* ``test_kill_at_capture_point``: the kill lands at an exact point instead of a random one: an
+  LD_PRELOAD shim (compiled here from ``SHIM_C``) SIGKILLs the writer at its first ``pwrite`` to a
+  log segment once armed (the transaction is committed in the WAL, its record is not in the log),
+  in the middle of that write (a torn record), or at the ``position`` write that follows. The
+  crashed commit either appends to the captured WAL generation, or restarts the WAL after a
+  RESTART checkpoint; or the crash hits a TRUNCATE checkpoint's bookkeeping. The catch-up is done
+  by the next writer process (T1) or by this process's capture agent (T3 poll).
+
+Checks (``check_final_state``), data first: ``verify`` passes, LSNs dense, every id printed by a
+killed writer is in the primary and in the rebuild, the rebuild equals the primary (pages, rows,
+checksum); then capture: no gap (generation 1, no snapshot record) and exactly one LSN per
+committed transaction.
+
+Knobs: REPL_CRASH_KILLS (default 32), REPL_CRASH_SEED (default 4242).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import apsw
+import pytest
+
+from capture_check import assert_dense, assert_rebuild_equals, inspect, verify_ok
+from helpers import apsw_conn, one, spawn_py, wait_for
+
+KILLS = int(os.environ.get("REPL_CRASH_KILLS", "32"))
+SEED = int(os.environ.get("REPL_CRASH_SEED", "4242"))
+
+# A writer process: config JSON on stdin; prints "open", then one committed id per line.
+WRITER = """
+import random
+cfg = json.loads(sys.stdin.readline())
+c = connect(cfg["db"])
+c.setbusytimeout(10000)
+if cfg.get("create"):
+    assert one(c, "SELECT repl_primary()") == 0
+    c.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, payload BLOB, gen INT, note TEXT)")
+assert one(c, "SELECT repl_role()") == "primary", one(c, "SELECT repl_role()")
+rng = random.Random(cfg["seed"])
+c.execute("PRAGMA synchronous=" + rng.choice(["FULL", "NORMAL"]))
+c.execute("PRAGMA cache_size=%d" % rng.choice([5, -2000]))
+c.execute("PRAGMA wal_autocheckpoint=%d" % rng.choice([10, 50, 1000]))
+if "autockpt" in cfg:
+    c.execute("PRAGMA wal_autocheckpoint=%d" % cfg["autockpt"])
+print("open", flush=True)
+script = cfg.get("script")
+for n in range(len(script) if script else cfg.get("max", 1000000)):
+    op = script[n] if script else None
+    if op == "arm":
+        # Report the WAL salts (SQLite holds no fcntl lock on the -wal file: reading it here is
+        # harmless), then let the LD_PRELOAD shim count from now on.
+        with open(cfg["db"] + "-wal", "rb") as f:
+            print("salts:" + f.read(32)[16:24].hex(), flush=True)
+        open(cfg["arm_file"], "w").close()
+        continue
+    if op and op.startswith("ckpt:"):
+        c.execute("PRAGMA wal_checkpoint(%s)" % op[5:]).fetchall()
+        continue
+    r = rng.random() if not script else 0.5
+    if r < 0.04:
+        # Checkpoints (and so WAL restarts/truncations) between commits, also at kill time.
+        c.execute("PRAGMA wal_checkpoint(%s)" % rng.choice(["PASSIVE", "RESTART", "TRUNCATE"])).fetchall()
+        continue
+    if r < 0.15:
+        size = rng.randint(20000, 120000)   # overflow chain; spills with the 5-page cache
+    else:
+        size = rng.randint(10, 3000)
+    c.execute("BEGIN IMMEDIATE")
+    nid = one(c, "SELECT coalesce(max(id), 0) + 1 FROM t")
+    c.execute("INSERT INTO t(id, payload, gen, note) VALUES (?, randomblob(?), ?, ?)", (nid, size, cfg["gen"], "w"))
+    if rng.random() < 0.3:
+        c.execute("UPDATE t SET payload = randomblob(?) WHERE id = ?", (rng.randint(1, 500), rng.randint(1, nid)))
+    if rng.random() < 0.2:
+        # Keep the database small: drop old big payloads.
+        c.execute("UPDATE t SET payload = NULL WHERE id < ? AND length(payload) > 5000", (nid - 10,))
+    if rng.random() < 0.1:
+        c.execute("SAVEPOINT s")
+        c.execute("INSERT INTO t(id, payload, gen, note) VALUES (?, randomblob(50000), ?, 'rolled back')", (-nid, cfg["gen"]))
+        c.execute("ROLLBACK TO s")
+        c.execute("RELEASE s")
+    c.execute("COMMIT")
+    print(nid, flush=True)
+c.close()
+print("done", flush=True)
+"""
+
+
+class Writer:
+    """A running writer process; a reader thread collects its stdout lines."""
+
+    def __init__(self, cfg: dict, env: dict[str, str] | None = None):
+        self.p = spawn_py(WRITER, env=env)
+        self.p.stdin.write(json.dumps(cfg) + "\n")
+        self.p.stdin.flush()
+        self.lines: list[str] = []
+        self.opened = threading.Event()
+        self.first_commit = threading.Event()
+        self.stderr = ""
+        self._out = threading.Thread(target=self._read_out, daemon=True)
+        self._err = threading.Thread(target=self._read_err, daemon=True)
+        self._out.start()
+        self._err.start()
+
+    def _read_out(self) -> None:
+        # Only complete lines count (a commit is reported by "<id>\n").
+        for line in self.p.stdout:
+            if not line.endswith("\n"):
+                break
+            line = line.strip()
+            self.lines.append(line)
+            if line == "open":
+                self.opened.set()
+            elif line.isdigit():
+                self.first_commit.set()
+
+    def _read_err(self) -> None:
+        self.stderr = self.p.stderr.read()
+
+    def ids(self) -> list[int]:
+        return [int(x) for x in self.lines if x.isdigit()]
+
+    def wait_first_commit(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.first_commit.wait(0.01):
+            if self.p.poll() is not None or time.monotonic() > deadline:
+                self.finish()
+                raise AssertionError(
+                    f"writer exited ({self.p.returncode}) or hung before its first commit:\n{self.stderr}\n{self.lines}"
+                )
+
+    def kill(self) -> None:
+        if self.p.poll() is None:
+            os.kill(self.p.pid, signal.SIGKILL)
+        self.finish()
+
+    def finish(self, timeout: float = 60) -> int:
+        self.p.wait(timeout=timeout)
+        self.p.stdin.close()
+        self._out.join(timeout=10)
+        self._err.join(timeout=10)
+        return self.p.returncode
+
+
+def events(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "event=" in line or "panic" in line]
+
+
+def check_final_state(db, tmp, printed: set[int], all_events: list[str], strict: list[str] | None = None) -> dict:
+    """The end state after the crashes, checked in two steps so that a failure says which
+    promise broke:
+
+    1. data: ``verify`` passes, LSNs dense, ids in ``t`` are 1..count, every printed (= committed)
+       id is in the primary and in the rebuild, and the rebuild equals the primary (pages, rows,
+       checksum);
+    2. capture (wal-spec D.7): no gap -- one generation, no snapshot record -- and exactly one
+       LSN per committed transaction. ``strict`` carries earlier failures of this kind (from the
+       test body) so that they are reported after step 1 has run.
+    """
+    strict = list(strict or [])
+    conn = apsw_conn(db)
+    conn.setbusytimeout(10_000)
+    try:
+        final_lsn = one(conn, "SELECT repl_lsn()")
+        count = one(conn, "SELECT count(*) FROM t")
+        ids = [r[0] for r in conn.execute("SELECT id FROM t ORDER BY id")]
+        assert ids == list(range(1, count + 1)), "the ids in t are not 1..count (a committed id vanished?)"
+        assert one(conn, "SELECT count(*) FROM t WHERE id < 0 OR note = 'rolled back'") == 0
+        missing_here = sorted(printed - set(ids))
+        assert not missing_here, f"ids reported committed but missing in the primary: {missing_here[:20]}"
+
+        verify_ok(db)
+        records = inspect(db)
+        assert_dense(records)
+        assert records and records[-1].lsn == final_lsn, (records[-1:], final_lsn)
+        info = assert_rebuild_equals(db, tmp / "rebuilt.db", conn)
+    finally:
+        conn.close()
+    plain = apsw.Connection(str(tmp / "rebuilt.db"), flags=apsw.SQLITE_OPEN_READONLY, vfs="unix")
+    try:
+        rebuilt_ids = {r[0] for r in plain.execute("SELECT id FROM t")}
+    finally:
+        plain.close()
+    missing = sorted(printed - rebuilt_ids)
+    assert not missing, f"committed ids missing from the rebuild: {missing[:20]}"
+
+    # Step 2: capture caught every crashed writer's commits up as ordinary transactions.
+    snapshots = [(r.lsn, r.generation) for r in records if r.kind != "txn"]
+    if snapshots or records[-1].generation != 1:
+        strict.append(
+            f"{len(snapshots)} gap(s): snapshot records (lsn, generation) {snapshots[:12]}, final generation "
+            f"{records[-1].generation}"
+        )
+    # CREATE TABLE is LSN 1; after that every committed transaction inserted one id.
+    if final_lsn != 1 + count:
+        strict.append(f"repl_lsn() {final_lsn} != 1 + {count} committed transactions")
+    gaps = [e for e in all_events if "event=gap" in e]
+    assert not strict, (
+        "a writer killed inside its commit/capture must be caught up by the next capture (wal-spec D.7: "
+        "the frames are still in the WAL; the restart/reset was done by a writer of ours that had caught "
+        "up), not answered with a gap:\n  " + "\n  ".join(strict)
+        + f"\ngap events ({len(gaps)}):\n" + "\n".join(gaps[:30])
+    )
+    return info
+
+
+def final_writer(db, gen: int, all_events: list[str]) -> list[int]:
+    """A clean process: one more committed transaction (capture catches up first), clean exit."""
+    w = Writer({"db": str(db), "seed": -1, "gen": gen, "max": 1})
+    rc = w.finish()
+    all_events += [f"[final writer] {e}" for e in events(w.stderr)]
+    assert rc == 0, f"final writer failed ({rc}):\n{w.stderr}"
+    assert "done" in w.lines
+    return w.ids()
+
+
+# ----------------------------------------------------------------------------- random kills
+
+
+def test_random_kills(tmp, capfd):
+    db = tmp / "crash.db"
+    rng = random.Random(SEED)
+    printed: set[int] = set()
+    all_events: list[str] = []
+    holder = None
+    t0 = time.monotonic()
+    kills = 0
+    try:
+        for gen in range(KILLS):
+            if gen == KILLS // 2:
+                # From now on this process holds a connection too: the wal-index survives the
+                # kills (no recovery) and this process's capture agent is alive (T3).
+                holder = apsw_conn(db)
+                holder.setbusytimeout(10_000)
+                assert one(holder, "SELECT repl_role()") == "primary"
+            w = Writer({"db": str(db), "seed": rng.randrange(2**32), "gen": gen, "create": gen == 0})
+            try:
+                w.wait_first_commit()
+                # Kill after a random delay: mostly short (the next commit, its capture), some
+                # longer (checkpoints, WAL restarts, big spilling transactions).
+                delay = rng.choice([0.0, rng.uniform(0, 0.03), rng.uniform(0, 0.3)])
+                time.sleep(delay)
+            finally:
+                w.kill()
+            assert w.p.returncode == -signal.SIGKILL, f"writer {gen} was not killed ({w.p.returncode}):\n{w.stderr}"
+            kills += 1
+            ids = w.ids()
+            assert ids, "the writer reported no commit"
+            assert ids == list(range(ids[0], ids[-1] + 1)), f"writer {gen} printed non-consecutive ids {ids}"
+            assert not printed or ids[0] > max(printed), "a new writer reused an id: a committed row was lost"
+            printed.update(ids)
+            all_events += [f"[writer {gen}] {e}" for e in events(w.stderr)]
+            assert "panic" not in w.stderr, w.stderr
+        printed.update(final_writer(db, KILLS, all_events))
+    finally:
+        if holder is not None:
+            holder.close()
+    assert kills >= min(20, KILLS)
+    t_loop = time.monotonic() - t0
+    all_events += [f"[this process] {e}" for e in events(capfd.readouterr().err)]
+    print(f"crash: {kills} kills, {len(printed)} printed commits, {t_loop:.1f}s")
+    for e in all_events:
+        print(e)
+    check_final_state(db, tmp, printed, all_events)
+
+
+# ---------------------------------------------------------------------- exact crash points
+
+SHIM_C = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+/* SIGKILL this process at the (REPL_CRASH_AFTER + 1)-th pwrite to a file whose path ends with
+   REPL_CRASH_SUFFIX, counting only once the file REPL_CRASH_ARM_FILE exists (when set): before
+   the write (mode "before"), or after writing half of it (mode "half"). */
+static ssize_t (*real_pwrite64)(int, const void *, size_t, off_t);
+static long countdown = -2;
+
+static int matches(int fd) {
+    const char *suffix = getenv("REPL_CRASH_SUFFIX");
+    char link[64], path[4096];
+    if (!suffix) return 0;
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, path, sizeof path - 1);
+    if (n <= 0) return 0;
+    path[n] = 0;
+    size_t ls = strlen(suffix);
+    return (size_t)n >= ls && strcmp(path + n - ls, suffix) == 0;
+}
+
+static ssize_t hook(int fd, const void *buf, size_t count, off_t off) {
+    if (!real_pwrite64) real_pwrite64 = dlsym(RTLD_NEXT, "pwrite64");
+    if (countdown == -2) {
+        const char *a = getenv("REPL_CRASH_AFTER");
+        countdown = a ? atol(a) : -1;
+    }
+    const char *arm = getenv("REPL_CRASH_ARM_FILE");
+    if (countdown >= 0 && (!arm || access(arm, F_OK) == 0) && matches(fd)) {
+        if (countdown-- == 0) {
+            const char *mode = getenv("REPL_CRASH_MODE");
+            if (mode && strcmp(mode, "half") == 0) real_pwrite64(fd, buf, count / 2, off);
+            static const char msg[] = "crashshim: SIGKILL\n";
+            write(2, msg, sizeof msg - 1);
+            kill(getpid(), SIGKILL);
+        }
+    }
+    return real_pwrite64(fd, buf, count, off);
+}
+
+ssize_t pwrite64(int fd, const void *buf, size_t count, off_t off) { return hook(fd, buf, count, off); }
+ssize_t pwrite(int fd, const void *buf, size_t count, off_t off) { return hook(fd, buf, count, off); }
+"""
+
+
+@pytest.fixture(scope="module")
+def crash_shim(tmp_path_factory) -> str:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler for the LD_PRELOAD crash shim")
+    d = tmp_path_factory.mktemp("shim")
+    (d / "crashshim.c").write_text(SHIM_C)
+    so = d / "crashshim.so"
+    proc = subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(so), str(d / "crashshim.c"), "-ldl"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return str(so)
+
+
+CRASH_POINTS = {
+    # Committed in the WAL, its record never reached the log.
+    "before-log-append": ("before", ".seg"),
+    # Half of the record reached the log: a torn tail the next writer truncates.
+    "torn-log-append": ("half", ".seg"),
+    # The record is in the log, the shared position file was not updated.
+    "before-position-write": ("before", "/position"),
+}
+
+SCENARIOS = {
+    # The crashed commit appends to the WAL generation that is already captured.
+    "append": ["commit", "commit", "commit", "arm", "commit"],
+    # The crashed commit restarts the WAL (new salts) after a RESTART checkpoint.
+    "restart": ["commit", "commit", "commit", "ckpt:RESTART", "arm", "commit"],
+    # The crash hits the capture bookkeeping of a TRUNCATE checkpoint (WAL emptied, new salts).
+    "truncate": ["commit", "commit", "commit", "arm", "ckpt:TRUNCATE"],
+}
+
+
+def capture_point_cases():
+    for scenario in SCENARIOS:
+        for point in CRASH_POINTS:
+            if scenario == "truncate" and point != "before-position-write":
+                continue  # a checkpoint appends no record
+            for catch_up in ("next-writer", "poll"):
+                if scenario == "truncate" and catch_up == "poll":
+                    continue
+                yield pytest.param(scenario, point, catch_up, id=f"{scenario}-{point}-{catch_up}")
+
+
+@pytest.mark.parametrize("scenario, point, catch_up", list(capture_point_cases()))
+def test_kill_at_capture_point(tmp, capfd, crash_shim, scenario, point, catch_up):
+    mode, suffix = CRASH_POINTS[point]
+    db = tmp / "cp.db"
+    all_events: list[str] = []
+    strict: list[str] = []
+    w = Writer({"db": str(db), "seed": 1, "gen": 0, "create": True, "script": ["commit"] * 5, "autockpt": 0})
+    assert w.finish() == 0, w.stderr
+    printed = set(w.ids())
+    all_events += [f"[setup] {e}" for e in events(w.stderr)]
+
+    holder = None
+    if catch_up == "poll":
+        # A live primary connection in this process: its capture agent (T3 poll) sees the
+        # crashed writer's commit without any further write, and the wal-index survives.
+        holder = apsw_conn(db)
+        holder.setbusytimeout(10_000)
+    try:
+        env = {
+            "LD_PRELOAD": crash_shim,
+            "REPL_CRASH_SUFFIX": suffix,
+            "REPL_CRASH_AFTER": "0",
+            "REPL_CRASH_MODE": mode,
+            "REPL_CRASH_ARM_FILE": str(tmp / "armed"),
+        }
+        cfg = {"db": str(db), "seed": 2, "gen": 1, "script": SCENARIOS[scenario], "arm_file": str(tmp / "armed"),
+               "autockpt": 0}
+        w = Writer(cfg, env=env)
+        rc = w.finish()
+        all_events += [f"[crashed writer] {e}" for e in events(w.stderr)]
+        assert "crashshim: SIGKILL" in w.stderr, f"the shim never fired (rc {rc}):\n{w.stderr}\n{w.lines}"
+        assert rc == -signal.SIGKILL
+        ids = w.ids()
+        assert len(ids) == 3, ids  # the 4th commit (if any) was in capture when killed
+        printed.update(ids)
+        # The scenario really happened: same WAL generation / restarted / emptied.
+        salts_before = next(x[6:] for x in w.lines if x.startswith("salts:"))
+        with open(f"{db}-wal", "rb") as f:
+            wal_head = f.read(32)
+        if scenario == "append":
+            assert wal_head[16:24].hex() == salts_before, "the crashed commit restarted the WAL"
+        elif scenario == "restart":
+            assert len(wal_head) == 32 and wal_head[16:24].hex() != salts_before, "the WAL was not restarted"
+        else:
+            assert wal_head == b"", "the TRUNCATE checkpoint did not empty the WAL"
+        if holder is not None:
+            # The commit that was being captured is in the WAL: the poll catches it up, as one
+            # more LSN.
+            want = 1 + len(printed) + 1
+            wait_for(lambda: one(holder, "SELECT repl_lsn()") >= want, timeout=10,
+                     what=f"this process's capture agent catching up to LSN {want}")
+            records = inspect(db)
+            all_events += [f"[this process] {e}" for e in events(capfd.readouterr().err)]
+            tail = [(r.lsn, r.generation, r.kind) for r in records[-2:]]
+            if not all(g == 1 and k == "txn" for _, g, k in tail):
+                strict.append(f"the poll answered the crashed writer's commit with a gap: last records {tail}")
+        printed.update(final_writer(db, 2, all_events))
+    finally:
+        if holder is not None:
+            holder.close()
+    for e in all_events:
+        print(e)
+    check_final_state(db, tmp, printed, all_events, strict)
+
+
+@pytest.mark.parametrize("wal", ["kept", "deleted"])
+def test_crashed_writer_then_foreign_commit_is_a_gap(tmp, crash_shim, wal):
+    """The intent of a crashed write session vouches for ONE transaction: a writer without the
+    extension that commits on top of the crashed writer's uncaptured commit (before any capture
+    of ours ran) is still detected as a gap (architecture.md guarantee 3), and the rebuild
+    includes both commits. ``kept``: a plain connection (no extension, no capture) keeps the WAL,
+    the catch-up finds two transactions; ``deleted``: the foreign shell is the last to close, so
+    it checkpoints and deletes the WAL (the next open recovers an empty one)."""
+    db = tmp / "cf.db"
+    w = Writer({"db": str(db), "seed": 1, "gen": 0, "create": True, "script": ["commit"] * 3, "autockpt": 0})
+    assert w.finish() == 0, w.stderr
+    printed = set(w.ids())
+    env = {
+        "LD_PRELOAD": crash_shim,
+        "REPL_CRASH_SUFFIX": ".seg",
+        "REPL_CRASH_AFTER": "0",
+        "REPL_CRASH_MODE": "before",
+        "REPL_CRASH_ARM_FILE": str(tmp / "armed"),
+    }
+    w = Writer({"db": str(db), "seed": 2, "gen": 1, "script": SCENARIOS["append"], "arm_file": str(tmp / "armed"),
+                "autockpt": 0}, env=env)
+    rc = w.finish()
+    assert "crashshim: SIGKILL" in w.stderr and rc == -signal.SIGKILL, (rc, w.stderr)
+    printed.update(w.ids())
+
+    plain = None
+    if wal == "kept":
+        plain = apsw.Connection(str(db), vfs="unix")
+        plain.execute("SELECT count(*) FROM t").fetchall()
+    try:
+        proc = subprocess.run(
+            ["sqlite3", "-bail", "-batch", "-cmd", ".timeout 5000", str(db)],
+            input="INSERT INTO t(id, payload, gen, note) SELECT max(id) + 1, NULL, 99, 'foreign' FROM t;\n",
+            capture_output=True, text=True, timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert os.path.exists(f"{db}-wal") == (wal == "kept")
+        # The next writer of ours catches up (T1, or T2 of the recovery it runs first).
+        w = Writer({"db": str(db), "seed": -1, "gen": 2, "max": 1})
+        rc = w.finish()
+    finally:
+        if plain is not None:
+            plain.close()
+    assert rc == 0, w.stderr
+    printed.update(w.ids())
+    gaps = [e for e in events(w.stderr) if "event=gap" in e]
+    why = "not one crashed write session" if wal == "kept" else "database file differs"
+    assert len(gaps) == 1 and why in gaps[0], events(w.stderr)
+
+    conn = apsw_conn(db)
+    try:
+        records = inspect(db)
+        assert_dense(records)
+        kinds = [(r.generation, r.kind) for r in records]
+        # 1 CREATE + 3 + 3 captured commits; the crashed + the foreign commit -> one snapshot;
+        # then the final writer's commit.
+        assert kinds == [(1, "txn")] * 7 + [(2, "snapshot"), (2, "txn")], kinds
+        assert one(conn, "SELECT count(*) FROM t WHERE note = 'foreign'") == 1
+        ids = [r[0] for r in conn.execute("SELECT id FROM t ORDER BY id")]
+        assert printed <= set(ids) and ids == list(range(1, len(ids) + 1)), (sorted(printed), ids)
+        verify_ok(db)
+        assert_rebuild_equals(db, tmp / "rebuilt.db", conn)
+    finally:
+        conn.close()
