@@ -749,7 +749,15 @@ impl Replica {
         let _applier = self.applier_lock()?;
         let mut st = lock(&self.state);
         let stale = self.pos.read().map(|a| a.seq) != Some(st.seen_seq);
-        if !st.loaded || stale {
+        // The cached sums describe the WAL we published last; if the live wal-index shows
+        // another one (a foreign commit, a stock RESTART/TRUNCATE), recompute from the content
+        // instead of reporting what the primary's checksum was.
+        let key = |h: &WalIndexHeader| (h.mx_frame, h.salts, h.frame_cksum);
+        let moved = match (st.last_hdr.as_ref(), self.handle.live_shm()?) {
+            (Some(last), Some(shm)) => shm_read_header(&shm).map(|h| key(&h)) != Some(key(last)),
+            _ => false,
+        };
+        if !st.loaded || stale || moved {
             self.ensure_open(&mut st)?;
             self.load(&mut st)?;
         }

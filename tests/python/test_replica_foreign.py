@@ -76,3 +76,26 @@ def test_foreign_write_on_the_replica_is_answered_with_a_resnapshot(tmp, variant
             assert stock_tables(rdb) == worker_tables(p)
         finally:
             r.close()
+
+
+@pytest.mark.parametrize("variant", ["wal", "truncate"])
+def test_repl_checksum_reflects_a_foreign_write_before_the_next_sync(tmp, variant):
+    """``repl_checksum()`` is the checksum of the replica's content: after a foreign write it
+    must not keep reporting the primary's value (a user comparing the two would be misled),
+    in the applier process as in a fresh one."""
+    pdb, rdb = tmp / "p.db", tmp / "r.db"
+    with start_primary(pdb) as p:
+        p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+        p.q("INSERT INTO t VALUES (1, 'a')")
+        with start_replica(rdb, pdb) as r:
+            want = lsn_checksum(p)
+            assert lsn_checksum(r) == want
+            stock_one(rdb, FOREIGN_SQL[variant])
+            with Worker(rdb) as fresh:
+                assert lsn_checksum(fresh)[1] != want[1], "a fresh process reports the primary's checksum"
+            assert lsn_checksum(r)[1] != want[1], "the applier process reports a stale checksum"
+            # The next sync repairs it.
+            sync_to(r, want[0])
+            assert lsn_checksum(r) == want
+            assert worker_status(r)["resnapshots"] >= 1
+            assert stock_tables(rdb) == worker_tables(p)
