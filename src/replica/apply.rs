@@ -318,9 +318,8 @@ mod tests {
         vec![b; 1024]
     }
 
-    #[test]
-    fn appended_commits_recover_and_look_up() {
-        let ps = PageSize::new(1024).unwrap();
+    /// An empty WAL file in a temporary directory (kept alive by the returned guard).
+    fn temp_wal() -> (tempfile::TempDir, File) {
         let dir = tempfile::tempdir().unwrap();
         let wal = std::fs::OpenOptions::new()
             .create(true)
@@ -329,6 +328,13 @@ mod tests {
             .write(true)
             .open(dir.path().join("x-wal"))
             .unwrap();
+        (dir, wal)
+    }
+
+    #[test]
+    fn appended_commits_recover_and_look_up() {
+        let ps = PageSize::new(1024).unwrap();
+        let (_dir, wal) = temp_wal();
         let mut s = fresh();
         let p1 = page(1);
         let p2 = page(2);
@@ -360,14 +366,7 @@ mod tests {
     #[test]
     fn restart_only_when_checkpointed_and_no_reader() {
         let ps = PageSize::new(1024).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let wal = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(dir.path().join("x-wal"))
-            .unwrap();
+        let (_dir, wal) = temp_wal();
         let mut s = fresh();
         let p = page(9);
         let h = append_commit(&mut s, &wal, None, ps, &[(1, &p), (2, &p)], 2).unwrap();
