@@ -48,6 +48,11 @@
 //! the mapping instead of `pread`: no syscall added to the commit path. The position itself
 //! is still written with one `pwrite` by T2 (its checksum lets lock-free readers detect a torn
 //! copy).
+//!
+//! The mapping also holds the *append flag*: set by `capture` before it may append, cleared
+//! once its position is written. Found set, an appender died in between, and the log is
+//! rescanned; otherwise nobody appended behind our handle's back (every appender writes the
+//! position, which `sync_shared` compares), so `Log::append` need not `stat` the segment.
 
 use crate::error::{Error, Result};
 use crate::registry::{self, Db, Role};
@@ -134,7 +139,8 @@ impl Position {
 }
 
 /// The position file mapped: 4 KiB, bytes 0..40 the position (written with `pwrite`, read
-/// from the mapping), bytes 64..104 the write intent (memory loads/stores only).
+/// from the mapping), bytes 64..104 the write intent and 128..132 the append flag (memory
+/// loads/stores only).
 struct PosFile {
     file: File,
     map: crate::ffi::os::SharedWords,
@@ -143,6 +149,8 @@ struct PosFile {
 const POSITION_FILE_WORDS: usize = 1024;
 const INTENT_WORD: usize = 16;
 const INTENT_WORDS: usize = 10;
+/// Bytes 128..132: non-zero (a pid) while a capture may be appending to the log.
+const APPEND_FLAG_WORD: usize = 32;
 
 /// "A write session of ours is open and was caught up at this WAL position" (see the module
 /// doc). Written by T1 after its catch-up, cleared once a capture under WRITE has the
@@ -564,6 +572,13 @@ impl Primary {
         }
     }
 
+    /// The append flag word of the shared mapping (see `capture`); `None` if it is not mapped.
+    fn append_flag(&self) -> Option<&std::sync::atomic::AtomicU32> {
+        self.position_file()
+            .ok()
+            .map(|f| &f.map.words()[APPEND_FLAG_WORD])
+    }
+
     /// After a capture under WRITE: a caught-up position resolves any pending intent.
     fn clear_intent_if_caught_up(&self, st: &Capture, h: &WalIndexHeader) {
         if st.loaded && st.pos.salts == h.salts && st.pos.frame == h.mx_frame {
@@ -581,8 +596,7 @@ impl Primary {
         // Every appender rewrites the position file right after appending, so an unchanged
         // position file means nobody else appended: skip the log re-scan (the commit path).
         // A process that died between its append and its position write leaves a record our
-        // handle does not know; `append` then refuses (the segment grew) and `capture` calls
-        // this again with `force`.
+        // handle does not know, and the append flag set: `capture` then passes `force`.
         if !force && std::mem::take(&mut st.skip_shared_once) {
             return Ok(());
         }
@@ -666,7 +680,13 @@ impl Primary {
             return;
         }
         let before = st.pos.lsn;
-        if let Err(e) = self.sync_shared(st, false) {
+        // The append flag: set while a capture may append, cleared once its position is
+        // written. Found set, its capture died in between: the log may hold records our handle
+        // does not know, so rescan it. This is what lets `append` skip its `stat` of the segment.
+        let flag = self.append_flag();
+        let died_mid_append = flag.is_none_or(|f| f.load(Ordering::Acquire) != 0);
+        st.log.trust_tail(flag.is_some());
+        if let Err(e) = self.sync_shared(st, died_mid_append) {
             st.last_error = Some(e.to_string());
             log_event(&format!(
                 "event=capture_error db={:?} error={:?}",
@@ -675,15 +695,21 @@ impl Primary {
             ));
             return;
         }
+        if let Some(f) = flag {
+            f.store(std::process::id().max(1), Ordering::Release);
+        }
         let mut r = self.capture_once(st, io, h, witnessed);
         if matches!(r, Err(Error::Misuse(_))) {
-            // The log grew behind our back (an appender died before writing the position).
+            // The log does not continue where our handle thinks (check_sequence refused).
             r = self
                 .sync_shared(st, true)
                 .and_then(|_| self.capture_once(st, io, h, witnessed));
         }
         match r {
             Ok(()) => {
+                if let Some(f) = flag {
+                    f.store(0, Ordering::Release);
+                }
                 if st.pos.lsn != before || st.pending {
                     if durable {
                         // The commit synced the WAL: everything captured so far is durable.

@@ -509,3 +509,59 @@ def test_crashed_writer_then_foreign_commit_is_a_gap(tmp, crash_shim, wal):
         assert_rebuild_equals(db, tmp / "rebuilt.db", conn)
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("point", list(CRASH_POINTS))
+def test_kill_at_capture_point_with_a_warm_log_handle(tmp, capfd, crash_shim, point):
+    """Like ``test_kill_at_capture_point`` (append scenario), but this process's capture agent
+    has already loaded the log (it committed before the crash), so its log handle's idea of the
+    segment end is stale after the crashed writer's (possibly torn) append: its next commit must
+    notice that (the append flag in the shared position mapping) and catch up without a gap."""
+    mode, suffix = CRASH_POINTS[point]
+    db = tmp / "warm.db"
+    all_events: list[str] = []
+    w = Writer({"db": str(db), "seed": 1, "gen": 0, "create": True, "script": ["commit"] * 3, "autockpt": 0})
+    assert w.finish() == 0, w.stderr
+    printed = set(w.ids())
+    holder = apsw_conn(db)
+    holder.setbusytimeout(10_000)
+
+    def holder_commit() -> int:
+        # IMMEDIATE: this process's poll (T3) may catch the crashed commit up at any moment;
+        # a deferred read-then-write transaction would then fail with SQLITE_BUSY_SNAPSHOT.
+        holder.execute("BEGIN IMMEDIATE")
+        nid = one(holder, "SELECT coalesce(max(id), 0) + 1 FROM t")
+        holder.execute("INSERT INTO t(id, payload, gen, note) VALUES (?, randomblob(100), 9, 'w')", (nid,))
+        holder.execute("COMMIT")
+        return nid
+
+    try:
+        printed.add(holder_commit())
+        env = {
+            "LD_PRELOAD": crash_shim,
+            "REPL_CRASH_SUFFIX": suffix,
+            "REPL_CRASH_AFTER": "0",
+            "REPL_CRASH_MODE": mode,
+            "REPL_CRASH_ARM_FILE": str(tmp / "armed"),
+        }
+        # The crashed writer's only commit is the one killed in capture: the position it
+        # leaves is the one this process's handle already knows, so only the append flag
+        # tells this process that the segment may hold more than its handle knows.
+        w = Writer({"db": str(db), "seed": 2, "gen": 1, "script": ["arm", "commit"], "arm_file": str(tmp / "armed"),
+                    "autockpt": 0}, env=env)
+        rc = w.finish()
+        all_events += [f"[crashed writer] {e}" for e in events(w.stderr)]
+        assert "crashshim: SIGKILL" in w.stderr and rc == -signal.SIGKILL, (rc, w.stderr)
+        assert w.ids() == [], w.lines
+        printed.add(holder_commit())
+        mine = events(capfd.readouterr().err)
+        all_events += [f"[this process] {e}" for e in mine]
+        if point == "before-position-write":
+            # The crashed writer's record is complete in the log: it is adopted (the log is
+            # rescanned), not captured a second time over it.
+            assert not [e for e in mine if "event=crash_catch_up" in e], mine
+    finally:
+        holder.close()
+    for e in all_events:
+        print(e)
+    check_final_state(db, tmp, printed, all_events)
