@@ -150,7 +150,7 @@ impl Replica {
         } else {
             return Err(Error::Other(format!("{} is not a replica", db.path)));
         };
-        let handle = AgentHandle::open(&db.path)?;
+        let handle = open_handle(&db.path)?;
         let pos = PositionFile::open(&dir)?;
         let lp = dir.join("applier.lock");
         let lock_file = std::fs::OpenOptions::new()
@@ -800,6 +800,22 @@ impl Replica {
 
     pub fn source(&self) -> Option<String> {
         lock(&self.state).meta.source.clone()
+    }
+}
+
+/// The applier's handle takes SHARED on the database. The last connection to close (any
+/// process, e.g. a stock reader) holds it EXCLUSIVE for a moment while it checkpoints and
+/// deletes the WAL: wait that out. Failing here would leave the connection being opened
+/// without the replica role — not read-only, and "not a replica" to repl_sync().
+fn open_handle(path: &str) -> Result<AgentHandle> {
+    let deadline = Instant::now() + WRITE_LOCK_WAIT;
+    loop {
+        match AgentHandle::open(path) {
+            Err(Error::Busy(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+            r => return r,
+        }
     }
 }
 

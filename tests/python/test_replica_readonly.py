@@ -113,3 +113,43 @@ def test_writes_fail_in_the_sqlite3_shell_with_the_extension(tmp):
             sync_to(r, want[0])
             assert lsn_checksum(r) == want
             assert worker_status(r)["foreign_writes"] == 0
+
+
+def test_role_resumed_when_opened_during_another_process_exclusive_lock(tmp):
+    """The last connection to close holds the database EXCLUSIVE for a moment (close-time
+    checkpoint). A replica connection opened in that moment must still get the replica role
+    (read-only, repl_sync() without arguments works), not silently become a plain writable
+    database. Here a stock process holds EXCLUSIVE (locking_mode=EXCLUSIVE) while a
+    connection with the extension opens, and closes shortly after."""
+    import threading
+    import time
+
+    pdb, rdb = tmp / "p.db", tmp / "r.db"
+    with start_primary(pdb) as p:
+        p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+        p.q("INSERT INTO t VALUES (1, 'a')")
+        start_replica(rdb, pdb).close()
+        holder = Worker(rdb, ext=False)
+        try:
+            holder.q("PRAGMA locking_mode=EXCLUSIVE")
+            assert holder.one("SELECT count(*) FROM t") == 1  # now holds the db EXCLUSIVE
+            box: dict = {}
+            opener = threading.Thread(target=lambda: box.setdefault("w", Worker(rdb)))
+            opener.start()
+            time.sleep(0.3)  # timing of the contention window, not synchronisation
+            holder.close()  # lets go (WAL exclusive mode cannot switch back to NORMAL)
+            opener.join(30)
+            w = box["w"]
+        finally:
+            holder.close()
+        try:
+            assert w.one("SELECT repl_role()") == "replica", w.stderr()
+            with pytest.raises(WorkerError) as err:
+                w.q("INSERT INTO t VALUES (2, 'b')")
+            assert err.value.name == "ReadOnlyError", err.value
+            p.q("INSERT INTO t VALUES (3, 'c')")
+            want = lsn_checksum(p)
+            assert sync_to(w, want[0]) == want[0]
+            assert lsn_checksum(w) == want
+        finally:
+            w.close()
