@@ -362,8 +362,7 @@ impl Primary {
         } else if create {
             let mut head = [0u8; 100];
             agent.read_db(0, &mut head)?;
-            let raw = u16::from_be_bytes([head[16], head[17]]) as u32;
-            let page_size = if raw == 1 { 65536 } else { raw };
+            let page_size = PageSize::from_db_header(&head).map_or(0, PageSize::get);
             let meta = Meta {
                 format: 1,
                 lineage: random_hex(16),
@@ -893,11 +892,9 @@ impl Primary {
     fn db_file_matches(&self, st: &Capture, io: &dyn DbFileIo) -> Result<bool> {
         let mut head = [0u8; 100];
         io.read_db(0, &mut head)?;
-        let raw = u16::from_be_bytes([head[16], head[17]]) as u32;
-        let raw = if raw == 1 { 65536 } else { raw };
         let ps = st.sums.page_size();
         let n_pages = u32::from_be_bytes(head[28..32].try_into().expect("4 bytes"));
-        if raw != ps.get() || n_pages != st.sums.size() {
+        if PageSize::from_db_header(&head) != Some(ps) || n_pages != st.sums.size() {
             return Ok(false);
         }
         let mut sums = DbChecksum::new(ps);
@@ -1129,11 +1126,7 @@ impl Primary {
         io.read_db(0, &mut head)?;
         let ps = match ps {
             Some(p) => p,
-            None => {
-                let raw = u16::from_be_bytes([head[16], head[17]]) as u32;
-                let raw = if raw == 1 { 65536 } else { raw };
-                PageSize::new(raw).unwrap_or(PageSize::new(4096).expect("valid"))
-            }
+            None => PageSize::from_db_header(&head).unwrap_or(PageSize::new(4096).expect("valid")),
         };
         let n_pages = if h.mx_frame > 0 {
             h.n_page

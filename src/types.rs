@@ -76,6 +76,12 @@ impl PageSize {
     pub fn bytes(self) -> usize {
         self.0 as usize
     }
+    /// The page size recorded in a database header (bytes 16..18, big-endian; 1 means 65536).
+    /// `None` when `head` is shorter than 18 bytes or the value is not a valid page size.
+    pub fn from_db_header(head: &[u8]) -> Option<PageSize> {
+        let raw = u16::from_be_bytes([*head.get(16)?, *head.get(17)?]) as u32;
+        PageSize::new(if raw == 1 { 65536 } else { raw })
+    }
     /// The page holding file offset 2^30 (the "lock-byte page"); it never appears in a WAL
     /// and is never part of a snapshot or record.
     pub fn lock_byte_page(self) -> PageNo {
@@ -120,6 +126,18 @@ mod tests {
         assert!(PageSize::new(1000).is_none());
         assert!(PageSize::new(256).is_none());
         assert!(PageSize::new(131072).is_none());
+    }
+
+    #[test]
+    fn page_size_from_db_header() {
+        let mut head = [0u8; 100];
+        head[16..18].copy_from_slice(&4096u16.to_be_bytes());
+        assert_eq!(PageSize::from_db_header(&head), PageSize::new(4096));
+        head[16..18].copy_from_slice(&1u16.to_be_bytes()); // 1 means 65536
+        assert_eq!(PageSize::from_db_header(&head), PageSize::new(65536));
+        head[16..18].copy_from_slice(&1000u16.to_be_bytes());
+        assert_eq!(PageSize::from_db_header(&head), None);
+        assert_eq!(PageSize::from_db_header(&head[..17]), None);
     }
 
     #[test]

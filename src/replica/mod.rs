@@ -489,8 +489,7 @@ impl Replica {
             None,
             &mut head,
         )?;
-        let raw = u16::from_be_bytes([head[16], head[17]]) as u32;
-        let ps = PageSize::new(if raw == 1 { 65536 } else { raw }).ok_or_else(|| {
+        let ps = PageSize::from_db_header(&head).ok_or_else(|| {
             Error::Corrupt(format!("{}: bad page size in the header", self.db_path))
         })?;
         let n_page = if h.mx_frame > 0 {
