@@ -1,6 +1,10 @@
 //! The directory source: a primary's `<db>-replica/` read directly (the embedded default for
 //! one machine and for shared storage). Reads only; never truncates or repairs the log (that
 //! is the primary's job). Serves records only up to the durable watermark.
+//!
+//! The log is opened (its last segment scanned) once, in `open`; every later call reads only
+//! small files and directory listings (`meta.json`, `durable`, the segment names) plus the
+//! records it returns, so a sync costs what it fetches, not the size of the log.
 
 use super::{Fetch, Source, SourceInfo};
 use crate::error::{Error, Result};
@@ -11,6 +15,8 @@ use std::path::{Path, PathBuf};
 pub struct DirSource {
     db: String,
     dir: PathBuf,
+    /// Opened once: only its directory paths are used by the readers below.
+    log: Log,
 }
 
 impl DirSource {
@@ -31,19 +37,14 @@ impl DirSource {
             };
             return Err(Error::Misuse(format!("repl_sync(): {why}")));
         }
-        let s = DirSource { db, dir };
-        let meta = s.log()?.meta().clone();
-        if meta.role != "primary" {
+        let log = Log::open(&dir, Default::default())?;
+        if log.meta().role != "primary" {
             return Err(Error::Misuse(format!(
-                "repl_sync(): {} is a {} log, not a primary's",
-                s.db, meta.role
+                "repl_sync(): {db} is a {} log, not a primary's",
+                log.meta().role
             )));
         }
-        Ok(s)
-    }
-
-    fn log(&self) -> Result<Log> {
-        Log::open(&self.dir, Default::default())
+        Ok(DirSource { db, dir, log })
     }
 }
 
@@ -53,19 +54,19 @@ impl Source for DirSource {
     }
 
     fn info(&self) -> Result<SourceInfo> {
-        let log = self.log()?;
+        // Read fresh: a primary re-created at the same path has a new lineage.
+        let meta = Log::read_meta(&self.dir)?;
         Ok(SourceInfo {
-            lineage: log.meta().lineage.clone(),
-            page_size: log.meta().page_size,
-            first_lsn: log.first_lsn(),
+            lineage: meta.lineage,
+            page_size: meta.page_size,
+            first_lsn: Log::first_segment_lsn(&self.dir)?,
             durable_lsn: Log::read_durable(&self.dir)?.map(|d| d.0),
         })
     }
 
     fn snapshot(&self) -> Result<Record> {
-        let log = self.log()?;
         let durable = Log::read_durable(&self.dir)?.map(|d| d.0);
-        let Some((_, path)) = log.latest_snapshot(durable)? else {
+        let Some((_, path)) = self.log.latest_snapshot(durable)? else {
             return Err(Error::Other(format!(
                 "the primary {} has no durable snapshot yet; retry in a moment",
                 self.db
@@ -75,21 +76,20 @@ impl Source for DirSource {
     }
 
     fn fetch(&self, from: Lsn, max_bytes: usize) -> Result<Fetch> {
-        let log = self.log()?;
         let Some((durable, _)) = Log::read_durable(&self.dir)? else {
             return Ok(Fetch::Records(Vec::new()));
         };
         if from > durable {
             return Ok(Fetch::Records(Vec::new()));
         }
-        if let Some(first) = log.first_lsn() {
+        if let Some(first) = Log::first_segment_lsn(&self.dir)? {
             if from < first {
                 return Ok(Fetch::Truncated { first_lsn: first });
             }
         }
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        for r in log.read_from(from, Some(durable))? {
+        for r in self.log.read_from(from, Some(durable))? {
             let r = r?;
             bytes += r.pages.iter().map(|p| p.data.len()).sum::<usize>();
             out.push(r);

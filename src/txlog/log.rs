@@ -489,6 +489,17 @@ impl Log {
         Ok(())
     }
 
+    /// Reader side, without scanning any segment: `meta.json` as it is on disk now.
+    pub fn read_meta(dir: &Path) -> Result<Meta> {
+        read_meta(dir)
+    }
+
+    /// Reader side, without scanning any segment: the first LSN of the oldest segment still
+    /// on disk (None: no segment). `read_from` refuses an LSN below it.
+    pub fn first_segment_lsn(dir: &Path) -> Result<Option<Lsn>> {
+        Ok(list_segments(&dir.join("log"))?.first().map(|s| s.0))
+    }
+
     /// Reads `<dir>/durable` (None when absent or empty).
     pub fn read_durable(dir: &Path) -> Result<Option<(Lsn, Generation)>> {
         meta::read_durable(dir)
