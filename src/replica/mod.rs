@@ -575,14 +575,8 @@ impl Replica {
 
     /// Ok(false): nothing written, the content must be re-verified (see below).
     fn write_plan_inner(&self, st: &mut State, plan: &BatchPlan) -> Result<bool> {
-        let applied = Applied {
-            seq: 0,
-            lsn: st.lsn,
-            generation: st.generation,
-            checksum: self.pos.read().map(|a| a.checksum).unwrap_or_default(),
-            intent: Some((plan.last_lsn, plan.generation, plan.db_checksum)),
-        };
-        self.pos.write(&applied)?;
+        self.pos
+            .write_intent((plan.last_lsn, plan.generation, plan.db_checksum))?;
         let mut shm = self.write_locked(st)?;
         // An empty WAL that is not the one we published: a stock RESTART/TRUNCATE checkpoint
         // copied everything into the database file — possibly including a foreign commit made

@@ -99,7 +99,21 @@ impl PositionFile {
 
     /// Write `a` with the next sequence number into the older slot.
     pub fn write(&self, a: &Applied) -> Result<Applied> {
-        let seq = self.read().map_or(1, |p| p.seq + 1);
+        self.write_after(self.read(), a)
+    }
+
+    /// Record the batch about to be written as the intent, keeping the applied position.
+    pub fn write_intent(&self, intent: (Lsn, Generation, Checksum)) -> Result<Applied> {
+        let cur = self.read();
+        let a = Applied {
+            intent: Some(intent),
+            ..cur.unwrap_or_default()
+        };
+        self.write_after(cur, &a)
+    }
+
+    fn write_after(&self, prev: Option<Applied>, a: &Applied) -> Result<Applied> {
+        let seq = prev.map_or(1, |p| p.seq + 1);
         let a = Applied { seq, ..*a };
         let off = (seq % 2) * SLOT as u64;
         self.f
@@ -133,12 +147,14 @@ mod tests {
             })
             .unwrap();
         let b = p
-            .write(&Applied {
-                lsn: Lsn(6),
-                intent: Some((Lsn(9), Generation(1), Checksum(99))),
-                ..a
-            })
+            .write_intent((Lsn(9), Generation(1), Checksum(99)))
             .unwrap();
+        assert_eq!(
+            (b.lsn, b.checksum),
+            (a.lsn, a.checksum),
+            "the applied position is kept"
+        );
+        assert_eq!(b.intent, Some((Lsn(9), Generation(1), Checksum(99))));
         assert_eq!(p.read(), Some(b));
         // Tear the newest slot: the previous one is returned.
         let off = (b.seq % 2) * SLOT as u64;
