@@ -9,11 +9,12 @@
 //! are serialised by an internal mutex (the unix shm object of one handle is not thread-safe).
 
 use super::base;
-use super::file::{read_real, shm_load_u32, shm_read_head};
+use super::file::{read_real, shm_read_head};
 use crate::error::{Error, Result};
 use crate::ffi::{self, sqlite3_file};
 use crate::primary::DbFileIo;
 use std::ffi::{c_char, c_int, c_void, CString};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::Mutex;
 
 pub struct AgentHandle {
@@ -313,8 +314,41 @@ impl LiveShm<'_> {
         }
     }
 
+    /// Start of mapped block `k`; panics (inside the FFI guard) if it is not mapped: callers
+    /// check `block_count` / call `ensure_block` first.
     fn region(&self, k: u32) -> *mut c_void {
-        self.st.regions[k as usize]
+        let p = self
+            .st
+            .regions
+            .get(k as usize)
+            .copied()
+            .unwrap_or(std::ptr::null_mut());
+        assert!(!p.is_null(), "wal-index block {k} not mapped");
+        p
+    }
+
+    /// The aligned 32-bit word at `off` of block `k`. Other processes access these words
+    /// concurrently, so they are only ever used atomically (as SQLite's own are word-sized).
+    fn word(&self, k: u32, off: usize) -> &AtomicU32 {
+        assert!(
+            off.is_multiple_of(4) && off + 4 <= 32768,
+            "aligned in-block offset"
+        );
+        let p = self.region(k);
+        // SAFETY: `p` is a live 32 KiB shared mapping that stays mapped until the handle is
+        // dropped (which outlives this borrow); `off` is aligned and inside it.
+        unsafe { AtomicU32::from_ptr((p as *mut u32).add(off / 4)) }
+    }
+
+    /// The aligned 16-bit half-word at `off` of block `k` (hash slots).
+    fn half_word(&self, k: u32, off: usize) -> &AtomicU16 {
+        assert!(
+            off.is_multiple_of(2) && off + 2 <= 32768,
+            "aligned in-block offset"
+        );
+        let p = self.region(k);
+        // SAFETY: as in `word`, for a 2-byte aligned offset inside the mapping.
+        unsafe { AtomicU16::from_ptr((p as *mut u16).add(off / 2)) }
     }
 }
 
@@ -352,59 +386,20 @@ impl crate::wal::ShmAccess for LiveShm<'_> {
     }
 
     fn read_u32(&self, block: u32, off: usize) -> u32 {
-        assert!(
-            off.is_multiple_of(4) && off + 4 <= 32768,
-            "aligned in-block offset"
-        );
-        let p = self.region(block);
-        assert!(!p.is_null(), "wal-index block {block} not mapped");
-        // SAFETY: `p` is a live 32 KiB mapping (callers check block_count / ensure_block
-        // first; an unmapped block is a null pointer, asserted against above).
-        unsafe { shm_load_u32(p, off / 4) }
+        self.word(block, off).load(Ordering::Acquire)
     }
 
     fn write_u32(&mut self, block: u32, off: usize, v: u32) {
-        assert!(
-            off.is_multiple_of(4) && off + 4 <= 32768,
-            "aligned in-block offset"
-        );
-        let p = self.region(block);
-        assert!(!p.is_null(), "wal-index block {block} not mapped");
-        // SAFETY: aligned word inside a live 32 KiB shared mapping; other processes access it
-        // concurrently, so the store is atomic (as SQLite's own stores are word-sized).
-        unsafe {
-            std::sync::atomic::AtomicU32::from_ptr((p as *mut u32).add(off / 4))
-                .store(v, std::sync::atomic::Ordering::Release)
-        }
+        self.word(block, off).store(v, Ordering::Release)
     }
 
     fn read_u16(&self, block: u32, off: usize) -> u16 {
-        assert!(
-            off.is_multiple_of(2) && off + 2 <= 32768,
-            "aligned in-block offset"
-        );
-        let p = self.region(block);
-        assert!(!p.is_null(), "wal-index block {block} not mapped");
-        // SAFETY: aligned half-word inside a live 32 KiB shared mapping, read atomically.
-        unsafe {
-            std::sync::atomic::AtomicU16::from_ptr((p as *mut u16).add(off / 2))
-                .load(std::sync::atomic::Ordering::Acquire)
-        }
+        self.half_word(block, off).load(Ordering::Acquire)
     }
 
     fn write_u16(&mut self, block: u32, off: usize, v: u16) {
-        assert!(
-            off.is_multiple_of(2) && off + 2 <= 32768,
-            "aligned in-block offset"
-        );
-        let p = self.region(block);
-        assert!(!p.is_null(), "wal-index block {block} not mapped");
-        // SAFETY: aligned half-word inside a live 32 KiB shared mapping; a single 16-bit
-        // atomic store, as wal-spec B.5 requires for hash slots.
-        unsafe {
-            std::sync::atomic::AtomicU16::from_ptr((p as *mut u16).add(off / 2))
-                .store(v, std::sync::atomic::Ordering::Release)
-        }
+        // A single 16-bit atomic store, as wal-spec B.5 requires for hash slots.
+        self.half_word(block, off).store(v, Ordering::Release)
     }
 
     fn barrier(&self) {
