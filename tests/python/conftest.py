@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from helpers import require_extension, load_in_process
+from killshim import build_kill_shim
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +29,12 @@ def loaded(ext_path: str) -> str:
     """The extension is loaded into this (pytest) process."""
     load_in_process()
     return ext_path
+
+
+@pytest.fixture(scope="session")
+def kill_shim(tmp_path_factory) -> str:
+    """Path of the compiled LD_PRELOAD kill shim (killshim.py); skips without a C compiler."""
+    so = build_kill_shim(tmp_path_factory.mktemp("killshim"))
+    if so is None:
+        pytest.skip("no C compiler for the LD_PRELOAD kill shim")
+    return so

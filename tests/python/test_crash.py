@@ -10,7 +10,7 @@ after commit, before capture": the frames are in the WAL, the next T1/T3 catches
   the one that catches up). At the end a clean process commits one last transaction.
 
 * ``test_kill_at_capture_point``: the kill lands at an exact point instead of a random one: an
-  LD_PRELOAD shim (compiled here from ``SHIM_C``) SIGKILLs the writer at its first ``pwrite`` to a
+  LD_PRELOAD shim (``killshim.py``) SIGKILLs the writer at its first ``pwrite`` to a
   log segment once armed (the transaction is committed in the WAL, its record is not in the log),
   in the middle of that write (a torn record), or at the ``position`` write that follows. The
   crashed commit either appends to the captured WAL generation, or restarts the WAL after a
@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import threading
@@ -41,6 +40,7 @@ import pytest
 
 from capture_check import assert_dense, assert_rebuild_equals, inspect, verify_ok
 from helpers import apsw_conn, one, spawn_py, wait_for
+from killshim import KILL_MARKER
 
 KILLS = int(os.environ.get("REPL_CRASH_KILLS", "32"))
 SEED = int(os.environ.get("REPL_CRASH_SEED", "4242"))
@@ -284,72 +284,6 @@ def test_random_kills(tmp, capfd):
 
 # ---------------------------------------------------------------------- exact crash points
 
-SHIM_C = r"""
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <signal.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/types.h>
-#include <unistd.h>
-
-/* SIGKILL this process at the (REPL_CRASH_AFTER + 1)-th pwrite to a file whose path ends with
-   REPL_CRASH_SUFFIX, counting only once the file REPL_CRASH_ARM_FILE exists (when set): before
-   the write (mode "before"), or after writing half of it (mode "half"). */
-static ssize_t (*real_pwrite64)(int, const void *, size_t, off_t);
-static long countdown = -2;
-
-static int matches(int fd) {
-    const char *suffix = getenv("REPL_CRASH_SUFFIX");
-    char link[64], path[4096];
-    if (!suffix) return 0;
-    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
-    ssize_t n = readlink(link, path, sizeof path - 1);
-    if (n <= 0) return 0;
-    path[n] = 0;
-    size_t ls = strlen(suffix);
-    return (size_t)n >= ls && strcmp(path + n - ls, suffix) == 0;
-}
-
-static ssize_t hook(int fd, const void *buf, size_t count, off_t off) {
-    if (!real_pwrite64) real_pwrite64 = dlsym(RTLD_NEXT, "pwrite64");
-    if (countdown == -2) {
-        const char *a = getenv("REPL_CRASH_AFTER");
-        countdown = a ? atol(a) : -1;
-    }
-    const char *arm = getenv("REPL_CRASH_ARM_FILE");
-    if (countdown >= 0 && (!arm || access(arm, F_OK) == 0) && matches(fd)) {
-        if (countdown-- == 0) {
-            const char *mode = getenv("REPL_CRASH_MODE");
-            if (mode && strcmp(mode, "half") == 0) real_pwrite64(fd, buf, count / 2, off);
-            static const char msg[] = "crashshim: SIGKILL\n";
-            write(2, msg, sizeof msg - 1);
-            kill(getpid(), SIGKILL);
-        }
-    }
-    return real_pwrite64(fd, buf, count, off);
-}
-
-ssize_t pwrite64(int fd, const void *buf, size_t count, off_t off) { return hook(fd, buf, count, off); }
-ssize_t pwrite(int fd, const void *buf, size_t count, off_t off) { return hook(fd, buf, count, off); }
-"""
-
-
-@pytest.fixture(scope="module")
-def crash_shim(tmp_path_factory) -> str:
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler for the LD_PRELOAD crash shim")
-    d = tmp_path_factory.mktemp("shim")
-    (d / "crashshim.c").write_text(SHIM_C)
-    so = d / "crashshim.so"
-    proc = subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(so), str(d / "crashshim.c"), "-ldl"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return str(so)
-
-
 CRASH_POINTS = {
     # Committed in the WAL, its record never reached the log.
     "before-log-append": ("before", ".seg"),
@@ -381,7 +315,7 @@ def capture_point_cases():
 
 
 @pytest.mark.parametrize("scenario, point, catch_up", list(capture_point_cases()))
-def test_kill_at_capture_point(tmp, capfd, crash_shim, scenario, point, catch_up):
+def test_kill_at_capture_point(tmp, capfd, kill_shim, scenario, point, catch_up):
     mode, suffix = CRASH_POINTS[point]
     db = tmp / "cp.db"
     all_events: list[str] = []
@@ -399,7 +333,7 @@ def test_kill_at_capture_point(tmp, capfd, crash_shim, scenario, point, catch_up
         holder.setbusytimeout(10_000)
     try:
         env = {
-            "LD_PRELOAD": crash_shim,
+            "LD_PRELOAD": kill_shim,
             "REPL_CRASH_SUFFIX": suffix,
             "REPL_CRASH_AFTER": "0",
             "REPL_CRASH_MODE": mode,
@@ -410,7 +344,7 @@ def test_kill_at_capture_point(tmp, capfd, crash_shim, scenario, point, catch_up
         w = Writer(cfg, env=env)
         rc = w.finish()
         all_events += [f"[crashed writer] {e}" for e in events(w.stderr)]
-        assert "crashshim: SIGKILL" in w.stderr, f"the shim never fired (rc {rc}):\n{w.stderr}\n{w.lines}"
+        assert KILL_MARKER in w.stderr, f"the shim never fired (rc {rc}):\n{w.stderr}\n{w.lines}"
         assert rc == -signal.SIGKILL
         ids = w.ids()
         assert len(ids) == 3, ids  # the 4th commit (if any) was in capture when killed
@@ -446,7 +380,7 @@ def test_kill_at_capture_point(tmp, capfd, crash_shim, scenario, point, catch_up
 
 
 @pytest.mark.parametrize("wal", ["kept", "deleted"])
-def test_crashed_writer_then_foreign_commit_is_a_gap(tmp, crash_shim, wal):
+def test_crashed_writer_then_foreign_commit_is_a_gap(tmp, kill_shim, wal):
     """The intent of a crashed write session vouches for ONE transaction: a writer without the
     extension that commits on top of the crashed writer's uncaptured commit (before any capture
     of ours ran) is still detected as a gap (architecture.md guarantee 3), and the rebuild
@@ -458,7 +392,7 @@ def test_crashed_writer_then_foreign_commit_is_a_gap(tmp, crash_shim, wal):
     assert w.finish() == 0, w.stderr
     printed = set(w.ids())
     env = {
-        "LD_PRELOAD": crash_shim,
+        "LD_PRELOAD": kill_shim,
         "REPL_CRASH_SUFFIX": ".seg",
         "REPL_CRASH_AFTER": "0",
         "REPL_CRASH_MODE": "before",
@@ -467,7 +401,7 @@ def test_crashed_writer_then_foreign_commit_is_a_gap(tmp, crash_shim, wal):
     w = Writer({"db": str(db), "seed": 2, "gen": 1, "script": SCENARIOS["append"], "arm_file": str(tmp / "armed"),
                 "autockpt": 0}, env=env)
     rc = w.finish()
-    assert "crashshim: SIGKILL" in w.stderr and rc == -signal.SIGKILL, (rc, w.stderr)
+    assert KILL_MARKER in w.stderr and rc == -signal.SIGKILL, (rc, w.stderr)
     printed.update(w.ids())
 
     plain = None
@@ -512,7 +446,7 @@ def test_crashed_writer_then_foreign_commit_is_a_gap(tmp, crash_shim, wal):
 
 
 @pytest.mark.parametrize("point", list(CRASH_POINTS))
-def test_kill_at_capture_point_with_a_warm_log_handle(tmp, capfd, crash_shim, point):
+def test_kill_at_capture_point_with_a_warm_log_handle(tmp, capfd, kill_shim, point):
     """Like ``test_kill_at_capture_point`` (append scenario), but this process's capture agent
     has already loaded the log (it committed before the crash), so its log handle's idea of the
     segment end is stale after the crashed writer's (possibly torn) append: its next commit must
@@ -538,7 +472,7 @@ def test_kill_at_capture_point_with_a_warm_log_handle(tmp, capfd, crash_shim, po
     try:
         printed.add(holder_commit())
         env = {
-            "LD_PRELOAD": crash_shim,
+            "LD_PRELOAD": kill_shim,
             "REPL_CRASH_SUFFIX": suffix,
             "REPL_CRASH_AFTER": "0",
             "REPL_CRASH_MODE": mode,
@@ -551,7 +485,7 @@ def test_kill_at_capture_point_with_a_warm_log_handle(tmp, capfd, crash_shim, po
                     "autockpt": 0}, env=env)
         rc = w.finish()
         all_events += [f"[crashed writer] {e}" for e in events(w.stderr)]
-        assert "crashshim: SIGKILL" in w.stderr and rc == -signal.SIGKILL, (rc, w.stderr)
+        assert KILL_MARKER in w.stderr and rc == -signal.SIGKILL, (rc, w.stderr)
         assert w.ids() == [], w.lines
         printed.add(holder_commit())
         mine = events(capfd.readouterr().err)

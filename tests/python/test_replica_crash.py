@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import time
@@ -44,6 +43,7 @@ from helpers import (
     wait_for,
     worker_tables,
 )
+from killshim import KILL_MARKER
 
 KILLS = int(os.environ.get("REPL_REPLICA_KILLS", "32"))
 SEED = int(os.environ.get("REPL_REPLICA_CRASH_SEED", "9090"))
@@ -170,53 +170,6 @@ def test_kill_9_of_the_applier_at_random_points(tmp):
 
 # ---------------------------------------------------------------------- exact kill points
 
-SHIM_C = r"""
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <signal.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/types.h>
-#include <unistd.h>
-
-/* SIGKILL this process at its (KILL_AFTER + 1)-th pwrite to a file whose path ends with
-   KILL_SUFFIX: before the write (KILL_MODE "before") or after writing half of it ("half"). */
-static ssize_t (*real_pwrite64)(int, const void *, size_t, off_t);
-static long countdown = -2;
-
-static int matches(int fd) {
-    const char *suffix = getenv("KILL_SUFFIX");
-    char link[64], path[4096];
-    if (!suffix) return 0;
-    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
-    ssize_t n = readlink(link, path, sizeof path - 1);
-    if (n <= 0) return 0;
-    path[n] = 0;
-    size_t ls = strlen(suffix);
-    return (size_t)n >= ls && strcmp(path + n - ls, suffix) == 0;
-}
-
-static ssize_t hook(int fd, const void *buf, size_t count, off_t off) {
-    if (!real_pwrite64) real_pwrite64 = dlsym(RTLD_NEXT, "pwrite64");
-    if (countdown == -2) {
-        const char *a = getenv("KILL_AFTER");
-        countdown = a ? atol(a) : -1;
-    }
-    if (countdown >= 0 && matches(fd) && countdown-- == 0) {
-        const char *mode = getenv("KILL_MODE");
-        if (mode && strcmp(mode, "half") == 0) real_pwrite64(fd, buf, count / 2, off);
-        static const char msg[] = "killshim: SIGKILL\n";
-        write(2, msg, sizeof msg - 1);
-        kill(getpid(), SIGKILL);
-    }
-    return real_pwrite64(fd, buf, count, off);
-}
-
-ssize_t pwrite64(int fd, const void *buf, size_t count, off_t off) { return hook(fd, buf, count, off); }
-ssize_t pwrite(int fd, const void *buf, size_t count, off_t off) { return hook(fd, buf, count, off); }
-"""
-
 KILL_POINTS = [
     # (mode, suffix): killed at the k-th write to it, k = 0, 1, 2, 3, 0 over the runs (at
     # "applied" the even ones are intents, the odd ones positions after a publish)
@@ -224,21 +177,6 @@ KILL_POINTS = [
     ("half", "r.db-wal"),  # a torn batch in the WAL, nothing published
     ("before", "r.db-replica/applied"),  # the intent write, or the position after a publish
 ]
-
-
-@pytest.fixture(scope="module")
-def kill_shim(tmp_path_factory) -> str:
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler for the LD_PRELOAD kill shim")
-    d = tmp_path_factory.mktemp("killshim")
-    (d / "killshim.c").write_text(SHIM_C)
-    so = d / "killshim.so"
-    proc = subprocess.run(
-        [cc, "-shared", "-fPIC", "-O1", "-o", str(so), str(d / "killshim.c"), "-ldl"], capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr
-    return str(so)
 
 
 def test_kill_at_exact_apply_points(tmp, kill_shim):
@@ -270,7 +208,8 @@ def test_kill_at_exact_apply_points(tmp, kill_shim):
                 APPLIER,
                 tmp,
                 name,
-                {**env, "LD_PRELOAD": kill_shim, "KILL_MODE": mode, "KILL_SUFFIX": suffix, "KILL_AFTER": str((i // len(KILL_POINTS)) % 4)},
+                {**env, "LD_PRELOAD": kill_shim, "REPL_CRASH_MODE": mode, "REPL_CRASH_SUFFIX": suffix,
+                 "REPL_CRASH_AFTER": str((i // len(KILL_POINTS)) % 4)},
             )
             try:
                 app.wait(30)
@@ -279,7 +218,7 @@ def test_kill_at_exact_apply_points(tmp, kill_shim):
                 app.wait()
                 raise AssertionError(f"{name} never reached its kill point {mode} {suffix}")
             err = (tmp / f"{name}.err").read_text()
-            assert app.returncode == -signal.SIGKILL and "killshim: SIGKILL" in err, (app.returncode, err[-2000:])
+            assert app.returncode == -signal.SIGKILL and KILL_MARKER in err, (app.returncode, err[-2000:])
             killed[(mode, suffix)] = killed.get((mode, suffix), 0) + 1
             out = (tmp / f"{name}.out").read_text()
             assert "error" not in out, out
