@@ -341,7 +341,49 @@ class _Lines:
         return line.decode()
 
 
-class Worker:
+class _Child:
+    """What every worker process shares: closing it politely (``farewell`` first on its stdin,
+    then EOF, then a bounded wait) or killing it (SIGKILL: a crash, no close-time checkpoint)."""
+
+    proc: subprocess.Popen[str]
+    farewell = ""
+
+    def close(self, timeout: float = 30) -> None:
+        if self.proc.poll() is None:
+            try:
+                if self.farewell:
+                    self.proc.stdin.write(self.farewell)
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+    def kill(self) -> None:
+        """SIGKILL (a crash), then reap."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, _signal.SIGKILL)
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Worker(_Child):
     """A child process with one apsw connection on ``path`` (see WORKER_PY).
 
     ``ext=True`` loads the extension before opening (so the connection uses the replica VFS);
@@ -405,40 +447,9 @@ class Worker:
         """Run statements in order; rows of the last one."""
         return self._send({"script": list(stmts)}, timeout)
 
-    def close(self, timeout: float = 30) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
-
-    def kill(self) -> None:
-        """SIGKILL (a crash), then reap."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, _signal.SIGKILL)
-        self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout):
-            if f:
-                try:
-                    f.close()
-                except OSError:
-                    pass
-
-    def __enter__(self) -> "Worker":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
-class CliWorker:
+class CliWorker(_Child):
     """A long-lived stock ``/usr/bin/sqlite3`` shell (3.40.1) on ``path`` WITHOUT the extension.
 
     Each ``q`` sends SQL plus a ``.print`` marker and returns the output lines before it (list
@@ -446,6 +457,7 @@ class CliWorker:
     when a line starts with ``Error:``/``Parse error``/``Runtime error``.
     """
 
+    farewell = ".quit\n"
     MARK = "@@done@@"
 
     def __init__(self, path: str | os.PathLike[str], busy: int = 5000, load: bool = False):
@@ -485,38 +497,6 @@ class CliWorker:
         if errors:
             raise WorkerError("sqlite3", "\n".join(lines))
         return lines
-
-    def kill(self) -> None:
-        """SIGKILL (a crash: no close-time checkpoint), then reap."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, _signal.SIGKILL)
-        self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
-
-    def close(self, timeout: float = 30) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(".quit\n")
-                self.proc.stdin.close()
-            except OSError:
-                pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
-
-    def __enter__(self) -> "CliWorker":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 # ------------------------------------------------------------------ replica test helpers
