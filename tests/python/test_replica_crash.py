@@ -87,6 +87,22 @@ while True:
 CHECK_SQL = "SELECT (SELECT total(bal) FROM acct), (SELECT count(*) FROM acct), (SELECT v FROM ver), (SELECT max(ver) FROM acct);"
 
 
+def bank_schema(junk_rows: int, blob_size: str) -> list[str]:
+    """The primary's starting state: N_ACCT accounts of 100, version 0, and ``junk_rows``
+    overflow-page blobs of ``blob_size`` bytes (an SQL expression of the row number ``n``)."""
+    return [
+        "CREATE TABLE acct(id INTEGER PRIMARY KEY, bal INTEGER NOT NULL, ver INTEGER NOT NULL)",
+        "CREATE TABLE ver(v INTEGER NOT NULL)",
+        "CREATE TABLE junk(id INTEGER PRIMARY KEY, b BLOB)",
+        "BEGIN",
+        *[f"INSERT INTO acct VALUES ({i}, 100, 0)" for i in range(N_ACCT)],
+        "INSERT INTO ver VALUES (0)",
+        f"WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < {junk_rows}) "
+        f"INSERT INTO junk(b) SELECT randomblob({blob_size}) FROM c",
+        "COMMIT",
+    ]
+
+
 def stock_state(rdb) -> tuple[float, int, int, int]:
     s, c, v, mv = stock_one(rdb, CHECK_SQL).split("|")
     return float(s), int(c), int(v), int(mv)
@@ -96,19 +112,7 @@ def test_kill_9_of_the_applier_at_random_points(tmp):
     pdb, rdb, stop = tmp / "p.db", tmp / "r.db", tmp / "STOP"
     rng = random.Random(SEED)
     with start_primary(pdb) as p:
-        p.script(
-            [
-                "CREATE TABLE acct(id INTEGER PRIMARY KEY, bal INTEGER NOT NULL, ver INTEGER NOT NULL)",
-                "CREATE TABLE ver(v INTEGER NOT NULL)",
-                "CREATE TABLE junk(id INTEGER PRIMARY KEY, b BLOB)",
-                "BEGIN",
-                *[f"INSERT INTO acct VALUES ({i}, 100, 0)" for i in range(N_ACCT)],
-                "INSERT INTO ver VALUES (0)",
-                "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 120) "
-                "INSERT INTO junk(b) SELECT randomblob(3000 + n * 20) FROM c",
-                "COMMIT",
-            ]
-        )
+        p.script(bank_schema(junk_rows=120, blob_size="3000 + n * 20"))
     start_replica(rdb, pdb).close()
     env = {"P_DB": str(pdb), "R_DB": str(rdb), "STOP": str(stop), "N_ACCT": str(N_ACCT), "SEED": str(SEED)}
     primary = spawn_bg(PRIMARY, tmp, "primary", env)
@@ -182,19 +186,7 @@ KILL_POINTS = [
 def test_kill_at_exact_apply_points(tmp, kill_shim):
     pdb, rdb, stop = tmp / "p.db", tmp / "r.db", tmp / "STOP"
     with start_primary(pdb) as p:
-        p.script(
-            [
-                "CREATE TABLE acct(id INTEGER PRIMARY KEY, bal INTEGER NOT NULL, ver INTEGER NOT NULL)",
-                "CREATE TABLE ver(v INTEGER NOT NULL)",
-                "CREATE TABLE junk(id INTEGER PRIMARY KEY, b BLOB)",
-                "BEGIN",
-                *[f"INSERT INTO acct VALUES ({i}, 100, 0)" for i in range(N_ACCT)],
-                "INSERT INTO ver VALUES (0)",
-                "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 60) "
-                "INSERT INTO junk(b) SELECT randomblob(3000) FROM c",
-                "COMMIT",
-            ]
-        )
+        p.script(bank_schema(junk_rows=60, blob_size="3000"))
     start_replica(rdb, pdb).close()
     env = {"P_DB": str(pdb), "R_DB": str(rdb), "STOP": str(stop), "N_ACCT": str(N_ACCT), "SEED": str(SEED + 2)}
     primary = spawn_bg(PRIMARY, tmp, "primary", env)
