@@ -270,22 +270,17 @@ impl Replica {
         }
         st.primary_lsn = info.durable_lsn;
         st.primary_first_lsn = info.first_lsn;
-        if st.page_size.is_some_and(|p| p.get() != info.page_size) && info.page_size != 0 {
-            log_event(&format!(
-                "event=page_size_note db={:?} replica={:?} primary_log={}",
-                self.db_path, st.page_size, info.page_size
-            ));
-        }
         if self.handle.db_size()? == 0 && self.pos.read().is_none() {
             self.bootstrap(st)?;
         }
         self.ensure_open(st)?;
-        if !st.loaded || self.pos.read().map(|a| a.seq) != Some(st.seen_seq) {
-            self.load(st)?;
+        if self.pos.read().map(|a| a.seq) != Some(st.seen_seq) {
+            st.loaded = false; // another process applied since we last looked
         }
         loop {
             if !st.loaded {
-                // write_plan found the WAL emptied behind us: verify the content first.
+                // First sync in this process, another applier moved on, or write_plan found
+                // the WAL emptied behind us: derive the state from the live content first.
                 self.load(st)?;
             }
             if let Some(why) = st.diverged.take() {
@@ -310,13 +305,7 @@ impl Replica {
                 Fetch::Records(r) => r,
             };
             self.maybe_drain(st);
-            let mut sums = std::mem::replace(
-                &mut st.sums,
-                DbChecksum::new(PageSize::new(512).expect("valid")),
-            );
-            let planned = plan_batch(st.lsn, st.generation, &mut sums, &records);
-            st.sums = sums;
-            match planned {
+            match plan_batch(st.lsn, st.generation, &mut st.sums, &records) {
                 Ok(plan) => self.write_plan(st, &plan)?,
                 Err(PlanError::Divergence(m)) => st.diverged = Some(m),
                 Err(PlanError::Sequence(m)) => {

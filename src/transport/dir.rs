@@ -58,7 +58,6 @@ impl Source for DirSource {
         let meta = Log::read_meta(&self.dir)?;
         Ok(SourceInfo {
             lineage: meta.lineage,
-            page_size: meta.page_size,
             first_lsn: Log::first_segment_lsn(&self.dir)?,
             durable_lsn: Log::read_durable(&self.dir)?.map(|d| d.0),
         })

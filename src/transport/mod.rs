@@ -16,7 +16,6 @@ use crate::types::Lsn;
 #[derive(Clone, Debug)]
 pub struct SourceInfo {
     pub lineage: String,
-    pub page_size: u32,
     /// Oldest LSN still retained (None: the log is empty).
     pub first_lsn: Option<Lsn>,
     /// Newest durable LSN (what may be served).
