@@ -443,16 +443,18 @@ impl Replica {
                         if shm_read_header(&shm).is_some() {
                             return Ok(shm);
                         }
+                        // Invalid header: release WRITE, let stock recovery rebuild it, and
+                        // retry within the same deadline (never spin on a header that stays bad).
                         drop(shm);
                         self.recover(st);
-                        continue;
                     }
                 }
                 None => self.recover(st),
             }
             if Instant::now() > deadline {
                 return Err(Error::Busy(format!(
-                    "the WAL write lock of {} has been busy for {} s (a checkpoint or a foreign writer); retry",
+                    "the WAL write lock of {} has been busy, or its wal-index invalid, for {} s \
+                     (a checkpoint, a foreign writer, or an unwritable -shm); retry",
                     self.db_path,
                     WRITE_LOCK_WAIT.as_secs()
                 )));
