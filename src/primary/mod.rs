@@ -59,7 +59,7 @@ use crate::registry::{self, Db, Role};
 use crate::txlog::{DbChecksum, Log, Meta, Page, Record, RecordMeta};
 use crate::types::{Checksum, Generation, Lsn, PageNo, PageSize};
 use crate::vfs::AgentHandle;
-use crate::wal::{self, FrameReader, WalHeader, WalIndexHeader};
+use crate::wal::{FrameReader, WalHeader, WalIndexHeader};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -69,6 +69,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 #[allow(unused_imports)]
 use DbFileIo as _;
+
+mod background;
+mod position;
+mod snapshot;
+
+use position::{Intent, IntentCheck, PosFile, Position};
 
 /// What capture needs from a database file handle (a connection's, or the agent's).
 pub trait DbFileIo {
@@ -83,180 +89,6 @@ pub trait DbFileIo {
 pub struct T1Witness {
     /// After T1, every committed frame was captured (position == header).
     caught_up: bool,
-}
-
-/// The capture position: the last LSN and the WAL position just after it (wal-spec D.3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-struct Position {
-    lsn: Lsn,
-    generation: Generation,
-    salts: [u8; 8],
-    frame: u32,
-    cksum: (u32, u32),
-}
-
-const POSITION_LEN: usize = 40;
-
-impl Position {
-    fn encode(&self) -> [u8; POSITION_LEN] {
-        let mut b = [0u8; POSITION_LEN];
-        b[0..8].copy_from_slice(&self.lsn.0.to_be_bytes());
-        b[8..12].copy_from_slice(&self.generation.0.to_be_bytes());
-        b[12..20].copy_from_slice(&self.salts);
-        b[20..24].copy_from_slice(&self.frame.to_be_bytes());
-        b[24..28].copy_from_slice(&self.cksum.0.to_be_bytes());
-        b[28..32].copy_from_slice(&self.cksum.1.to_be_bytes());
-        let h = xxhash_rust::xxh3::xxh3_64(&b[0..32]);
-        b[32..40].copy_from_slice(&h.to_be_bytes());
-        b
-    }
-
-    fn decode(b: &[u8]) -> Option<Position> {
-        if b.len() < POSITION_LEN
-            || xxhash_rust::xxh3::xxh3_64(&b[0..32]).to_be_bytes() != b[32..40]
-        {
-            return None;
-        }
-        let u32at = |o: usize| u32::from_be_bytes(b[o..o + 4].try_into().unwrap());
-        Some(Position {
-            lsn: Lsn(u64::from_be_bytes(b[0..8].try_into().unwrap())),
-            generation: Generation(u32at(8)),
-            salts: b[12..20].try_into().unwrap(),
-            frame: u32at(20),
-            cksum: (u32at(24), u32at(28)),
-        })
-    }
-
-    fn from_meta(m: &RecordMeta) -> Position {
-        Position {
-            lsn: m.lsn,
-            generation: m.generation,
-            salts: m.wal_salts,
-            frame: m.wal_frame,
-            cksum: m.wal_cksum,
-        }
-    }
-}
-
-/// The position file mapped: 4 KiB, bytes 0..40 the position (written with `pwrite`, read
-/// from the mapping), bytes 64..104 the write intent and 128..132 the append flag (memory
-/// loads/stores only).
-struct PosFile {
-    file: File,
-    map: crate::ffi::os::SharedWords,
-}
-
-const POSITION_FILE_WORDS: usize = 1024;
-const INTENT_WORD: usize = 16;
-const INTENT_WORDS: usize = 10;
-/// Bytes 128..132: non-zero (a pid) while a capture may be appending to the log.
-const APPEND_FLAG_WORD: usize = 32;
-
-/// "A write session of ours is open and was caught up at this WAL position" (see the module
-/// doc). Written by T1 after its catch-up, cleared once a capture under WRITE has the
-/// position at the header again (normally T2 of the same session). Found by a later WRITE
-/// holder, it can only belong to a session whose process died: WRITE is exclusive.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Intent {
-    pid: u32,
-    /// Header (= position) when T1 caught up.
-    salts: [u8; 8],
-    frame: u32,
-    /// The wal-index header's iChange at that moment.
-    change: u32,
-    lsn: Lsn,
-    generation: Generation,
-}
-
-impl Intent {
-    fn fields(&self) -> [u32; INTENT_WORDS - 1] {
-        [
-            self.pid,
-            u32::from_ne_bytes(self.salts[0..4].try_into().expect("4 bytes")),
-            u32::from_ne_bytes(self.salts[4..8].try_into().expect("4 bytes")),
-            self.frame,
-            self.change,
-            self.lsn.0 as u32,
-            (self.lsn.0 >> 32) as u32,
-            self.generation.0,
-            0x494e_5431, // "INT1": layout version
-        ]
-    }
-
-    fn tag(f: &[u32; INTENT_WORDS - 1]) -> u32 {
-        let mut b = [0u8; (INTENT_WORDS - 1) * 4];
-        for (c, v) in b.chunks_exact_mut(4).zip(f) {
-            c.copy_from_slice(&v.to_ne_bytes());
-        }
-        (xxhash_rust::xxh3::xxh3_64(&b) as u32).max(1)
-    }
-
-    /// Fields first, the tag (non-zero checksum of the fields) last: a writer killed half-way
-    /// leaves a tag that does not match, read as "no intent" (correct: it had not caught up
-    /// yet, so it had not written anything to the WAL).
-    fn store(&self, w: &[std::sync::atomic::AtomicU32]) {
-        let f = self.fields();
-        w[0].store(0, Ordering::Release);
-        for (slot, v) in w[1..].iter().zip(f) {
-            slot.store(v, Ordering::Relaxed);
-        }
-        w[0].store(Self::tag(&f), Ordering::Release);
-    }
-
-    fn load(w: &[std::sync::atomic::AtomicU32]) -> Option<Intent> {
-        let tag = w[0].load(Ordering::Acquire);
-        if tag == 0 {
-            return None;
-        }
-        let mut f = [0u32; INTENT_WORDS - 1];
-        for (v, slot) in f.iter_mut().zip(&w[1..]) {
-            *v = slot.load(Ordering::Relaxed);
-        }
-        if Self::tag(&f) != tag || f[8] != 0x494e_5431 {
-            return None;
-        }
-        let mut salts = [0u8; 8];
-        salts[0..4].copy_from_slice(&f[1].to_ne_bytes());
-        salts[4..8].copy_from_slice(&f[2].to_ne_bytes());
-        Some(Intent {
-            pid: f[0],
-            salts,
-            frame: f[3],
-            change: f[4],
-            lsn: Lsn(f[5] as u64 | (f[6] as u64) << 32),
-            generation: Generation(f[7]),
-        })
-    }
-}
-
-/// The intent of a dead write session whose position is still the current one: what the
-/// frames after it must satisfy to be accepted as that one session's work (`Primary::plan`).
-#[derive(Clone, Copy, Debug)]
-struct IntentCheck {
-    intent: Intent,
-}
-
-impl IntentCheck {
-    /// Is header `h` consistent with the dead session having committed `total` transactions
-    /// (at most one)? iChange is +1 per commit and survives WAL restarts; recovery rebuilds
-    /// the header with iChange 0 (then only the frame structure can be checked).
-    fn accepts(&self, h: &WalIndexHeader, total: u64) -> std::result::Result<(), String> {
-        if total > 1 {
-            return Err(format!(
-                "{total} transactions since the write intent of pid {} (one write session commits at most one)",
-                self.intent.pid
-            ));
-        }
-        let want = self.intent.change.wrapping_add(total as u32);
-        if h.change != want && h.change != 0 {
-            return Err(format!(
-                "wal-index iChange {} != {} (intent of pid {} at iChange {} + {total} commit(s)): \
-                 another writer committed",
-                h.change, want, self.intent.pid, self.intent.change
-            ));
-        }
-        Ok(())
-    }
 }
 
 struct Capture {
@@ -414,7 +246,7 @@ impl Primary {
         let weak = Arc::downgrade(&p);
         std::thread::Builder::new()
             .name("repl-capture".into())
-            .spawn(move || background(weak))
+            .spawn(move || background::background(weak))
             .map_err(|e| Error::io("starting the capture thread", e))?;
         Ok(p)
     }
@@ -505,89 +337,6 @@ impl Primary {
             .map(|(l, _)| l)
             .unwrap_or(Lsn(0));
         Ok(())
-    }
-
-    fn position_path(&self) -> PathBuf {
-        self.dir.join("position")
-    }
-
-    /// The position file, opened and mapped once (pwrite for the position, the mapping for
-    /// reads and for the write intent; both are thread-safe).
-    fn position_file(&self) -> Result<&PosFile> {
-        self.posf.get_or_try_init(|| {
-            let path = self.position_path();
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .read(true)
-                .write(true)
-                .open(&path)
-                .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-            let map = crate::ffi::os::SharedWords::map(&file, POSITION_FILE_WORDS)
-                .map_err(|e| Error::io(format!("mapping {}", path.display()), e))?;
-            Ok(PosFile { file, map })
-        })
-    }
-
-    /// The shared position. Lock-free readers (T3's pre-check, `repl_lsn()`) may race a
-    /// writer's pwrite: the checksum catches a torn copy and the read is retried.
-    fn read_position(&self) -> Option<Position> {
-        let f = self.position_file().ok()?;
-        let w = f.map.words();
-        for _ in 0..4 {
-            let mut b = [0u8; POSITION_LEN];
-            for (i, c) in b.chunks_exact_mut(4).enumerate() {
-                c.copy_from_slice(&w[i].load(Ordering::Acquire).to_ne_bytes());
-            }
-            if let Some(p) = Position::decode(&b) {
-                return Some(p);
-            }
-            std::hint::spin_loop();
-        }
-        None
-    }
-
-    fn save_position(&self, st: &Capture) -> Result<()> {
-        self.position_file()?
-            .file
-            .write_all_at(&st.pos.encode(), 0)
-            .map_err(|e| Error::io(format!("writing {}", self.position_path().display()), e))
-    }
-
-    /// The pending write intent (call with WRITE held: only WRITE holders write it).
-    fn read_intent(&self) -> Option<Intent> {
-        let f = self.position_file().ok()?;
-        Intent::load(&f.map.words()[INTENT_WORD..INTENT_WORD + INTENT_WORDS])
-    }
-
-    /// Record (or, with `None`, clear) the write intent (WRITE held). Memory stores only.
-    fn write_intent(&self, i: Option<&Intent>) {
-        if let Ok(f) = self.position_file() {
-            let w = &f.map.words()[INTENT_WORD..INTENT_WORD + INTENT_WORDS];
-            match i {
-                Some(i) => i.store(w),
-                None => w[0].store(0, Ordering::Release),
-            }
-        }
-    }
-
-    /// The append flag word of the shared mapping (see `capture`); `None` if it is not mapped.
-    fn append_flag(&self) -> Option<&std::sync::atomic::AtomicU32> {
-        self.position_file()
-            .ok()
-            .map(|f| &f.map.words()[APPEND_FLAG_WORD])
-    }
-
-    /// After a capture under WRITE: a caught-up position resolves any pending intent.
-    fn clear_intent_if_caught_up(&self, st: &Capture, h: &WalIndexHeader) {
-        if st.loaded && st.pos.salts == h.salts && st.pos.frame == h.mx_frame {
-            if let Ok(f) = self.position_file() {
-                let tag = &f.map.words()[INTENT_WORD];
-                if tag.load(Ordering::Relaxed) != 0 {
-                    tag.store(0, Ordering::Release);
-                }
-            }
-        }
     }
 
     /// Adopt records appended by other processes (call with WRITE held).
@@ -887,26 +636,6 @@ impl Primary {
         ))
     }
 
-    /// With the WAL empty (mxFrame 0, WRITE held): is the database file the captured state?
-    /// Reads the whole file; only used on the rare crash + recovery path.
-    fn db_file_matches(&self, st: &Capture, io: &dyn DbFileIo) -> Result<bool> {
-        let mut head = [0u8; 100];
-        io.read_db(0, &mut head)?;
-        let ps = st.sums.page_size();
-        let n_pages = u32::from_be_bytes(head[28..32].try_into().expect("4 bytes"));
-        if PageSize::from_db_header(&head) != Some(ps) || n_pages != st.sums.size() {
-            return Ok(false);
-        }
-        let mut sums = DbChecksum::new(ps);
-        let mut buf = vec![0u8; ps.bytes()];
-        for pgno in 1..=n_pages {
-            io.read_db((pgno as u64 - 1) * ps.get() as u64, &mut buf)?;
-            sums.set_page(PageNo::new(pgno).expect("pgno >= 1"), &buf);
-        }
-        sums.truncate(n_pages);
-        Ok(sums.total() == st.sums.total())
-    }
-
     fn wal_file(&self, st: &mut Capture) -> Result<Arc<File>> {
         if st.wal.is_none() {
             let p = format!("{}-wal", self.db_path);
@@ -1068,115 +797,6 @@ impl Primary {
         }
     }
 
-    /// A gap: log it and start generation + 1 with a full snapshot as the next LSN.
-    fn new_generation(
-        &self,
-        st: &mut Capture,
-        io: &dyn DbFileIo,
-        h: &WalIndexHeader,
-        reason: &str,
-    ) -> Result<()> {
-        let lsn = st.pos.lsn.next();
-        let generation = Generation(st.pos.generation.0 + 1);
-        log_event(&format!(
-            "event=gap db={:?} reason={:?} new_generation={} lsn={}",
-            self.db_path, reason, generation, lsn
-        ));
-        let rec = self.snapshot_record(st, io, h, lsn, generation)?;
-        st.log.append(&rec)?;
-        st.log.write_snapshot(&rec)?;
-        st.pos = Position::from_meta(&rec.meta);
-        st.gaps += 1;
-        st.last_error = Some(format!(
-            "gap detected ({reason}); generation {generation} started with a snapshot at LSN {lsn}"
-        ));
-        self.save_position(st)
-    }
-
-    /// A SNAPSHOT record of the state published in `h` (WRITE held: the state cannot move).
-    fn snapshot_record(
-        &self,
-        st: &mut Capture,
-        io: &dyn DbFileIo,
-        h: &WalIndexHeader,
-        lsn: Lsn,
-        generation: Generation,
-    ) -> Result<Record> {
-        let mut wal_pages: BTreeMap<u32, u32> = BTreeMap::new();
-        let mut frame_cksum = (0, 0);
-        let mut ps = None;
-        let mut f_opt = None;
-        let mut hdr_opt = None;
-        if h.mx_frame > 0 {
-            let f = self.wal_file(st)?;
-            let hdr = self.wal_header(st, h.salts)?;
-            let mut reader = FrameReader::new(&*f, &hdr, 1, hdr.cksum);
-            while reader.next_frame_no() <= h.mx_frame {
-                let fr = reader.next_frame()?.ok_or_else(|| {
-                    Error::Corrupt(format!("WAL ends before published frame {}", h.mx_frame))
-                })?;
-                wal_pages.insert(fr.header.pgno, fr.frame_no);
-            }
-            frame_cksum = reader.running();
-            ps = Some(hdr.page_size);
-            f_opt = Some(f);
-            hdr_opt = Some(hdr);
-        }
-        let mut head = [0u8; 100];
-        io.read_db(0, &mut head)?;
-        let ps = match ps {
-            Some(p) => p,
-            None => PageSize::from_db_header(&head).unwrap_or(PageSize::new(4096).expect("valid")),
-        };
-        let n_pages = if h.mx_frame > 0 {
-            h.n_page
-        } else {
-            u32::from_be_bytes(head[28..32].try_into().unwrap())
-        };
-        let lock_page = ps.lock_byte_page().get();
-        let mut sums = DbChecksum::new(ps);
-        let mut pages = Vec::with_capacity(n_pages as usize);
-        let mut buf = vec![0u8; ps.bytes()];
-        for pgno in 1..=n_pages {
-            if pgno == lock_page {
-                continue;
-            }
-            match (wal_pages.get(&pgno), &f_opt) {
-                (Some(&fno), Some(f)) => {
-                    let off = wal::frame_offset(ps, fno) + wal::FRAME_HEADER_SIZE as u64;
-                    f.read_exact_at(&mut buf, off)
-                        .map_err(|e| Error::io("reading a WAL frame", e))?;
-                }
-                _ => io.read_db((pgno as u64 - 1) * ps.get() as u64, &mut buf)?,
-            }
-            let p = PageNo::new(pgno).expect("pgno >= 1");
-            sums.set_page(p, &buf);
-            pages.push(Page {
-                pgno: p,
-                data: buf.clone(),
-            });
-        }
-        let _ = hdr_opt;
-        st.sums = sums;
-        st.page_size = Some(ps);
-        Ok(Record {
-            meta: RecordMeta {
-                lsn,
-                generation,
-                snapshot: true,
-                page_size: ps,
-                commit_size: n_pages,
-                timestamp_ms: now_ms(),
-                wal_salts: h.salts,
-                wal_frame: h.mx_frame,
-                wal_cksum: if h.mx_frame > 0 { frame_cksum } else { (0, 0) },
-                db_checksum: st.sums.total(),
-                page_count: pages.len() as u32,
-            },
-            pages,
-        })
-    }
-
     /// True while the database file and log directory are the ones this agent attached to.
     pub fn still_describes(&self, path: &str) -> bool {
         use std::os::unix::fs::MetadataExt;
@@ -1265,74 +885,6 @@ impl Primary {
             "last_error": st.last_error,
         })
     }
-
-    /// Group fsync (synchronous=NORMAL) and the T3 poll; runs on the background thread.
-    fn tick(&self) {
-        // T3: a commit the shim did not see (a writer without the extension) shows as a
-        // header ahead of the shared position. Our own commits are captured under WRITE (T2)
-        // and only differ for microseconds, so act only when the same mismatch is seen on two
-        // consecutive ticks: taking WRITE here can make an application's write fail with
-        // SQLITE_BUSY if it has no busy timeout, so never take it on a transient.
-        if let Some(h) = read_header(&self.agent) {
-            let shared = self.read_position();
-            let loaded = lock(&self.state).loaded;
-            let moved =
-                !loaded || shared.is_none_or(|p| p.salts != h.salts || p.frame != h.mx_frame);
-            let seen = (
-                h.salts,
-                h.mx_frame,
-                h.change,
-                shared.map(|p| (p.lsn, p.frame)),
-            );
-            let mut last = lock(&self.t3_seen);
-            let stable = moved && *last == Some(seen);
-            *last = if moved { Some(seen) } else { None };
-            drop(last);
-            if stable && self.agent.try_lock_write() {
-                if let Some(h) = read_header(&self.agent) {
-                    let mut st = lock(&self.state);
-                    self.capture(&mut st, &self.agent, &h, false, false);
-                    self.clear_intent_if_caught_up(&st, &h);
-                }
-                self.agent.unlock_write();
-                *lock(&self.t3_seen) = None;
-            }
-        }
-        // Group fsync: make pending records durable, then advance the watermark.
-        let (target, wal) = {
-            let mut st = lock(&self.state);
-            if st.pending {
-                st.pending = false;
-                st.synced = None;
-                (st.pos, self.wal_file(&mut st).ok())
-            } else if let Some(p) = st.synced.take() {
-                (p, None) // synced by its commit (synchronous=FULL)
-            } else {
-                return;
-            }
-        };
-        if let Some(w) = wal {
-            if let Err(e) = w.sync_data() {
-                lock(&self.state).last_error = Some(format!("fsync of the WAL failed: {e}"));
-                lock(&self.state).pending = true;
-                return;
-            }
-        }
-        // Raise the watermark without holding the state lock (commits may be waiting on it).
-        if let Err(e) = self.durable_file.raise(target.lsn, target.generation) {
-            lock(&self.state).last_error = Some(e.to_string());
-        }
-        let mut st = lock(&self.state);
-        st.durable = st.durable.max(target.lsn);
-        // The WAL is the durable copy of every captured transaction (capture re-reads it after
-        // a crash), so the log itself is synced lazily, at most once a second.
-        if st.last_log_sync.elapsed() > Duration::from_secs(1) {
-            st.last_log_sync = Instant::now();
-            if let Err(e) = st.log.sync() {
-                st.last_error = Some(e.to_string());
-            }
-        }
-    }
 }
 
 enum Plan {
@@ -1347,26 +899,6 @@ enum Plan {
         check: Option<IntentCheck>,
     },
     Gap(String),
-}
-
-fn background(p: std::sync::Weak<Primary>) {
-    loop {
-        let Some(p) = p.upgrade() else { return };
-        if p.stop.load(Ordering::Acquire) {
-            return;
-        }
-        p.tick();
-        let mut st = lock(&p.state);
-        if st.pending || st.synced.is_some() {
-            // More records arrived during the last round: start the next one after a short
-            // pause so a burst of commits shares one fsync / watermark write.
-            drop(st);
-            std::thread::sleep(group_fsync_interval());
-        } else {
-            st.round_scheduled = false;
-            let _ = p.wake.wait_timeout(st, Duration::from_millis(20));
-        }
-    }
 }
 
 fn apply_to_sums(sums: &mut DbChecksum, r: &Record) {
@@ -1403,75 +935,4 @@ fn random_hex(n: usize) -> String {
 fn file_identity(p: impl AsRef<std::path::Path>) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
-}
-
-/// Pause between group-fsync rounds of the WAL (synchronous=NORMAL primaries):
-/// `REPL_FSYNC_INTERVAL_US`, default 2000 µs.
-fn group_fsync_interval() -> Duration {
-    static V: once_cell::sync::Lazy<Duration> = once_cell::sync::Lazy::new(|| {
-        let us = std::env::var("REPL_FSYNC_INTERVAL_US")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2000);
-        Duration::from_micros(us)
-    });
-    *V
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::AtomicU32;
-
-    fn intent() -> Intent {
-        Intent {
-            pid: 4242,
-            salts: [1, 2, 3, 4, 5, 6, 7, 8],
-            frame: 17,
-            change: 99,
-            lsn: Lsn(0x1_0000_0005),
-            generation: Generation(3),
-        }
-    }
-
-    fn header(change: u32) -> WalIndexHeader {
-        let mut h = WalIndexHeader::parse_copy(&[0u8; 48]);
-        h.change = change;
-        h
-    }
-
-    #[test]
-    fn intent_round_trips_and_clears() {
-        let w: Vec<AtomicU32> = (0..INTENT_WORDS).map(|_| AtomicU32::new(0)).collect();
-        assert_eq!(Intent::load(&w), None);
-        intent().store(&w);
-        assert_eq!(Intent::load(&w), Some(intent()));
-        w[0].store(0, Ordering::Release);
-        assert_eq!(Intent::load(&w), None);
-    }
-
-    #[test]
-    fn torn_intent_reads_as_none() {
-        let w: Vec<AtomicU32> = (0..INTENT_WORDS).map(|_| AtomicU32::new(0)).collect();
-        intent().store(&w);
-        w[4].store(18, Ordering::Relaxed); // frame changed after the tag: a half-written intent
-        assert_eq!(Intent::load(&w), None);
-    }
-
-    #[test]
-    fn intent_check_counts_transactions_and_ichange() {
-        let c = IntentCheck { intent: intent() };
-        assert!(c.accepts(&header(100), 1).is_ok());
-        assert!(c.accepts(&header(99), 0).is_ok());
-        assert!(c.accepts(&header(0), 1).is_ok(), "recovery resets iChange");
-        assert!(c.accepts(&header(101), 2).is_err(), "two transactions");
-        assert!(
-            c.accepts(&header(101), 1).is_err(),
-            "another commit besides ours"
-        );
-        assert!(
-            c.accepts(&header(100), 0).is_err(),
-            "a commit without frames of ours"
-        );
-    }
 }

@@ -1,0 +1,111 @@
+//! The primary's background thread, one per database per process: the group fsync of the WAL
+//! for synchronous=NORMAL (records become visible to replicas only up to the durable
+//! watermark it raises), the watermark for synchronous=FULL, and the T3 poll that notices
+//! commits made without the shim.
+
+use super::{lock, read_header, Primary};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+impl Primary {
+    /// Group fsync (synchronous=NORMAL) and the T3 poll; runs on the background thread.
+    pub(super) fn tick(&self) {
+        // T3: a commit the shim did not see (a writer without the extension) shows as a
+        // header ahead of the shared position. Our own commits are captured under WRITE (T2)
+        // and only differ for microseconds, so act only when the same mismatch is seen on two
+        // consecutive ticks: taking WRITE here can make an application's write fail with
+        // SQLITE_BUSY if it has no busy timeout, so never take it on a transient.
+        if let Some(h) = read_header(&self.agent) {
+            let shared = self.read_position();
+            let loaded = lock(&self.state).loaded;
+            let moved =
+                !loaded || shared.is_none_or(|p| p.salts != h.salts || p.frame != h.mx_frame);
+            let seen = (
+                h.salts,
+                h.mx_frame,
+                h.change,
+                shared.map(|p| (p.lsn, p.frame)),
+            );
+            let mut last = lock(&self.t3_seen);
+            let stable = moved && *last == Some(seen);
+            *last = if moved { Some(seen) } else { None };
+            drop(last);
+            if stable && self.agent.try_lock_write() {
+                if let Some(h) = read_header(&self.agent) {
+                    let mut st = lock(&self.state);
+                    self.capture(&mut st, &self.agent, &h, false, false);
+                    self.clear_intent_if_caught_up(&st, &h);
+                }
+                self.agent.unlock_write();
+                *lock(&self.t3_seen) = None;
+            }
+        }
+        // Group fsync: make pending records durable, then advance the watermark.
+        let (target, wal) = {
+            let mut st = lock(&self.state);
+            if st.pending {
+                st.pending = false;
+                st.synced = None;
+                (st.pos, self.wal_file(&mut st).ok())
+            } else if let Some(p) = st.synced.take() {
+                (p, None) // synced by its commit (synchronous=FULL)
+            } else {
+                return;
+            }
+        };
+        if let Some(w) = wal {
+            if let Err(e) = w.sync_data() {
+                lock(&self.state).last_error = Some(format!("fsync of the WAL failed: {e}"));
+                lock(&self.state).pending = true;
+                return;
+            }
+        }
+        // Raise the watermark without holding the state lock (commits may be waiting on it).
+        if let Err(e) = self.durable_file.raise(target.lsn, target.generation) {
+            lock(&self.state).last_error = Some(e.to_string());
+        }
+        let mut st = lock(&self.state);
+        st.durable = st.durable.max(target.lsn);
+        // The WAL is the durable copy of every captured transaction (capture re-reads it after
+        // a crash), so the log itself is synced lazily, at most once a second.
+        if st.last_log_sync.elapsed() > Duration::from_secs(1) {
+            st.last_log_sync = Instant::now();
+            if let Err(e) = st.log.sync() {
+                st.last_error = Some(e.to_string());
+            }
+        }
+    }
+}
+
+pub(super) fn background(p: std::sync::Weak<Primary>) {
+    loop {
+        let Some(p) = p.upgrade() else { return };
+        if p.stop.load(Ordering::Acquire) {
+            return;
+        }
+        p.tick();
+        let mut st = lock(&p.state);
+        if st.pending || st.synced.is_some() {
+            // More records arrived during the last round: start the next one after a short
+            // pause so a burst of commits shares one fsync / watermark write.
+            drop(st);
+            std::thread::sleep(group_fsync_interval());
+        } else {
+            st.round_scheduled = false;
+            let _ = p.wake.wait_timeout(st, Duration::from_millis(20));
+        }
+    }
+}
+
+/// Pause between group-fsync rounds of the WAL (synchronous=NORMAL primaries):
+/// `REPL_FSYNC_INTERVAL_US`, default 2000 µs.
+fn group_fsync_interval() -> Duration {
+    static V: once_cell::sync::Lazy<Duration> = once_cell::sync::Lazy::new(|| {
+        let us = std::env::var("REPL_FSYNC_INTERVAL_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2000);
+        Duration::from_micros(us)
+    });
+    *V
+}
