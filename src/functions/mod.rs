@@ -18,6 +18,7 @@ pub const FUNCTIONS: &[(&str, i32, crate::ffi::func::ScalarFn)] = &[
     ("repl_role", 0, repl_role),
     ("repl_checksum", 0, repl_checksum),
     ("repl_status", 0, repl_status),
+    ("repl_config", -1, repl_config),
 ];
 
 /// Register every function on `db`.
@@ -221,4 +222,47 @@ fn repl_status(c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
         }),
     };
     Ok(SqlValue::Text(v.to_string()))
+}
+
+/// `repl_config()`: the primary's settings as JSON; `repl_config(name)`: one value;
+/// `repl_config(name, value)`: set it (persisted for every process of this primary) and
+/// return the new value.
+fn repl_config(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
+    use crate::primary::maintenance::{load_policy, policy_json, set_setting, setting};
+    if a.len() > 2 {
+        return Err(Error::Misuse(
+            "repl_config() takes at most two arguments: a setting name and a value".into(),
+        ));
+    }
+    let (entry, path) = main_db_checked(c.db, "repl_config()")?;
+    let Some(p) = entry.primary() else {
+        return Err(Error::Misuse(format!(
+            "repl_config(): {path} is not a primary; the settings (log retention and snapshots) \
+             belong to the primary: run repl_config() there after repl_primary()"
+        )));
+    };
+    let name = match a.first() {
+        None => {
+            return Ok(SqlValue::Text(
+                policy_json(&load_policy(p.dir())?).to_string(),
+            ))
+        }
+        Some(SqlValue::Text(t)) => t.as_str(),
+        Some(v) => {
+            return Err(Error::Misuse(format!(
+                "repl_config(): the setting name must be text, got {v:?}"
+            )))
+        }
+    };
+    match a.get(1) {
+        None => Ok(SqlValue::Int(setting(&load_policy(p.dir())?, name)? as i64)),
+        Some(SqlValue::Int(v)) => {
+            let policy = set_setting(p.dir(), name, *v)?;
+            p.apply_policy(&policy);
+            Ok(SqlValue::Int(setting(&policy, name)? as i64))
+        }
+        Some(v) => Err(Error::Misuse(format!(
+            "repl_config(): {name} must be set to an integer, got {v:?}"
+        ))),
+    }
 }

@@ -71,6 +71,7 @@ use std::time::{Duration, Instant};
 use DbFileIo as _;
 
 mod background;
+pub(crate) mod maintenance;
 mod position;
 mod snapshot;
 
@@ -189,8 +190,12 @@ impl Primary {
     pub fn attach(db: &Arc<Db>, create: bool) -> Result<Arc<Primary>> {
         let dir = registry::log_dir(&db.path);
         let agent = AgentHandle::open(&db.path)?;
+        let policy = maintenance::load_policy(&dir).unwrap_or_default();
+        let cfg = crate::txlog::LogConfig {
+            segment_bytes: policy.segment_bytes,
+        };
         let log = if dir.join("meta.json").exists() {
-            Log::open(&dir, Default::default())?
+            Log::open(&dir, cfg)?
         } else if create {
             let mut head = [0u8; 100];
             agent.read_db(0, &mut head)?;
@@ -202,7 +207,7 @@ impl Primary {
                 page_size,
                 created_ms: now_ms(),
             };
-            Log::create(&dir, &meta, Default::default())?
+            Log::create(&dir, &meta, cfg)?
         } else {
             return Err(Error::Other(format!(
                 "no replication log at {}",
@@ -248,6 +253,11 @@ impl Primary {
             .name("repl-capture".into())
             .spawn(move || background::background(weak))
             .map_err(|e| Error::io("starting the capture thread", e))?;
+        let weak = Arc::downgrade(&p);
+        std::thread::Builder::new()
+            .name("repl-maintain".into())
+            .spawn(move || maintenance::maintenance(weak))
+            .map_err(|e| Error::io("starting the log maintenance thread", e))?;
         Ok(p)
     }
 
@@ -804,6 +814,11 @@ impl Primary {
         id(std::path::Path::new(path)) == self.file_id && id(&self.dir) == self.dir_id
     }
 
+    /// The log directory `<db>-replica/`.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     /// Stop the background thread (the agent is released when the last reference goes).
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
@@ -874,12 +889,15 @@ impl Primary {
             "wal": {"frame": st.pos.frame, "salts": hex(&st.pos.salts)},
             "log": {
                 "dir": self.dir.display().to_string(),
-                "first_lsn": st.log.first_lsn().map(|l| l.0),
+                "first_lsn": Log::first_segment_lsn(&self.dir).ok().flatten().map(|l| l.0),
                 "last_lsn": st.log.last().map(|m| m.lsn.0),
                 "durable_lsn": durable,
                 "segments": segs,
                 "bytes": bytes,
             },
+            "snapshot": crate::txlog::newest_snapshot(&self.dir).ok().flatten()
+                .map(|(l, b)| serde_json::json!({"lsn": l.0, "bytes": b})),
+            "settings": maintenance::load_policy(&self.dir).ok().map(|p| maintenance::policy_json(&p)),
             "captured_txns": st.captured_txns,
             "gaps": st.gaps,
             "last_error": st.last_error,

@@ -86,16 +86,27 @@ impl Source for DirSource {
                 return Ok(Fetch::Truncated { first_lsn: first });
             }
         }
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        for r in self.log.read_from(from, Some(durable))? {
-            let r = r?;
-            bytes += r.pages.iter().map(|p| p.data.len()).sum::<usize>();
-            out.push(r);
-            if bytes >= max_bytes {
-                break;
+        let read = || -> Result<Vec<_>> {
+            let mut out = Vec::new();
+            let mut bytes = 0usize;
+            for r in self.log.read_from(from, Some(durable))? {
+                let r = r?;
+                bytes += r.pages.iter().map(|p| p.data.len()).sum::<usize>();
+                out.push(r);
+                if bytes >= max_bytes {
+                    break;
+                }
             }
+            Ok(out)
+        };
+        match read() {
+            Ok(out) => Ok(Fetch::Records(out)),
+            // Retention on the primary may remove the segment being read: if `from` is no
+            // longer retained, that is the answer, not the read error.
+            Err(e) => match Log::first_segment_lsn(&self.dir)? {
+                Some(first) if from < first => Ok(Fetch::Truncated { first_lsn: first }),
+                _ => Err(e),
+            },
         }
-        Ok(Fetch::Records(out))
     }
 }

@@ -164,6 +164,10 @@ impl Log {
     pub fn config(&self) -> &LogConfig {
         &self.cfg
     }
+    /// Changes the roll size (takes effect at the next append).
+    pub fn set_config(&mut self, cfg: LogConfig) {
+        self.cfg = cfg;
+    }
     /// The tail record as known by this handle.
     pub fn last(&self) -> Option<&RecordMeta> {
         self.last.as_ref()

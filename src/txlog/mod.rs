@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 mod checksum;
+mod compact;
 mod fuzzing;
 mod iter;
 mod log;
@@ -38,6 +39,7 @@ mod tests;
 use crate::types::{Checksum, Generation, Lsn, PageNo, PageSize};
 
 pub use checksum::DbChecksum;
+pub use compact::compact;
 pub use fuzzing::exercise_decoders;
 pub use iter::{LogIter, LogMetaIter};
 pub use log::{Log, LogConfig};
@@ -46,6 +48,10 @@ pub use rebuild::{rebuild, RebuildInfo};
 pub use record::{
     decode_record, decode_record_meta, encode_record, record_len, validate_record, FLAG_COMPRESSED,
     FLAG_SNAPSHOT, RECORD_HEADER_LEN, RECORD_MAGIC, RECORD_TRAILER_LEN, RECORD_VERSION,
+};
+pub use retention::{
+    newest_snapshot, remove_segment_files, remove_snapshots_before, segment_infos, Policy,
+    SegmentInfo,
 };
 pub use segment::{
     decode_segment_header, encode_segment_header, parse_segment_file_name, scan_segment_bytes,

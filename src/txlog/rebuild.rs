@@ -65,6 +65,15 @@ fn summarize(log_dir: &Path, upto: Option<Lsn>) -> Result<LogSummary> {
 
 /// Rebuilds the database at `upto` (None = the end of the log) into `out`.
 pub fn rebuild(dir: &Path, upto: Option<Lsn>, out: &Path) -> Result<RebuildInfo> {
+    rebuild_to(dir, upto, out).map(|(info, _)| info)
+}
+
+/// `rebuild`, also returning the metadata of the last record applied.
+pub(crate) fn rebuild_to(
+    dir: &Path,
+    upto: Option<Lsn>,
+    out: &Path,
+) -> Result<(RebuildInfo, RecordMeta)> {
     read_meta(dir)?;
     let log = summarize(&dir.join("log"), upto)?;
     let snap = latest_snapshot_in(dir, upto)?;
@@ -113,7 +122,7 @@ fn rebuild_into(
     upto: Option<Lsn>,
     file: &File,
     tmp: &Path,
-) -> Result<RebuildInfo> {
+) -> Result<(RebuildInfo, RecordMeta)> {
     let io = |e| Error::io(format!("writing {}", tmp.display()), e);
     let write_page = |ps: PageSize, pgno: crate::types::PageNo, data: &[u8]| {
         file.write_all_at(data, u64::from(pgno.get() - 1) * u64::from(ps.get()))
@@ -204,10 +213,11 @@ fn rebuild_into(
             )));
         }
     }
-    Ok(RebuildInfo {
+    let info = RebuildInfo {
         lsn: state.lsn,
         generation: state.generation,
         checksum: sum.total(),
         pages: state.commit_size,
-    })
+    };
+    Ok((info, state))
 }

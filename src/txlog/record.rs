@@ -115,7 +115,11 @@ pub fn encode_record(r: &Record) -> Vec<u8> {
 }
 
 /// The 88-byte header of §3.1, `header_checksum` included.
-fn encode_header(m: &RecordMeta, page_count: u32, total: u64) -> [u8; RECORD_HEADER_LEN] {
+pub(crate) fn encode_header(
+    m: &RecordMeta,
+    page_count: u32,
+    total: u64,
+) -> [u8; RECORD_HEADER_LEN] {
     let mut h = [0u8; RECORD_HEADER_LEN];
     h[0..4].copy_from_slice(&RECORD_MAGIC);
     h[4..6].copy_from_slice(&RECORD_VERSION.to_be_bytes());

@@ -1,14 +1,151 @@
-//! Retention: removing what no reader needs any more. Segments go whole and oldest first, and
-//! only when every record in them is older than the LSN asked for; the current (last) segment is
-//! never removed, so the log always knows its tail. Snapshot files older than an LSN go too, but
-//! the newest snapshot always stays. Readers asking for a removed LSN get the "re-snapshot" error
-//! from `read_from`.
+//! Retention: removing what no reader needs any more, and deciding when the primary takes a new
+//! snapshot. Segments go whole and oldest first, and only when every record in them is covered
+//! by the newest snapshot (a replica bootstrapping from it never needs them); the current (last)
+//! segment is never removed, so the log always knows its tail. Older snapshot files go once a
+//! newer one exists. Readers asking for a removed LSN get the "re-snapshot" error from
+//! `read_from`.
+//!
+//! The decisions (`Policy::removable`, `Policy::snapshot_due`) are pure functions of the
+//! directory listing, so they are unit-tested without files.
 
 use super::segment::list_segments;
 use super::snapshot::list_snapshots;
 use super::Log;
 use crate::error::{Error, Result};
 use crate::types::Lsn;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// The retention and snapshot settings of a primary (`repl_config()`; 0 = no limit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// Keep at most about this many bytes of log: older segments covered by the newest
+    /// snapshot go first.
+    pub retain_bytes: u64,
+    /// Remove segments covered by the newest snapshot once they are older than this.
+    pub retain_secs: u64,
+    /// Take a new snapshot once the log after the newest one holds at least this many bytes
+    /// *and* at least as many bytes as that snapshot (so snapshots cost at most one database
+    /// write per database-size of changes, and a new replica reads at most about twice the
+    /// database).
+    pub snapshot_bytes: u64,
+    /// Roll to a new segment past this size (segments are the unit of removal).
+    pub segment_bytes: u64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            retain_bytes: 1 << 30,
+            retain_secs: 24 * 3600,
+            snapshot_bytes: 64 << 20,
+            segment_bytes: 64 << 20,
+        }
+    }
+}
+
+/// One segment file as the retention pass sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// LSN of its first record (from the file name).
+    pub first: Lsn,
+    pub bytes: u64,
+    /// Seconds since it was last written.
+    pub age_secs: u64,
+    pub path: PathBuf,
+}
+
+impl Policy {
+    /// How many of the oldest segments may be removed, given the newest snapshot's LSN.
+    /// A segment qualifies only if the next segment starts at or before `snapshot + 1` (all
+    /// its records are in the snapshot) and either the log is over `retain_bytes` or the
+    /// segment is older than `retain_secs`. The last segment never qualifies.
+    pub fn removable(&self, segs: &[SegmentInfo], snapshot: Option<Lsn>) -> usize {
+        let Some(snap) = snapshot else { return 0 };
+        let mut total: u64 = segs.iter().map(|s| s.bytes).sum();
+        let mut n = 0;
+        for w in segs.windows(2) {
+            let covered = w[1].first.0 <= snap.0 + 1;
+            let too_big = self.retain_bytes > 0 && total > self.retain_bytes;
+            let too_old = self.retain_secs > 0 && w[0].age_secs > self.retain_secs;
+            if !covered || !(too_big || too_old) {
+                break;
+            }
+            total -= w[0].bytes;
+            n += 1;
+        }
+        n
+    }
+
+    /// Bytes of the segments that hold records after `snapshot` (whole segments: an
+    /// over-estimate by at most one segment).
+    pub fn bytes_after(segs: &[SegmentInfo], snapshot: Option<Lsn>) -> u64 {
+        let after = snapshot.map_or(0, |s| s.0);
+        segs.iter()
+            .enumerate()
+            .filter(|(i, _)| segs.get(i + 1).is_none_or(|next| next.first.0 > after + 1))
+            .map(|(_, s)| s.bytes)
+            .sum()
+    }
+
+    /// Is a new snapshot due? `log_after` = bytes of log after the newest snapshot,
+    /// `snapshot_size` = that snapshot's file size (0 when there is none).
+    pub fn snapshot_due(&self, log_after: u64, snapshot_size: u64) -> bool {
+        self.snapshot_bytes > 0 && log_after >= self.snapshot_bytes.max(snapshot_size)
+    }
+}
+
+/// The segments of `<dir>/log`, oldest first, with sizes and ages.
+pub fn segment_infos(log_dir: &Path) -> Result<Vec<SegmentInfo>> {
+    let now = SystemTime::now();
+    let mut out = Vec::new();
+    for (first, path) in list_segments(log_dir)? {
+        let md = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // removed meanwhile
+            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+        };
+        let age_secs = md
+            .modified()
+            .ok()
+            .and_then(|m| now.duration_since(m).ok())
+            .map_or(0, |d| d.as_secs());
+        out.push(SegmentInfo {
+            first,
+            bytes: md.len(),
+            age_secs,
+            path,
+        });
+    }
+    Ok(out)
+}
+
+/// Removes the given (oldest) segments, oldest first; stops at the first failure.
+pub fn remove_segment_files(segs: &[SegmentInfo]) -> Result<usize> {
+    for s in segs {
+        match std::fs::remove_file(&s.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::io(
+                    format!("removing segment {}", s.path.display()),
+                    e,
+                ))
+            }
+        }
+    }
+    Ok(segs.len())
+}
+
+/// The newest snapshot file's LSN and size, if any.
+pub fn newest_snapshot(dir: &Path) -> Result<Option<(Lsn, u64)>> {
+    let snaps = list_snapshots(dir)?;
+    let Some((lsn, _, path)) = snaps.last() else {
+        return Ok(None);
+    };
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    Ok(Some((*lsn, size)))
+}
 
 impl Log {
     /// Retention: removes the oldest rolled segments whose records are all older than `lsn`
@@ -37,16 +174,125 @@ impl Log {
 
     /// Removes snapshot files with LSN < `lsn`, always keeping the newest snapshot. Returns the count.
     pub fn remove_snapshots_before(&self, lsn: Lsn) -> Result<usize> {
-        let snaps = list_snapshots(&self.dir)?;
-        let keep = snaps.len().saturating_sub(1);
-        let mut removed = 0;
-        for (l, _, path) in snaps.iter().take(keep) {
-            if *l < lsn {
-                std::fs::remove_file(path)
-                    .map_err(|e| Error::io(format!("removing snapshot {}", path.display()), e))?;
-                removed += 1;
+        remove_snapshots_before(&self.dir, lsn)
+    }
+}
+
+/// Removes snapshot files in `dir` with LSN < `lsn`, always keeping the newest one.
+pub fn remove_snapshots_before(dir: &Path, lsn: Lsn) -> Result<usize> {
+    let snaps = list_snapshots(dir)?;
+    let keep = snaps.len().saturating_sub(1);
+    let mut removed = 0;
+    for (l, _, path) in snaps.iter().take(keep) {
+        if *l < lsn {
+            match std::fs::remove_file(path) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("removing snapshot {}", path.display()),
+                        e,
+                    ))
+                }
             }
         }
-        Ok(removed)
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segs(v: &[(u64, u64, u64)]) -> Vec<SegmentInfo> {
+        v.iter()
+            .map(|&(first, bytes, age_secs)| SegmentInfo {
+                first: Lsn(first),
+                bytes,
+                age_secs,
+                path: PathBuf::from(format!("{first}.seg")),
+            })
+            .collect()
+    }
+
+    fn policy(retain_bytes: u64, retain_secs: u64) -> Policy {
+        Policy {
+            retain_bytes,
+            retain_secs,
+            ..Policy::default()
+        }
+    }
+
+    #[test]
+    fn nothing_goes_without_a_snapshot() {
+        let s = segs(&[(1, 100, 1000), (10, 100, 1000), (20, 100, 0)]);
+        assert_eq!(policy(1, 1).removable(&s, None), 0);
+    }
+
+    #[test]
+    fn only_segments_covered_by_the_snapshot_go() {
+        let s = segs(&[(1, 100, 0), (10, 100, 0), (20, 100, 0), (30, 100, 0)]);
+        // Snapshot at 19: segments 1..9 and 10..19 are covered, 20..29 is not.
+        assert_eq!(policy(1, 0).removable(&s, Some(Lsn(19))), 2);
+        // Snapshot at 18: only the first is covered (10..19 holds LSN 19).
+        assert_eq!(policy(1, 0).removable(&s, Some(Lsn(18))), 1);
+        // Snapshot past the end: never the last segment.
+        assert_eq!(policy(1, 0).removable(&s, Some(Lsn(1000))), 3);
+    }
+
+    #[test]
+    fn size_limit_removes_until_under_it() {
+        let s = segs(&[(1, 100, 0), (10, 100, 0), (20, 100, 0), (30, 100, 0)]);
+        let snap = Some(Lsn(1000));
+        assert_eq!(policy(400, 0).removable(&s, snap), 0);
+        assert_eq!(policy(399, 0).removable(&s, snap), 1);
+        assert_eq!(policy(250, 0).removable(&s, snap), 2);
+        assert_eq!(policy(0, 0).removable(&s, snap), 0, "0 = no limit");
+    }
+
+    #[test]
+    fn age_limit_removes_old_segments_only() {
+        let s = segs(&[(1, 100, 500), (10, 100, 300), (20, 100, 100), (30, 100, 0)]);
+        let snap = Some(Lsn(1000));
+        assert_eq!(policy(0, 400).removable(&s, snap), 1);
+        assert_eq!(policy(0, 200).removable(&s, snap), 2);
+        assert_eq!(policy(0, 50).removable(&s, snap), 3);
+        // Either limit suffices.
+        assert_eq!(policy(150, 400).removable(&s, snap), 3);
+    }
+
+    #[test]
+    fn bytes_after_counts_segments_holding_newer_records() {
+        let s = segs(&[(1, 100, 0), (10, 200, 0), (20, 400, 0)]);
+        assert_eq!(Policy::bytes_after(&s, None), 700);
+        assert_eq!(Policy::bytes_after(&s, Some(Lsn(9))), 600);
+        assert_eq!(Policy::bytes_after(&s, Some(Lsn(12))), 600);
+        assert_eq!(Policy::bytes_after(&s, Some(Lsn(19))), 400);
+        assert_eq!(
+            Policy::bytes_after(&s, Some(Lsn(25))),
+            400,
+            "the last segment always counts"
+        );
+        assert_eq!(Policy::bytes_after(&[], Some(Lsn(5))), 0);
+    }
+
+    #[test]
+    fn snapshot_due_needs_both_thresholds() {
+        let p = Policy {
+            snapshot_bytes: 1000,
+            ..Policy::default()
+        };
+        assert!(!p.snapshot_due(999, 0));
+        assert!(p.snapshot_due(1000, 0));
+        assert!(
+            !p.snapshot_due(1500, 2000),
+            "a big database waits for as much log as itself"
+        );
+        assert!(p.snapshot_due(2000, 2000));
+        let off = Policy {
+            snapshot_bytes: 0,
+            ..Policy::default()
+        };
+        assert!(!off.snapshot_due(u64::MAX, 0));
     }
 }

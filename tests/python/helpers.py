@@ -45,6 +45,7 @@ FUNCTIONS = (
     "repl_role",
     "repl_checksum",
     "repl_status",
+    "repl_config",
 )
 
 

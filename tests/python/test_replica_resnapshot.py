@@ -6,8 +6,8 @@ until it ends, a fresh reader sees the new state at once, and nobody sees a mixt
   a snapshot record): the replica's next sync carries the snapshot;
 - a foreign write on the REPLICA (G18) is answered with a re-snapshot from the source.
 
-(The primary's log retention is not configurable yet, so "left behind past retention" is
-exercised through these two paths, which take the same E.10 apply.)
+("Left behind past the primary's log retention" takes the same E.10 apply; it is tested in
+test_replica_retention.py.)
 """
 
 from __future__ import annotations

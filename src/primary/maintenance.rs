@@ -1,0 +1,287 @@
+//! Log maintenance on the primary (issue 3 item 5): periodic snapshots built from the log,
+//! and retention of segments and snapshot files by size and age. Settings live in
+//! `<db>-replica/config.json` (written by `repl_config()`, read by every process at each pass),
+//! so all processes of one primary follow the same policy; absent keys take the defaults of
+//! `txlog::Policy`.
+//!
+//! One pass per second per process, on its own thread (a compaction can take seconds and must
+//! not delay the group fsync that makes commits visible to replicas). Only one process at a
+//! time runs a pass: `maintenance.lock` is an flock taken without waiting. A snapshot covers
+//! only durable records (the watermark), and segments are removed only when the newest
+//! snapshot covers every record in them, so a new replica can always bootstrap from the newest
+//! snapshot plus the log after it; a replica left behind the removed part is told to re-snapshot.
+
+use super::{lock, log_event, Primary};
+use crate::error::{Error, Result};
+use crate::txlog::{self, Log, LogConfig, Policy};
+use crate::types::Lsn;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// The settings `repl_config()` knows: name, what it means (for errors and docs).
+pub const SETTINGS: &[(&str, &str)] = &[
+    (
+        "retain_bytes",
+        "keep about this many bytes of log (0 = no size limit)",
+    ),
+    (
+        "retain_secs",
+        "remove log segments older than this many seconds (0 = no age limit)",
+    ),
+    (
+        "snapshot_bytes",
+        "take a new snapshot after this many bytes of log (0 = never)",
+    ),
+    (
+        "segment_bytes",
+        "roll to a new log segment past this size (at least 65536)",
+    ),
+];
+
+const CONFIG_FILE: &str = "config.json";
+
+fn get(p: &Policy, name: &str) -> Option<u64> {
+    Some(match name {
+        "retain_bytes" => p.retain_bytes,
+        "retain_secs" => p.retain_secs,
+        "snapshot_bytes" => p.snapshot_bytes,
+        "segment_bytes" => p.segment_bytes,
+        _ => return None,
+    })
+}
+
+fn unknown(name: &str) -> Error {
+    let names: Vec<&str> = SETTINGS.iter().map(|(n, _)| *n).collect();
+    Error::Misuse(format!(
+        "repl_config(): unknown setting {name:?}; the settings are {}",
+        names.join(", ")
+    ))
+}
+
+/// The value of one setting.
+pub fn setting(p: &Policy, name: &str) -> Result<u64> {
+    get(p, name).ok_or_else(|| unknown(name))
+}
+
+/// All settings as a JSON object.
+pub fn policy_json(p: &Policy) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for (name, _) in SETTINGS {
+        m.insert((*name).into(), get(p, name).unwrap_or(0).into());
+    }
+    serde_json::Value::Object(m)
+}
+
+/// The policy in `dir` (defaults for a missing file or missing keys). A file that is not a
+/// JSON object of known non-negative integers is an error naming the file.
+pub fn load_policy(dir: &Path) -> Result<Policy> {
+    let path = dir.join(CONFIG_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Policy::default()),
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+    };
+    let bad = |why: String| {
+        Error::Corrupt(format!(
+            "{}: {why}; fix or delete the file (repl_config() rewrites it)",
+            path.display()
+        ))
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad("not a JSON object".into()))?;
+    let mut p = Policy::default();
+    for (k, v) in obj {
+        let n = v
+            .as_u64()
+            .ok_or_else(|| bad(format!("{k} is not a non-negative integer")))?;
+        apply(&mut p, k, n).map_err(|e| bad(e.to_string()))?;
+    }
+    Ok(p)
+}
+
+fn apply(p: &mut Policy, name: &str, v: u64) -> Result<()> {
+    match name {
+        "retain_bytes" => p.retain_bytes = v,
+        "retain_secs" => p.retain_secs = v,
+        "snapshot_bytes" => p.snapshot_bytes = v,
+        "segment_bytes" => {
+            if !(64 << 10..=1 << 40).contains(&v) {
+                return Err(Error::Misuse(format!(
+                    "repl_config(): segment_bytes must be between 65536 and 2^40, not {v}"
+                )));
+            }
+            p.segment_bytes = v
+        }
+        _ => return Err(unknown(name)),
+    }
+    Ok(())
+}
+
+/// Sets `name` to `value` in `dir`'s config file (atomically: tmp + rename) and returns the
+/// new policy. Nothing is written when the name or value is invalid.
+pub fn set_setting(dir: &Path, name: &str, value: i64) -> Result<Policy> {
+    let v = u64::try_from(value).map_err(|_| {
+        Error::Misuse(format!(
+            "repl_config(): {name} must be a non-negative integer, not {value}"
+        ))
+    })?;
+    let mut p = load_policy(dir)?;
+    apply(&mut p, name, v)?;
+    let path = dir.join(CONFIG_FILE);
+    let tmp = dir.join(format!("{CONFIG_FILE}.{}.tmp", std::process::id()));
+    let text = serde_json::to_string_pretty(&policy_json(&p)).expect("serialisable");
+    std::fs::write(&tmp, text + "\n")
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(format!("writing {}", path.display()), e)
+        })?;
+    Ok(p)
+}
+
+/// What one pass did (for the log line and `repl_status()`).
+#[derive(Clone, Debug, Default)]
+pub struct PassReport {
+    pub snapshot: Option<(Lsn, u64, Duration)>,
+    pub removed_segments: usize,
+    pub removed_snapshots: usize,
+}
+
+/// One maintenance pass over `dir` with `policy` (the caller holds `maintenance.lock`).
+pub fn pass(dir: &Path, policy: &Policy) -> Result<PassReport> {
+    let mut report = PassReport::default();
+    let Some((durable, _)) = Log::read_durable(dir)? else {
+        return Ok(report);
+    };
+    let mut newest = txlog::newest_snapshot(dir)?;
+    let segs = txlog::segment_infos(&dir.join("log"))?;
+    let (snap_lsn, snap_size) = newest.unwrap_or((Lsn(0), 0));
+    if durable > snap_lsn
+        && policy.snapshot_due(Policy::bytes_after(&segs, Some(snap_lsn)), snap_size)
+    {
+        let t0 = Instant::now();
+        // The snapshot must never be ahead of the log on disk: a power loss that took a
+        // segment tail the snapshot covers could let a later generation reuse those LSNs.
+        // Segments are otherwise synced lazily (the WAL is the durable copy), so sync them now.
+        let after = |i: usize| segs.get(i + 1).is_none_or(|n| n.first.0 > snap_lsn.0 + 1);
+        for s in (0..segs.len()).filter(|&i| after(i)).map(|i| &segs[i]) {
+            std::fs::File::open(&s.path)
+                .and_then(|f| f.sync_data())
+                .map_err(|e| Error::io(format!("fsync of {}", s.path.display()), e))?;
+        }
+        let (meta, path) = txlog::compact(dir, durable)?;
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        report.snapshot = Some((meta.lsn, size, t0.elapsed()));
+        newest = Some((meta.lsn, size));
+    }
+    let Some((snap_lsn, _)) = newest else {
+        return Ok(report);
+    };
+    let n = policy.removable(&segs, Some(snap_lsn));
+    if n > 0 {
+        report.removed_segments = txlog::remove_segment_files(&segs[..n])?;
+    }
+    report.removed_snapshots = txlog::remove_snapshots_before(dir, snap_lsn)?;
+    Ok(report)
+}
+
+impl Primary {
+    /// Makes this process's log follow `policy` now (the roll size; the rest is read by each
+    /// pass). `repl_config()` calls it so a change applies to the next append at once.
+    pub fn apply_policy(&self, policy: &Policy) {
+        let mut st = lock(&self.state);
+        if st.log.config().segment_bytes != policy.segment_bytes {
+            st.log.set_config(LogConfig {
+                segment_bytes: policy.segment_bytes,
+            });
+        }
+    }
+
+    /// One maintenance pass if no other process is running one. Errors go to `last_error`
+    /// and the event log; nothing is removed after a failed snapshot.
+    pub(super) fn maintain(&self) {
+        let Ok(lock_file) = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join("maintenance.lock"))
+        else {
+            return;
+        };
+        if lock_file.try_lock().is_err() {
+            return;
+        }
+        let policy = match load_policy(&self.dir) {
+            Ok(p) => p,
+            Err(e) => {
+                log_event(&format!(
+                    "event=maintenance_error db={:?} error={:?}",
+                    self.db_path,
+                    e.to_string()
+                ));
+                lock(&self.state).last_error = Some(e.to_string());
+                return;
+            }
+        };
+        self.apply_policy(&policy);
+        match pass(&self.dir, &policy) {
+            Ok(r) => {
+                if let Some((lsn, bytes, took)) = r.snapshot {
+                    log_event(&format!(
+                        "event=snapshot db={:?} lsn={lsn} bytes={bytes} ms={}",
+                        self.db_path,
+                        took.as_millis()
+                    ));
+                }
+                if r.removed_segments + r.removed_snapshots > 0 {
+                    let first = Log::first_segment_lsn(&self.dir).ok().flatten();
+                    log_event(&format!(
+                        "event=retention db={:?} removed_segments={} removed_snapshots={} first_lsn={}",
+                        self.db_path,
+                        r.removed_segments,
+                        r.removed_snapshots,
+                        first.map_or(0, |l| l.0)
+                    ));
+                }
+            }
+            Err(e) => {
+                log_event(&format!(
+                    "event=maintenance_error db={:?} error={:?}",
+                    self.db_path,
+                    e.to_string()
+                ));
+                lock(&self.state).last_error = Some(format!("log maintenance: {e}"));
+            }
+        }
+        let _ = lock_file.unlock();
+    }
+}
+
+/// The maintenance thread: a pass every `REPL_MAINTENANCE_MS` (default 1000) until the
+/// primary stops or is dropped. It holds no reference to the primary while it waits.
+pub(super) fn maintenance(p: std::sync::Weak<Primary>) {
+    let interval = Duration::from_millis(
+        std::env::var("REPL_MAINTENANCE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000),
+    );
+    let mut last: Option<Instant> = None;
+    loop {
+        {
+            let Some(prim) = p.upgrade() else { return };
+            if prim.stop.load(Ordering::Acquire) {
+                return;
+            }
+            if last.is_none_or(|t| t.elapsed() >= interval) {
+                prim.maintain();
+                last = Some(Instant::now());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
