@@ -369,6 +369,10 @@ impl Drop for LiveShm<'_> {
 }
 
 impl crate::wal::ShmAccess for LiveShm<'_> {
+    fn between_header_copies(&self) {
+        ffi::os::fault_point("between-header-copies");
+    }
+
     fn block_count(&self) -> u32 {
         self.st.regions.iter().take_while(|p| !p.is_null()).count() as u32
     }

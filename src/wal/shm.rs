@@ -35,6 +35,9 @@ pub trait ShmAccess {
     fn write_u16(&mut self, block: u32, off: usize, v: u16);
     /// Full memory barrier (a SeqCst fence in memory implementations).
     fn barrier(&self);
+    /// Called by `shm_publish_header` between the two copies (copy 2 written, copy 1 not):
+    /// the fault-injection point of the crash tests (wal-spec G15 c). No-op by default.
+    fn between_header_copies(&self) {}
 }
 
 /// In-memory wal-index (tests, offline analysis of a copied `-shm` file). Native byte order.
@@ -145,6 +148,7 @@ pub fn shm_publish_header<S: ShmAccess>(shm: &mut S, h: &WalIndexHeader) {
     let bytes = h.encode();
     write_copy(shm, SHM_HEADER_COPY_SIZE, &bytes);
     shm.barrier();
+    shm.between_header_copies();
     write_copy(shm, 0, &bytes);
 }
 

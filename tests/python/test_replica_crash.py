@@ -14,8 +14,13 @@ At the end: a clean ``repl_sync()`` reaches the primary's LSN with an equal ``re
 ``test_kill_at_exact_apply_points``: an LD_PRELOAD shim kills the applier at its k-th
 ``pwrite`` to the replica's ``-wal`` (before it, or after half of it: frames not written / a torn
 batch, nothing published) or to ``<db>-replica/applied`` (the intent write before a batch, or
-the position write right after a batch was published). The wal-index publish itself is a
-memory write a shim cannot intercept: the header-copies window is left to the random kills.
+the position write right after a batch was published).
+
+``test_kill_inside_the_publish_or_while_holding_write`` (G15 c/d): the wal-index publish is a
+memory write a shim cannot intercept, so the extension has a fault point there
+(``REPL_FAULT_KILL_AT=between-header-copies:<n>``: SIGKILL with copy 2 written, copy 1 not);
+and the shim kills an applier holding WRITE before its first frame. A stock reader loops
+throughout and must see no error and no uncommitted state.
 
 Knobs: REPL_REPLICA_KILLS (default 32), REPL_REPLICA_CRASH_SEED (default 9090).
 """
@@ -223,6 +228,90 @@ def test_kill_at_exact_apply_points(tmp, kill_shim):
         stop.touch()
     bg_result(primary, timeout=30)
     assert len(killed) == len(KILL_POINTS), killed
+    with start_primary(pdb) as p:
+        want = lsn_checksum(p)
+        tables = worker_tables(p)
+    with Worker(rdb) as r:
+        assert sync_to(r, want[0]) == want[0]
+    with Worker(rdb) as fresh:
+        assert lsn_checksum(fresh) == want
+    assert stock_one(rdb, "PRAGMA integrity_check;") == "ok"
+    assert stock_tables(rdb) == tables
+    resnaps = [n for n in os.listdir(tmp) if n.endswith(".err") and "event=resnapshot" in (tmp / n).read_text()]
+    assert not resnaps, f"a crash was answered with a re-snapshot instead of the position logic: {resnaps}"
+
+
+# ------------------------------------------------- kills inside the publish and under WRITE
+
+READER = """
+# A stock reader (no extension in this process) looping while appliers are killed: it must
+# never see an error or a non-committed state (wal-spec G15 c/d: readers recover a header
+# torn between its copies, and the WRITE lock of a killed applier is released by the kernel).
+conn = apsw.Connection(os.environ["R_DB"], flags=apsw.SQLITE_OPEN_READONLY, vfs="unix")
+conn.setbusytimeout(10000)
+stop = os.environ["STOP"]
+reads, errors, bad, last_v = 0, [], [], -1
+while not os.path.exists(stop):
+    try:
+        s, c, v, mv = list(conn.execute(os.environ["CHECK_SQL"]))[0]
+    except apsw.Error as e:
+        errors.append(f"{type(e).__name__}: {e}")
+        continue
+    reads += 1
+    if (s, c) != (float(os.environ["TOTAL"]), int(os.environ["N_ACCT"])) or not (v == 0 or mv == v) or v < last_v:
+        bad.append([s, c, v, mv, last_v])
+    last_v = max(last_v, v)
+print(json.dumps({"reads": reads, "errors": errors[:5], "n_errors": len(errors), "bad": bad[:5]}))
+"""
+
+
+@pytest.mark.parametrize("point", ["between-header-copies", "holding-write"])
+def test_kill_inside_the_publish_or_while_holding_write(tmp, kill_shim, point):
+    """G15 (c): killed with copy 2 of the wal-index header written and copy 1 not (the
+    extension's fault point ``REPL_FAULT_KILL_AT``); (d): killed while holding WRITE, before
+    its first frame write (the LD_PRELOAD shim). A stock reader loops throughout: zero errors,
+    zero non-committed states; a new applier resumes without a re-snapshot; the end state is
+    the primary's, byte for byte."""
+    pdb, rdb, stop = tmp / "p.db", tmp / "r.db", tmp / "STOP"
+    with start_primary(pdb) as p:
+        p.script(bank_schema(junk_rows=40, blob_size="2000"))
+    start_replica(rdb, pdb).close()
+    env = {"P_DB": str(pdb), "R_DB": str(rdb), "STOP": str(stop), "N_ACCT": str(N_ACCT), "SEED": str(SEED + 3),
+           "CHECK_SQL": CHECK_SQL.rstrip(";"), "TOTAL": str(TOTAL)}
+    primary = spawn_bg(PRIMARY, tmp, "primary", env)
+    reader = spawn_bg(READER, tmp, "reader", env)
+    last_v = -1
+    try:
+        for i in range(6):
+            name = f"applier{i}"
+            if point == "between-header-copies":
+                fault = {"REPL_FAULT_KILL_AT": f"{point}:{1 + i % 3}"}
+                marker = "REPL_FAULT_KILL_AT: killing"
+            else:
+                fault = {"LD_PRELOAD": kill_shim, "REPL_CRASH_MODE": "before", "REPL_CRASH_SUFFIX": "r.db-wal",
+                         "REPL_CRASH_AFTER": str(i % 3)}
+                marker = KILL_MARKER
+            app = spawn_bg(APPLIER, tmp, name, {**env, **fault})
+            try:
+                app.wait(30)
+            except subprocess.TimeoutExpired:
+                app.kill()
+                app.wait()
+                raise AssertionError(f"{name} never reached {point}")
+            err = (tmp / f"{name}.err").read_text()
+            assert app.returncode == -signal.SIGKILL and marker in err, (app.returncode, err[-2000:])
+            assert "error" not in (tmp / f"{name}.out").read_text()
+            s, c, v, mv = stock_state(rdb)
+            assert (s, c) == (TOTAL, N_ACCT) and (v == 0 or mv == v), f"after {name}: {(s, c, v, mv)}"
+            assert v >= last_v, f"after {name}: the replica went back from version {last_v} to {v}"
+            last_v = v
+        assert primary.poll() is None and reader.poll() is None
+    finally:
+        stop.touch()
+    bg_result(primary, timeout=30)
+    seen = bg_result(reader, timeout=30)
+    assert seen["n_errors"] == 0 and not seen["bad"], seen
+    assert seen["reads"] > 0, seen
     with start_primary(pdb) as p:
         want = lsn_checksum(p)
         tables = worker_tables(p)
