@@ -8,6 +8,18 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 impl Primary {
+    /// Make every record captured so far durable and visible to replicas now (the group
+    /// fsync round, run synchronously). Called when a connection to the primary closes.
+    pub fn flush(&self) {
+        let due = {
+            let st = lock(&self.state);
+            st.pending || st.synced.is_some()
+        };
+        if due {
+            self.tick();
+        }
+    }
+
     /// Group fsync (synchronous=NORMAL) and the T3 poll; runs on the background thread.
     pub(super) fn tick(&self) {
         // T3: a commit the shim did not see (a writer without the extension) shows as a

@@ -37,13 +37,27 @@ use std::time::{Duration, Instant};
 
 /// Page bytes fetched per batch (one replica commit).
 const BATCH_BYTES: usize = 32 << 20;
-/// Checkpoint (PASSIVE) after a batch once the WAL holds this many frames (E.6).
-const CHECKPOINT_FRAMES: u32 = 1000;
-/// Drain (E.6): past this many frames the applier stops appending until a checkpoint has
-/// backfilled everything and no reader pins the WAL, so the next batch restarts it.
-const DRAIN_FRAMES: u32 = 4000;
-/// How long a drain may wait for readers before it gives up (and reports the pinned WAL).
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// Drain (E.6): past `REPL_DRAIN_FRAMES` frames (default 4000) the applier stops appending
+/// until a checkpoint has backfilled everything and no reader pins the WAL, so the next batch
+/// restarts it. It waits at most `REPL_DRAIN_TIMEOUT_MS` (default 2000) for readers, then
+/// reports the pinned WAL and goes on appending; while the WAL stays pinned, later syncs only
+/// make one attempt each (no wait), so a long reader costs replication lag only once.
+/// A PASSIVE checkpoint runs after every batch once the WAL holds a quarter of that.
+struct DrainPolicy {
+    frames: u32,
+    timeout: Duration,
+}
+
+fn drain_policy() -> &'static DrainPolicy {
+    static P: once_cell::sync::Lazy<DrainPolicy> = once_cell::sync::Lazy::new(|| {
+        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+        DrainPolicy {
+            frames: env("REPL_DRAIN_FRAMES").map_or(4000, |v| v.clamp(16, u32::MAX as u64) as u32),
+            timeout: Duration::from_millis(env("REPL_DRAIN_TIMEOUT_MS").unwrap_or(2000)),
+        }
+    });
+    &P
+}
 /// How long the applier waits for the WAL write lock before reporting busy.
 const WRITE_LOCK_WAIT: Duration = Duration::from_secs(5);
 
@@ -83,7 +97,9 @@ struct State {
     last_batch: Option<(Lsn, Lsn, usize, bool)>,
     primary_first_lsn: Option<Lsn>,
     drains: u64,
-    /// Set when the last drain timed out: a reader held the WAL longer than DRAIN_TIMEOUT.
+    /// Longest successful drain (the lag a drain adds to one sync).
+    max_drain_ms: u64,
+    /// Set when the last drain timed out: a reader held the WAL longer than the drain timeout.
     wal_pinned: Option<String>,
 }
 
@@ -190,6 +206,7 @@ impl Replica {
                 last_batch: None,
                 primary_first_lsn: None,
                 drains: 0,
+                max_drain_ms: 0,
                 wal_pinned: None,
             }),
         }))
@@ -657,7 +674,9 @@ impl Replica {
 
     /// E.6: checkpoint PASSIVE through the applier connection once the WAL is long.
     fn maybe_checkpoint(&self, st: &mut State) {
-        let long = st.last_hdr.is_some_and(|h| h.mx_frame >= CHECKPOINT_FRAMES);
+        let long = st
+            .last_hdr
+            .is_some_and(|h| h.mx_frame >= drain_policy().frames / 4);
         if let (true, Some(c)) = (long, &st.ckpt) {
             if c.db().exec("PRAGMA wal_checkpoint(PASSIVE)").is_ok() {
                 st.checkpoints += 1;
@@ -669,11 +688,16 @@ impl Replica {
     /// reader holds READ1..4 (new readers then read the database file), so the next append
     /// restarts the WAL. Gives up after DRAIN_TIMEOUT and reports the pinning reader.
     fn maybe_drain(&self, st: &mut State) {
-        let Some(h) = st.last_hdr.filter(|h| h.mx_frame >= DRAIN_FRAMES) else {
+        let policy = drain_policy();
+        let Some(h) = st.last_hdr.filter(|h| h.mx_frame >= policy.frames) else {
             return;
         };
         let started = Instant::now();
-        let deadline = started + DRAIN_TIMEOUT;
+        let deadline = if st.wal_pinned.is_some() {
+            started // still pinned at the last sync: one attempt, no wait
+        } else {
+            started + policy.timeout
+        };
         loop {
             if let Some(c) = &st.ckpt {
                 let _ = c.db().exec("PRAGMA wal_checkpoint(PASSIVE)");
@@ -693,18 +717,21 @@ impl Replica {
             if ready {
                 st.drains += 1;
                 st.wal_pinned = None;
+                st.max_drain_ms = st.max_drain_ms.max(started.elapsed().as_millis() as u64);
                 return;
             }
             if Instant::now() > deadline {
+                let readers = self.pinning_readers();
                 let msg = format!(
-                    "the replica's WAL holds {} frames and a reader kept it pinned for more than {} s; \
-                     it grows until long read transactions end",
+                    "the replica's WAL holds {} frames and a reader kept it pinned for more than {} s \
+                     ({readers}); the WAL grows until that read transaction ends (end long read \
+                     transactions on the replica, or raise REPL_DRAIN_TIMEOUT_MS)",
                     h.mx_frame,
-                    DRAIN_TIMEOUT.as_secs()
+                    policy.timeout.as_secs_f64()
                 );
                 if st.wal_pinned.is_none() {
                     log_event(&format!(
-                        "event=wal_pinned db={:?} frames={} waited_ms={}",
+                        "event=wal_pinned db={:?} frames={} waited_ms={} readers={readers:?}",
                         self.db_path,
                         h.mx_frame,
                         started.elapsed().as_millis()
@@ -714,6 +741,35 @@ impl Replica {
                 return;
             }
             std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Which read-mark slots are in use and the frame each reader's snapshot ends at, e.g.
+    /// "read-mark 1 at frame 4210" (or why that cannot be told).
+    fn pinning_readers(&self) -> String {
+        let Ok(Some(mut shm)) = self.handle.live_shm() else {
+            return "the wal-index is not readable".into();
+        };
+        let ck = crate::wal::shm_ckpt_info(&shm);
+        let mut held = Vec::new();
+        for i in 1..=4u32 {
+            let slot = apply::SLOT_READ1 + i - 1;
+            if shm.try_lock_exclusive(slot, 1) {
+                shm.unlock_exclusive(slot, 1);
+            } else {
+                held.push(format!(
+                    "read-mark {i} at frame {}",
+                    ck.read_marks[i as usize]
+                ));
+            }
+        }
+        if held.is_empty() {
+            format!(
+                "no reader holds a read-mark now; {} of the frames are backfilled",
+                ck.n_backfill
+            )
+        } else {
+            held.join(", ")
         }
     }
 
@@ -777,6 +833,7 @@ impl Replica {
             "foreign_writes": st.foreign_writes,
             "checkpoints": st.checkpoints,
             "drains": st.drains,
+            "max_drain_ms": st.max_drain_ms,
             "wal_pinned": st.wal_pinned,
             "last_error": st.last_error,
         })

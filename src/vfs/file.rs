@@ -174,6 +174,14 @@ unsafe extern "C" fn x_close(f: *mut sqlite3_file) -> c_int {
                 db.write_holders.fetch_sub(1, Ordering::AcqRel);
             }
         }
+        // A connection to a primary closing: make its last commits durable for replicas now
+        // (synchronous=NORMAL leaves them to the group fsync, which a process exiting right
+        // after its last close would never run).
+        if s.kind == Kind::MainDb {
+            if let Some(p) = s.db.as_ref().and_then(|d| d.primary()) {
+                p.flush();
+            }
+        }
         // SAFETY: forwarding; then dropping our fields exactly once.
         let rc = unsafe { real_methods(s).xClose.expect("xClose")(s.real) };
         unsafe { std::ptr::drop_in_place(s as *mut ShimFile) };
