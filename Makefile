@@ -4,7 +4,8 @@
 #   make build   cargo build --release, then copy the artefacts to build/ (stable paths)
 #   make test    deps + build, then every Rust test, clippy, rustfmt and the Python suite
 #   make demo    build, then scripts/demo.sh
-#   make bench   build, then scripts/bench.py (commit overhead) and scripts/bench_bootstrap.py (replica bootstrap vs cp)
+#   make bench   build, then scripts/bench.py (commit overhead), scripts/bench_bootstrap.py (replica bootstrap vs cp)
+#                and scripts/bench_apply.py (apply throughput, one-transaction sync, reader latency)
 #   make clean   remove build/ and target/
 #
 # CI (.ci/run) runs `make test` in a clean clone with no standard input.
@@ -72,6 +73,7 @@ demo: build
 bench: build
 	$(PYTHON) scripts/bench.py
 	$(PYTHON) scripts/bench_bootstrap.py
+	$(PYTHON) scripts/bench_apply.py
 
 clean:
 	rm -rf $(BUILD)

@@ -8,7 +8,7 @@
 
 use super::{Fetch, Source, SourceInfo};
 use crate::error::{Error, Result};
-use crate::txlog::{Log, Record};
+use crate::txlog::{Log, ReadHint, Record};
 use crate::types::Lsn;
 use std::path::{Path, PathBuf};
 
@@ -17,6 +17,9 @@ pub struct DirSource {
     dir: PathBuf,
     /// Opened once: only its directory paths are used by the readers below.
     log: Log,
+    /// Where the last fetch stopped, so the next one starts there instead of scanning the
+    /// segment from its beginning (a sync then costs what it fetches).
+    hint: std::sync::Mutex<Option<ReadHint>>,
 }
 
 impl DirSource {
@@ -44,7 +47,12 @@ impl DirSource {
                 log.meta().role
             )));
         }
-        Ok(DirSource { db, dir, log })
+        Ok(DirSource {
+            db,
+            dir,
+            log,
+            hint: std::sync::Mutex::new(None),
+        })
     }
 }
 
@@ -89,7 +97,11 @@ impl Source for DirSource {
         let read = || -> Result<Vec<_>> {
             let mut out = Vec::new();
             let mut bytes = 0usize;
-            for r in self.log.read_from(from, Some(durable))? {
+            let mut hint = self.hint.lock().unwrap_or_else(|e| e.into_inner());
+            let mut it = self
+                .log
+                .read_from_hinted(from, Some(durable), hint.as_ref())?;
+            for r in it.by_ref() {
                 let r = r?;
                 bytes += r.pages.iter().map(|p| p.data.len()).sum::<usize>();
                 out.push(r);
@@ -97,6 +109,7 @@ impl Source for DirSource {
                     break;
                 }
             }
+            *hint = it.hint();
             Ok(out)
         };
         match read() {

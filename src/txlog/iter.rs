@@ -29,6 +29,22 @@ impl Log {
         })
     }
 
+    /// `read_from`, starting directly where an earlier read stopped when `hint` describes
+    /// exactly the record before `from` (else a normal read that skips from the segment start).
+    /// Costs what it returns instead of the size of the segment before `from`.
+    pub fn read_from_hinted(
+        &self,
+        from: Lsn,
+        upto: Option<Lsn>,
+        hint: Option<&ReadHint>,
+    ) -> Result<LogIter> {
+        let mut c = Cursor::new(&self.log_dir, from, upto)?;
+        if let Some(h) = hint.filter(|h| h.after.lsn.next() == from.max(Lsn(1))) {
+            c.resume(h);
+        }
+        Ok(LogIter { c })
+    }
+
     /// `read_from` capped at the durable watermark: what may be served to replicas.
     pub fn read_durable_from(&self, from: Lsn) -> Result<LogIter> {
         match Log::read_durable(&self.dir)? {
@@ -38,9 +54,26 @@ impl Log {
     }
 }
 
+/// Where a read stopped: the record `after` ends at `offset` in the segment whose first LSN
+/// is `segment`. Rolled segments never change and the last one only grows above the durable
+/// watermark, so the next record (if any) starts there.
+#[derive(Clone, Debug)]
+pub struct ReadHint {
+    segment: Lsn,
+    offset: u64,
+    after: RecordMeta,
+}
+
 /// Iterator of `Result<Record>`; ends after the first error.
 pub struct LogIter {
     c: Cursor,
+}
+
+impl LogIter {
+    /// Where the next read after this one may start (None before any record was read).
+    pub fn hint(&self) -> Option<ReadHint> {
+        self.c.hint()
+    }
 }
 
 impl Iterator for LogIter {
@@ -112,6 +145,31 @@ impl Cursor {
         })
     }
 
+    /// Starts at the hinted offset if the hinted segment is still listed (it may have been
+    /// removed by retention: then the normal path reports it).
+    fn resume(&mut self, h: &ReadHint) {
+        let Some(idx) = self.segs.iter().position(|(l, _)| *l == h.segment) else {
+            return;
+        };
+        let Ok(mut rd) = SegmentReader::open(&self.segs[idx].1) else {
+            return;
+        };
+        if rd.resume_at(h.offset, Some(h.after.clone())).is_ok() {
+            self.idx = idx;
+            self.rd = Some(rd);
+            self.prev = Some(h.after.clone());
+        }
+    }
+
+    fn hint(&self) -> Option<ReadHint> {
+        let rd = self.rd.as_ref()?;
+        Some(ReadHint {
+            segment: self.segs.get(self.idx)?.0,
+            offset: rd.position(),
+            after: self.prev.clone()?,
+        })
+    }
+
     fn empty() -> Cursor {
         Cursor {
             segs: Vec::new(),
@@ -153,6 +211,11 @@ impl Cursor {
             let rd = self.rd.as_mut().expect("opened above");
             let meta = match rd.next_header() {
                 Ok(Some(m)) => m,
+                Ok(None) if is_last => {
+                    // The end of the log: keep the reader, its position is the resume hint.
+                    self.done = true;
+                    return None;
+                }
                 Ok(None) => {
                     self.rd = None;
                     self.idx += 1;

@@ -334,3 +334,41 @@ fn snapshot_files() {
     assert_eq!(log.remove_snapshots_before(Lsn(100)).unwrap(), 1);
     assert!(!p4.exists() && p5.exists());
 }
+
+#[test]
+fn hinted_reads_continue_where_the_last_one_stopped() {
+    for segment_bytes in [1 << 20, 3000] {
+        let d = tempfile::tempdir().unwrap();
+        let (mut log, mut m, mut recs) = filled(d.path(), 12, segment_bytes);
+        // Read to the end (and, separately, to an `upto` inside the log): the hint continues.
+        let mut it = log.read_from_hinted(Lsn(3), None, None).unwrap();
+        assert_eq!(lsns(it.by_ref()), (3..=12).collect::<Vec<_>>());
+        let end_hint = it.hint().expect("a hint at the end of the log");
+        let mut it = log.read_from_hinted(Lsn(1), Some(Lsn(7)), None).unwrap();
+        assert_eq!(lsns(it.by_ref()), (1..=7).collect::<Vec<_>>());
+        let mid_hint = it.hint().expect("a hint before `upto`");
+        let got: Vec<Record> = log
+            .read_from_hinted(Lsn(8), None, Some(&mid_hint))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(got, recs[7..].to_vec(), "segment_bytes {segment_bytes}");
+        // Records appended after the hint was taken (possibly in a new segment) are found.
+        for i in 0..6 {
+            let r = m.txn(&[2, i % 5 + 1], 6);
+            log.append(&r).unwrap();
+            recs.push(r);
+        }
+        let got: Vec<Record> = log
+            .read_from_hinted(Lsn(13), None, Some(&end_hint))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(got, recs[12..].to_vec(), "segment_bytes {segment_bytes}");
+        // A hint for another position is ignored, never misapplied.
+        assert_eq!(
+            lsns(log.read_from_hinted(Lsn(5), None, Some(&mid_hint)).unwrap()),
+            (5..=18).collect::<Vec<_>>()
+        );
+    }
+}
