@@ -812,6 +812,13 @@ impl Replica {
             self.pos.read().map_or(0, |a| a.lsn.0)
         };
         let lag_lsn = st.primary_lsn.map(|p| p.0.saturating_sub(lsn));
+        // Behind: the replica's content is at most this old (the newest applied record's
+        // commit time on the primary); caught up: 0.
+        let lag_ms = match (lag_lsn, st.last_record_ms) {
+            (Some(0), _) => Some(0),
+            (Some(_), Some(t)) => Some(now_ms().saturating_sub(t)),
+            _ => None,
+        };
         serde_json::json!({
             "role": "replica",
             "db": self.db_path,
@@ -825,6 +832,7 @@ impl Replica {
             "generation": st.generation.0,
             "primary_lsn": st.primary_lsn.map(|l| l.0),
             "lag_lsn": lag_lsn,
+            "lag_ms": lag_ms,
             "last_sync_ms": st.last_sync_ms,
             "last_record_ms": st.last_record_ms,
             "wal": st.last_hdr.map(|h| serde_json::json!({"mx_frame": h.mx_frame, "pages": h.n_page})),

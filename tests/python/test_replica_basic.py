@@ -67,7 +67,7 @@ def test_three_transactions_each_seen_by_fresh_stock_readers(tmp):
             st = worker_status(r)
             assert st["role"] == "replica"
             assert st["source"] == str(pdb) and st["lsn"] == p_lsn, st
-            assert st["primary_lsn"] == p_lsn and st["lag_lsn"] == 0, st
+            assert st["primary_lsn"] == p_lsn and st["lag_lsn"] == 0 and st["lag_ms"] == 0, st
             assert st["last_error"] is None and st["resnapshots"] == 0 and st["foreign_writes"] == 0, st
             assert isinstance(st["last_sync_ms"], int)
             # An up-to-date sync is a no-op that returns the same LSN.
