@@ -64,6 +64,82 @@ pub struct ReadHint {
     after: RecordMeta,
 }
 
+/// A run of whole, consecutive records inside one segment file: what a server streams as raw
+/// bytes (the client validates every record; headers and the sequence were checked here).
+#[derive(Clone, Debug)]
+pub struct RecordRange {
+    pub path: PathBuf,
+    /// Byte offset of the first record in `path`, and the length of the run.
+    pub start: u64,
+    pub len: u64,
+    pub first: Lsn,
+    pub last: Lsn,
+    pub count: u32,
+    /// Where the read after this one starts.
+    pub next: ReadHint,
+}
+
+impl Log {
+    /// The records `from..=upto` that lie in one segment, at most about `max_bytes` (at least
+    /// one record). None when there is no record at `from` yet.
+    pub fn locate(
+        &self,
+        from: Lsn,
+        upto: Lsn,
+        max_bytes: u64,
+        hint: Option<&ReadHint>,
+    ) -> Result<Option<RecordRange>> {
+        let from = from.max(Lsn(1));
+        if from > upto {
+            return Ok(None);
+        }
+        let mut c = Cursor::new(&self.log_dir, from, Some(upto))?;
+        if let Some(h) = hint.filter(|h| h.after.lsn.next() == from) {
+            c.resume(h);
+        }
+        let mut run: Option<(usize, u64, u64, Lsn, RecordMeta, u32)> = None;
+        while let Some(m) = c.advance() {
+            let m = m?;
+            // The body is not read here (the client validates it): the sequence check of the
+            // next header runs against this one.
+            c.prev = Some(m.clone());
+            let pos = c.rd.as_ref().map_or(0, |rd| rd.position());
+            let len = super::record_len(m.page_size, m.page_count);
+            match &mut run {
+                None => run = Some((c.idx, pos, len, m.lsn, m, 1)),
+                Some((idx, start, total, _, last, n)) => {
+                    if *idx != c.idx || pos != *start + *total {
+                        break; // the next segment: a later request
+                    }
+                    *total += len;
+                    *last = m;
+                    *n += 1;
+                }
+            }
+            if run.as_ref().is_some_and(|r| r.2 >= max_bytes) {
+                break;
+            }
+        }
+        let Some((idx, start, len, first, last, count)) = run else {
+            return Ok(None);
+        };
+        let segment = c.segs[idx].0;
+        Ok(Some(RecordRange {
+            path: c.segs[idx].1.clone(),
+            start,
+            len,
+            first,
+            last: last.lsn,
+            count,
+            next: ReadHint {
+                segment,
+                offset: start + len,
+                after: last,
+            },
+        }))
+    }
+}
+
 /// Iterator of `Result<Record>`; ends after the first error.
 pub struct LogIter {
     c: Cursor,

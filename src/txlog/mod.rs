@@ -41,7 +41,7 @@ use crate::types::{Checksum, Generation, Lsn, PageNo, PageSize};
 pub use checksum::DbChecksum;
 pub use compact::compact;
 pub use fuzzing::exercise_decoders;
-pub use iter::{LogIter, LogMetaIter, ReadHint};
+pub use iter::{LogIter, LogMetaIter, ReadHint, RecordRange};
 pub use log::{Log, LogConfig};
 pub use meta::{DurableFile, Meta};
 pub use rebuild::{rebuild, RebuildInfo};

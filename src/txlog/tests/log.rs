@@ -372,3 +372,29 @@ fn hinted_reads_continue_where_the_last_one_stopped() {
         );
     }
 }
+
+#[test]
+fn located_ranges_are_whole_records_within_one_segment() {
+    for segment_bytes in [1 << 20, 3000] {
+        let d = tempfile::tempdir().unwrap();
+        let (log, _, recs) = filled(d.path(), 15, segment_bytes);
+        let mut from = Lsn(2);
+        let mut hint = None;
+        let mut seen = Vec::new();
+        while let Some(r) = log.locate(from, Lsn(14), 5000, hint.as_ref()).unwrap() {
+            assert_eq!(r.first, from);
+            let bytes = std::fs::read(&r.path).unwrap();
+            let mut b = &bytes[r.start as usize..(r.start + r.len) as usize];
+            for _ in 0..r.count {
+                let (rec, used) = decode_record(b).unwrap();
+                seen.push(rec);
+                b = &b[used..];
+            }
+            assert!(b.is_empty(), "the range ends on a record boundary");
+            from = r.last.next();
+            hint = Some(r.next);
+        }
+        assert_eq!(seen, recs[1..14].to_vec(), "segment_bytes {segment_bytes}");
+        assert!(log.locate(Lsn(15), Lsn(14), 5000, None).unwrap().is_none());
+    }
+}
