@@ -14,10 +14,12 @@ no re-snapshot), append after it, and keep restarting the WAL when a checkpoint 
   extension's VFS (which keeps replica connections read-only but must let them recover), or
   the applier process's own connection;
 - (b) nobody reads in between: the applier's next ``repl_sync()`` meets the invalid header,
-  has its own stock connection recover it, and continues (no hang);
+  has its own stock connection recover it, and continues (no hang); likewise when its first
+  call is ``repl_checksum()``;
 - (c) the read-mark slots are reset to junk while no reader is active;
 - (d) every replica process gone, the ``-shm`` deleted or truncated to 0 bytes: the first
-  opener (a stock reader, or the applier itself) rebuilds it from the WAL.
+  opener (a stock reader, a reader through the extension, or the applier itself) rebuilds it
+  from the WAL.
 
 The damage is done by this pytest process with plain file writes; it holds no SQLite connection
 on the replica, so opening and closing ``-shm`` here drops nobody's POSIX locks, and the other
@@ -328,6 +330,26 @@ def test_applier_meets_a_damaged_wal_index_itself_and_continues(tmp, damage, wal
         p.close()
 
 
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_repl_checksum_over_a_damaged_wal_index_recovers_instead_of_failing(tmp, damage):
+    """The applier process's first call after the damage is ``repl_checksum()`` (which reads
+    the live content), not a sync: it too must recover and report the applied state."""
+    pdb, rdb, p, r = new_pair(tmp)
+    try:
+        want = some_txns(p, r, 3, 100)
+        good = shm_info(rdb)
+        damage_header(rdb, damage)
+        assert lsn_checksum(r) == want, "repl_checksum() over a rebuilt wal-index differs"
+        rec = shm_info(rdb)
+        assert rec["valid"] and wal_key(rec) == wal_key(good), f"recovery differs: {good} -> {rec}"
+        want = some_txns(p, r, 2, 200)
+        assert_clean_status(r)
+        assert_replica_equals_primary(rdb, p)
+    finally:
+        r.close()
+        p.close()
+
+
 # ------------------------------------------------------------------------------------ (c)
 
 
@@ -401,7 +423,7 @@ def test_read_marks_reset_while_no_reader_is_active(tmp, how):
 # ------------------------------------------------------------------------------------ (d)
 
 
-@pytest.mark.parametrize("opener", ["stock_reader", "applier"])
+@pytest.mark.parametrize("opener", ["stock_reader", "ext_reader", "applier"])
 @pytest.mark.parametrize("shm", ["deleted", "truncated"])
 def test_wal_index_gone_while_every_replica_process_is_closed(tmp, shm, opener):
     pdb, rdb, p, r = new_pair(tmp)
@@ -420,10 +442,11 @@ def test_wal_index_gone_while_every_replica_process_is_closed(tmp, shm, opener):
         else:
             os.truncate(f"{rdb}-shm", 0)
 
-        if opener == "stock_reader":
-            # The first opener (stock, no extension) rebuilds the wal-index from the WAL and stays
-            # open, so the applier below attaches to the rebuilt one.
-            holder = Worker(rdb, ext=False)
+        if opener != "applier":
+            # The first opener (stock apsw, or a reader through the extension's VFS) rebuilds the
+            # wal-index from the WAL and stays open, so the applier below attaches to the rebuilt
+            # one. ("applier": the new applier process is the first opener and rebuilds it.)
+            holder = Worker(rdb, ext=opener == "ext_reader")
             assert tuple(holder.q(SNAP_SQL)[0]) == tuple(p.q(SNAP_SQL)[0]), "the recovering reader sees other content"
             rec = shm_info(rdb)
             assert rec["valid"] and wal_key(rec) == wal_key(good), f"recovery from the WAL differs: {good} -> {rec}"
