@@ -15,7 +15,7 @@ no re-snapshot), append after it, and keep restarting the WAL when a checkpoint 
   the applier process's own connection;
 - (b) nobody reads in between: the applier's next ``repl_sync()`` meets the invalid header,
   has its own stock connection recover it, and continues (no hang); likewise when its first
-  call is ``repl_checksum()``;
+  call is ``repl_checksum()``, and when a stock reader holds a snapshot across it;
 - (c) the read-mark slots are reset to junk while no reader is active;
 - (d) every replica process gone, the ``-shm`` deleted or truncated to 0 bytes: the first
   opener (a stock reader, a reader through the extension, or the applier itself) rebuilds it
@@ -346,6 +346,36 @@ def test_repl_checksum_over_a_damaged_wal_index_recovers_instead_of_failing(tmp,
         assert_clean_status(r)
         assert_replica_equals_primary(rdb, p)
     finally:
+        r.close()
+        p.close()
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_wal_index_while_a_reader_holds_a_snapshot(tmp, damage):
+    """Beyond (b): a stock reader is inside BEGIN when the header is damaged. The recovery run
+    for the applier's next sync cannot reset the read-mark the reader holds; the reader keeps
+    its view while the applier appends, and sees the new state after COMMIT."""
+    pdb, rdb, p, r = new_pair(tmp)
+    reader = CliWorker(rdb)
+    try:
+        some_txns(p, r, 3, 100)
+        reader.q("BEGIN;")
+        before = cli_snap(reader)
+        assert before == primary_snap(p)
+        good = shm_info(rdb)
+        damage_header(rdb, damage)
+        st0 = worker_status(r)
+        some_txns(p, r, 2, 200)
+        st = assert_clean_status(r, st0)
+        new = shm_info(rdb)
+        assert new["valid"] and new["salts"] == good["salts"] and new["mx_frame"] > good["mx_frame"], (good, new)
+        assert new["change"] == st["batches"] - st0["batches"], f"no recovery ran (iChange not reset to 0): {good} -> {new}"
+        assert cli_snap(reader) == before, "the open read transaction changed across recovery + apply"
+        reader.q("COMMIT;")
+        assert cli_snap(reader) == primary_snap(p), "after COMMIT the reader does not see the new state"
+        assert_replica_equals_primary(rdb, p)
+    finally:
+        reader.close()
         r.close()
         p.close()
 
