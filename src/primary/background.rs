@@ -76,6 +76,7 @@ impl Primary {
         if let Err(e) = self.durable_file.raise(target.lsn, target.generation) {
             lock(&self.state).last_error = Some(e.to_string());
         }
+        crate::transport::notify::bump(&self.dir);
         let mut st = lock(&self.state);
         st.durable = st.durable.max(target.lsn);
         // The WAL is the durable copy of every captured transaction (capture re-reads it after

@@ -7,6 +7,9 @@
 //! checked by the txlog decoder before a record leaves here).
 
 pub mod dir;
+pub mod http;
+pub mod notify;
+pub mod server;
 
 use crate::error::{Error, Result};
 use crate::txlog::Record;
@@ -38,6 +41,19 @@ pub trait Source: Send + Sync {
     fn snapshot(&self) -> Result<Record>;
     /// Up to `max_bytes` of page data in records with LSN >= `from`, never past the durable LSN.
     fn fetch(&self, from: Lsn, max_bytes: usize) -> Result<Fetch>;
+    /// `fetch`, but when nothing is durable at `from` yet, wait up to `wait` for it (a
+    /// long-poll for HTTP; a watch of the durable watermark for a directory).
+    fn fetch_wait(&self, from: Lsn, max_bytes: usize, wait: std::time::Duration) -> Result<Fetch> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            let f = self.fetch(from, max_bytes)?;
+            match &f {
+                Fetch::Records(v) if v.is_empty() && std::time::Instant::now() < deadline => {}
+                _ => return Ok(f),
+            }
+            std::thread::sleep(notify::POLL);
+        }
+    }
 }
 
 /// Parse what the user passed to `repl_sync()`: a primary database path, or a `file:` URL.
@@ -50,9 +66,7 @@ pub fn open_source(spec: &str) -> Result<Box<dyn Source>> {
         ));
     }
     if s.starts_with("http://") || s.starts_with("https://") {
-        return Err(Error::Unsupported(format!(
-            "repl_sync('{s}'): HTTP sources are not available in this build yet; use the primary's database path (shared disk)"
-        )));
+        return Ok(Box::new(http::HttpSource::open(s)?));
     }
     let path = if let Some(rest) = s.strip_prefix("file:") {
         let rest = rest.split('?').next().unwrap_or("");
