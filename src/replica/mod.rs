@@ -304,6 +304,12 @@ impl Replica {
                 Fetch::Records(r) if r.is_empty() => break,
                 Fetch::Records(r) => r,
             };
+            if let Some(r) = records
+                .iter()
+                .find(|r| Some(r.meta.page_size) != st.page_size)
+            {
+                return Err(self.page_size_changed(st, &r.meta));
+            }
             self.maybe_drain(st);
             match plan_batch(st.lsn, st.generation, &mut st.sums, &records) {
                 Ok(plan) => self.write_plan(st, &plan)?,
@@ -536,6 +542,9 @@ impl Replica {
 
     fn resnapshot(&self, st: &mut State, why: &str) -> Result<()> {
         let snap = st.source.as_ref().expect("set").snapshot()?;
+        if Some(snap.meta.page_size) != st.page_size {
+            return Err(self.page_size_changed(st, &snap.meta));
+        }
         log_event(&format!(
             "event=resnapshot db={:?} reason={why:?} from_lsn={} to_lsn={}",
             self.db_path, st.lsn, snap.meta.lsn
@@ -551,6 +560,25 @@ impl Replica {
         st.last_hdr = None; // whatever is in the WAL now, the snapshot overrides every page
         st.resnapshots += 1;
         self.write_plan(st, &plan)
+    }
+
+    /// The source now serves pages of another size than the replica's (the primary was
+    /// VACUUMed with a new page_size and started a new generation). A WAL cannot change its
+    /// page size, so nothing is written: the caller returns this before touching any file.
+    fn page_size_changed(&self, st: &State, m: &crate::txlog::RecordMeta) -> Error {
+        let src = st.meta.source.as_deref().unwrap_or("the primary");
+        Error::Unsupported(format!(
+            "repl_sync(): the primary {src} now has a page size of {} (generation {} from LSN {}) \
+             but this replica's page size is {}, and a replica cannot change its page size; \
+             bootstrap a new replica into a new, empty file with repl_sync('{src}') and move readers to it. \
+             {} was not changed: it still holds LSN {} and stays readable",
+            m.page_size,
+            m.generation,
+            m.lsn,
+            st.page_size.map_or_else(|| "unknown".to_string(), |p| p.to_string()),
+            self.db_path,
+            st.lsn
+        ))
     }
 
     /// Write one planned batch as one replica commit and record the new position.

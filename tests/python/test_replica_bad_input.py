@@ -22,11 +22,14 @@ from helpers import (
     lsn_checksum,
     start_primary,
     start_replica,
+    stock_one,
     stock_tables,
     sync_to,
+    wait_for,
     worker_status,
     worker_tables,
 )
+from test_replica_retention import FAST, churn, log_state, small_log
 
 
 def tree(*paths) -> dict[str, str]:
@@ -198,3 +201,77 @@ def test_primary_recreated_under_the_replica(tmp):
             assert lsn_checksum(r) == state
             assert r.q("SELECT x FROM t") == [["old"]]
             assert worker_status(r)["last_error"], worker_status(r)
+
+
+def durable(p: Worker) -> int:
+    """Wait until the primary serves everything it committed; returns that LSN."""
+    lsn = p.one("SELECT repl_lsn()")
+    wait_for(lambda: worker_status(p)["log"]["durable_lsn"] >= lsn, what=f"LSN {lsn} to be durable")
+    return lsn
+
+
+def vacuum_to_page_size(db, page_size: int) -> None:
+    """What a user does to change a WAL database's page size, with plain SQLite (no extension;
+    every process of the primary is closed): leave WAL, VACUUM with the new size, back to WAL."""
+    c = apsw.Connection(str(db), vfs="unix")
+    try:
+        c.execute("PRAGMA journal_mode=DELETE")
+        c.execute(f"PRAGMA page_size={page_size}")
+        c.execute("VACUUM")
+        assert [r[0] for r in c.execute("PRAGMA journal_mode=WAL")] == ["wal"]
+        assert [r[0] for r in c.execute("PRAGMA page_size")] == [page_size]
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("where", ["records", "past_retention"])
+def test_primary_changed_its_page_size(tmp, where):
+    """The primary was VACUUMed to 1024-byte pages: it detects the gap and starts a new
+    generation with a 1024-byte snapshot. The 4096-byte replica cannot follow (a WAL has one
+    page size): refused before anything is written, whether it meets the change in the records
+    after its LSN or, left behind past retention, in the snapshot it would re-snapshot from."""
+    pdb, rdb = tmp / "p.db", tmp / "r.db"
+    with start_primary(pdb) as p:
+        p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, pad BLOB)")
+        p.q("INSERT INTO t(v) VALUES ('old')")
+        r = start_replica(rdb, pdb)  # stays open across the primary's page size change
+    try:
+        state = lsn_checksum(r)
+        old = stock_tables(rdb)
+        vacuum_to_page_size(pdb, 1024)
+        with start_primary(pdb, env=FAST) as p:
+            p.q("INSERT INTO t(v) VALUES ('new')")
+            st = worker_status(p)
+            assert st["generation"] == 2 and st["gaps"] == 1, st
+            assert p.one("PRAGMA page_size") == 1024
+            if where == "past_retention":
+                small_log(p)
+                churn(p, 40)
+                wait_for(
+                    lambda: (s := log_state(p))["first"] and s["first"] > state[0] + 1,
+                    timeout=30,
+                    what="retention to remove the replica's position from the primary's log",
+                )
+            durable(p)
+            before = replica_side(rdb)
+            words = ("page size", "1024", "4096", "new, empty file", f"LSN {state[0]}")
+            msg = refused(r, "SELECT repl_sync()", (), *words)
+            assert str(pdb) in msg, msg
+            # A process that opens the replica afresh is refused the same way.
+            with Worker(rdb) as other:
+                refused(other, "SELECT repl_sync()", (), *words)
+            assert replica_side(rdb) == before, "the refused sync changed the replica's files"
+            assert lsn_checksum(r) == state
+            st = worker_status(r)
+            assert "page size" in st["last_error"] and st["resnapshots"] == 0, st
+            assert r.q("SELECT v FROM t") == [["old"]]
+            assert stock_one(rdb, "PRAGMA page_size;") == "4096"
+            assert stock_tables(rdb) == old
+            assert stock_one(rdb, "SELECT v FROM t;") == "old"
+            # What the message says to do works: a new file bootstraps with the new page size.
+            with start_replica(tmp / "new.db", pdb) as fresh:
+                assert stock_one(tmp / "new.db", "PRAGMA page_size;") == "1024"
+                assert lsn_checksum(fresh) == lsn_checksum(p)
+                assert stock_tables(tmp / "new.db") == worker_tables(p)
+    finally:
+        r.close()
