@@ -235,8 +235,15 @@ impl Replica {
                 let info = src.info()?;
                 if let Some(l) = &st.meta.lineage {
                     if *l != info.lineage {
+                        // Say so when the page sizes differ too: that alone rules the file out.
+                        let sizes = match (src.page_size().ok().flatten(), self.file_page_size()) {
+                            (Some(theirs), Some(ours)) if theirs != ours => {
+                                format!(" and its page size is {theirs}, this replica's {ours}")
+                            }
+                            _ => String::new(),
+                        };
                         return Err(Error::Misuse(format!(
-                            "repl_sync('{spec}'): that primary serves lineage {} but {} replicates lineage {l} \
+                            "repl_sync('{spec}'): that primary serves lineage {}{sizes} but {} replicates lineage {l} \
                              (from {}); a replica follows one primary: use a new database file for another one",
                             info.lineage,
                             self.db_path,
@@ -579,6 +586,13 @@ impl Replica {
             self.db_path,
             st.lsn
         ))
+    }
+
+    /// This replica's page size as its database file's header says (None: empty file).
+    fn file_page_size(&self) -> Option<PageSize> {
+        let mut head = [0u8; 100];
+        crate::primary::DbFileIo::read_db(&self.handle, 0, &mut head).ok()?;
+        PageSize::from_db_header(&head)
     }
 
     /// Write one planned batch as one replica commit and record the new position.

@@ -10,7 +10,7 @@ pub mod dir;
 
 use crate::error::{Error, Result};
 use crate::txlog::Record;
-use crate::types::Lsn;
+use crate::types::{Lsn, PageSize};
 
 /// What a source says about itself.
 #[derive(Clone, Debug)]
@@ -38,6 +38,9 @@ pub trait Source: Send + Sync {
     fn snapshot(&self) -> Result<Record>;
     /// Up to `max_bytes` of page data in records with LSN >= `from`, never past the durable LSN.
     fn fetch(&self, from: Lsn, max_bytes: usize) -> Result<Fetch>;
+    /// The page size of the newest durable snapshot (None: none yet). Only asked on error
+    /// paths (a replica naming why a source does not fit it), so it may cost a file read.
+    fn page_size(&self) -> Result<Option<PageSize>>;
 }
 
 /// Parse what the user passed to `repl_sync()`: a primary database path, or a `file:` URL.

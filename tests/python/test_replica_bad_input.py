@@ -210,6 +210,30 @@ def durable(p: Worker) -> int:
     return lsn
 
 
+def test_second_primary_with_another_page_size_is_refused(tmp):
+    """Another lineage whose page size also differs: the refusal names both page sizes."""
+    pdb, qdb, rdb = tmp / "p.db", tmp / "q.db", tmp / "r.db"
+    with start_primary(pdb) as p, Worker(qdb) as q:
+        q.q("PRAGMA page_size=1024")  # before the file exists: repl_primary() keeps it
+        assert q.one("SELECT repl_primary()") == 0
+        q.q("CREATE TABLE t(x)")
+        assert q.one("PRAGMA page_size") == 1024
+        p.q("CREATE TABLE t(x)")
+        p.q("INSERT INTO t VALUES ('from p')")
+        with start_replica(rdb, pdb) as r:
+            assert stock_one(rdb, "PRAGMA page_size;") == "4096"
+            before = replica_side(rdb)
+            state = lsn_checksum(r)
+            msg = refused(r, "SELECT repl_sync(?)", [str(qdb)], "lineage", "new database file")
+            assert "page size is 1024, this replica's 4096" in msg, msg
+            assert replica_side(rdb) == before
+            assert lsn_checksum(r) == state
+            assert stock_tables(rdb) == worker_tables(p)
+            p.q("INSERT INTO t VALUES ('more from p')")
+            sync_to(r, p.one("SELECT repl_lsn()"))
+            assert lsn_checksum(r) == lsn_checksum(p)
+
+
 def vacuum_to_page_size(db, page_size: int) -> None:
     """What a user does to change a WAL database's page size, with plain SQLite (no extension;
     every process of the primary is closed): leave WAL, VACUUM with the new size, back to WAL."""
