@@ -298,7 +298,8 @@ impl Replica {
                 .source
                 .as_ref()
                 .expect("set")
-                .fetch(st.lsn.next(), BATCH_BYTES)?;
+                .fetch(st.lsn.next(), BATCH_BYTES)
+                .map_err(|e| self.damaged_source(st, e))?;
             let records = match fetched {
                 Fetch::Truncated { first_lsn } => {
                     let why = format!(
@@ -586,6 +587,25 @@ impl Replica {
             self.db_path,
             st.lsn
         ))
+    }
+
+    /// A record the source cannot read back intact (the txlog decoder checks every record's
+    /// checksum before it leaves the source): say which replica state is kept and what to do.
+    fn damaged_source(&self, st: &State, e: Error) -> Error {
+        match e {
+            Error::Corrupt(m) => Error::Corrupt(format!(
+                "repl_sync(): the primary's log is damaged after LSN {lsn}: {m}. Nothing was applied: {} \
+                 still holds LSN {lsn} and stays readable. Check the primary's storage \
+                 (sqlite-replica verify {}); repl_sync() continues once the log reads back intact",
+                self.db_path,
+                st.source.as_ref().map_or_else(
+                    || "<primary>-replica".to_string(),
+                    |s| crate::registry::log_dir(&s.describe()).display().to_string()
+                ),
+                lsn = st.lsn
+            )),
+            e => e,
+        }
     }
 
     /// This replica's page size as its database file's header says (None: empty file).

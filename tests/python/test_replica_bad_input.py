@@ -8,6 +8,7 @@ The calling connection is in a child process (a worker); this process only hashe
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import shutil
@@ -299,3 +300,52 @@ def test_primary_changed_its_page_size(tmp, where):
                 assert stock_tables(tmp / "new.db") == worker_tables(p)
     finally:
         r.close()
+
+
+@pytest.mark.parametrize("who", ["applier", "new_process"])
+def test_corrupt_record_in_the_source_log(tmp, who):
+    """A byte flipped inside a record after the replica's LSN: refused with the record's LSN
+    and checksum, nothing applied; once the byte is back the replica catches up."""
+    pdb, rdb = tmp / "p.db", tmp / "r.db"
+    with start_primary(pdb) as p:
+        p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, pad BLOB)")
+        p.q("INSERT INTO t(v) VALUES ('old')")
+        r = start_replica(rdb, pdb)
+        try:
+            at_a = lsn_checksum(r)
+            old = stock_tables(rdb)
+            segs = sorted(glob.glob(f"{pdb}-replica/log/*.seg"))
+            size_at_a = os.path.getsize(segs[-1])
+            p.q("INSERT INTO t(v, pad) VALUES ('new', randomblob(20000))")
+            p.q("UPDATE t SET v = 'newer' WHERE v = 'old'")
+            want = lsn_checksum(p)
+            assert durable(p) == want[0] > at_a[0] + 1
+            assert sorted(glob.glob(f"{pdb}-replica/log/*.seg")) == segs
+            seg = segs[-1]
+            off = os.path.getsize(seg) - 100  # inside the last record's page data
+            assert off > size_at_a, "the damage must be after the replica's position"
+            fd = os.open(seg, os.O_RDWR)
+            try:
+                good = os.pread(fd, 1, off)
+                os.pwrite(fd, bytes([good[0] ^ 0xFF]), off)
+                if who == "new_process":
+                    r.close()
+                    r = Worker(rdb)
+                before = replica_side(rdb)
+                words = ("damaged", "checksum", f"LSN {want[0]}", f"still holds LSN {at_a[0]}", "verify")
+                msg = refused(r, "SELECT repl_sync()", (), *words)
+                assert seg in msg, msg
+                assert replica_side(rdb) == before, "the refused sync changed the replica's files"
+                assert lsn_checksum(r) == at_a
+                assert "checksum" in worker_status(r)["last_error"], worker_status(r)
+                assert r.q("SELECT v FROM t") == [["old"]]
+                assert stock_tables(rdb) == old
+            finally:
+                os.pwrite(fd, good, off)
+                os.close(fd)
+            assert sync_to(r, want[0]) == want[0]
+            assert lsn_checksum(r) == want
+            assert worker_status(r)["last_error"] is None
+            assert stock_tables(rdb) == worker_tables(p)
+        finally:
+            r.close()
