@@ -111,6 +111,38 @@ fn log_event(line: &str) {
     eprintln!("{line}");
 }
 
+/// Refuse a sync before anything is written when this process cannot write the files the
+/// applier writes: the database (bootstrap, checkpoints), its `-wal` and `-shm` (the appended
+/// commits, the wal-index) and `<db>-replica/applied` (the position). Missing ones are
+/// created later and need no check here.
+pub fn check_writable(db_path: &str) -> Result<()> {
+    let applied = crate::registry::log_dir(db_path).join("applied");
+    let files = [
+        PathBuf::from(db_path),
+        PathBuf::from(format!("{db_path}-wal")),
+        PathBuf::from(format!("{db_path}-shm")),
+        applied,
+    ];
+    let denied: Vec<String> = files
+        .iter()
+        .filter_map(|p| match crate::ffi::os::check_writable(p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Some(format!("{} ({e})", p.display()))
+            }
+            _ => None,
+        })
+        .collect();
+    if denied.is_empty() {
+        return Ok(());
+    }
+    Err(Error::ReadOnly(format!(
+        "repl_sync(): the replica's files are read-only for this process: {}; nothing was changed \
+         and {db_path} can still be read. To sync, make them writable by this user \
+         (chmod u+w / chown, or remount read-write), or call repl_sync() from a process that may write them",
+        denied.join(", ")
+    )))
+}
+
 /// Does `<db>-replica/replica.json` exist (the database is a replica)?
 pub fn is_replica_dir(db_path: &str) -> bool {
     crate::registry::log_dir(db_path)
@@ -153,11 +185,14 @@ impl Replica {
         let handle = open_handle(&db.path)?;
         let pos = PositionFile::open(&dir)?;
         let lp = dir.join("applier.lock");
+        // Read-only when this process may not write it (flock works on any descriptor):
+        // the role then still resumes for reading, and `sync` refuses with the reason.
         let lock_file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lp)
+            .or_else(|e| File::open(&lp).map_err(|_| e))
             .map_err(|e| Error::io(format!("opening {}", lp.display()), e))?;
         Ok(Arc::new(Replica {
             db_path: db.path.clone(),
@@ -199,13 +234,21 @@ impl Replica {
     pub fn sync(&self, source: Option<&str>) -> Result<Lsn> {
         let _applier = self.applier_lock()?;
         let mut st = lock(&self.state);
-        let r = self.sync_locked(&mut st, source);
+        let r = check_writable(&self.db_path).and_then(|()| self.sync_locked(&mut st, source));
         st.last_sync_ms = Some(now_ms());
         match &r {
             Ok(_) => st.last_error = None,
             Err(e) => st.last_error = Some(e.to_string()),
         }
         r
+    }
+
+    /// A `repl_sync()` refused before it reached `sync` (a read-only connection): shown by
+    /// `repl_status()` like any failed sync.
+    pub fn note_refused_sync(&self, e: &Error) {
+        let mut st = lock(&self.state);
+        st.last_sync_ms = Some(now_ms());
+        st.last_error = Some(e.to_string());
     }
 
     fn applier_lock(&self) -> Result<ApplierGuard<'_>> {

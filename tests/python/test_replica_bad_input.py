@@ -12,6 +12,8 @@ import glob
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import apsw
@@ -300,6 +302,125 @@ def test_primary_changed_its_page_size(tmp, where):
                 assert stock_tables(tmp / "new.db") == worker_tables(p)
     finally:
         r.close()
+
+
+def test_sync_on_a_read_only_connection(tmp):
+    """Opened read-only (SQLITE_OPEN_READONLY; works as root too): repl_sync() is refused
+    before anything is written, on a replica and on a new file; reading goes on."""
+    pdb, rdb = tmp / "p.db", tmp / "r.db"
+    with start_primary(pdb) as p:
+        p.q("CREATE TABLE t(x)")
+        p.q("INSERT INTO t VALUES ('old')")
+        start_replica(rdb, pdb).close()
+        state_tables = stock_tables(rdb)
+        p.q("INSERT INTO t VALUES ('new')")
+        durable(p)
+        before = replica_side(rdb)
+        with Worker(rdb, flags="ro") as w:
+            assert w.one("SELECT repl_role()") == "replica"
+            state = lsn_checksum(w)
+            for sql, args in (("SELECT repl_sync()", ()), ("SELECT repl_sync(?)", [str(pdb)])):
+                refused(w, sql, args, "read-only", "read-write connection")
+            assert worker_status(w)["last_error"], worker_status(w)
+            assert replica_side(rdb) == before
+            assert lsn_checksum(w) == state
+            assert w.q("SELECT x FROM t") == [["old"]]
+        assert stock_tables(rdb) == state_tables
+        # A read-write connection syncs as usual: nothing was left half done.
+        with Worker(rdb) as r:
+            sync_to(r, p.one("SELECT repl_lsn()"))
+            assert lsn_checksum(r) == lsn_checksum(p)
+        # A new, empty file opened read-only does not become a replica.
+        fresh = tmp / "fresh.db"
+        fresh.touch()
+        with Worker(fresh, flags="ro") as w:
+            refused(w, "SELECT repl_sync(?)", [str(pdb)], "read-only")
+            assert w.one("SELECT repl_role()") is None
+        assert not Path(f"{fresh}-replica").exists()
+        assert fresh.stat().st_size == 0
+
+
+@pytest.fixture
+def without_root_powers(tmp, monkeypatch):
+    """Workers started inside ``with without_root_powers():`` obey file permissions. As root
+    they run under setpriv without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH / CAP_FOWNER (root
+    otherwise writes any file whatever its mode); skips when that is not possible here."""
+    import contextlib
+
+    if os.geteuid() != 0:
+        return contextlib.nullcontext
+    setpriv = shutil.which("setpriv")
+    if not setpriv:
+        pytest.skip("running as root, which ignores file permissions, and setpriv (util-linux) is missing")
+    caps = "-dac_override,-dac_read_search,-fowner"
+    wrapper = tmp / "without-root-powers"
+    wrapper.write_text(f'#!/bin/sh\nexec {setpriv} --bounding-set={caps} --inh-caps={caps} {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    probe = tmp / "probe"
+    probe.write_text("x")
+    probe.chmod(0o444)
+    try:
+        can_write = subprocess.run([str(wrapper), "-c", f"open({str(probe)!r}, 'a')"], capture_output=True).returncode == 0
+    finally:
+        probe.unlink()
+    if can_write:
+        pytest.skip("running as root and setpriv could not drop CAP_DAC_OVERRIDE here")
+
+    @contextlib.contextmanager
+    def ctx():
+        with monkeypatch.context() as m:
+            m.setattr(sys, "executable", str(wrapper))
+            yield
+
+    return ctx
+
+
+@pytest.mark.parametrize("what", ["db_and_wal", "replica_dir", "everything"])
+def test_replica_whose_files_are_read_only(tmp, without_root_powers, what):
+    """chmod'ed read-only replica files: the role still resumes (reads work, writes are still
+    refused as on any replica), repl_sync() says which files and what to do, nothing changes;
+    with the permissions back it syncs."""
+    pdb, rdb = tmp / "p.db", tmp / "r.db"
+    with start_primary(pdb) as p:
+        p.q("CREATE TABLE t(x)")
+        p.q("INSERT INTO t VALUES ('old')")
+        start_replica(rdb, pdb).close()
+        old = stock_tables(rdb)
+        p.q("INSERT INTO t VALUES ('new')")
+        durable(p)
+        side = Path(f"{rdb}-replica")
+        files = {
+            "db_and_wal": [rdb, Path(f"{rdb}-wal")],
+            "replica_dir": sorted(side.iterdir()),
+            "everything": [rdb, Path(f"{rdb}-wal"), Path(f"{rdb}-shm"), *sorted(side.iterdir())],
+        }[what]
+        dirs = [side] if what != "db_and_wal" else []
+        saved = {f: f.stat().st_mode for f in [*files, *dirs] if f.exists()}
+        before = replica_side(rdb)
+        try:
+            for f in saved:
+                f.chmod(0o555 if f.is_dir() else 0o444)
+            with without_root_powers():
+                w = Worker(rdb)
+            with w:
+                assert w.one("SELECT repl_role()") == "replica", w.stderr()
+                assert w.q("SELECT x FROM t") == [["old"]]
+                msg = refused(w, "SELECT repl_sync()", (), "read-only", "chmod", "nothing was changed")
+                assert any(str(f) in msg for f in saved), msg
+                assert worker_status(w)["last_error"], worker_status(w)
+                with pytest.raises(WorkerError) as err:
+                    w.q("INSERT INTO t VALUES ('mine')")
+                assert err.value.name == "ReadOnlyError", err.value
+                assert w.q("SELECT x FROM t") == [["old"]]
+            assert replica_side(rdb) == before, "the refused sync changed the replica's files"
+            assert stock_tables(rdb) == old
+        finally:
+            for f, mode in saved.items():
+                f.chmod(mode)
+        with Worker(rdb) as r:
+            sync_to(r, p.one("SELECT repl_lsn()"))
+            assert lsn_checksum(r) == lsn_checksum(p)
+            assert stock_tables(rdb) == worker_tables(p)
 
 
 @pytest.mark.parametrize("who", ["applier", "new_process"])
