@@ -172,7 +172,8 @@ fn repl_sync(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
             let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             if size > 0 {
                 return Err(Error::Misuse(format!(
-                    "repl_sync(): {path} already holds a database ({size} bytes) that is not a replica;                      a replica must start from a new, empty file: open a new path"
+                    "repl_sync(): {path} already holds a database ({size} bytes) that is not a replica; \
+                     a replica must start from a new, empty file: open a new path"
                 )));
             }
             // Validate the source before creating anything on disk.
