@@ -3,6 +3,23 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 
+/// `access(path, W_OK)`: may this process write `path` (permission bits, ownership, a
+/// read-only mount; root without CAP_DAC_OVERRIDE is checked like anyone else)? Unlike
+/// opening the file to find out, this takes no file descriptor, so it cannot release the
+/// POSIX locks SQLite holds on the file (closing any descriptor of a file drops them all).
+pub fn check_writable(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call; access() only reads it.
+    let rc = unsafe { libc::access(c.as_ptr(), libc::W_OK) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Reserve disk blocks for `[offset, offset + len)` of `f` without changing its size
 /// (`fallocate(FALLOC_FL_KEEP_SIZE)`), so later appends there need no block allocation.
 /// Best effort: filesystems without support just return an error, which callers ignore.

@@ -145,6 +145,20 @@ fn repl_sync(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
             "repl_sync(): {path} is a primary; a primary cannot follow another database"
         )));
     }
+    if c.db.readonly("main") == 1 {
+        // SQLite also opens read-only a file this process may not write: name that first.
+        let e = crate::replica::check_writable(&path).err().unwrap_or_else(|| {
+            Error::ReadOnly(format!(
+                "repl_sync(): {path} is opened read-only (SQLITE_OPEN_READONLY, ?mode=ro or sqlite3 -readonly) \
+                 and applying changes writes its files; nothing was changed. Call repl_sync() on a \
+                 read-write connection (read-only connections can still read the replica)"
+            ))
+        });
+        if let Some(r) = entry.replica() {
+            r.note_refused_sync(&e);
+        }
+        return Err(e);
+    }
     let r = match entry.replica() {
         Some(r) => r,
         None => {
@@ -158,7 +172,8 @@ fn repl_sync(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
             let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             if size > 0 {
                 return Err(Error::Misuse(format!(
-                    "repl_sync(): {path} already holds a database ({size} bytes) that is not a replica;                      a replica must start from a new, empty file: open a new path"
+                    "repl_sync(): {path} already holds a database ({size} bytes) that is not a replica; \
+                     a replica must start from a new, empty file: open a new path"
                 )));
             }
             // Validate the source before creating anything on disk.

@@ -127,6 +127,38 @@ fn log_event(line: &str) {
     eprintln!("{line}");
 }
 
+/// Refuse a sync before anything is written when this process cannot write the files the
+/// applier writes: the database (bootstrap, checkpoints), its `-wal` and `-shm` (the appended
+/// commits, the wal-index) and `<db>-replica/applied` (the position). Missing ones are
+/// created later and need no check here.
+pub fn check_writable(db_path: &str) -> Result<()> {
+    let applied = crate::registry::log_dir(db_path).join("applied");
+    let files = [
+        PathBuf::from(db_path),
+        PathBuf::from(format!("{db_path}-wal")),
+        PathBuf::from(format!("{db_path}-shm")),
+        applied,
+    ];
+    let denied: Vec<String> = files
+        .iter()
+        .filter_map(|p| match crate::ffi::os::check_writable(p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Some(format!("{} ({e})", p.display()))
+            }
+            _ => None,
+        })
+        .collect();
+    if denied.is_empty() {
+        return Ok(());
+    }
+    Err(Error::ReadOnly(format!(
+        "repl_sync(): the replica's files are read-only for this process: {}; nothing was changed \
+         and {db_path} can still be read. To sync, make them writable by this user \
+         (chmod u+w / chown, or remount read-write), or call repl_sync() from a process that may write them",
+        denied.join(", ")
+    )))
+}
+
 /// Does `<db>-replica/replica.json` exist (the database is a replica)?
 pub fn is_replica_dir(db_path: &str) -> bool {
     crate::registry::log_dir(db_path)
@@ -169,11 +201,14 @@ impl Replica {
         let handle = open_handle(&db.path)?;
         let pos = PositionFile::open(&dir)?;
         let lp = dir.join("applier.lock");
+        // Read-only when this process may not write it (flock works on any descriptor):
+        // the role then still resumes for reading, and `sync` refuses with the reason.
         let lock_file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lp)
+            .or_else(|e| File::open(&lp).map_err(|_| e))
             .map_err(|e| Error::io(format!("opening {}", lp.display()), e))?;
         Ok(Arc::new(Replica {
             db_path: db.path.clone(),
@@ -216,13 +251,21 @@ impl Replica {
     pub fn sync(&self, source: Option<&str>) -> Result<Lsn> {
         let _applier = self.applier_lock()?;
         let mut st = lock(&self.state);
-        let r = self.sync_locked(&mut st, source);
+        let r = check_writable(&self.db_path).and_then(|()| self.sync_locked(&mut st, source));
         st.last_sync_ms = Some(now_ms());
         match &r {
             Ok(_) => st.last_error = None,
             Err(e) => st.last_error = Some(e.to_string()),
         }
         r
+    }
+
+    /// A `repl_sync()` refused before it reached `sync` (a read-only connection): shown by
+    /// `repl_status()` like any failed sync.
+    pub fn note_refused_sync(&self, e: &Error) {
+        let mut st = lock(&self.state);
+        st.last_sync_ms = Some(now_ms());
+        st.last_error = Some(e.to_string());
     }
 
     fn applier_lock(&self) -> Result<ApplierGuard<'_>> {
@@ -252,8 +295,15 @@ impl Replica {
                 let info = src.info()?;
                 if let Some(l) = &st.meta.lineage {
                     if *l != info.lineage {
+                        // Say so when the page sizes differ too: that alone rules the file out.
+                        let sizes = match (src.page_size().ok().flatten(), self.file_page_size()) {
+                            (Some(theirs), Some(ours)) if theirs != ours => {
+                                format!(" and its page size is {theirs}, this replica's {ours}")
+                            }
+                            _ => String::new(),
+                        };
                         return Err(Error::Misuse(format!(
-                            "repl_sync('{spec}'): that primary serves lineage {} but {} replicates lineage {l} \
+                            "repl_sync('{spec}'): that primary serves lineage {}{sizes} but {} replicates lineage {l} \
                              (from {}); a replica follows one primary: use a new database file for another one",
                             info.lineage,
                             self.db_path,
@@ -308,7 +358,8 @@ impl Replica {
                 .source
                 .as_ref()
                 .expect("set")
-                .fetch(st.lsn.next(), BATCH_BYTES)?;
+                .fetch(st.lsn.next(), BATCH_BYTES)
+                .map_err(|e| self.damaged_source(st, e))?;
             let records = match fetched {
                 Fetch::Truncated { first_lsn } => {
                     let why = format!(
@@ -321,6 +372,12 @@ impl Replica {
                 Fetch::Records(r) if r.is_empty() => break,
                 Fetch::Records(r) => r,
             };
+            if let Some(r) = records
+                .iter()
+                .find(|r| Some(r.meta.page_size) != st.page_size)
+            {
+                return Err(self.page_size_changed(st, &r.meta));
+            }
             self.maybe_drain(st);
             match plan_batch(st.lsn, st.generation, &mut st.sums, &records) {
                 Ok(plan) => self.write_plan(st, &plan)?,
@@ -553,6 +610,9 @@ impl Replica {
 
     fn resnapshot(&self, st: &mut State, why: &str) -> Result<()> {
         let snap = st.source.as_ref().expect("set").snapshot()?;
+        if Some(snap.meta.page_size) != st.page_size {
+            return Err(self.page_size_changed(st, &snap.meta));
+        }
         log_event(&format!(
             "event=resnapshot db={:?} reason={why:?} from_lsn={} to_lsn={}",
             self.db_path, st.lsn, snap.meta.lsn
@@ -568,6 +628,51 @@ impl Replica {
         st.last_hdr = None; // whatever is in the WAL now, the snapshot overrides every page
         st.resnapshots += 1;
         self.write_plan(st, &plan)
+    }
+
+    /// The source now serves pages of another size than the replica's (the primary was
+    /// VACUUMed with a new page_size and started a new generation). A WAL cannot change its
+    /// page size, so nothing is written: the caller returns this before touching any file.
+    fn page_size_changed(&self, st: &State, m: &crate::txlog::RecordMeta) -> Error {
+        let src = st.meta.source.as_deref().unwrap_or("the primary");
+        Error::Unsupported(format!(
+            "repl_sync(): the primary {src} now has a page size of {} (generation {} from LSN {}) \
+             but this replica's page size is {}, and a replica cannot change its page size; \
+             bootstrap a new replica into a new, empty file with repl_sync('{src}') and move readers to it. \
+             {} was not changed: it still holds LSN {} and stays readable",
+            m.page_size,
+            m.generation,
+            m.lsn,
+            st.page_size.map_or_else(|| "unknown".to_string(), |p| p.to_string()),
+            self.db_path,
+            st.lsn
+        ))
+    }
+
+    /// A record the source cannot read back intact (the txlog decoder checks every record's
+    /// checksum before it leaves the source): say which replica state is kept and what to do.
+    fn damaged_source(&self, st: &State, e: Error) -> Error {
+        match e {
+            Error::Corrupt(m) => Error::Corrupt(format!(
+                "repl_sync(): the primary's log is damaged after LSN {lsn}: {m}. Nothing was applied: {} \
+                 still holds LSN {lsn} and stays readable. Check the primary's storage \
+                 (sqlite-replica verify {}); repl_sync() continues once the log reads back intact",
+                self.db_path,
+                st.source.as_ref().map_or_else(
+                    || "<primary>-replica".to_string(),
+                    |s| crate::registry::log_dir(&s.describe()).display().to_string()
+                ),
+                lsn = st.lsn
+            )),
+            e => e,
+        }
+    }
+
+    /// This replica's page size as its database file's header says (None: empty file).
+    fn file_page_size(&self) -> Option<PageSize> {
+        let mut head = [0u8; 100];
+        crate::primary::DbFileIo::read_db(&self.handle, 0, &mut head).ok()?;
+        PageSize::from_db_header(&head)
     }
 
     /// Write one planned batch as one replica commit and record the new position.

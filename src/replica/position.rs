@@ -68,6 +68,9 @@ pub struct PositionFile {
 }
 
 impl PositionFile {
+    /// Opens (creating) the file read-write, or read-only when this process may not write it:
+    /// a replica whose files are read-only still resumes its role and can be read (and a
+    /// sync refuses before writing, see `Replica::sync`).
     pub fn open(dir: &Path) -> Result<PositionFile> {
         let path = dir.join("applied");
         let f = std::fs::OpenOptions::new()
@@ -76,6 +79,7 @@ impl PositionFile {
             .read(true)
             .write(true)
             .open(&path)
+            .or_else(|e| File::open(&path).map_err(|_| e))
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         Ok(PositionFile {
             f,

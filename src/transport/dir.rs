@@ -9,7 +9,7 @@
 use super::{Fetch, Source, SourceInfo};
 use crate::error::{Error, Result};
 use crate::txlog::{Log, ReadHint, Record};
-use crate::types::Lsn;
+use crate::types::{Lsn, PageSize};
 use std::path::{Path, PathBuf};
 
 pub struct DirSource {
@@ -80,6 +80,11 @@ impl Source for DirSource {
             )));
         };
         Log::read_snapshot(&path)
+    }
+
+    fn page_size(&self) -> Result<Option<PageSize>> {
+        let durable = Log::read_durable(&self.dir)?.map(|d| d.0);
+        Ok(self.log.latest_snapshot(durable)?.map(|(m, _)| m.page_size))
     }
 
     fn fetch(&self, from: Lsn, max_bytes: usize) -> Result<Fetch> {

@@ -259,6 +259,18 @@ impl Source for HttpSource {
         })
     }
 
+    fn page_size(&self) -> Result<Option<crate::types::PageSize>> {
+        let body = self
+            .get("/v1/info", Duration::from_secs(10))?
+            .into_string()
+            .map_err(|e| Error::Other(format!("{}: reading /v1/info: {e}", self.base)))?;
+        let v: serde_json::Value = serde_json::from_str(&body)
+            .map_err(|e| Error::Corrupt(format!("{}: /v1/info is not JSON: {e}", self.base)))?;
+        Ok(v["snapshot"]["page_size"]
+            .as_u64()
+            .and_then(|n| crate::types::PageSize::new(n as u32)))
+    }
+
     fn snapshot(&self) -> Result<Record> {
         let resp = self.get("/v1/snapshot", Duration::from_secs(3600))?;
         let len: Option<u64> = resp.header("Content-Length").and_then(|v| v.parse().ok());

@@ -13,7 +13,7 @@ pub mod server;
 
 use crate::error::{Error, Result};
 use crate::txlog::Record;
-use crate::types::Lsn;
+use crate::types::{Lsn, PageSize};
 
 /// What a source says about itself.
 #[derive(Clone, Debug)]
@@ -54,6 +54,9 @@ pub trait Source: Send + Sync {
             std::thread::sleep(notify::POLL);
         }
     }
+    /// The page size of the newest durable snapshot (None: none yet). Only asked on error
+    /// paths (a replica naming why a source does not fit it), so it may cost a file read.
+    fn page_size(&self) -> Result<Option<PageSize>>;
 }
 
 /// Parse what the user passed to `repl_sync()`: a primary database path, or a `file:` URL.

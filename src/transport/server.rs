@@ -332,6 +332,10 @@ fn info(sh: &Shared) -> Result<serde_json::Value> {
     let meta = Log::read_meta(&sh.dir)?;
     let durable = Log::read_durable(&sh.dir)?;
     let snap = txlog::newest_snapshot(&sh.dir)?;
+    let snap_page_size = sh
+        .log
+        .latest_snapshot(durable.map(|d| d.0))?
+        .map(|(m, _)| m.page_size.get());
     Ok(serde_json::json!({
         "format": 1,
         "db": sh.db,
@@ -340,7 +344,7 @@ fn info(sh: &Shared) -> Result<serde_json::Value> {
         "generation": durable.map(|d| d.1 .0),
         "durable_lsn": durable.map(|d| d.0 .0),
         "first_lsn": Log::first_segment_lsn(&sh.dir)?.map(|l| l.0),
-        "snapshot": snap.map(|(l, b)| serde_json::json!({"lsn": l.0, "bytes": b})),
+        "snapshot": snap.map(|(l, b)| serde_json::json!({"lsn": l.0, "bytes": b, "page_size": snap_page_size})),
     }))
 }
 
