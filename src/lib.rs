@@ -23,7 +23,7 @@ pub(crate) mod functions;
 pub(crate) mod primary;
 pub(crate) mod registry;
 pub(crate) mod replica;
-pub(crate) mod transport;
+pub mod transport;
 pub mod txlog;
 pub mod types;
 pub(crate) mod vfs;

@@ -4,6 +4,9 @@
 //!   print a report; non-zero exit on any damage (the message names the file and offset).
 //! - `inspect <dir> [--from LSN]`: one line per record: `lsn gen kind pages commit_size db_checksum ts`.
 //! - `rebuild <dir> <out.db> [--lsn N]`: write a plain database file at LSN N (default: the end).
+//! - `serve <db> [--listen HOST:PORT] [--token T]`: serve the primary's log over HTTP (the
+//!   endpoints of `repl_primary('addr')`) from its log directory, for deployments whose writers
+//!   are short-lived processes. Token also from `REPL_TOKEN`.
 //!
 //! Exit codes: 0 success, 1 error, 2 usage error.
 
@@ -19,6 +22,7 @@ const USAGE: &str = "usage:
   sqlite-replica verify <dir>
   sqlite-replica inspect <dir> [--from LSN]
   sqlite-replica rebuild <dir> <out.db> [--lsn N]
+  sqlite-replica serve <db> [--listen HOST:PORT] [--token T]   (default 127.0.0.1:7070; token also REPL_TOKEN)
 
 <dir> is a replication log directory (the one holding meta.json, log/ and snap/).
 inspect prints one line per record: lsn gen kind pages commit_size db_checksum ts";
@@ -104,6 +108,40 @@ fn run(args: &[String]) -> Result<(), Failure> {
                 info.lsn, info.generation, info.pages, info.checksum
             );
             Ok(())
+        }
+        "serve" => {
+            let mut listen = "127.0.0.1:7070".to_string();
+            let mut token = std::env::var("REPL_TOKEN").ok().filter(|t| !t.is_empty());
+            let mut pos = Vec::new();
+            let mut it = rest.iter();
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--listen" | "--token" => {
+                        let v = it
+                            .next()
+                            .ok_or_else(|| Failure::Usage(format!("{a} needs a value")))?;
+                        if a == "--listen" {
+                            listen = v.clone();
+                        } else {
+                            token = Some(v.clone());
+                        }
+                    }
+                    o if o.starts_with("--") => {
+                        return Err(Failure::Usage(format!("unknown option {o}")))
+                    }
+                    _ => pos.push(a.clone()),
+                }
+            }
+            let [db] = pos.as_slice() else {
+                return Err(Failure::Usage(
+                    "serve takes the primary's database path".into(),
+                ));
+            };
+            let db = std::path::absolute(db)
+                .map_err(|e| Failure::Error(format!("{db}: {e}")))?
+                .display()
+                .to_string();
+            replica::transport::server::serve_forever(&db, &listen, token).map_err(fail)
         }
         "help" | "--help" | "-h" => {
             println!("{USAGE}");

@@ -12,13 +12,15 @@ use std::sync::Arc;
 pub const FUNCTIONS: &[(&str, i32, crate::ffi::func::ScalarFn)] = &[
     ("repl_version", 0, repl_version),
     ("repl_debug", 0, repl_debug),
-    ("repl_primary", 0, repl_primary),
+    ("repl_primary", -1, repl_primary),
     ("repl_sync", -1, repl_sync),
     ("repl_lsn", 0, repl_lsn),
     ("repl_role", 0, repl_role),
     ("repl_checksum", 0, repl_checksum),
     ("repl_status", 0, repl_status),
     ("repl_config", -1, repl_config),
+    ("repl_follow", -1, repl_follow),
+    ("repl_wait", -1, repl_wait),
 ];
 
 /// Register every function on `db`.
@@ -79,7 +81,38 @@ fn main_db_checked(db: DbRef, what: &str) -> Result<(Arc<Db>, String)> {
     Ok((entry, path))
 }
 
-fn repl_primary(c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
+/// `repl_primary([listen [, token]])`: make the main database a primary (idempotent) and,
+/// with `listen` (host:port), serve its log over HTTP from this process.
+fn repl_primary(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
+    if a.len() > 2 {
+        return Err(Error::Misuse(
+            "repl_primary() takes at most two arguments: the address to serve on (host:port) and a token".into(),
+        ));
+    }
+    let text = |i: usize, what: &str| -> Result<Option<String>> {
+        match a.get(i) {
+            None | Some(SqlValue::Null) => Ok(None),
+            Some(SqlValue::Text(t)) => Ok(Some(t.clone())),
+            Some(v) => Err(Error::Misuse(format!(
+                "repl_primary(): the {what} must be text, got {v:?}"
+            ))),
+        }
+    };
+    let listen = text(0, "address (host:port)")?;
+    let token = text(1, "token")?;
+    let lsn = become_primary(c)?;
+    if let Some(addr) = listen {
+        let (entry, _) = main_db_checked(c.db, "repl_primary()")?;
+        let p = entry
+            .primary()
+            .ok_or_else(|| Error::Other("repl_primary(): the primary vanished".into()))?;
+        let token = token.or_else(|| std::env::var("REPL_TOKEN").ok().filter(|t| !t.is_empty()));
+        p.serve(&addr, token)?;
+    }
+    Ok(lsn)
+}
+
+fn become_primary(c: &Call) -> Result<SqlValue> {
     let (entry, path) = main_db_checked(c.db, "repl_primary()")?;
     if let Some(r) = entry.replica() {
         return Err(Error::Misuse(format!(
@@ -280,4 +313,120 @@ fn repl_config(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
             "repl_config(): {name} must be set to an integer, got {v:?}"
         ))),
     }
+}
+
+/// `repl_follow([source [, interval_ms]])`: keep this replica up to date from a background
+/// thread (long-polling the source); `repl_follow(NULL)` stops it. Returns the LSN reached by
+/// the first sync (or, when stopping, the current LSN).
+fn repl_follow(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
+    if a.len() > 2 {
+        return Err(Error::Misuse(
+            "repl_follow() takes at most two arguments: the source and interval_ms".into(),
+        ));
+    }
+    let (entry, path) = main_db_checked(c.db, "repl_follow()")?;
+    if entry.primary().is_some() {
+        return Err(Error::Misuse(format!(
+            "repl_follow(): {path} is a primary; a primary cannot follow another database"
+        )));
+    }
+    if let Some(SqlValue::Null) = a.first() {
+        if a.len() == 1 {
+            if let Some(r) = entry.replica() {
+                r.unfollow();
+                return Ok(SqlValue::Int(r.lsn().0 as i64));
+            }
+            return Ok(SqlValue::Null);
+        }
+    }
+    let interval = match a.get(1) {
+        None | Some(SqlValue::Null) => 1000,
+        Some(SqlValue::Int(n)) if (1..=60_000).contains(n) => *n as u64,
+        Some(v) => {
+            return Err(Error::Misuse(format!(
+                "repl_follow(): interval_ms must be an integer between 1 and 60000, got {v:?}"
+            )))
+        }
+    };
+    // The first sync runs here, in the caller: a bad source is an error now, not in a thread.
+    let lsn = repl_sync(c, &a[..a.len().min(1)])?;
+    let r = entry
+        .replica()
+        .ok_or_else(|| Error::Other(format!("repl_follow(): {path} did not become a replica")))?;
+    r.follow(std::time::Duration::from_millis(interval))?;
+    Ok(lsn)
+}
+
+/// `repl_wait(lsn | token [, timeout_ms])`: return once this database holds `lsn` (a token
+/// `<lineage>:<lsn>` also checks the lineage), at most `timeout_ms` (default 5000) later.
+fn repl_wait(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
+    if a.is_empty() || a.len() > 2 {
+        return Err(Error::Misuse(
+            "repl_wait() takes an LSN (or a '<lineage>:<lsn>' token) and an optional timeout_ms"
+                .into(),
+        ));
+    }
+    let (lineage, target) = match &a[0] {
+        SqlValue::Int(n) if *n >= 0 => (None, *n as u64),
+        SqlValue::Text(t) => {
+            let (l, n) = t.rsplit_once(':').unwrap_or(("", t));
+            let n = n.trim().parse::<u64>().map_err(|_| {
+                Error::Misuse(format!(
+                    "repl_wait(): {t:?} is neither an LSN nor a '<lineage>:<lsn>' token"
+                ))
+            })?;
+            (Some(l.trim().to_string()).filter(|l| !l.is_empty()), n)
+        }
+        v => {
+            return Err(Error::Misuse(format!(
+                "repl_wait(): the LSN must be a non-negative integer or a '<lineage>:<lsn>' token, got {v:?}"
+            )))
+        }
+    };
+    let timeout = match a.get(1) {
+        None | Some(SqlValue::Null) => 5000,
+        Some(SqlValue::Int(n)) if (0..=3_600_000).contains(n) => *n as u64,
+        Some(v) => {
+            return Err(Error::Misuse(format!(
+                "repl_wait(): timeout_ms must be an integer between 0 and 3600000, got {v:?}"
+            )))
+        }
+    };
+    let timeout = std::time::Duration::from_millis(timeout);
+    let (entry, path) = main_db_checked(c.db, "repl_wait()")?;
+    let ours = entry
+        .replica()
+        .and_then(|r| r.lineage())
+        .or_else(|| entry.primary().map(|p| p.lineage()));
+    if let (Some(want), Some(ours)) = (&lineage, &ours) {
+        if want != ours {
+            return Err(Error::Misuse(format!(
+                "repl_wait(): the token belongs to lineage {want} but {path} follows lineage {ours}: it was issued by \
+                 another primary; this replica can never reach it"
+            )));
+        }
+    }
+    let target = crate::types::Lsn(target);
+    if let Some(r) = entry.replica() {
+        return Ok(SqlValue::Int(r.wait_for(target, timeout)?.0 as i64));
+    }
+    if let Some(p) = entry.primary() {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let l = p.lsn();
+            if l >= target {
+                return Ok(SqlValue::Int(l.0 as i64));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Busy(format!(
+                    "repl_wait({target}): timed out after {} ms; the primary is at LSN {l}",
+                    timeout.as_millis()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+    Err(Error::Misuse(format!(
+        "repl_wait(): {path} is neither a primary nor a replica"
+    )))
 }

@@ -132,6 +132,8 @@ pub struct Primary {
     dir_id: Option<(u64, u64)>,
     /// T3: the (header, shared position) mismatch seen on the previous tick.
     t3_seen: Mutex<Option<T3Seen>>,
+    /// The HTTP server of this primary's log, when `repl_primary('addr')` started one here.
+    server: Mutex<Option<crate::transport::server::Server>>,
 }
 
 type T3Seen = ([u8; 8], u32, u32, Option<(Lsn, u32)>);
@@ -240,6 +242,7 @@ impl Primary {
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
             t3_seen: Mutex::new(None),
+            server: Mutex::new(None),
             posf: once_cell::sync::OnceCell::new(),
             durable_file: crate::txlog::DurableFile::open(&dir)?,
             file_id: file_identity(&db.path),
@@ -814,6 +817,35 @@ impl Primary {
         id(std::path::Path::new(path)) == self.file_id && id(&self.dir) == self.dir_id
     }
 
+    /// Serve this primary's log over HTTP on `addr` from this process (idempotent for the
+    /// same address; another address while serving is an error).
+    pub fn serve(&self, addr: &str, token: Option<String>) -> Result<()> {
+        let mut g = lock(&self.server);
+        if let Some(s) = g.as_ref() {
+            let same = addr
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| a == s.addr() || (a.port() == 0 && a.ip() == s.addr().ip()));
+            if same {
+                return Ok(());
+            }
+            return Err(Error::Misuse(format!(
+                "repl_primary('{addr}'): this process already serves {} on {}; one server per primary",
+                self.db_path,
+                s.addr()
+            )));
+        }
+        *g = Some(crate::transport::server::Server::start(
+            &self.db_path,
+            addr,
+            token,
+        )?);
+        Ok(())
+    }
+
+    pub fn lineage(&self) -> String {
+        lock(&self.state).log.meta().lineage.clone()
+    }
+
     /// The log directory `<db>-replica/`.
     pub fn dir(&self) -> &std::path::Path {
         &self.dir
@@ -898,6 +930,12 @@ impl Primary {
             "snapshot": crate::txlog::newest_snapshot(&self.dir).ok().flatten()
                 .map(|(l, b)| serde_json::json!({"lsn": l.0, "bytes": b})),
             "settings": maintenance::load_policy(&self.dir).ok().map(|p| maintenance::policy_json(&p)),
+            "server": lock(&self.server).as_ref().map(|s| serde_json::json!({
+                "addr": s.addr().to_string(),
+                "url": format!("http://{}", s.addr()),
+                "auth": s.has_token(),
+                "followers": s.followers_json(),
+            })),
             "captured_txns": st.captured_txns,
             "gaps": st.gaps,
             "last_error": st.last_error,

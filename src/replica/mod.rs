@@ -14,6 +14,7 @@
 //! transaction (E.10), never with a guess.
 
 mod apply;
+mod follow;
 mod plan;
 mod position;
 
@@ -110,6 +111,14 @@ pub struct Replica {
     pos: PositionFile,
     lock_file: File,
     state: Mutex<State>,
+    /// The newest LSN a sync in this process reached; `repl_wait` waits on `applied_cv`.
+    applied: Mutex<Lsn>,
+    applied_cv: std::sync::Condvar,
+    /// The background follower (`repl_follow`), when running.
+    follower: Mutex<Option<follow::Follower>>,
+    /// Bytes done / total of a bootstrap or re-snapshot in progress (readable while the
+    /// sync holds `state`).
+    progress: Mutex<Option<(u64, u64)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -216,6 +225,10 @@ impl Replica {
             handle,
             pos,
             lock_file,
+            applied: Mutex::new(Lsn(0)),
+            applied_cv: std::sync::Condvar::new(),
+            follower: Mutex::new(None),
+            progress: Mutex::new(None),
             state: Mutex::new(State {
                 meta,
                 source: None,
@@ -249,15 +262,37 @@ impl Replica {
 
     /// `repl_sync([source])`: pull and apply everything the source has now; returns the LSN.
     pub fn sync(&self, source: Option<&str>) -> Result<Lsn> {
+        self.sync_with(source, None)
+    }
+
+    /// `sync`, applying `prefetched` (records a follower already received, starting at the
+    /// replica's next LSN) before fetching more. Records that no longer fit (another process
+    /// applied meanwhile) are dropped and fetched again.
+    pub fn sync_with(
+        &self,
+        source: Option<&str>,
+        prefetched: Option<Vec<crate::txlog::Record>>,
+    ) -> Result<Lsn> {
         let _applier = self.applier_lock()?;
         let mut st = lock(&self.state);
-        let r = check_writable(&self.db_path).and_then(|()| self.sync_locked(&mut st, source));
+        let r = check_writable(&self.db_path)
+            .and_then(|()| self.sync_locked(&mut st, source, prefetched));
         st.last_sync_ms = Some(now_ms());
         match &r {
-            Ok(_) => st.last_error = None,
+            Ok(lsn) => {
+                st.last_error = None;
+                let mut a = lock(&self.applied);
+                *a = *lsn;
+                self.applied_cv.notify_all();
+            }
             Err(e) => st.last_error = Some(e.to_string()),
         }
         r
+    }
+
+    /// Records an error met outside a sync (a follower's failed long-poll).
+    pub(crate) fn note_error(&self, e: &Error) {
+        lock(&self.state).last_error = Some(e.to_string());
     }
 
     /// A `repl_sync()` refused before it reached `sync` (a read-only connection): shown by
@@ -288,7 +323,12 @@ impl Replica {
         }
     }
 
-    fn sync_locked(&self, st: &mut State, spec: Option<&str>) -> Result<Lsn> {
+    fn sync_locked(
+        &self,
+        st: &mut State,
+        spec: Option<&str>,
+        mut prefetched: Option<Vec<crate::txlog::Record>>,
+    ) -> Result<Lsn> {
         if let Some(spec) = spec {
             if st.meta.source.as_deref() != Some(spec) || st.source.is_none() {
                 let src = transport::open_source(spec)?;
@@ -354,12 +394,18 @@ impl Replica {
                 self.resnapshot(st, &why)?;
                 continue;
             }
-            let fetched = st
-                .source
-                .as_ref()
-                .expect("set")
-                .fetch(st.lsn.next(), BATCH_BYTES)
-                .map_err(|e| self.damaged_source(st, e))?;
+            let pre = prefetched
+                .take()
+                .filter(|v| v.first().is_some_and(|r| r.meta.lsn == st.lsn.next()));
+            let fetched = match pre {
+                Some(v) => Fetch::Records(v),
+                None => st
+                    .source
+                    .as_ref()
+                    .expect("set")
+                    .fetch(st.lsn.next(), BATCH_BYTES)
+                    .map_err(|e| self.damaged_source(st, e))?,
+            };
             let records = match fetched {
                 Fetch::Truncated { first_lsn } => {
                     let why = format!(
@@ -927,8 +973,8 @@ impl Replica {
         serde_json::json!({
             "role": "replica",
             "db": self.db_path,
-            "source": st.source.as_ref().map(|s| s.describe()).or(st.meta.source.clone()),
-            "primary": st.meta.source,
+            "source": st.source.as_ref().map(|s| s.describe()).or(st.meta.source.as_deref().map(transport::http::redact)),
+            "primary": st.meta.source.as_deref().map(transport::http::redact),
             "primary_first_lsn": st.primary_first_lsn.map(|l| l.0),
             "last_batch": st.last_batch.map(|(f, l, n, s)| serde_json::json!({
                 "first_lsn": f.0, "last_lsn": l.0, "pages": n, "snapshot": s})),
@@ -948,8 +994,14 @@ impl Replica {
             "drains": st.drains,
             "max_drain_ms": st.max_drain_ms,
             "wal_pinned": st.wal_pinned,
+            "follow": self.follow_json(),
+            "progress": lock(&self.progress).map(|(done, total)| serde_json::json!({"bytes": done, "total": total})),
             "last_error": st.last_error,
         })
+    }
+
+    pub fn lineage(&self) -> Option<String> {
+        lock(&self.state).meta.lineage.clone()
     }
 
     pub fn source(&self) -> Option<String> {

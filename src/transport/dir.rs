@@ -87,6 +87,16 @@ impl Source for DirSource {
         Ok(self.log.latest_snapshot(durable)?.map(|(m, _)| m.page_size))
     }
 
+    fn fetch_wait(&self, from: Lsn, max_bytes: usize, wait: std::time::Duration) -> Result<Fetch> {
+        // Wait on the watermark alone (woken at once by a primary in this process, else a
+        // re-read every notify::POLL), then fetch.
+        let deadline = std::time::Instant::now() + wait;
+        let durable_at = || Log::read_durable(&self.dir).ok().flatten().map(|d| d.0);
+        let _ =
+            super::notify::wait_until(&self.dir, deadline, || durable_at().filter(|d| *d >= from));
+        self.fetch(from, max_bytes)
+    }
+
     fn fetch(&self, from: Lsn, max_bytes: usize) -> Result<Fetch> {
         let Some((durable, _)) = Log::read_durable(&self.dir)? else {
             return Ok(Fetch::Records(Vec::new()));

@@ -92,7 +92,10 @@ impl Server {
         }
         let dir = crate::registry::log_dir(db);
         let log = Log::open(&dir, Default::default())?;
-        let server = tiny_http::Server::http(sock)
+        let listener = std::net::TcpListener::bind(sock)
+            .map_err(|e| Error::io(format!("cannot listen on {sock}"), e))?;
+        let _ = crate::ffi::os::set_tcp_nodelay(&listener);
+        let server = tiny_http::Server::from_listener(listener, None)
             .map_err(|e| Error::Other(format!("cannot listen on {sock}: {e}")))?;
         let bound = server
             .server_addr()

@@ -46,6 +46,8 @@ FUNCTIONS = (
     "repl_checksum",
     "repl_status",
     "repl_config",
+    "repl_follow",
+    "repl_wait",
 )
 
 

@@ -1,0 +1,150 @@
+"""HTTP transport basics (issue 4): a primary process serving its log with
+``repl_primary('127.0.0.1:0')``; replica processes using ``repl_sync('http://…')`` exactly like
+the directory source, following with ``repl_follow()`` and waiting with ``repl_wait()``; three
+replicas following one primary; the endpoints' JSON and metrics as a user would read them.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from helpers import (
+    Worker,
+    WorkerError,
+    lsn_checksum,
+    start_primary,
+    stock_one,
+    stock_tables,
+    wait_for,
+    worker_status,
+    worker_tables,
+)
+
+
+def serving_primary(path, **kw) -> tuple[Worker, str]:
+    p = Worker(path, **kw)
+    p.one("SELECT repl_primary('127.0.0.1:0')")
+    url = worker_status(p)["server"]["url"]
+    assert url.startswith("http://127.0.0.1:"), url
+    return p, url
+
+
+def test_replica_over_http_equals_the_primary_and_follows(tmp):
+    p, url = serving_primary(tmp / "p.db")
+    try:
+        p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, b BLOB)")
+        p.q("WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 200) INSERT INTO t(v, b) SELECT 'row' || n, randomblob(5000) FROM c")
+        with Worker(tmp / "r.db") as r:
+            want = lsn_checksum(p)
+            assert r.one("SELECT repl_sync(?)", [url]) == want[0]
+            assert lsn_checksum(r) == want
+            assert stock_tables(tmp / "r.db") == worker_tables(p)
+            st = worker_status(r)
+            assert st["role"] == "replica" and st["source"] == url and st["lag_lsn"] == 0, st
+            # Following: every commit arrives without calling repl_sync().
+            assert r.one("SELECT repl_follow()") == want[0]
+            for i in range(20):
+                p.q("UPDATE t SET v = ? WHERE id = ?", [f"new{i}", i + 1])
+                lsn = p.one("SELECT repl_lsn()")
+                assert r.one("SELECT repl_wait(?, 5000)", [lsn]) >= lsn
+                assert r.one("SELECT v FROM t WHERE id = ?", [i + 1]) == f"new{i}"
+            st = worker_status(r)
+            assert st["follow"]["state"] in ("waiting", "applying") and st["follow"]["errors"] == 0, st
+            assert lsn_checksum(r) == lsn_checksum(p)
+            # The primary lists the follower.
+            followers = worker_status(p)["server"]["followers"]
+            assert len(followers) == 1 and followers[0]["last_lsn"] == p.one("SELECT repl_lsn()"), followers
+            # Stop following: commits no longer arrive by themselves; repl_wait still works
+            # (it syncs by itself when nobody follows).
+            r.q("SELECT repl_follow(NULL)")
+            assert worker_status(r)["follow"] is None
+            p.q("INSERT INTO t(v) VALUES ('after unfollow')")
+            lsn = p.one("SELECT repl_lsn()")
+            assert r.one("SELECT repl_wait(?, 5000)", [lsn]) == lsn
+            assert r.one("SELECT count(*) FROM t WHERE v = 'after unfollow'") == 1
+        # Reopening resumes the role and the HTTP source.
+        p.q("INSERT INTO t(v) VALUES ('while closed')")
+        with Worker(tmp / "r.db") as r:
+            assert r.one("SELECT repl_role()") == "replica"
+            assert r.one("SELECT repl_sync()") == p.one("SELECT repl_lsn()")
+            assert lsn_checksum(r) == lsn_checksum(p)
+    finally:
+        p.close()
+    assert stock_one(tmp / "r.db", "PRAGMA integrity_check;") == "ok"
+
+
+def test_three_replicas_follow_one_primary(tmp):
+    p, url = serving_primary(tmp / "p.db")
+    replicas = []
+    try:
+        p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v INTEGER)")
+        for i in range(3):
+            r = Worker(tmp / f"r{i}.db")
+            replicas.append(r)
+            r.one("SELECT repl_follow(?, 500)", [url])
+        for v in range(100):
+            p.q("INSERT INTO t(v) VALUES (?)", [v])
+        want = lsn_checksum(p)
+        for r in replicas:
+            assert r.one("SELECT repl_wait(?, 10000)", [want[0]]) == want[0]
+            assert lsn_checksum(r) == want
+        wait_for(lambda: len(worker_status(p)["server"]["followers"]) == 3, timeout=10, what="3 followers listed")
+        metrics = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+        assert f"sqlite_replica_lsn {want[0]}" in metrics
+        assert "sqlite_replica_followers 3" in metrics
+        assert metrics.count("sqlite_replica_follower_lag_lsn{") == 3
+    finally:
+        for r in replicas:
+            r.close()
+        p.close()
+    for i in range(3):
+        assert stock_tables(tmp / f"r{i}.db") == stock_tables(tmp / "p.db")
+
+
+def test_info_endpoint_and_wait_errors(tmp):
+    p, url = serving_primary(tmp / "p.db")
+    try:
+        p.q("CREATE TABLE t(x)")
+        info = json.loads(urllib.request.urlopen(url + "/v1/info", timeout=5).read())
+        assert info["format"] == 1 and info["durable_lsn"] == p.one("SELECT repl_lsn()")
+        assert info["lineage"] == worker_status(p)["lineage"] and info["page_size"] == 4096
+        with Worker(tmp / "r.db") as r:
+            r.q("SELECT repl_sync(?)", [url])
+            lsn = r.one("SELECT repl_lsn()")
+            lineage = worker_status(r)["lineage"]
+            assert r.one("SELECT repl_wait(?)", [f"{lineage}:{lsn}"]) == lsn
+            for args, words in [
+                ([lsn + 100, 300], ("timed out after 300 ms", f"LSN {lsn}")),
+                ([f"{'0' * 32}:{lsn}"], ("lineage", "another primary")),
+                (["soon"], ("neither an LSN",)),
+                ([-1], ("non-negative",)),
+                ([lsn, -5], ("timeout_ms",)),
+            ]:
+                with pytest.raises(WorkerError) as e:
+                    r.q("SELECT repl_wait(" + ", ".join("?" * len(args)) + ")", args)
+                for w in words:
+                    assert w in e.value.msg, (args, e.value.msg)
+            with pytest.raises(WorkerError) as e:
+                r.q("SELECT repl_follow(?, 0)", [url])
+            assert "interval_ms" in e.value.msg
+        # On a primary, repl_wait waits for its own LSN; repl_follow is refused.
+        assert p.one("SELECT repl_wait(?)", [p.one("SELECT repl_lsn()")]) == p.one("SELECT repl_lsn()")
+        with pytest.raises(WorkerError) as e:
+            p.q("SELECT repl_follow(?)", [url])
+        assert "is a primary" in e.value.msg
+    finally:
+        p.close()
+
+
+def test_directory_source_follow(tmp):
+    with start_primary(tmp / "p.db") as p, Worker(tmp / "r.db") as r:
+        p.q("CREATE TABLE t(x)")
+        r.one("SELECT repl_follow(?)", [str(tmp / "p.db")])
+        for i in range(10):
+            p.q("INSERT INTO t VALUES (?)", [i])
+        lsn = p.one("SELECT repl_lsn()")
+        assert r.one("SELECT repl_wait(?, 5000)", [lsn]) == lsn
+        assert lsn_checksum(r) == lsn_checksum(p)
