@@ -111,6 +111,8 @@ pub struct Replica {
     pos: PositionFile,
     lock_file: File,
     state: Mutex<State>,
+    /// Serialises appliers of this process (see `applier_lock`).
+    applier_mx: Mutex<()>,
     /// The newest LSN a sync in this process reached; `repl_wait` waits on `applied_cv`.
     applied: Mutex<Lsn>,
     applied_cv: std::sync::Condvar,
@@ -225,6 +227,7 @@ impl Replica {
             handle,
             pos,
             lock_file,
+            applier_mx: Mutex::new(()),
             applied: Mutex::new(Lsn(0)),
             applied_cv: std::sync::Condvar::new(),
             follower: Mutex::new(None),
@@ -305,9 +308,26 @@ impl Replica {
 
     fn applier_lock(&self) -> Result<ApplierGuard<'_>> {
         let deadline = Instant::now() + Duration::from_secs(30);
+        // Threads of this process first: an flock is shared by every thread using the same
+        // open file, so it alone would not keep a follower thread and a repl_sync() on
+        // another connection apart (and the first to finish would unlock it for both).
+        let local = loop {
+            match self.applier_mx.try_lock() {
+                Ok(g) => break g,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Busy(format!(
+                    "another connection of this process has been applying to {} for 30 s; retry later",
+                    self.db_path
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
         loop {
             match self.lock_file.try_lock() {
-                Ok(()) => return Ok(ApplierGuard(&self.lock_file)),
+                Ok(()) => return Ok(ApplierGuard(&self.lock_file, local)),
                 Err(std::fs::TryLockError::WouldBlock) => {}
                 Err(std::fs::TryLockError::Error(e)) => {
                     return Err(Error::io("locking applier.lock", e))
@@ -980,6 +1000,8 @@ impl Replica {
                 "first_lsn": f.0, "last_lsn": l.0, "pages": n, "snapshot": s})),
             "lineage": st.meta.lineage,
             "lsn": lsn,
+            // The checksum at `lsn` (as applied by this process; null before its first sync).
+            "checksum": st.loaded.then(|| st.sums.total().to_string()),
             "generation": st.generation.0,
             "primary_lsn": st.primary_lsn.map(|l| l.0),
             "lag_lsn": lag_lsn,
@@ -1025,7 +1047,8 @@ fn open_handle(path: &str) -> Result<AgentHandle> {
     }
 }
 
-struct ApplierGuard<'a>(&'a File);
+/// The applier flock and this process's applier mutex; the flock is released first.
+struct ApplierGuard<'a>(&'a File, #[allow(dead_code)] std::sync::MutexGuard<'a, ()>);
 
 impl Drop for ApplierGuard<'_> {
     fn drop(&mut self) {

@@ -1,5 +1,6 @@
-"""Concurrency stress on a live replica (wal-spec G16; issue 3 "differential replication test"),
-bounded to well under a minute. Every party is its own process:
+"""Concurrency stress on a live replica (wal-spec G16; issue 3 "differential replication test";
+issue 4: the same over HTTP with three replicas), bounded to well under a minute. Every party is
+its own process:
 
 * a primary process doing bank transfers: each transaction moves money between two of N
   accounts (the sum of balances never changes), increments the single version row and stamps
@@ -7,7 +8,10 @@ bounded to well under a minute. Every party is its own process:
   ``max(acct.ver) == ver.v``); sometimes it also inserts or deletes spilling blobs (multi-page,
   overflow, shrinking commits), commits a savepoint rolled back under a 5-page cache (frames
   spilled before COMMIT, some undone), or VACUUMs. It samples ``(repl_lsn(), repl_checksum())`` as it goes;
-* an applier process calling ``repl_sync()`` in a loop, sampling the same pair after each sync;
+* ``dir``: an applier process calling ``repl_sync()`` in a loop, sampling the same pair after
+  each sync; ``http``: a process serving the log (``repl_primary('127.0.0.1:0')``) and three
+  replicas, each bootstrapped over HTTP by its applier process and following it
+  (``repl_follow``), sampling consistent ``(lsn, checksum)`` pairs from ``repl_status()``;
 * three reader processes on the replica that never load the extension: two apsw (3.54) loops
   of short reads and long read transactions (the snapshot must not change inside them), and
   the stock ``/usr/bin/sqlite3`` 3.40.1 shell driven from this process (a script of short reads
@@ -27,6 +31,8 @@ import os
 import subprocess
 import time
 
+import pytest
+
 from helpers import (
     SQLITE3_CLI,
     Worker,
@@ -38,6 +44,8 @@ from helpers import (
     stock_one,
     stock_tables,
     sync_to,
+    wait_for,
+    worker_status,
     worker_tables,
 )
 
@@ -117,22 +125,39 @@ print(json.dumps({"txns": done, "samples": samples, "replica_frames": replica_fr
 APPLIER = """
 conn = connect(os.environ["R_DB"])
 conn.setbusytimeout(5000)
-stop = os.environ["STOP"]
+stop, source = os.environ["STOP"], os.environ.get("SOURCE")
 samples, errors, syncs, max_frames = [], [], 0, 0
+if source:  # a new replica: bootstrap from the source (over HTTP in the http variant)
+    one(conn, "SELECT repl_sync(?)", (source,))
+follow = os.environ.get("MODE") == "follow"
+if follow:
+    one(conn, "SELECT repl_follow(NULL, 100)")
+def sample():
+    global max_frames
+    st = json.loads(one(conn, "SELECT repl_status()"))
+    if st["checksum"] is not None:
+        samples.append([st["lsn"], st["checksum"]])  # one consistent (lsn, checksum) pair
+    max_frames = max(max_frames, st["wal"]["mx_frame"] if st["wal"] else 0)
 while True:
     stopping = os.path.exists(stop)
     try:
-        lsn = one(conn, "SELECT repl_sync()")
-        samples.append([lsn, one(conn, "SELECT repl_checksum()")])
-        syncs += 1
-        wal = json.loads(one(conn, "SELECT repl_status()"))["wal"]
-        max_frames = max(max_frames, wal["mx_frame"] if wal else 0)
+        if follow and not stopping:
+            sample()
+            time.sleep(0.005)  # sampling pace; the follower thread applies meanwhile
+        else:
+            if follow:
+                one(conn, "SELECT repl_follow(NULL)")
+            lsn = one(conn, "SELECT repl_sync()")
+            samples.append([lsn, one(conn, "SELECT repl_checksum()")])
+            syncs += 1
+            sample()
     except apsw.Error as e:
         errors.append(f"{type(e).__name__}: {e}")
     if stopping:
         break
+st = json.loads(one(conn, "SELECT repl_status()"))
 print(json.dumps({"syncs": syncs, "samples": samples, "errors": errors, "max_frames": max_frames,
-                  "status": json.loads(one(conn, "SELECT repl_status()"))}))
+                  "status": st}))
 """
 
 READER = """
@@ -235,8 +260,12 @@ def check_cli_output(text: str, last_v: int, violations: list) -> tuple[int, int
     return reads, last_v
 
 
-def test_bank_invariant_under_concurrent_apply_reads_and_checkpoints(tmp):
-    pdb, rdb, stop = tmp / "p.db", tmp / "r.db", tmp / "STOP"
+@pytest.mark.parametrize("transport", ["dir", "http"])
+def test_bank_invariant_under_concurrent_apply_reads_and_checkpoints(tmp, transport):
+    """dir: one replica syncing in a loop from the log directory. http: three replicas, each
+    bootstrapped over HTTP from a serving primary process and following it (repl_follow),
+    with readers on all of them."""
+    pdb, stop = tmp / "p.db", tmp / "STOP"
     with start_primary(pdb) as p:
         p.script(
             [
@@ -249,29 +278,48 @@ def test_bank_invariant_under_concurrent_apply_reads_and_checkpoints(tmp):
                 "COMMIT",
             ]
         )
-    start_replica(rdb, pdb).close()  # bootstrapped; the applier process resumes it
+    server = None
+    if transport == "http":
+        # A long-lived process that serves the log over HTTP (the writer below is another
+        # process of the same primary: its commits are served too).
+        server = Worker(pdb)
+        server.one("SELECT repl_primary('127.0.0.1:0')")
+        url = worker_status(server)["server"]["url"]
+        rdbs = [tmp / f"r{i}.db" for i in range(3)]
+        app_env = [{"SOURCE": url, "MODE": "follow"} for _ in rdbs]
+        reader_dbs = [rdbs[0], rdbs[0], rdbs[1], rdbs[2]]
+    else:
+        rdbs = [tmp / "r.db"]
+        start_replica(rdbs[0], pdb).close()  # bootstrapped; the applier process resumes it
+        app_env = [{}]
+        reader_dbs = [rdbs[0], rdbs[0]]
+    rdb = rdbs[0]
 
     env = {
         "P_DB": str(pdb),
-        "R_DB": str(rdb),
         "STOP": str(stop),
         "N_ACCT": str(N_ACCT),
         "TOTAL": str(TOTAL),
         "TXNS": str(TXNS),
         "SECS": str(WORK_S),
         "READ_SQL": READ_SQL,
+        "R_DB": str(rdb),
     }
-    applier = spawn_bg(APPLIER, tmp, "applier", env)
-    readers = [spawn_bg(READER, tmp, f"reader{i}", {**env, "SEED": str(SEED + i)}) for i in range(2)]
+    appliers = [spawn_bg(APPLIER, tmp, f"applier{i}", {**env, "R_DB": str(d), **app_env[i]}) for i, d in enumerate(rdbs)]
+    if transport == "http":
+        # Readers start once the replicas exist (bootstrapped over HTTP by their appliers).
+        wait_for(lambda: all((tmp / f"applier{i}.err").exists() and d.exists() and os.path.getsize(d) > 0 for i, d in enumerate(rdbs)),
+                 timeout=30, what="the replicas to bootstrap over HTTP")
+    readers = [spawn_bg(READER, tmp, f"reader{i}", {**env, "R_DB": str(d), "SEED": str(SEED + i)}) for i, d in enumerate(reader_dbs)]
     ckpt = spawn_bg(CHECKPOINTER, tmp, "checkpointer", {**env, "SEED": str(SEED + 7)})
     primary = spawn_bg(PRIMARY, tmp, "primary", {**env, "SEED": str(SEED)})
-    procs = [applier, *readers, ckpt, primary]
+    procs = [*appliers, *readers, ckpt, primary]
     deadline = time.monotonic() + BUDGET_S
     cli_violations: list = []
     cli_reads = cli_runs = 0
     cli_last_v = -1
     try:
-        # The third reader: fresh stock sqlite3 shells, one after the other, while the
+        # Another reader: fresh stock sqlite3 shells, one after the other, while the
         # primary works.
         while primary.poll() is None and time.monotonic() < deadline:
             proc = subprocess.run(
@@ -291,12 +339,12 @@ def test_bank_invariant_under_concurrent_apply_reads_and_checkpoints(tmp):
         for proc in procs:
             if proc.poll() is None and time.monotonic() > deadline + 20:
                 proc.kill()
-    app = bg_result(applier, timeout=30)
+    apps = [bg_result(a, timeout=30) for a in appliers]
     rds = [bg_result(r, timeout=30) for r in readers]
     ck = bg_result(ckpt, timeout=30)
 
-    summary = {"primary_txns": prim["txns"], "syncs": app["syncs"], "max_frames": prim["replica_frames"], "cli": (cli_runs, cli_reads),
-               "readers": [(r["reads"], r["long_txns"]) for r in rds], "checkpointer": ck}
+    summary = {"primary_txns": prim["txns"], "samples": [len(a["samples"]) for a in apps], "max_frames": prim["replica_frames"],
+               "cli": (cli_runs, cli_reads), "readers": [(r["reads"], r["long_txns"]) for r in rds], "checkpointer": ck}
     assert prim["txns"] >= 200, f"the primary did too little to mean anything: {summary}"
     # Readers: no violation, no SQLite error of any kind (PROTOCOL, CORRUPT, BUSY...).
     for i, r in enumerate(rds):
@@ -306,30 +354,37 @@ def test_bank_invariant_under_concurrent_apply_reads_and_checkpoints(tmp):
     assert not cli_violations, f"the stock sqlite3 reader saw inconsistent states: {cli_violations[:5]}"
     assert cli_runs >= 1 and cli_reads > 0
     assert not ck["errors"], f"the stock checkpointer got errors: {ck['errors']}"
-    assert not app["errors"], f"repl_sync() failed during the run: {app['errors'][:5]} ({summary})"
-    assert app["syncs"] > 10, summary
     assert summary["max_frames"] > 4062, f"the replica's WAL never crossed a wal-index hash block: {summary}"
-
-    # The replica's checksum equals the primary's at every LSN both sampled.
-    primary_at = {lsn: ck_ for lsn, ck_ in prim["samples"]}
-    common = [(lsn, c) for lsn, c in app["samples"] if lsn in primary_at]
-    assert len(common) >= 5, f"too few common sampled LSNs: {len(common)} ({summary})"
-    bad = [(lsn, c, primary_at[lsn]) for lsn, c in common if c != primary_at[lsn]]
-    assert not bad, f"replica checksum != primary checksum at LSNs {bad[:5]}"
     final_lsn, final_ck = prim["samples"][-1]
-    # The applier's last sync ran after the primary process had closed its connection (which
-    # makes every captured commit durable for replicas): it reached the final state.
-    assert app["samples"][-1] == [final_lsn, final_ck], f"the last sync: {app['samples'][-1]} vs {final_lsn}"
-    st = app["status"]
-    assert st["resnapshots"] == 0 and st["foreign_writes"] == 0, f"stock readers/checkpoints taken for foreign writes: {st}"
+    primary_at = {lsn: ck_ for lsn, ck_ in prim["samples"]}
+    for i, app in enumerate(apps):
+        assert not app["errors"], f"applier{i} failed during the run: {app['errors'][:5]} ({summary})"
+        assert len(app["samples"]) > 10, summary
+        if transport == "http":
+            assert app["status"]["follow"] is None and app["status"]["source"] == url, app["status"]
+        # The replica's checksum equals the primary's at every LSN both sampled.
+        common = [(lsn, c) for lsn, c in app["samples"] if lsn in primary_at]
+        assert len(common) >= 5, f"applier{i}: too few common sampled LSNs: {len(common)} ({summary})"
+        bad = [(lsn, c, primary_at[lsn]) for lsn, c in common if c != primary_at[lsn]]
+        assert not bad, f"applier{i}: replica checksum != primary checksum at LSNs {bad[:5]}"
+        # The last sync ran after the primary process had closed its connection (which makes
+        # every captured commit durable for replicas): it reached the final state.
+        assert app["samples"][-1] == [final_lsn, final_ck], f"applier{i}'s last sync: {app['samples'][-1]} vs {final_lsn}"
+        st = app["status"]
+        assert st["resnapshots"] == 0 and st["foreign_writes"] == 0, f"stock readers/checkpoints taken for foreign writes: {st}"
 
-    # Final state, checked by fresh processes.
-    assert stock_one(rdb, "PRAGMA integrity_check;") == "ok"
-    with start_primary(pdb) as p2:
-        assert lsn_checksum(p2) == (final_lsn, final_ck)
-        want = worker_tables(p2)
-    with Worker(rdb) as r:
-        assert sync_to(r, final_lsn) == final_lsn
-    assert stock_tables(rdb) == want
-    with Worker(rdb) as fresh:  # repl_checksum() recomputed from the live files
-        assert lsn_checksum(fresh) == (final_lsn, final_ck)
+    # Final state, checked by fresh processes (the HTTP server still up for their syncs).
+    try:
+        with start_primary(pdb) as p2:
+            assert lsn_checksum(p2) == (final_lsn, final_ck)
+            want = worker_tables(p2)
+        for d in rdbs:
+            assert stock_one(d, "PRAGMA integrity_check;") == "ok"
+            with Worker(d) as r:
+                assert sync_to(r, final_lsn) == final_lsn
+            assert stock_tables(d) == want
+            with Worker(d) as fresh:  # repl_checksum() recomputed from the live files
+                assert lsn_checksum(fresh) == (final_lsn, final_ck)
+    finally:
+        if server is not None:
+            server.close()
