@@ -46,6 +46,7 @@ from helpers import (
     stock_tables,
     sync_to,
     wait_for,
+    worker_status,
     worker_tables,
 )
 from killshim import KILL_MARKER
@@ -113,12 +114,27 @@ def stock_state(rdb) -> tuple[float, int, int, int]:
     return float(s), int(c), int(v), int(mv)
 
 
-def test_kill_9_of_the_applier_at_random_points(tmp):
+@pytest.mark.parametrize("transport", ["dir", "http"])
+def test_kill_9_of_the_applier_at_random_points(tmp, transport):
     pdb, rdb, stop = tmp / "p.db", tmp / "r.db", tmp / "STOP"
     rng = random.Random(SEED)
     with start_primary(pdb) as p:
         p.script(bank_schema(junk_rows=120, blob_size="3000 + n * 20"))
-    start_replica(rdb, pdb).close()
+    server = None
+    source = str(pdb)
+    if transport == "http":  # the appliers resume with the remembered http:// source
+        server = Worker(pdb)
+        server.one("SELECT repl_primary('127.0.0.1:0')")
+        source = worker_status(server)["server"]["url"]
+    try:
+        _kill_applier_at_random_points(tmp, pdb, rdb, stop, rng, source)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _kill_applier_at_random_points(tmp, pdb, rdb, stop, rng, source):
+    start_replica(rdb, source).close()
     env = {"P_DB": str(pdb), "R_DB": str(rdb), "STOP": str(stop), "N_ACCT": str(N_ACCT), "SEED": str(SEED)}
     primary = spawn_bg(PRIMARY, tmp, "primary", env)
     kills = 0
