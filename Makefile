@@ -5,7 +5,8 @@
 #   make test    deps + build, then every Rust test, clippy, rustfmt and the Python suite
 #   make demo    build, then scripts/demo.sh
 #   make bench   build, then scripts/bench.py (commit overhead), scripts/bench_bootstrap.py (replica bootstrap vs cp)
-#                and scripts/bench_apply.py (apply throughput, one-transaction sync, reader latency)
+#                scripts/bench_apply.py (apply throughput, one-transaction sync, reader latency)
+#                and scripts/bench_http.py (replication lag over HTTP, catch-up, 256 MiB bootstrap over HTTP)
 #   make clean   remove build/ and target/
 #
 # CI (.ci/run) runs `make test` in a clean clone with no standard input.
@@ -74,6 +75,7 @@ bench: build
 	$(PYTHON) scripts/bench.py
 	$(PYTHON) scripts/bench_bootstrap.py
 	$(PYTHON) scripts/bench_apply.py
+	$(PYTHON) scripts/bench_http.py
 
 clean:
 	rm -rf $(BUILD)

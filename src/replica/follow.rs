@@ -189,7 +189,7 @@ impl Replica {
             match src.fetch_wait(have.next(), BATCH_BYTES, left)? {
                 Fetch::Records(v) if v.is_empty() => {}
                 Fetch::Records(v) => {
-                    self.sync_with(None, Some(v))?;
+                    self.sync_with(None, Some((v, src.last_info())))?;
                 }
                 Fetch::Truncated { .. } => {
                     self.sync(None)?;
@@ -282,7 +282,8 @@ fn run(
             Ok(Fetch::Records(v)) if v.is_empty() => Ok(false),
             Ok(Fetch::Records(v)) => {
                 set(&state, |s| s.phase = "applying");
-                r.sync_with(None, Some(v)).map(|_| true)
+                r.sync_with(None, Some((v, source.last_info())))
+                    .map(|_| true)
             }
             Ok(Fetch::Truncated { .. }) => {
                 set(&state, |s| s.phase = "re-snapshotting");

@@ -274,12 +274,16 @@ impl Replica {
     pub fn sync_with(
         &self,
         source: Option<&str>,
-        prefetched: Option<Vec<crate::txlog::Record>>,
+        prefetched: Option<(Vec<crate::txlog::Record>, Option<transport::SourceInfo>)>,
     ) -> Result<Lsn> {
+        let (prefetched, prefetched_info) = match prefetched {
+            Some((v, i)) => (Some(v), i),
+            None => (None, None),
+        };
         let _applier = self.applier_lock()?;
         let mut st = lock(&self.state);
         let r = check_writable(&self.db_path)
-            .and_then(|()| self.sync_locked(&mut st, source, prefetched));
+            .and_then(|()| self.sync_locked(&mut st, source, prefetched, prefetched_info));
         st.last_sync_ms = Some(now_ms());
         match &r {
             Ok(lsn) => {
@@ -348,6 +352,7 @@ impl Replica {
         st: &mut State,
         spec: Option<&str>,
         mut prefetched: Option<Vec<crate::txlog::Record>>,
+        prefetched_info: Option<transport::SourceInfo>,
     ) -> Result<Lsn> {
         if let Some(spec) = spec {
             if st.meta.source.as_deref() != Some(spec) || st.source.is_none() {
@@ -386,7 +391,12 @@ impl Replica {
             };
             st.source = Some(transport::open_source(&spec)?);
         }
-        let info = st.source.as_ref().expect("set").info()?;
+        // A follower's records come with what the source said about itself when it sent them
+        // (HTTP: the response headers): no second round trip to ask again.
+        let info = match prefetched.as_ref().and(prefetched_info) {
+            Some(i) => i,
+            None => st.source.as_ref().expect("set").info()?,
+        };
         if st.meta.lineage.as_deref() != Some(info.lineage.as_str()) {
             return Err(Error::Misuse(format!(
                 "the source now serves lineage {} but this replica follows {}: the primary was re-created; \

@@ -24,6 +24,8 @@ pub struct HttpSource {
     token: Option<String>,
     agent: ureq::Agent,
     follower: String,
+    /// From the headers of the last /v1/log response.
+    last: std::sync::Mutex<Option<SourceInfo>>,
 }
 
 /// The URL without its `token=` parameter (for messages and status).
@@ -92,6 +94,7 @@ impl HttpSource {
             token,
             agent,
             follower: format!("{host}:{}", std::process::id()),
+            last: std::sync::Mutex::new(None),
         })
     }
 
@@ -157,6 +160,13 @@ impl HttpSource {
             }
             Err(e) => return Err(e),
         };
+        let num = |h: &str| resp.header(h).and_then(|v| v.parse::<u64>().ok());
+        let info = resp.header("X-Repl-Lineage").map(|l| SourceInfo {
+            lineage: l.to_string(),
+            first_lsn: num("X-Repl-First-Lsn").map(Lsn),
+            durable_lsn: num("X-Repl-Durable-Lsn").map(Lsn),
+        });
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = info;
         let announced: Option<u32> = resp.header("X-Repl-Records").and_then(|v| v.parse().ok());
         let len: Option<u64> = resp.header("Content-Length").and_then(|v| v.parse().ok());
         let mut body = Vec::with_capacity(len.unwrap_or(0).min(64 << 20) as usize);
@@ -321,6 +331,10 @@ impl Source for HttpSource {
 
     fn fetch(&self, from: Lsn, max_bytes: usize) -> Result<Fetch> {
         self.log(from, max_bytes, Duration::ZERO)
+    }
+
+    fn last_info(&self) -> Option<SourceInfo> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn fetch_wait(&self, from: Lsn, max_bytes: usize, wait: Duration) -> Result<Fetch> {

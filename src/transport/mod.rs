@@ -41,6 +41,11 @@ pub trait Source: Send + Sync {
     fn snapshot(&self) -> Result<Record>;
     /// Up to `max_bytes` of page data in records with LSN >= `from`, never past the durable LSN.
     fn fetch(&self, from: Lsn, max_bytes: usize) -> Result<Fetch>;
+    /// What the source said about itself with the records of the last fetch (HTTP response
+    /// headers), if it says anything: saves a round trip to `info()` right after a fetch.
+    fn last_info(&self) -> Option<SourceInfo> {
+        None
+    }
     /// `fetch`, but when nothing is durable at `from` yet, wait up to `wait` for it (a
     /// long-poll for HTTP; a watch of the durable watermark for a directory).
     fn fetch_wait(&self, from: Lsn, max_bytes: usize, wait: std::time::Duration) -> Result<Fetch> {
