@@ -72,13 +72,23 @@ fn init(db: *mut sqlite3) -> Result<(), String> {
 /// Runs for every connection opened after the first load: registers the functions.
 unsafe extern "C" fn auto_entry(
     db: *mut sqlite3,
-    _pz_err_msg: *mut *mut c_char,
+    pz_err_msg: *mut *mut c_char,
     _p_api: *const sqlite3_api_routines,
 ) -> c_int {
     guard(ffi::SQLITE_ERROR, || {
-        match crate::functions::register_all(db) {
+        // Functions, then the repl_* URI parameters (repl_listen, repl_token, repl_follow):
+        // an error there makes sqlite3_open() fail with our message.
+        let r = crate::functions::register_all(db)
+            .and_then(|()| crate::functions::apply_uri_parameters(db));
+        match r {
             Ok(()) => ffi::SQLITE_OK,
-            Err(_) => ffi::SQLITE_ERROR,
+            Err(e) => {
+                if !pz_err_msg.is_null() {
+                    // SAFETY: SQLite gives us a writable slot for an sqlite3_malloc'd message.
+                    unsafe { *pz_err_msg = ffi::mprintf(&e.to_string()) };
+                }
+                ffi::SQLITE_ERROR
+            }
         }
     })
 }

@@ -29,6 +29,26 @@ impl DbRef {
         cstr_to_string(p).filter(|n| !n.is_empty())
     }
 
+    /// `sqlite3_uri_parameter(sqlite3_db_filename(db, schema), name)`: a query parameter of
+    /// the URI the database was opened with (None when absent or not opened by URI).
+    pub fn uri_parameter(&self, schema: &str, name: &str) -> Option<String> {
+        let fname = api().db_filename?;
+        let param = api().uri_parameter?;
+        let s = CString::new(schema).ok()?;
+        let n = CString::new(name).ok()?;
+        // SAFETY: valid connection handle and schema string; db_filename's result is a
+        // filename object sqlite3_uri_parameter accepts (documented), valid while the
+        // database stays open, and the parameter name is a valid C string.
+        let p = unsafe {
+            let f = fname(self.0, s.as_ptr());
+            if f.is_null() {
+                return None;
+            }
+            param(f, n.as_ptr())
+        };
+        cstr_to_string(p)
+    }
+
     /// `sqlite3_db_readonly(db, schema)`: 1 read-only, 0 read-write, -1 no such db.
     pub fn readonly(&self, schema: &str) -> i32 {
         let Some(f) = api().db_readonly else {

@@ -23,6 +23,50 @@ pub const FUNCTIONS: &[(&str, i32, crate::ffi::func::ScalarFn)] = &[
     ("repl_wait", -1, repl_wait),
 ];
 
+/// The `repl_*` URI parameters of a newly opened connection's main database:
+/// `repl_listen=host:port` (with `repl_token=`) makes it a primary serving over HTTP, as
+/// `repl_primary(listen, token)`; `repl_follow=1` starts following the remembered source, as
+/// `repl_follow()`. Absent parameters change nothing.
+pub fn apply_uri_parameters(db: *mut sqlite3) -> Result<()> {
+    let call = Call { db: DbRef(db) };
+    let p = |n: &str| call.db.uri_parameter("main", n).filter(|v| !v.is_empty());
+    let listen = p("repl_listen");
+    let token = p("repl_token");
+    let follow = p("repl_follow");
+    if listen.is_none() && token.is_none() && follow.is_none() {
+        return Ok(());
+    }
+    if let Some(addr) = listen {
+        let mut args = vec![SqlValue::Text(addr)];
+        if let Some(t) = token {
+            args.push(SqlValue::Text(t));
+        }
+        repl_primary(&call, &args)
+            .map_err(|e| Error::Misuse(format!("the repl_listen URI parameter: {e}")))?;
+    } else if token.is_some() {
+        return Err(Error::Misuse(
+            "the repl_token URI parameter needs repl_listen=host:port (replicas take the token in the \
+             source URL's token= or REPL_TOKEN)"
+                .into(),
+        ));
+    }
+    if let Some(f) = follow {
+        match f.to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => {
+                repl_follow(&call, &[])
+                    .map_err(|e| Error::Misuse(format!("the repl_follow URI parameter: {e}")))?;
+            }
+            "0" | "false" | "no" | "off" => {}
+            other => {
+                return Err(Error::Misuse(format!(
+                    "the repl_follow URI parameter must be 1 or 0, not {other:?}"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Register every function on `db`.
 pub fn register_all(db: *mut sqlite3) -> Result<()> {
     for (name, n, f) in FUNCTIONS {

@@ -148,3 +148,34 @@ def test_directory_source_follow(tmp):
         lsn = p.one("SELECT repl_lsn()")
         assert r.one("SELECT repl_wait(?, 5000)", [lsn]) == lsn
         assert lsn_checksum(r) == lsn_checksum(p)
+
+
+def test_uri_parameters_serve_and_follow(tmp):
+    """``file:p.db?repl_listen=127.0.0.1:0`` serves like ``repl_primary('127.0.0.1:0')``;
+    ``file:r.db?repl_follow=1`` follows the remembered source from the moment it is opened;
+    bad values make the open fail with a message naming the parameter."""
+    p = Worker(f"file:{tmp / 'p.db'}?repl_listen=127.0.0.1:0")
+    try:
+        assert p.one("SELECT repl_role()") == "primary"
+        url = worker_status(p)["server"]["url"]
+        p.q("CREATE TABLE t(x)")
+        with Worker(tmp / "r.db") as r:
+            r.q("SELECT repl_sync(?)", [url])
+        with Worker(f"file:{tmp / 'r.db'}?repl_follow=1") as r:
+            assert worker_status(r)["follow"]["source"] == url
+            p.q("INSERT INTO t VALUES (42)")
+            lsn = p.one("SELECT repl_lsn()")
+            wait_for(lambda: r.one("SELECT repl_lsn()") == lsn, timeout=10, what="the follower to apply")
+            assert r.one("SELECT x FROM t") == 42
+        for uri, words in [
+            (f"file:{tmp / 'fresh.db'}?repl_follow=1", ("repl_follow URI parameter", "not a replica")),
+            (f"file:{tmp / 'r.db'}?repl_follow=maybe", ("must be 1 or 0",)),
+            (f"file:{tmp / 'x.db'}?repl_token=abc", ("repl_token URI parameter needs repl_listen",)),
+            (f"file:{tmp / 'y.db'}?repl_listen=0.0.0.0:0", ("refusing to listen",)),
+        ]:
+            with pytest.raises(AssertionError) as e:
+                Worker(uri).close()
+            for w in words:
+                assert w in str(e.value), (uri, str(e.value)[-2000:])
+    finally:
+        p.close()
