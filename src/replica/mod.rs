@@ -120,7 +120,7 @@ pub struct Replica {
     follower: Mutex<Option<follow::Follower>>,
     /// Bytes done / total of a bootstrap or re-snapshot in progress (readable while the
     /// sync holds `state`).
-    progress: Mutex<Option<(u64, u64)>>,
+    progress: Mutex<Option<(&'static str, u64, u64)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -473,8 +473,33 @@ impl Replica {
     /// E.1 bootstrap of an empty file: the snapshot written straight into the database file
     /// under an EXCLUSIVE lock (no reader can see it half-written: page 1, which makes the
     /// file a database, is written last), then synced.
+    /// Downloads the source's snapshot, reporting progress in `repl_status()` and, past a few
+    /// MB, one log line per 10 %.
+    fn fetch_snapshot(&self, st: &State, what: &'static str) -> Result<crate::txlog::Record> {
+        let mut logged = 0u64;
+        let r = st
+            .source
+            .as_ref()
+            .expect("set")
+            .snapshot_progress(&mut |done, total| {
+                *lock(&self.progress) = Some((what, done, total));
+                let step = (total / 10).max(8 << 20);
+                if total >= 8 << 20 && (done >= logged + step || done == total) {
+                    logged = done;
+                    log_event(&format!(
+                        "event=progress db={:?} phase={what:?} bytes={done} total={total}",
+                        self.db_path
+                    ));
+                }
+            });
+        if r.is_err() {
+            *lock(&self.progress) = None;
+        }
+        r
+    }
+
     fn bootstrap(&self, st: &mut State) -> Result<()> {
-        let snap = st.source.as_ref().expect("set").snapshot()?;
+        let snap = self.fetch_snapshot(st, "bootstrap download")?;
         let ps = snap.meta.page_size;
         let deadline = Instant::now() + Duration::from_secs(10);
         while let Err(e) = self.handle.lock_db_exclusive() {
@@ -495,9 +520,14 @@ impl Replica {
             for suffix in ["-wal", "-shm"] {
                 let _ = std::fs::remove_file(format!("{}{suffix}", self.db_path));
             }
-            for p in snap.pages.iter().filter(|p| p.pgno.get() != 1) {
+            let total = snap.pages.len() as u64 * ps.get() as u64;
+            for (i, p) in snap.pages.iter().filter(|p| p.pgno.get() != 1).enumerate() {
                 self.handle
                     .write_db((p.pgno.get() as u64 - 1) * ps.get() as u64, &p.data)?;
+                if i % 256 == 0 {
+                    *lock(&self.progress) =
+                        Some(("bootstrap write", i as u64 * ps.get() as u64, total));
+                }
             }
             if let Some(p1) = snap.pages.iter().find(|p| p.pgno.get() == 1) {
                 self.handle.write_db(0, &p1.data)?;
@@ -507,6 +537,7 @@ impl Replica {
             self.handle.sync_db()
         })();
         self.handle.unlock_db_to_shared();
+        *lock(&self.progress) = None;
         r?;
         let mut sums = DbChecksum::new(ps);
         sums.apply(&snap);
@@ -685,7 +716,9 @@ impl Replica {
     }
 
     fn resnapshot(&self, st: &mut State, why: &str) -> Result<()> {
-        let snap = st.source.as_ref().expect("set").snapshot()?;
+        let snap = self.fetch_snapshot(st, "re-snapshot download");
+        *lock(&self.progress) = None;
+        let snap = snap?;
         if Some(snap.meta.page_size) != st.page_size {
             return Err(self.page_size_changed(st, &snap.meta));
         }
@@ -986,7 +1019,29 @@ impl Replica {
     }
 
     pub fn status_json(&self) -> serde_json::Value {
-        let st = lock(&self.state);
+        // A sync in progress holds the state for its whole duration (a bootstrap may take
+        // minutes): answer from what is readable without it rather than wait.
+        let patience = Instant::now() + Duration::from_millis(200);
+        let st = loop {
+            match self.state.try_lock() {
+                Ok(g) => break g,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            let progress = *lock(&self.progress);
+            if progress.is_none() && Instant::now() < patience {
+                std::thread::sleep(Duration::from_millis(1)); // a short sync: wait for it
+                continue;
+            }
+            return serde_json::json!({
+                "role": "replica",
+                "db": self.db_path,
+                "syncing": true,
+                "lsn": self.pos.read().map_or(0, |a| a.lsn.0),
+                "progress": progress.map(|(phase, done, total)| serde_json::json!({"phase": phase, "bytes": done, "total": total})),
+                "follow": self.follow_json(),
+            });
+        };
         let lsn = if st.loaded {
             st.lsn.0
         } else {
@@ -1027,7 +1082,7 @@ impl Replica {
             "max_drain_ms": st.max_drain_ms,
             "wal_pinned": st.wal_pinned,
             "follow": self.follow_json(),
-            "progress": lock(&self.progress).map(|(done, total)| serde_json::json!({"bytes": done, "total": total})),
+            "progress": lock(&self.progress).map(|(phase, done, total)| serde_json::json!({"phase": phase, "bytes": done, "total": total})),
             "last_error": st.last_error,
         })
     }

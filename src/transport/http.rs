@@ -282,18 +282,31 @@ impl Source for HttpSource {
     }
 
     fn snapshot(&self) -> Result<Record> {
+        self.snapshot_progress(&mut |_, _| {})
+    }
+
+    fn snapshot_progress(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<Record> {
         let resp = self.get("/v1/snapshot", Duration::from_secs(3600))?;
         let len: Option<u64> = resp.header("Content-Length").and_then(|v| v.parse().ok());
         let mut body = Vec::with_capacity(len.unwrap_or(0).min(1 << 30) as usize);
-        resp.into_reader()
-            .take(len.unwrap_or(MAX_SNAPSHOT_BYTES).min(MAX_SNAPSHOT_BYTES))
-            .read_to_end(&mut body)
-            .map_err(|e| {
-                Error::Other(format!(
-                    "the snapshot download from {} broke: {e}; retry repl_sync()",
-                    self.base
-                ))
-            })?;
+        let mut rd = resp
+            .into_reader()
+            .take(len.unwrap_or(MAX_SNAPSHOT_BYTES).min(MAX_SNAPSHOT_BYTES));
+        let broke = |e: std::io::Error| {
+            Error::Other(format!(
+                "the snapshot download from {} broke: {e}; nothing was written, retry repl_sync()",
+                self.base
+            ))
+        };
+        let mut chunk = vec![0u8; 1 << 20];
+        loop {
+            let n = rd.read(&mut chunk).map_err(broke)?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+            progress(body.len() as u64, len.unwrap_or(0));
+        }
         if len.is_some_and(|l| l != body.len() as u64) || body.len() < SEGMENT_HEADER_LEN {
             return Err(Error::Corrupt(format!(
                 "{}: the snapshot was cut short ({} bytes); nothing was written, retry repl_sync()",

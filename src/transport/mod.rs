@@ -41,6 +41,13 @@ pub trait Source: Send + Sync {
     fn snapshot(&self) -> Result<Record>;
     /// Up to `max_bytes` of page data in records with LSN >= `from`, never past the durable LSN.
     fn fetch(&self, from: Lsn, max_bytes: usize) -> Result<Fetch>;
+    /// `snapshot`, reporting (bytes received, total bytes) as it goes (for `repl_status()`).
+    fn snapshot_progress(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<Record> {
+        let r = self.snapshot()?;
+        let n = r.pages.iter().map(|p| p.data.len() as u64).sum();
+        progress(n, n);
+        Ok(r)
+    }
     /// What the source said about itself with the records of the last fetch (HTTP response
     /// headers), if it says anything: saves a round trip to `info()` right after a fetch.
     fn last_info(&self) -> Option<SourceInfo> {

@@ -214,6 +214,8 @@ fn boxed<R: Read + Send + 'static>(
     len: Option<usize>,
     headers: Vec<Header>,
 ) -> Resp {
+    // Always Content-Length, never chunked (tiny_http chunks bodies past 32 KiB by default):
+    // the client checks the length to tell a complete body from a cut one.
     Response::new(
         StatusCode(status),
         headers,
@@ -221,6 +223,7 @@ fn boxed<R: Read + Send + 'static>(
         len,
         None,
     )
+    .with_chunked_threshold(usize::MAX)
 }
 
 fn json_response(status: u16, v: &serde_json::Value) -> Resp {

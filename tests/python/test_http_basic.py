@@ -12,6 +12,7 @@ import urllib.request
 import pytest
 
 from helpers import (
+    py_ok,
     Worker,
     WorkerError,
     lsn_checksum,
@@ -179,3 +180,42 @@ def test_uri_parameters_serve_and_follow(tmp):
                 assert w in str(e.value), (uri, str(e.value)[-2000:])
     finally:
         p.close()
+
+
+PROGRESS = """
+import threading
+c = apsw.Connection(os.environ["P_DB"], vfs="unix")
+c.execute("PRAGMA journal_mode=WAL").fetchall()
+c.execute("CREATE TABLE t(v)")
+c.execute("BEGIN")
+for i in range(32):
+    c.execute("INSERT INTO t VALUES (randomblob(1000000))")
+c.execute("COMMIT")
+c.close()
+p = connect(os.environ["P_DB"])
+p.execute("SELECT repl_primary('127.0.0.1:0')").fetchall()
+url = json.loads(one(p, "SELECT repl_status()"))["server"]["url"]
+r1, r2 = connect(os.environ["R_DB"]), connect(os.environ["R_DB"])
+t = threading.Thread(target=lambda: r1.execute("SELECT repl_sync(?)", (url,)).fetchall())
+t.start()
+seen = []
+while t.is_alive():
+    st = json.loads(one(r2, "SELECT repl_status()"))  # another connection of the same process
+    if st.get("progress"):
+        seen.append([st["progress"]["phase"], st["progress"]["bytes"], st["progress"]["total"]])
+    time.sleep(0.002)  # sampling pace
+t.join()
+after = json.loads(one(r2, "SELECT repl_status()"))
+print(json.dumps({"seen": seen, "after": after.get("progress"), "lsn": after["lsn"],
+                  "same": one(r2, "SELECT repl_checksum()") == one(p, "SELECT repl_checksum()")}))
+"""
+
+
+def test_bootstrap_progress_is_visible_in_repl_status(tmp):
+    out = py_ok(PROGRESS, env={"P_DB": str(tmp / "p.db"), "R_DB": str(tmp / "r.db")}, timeout=120)
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["same"] and res["after"] is None, res
+    phases = {s[0] for s in res["seen"]}
+    assert phases & {"bootstrap download", "bootstrap write"}, res["seen"][:5]
+    for phase, done, total in res["seen"]:
+        assert 0 <= done <= total and total > 30_000_000, (phase, done, total)
