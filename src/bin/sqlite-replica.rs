@@ -4,6 +4,9 @@
 //!   print a report; non-zero exit on any damage (the message names the file and offset).
 //! - `inspect <dir> [--from LSN]`: one line per record: `lsn gen kind pages commit_size db_checksum ts`.
 //! - `rebuild <dir> <out.db> [--lsn N]`: write a plain database file at LSN N (default: the end).
+//! - `restore <source> <out.db>`: a plain database file at the source's newest LSN (a
+//!   primary's path or `http://host:port`), from its snapshot plus the log after it, with a
+//!   progress bar on stderr; every record is checked against the primary's database checksum.
 //! - `serve <db> [--listen HOST:PORT] [--token T]`: serve the primary's log over HTTP (the
 //!   endpoints of `repl_primary('addr')`) from its log directory, for deployments whose writers
 //!   are short-lived processes. Token also from `REPL_TOKEN`.
@@ -22,6 +25,7 @@ const USAGE: &str = "usage:
   sqlite-replica verify <dir>
   sqlite-replica inspect <dir> [--from LSN]
   sqlite-replica rebuild <dir> <out.db> [--lsn N]
+  sqlite-replica restore <source> <out.db>   (source: a primary's path or http://host:port[?token=T])
   sqlite-replica serve <db> [--listen HOST:PORT] [--token T]   (default 127.0.0.1:7070; token also REPL_TOKEN)
 
 <dir> is a replication log directory (the one holding meta.json, log/ and snap/).
@@ -109,6 +113,15 @@ fn run(args: &[String]) -> Result<(), Failure> {
             );
             Ok(())
         }
+        "restore" => {
+            let (pos, _) = parse(rest, "--none")?;
+            let [source, out] = pos.as_slice() else {
+                return Err(Failure::Usage(
+                    "restore takes a source and an output file".into(),
+                ));
+            };
+            restore(source, Path::new(out))
+        }
         "serve" => {
             let mut listen = "127.0.0.1:7070".to_string();
             let mut token = std::env::var("REPL_TOKEN").ok().filter(|t| !t.is_empty());
@@ -173,4 +186,147 @@ fn inspect(dir: &Path, from: Option<Lsn>) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// A progress bar on stderr (a line per 5 % when stderr is not a terminal).
+struct Bar {
+    what: &'static str,
+    tty: bool,
+    last: u64,
+}
+
+impl Bar {
+    fn show(&mut self, done: u64, total: u64) {
+        use std::io::IsTerminal;
+        if total == 0 {
+            return;
+        }
+        let pct = done.min(total) * 100 / total;
+        if !self.tty && pct < self.last + 5 && done < total {
+            return;
+        }
+        if self.tty && pct == self.last && done < total {
+            return;
+        }
+        self.last = pct;
+        let filled = (pct / 4) as usize;
+        let line = format!(
+            "{:<10} [{}{}] {pct:>3}% {:.1}/{:.1} MiB",
+            self.what,
+            "#".repeat(filled),
+            " ".repeat(25 - filled),
+            done as f64 / 1048576.0,
+            total as f64 / 1048576.0
+        );
+        let mut e = std::io::stderr().lock();
+        if self.tty || std::io::stderr().is_terminal() {
+            let _ = write!(e, "\r{line}");
+            if done >= total {
+                let _ = writeln!(e);
+            }
+        } else {
+            let _ = writeln!(e, "{line}");
+        }
+    }
+}
+
+fn restore(source: &str, out: &Path) -> Result<(), Failure> {
+    use replica::transport::{open_source, Fetch};
+    use replica::txlog::DbChecksum;
+    use std::io::IsTerminal;
+    use std::os::unix::fs::FileExt;
+    if out.exists() {
+        return Err(Failure::Error(format!(
+            "{} exists: restore writes a new file; remove it or choose another name",
+            out.display()
+        )));
+    }
+    let src = open_source(source).map_err(fail)?;
+    let tty = std::io::stderr().is_terminal();
+    let mut bar = Bar {
+        what: "snapshot",
+        tty,
+        last: 0,
+    };
+    let snap = src
+        .snapshot_progress(&mut |d, t| bar.show(d, t))
+        .map_err(fail)?;
+    let ps = snap.meta.page_size;
+    let tmp = out.with_extension(format!("restore-{}.tmp", std::process::id()));
+    let res = (|| -> Result<(Lsn, replica::types::Checksum), Failure> {
+        let f = std::fs::File::create(&tmp)
+            .map_err(|e| Failure::Error(format!("{}: {e}", tmp.display())))?;
+        let io = |e: std::io::Error| Failure::Error(format!("writing {}: {e}", tmp.display()));
+        let mut sums = DbChecksum::new(ps);
+        let mut size = snap.meta.commit_size;
+        for p in &snap.pages {
+            f.write_all_at(&p.data, (p.pgno.get() as u64 - 1) * ps.get() as u64)
+                .map_err(io)?;
+            sums.set_page(p.pgno, &p.data);
+        }
+        sums.truncate(size);
+        if sums.total() != snap.meta.db_checksum {
+            return Err(Failure::Error(
+                "the snapshot does not match its checksum".into(),
+            ));
+        }
+        let mut lsn = snap.meta.lsn;
+        let target = src.info().map_err(fail)?.durable_lsn.unwrap_or(lsn);
+        let mut bar = Bar {
+            what: "log",
+            tty,
+            last: 0,
+        };
+        let span = target.0.saturating_sub(lsn.0);
+        loop {
+            let recs = match src.fetch(lsn.next(), 32 << 20).map_err(fail)? {
+                Fetch::Records(v) if v.is_empty() => break,
+                Fetch::Records(v) => v,
+                Fetch::Truncated { first_lsn } => {
+                    return Err(Failure::Error(format!(
+                        "the source's log moved on while restoring (it now starts at LSN {first_lsn}); run restore again"
+                    )))
+                }
+            };
+            for r in recs {
+                if r.meta.page_size != ps || r.meta.snapshot {
+                    return Err(Failure::Error(format!(
+                        "LSN {}: the primary started a new generation while restoring; run restore again",
+                        r.meta.lsn
+                    )));
+                }
+                for p in &r.pages {
+                    f.write_all_at(&p.data, (p.pgno.get() as u64 - 1) * ps.get() as u64)
+                        .map_err(io)?;
+                    sums.set_page(p.pgno, &p.data);
+                }
+                size = r.meta.commit_size;
+                sums.truncate(size);
+                if sums.total() != r.meta.db_checksum {
+                    return Err(Failure::Error(format!(
+                        "LSN {}: the restored state does not match the primary's checksum; nothing was kept",
+                        r.meta.lsn
+                    )));
+                }
+                lsn = r.meta.lsn;
+            }
+            bar.show(lsn.0.saturating_sub(snap.meta.lsn.0).min(span), span.max(1));
+        }
+        bar.show(span.max(1), span.max(1));
+        f.set_len(size as u64 * ps.get() as u64).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        Ok((lsn, sums.total()))
+    })();
+    match res {
+        Ok((lsn, sum)) => {
+            std::fs::rename(&tmp, out)
+                .map_err(|e| Failure::Error(format!("renaming to {}: {e}", out.display())))?;
+            println!("restored {} at LSN {lsn}, checksum {sum}", out.display());
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
 }

@@ -7,6 +7,8 @@ replicas following one primary; the endpoints' JSON and metrics as a user would 
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 import urllib.request
 
 import pytest
@@ -219,3 +221,31 @@ def test_bootstrap_progress_is_visible_in_repl_status(tmp):
     assert phases & {"bootstrap download", "bootstrap write"}, res["seen"][:5]
     for phase, done, total in res["seen"]:
         assert 0 <= done <= total and total > 30_000_000, (phase, done, total)
+
+
+CLI = str(Path(__file__).resolve().parents[2] / "build" / "sqlite-replica")
+
+
+@pytest.mark.parametrize("kind", ["http", "dir"])
+def test_cli_restore_with_progress(tmp, kind):
+    """``sqlite-replica restore <source> <out.db>``: a plain database at the primary's LSN
+    (snapshot + log), progress on stderr, equal content; refuses to overwrite a file."""
+    p, url = serving_primary(tmp / "p.db")
+    try:
+        p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, b BLOB)")
+        p.q("WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 300) INSERT INTO t(b) SELECT randomblob(4000) FROM c")
+        for i in range(20):
+            p.q("UPDATE t SET b = randomblob(100) WHERE id = ?", [i + 1])
+        want_lsn, want_ck = lsn_checksum(p)
+        source = url if kind == "http" else str(tmp / "p.db")
+        out = tmp / "restored.db"
+        proc = subprocess.run([CLI, "restore", source, str(out)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert f"at LSN {want_lsn}, checksum {want_ck}" in proc.stdout, proc.stdout
+        assert "100%" in proc.stderr and "snapshot" in proc.stderr, proc.stderr
+        assert stock_one(out, "PRAGMA integrity_check;") == "ok"
+        assert stock_tables(out) == worker_tables(p)
+        again = subprocess.run([CLI, "restore", source, str(out)], capture_output=True, text=True, timeout=60)
+        assert again.returncode == 1 and "exists" in again.stderr, again.stderr
+    finally:
+        p.close()
