@@ -84,6 +84,8 @@ def test_no_source_on_a_fresh_database(tmp):
         ("", ("empty",)),
         ("   ", ("empty",)),
         ("http://example.invalid/db", ("http",)),
+        ("http://127.0.0.1:1", ("cannot reach the primary", "readable")),  # nobody listens
+        ("https://127.0.0.1:1", ("https is not built in",)),
         ("ftp://example.invalid/db", ("scheme",)),
     ],
 )

@@ -12,6 +12,8 @@ test_replica_retention.py.)
 
 from __future__ import annotations
 
+import pytest
+
 from helpers import (
     CliWorker,
     Worker,
@@ -29,7 +31,7 @@ from helpers import (
 SNAP = "SELECT count(*), group_concat(v, ',') FROM (SELECT v FROM t ORDER BY id);"
 
 
-def setup(tmp):
+def setup(tmp, transport="dir"):
     pdb, rdb = tmp / "p.db", tmp / "r.db"
     p = start_primary(pdb)
     p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, pad BLOB)")
@@ -37,7 +39,11 @@ def setup(tmp):
         "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 200) "
         "INSERT INTO t(v, pad) SELECT 'v' || n, randomblob(1500) FROM c"
     )
-    r = start_replica(rdb, pdb)
+    source = pdb
+    if transport == "http":  # served from the primary's process
+        p.q("SELECT repl_primary('127.0.0.1:0')")
+        source = worker_status(p)["server"]["url"]
+    r = start_replica(rdb, source)
     return pdb, rdb, p, r
 
 
@@ -45,8 +51,9 @@ def primary_snap(p) -> list[str]:
     return ["|".join("" if x is None else str(x) for x in p.q(SNAP.rstrip(";"))[0])]
 
 
-def test_generation_change_on_the_primary_reaches_a_replica_with_a_long_reader(tmp):
-    pdb, rdb, p, r = setup(tmp)
+@pytest.mark.parametrize("transport", ["dir", "http"])
+def test_generation_change_on_the_primary_reaches_a_replica_with_a_long_reader(tmp, transport):
+    pdb, rdb, p, r = setup(tmp, transport)
     reader = CliWorker(rdb)
     try:
         reader.q("BEGIN;")
@@ -78,8 +85,9 @@ def test_generation_change_on_the_primary_reaches_a_replica_with_a_long_reader(t
         p.close()
 
 
-def test_resnapshot_after_a_foreign_write_keeps_a_long_readers_view(tmp):
-    pdb, rdb, p, r = setup(tmp)
+@pytest.mark.parametrize("transport", ["dir", "http"])
+def test_resnapshot_after_a_foreign_write_keeps_a_long_readers_view(tmp, transport):
+    pdb, rdb, p, r = setup(tmp, transport)
     reader = Worker(rdb, ext=False)
     try:
         reader.q("BEGIN")

@@ -55,13 +55,23 @@ def snap_files(pdb) -> list[str]:
     return sorted(os.listdir(f"{pdb}-replica/snap"))
 
 
-def test_left_behind_past_retention_catches_up_through_a_snapshot_with_a_long_reader(tmp):
+def source_of(p: Worker, pdb, transport: str) -> str:
+    """The primary's path, or (http) the URL of a server started in the primary's process."""
+    if transport == "dir":
+        return str(pdb)
+    p.q("SELECT repl_primary('127.0.0.1:0')")
+    return worker_status(p)["server"]["url"]
+
+
+@pytest.mark.parametrize("transport", ["dir", "http"])
+def test_left_behind_past_retention_catches_up_through_a_snapshot_with_a_long_reader(tmp, transport):
     pdb, rdb = tmp / "p.db", tmp / "r.db"
     with start_primary(pdb, env=FAST) as p:
         p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, pad BLOB)")
         small_log(p)
         churn(p, 20)
-        with start_replica(rdb, pdb) as r:
+        source = source_of(p, pdb, transport)
+        with start_replica(rdb, source) as r:
             left_at = r.one("SELECT repl_lsn()")
             reader = CliWorker(rdb)  # stock sqlite3, no extension
             try:
@@ -98,7 +108,7 @@ def test_left_behind_past_retention_catches_up_through_a_snapshot_with_a_long_re
         assert stock_one(rdb, "PRAGMA integrity_check;") == "ok"
         assert stock_tables(rdb) == worker_tables(p)
         # A new replica bootstraps from the compacted snapshot plus the retained log.
-        with start_replica(tmp / "new.db", pdb) as n:
+        with start_replica(tmp / "new.db", source) as n:
             assert lsn_checksum(n) == want
         assert stock_tables(tmp / "new.db") == worker_tables(p)
 
