@@ -143,6 +143,19 @@ fn resume_role(db: &Arc<Db>) -> Result<()> {
 }
 
 /// `repl_sync()` on a database without a role: attach the replica role (creating its directory).
+/// Undoes `make_replica` for a replica whose first sync failed before anything was applied
+/// (the database file still empty): the role is dropped and `<db>-replica/` removed, so a
+/// refused first `repl_sync()` leaves no files behind.
+pub fn unmake_new_replica(db: &Arc<Db>) {
+    let _g = db.attach_lock.lock().unwrap_or_else(|e| e.into_inner());
+    let empty = std::fs::metadata(&db.path).map_or(true, |m| m.len() == 0);
+    if !empty || db.replica().is_none() {
+        return;
+    }
+    *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::None;
+    let _ = std::fs::remove_dir_all(log_dir(&db.path));
+}
+
 pub fn make_replica(db: &Arc<Db>) -> Result<Arc<Replica>> {
     let _g = db.attach_lock.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(r) = db.replica() {

@@ -253,9 +253,17 @@ fn repl_sync(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
                      a replica must start from a new, empty file: open a new path"
                 )));
             }
-            // Validate the source before creating anything on disk.
-            crate::transport::open_source(source.unwrap_or_default())?;
-            crate::registry::make_replica(&entry)?
+            // Validate the source (reachable, a primary) before creating anything on disk.
+            crate::transport::open_source(source.unwrap_or_default())?.info()?;
+            let r = crate::registry::make_replica(&entry)?;
+            return match r.sync(source) {
+                Ok(lsn) => Ok(SqlValue::Int(lsn.0 as i64)),
+                Err(e) => {
+                    drop(r);
+                    crate::registry::unmake_new_replica(&entry);
+                    Err(e)
+                }
+            };
         }
     };
     Ok(SqlValue::Int(r.sync(source)?.0 as i64))
