@@ -52,7 +52,7 @@ def log_state(p: Worker) -> dict:
 
 
 def snap_files(pdb) -> list[str]:
-    return sorted(os.listdir(f"{pdb}-replica/snap"))
+    return sorted(n for n in os.listdir(f"{pdb}-replica/snap") if n.endswith(".snap"))
 
 
 def source_of(p: Worker, pdb, transport: str) -> str:
@@ -86,12 +86,15 @@ def test_left_behind_past_retention_catches_up_through_a_snapshot_with_a_long_re
                     what="retention to remove the replica's position from the primary's log",
                 )
                 assert state["snap"] > left_at
-                assert len(snap_files(pdb)) == 1, snap_files(pdb)
-                # The replica is told, and answers with a re-snapshot as one WAL transaction.
+                # Older snapshots go once a newer one exists (the pass may be mid-way: poll).
+                wait_for(lambda: len(snap_files(pdb)) == 1, timeout=10, what="one snapshot file left")
+                # The replica is told, and answers with a re-snapshot as one WAL transaction
+                # (more than one if a pass compacts and removes segments again meanwhile).
                 resnaps = worker_status(r)["resnapshots"]
                 sync_to(r, want[0])
                 st = worker_status(r)
-                assert st["resnapshots"] == resnaps + 1, st
+                assert st["resnapshots"] >= resnaps + 1, st
+                resnaps = st["resnapshots"]
                 assert lsn_checksum(r) == want
                 assert reader.q(SNAP) == before, "the catch-up changed an open read transaction"
                 assert stock_one(rdb, SNAP) != before[0]
@@ -104,7 +107,7 @@ def test_left_behind_past_retention_catches_up_through_a_snapshot_with_a_long_re
             want = lsn_checksum(p)
             sync_to(r, want[0])
             assert lsn_checksum(r) == want
-            assert worker_status(r)["resnapshots"] == resnaps + 1
+            assert worker_status(r)["resnapshots"] == resnaps, "an ordinary catch-up took a re-snapshot"
         assert stock_one(rdb, "PRAGMA integrity_check;") == "ok"
         assert stock_tables(rdb) == worker_tables(p)
         # A new replica bootstraps from the compacted snapshot plus the retained log.
