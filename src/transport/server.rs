@@ -252,9 +252,11 @@ fn authorized(sh: &Shared, req: &Request) -> bool {
         .iter()
         .filter(|h| h.field.equiv("Authorization"))
         .any(|h| {
+            // The scheme is case-insensitive (RFC 7235 §2.1).
             let v = h.value.as_str();
-            v.strip_prefix("Bearer ")
-                .is_some_and(|t| ct_eq(t.trim().as_bytes(), token.as_bytes()))
+            v.get(..7)
+                .filter(|s| s.eq_ignore_ascii_case("bearer "))
+                .is_some_and(|_| ct_eq(v[7..].trim().as_bytes(), token.as_bytes()))
         })
 }
 
@@ -308,13 +310,16 @@ fn handle(sh: &Shared, req: Request) {
     let url = req.url().to_string();
     let (path, params) = query(&url);
     let resp = if !authorized(sh, &req) {
+        // A 401 must name the scheme (RFC 7235 §3.1).
         error_response(
             401,
             "missing or wrong bearer token: send 'Authorization: Bearer <token>' (replicas: the token= URL \
              parameter or REPL_TOKEN)",
         )
+        .with_header(header("WWW-Authenticate", "Bearer realm=\"sqlite-replica\""))
     } else if *req.method() != Method::Get && *req.method() != Method::Head {
-        error_response(405, "only GET is supported")
+        // A 405 must list the methods allowed (RFC 9110 §15.5.6).
+        error_response(405, "only GET is supported").with_header(header("Allow", "GET, HEAD"))
     } else {
         let r = match path {
             "/v1/info" => info(sh).map(|v| json_response(200, &v)),
@@ -385,7 +390,6 @@ fn serve_log(sh: &Shared, req: &Request, params: &[(&str, &str)]) -> Result<Resp
     let lineage = Log::read_meta(&sh.dir)?.lineage;
     let follower = header_value(req, "X-Repl-Follower")
         .unwrap_or_else(|| req.remote_addr().map_or("?".into(), |a| a.to_string()));
-    touch_follower(sh, &follower, from.0.saturating_sub(1), 1);
     let durable_now = || {
         Log::read_durable(&sh.dir)
             .ok()
@@ -393,7 +397,6 @@ fn serve_log(sh: &Shared, req: &Request, params: &[(&str, &str)]) -> Result<Resp
             .map(|(l, g)| (l, g.0))
     };
     let Some(mut durable) = durable_now() else {
-        touch_follower(sh, &follower, from.0.saturating_sub(1), -1);
         return Ok(error_response(
             503,
             "the primary has no durable records yet; retry in a moment",
@@ -401,7 +404,6 @@ fn serve_log(sh: &Shared, req: &Request, params: &[(&str, &str)]) -> Result<Resp
     };
     if let Some(g) = generation {
         if g as u32 > durable.1 {
-            touch_follower(sh, &follower, from.0.saturating_sub(1), -1);
             return Ok(error_response(
                 409,
                 &format!(
@@ -413,7 +415,6 @@ fn serve_log(sh: &Shared, req: &Request, params: &[(&str, &str)]) -> Result<Resp
         }
     }
     if from.0 > durable.0 .0 + 1 {
-        touch_follower(sh, &follower, from.0.saturating_sub(1), -1);
         return Ok(error_response(
             409,
             &format!(
@@ -423,6 +424,9 @@ fn serve_log(sh: &Shared, req: &Request, params: &[(&str, &str)]) -> Result<Resp
             ),
         ));
     }
+    // Only a request that can be served registers its follower (a refused one would list a
+    // position the follower never had).
+    touch_follower(sh, &follower, from.0.saturating_sub(1), 1);
     if from.0 == durable.0 .0 + 1 && wait > 0 {
         let deadline = Instant::now() + Duration::from_millis(wait);
         if let Some(d) =
