@@ -117,7 +117,8 @@ fn become_primary(c: &Call) -> Result<SqlValue> {
     if let Some(r) = entry.replica() {
         return Err(Error::Misuse(format!(
             "repl_primary(): {path} is a replica of {}; a replica cannot become a primary (promotion is not supported yet)",
-            r.source().unwrap_or_else(|| "?".into())
+            r.source()
+                .map_or("?".into(), |s| crate::transport::http::redact(&s))
         )));
     }
     if let Some(p) = entry.primary() {
