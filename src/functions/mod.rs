@@ -210,8 +210,9 @@ fn repl_sync(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
                      a replica must start from a new, empty file: open a new path"
                 )));
             }
-            // Validate the source before creating anything on disk.
-            crate::transport::open_source(source.unwrap_or_default())?;
+            // Validate the source before creating anything on disk: its syntax, and that it
+            // answers (an unreachable primary or a missing token must leave no replica files).
+            crate::transport::open_source(source.unwrap_or_default())?.info()?;
             crate::registry::make_replica(&entry)?
         }
     };
