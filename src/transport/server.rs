@@ -339,11 +339,14 @@ fn handle(sh: &Shared, req: Request) {
 fn info(sh: &Shared) -> Result<serde_json::Value> {
     let meta = Log::read_meta(&sh.dir)?;
     let durable = Log::read_durable(&sh.dir)?;
-    let snap = txlog::newest_snapshot(&sh.dir)?;
-    let snap_page_size = sh
+    // The snapshot /v1/snapshot serves: the newest one at or below the durable LSN.
+    let snap = sh
         .log
         .latest_snapshot(durable.map(|d| d.0))?
-        .map(|(m, _)| m.page_size.get());
+        .map(|(m, path)| {
+            let bytes = std::fs::metadata(&path).map_or(0, |md| md.len());
+            serde_json::json!({"lsn": m.lsn.0, "bytes": bytes, "page_size": m.page_size.get()})
+        });
     Ok(serde_json::json!({
         "format": 1,
         "db": sh.db,
@@ -352,7 +355,7 @@ fn info(sh: &Shared) -> Result<serde_json::Value> {
         "generation": durable.map(|d| d.1 .0),
         "durable_lsn": durable.map(|d| d.0 .0),
         "first_lsn": Log::first_segment_lsn(&sh.dir)?.map(|l| l.0),
-        "snapshot": snap.map(|(l, b)| serde_json::json!({"lsn": l.0, "bytes": b, "page_size": snap_page_size})),
+        "snapshot": snap,
     }))
 }
 
@@ -437,22 +440,25 @@ fn serve_log(sh: &Shared, req: &Request, params: &[(&str, &str)]) -> Result<Resp
     }
     touch_follower(sh, &follower, from.0.saturating_sub(1), -1);
     let first = Log::first_segment_lsn(&sh.dir)?;
-    if let Some(f) = first {
-        if from < f {
-            let mut r = json_response(
-                410,
-                &serde_json::json!({
-                    "error": format!(
-                        "LSN {from} is no longer retained (the log starts at LSN {f}): re-snapshot from /v1/snapshot"
-                    ),
-                    "first_lsn": f.0,
-                }),
-            );
-            for h in common_headers(sh, &lineage, durable, first) {
-                r.add_header(h);
-            }
-            return Ok(r);
+    // `from` older than the first retained LSN: 410 with `first_lsn` (also when retention
+    // removes the segment while this request reads it).
+    let gone = |f: Lsn| {
+        let mut r = json_response(
+            410,
+            &serde_json::json!({
+                "error": format!(
+                    "LSN {from} is no longer retained (the log starts at LSN {f}): re-snapshot from /v1/snapshot"
+                ),
+                "first_lsn": f.0,
+            }),
+        );
+        for h in common_headers(sh, &lineage, durable, Some(f)) {
+            r.add_header(h);
         }
+        r
+    };
+    if let Some(f) = first.filter(|f| from < *f) {
+        return Ok(gone(f));
     }
     let mut headers = common_headers(sh, &lineage, durable, first);
     headers.push(header("Content-Type", RECORDS_TYPE));
@@ -471,12 +477,7 @@ fn serve_log(sh: &Shared, req: &Request, params: &[(&str, &str)]) -> Result<Resp
         Err(e) => {
             // Retention may have removed the segment meanwhile.
             if let Some(f) = Log::first_segment_lsn(&sh.dir)?.filter(|f| from < *f) {
-                return Ok(error_response(
-                    410,
-                    &format!(
-                        "LSN {from} is no longer retained (the log starts at LSN {f}): re-snapshot"
-                    ),
-                ));
+                return Ok(gone(f));
             }
             return Err(e);
         }

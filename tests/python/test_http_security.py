@@ -448,6 +448,9 @@ def test_log_bodies_are_dense_whole_records(plain):
     snap = records(r.body[32:])
     assert len(snap) == 1 and snap[0][0] == int(r.header("X-Repl-Snapshot-Lsn")), snap
     assert r.header("X-Repl-Lineage") == info["lineage"] and int(r.header("X-Repl-Generation")) >= 1
+    # /v1/info describes the snapshot /v1/snapshot serves.
+    snap_info = json.loads(request(url, "/v1/info").body)["snapshot"]
+    assert snap_info == {"lsn": snap[0][0], "bytes": len(r.body), "page_size": 4096}, snap_info
 
 
 def test_long_poll_at_the_end_returns_empty_after_the_wait(plain):
