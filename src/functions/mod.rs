@@ -161,7 +161,8 @@ fn become_primary(c: &Call) -> Result<SqlValue> {
     if let Some(r) = entry.replica() {
         return Err(Error::Misuse(format!(
             "repl_primary(): {path} is a replica of {}; a replica cannot become a primary (promotion is not supported yet)",
-            r.source().unwrap_or_else(|| "?".into())
+            r.source()
+                .map_or("?".into(), |s| crate::transport::http::redact(&s))
         )));
     }
     if let Some(p) = entry.primary() {
@@ -253,7 +254,8 @@ fn repl_sync(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
                      a replica must start from a new, empty file: open a new path"
                 )));
             }
-            // Validate the source (reachable, a primary) before creating anything on disk.
+            // Validate the source before creating anything on disk: its syntax, and that it
+            // answers (an unreachable primary or a missing token must leave no replica files).
             crate::transport::open_source(source.unwrap_or_default())?.info()?;
             let r = crate::registry::make_replica(&entry)?;
             return match r.sync(source) {

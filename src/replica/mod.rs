@@ -368,11 +368,12 @@ impl Replica {
                             _ => String::new(),
                         };
                         return Err(Error::Misuse(format!(
-                            "repl_sync('{spec}'): that primary serves lineage {}{sizes} but {} replicates lineage {l} \
+                            "repl_sync('{}'): that primary serves lineage {}{sizes} but {} replicates lineage {l} \
                              (from {}); a replica follows one primary: use a new database file for another one",
+                            transport::http::redact(spec),
                             info.lineage,
                             self.db_path,
-                            st.meta.source.as_deref().unwrap_or("?")
+                            st.meta.source.as_deref().map_or("?".into(), transport::http::redact)
                         )));
                     }
                 }
@@ -743,7 +744,11 @@ impl Replica {
     /// VACUUMed with a new page_size and started a new generation). A WAL cannot change its
     /// page size, so nothing is written: the caller returns this before touching any file.
     fn page_size_changed(&self, st: &State, m: &crate::txlog::RecordMeta) -> Error {
-        let src = st.meta.source.as_deref().unwrap_or("the primary");
+        let src = st
+            .meta
+            .source
+            .as_deref()
+            .map_or("the primary".into(), transport::http::redact);
         Error::Unsupported(format!(
             "repl_sync(): the primary {src} now has a page size of {} (generation {} from LSN {}) \
              but this replica's page size is {}, and a replica cannot change its page size; \

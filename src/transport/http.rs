@@ -28,14 +28,17 @@ pub struct HttpSource {
     last: std::sync::Mutex<Option<SourceInfo>>,
 }
 
-/// The URL without its `token=` parameter (for messages and status).
+/// The URL without its `token=` parameter (for messages and status). Other parameters keep
+/// only their key: the value of a misspelt `token=` is a secret too.
 pub fn redact(spec: &str) -> String {
     match spec.split_once('?') {
         None => spec.to_string(),
         Some((base, q)) => {
-            let kept: Vec<&str> = q
+            let kept: Vec<String> = q
                 .split('&')
-                .filter(|kv| !kv.is_empty() && !kv.starts_with("token="))
+                .map(|kv| kv.split_once('=').map_or(kv, |(k, _)| k))
+                .filter(|k| !k.is_empty() && !k.eq_ignore_ascii_case("token"))
+                .map(|k| format!("{k}=…"))
                 .collect();
             if kept.is_empty() {
                 base.to_string()
@@ -74,11 +77,20 @@ impl HttpSource {
         for kv in query.unwrap_or("").split('&').filter(|kv| !kv.is_empty()) {
             match kv.split_once('=') {
                 Some(("token", t)) if !t.is_empty() => token = Some(t.to_string()),
-                _ => {
+                Some(("token", _)) => {
                     return Err(Error::Misuse(format!(
-                        "repl_sync('{}'): unknown URL parameter {kv:?} (only token= is understood)",
+                        "repl_sync('{}'): token= is empty; give the primary's token, or leave token= out \
+                         and set REPL_TOKEN",
                         redact(s)
                     )))
+                }
+                _ => {
+                    // Only the key: the value may be a misspelt token= (a secret).
+                    let key = kv.split_once('=').map_or(kv, |(k, _)| k);
+                    return Err(Error::Misuse(format!(
+                        "repl_sync('{}'): unknown URL parameter {key:?} (only token= is understood)",
+                        redact(s)
+                    )));
                 }
             }
         }
@@ -365,9 +377,21 @@ mod tests {
         assert_eq!(s.describe(), "http://127.0.0.1:7070");
         assert_eq!(s.token.as_deref(), Some("s3cret"));
         assert_eq!(redact("http://h:1?token=s3cret"), "http://h:1");
-        assert!(!redact("http://h:1?token=s3cret&x=1").contains("s3cret"));
+        assert_eq!(redact("http://h:1?token=s3cret&x=1"), "http://h:1?x=…");
+        assert_eq!(
+            redact("http://h:1?Token=s3cret&tokn=s3cret"),
+            "http://h:1?tokn=…"
+        );
         assert!(HttpSource::open("http://h:1/v1/log").is_err());
         assert!(HttpSource::open("http://h:1?tok=1").is_err());
+        for spec in [
+            "http://h:1?tokn=s3cret",
+            "http://h:1?Token=s3cret",
+            "http://h:1?token=",
+        ] {
+            let e = HttpSource::open(spec).err().expect("refused").to_string();
+            assert!(!e.contains("s3cret") && e.contains("token"), "{e}");
+        }
         assert!(matches!(
             HttpSource::open("https://h:1"),
             Err(Error::Unsupported(_))

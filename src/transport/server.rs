@@ -255,9 +255,11 @@ fn authorized(sh: &Shared, req: &Request) -> bool {
         .iter()
         .filter(|h| h.field.equiv("Authorization"))
         .any(|h| {
+            // The scheme is case-insensitive (RFC 7235 §2.1).
             let v = h.value.as_str();
-            v.strip_prefix("Bearer ")
-                .is_some_and(|t| ct_eq(t.trim().as_bytes(), token.as_bytes()))
+            v.get(..7)
+                .filter(|s| s.eq_ignore_ascii_case("bearer "))
+                .is_some_and(|_| ct_eq(v[7..].trim().as_bytes(), token.as_bytes()))
         })
 }
 
@@ -311,13 +313,16 @@ fn handle(sh: &Shared, req: Request) {
     let url = req.url().to_string();
     let (path, params) = query(&url);
     let resp = if !authorized(sh, &req) {
+        // A 401 must name the scheme (RFC 7235 §3.1).
         error_response(
             401,
             "missing or wrong bearer token: send 'Authorization: Bearer <token>' (replicas: the token= URL \
              parameter or REPL_TOKEN)",
         )
+        .with_header(header("WWW-Authenticate", "Bearer realm=\"sqlite-replica\""))
     } else if *req.method() != Method::Get && *req.method() != Method::Head {
-        error_response(405, "only GET is supported")
+        // A 405 must list the methods allowed (RFC 9110 §15.5.6).
+        error_response(405, "only GET is supported").with_header(header("Allow", "GET, HEAD"))
     } else {
         let r = match path {
             "/v1/info" => info(sh).map(|v| json_response(200, &v)),
@@ -337,11 +342,14 @@ fn handle(sh: &Shared, req: Request) {
 fn info(sh: &Shared) -> Result<serde_json::Value> {
     let meta = Log::read_meta(&sh.dir)?;
     let durable = Log::read_durable(&sh.dir)?;
-    let snap = txlog::newest_snapshot(&sh.dir)?;
-    let snap_page_size = sh
+    // The snapshot /v1/snapshot serves: the newest one at or below the durable LSN.
+    let snap = sh
         .log
         .latest_snapshot(durable.map(|d| d.0))?
-        .map(|(m, _)| m.page_size.get());
+        .map(|(m, path)| {
+            let bytes = std::fs::metadata(&path).map_or(0, |md| md.len());
+            serde_json::json!({"lsn": m.lsn.0, "bytes": bytes, "page_size": m.page_size.get()})
+        });
     Ok(serde_json::json!({
         "format": 1,
         "db": sh.db,
@@ -350,7 +358,7 @@ fn info(sh: &Shared) -> Result<serde_json::Value> {
         "generation": durable.map(|d| d.1 .0),
         "durable_lsn": durable.map(|d| d.0 .0),
         "first_lsn": Log::first_segment_lsn(&sh.dir)?.map(|l| l.0),
-        "snapshot": snap.map(|(l, b)| serde_json::json!({"lsn": l.0, "bytes": b, "page_size": snap_page_size})),
+        "snapshot": snap,
     }))
 }
 
@@ -388,7 +396,6 @@ fn serve_log(sh: &Shared, req: &Request, params: &[(&str, &str)]) -> Result<Resp
     let lineage = Log::read_meta(&sh.dir)?.lineage;
     let follower = header_value(req, "X-Repl-Follower")
         .unwrap_or_else(|| req.remote_addr().map_or("?".into(), |a| a.to_string()));
-    touch_follower(sh, &follower, from.0.saturating_sub(1), 1);
     let durable_now = || {
         Log::read_durable(&sh.dir)
             .ok()
@@ -396,7 +403,6 @@ fn serve_log(sh: &Shared, req: &Request, params: &[(&str, &str)]) -> Result<Resp
             .map(|(l, g)| (l, g.0))
     };
     let Some(mut durable) = durable_now() else {
-        touch_follower(sh, &follower, from.0.saturating_sub(1), -1);
         return Ok(error_response(
             503,
             "the primary has no durable records yet; retry in a moment",
@@ -404,7 +410,6 @@ fn serve_log(sh: &Shared, req: &Request, params: &[(&str, &str)]) -> Result<Resp
     };
     if let Some(g) = generation {
         if g as u32 > durable.1 {
-            touch_follower(sh, &follower, from.0.saturating_sub(1), -1);
             return Ok(error_response(
                 409,
                 &format!(
@@ -416,7 +421,6 @@ fn serve_log(sh: &Shared, req: &Request, params: &[(&str, &str)]) -> Result<Resp
         }
     }
     if from.0 > durable.0 .0 + 1 {
-        touch_follower(sh, &follower, from.0.saturating_sub(1), -1);
         return Ok(error_response(
             409,
             &format!(
@@ -426,6 +430,9 @@ fn serve_log(sh: &Shared, req: &Request, params: &[(&str, &str)]) -> Result<Resp
             ),
         ));
     }
+    // Only a request that can be served registers its follower (a refused one would list a
+    // position the follower never had).
+    touch_follower(sh, &follower, from.0.saturating_sub(1), 1);
     if from.0 == durable.0 .0 + 1 && wait > 0 {
         let deadline = Instant::now() + Duration::from_millis(wait);
         if let Some(d) =
@@ -436,22 +443,25 @@ fn serve_log(sh: &Shared, req: &Request, params: &[(&str, &str)]) -> Result<Resp
     }
     touch_follower(sh, &follower, from.0.saturating_sub(1), -1);
     let first = Log::first_segment_lsn(&sh.dir)?;
-    if let Some(f) = first {
-        if from < f {
-            let mut r = json_response(
-                410,
-                &serde_json::json!({
-                    "error": format!(
-                        "LSN {from} is no longer retained (the log starts at LSN {f}): re-snapshot from /v1/snapshot"
-                    ),
-                    "first_lsn": f.0,
-                }),
-            );
-            for h in common_headers(sh, &lineage, durable, first) {
-                r.add_header(h);
-            }
-            return Ok(r);
+    // `from` older than the first retained LSN: 410 with `first_lsn` (also when retention
+    // removes the segment while this request reads it).
+    let gone = |f: Lsn| {
+        let mut r = json_response(
+            410,
+            &serde_json::json!({
+                "error": format!(
+                    "LSN {from} is no longer retained (the log starts at LSN {f}): re-snapshot from /v1/snapshot"
+                ),
+                "first_lsn": f.0,
+            }),
+        );
+        for h in common_headers(sh, &lineage, durable, Some(f)) {
+            r.add_header(h);
         }
+        r
+    };
+    if let Some(f) = first.filter(|f| from < *f) {
+        return Ok(gone(f));
     }
     let mut headers = common_headers(sh, &lineage, durable, first);
     headers.push(header("Content-Type", RECORDS_TYPE));
@@ -470,12 +480,7 @@ fn serve_log(sh: &Shared, req: &Request, params: &[(&str, &str)]) -> Result<Resp
         Err(e) => {
             // Retention may have removed the segment meanwhile.
             if let Some(f) = Log::first_segment_lsn(&sh.dir)?.filter(|f| from < *f) {
-                return Ok(error_response(
-                    410,
-                    &format!(
-                        "LSN {from} is no longer retained (the log starts at LSN {f}): re-snapshot"
-                    ),
-                ));
+                return Ok(gone(f));
             }
             return Err(e);
         }
