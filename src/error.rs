@@ -22,6 +22,9 @@ pub enum Error {
     Unsupported(String),
     /// Anything else; the message says what.
     Other(String),
+    /// An SQL error reported by a database (e.g. the primary running a forwarded write), with
+    /// its SQLite extended result code.
+    Sql { code: i32, message: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -37,13 +40,14 @@ impl Error {
     /// The SQLite primary result code for this error. ONE table:
     pub fn sqlite_code(&self) -> i32 {
         match self {
-            Error::Io { .. } => 10,     // SQLITE_IOERR: our file I/O failed
-            Error::Corrupt(_) => 11,    // SQLITE_CORRUPT: bytes failed validation
+            Error::Io { .. } => 10,           // SQLITE_IOERR: our file I/O failed
+            Error::Corrupt(_) => 11,          // SQLITE_CORRUPT: bytes failed validation
             Error::Misuse(_) => 1, // SQLITE_ERROR: bad argument (not SQLITE_MISUSE: that means API misuse)
             Error::ReadOnly(_) => 8, // SQLITE_READONLY: write on a replica
             Error::Busy(_) => 5,   // SQLITE_BUSY: try again
             Error::Unsupported(_) => 1, // SQLITE_ERROR: configuration we refuse
             Error::Other(_) => 1,  // SQLITE_ERROR
+            Error::Sql { code, .. } => *code, // whatever the database said (extended code)
         }
     }
 }
@@ -58,6 +62,7 @@ impl fmt::Display for Error {
             | Error::Busy(m)
             | Error::Unsupported(m)
             | Error::Other(m) => f.write_str(m),
+            Error::Sql { message, .. } => f.write_str(message),
         }
     }
 }

@@ -221,3 +221,209 @@ impl Drop for OwnedDb {
         }
     }
 }
+
+/// What a script run by `DbRef::run_script` produced.
+#[derive(Debug, Default)]
+pub struct ScriptResult {
+    /// Column names and rows of the last statement that returned rows (e.g. `RETURNING`).
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<SqlValue>>,
+    /// `sqlite3_changes()` after the last statement; `sqlite3_last_insert_rowid()`.
+    pub changes: i64,
+    pub last_insert_rowid: i64,
+}
+
+/// An SQL error with the host's extended result code.
+#[derive(Debug, Clone)]
+pub struct SqlFailure {
+    pub code: i32,
+    pub message: String,
+}
+
+/// SQLITE_TRANSIENT: SQLite copies the bound bytes before bind_* returns.
+fn transient() -> Option<unsafe extern "C" fn(*mut c_void)> {
+    // SAFETY: SQLite defines SQLITE_TRANSIENT as the destructor value -1, which it compares
+    // against and never calls; this is how every binding spells it.
+    Some(unsafe { std::mem::transmute::<isize, unsafe extern "C" fn(*mut c_void)>(-1) })
+}
+
+impl DbRef {
+    /// Runs every statement of `sql` in order, binding `params` positionally across them
+    /// (each statement takes as many as it has parameters). All parameters must be used.
+    pub fn run_script(
+        &self,
+        sql: &str,
+        params: &[SqlValue],
+    ) -> std::result::Result<ScriptResult, SqlFailure> {
+        let a = api();
+        let fail = |code: i32, message: String| SqlFailure { code, message };
+        let c = CString::new(sql).map_err(|_| fail(21, "the SQL contains a NUL byte".into()))?;
+        let mut out = ScriptResult::default();
+        let mut next = 0usize;
+        let mut tail: *const c_char = c.as_ptr();
+        loop {
+            // SAFETY: `tail` points into `c` (NUL-terminated, alive for the loop).
+            if unsafe { *tail } == 0 {
+                break;
+            }
+            let mut stmt = std::ptr::null_mut();
+            let mut rest: *const c_char = std::ptr::null();
+            // SAFETY: valid handle; `tail` is a NUL-terminated suffix of `c`; `stmt` receives
+            // a statement finalized below; `rest` receives a pointer into the same buffer.
+            let rc = unsafe {
+                a.prepare_v2.expect("prepare_v2")(self.0, tail, -1, &mut stmt, &mut rest)
+            };
+            if rc != SQLITE_OK {
+                return Err(fail(self.extended_errcode(), self.errmsg()));
+            }
+            tail = rest;
+            if stmt.is_null() {
+                continue; // whitespace or a comment
+            }
+            // SAFETY: `stmt` is a valid prepared statement until finalize at the end.
+            let r = unsafe {
+                let n = a.bind_parameter_count.expect("bind_parameter_count")(stmt) as usize;
+                let mut rc = SQLITE_OK;
+                if next + n > params.len() {
+                    rc = -1;
+                } else {
+                    for (i, v) in params[next..next + n].iter().enumerate() {
+                        let idx = (i + 1) as c_int;
+                        rc = match v {
+                            SqlValue::Null => a.bind_null.expect("bind_null")(stmt, idx),
+                            SqlValue::Int(x) => a.bind_int64.expect("bind_int64")(stmt, idx, *x),
+                            SqlValue::Real(x) => a.bind_double.expect("bind_double")(stmt, idx, *x),
+                            SqlValue::Text(t) => a.bind_text.expect("bind_text")(
+                                stmt,
+                                idx,
+                                t.as_ptr() as *const c_char,
+                                t.len() as c_int,
+                                transient(),
+                            ),
+                            SqlValue::Blob(b) => a.bind_blob.expect("bind_blob")(
+                                stmt,
+                                idx,
+                                b.as_ptr() as *const c_void,
+                                b.len() as c_int,
+                                transient(),
+                            ),
+                        };
+                        if rc != SQLITE_OK {
+                            break;
+                        }
+                    }
+                }
+                let result = if rc == -1 {
+                    Err(fail(
+                        25,
+                        format!(
+                            "the SQL has more parameters than the {} values given",
+                            params.len()
+                        ),
+                    ))
+                } else if rc != SQLITE_OK {
+                    Err(fail(self.extended_errcode(), self.errmsg()))
+                } else {
+                    next += n;
+                    let ncol = a.column_count.expect("column_count")(stmt);
+                    let mut rows = Vec::new();
+                    loop {
+                        let rc = a.step.expect("step")(stmt);
+                        if rc == SQLITE_ROW {
+                            let mut row = Vec::with_capacity(ncol as usize);
+                            for i in 0..ncol {
+                                row.push(column_value(stmt, i));
+                            }
+                            rows.push(row);
+                        } else if rc == SQLITE_DONE {
+                            break Ok(rows);
+                        } else {
+                            break Err(fail(self.extended_errcode(), self.errmsg()));
+                        }
+                    }
+                    .map(|rows| {
+                        if ncol > 0 {
+                            out.columns = (0..ncol)
+                                .map(|i| {
+                                    cstr_to_string(a.column_name.expect("column_name")(stmt, i))
+                                        .unwrap_or_default()
+                                })
+                                .collect();
+                            out.rows = rows;
+                        }
+                    })
+                };
+                a.finalize.expect("finalize")(stmt);
+                result
+            };
+            r?;
+        }
+        if next != params.len() {
+            return Err(fail(
+                25,
+                format!(
+                    "the SQL has {next} parameters but {} values were given",
+                    params.len()
+                ),
+            ));
+        }
+        // SAFETY: valid handle.
+        unsafe {
+            out.changes = a.changes.expect("changes")(self.0) as i64;
+            out.last_insert_rowid = a.last_insert_rowid.expect("last_insert_rowid")(self.0);
+        }
+        Ok(out)
+    }
+
+    /// `sqlite3_extended_errcode()` of the connection.
+    pub fn extended_errcode(&self) -> i32 {
+        match api().extended_errcode {
+            // SAFETY: valid handle.
+            Some(f) => unsafe { f(self.0) },
+            None => 1,
+        }
+    }
+
+    /// `sqlite3_get_autocommit()`: false inside an explicit transaction.
+    pub fn autocommit(&self) -> bool {
+        match api().get_autocommit {
+            // SAFETY: valid handle.
+            Some(f) => unsafe { f(self.0) != 0 },
+            None => true,
+        }
+    }
+}
+
+/// Column `i` of the current row of `stmt`.
+///
+/// # Safety
+/// `stmt` must be a valid statement positioned on a row, `i` < its column count.
+unsafe fn column_value(stmt: *mut sqlite3ext_sys::sqlite3_stmt, i: c_int) -> SqlValue {
+    let a = api();
+    // SAFETY: guaranteed by the caller; pointers returned by column_* are copied at once.
+    unsafe {
+        match a.column_type.expect("column_type")(stmt, i) {
+            1 => SqlValue::Int(a.column_int64.expect("column_int64")(stmt, i)),
+            2 => SqlValue::Real(a.column_double.expect("column_double")(stmt, i)),
+            3 => {
+                let p = a.column_text.expect("column_text")(stmt, i);
+                let n = a.column_bytes.expect("column_bytes")(stmt, i) as usize;
+                SqlValue::Text(if p.is_null() {
+                    String::new()
+                } else {
+                    String::from_utf8_lossy(std::slice::from_raw_parts(p, n)).into_owned()
+                })
+            }
+            4 => {
+                let p = a.column_blob.expect("column_blob")(stmt, i) as *const u8;
+                let n = a.column_bytes.expect("column_bytes")(stmt, i) as usize;
+                SqlValue::Blob(if p.is_null() {
+                    vec![]
+                } else {
+                    std::slice::from_raw_parts(p, n).to_vec()
+                })
+            }
+            _ => SqlValue::Null,
+        }
+    }
+}

@@ -21,6 +21,8 @@ pub const FUNCTIONS: &[(&str, i32, crate::ffi::func::ScalarFn)] = &[
     ("repl_config", -1, repl_config),
     ("repl_follow", -1, repl_follow),
     ("repl_wait", -1, repl_wait),
+    ("repl_exec", -1, repl_exec),
+    ("repl_exec_json", -1, repl_exec_json),
 ];
 
 /// The `repl_*` URI parameters of a newly opened connection's main database:
@@ -483,4 +485,85 @@ fn repl_wait(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
     Err(Error::Misuse(format!(
         "repl_wait(): {path} is neither a primary nor a replica"
     )))
+}
+
+/// `repl_exec(sql [, params_json [, request_id]])`: run a write on the primary as one
+/// transaction (forwarded over HTTP from a replica, locally on a primary); on a replica, wait
+/// until it holds the commit. Returns the commit's LSN.
+fn repl_exec(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
+    let answer = exec_any(c, a, "repl_exec")?;
+    Ok(SqlValue::Int(answer["lsn"].as_i64().unwrap_or(0)))
+}
+
+/// `repl_exec_json(...)`: `repl_exec`, returning the primary's whole answer as JSON (`lsn`,
+/// `lineage`, `changes`, `last_insert_rowid`, `columns`, `rows`, `duplicate`).
+fn repl_exec_json(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
+    Ok(SqlValue::Text(
+        exec_any(c, a, "repl_exec_json")?.to_string(),
+    ))
+}
+
+fn exec_any(c: &Call, a: &[SqlValue], what: &str) -> Result<serde_json::Value> {
+    if a.is_empty() || a.len() > 3 {
+        return Err(Error::Misuse(format!(
+            "{what}() takes the SQL, optional params as a JSON array, and an optional request id"
+        )));
+    }
+    let SqlValue::Text(sql) = &a[0] else {
+        return Err(Error::Misuse(format!(
+            "{what}(): the SQL must be text, got {:?}",
+            a[0]
+        )));
+    };
+    let params = match a.get(1) {
+        None | Some(SqlValue::Null) => serde_json::json!([]),
+        Some(SqlValue::Text(t)) => serde_json::from_str::<serde_json::Value>(t).map_err(|e| {
+            Error::Misuse(format!(
+                "{what}(): params must be a JSON array (e.g. '[1, \"x\"]'); {e}"
+            ))
+        })?,
+        Some(v) => {
+            return Err(Error::Misuse(format!(
+                "{what}(): params must be a JSON array given as text, got {v:?}"
+            )))
+        }
+    };
+    crate::primary::exec::params_from_json(&params)
+        .map_err(|m| Error::Misuse(format!("{what}(): {m}")))?;
+    let request_id = match a.get(2) {
+        None | Some(SqlValue::Null) => None,
+        Some(SqlValue::Text(t)) if !t.is_empty() => Some(t.clone()),
+        Some(v) => {
+            return Err(Error::Misuse(format!(
+                "{what}(): the request id must be non-empty text, got {v:?}"
+            )))
+        }
+    };
+    let (entry, path) = main_db_checked(c.db, &format!("{what}()"))?;
+    if let Some(p) = entry.primary() {
+        let req = crate::primary::exec::ExecRequest {
+            sql: sql.clone(),
+            params: crate::primary::exec::params_from_json(&params).map_err(Error::Misuse)?,
+            request_id,
+        };
+        return p.exec(&req);
+    }
+    if let Some(r) = entry.replica() {
+        // Always send a request id: it makes the client's own retry safe.
+        let id = request_id.unwrap_or_else(random_id);
+        let body = serde_json::json!({"sql": sql, "params": params, "request_id": id});
+        return r.forward_exec(&body, std::time::Duration::from_secs(10));
+    }
+    Err(Error::Misuse(format!(
+        "{what}(): {path} is neither a primary nor a replica: writes go to the primary"
+    )))
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }

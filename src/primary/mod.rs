@@ -71,6 +71,7 @@ use std::time::{Duration, Instant};
 use DbFileIo as _;
 
 mod background;
+pub(crate) mod exec;
 pub(crate) mod maintenance;
 mod position;
 mod snapshot;
@@ -134,6 +135,8 @@ pub struct Primary {
     t3_seen: Mutex<Option<T3Seen>>,
     /// The HTTP server of this primary's log, when `repl_primary('addr')` started one here.
     server: Mutex<Option<crate::transport::server::Server>>,
+    /// The connection forwarded writes run on (`exec.rs`), opened at the first one.
+    exec_conn: Mutex<Option<crate::ffi::conn::OwnedDb>>,
 }
 
 type T3Seen = ([u8; 8], u32, u32, Option<(Lsn, u32)>);
@@ -243,6 +246,7 @@ impl Primary {
             stop: AtomicBool::new(false),
             t3_seen: Mutex::new(None),
             server: Mutex::new(None),
+            exec_conn: Mutex::new(None),
             posf: once_cell::sync::OnceCell::new(),
             durable_file: crate::txlog::DurableFile::open(&dir)?,
             file_id: file_identity(&db.path),
@@ -819,7 +823,7 @@ impl Primary {
 
     /// Serve this primary's log over HTTP on `addr` from this process (idempotent for the
     /// same address; another address while serving is an error).
-    pub fn serve(&self, addr: &str, token: Option<String>) -> Result<()> {
+    pub fn serve(self: &Arc<Self>, addr: &str, token: Option<String>) -> Result<()> {
         let mut g = lock(&self.server);
         if let Some(s) = g.as_ref() {
             let same = addr
@@ -834,10 +838,38 @@ impl Primary {
                 s.addr()
             )));
         }
+        let weak = Arc::downgrade(self);
+        let handler: crate::transport::server::ExecHandler = Arc::new(move |body| {
+            let Some(p) = weak.upgrade() else {
+                return (
+                    503,
+                    serde_json::json!({"error": "the primary is shutting down"}),
+                );
+            };
+            let req = match exec::request_from_json(body) {
+                Ok(r) => r,
+                Err(m) => return (400, serde_json::json!({ "error": m })),
+            };
+            match p.exec(&req) {
+                Ok(a) => (200, a),
+                Err(Error::Sql { code, message }) => {
+                    (422, serde_json::json!({"error": message, "code": code}))
+                }
+                Err(e) => (
+                    if matches!(e, Error::Busy(_)) {
+                        503
+                    } else {
+                        500
+                    },
+                    serde_json::json!({"error": e.to_string(), "code": e.sqlite_code()}),
+                ),
+            }
+        });
         *g = Some(crate::transport::server::Server::start(
             &self.db_path,
             addr,
             token,
+            Some(handler),
         )?);
         Ok(())
     }

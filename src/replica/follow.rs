@@ -198,6 +198,44 @@ impl Replica {
         }
     }
 
+    /// Forwards a write to the primary (`repl_exec`), then waits until this replica holds the
+    /// commit (read-your-writes) for at most `wait`. Returns the primary's answer.
+    pub fn forward_exec(
+        self: &Arc<Self>,
+        body: &serde_json::Value,
+        wait: Duration,
+    ) -> Result<serde_json::Value> {
+        let spec = lock(&self.state).meta.source.clone().ok_or_else(|| {
+            Error::Misuse(format!("repl_exec(): {} has no primary yet", self.db_path))
+        })?;
+        let answer = {
+            let mut g = lock(&self.exec_source);
+            if g.as_ref().is_none_or(|(s, _)| *s != spec) {
+                *g = Some((spec.clone(), transport::open_source(&spec)?));
+            }
+            g.as_ref().expect("set").1.exec(body)?
+        };
+        if let (Some(theirs), Some(ours)) = (answer["lineage"].as_str(), self.lineage()) {
+            if theirs != ours {
+                return Err(Error::Misuse(format!(
+                    "repl_exec(): the primary now serves lineage {theirs} but this replica follows {ours}; \
+                     the write ran there, but this replica can never show it: bootstrap a new replica"
+                )));
+            }
+        }
+        let lsn = answer["lsn"]
+            .as_u64()
+            .ok_or_else(|| Error::Corrupt("repl_exec(): the primary's answer has no LSN".into()))?;
+        self.wait_for(Lsn(lsn), wait).map_err(|e| {
+            Error::Busy(format!(
+                "repl_exec(): the write committed on the primary at LSN {lsn}, but this replica had not \
+                 applied it within {} ms ({e}); read with repl_wait({lsn}) before relying on it",
+                wait.as_millis()
+            ))
+        })?;
+        Ok(answer)
+    }
+
     fn wait_timeout(&self, target: Lsn, timeout: Duration) -> Error {
         let st = lock(&self.state);
         let primary = st

@@ -116,6 +116,8 @@ pub struct Replica {
     /// The newest LSN a sync in this process reached; `repl_wait` waits on `applied_cv`.
     applied: Mutex<Lsn>,
     applied_cv: std::sync::Condvar,
+    /// The source forwarded writes go to (`repl_exec`), kept open between calls.
+    exec_source: Mutex<Option<(String, Box<dyn Source>)>>,
     /// The background follower (`repl_follow`), when running.
     follower: Mutex<Option<follow::Follower>>,
     /// Bytes done / total of a bootstrap or re-snapshot in progress (readable while the
@@ -231,6 +233,7 @@ impl Replica {
             applied: Mutex::new(Lsn(0)),
             applied_cv: std::sync::Condvar::new(),
             follower: Mutex::new(None),
+            exec_source: Mutex::new(None),
             progress: Mutex::new(None),
             state: Mutex::new(State {
                 meta,

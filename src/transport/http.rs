@@ -358,6 +358,57 @@ impl Source for HttpSource {
         self.log(from, max_bytes, Duration::ZERO)
     }
 
+    fn exec(&self, body: &serde_json::Value) -> Result<serde_json::Value> {
+        let url = format!("{}/v1/exec", self.base);
+        let text = body.to_string();
+        // A request id makes the retry safe: the primary answers a duplicate from its record.
+        let attempts = if body["request_id"].is_string() { 2 } else { 1 };
+        let mut last = None;
+        for _ in 0..attempts {
+            let mut req = self
+                .agent
+                .post(&url)
+                .timeout(Duration::from_secs(60))
+                .set("Content-Type", "application/json")
+                .set("X-Repl-Follower", &self.follower);
+            if let Some(t) = &self.token {
+                req = req.set("Authorization", &format!("Bearer {t}"));
+            }
+            match req.send_string(&text) {
+                Ok(r) => {
+                    let s = r.into_string().map_err(|e| {
+                        Error::Other(format!(
+                            "{}: reading the answer of /v1/exec: {e}",
+                            self.base
+                        ))
+                    })?;
+                    return serde_json::from_str(&s).map_err(|e| {
+                        Error::Corrupt(format!("{}: /v1/exec answered non-JSON: {e}", self.base))
+                    });
+                }
+                Err(ureq::Error::Status(code, r)) => {
+                    let body = r.into_string().unwrap_or_default();
+                    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                    let msg = v["error"].as_str().map_or(body.clone(), str::to_string);
+                    return Err(match code {
+                        422 => Error::Sql {
+                            code: v["code"].as_i64().unwrap_or(1) as i32,
+                            message: format!("the primary refused the write: {msg}"),
+                        },
+                        _ => status_error(code, &self.base, &msg),
+                    });
+                }
+                Err(ureq::Error::Transport(t)) => last = Some(t.to_string()),
+            }
+        }
+        Err(Error::Other(format!(
+            "repl_exec(): cannot reach the primary at {}: {}; the write may or may not have been applied: \
+             retry with the same request id to find out (it runs at most once)",
+            self.base,
+            last.unwrap_or_default()
+        )))
+    }
+
     fn last_info(&self) -> Option<SourceInfo> {
         self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }

@@ -48,6 +48,15 @@ pub trait Source: Send + Sync {
         progress(n, n);
         Ok(r)
     }
+    /// Forwards a write (`repl_exec`) to the primary: the JSON body of `POST /v1/exec`, the
+    /// answer's JSON. Only an HTTP primary can run writes.
+    fn exec(&self, _body: &serde_json::Value) -> Result<serde_json::Value> {
+        Err(Error::Unsupported(format!(
+            "repl_exec(): {} is a directory source, which cannot run writes; serve the primary over HTTP \
+             (repl_primary('host:port')) and replicate from http://host:port, or write on the primary itself",
+            self.describe()
+        )))
+    }
     /// What the source said about itself with the records of the last fetch (HTTP response
     /// headers), if it says anything: saves a round trip to `info()` right after a fetch.
     fn last_info(&self) -> Option<SourceInfo> {

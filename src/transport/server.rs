@@ -30,6 +30,10 @@ const MAX_WAIT_MS: u64 = 60_000;
 /// Default and largest `max_bytes` of one /v1/log response.
 const DEFAULT_MAX_BYTES: u64 = 16 << 20;
 const MAX_MAX_BYTES: u64 = 256 << 20;
+/// Largest /v1/exec request body.
+const MAX_EXEC_BODY: u64 = 16 << 20;
+/// Runs a `/v1/exec` body; answers (HTTP status, JSON body).
+pub type ExecHandler = Arc<dyn Fn(&serde_json::Value) -> (u16, serde_json::Value) + Send + Sync>;
 /// A follower not seen for this long is no longer "connected".
 const FOLLOWER_TTL: Duration = Duration::from_secs(30);
 pub const RECORDS_TYPE: &str = "application/vnd.sqlite-replica.records";
@@ -47,6 +51,7 @@ struct Shared {
     log: Log,
     token: Option<String>,
     addr: SocketAddr,
+    exec: Option<ExecHandler>,
     /// Where recent responses ended, keyed by the next LSN: a follower's next request then
     /// starts there instead of scanning the segment.
     hints: Mutex<HashMap<u64, ReadHint>>,
@@ -69,7 +74,12 @@ pub struct Server {
 impl Server {
     /// Listen on `addr` (host:port; port 0 picks one) and serve the log of database `db`.
     /// Refuses a non-loopback address without a token.
-    pub fn start(db: &str, addr: &str, token: Option<String>) -> Result<Server> {
+    pub fn start(
+        db: &str,
+        addr: &str,
+        token: Option<String>,
+        exec: Option<ExecHandler>,
+    ) -> Result<Server> {
         let token = token.filter(|t| !t.is_empty());
         let sock = addr
             .to_socket_addrs()
@@ -107,6 +117,7 @@ impl Server {
             log,
             token,
             addr: bound,
+            exec,
             hints: Mutex::new(HashMap::new()),
             followers: Mutex::new(HashMap::new()),
             rate: Mutex::new(Vec::new()),
@@ -309,7 +320,7 @@ fn num(
     }
 }
 
-fn handle(sh: &Shared, req: Request) {
+fn handle(sh: &Shared, mut req: Request) {
     let url = req.url().to_string();
     let (path, params) = query(&url);
     let resp = if !authorized(sh, &req) {
@@ -320,6 +331,12 @@ fn handle(sh: &Shared, req: Request) {
              parameter or REPL_TOKEN)",
         )
         .with_header(header("WWW-Authenticate", "Bearer realm=\"sqlite-replica\""))
+    } else if path == "/v1/exec" {
+        if *req.method() != Method::Post {
+            error_response(405, "/v1/exec takes POST").with_header(header("Allow", "POST"))
+        } else {
+            serve_exec(sh, &mut req)
+        }
     } else if *req.method() != Method::Get && *req.method() != Method::Head {
         // A 405 must list the methods allowed (RFC 9110 §15.5.6).
         error_response(405, "only GET is supported").with_header(header("Allow", "GET, HEAD"))
@@ -331,12 +348,41 @@ fn handle(sh: &Shared, req: Request) {
             "/metrics" => Ok(metrics(sh)),
             _ => Ok(error_response(
                 404,
-                &format!("no such endpoint {path:?}; the endpoints are /v1/info, /v1/log, /v1/snapshot, /metrics"),
+                &format!("no such endpoint {path:?}; the endpoints are /v1/info, /v1/log, /v1/snapshot, /v1/exec, /metrics"),
             )),
         };
         r.unwrap_or_else(|e| error_response(500, &e.to_string()))
     };
     let _ = req.respond(resp);
+}
+
+/// Runs a forwarded write: the JSON body goes to the primary's exec handler (only a server
+/// inside the primary's process has one).
+fn serve_exec(sh: &Shared, req: &mut Request) -> Resp {
+    let Some(exec) = &sh.exec else {
+        return error_response(
+            501,
+            "this server cannot run writes (sqlite-replica serve only reads the log): serve from the \
+             primary's process with repl_primary('host:port') to accept repl_exec",
+        );
+    };
+    let mut body = Vec::new();
+    if let Err(e) = req
+        .as_reader()
+        .take(MAX_EXEC_BODY + 1)
+        .read_to_end(&mut body)
+    {
+        return error_response(400, &format!("reading the request body: {e}"));
+    }
+    if body.len() as u64 > MAX_EXEC_BODY {
+        return error_response(413, "the request body is over 16 MiB");
+    }
+    let v: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return error_response(400, &format!("the body is not JSON: {e}")),
+    };
+    let (status, answer) = exec(&v);
+    json_response(status, &answer)
 }
 
 fn info(sh: &Shared) -> Result<serde_json::Value> {
@@ -689,7 +735,7 @@ fn metrics(sh: &Shared) -> Resp {
 
 /// For the CLI: serve until the process is killed.
 pub fn serve_forever(db: &str, addr: &str, token: Option<String>) -> Result<()> {
-    let s = Server::start(db, addr, token)?;
+    let s = Server::start(db, addr, token, None)?;
     println!("serving {db} on http://{}", s.addr());
     loop {
         std::thread::park();
