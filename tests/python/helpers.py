@@ -48,6 +48,8 @@ FUNCTIONS = (
     "repl_config",
     "repl_follow",
     "repl_wait",
+    "repl_exec",
+    "repl_exec_json",
 )
 
 
