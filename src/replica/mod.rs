@@ -698,7 +698,19 @@ impl Replica {
     /// A record the source cannot read back intact (the txlog decoder checks every record's
     /// checksum before it leaves the source): say which replica state is kept and what to do.
     fn damaged_source(&self, st: &State, e: Error) -> Error {
+        let remote = st
+            .source
+            .as_ref()
+            .is_some_and(|s| s.describe().starts_with("http://"));
         match e {
+            // Over HTTP the bytes may have been damaged on the way (a retry fetches them
+            // again) or be damaged in the primary's log: there is no local log path to check.
+            Error::Corrupt(m) if remote => Error::Corrupt(format!(
+                "repl_sync(): {m}. {} still holds LSN {} and stays readable. A transfer damaged on the \
+                 way is fetched again by the next repl_sync(); if the error persists, the primary's log \
+                 itself may be damaged: run sqlite-replica verify on the primary's <db>-replica directory",
+                self.db_path, st.lsn
+            )),
             Error::Corrupt(m) => Error::Corrupt(format!(
                 "repl_sync(): the primary's log is damaged after LSN {lsn}: {m}. Nothing was applied: {} \
                  still holds LSN {lsn} and stays readable. Check the primary's storage \
