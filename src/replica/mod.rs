@@ -273,10 +273,32 @@ impl Replica {
         source: Option<&str>,
         prefetched: Option<Vec<crate::txlog::Record>>,
     ) -> Result<Lsn> {
+        self.sync_inner(source, prefetched, None)
+    }
+
+    /// What a follower received: `records` (from the replica's next LSN) and `info`, which
+    /// it asked the source for itself. Applied without any request to the source while the
+    /// applier lock and the state mutex are held, so a stalled primary never blocks
+    /// `repl_lsn()`, `repl_status()` or `repl_wait()` (they take the state mutex). Records
+    /// that no longer fit are dropped (the follower's next poll fetches them again).
+    pub fn apply_fetched(
+        &self,
+        info: transport::SourceInfo,
+        records: Vec<crate::txlog::Record>,
+    ) -> Result<Lsn> {
+        self.sync_inner(None, Some(records), Some(info))
+    }
+
+    fn sync_inner(
+        &self,
+        source: Option<&str>,
+        prefetched: Option<Vec<crate::txlog::Record>>,
+        known: Option<transport::SourceInfo>,
+    ) -> Result<Lsn> {
         let _applier = self.applier_lock()?;
         let mut st = lock(&self.state);
         let r = check_writable(&self.db_path)
-            .and_then(|()| self.sync_locked(&mut st, source, prefetched));
+            .and_then(|()| self.sync_locked(&mut st, source, prefetched, known));
         st.last_sync_ms = Some(now_ms());
         match &r {
             Ok(lsn) => {
@@ -328,7 +350,11 @@ impl Replica {
         st: &mut State,
         spec: Option<&str>,
         mut prefetched: Option<Vec<crate::txlog::Record>>,
+        known: Option<transport::SourceInfo>,
     ) -> Result<Lsn> {
+        // With `known` (a follower's batch), apply only the records given: no request to the
+        // source while the locks are held.
+        let only_prefetched = known.is_some();
         if let Some(spec) = spec {
             if st.meta.source.as_deref() != Some(spec) || st.source.is_none() {
                 let src = transport::open_source(spec)?;
@@ -366,7 +392,10 @@ impl Replica {
             };
             st.source = Some(transport::open_source(&spec)?);
         }
-        let info = st.source.as_ref().expect("set").info()?;
+        let info = match known {
+            Some(i) => i,
+            None => st.source.as_ref().expect("set").info()?,
+        };
         if st.meta.lineage.as_deref() != Some(info.lineage.as_str()) {
             return Err(Error::Misuse(format!(
                 "the source now serves lineage {} but this replica follows {}: the primary was re-created; \
@@ -399,6 +428,7 @@ impl Replica {
                 .filter(|v| v.first().is_some_and(|r| r.meta.lsn == st.lsn.next()));
             let fetched = match pre {
                 Some(v) => Fetch::Records(v),
+                None if only_prefetched => break,
                 None => st
                     .source
                     .as_ref()
