@@ -4,8 +4,9 @@
 //! nobody follows in this process).
 //!
 //! The follower waits *outside* the applier lock and the state mutex (a long-poll holds
-//! neither), then applies what it received through the ordinary sync path, which re-checks
-//! lineage and verifies every batch against the primary's checksum. Errors are recorded in
+//! neither), asks the source's info (lineage) outside them too, then applies exactly what it
+//! received through the ordinary sync path (`apply_fetched`: no request while the locks are
+//! held), which re-checks lineage and verifies every batch against the primary's checksum. Errors are recorded in
 //! `repl_status()` and retried with capped exponential backoff and jitter; a primary that
 //! goes away leaves the replica readable at its last LSN.
 
@@ -189,7 +190,8 @@ impl Replica {
             match src.fetch_wait(have.next(), BATCH_BYTES, left)? {
                 Fetch::Records(v) if v.is_empty() => {}
                 Fetch::Records(v) => {
-                    self.sync_with(None, Some((v, src.last_info())))?;
+                    let info = src.last_info().map_or_else(|| src.info(), Ok)?;
+                    self.apply_fetched(info, v)?;
                 }
                 Fetch::Truncated { .. } => {
                     self.sync(None)?;
@@ -320,7 +322,15 @@ fn run(
             Ok(Fetch::Records(v)) if v.is_empty() => Ok(false),
             Ok(Fetch::Records(v)) => {
                 set(&state, |s| s.phase = "applying");
-                r.sync_with(None, Some((v, source.last_info())))
+                // The source's info (lineage, durable LSN) is asked here, outside the locks;
+                // the apply itself makes no request (a stalled primary must not block the
+                // replica's repl_lsn()/repl_status()/repl_wait(), which take the state mutex).
+                // The records' own response carried the info (HTTP headers): no extra round
+                // trip; a source without it is asked here.
+                source
+                    .last_info()
+                    .map_or_else(|| source.info(), Ok)
+                    .and_then(|info| r.apply_fetched(info, v))
                     .map(|_| true)
             }
             Ok(Fetch::Truncated { .. }) => {

@@ -277,16 +277,34 @@ impl Replica {
     pub fn sync_with(
         &self,
         source: Option<&str>,
-        prefetched: Option<(Vec<crate::txlog::Record>, Option<transport::SourceInfo>)>,
+        prefetched: Option<Vec<crate::txlog::Record>>,
     ) -> Result<Lsn> {
-        let (prefetched, prefetched_info) = match prefetched {
-            Some((v, i)) => (Some(v), i),
-            None => (None, None),
-        };
+        self.sync_inner(source, prefetched, None)
+    }
+
+    /// What a follower received: `records` (from the replica's next LSN) and `info`, which
+    /// it asked the source for itself. Applied without any request to the source while the
+    /// applier lock and the state mutex are held, so a stalled primary never blocks
+    /// `repl_lsn()`, `repl_status()` or `repl_wait()` (they take the state mutex). Records
+    /// that no longer fit are dropped (the follower's next poll fetches them again).
+    pub fn apply_fetched(
+        &self,
+        info: transport::SourceInfo,
+        records: Vec<crate::txlog::Record>,
+    ) -> Result<Lsn> {
+        self.sync_inner(None, Some(records), Some(info))
+    }
+
+    fn sync_inner(
+        &self,
+        source: Option<&str>,
+        prefetched: Option<Vec<crate::txlog::Record>>,
+        known: Option<transport::SourceInfo>,
+    ) -> Result<Lsn> {
         let _applier = self.applier_lock()?;
         let mut st = lock(&self.state);
         let r = check_writable(&self.db_path)
-            .and_then(|()| self.sync_locked(&mut st, source, prefetched, prefetched_info));
+            .and_then(|()| self.sync_locked(&mut st, source, prefetched, known));
         st.last_sync_ms = Some(now_ms());
         match &r {
             Ok(lsn) => {
@@ -355,8 +373,11 @@ impl Replica {
         st: &mut State,
         spec: Option<&str>,
         mut prefetched: Option<Vec<crate::txlog::Record>>,
-        prefetched_info: Option<transport::SourceInfo>,
+        known: Option<transport::SourceInfo>,
     ) -> Result<Lsn> {
+        // With `known` (a follower's batch), apply only the records given: no request to the
+        // source while the locks are held.
+        let only_prefetched = known.is_some();
         if let Some(spec) = spec {
             if st.meta.source.as_deref() != Some(spec) || st.source.is_none() {
                 let src = transport::open_source(spec)?;
@@ -395,9 +416,7 @@ impl Replica {
             };
             st.source = Some(transport::open_source(&spec)?);
         }
-        // A follower's records come with what the source said about itself when it sent them
-        // (HTTP: the response headers): no second round trip to ask again.
-        let info = match prefetched.as_ref().and(prefetched_info) {
+        let info = match known {
             Some(i) => i,
             None => st.source.as_ref().expect("set").info()?,
         };
@@ -433,6 +452,7 @@ impl Replica {
                 .filter(|v| v.first().is_some_and(|r| r.meta.lsn == st.lsn.next()));
             let fetched = match pre {
                 Some(v) => Fetch::Records(v),
+                None if only_prefetched => break,
                 None => st
                     .source
                     .as_ref()
@@ -769,7 +789,19 @@ impl Replica {
     /// A record the source cannot read back intact (the txlog decoder checks every record's
     /// checksum before it leaves the source): say which replica state is kept and what to do.
     fn damaged_source(&self, st: &State, e: Error) -> Error {
+        let remote = st
+            .source
+            .as_ref()
+            .is_some_and(|s| s.describe().starts_with("http://"));
         match e {
+            // Over HTTP the bytes may have been damaged on the way (a retry fetches them
+            // again) or be damaged in the primary's log: there is no local log path to check.
+            Error::Corrupt(m) if remote => Error::Corrupt(format!(
+                "repl_sync(): {m}. {} still holds LSN {} and stays readable. A transfer damaged on the \
+                 way is fetched again by the next repl_sync(); if the error persists, the primary's log \
+                 itself may be damaged: run sqlite-replica verify on the primary's <db>-replica directory",
+                self.db_path, st.lsn
+            )),
             Error::Corrupt(m) => Error::Corrupt(format!(
                 "repl_sync(): the primary's log is damaged after LSN {lsn}: {m}. Nothing was applied: {} \
                  still holds LSN {lsn} and stays readable. Check the primary's storage \

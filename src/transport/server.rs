@@ -219,22 +219,28 @@ fn header(name: &str, value: impl std::fmt::Display) -> Header {
 
 type Resp = Response<Box<dyn Read + Send>>;
 
+/// A response of `len` bytes when known. tiny_http switches bodies of 32 KiB or more to
+/// `Transfer-Encoding: chunked` (no Content-Length) by default; the protocol promises
+/// Content-Length framing so that a client can check it received the whole body before it
+/// decodes anything: raise the threshold so a known length is always sent as Content-Length.
 fn boxed<R: Read + Send + 'static>(
     status: u16,
     r: R,
     len: Option<usize>,
     headers: Vec<Header>,
 ) -> Resp {
-    // Always Content-Length, never chunked (tiny_http chunks bodies past 32 KiB by default):
-    // the client checks the length to tell a complete body from a cut one.
-    Response::new(
+    let resp = Response::new(
         StatusCode(status),
         headers,
         Box::new(r) as Box<dyn Read + Send>,
         len,
         None,
-    )
-    .with_chunked_threshold(usize::MAX)
+    );
+    if len.is_some() {
+        resp.with_chunked_threshold(usize::MAX)
+    } else {
+        resp
+    }
 }
 
 fn json_response(status: u16, v: &serde_json::Value) -> Resp {

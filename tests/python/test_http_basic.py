@@ -111,8 +111,11 @@ def test_info_endpoint_and_wait_errors(tmp):
     p, url = serving_primary(tmp / "p.db")
     try:
         p.q("CREATE TABLE t(x)")
-        info = json.loads(urllib.request.urlopen(url + "/v1/info", timeout=5).read())
-        assert info["format"] == 1 and info["durable_lsn"] == p.one("SELECT repl_lsn()")
+        lsn = p.one("SELECT repl_lsn()")
+        # The durable watermark follows the commit within a group-fsync round: poll.
+        info = wait_for(lambda: (i := json.loads(urllib.request.urlopen(url + "/v1/info", timeout=5).read()))
+                        ["durable_lsn"] == lsn and i, timeout=10, what="the commit to be durable")
+        assert info["format"] == 1
         assert info["lineage"] == worker_status(p)["lineage"] and info["page_size"] == 4096
         with Worker(tmp / "r.db") as r:
             r.q("SELECT repl_sync(?)", [url])
