@@ -29,6 +29,9 @@ from pathlib import Path
 
 import apsw
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmd import write_section  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 EXT = str(REPO / "build" / "libreplica")
 TXNS = int(os.environ.get("REPL_BENCH_APPLY_TXNS", "4000"))
@@ -153,8 +156,6 @@ def main() -> None:
 
         lines = [
             "",
-            "## Replica apply throughput and reader latency (directory source)",
-            "",
             f"- Command: `make bench` (scripts/bench_apply.py; REPL_BENCH_APPLY_TXNS={TXNS}, REPL_BENCH_APPLY_LIVE={LIVE}, "
             f"REPL_BENCH_READ_SECS={READ_SECS:g}); 4 KiB pages, synchronous=NORMAL primary, 2-core VM",
             "- Catch-up: one `repl_sync()` applying every transaction committed since the last sync "
@@ -175,14 +176,7 @@ def main() -> None:
             f"| under sync: primary txns, applier syncs | {wr['txns']}, {ap['syncs']} |",
             "",
         ]
-        text = "\n".join(lines)
-        print(text)
-        bench = REPO / "BENCHMARKS.md"
-        old = bench.read_text() if bench.exists() else "# Benchmarks\n"
-        marker = "\n## Replica apply throughput"
-        if marker in old:
-            old = old[: old.index(marker)]
-        bench.write_text(old.rstrip("\n") + "\n" + text)
+        write_section("Replica apply throughput and reader latency (directory source)", lines)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import apsw
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmd import write_section  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 EXT = str(REPO / "build" / "libreplica")
 MB = int(os.environ.get("REPL_BENCH_BOOT_MB", "256"))
@@ -100,8 +103,6 @@ def main() -> None:
         boot_rate = mib / statistics.median(boot_s)
         lines = [
             "",
-            "## Bootstrap of a new replica (directory source) vs `cp`",
-            "",
             f"- Primary: {mib:.0f} MiB of random blobs ({size} bytes), made a primary afterwards (its first snapshot holds every page)",
             f"- Command: `make bench` (scripts/bench_bootstrap.py; REPL_BENCH_BOOT_MB={MB}, {ROUNDS} interleaved rounds, medians)",
             "- `cp` = `cp` of the checkpointed database file + `sync` of the copy; bootstrap = a new process: load the extension, "
@@ -115,14 +116,7 @@ def main() -> None:
             "Per round (cp, bootstrap) seconds: " + ", ".join(f"({a:.2f}, {b:.2f})" for a, b in zip(cp_s, boot_s)),
             "",
         ]
-        text = "\n".join(lines)
-        print(text)
-        bench = REPO / "BENCHMARKS.md"
-        old = bench.read_text() if bench.exists() else "# Benchmarks\n"
-        marker = "\n## Bootstrap of a new replica"
-        if marker in old:
-            old = old[: old.index(marker)]
-        bench.write_text(old.rstrip("\n") + "\n" + text)
+        write_section("Bootstrap of a new replica (directory source) vs `cp`", lines)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -28,6 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmd import write_section  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 EXT = str(REPO / "build" / "libreplica")
 RATES = [int(r) for r in os.environ.get("REPL_BENCH_LAG_RATES", "100,500").split(",")]
@@ -258,8 +261,6 @@ def main() -> None:
 
         lines = [
             "",
-            "## HTTP transport: replication lag, catch-up, bootstrap (loopback)",
-            "",
             f"- Command: `make bench` (scripts/bench_http.py; REPL_BENCH_LAG_RATES={','.join(map(str, RATES))}, "
             f"REPL_BENCH_LAG_SECS={LAG_SECS:g}, REPL_BENCH_HTTP_TXNS={TXNS}, REPL_BENCH_HTTP_BOOT_MB={BOOT_MB}); 2-core VM, "
             "primary synchronous=NORMAL (a commit is served once the group fsync made it durable)",
@@ -281,14 +282,7 @@ def main() -> None:
             f"| bootstrap vs cp | {boot_rate / cp_rate:.2f}x |",
             "",
         ]
-        text = "\n".join(lines)
-        print(text)
-        bench = REPO / "BENCHMARKS.md"
-        old = bench.read_text() if bench.exists() else "# Benchmarks\n"
-        marker = "\n## HTTP transport"
-        if marker in old:
-            old = old[: old.index(marker)]
-        bench.write_text(old.rstrip("\n") + "\n" + text)
+        write_section("HTTP transport: replication lag, catch-up, bootstrap (loopback)", lines)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -523,6 +523,19 @@ def start_replica(path: str | os.PathLike[str], source: str | os.PathLike[str], 
     return w
 
 
+def start_serving_primary(path: str | os.PathLike[str], token: str | None = None, **kwargs: Any) -> tuple[Worker, str]:
+    """A primary process that also serves its log over HTTP on a free loopback port
+    (``repl_primary('127.0.0.1:0' [, token])``); returns the worker and the server's URL."""
+    w = Worker(path, **kwargs)
+    if token:
+        w.one("SELECT repl_primary('127.0.0.1:0', ?)", [token])
+    else:
+        w.one("SELECT repl_primary('127.0.0.1:0')")
+    url = worker_status(w)["server"]["url"]
+    assert url.startswith("http://127.0.0.1:"), url
+    return w, url
+
+
 def lsn_checksum(w: Worker) -> tuple[int, str]:
     """(repl_lsn(), repl_checksum()) of a primary or replica worker."""
     lsn, ck = w.q("SELECT repl_lsn(), repl_checksum()")[0]

@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 
 from helpers import (
+    start_serving_primary,
     py_ok,
     Worker,
     WorkerError,
@@ -27,16 +28,8 @@ from helpers import (
 )
 
 
-def serving_primary(path, **kw) -> tuple[Worker, str]:
-    p = Worker(path, **kw)
-    p.one("SELECT repl_primary('127.0.0.1:0')")
-    url = worker_status(p)["server"]["url"]
-    assert url.startswith("http://127.0.0.1:"), url
-    return p, url
-
-
 def test_replica_over_http_equals_the_primary_and_follows(tmp):
-    p, url = serving_primary(tmp / "p.db")
+    p, url = start_serving_primary(tmp / "p.db")
     try:
         p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, b BLOB)")
         p.q("WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 200) INSERT INTO t(v, b) SELECT 'row' || n, randomblob(5000) FROM c")
@@ -80,7 +73,7 @@ def test_replica_over_http_equals_the_primary_and_follows(tmp):
 
 
 def test_three_replicas_follow_one_primary(tmp):
-    p, url = serving_primary(tmp / "p.db")
+    p, url = start_serving_primary(tmp / "p.db")
     replicas = []
     try:
         p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v INTEGER)")
@@ -108,7 +101,7 @@ def test_three_replicas_follow_one_primary(tmp):
 
 
 def test_info_endpoint_and_wait_errors(tmp):
-    p, url = serving_primary(tmp / "p.db")
+    p, url = start_serving_primary(tmp / "p.db")
     try:
         p.q("CREATE TABLE t(x)")
         lsn = p.one("SELECT repl_lsn()")
@@ -233,7 +226,7 @@ CLI = str(Path(__file__).resolve().parents[2] / "build" / "sqlite-replica")
 def test_cli_restore_with_progress(tmp, kind):
     """``sqlite-replica restore <source> <out.db>``: a plain database at the primary's LSN
     (snapshot + log), progress on stderr, equal content; refuses to overwrite a file."""
-    p, url = serving_primary(tmp / "p.db")
+    p, url = start_serving_primary(tmp / "p.db")
     try:
         p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, b BLOB)")
         p.q("WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 300) INSERT INTO t(b) SELECT randomblob(4000) FROM c")

@@ -193,6 +193,23 @@ def _kill_applier_at_random_points(tmp, pdb, rdb, stop, rng, source):
     assert not resnaps, f"a crash was answered with a re-snapshot instead of the position logic: {resnaps}"
 
 
+def assert_resumed_to_the_primary(tmp, pdb, rdb) -> None:
+    """After the kills: a clean sync reaches the primary's LSN, a fresh process recomputes the
+    same checksum from the files, the content is equal, and no applier's log shows a
+    re-snapshot (crashes must be answered by the position logic)."""
+    with start_primary(pdb) as p:
+        want = lsn_checksum(p)
+        tables = worker_tables(p)
+    with Worker(rdb) as r:
+        assert sync_to(r, want[0]) == want[0]
+    with Worker(rdb) as fresh:
+        assert lsn_checksum(fresh) == want
+    assert stock_one(rdb, "PRAGMA integrity_check;") == "ok"
+    assert stock_tables(rdb) == tables
+    resnaps = [n for n in os.listdir(tmp) if n.endswith(".err") and "event=resnapshot" in (tmp / n).read_text()]
+    assert not resnaps, f"a crash was answered with a re-snapshot instead of the position logic: {resnaps}"
+
+
 # ---------------------------------------------------------------------- exact kill points
 
 KILL_POINTS = [
@@ -244,17 +261,7 @@ def test_kill_at_exact_apply_points(tmp, kill_shim):
         stop.touch()
     bg_result(primary, timeout=30)
     assert len(killed) == len(KILL_POINTS), killed
-    with start_primary(pdb) as p:
-        want = lsn_checksum(p)
-        tables = worker_tables(p)
-    with Worker(rdb) as r:
-        assert sync_to(r, want[0]) == want[0]
-    with Worker(rdb) as fresh:
-        assert lsn_checksum(fresh) == want
-    assert stock_one(rdb, "PRAGMA integrity_check;") == "ok"
-    assert stock_tables(rdb) == tables
-    resnaps = [n for n in os.listdir(tmp) if n.endswith(".err") and "event=resnapshot" in (tmp / n).read_text()]
-    assert not resnaps, f"a crash was answered with a re-snapshot instead of the position logic: {resnaps}"
+    assert_resumed_to_the_primary(tmp, pdb, rdb)
 
 
 # ------------------------------------------------- kills inside the publish and under WRITE
@@ -328,14 +335,4 @@ def test_kill_inside_the_publish_or_while_holding_write(tmp, kill_shim, point):
     seen = bg_result(reader, timeout=30)
     assert seen["n_errors"] == 0 and not seen["bad"], seen
     assert seen["reads"] > 0, seen
-    with start_primary(pdb) as p:
-        want = lsn_checksum(p)
-        tables = worker_tables(p)
-    with Worker(rdb) as r:
-        assert sync_to(r, want[0]) == want[0]
-    with Worker(rdb) as fresh:
-        assert lsn_checksum(fresh) == want
-    assert stock_one(rdb, "PRAGMA integrity_check;") == "ok"
-    assert stock_tables(rdb) == tables
-    resnaps = [n for n in os.listdir(tmp) if n.endswith(".err") and "event=resnapshot" in (tmp / n).read_text()]
-    assert not resnaps, f"a crash was answered with a re-snapshot instead of the position logic: {resnaps}"
+    assert_resumed_to_the_primary(tmp, pdb, rdb)
