@@ -240,9 +240,16 @@ class Handler(BaseHTTPRequestHandler):
         sys.stderr.write("event=request " + " ".join(f"{k}={v}" for k, v in fields.items()) + "\n")
 
     def read_body(self) -> bytes:
-        n = int(self.headers.get("Content-Length") or 0)
+        try:
+            n = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            self.close_connection = True
+            raise HttpError(400, "bad Content-Length") from None
         if n > MAX_BODY:
-            self.close_connection = True  # the unread body would be parsed as the next request
+            if n <= 16 * MAX_BODY:
+                self.rfile.read(n)  # drain it, so the answer is not lost in a connection reset
+            else:
+                self.close_connection = True  # an unread body would be parsed as the next request
             raise HttpError(413, f"the body is limited to {MAX_BODY} bytes")
         return self.rfile.read(n) if n else b""
 
