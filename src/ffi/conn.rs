@@ -375,6 +375,23 @@ impl DbRef {
         Ok(out)
     }
 
+    /// `sqlite3_total_changes()`: rows changed by every statement since the connection opened.
+    pub fn total_changes(&self) -> i64 {
+        match api().total_changes {
+            // SAFETY: valid handle.
+            Some(f) => unsafe { f(self.0) as i64 },
+            None => 0,
+        }
+    }
+
+    /// `sqlite3_set_last_insert_rowid()` (3.18+; a no-op on older hosts).
+    pub fn set_last_insert_rowid(&self, v: i64) {
+        if let Some(f) = api().set_last_insert_rowid {
+            // SAFETY: valid handle.
+            unsafe { f(self.0, v) }
+        }
+    }
+
     /// `sqlite3_extended_errcode()` of the connection.
     pub fn extended_errcode(&self) -> i32 {
         match api().extended_errcode {

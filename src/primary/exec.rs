@@ -158,7 +158,12 @@ impl Primary {
                     return Ok(v);
                 }
             }
+            // A fresh rowid and change count: the connection is shared by every request, and
+            // a script that inserts nothing must not report another request's rowid.
+            db.set_last_insert_rowid(0);
+            let changed_before = db.total_changes();
             let out = db.run_script(&req.sql, &req.params).map_err(sql_err)?;
+            let wrote = db.total_changes() != changed_before;
             if db.autocommit() {
                 return Err(Error::Misuse(
                     "the script ended the transaction itself (COMMIT/ROLLBACK/END): repl_exec runs it as one \
@@ -167,13 +172,18 @@ impl Primary {
                 ));
             }
             let answer = json!({
-                "changes": out.changes,
+                // sqlite3_changes() keeps the count of the last write on the connection: a
+                // script that wrote nothing reports 0, not another request's count.
+                "changes": if wrote { out.changes } else { 0 },
                 "last_insert_rowid": out.last_insert_rowid,
                 "columns": out.columns,
                 "rows": out.rows.iter().map(|r| r.iter().map(value_to_json).collect::<Vec<_>>()).collect::<Vec<_>>(),
                 "duplicate": false,
             });
-            if let Some(id) = &req.request_id {
+            // Only a script that changed something is recorded: a read (SELECT, or a write
+            // that matched no row) commits nothing, so it creates no LSN, and running it again
+            // on a retry is harmless.
+            if let Some(id) = req.request_id.as_ref().filter(|_| wrote) {
                 let now = now_ms();
                 db.run_script(
                     "INSERT INTO _repl_requests(id, answer, at_ms) VALUES (?, ?, ?); \

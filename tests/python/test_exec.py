@@ -202,3 +202,20 @@ def test_exec_endpoint_over_plain_http(tmp):
         assert e.value.code == 405
     finally:
         p.close()
+
+
+def test_a_forwarded_read_commits_nothing_and_reports_its_own_counts(tmp):
+    p, url = start_serving_primary(tmp / "p.db")
+    try:
+        p.q("CREATE TABLE t(x)")
+        with Worker(tmp / "r.db") as r:
+            r.q("SELECT repl_follow(?)", [url])
+            a = json.loads(r.one("SELECT repl_exec_json('INSERT INTO t VALUES (1)', NULL, 'w1')"))
+            assert a["changes"] == 1 and a["last_insert_rowid"] == 1
+            for i in range(3):
+                b = json.loads(r.one("SELECT repl_exec_json('SELECT count(*) FROM t', NULL, ?)", [f"read{i}"]))
+                assert b["rows"] == [[1]] and b["changes"] == 0 and b["last_insert_rowid"] == 0, b
+                assert b["lsn"] == a["lsn"], "a read created a commit"
+            assert p.one("SELECT count(*) FROM _repl_requests") == 1
+    finally:
+        p.close()
