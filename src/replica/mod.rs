@@ -1165,7 +1165,17 @@ fn write_meta(dir: &Path, m: &ReplicaMeta) -> Result<()> {
     let p = dir.join("replica.json");
     let tmp = dir.join(format!("replica.json.{}.tmp", std::process::id()));
     let text = m.to_json();
-    std::fs::write(&tmp, text).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    // Owner-only: the source URL may carry the primary's token (?token=).
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
     std::fs::rename(&tmp, &p).map_err(|e| Error::io(format!("renaming to {}", p.display()), e))
 }
 
