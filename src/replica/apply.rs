@@ -6,7 +6,9 @@
 //! down through a C.6 restart taken with READ1..4 exclusive; hash entries are appended in
 //! frame order, aPgno before the slot; the header is published copy 2, barrier, copy 1 with
 //! nothing in between; read-marks and nBackfill are only written by the restart, holding
-//! every lock they need. The WAL is fdatasync'ed before a header that makes frames visible.
+//! every lock they need. A new WAL header is fdatasync'ed before the first frame of its
+//! generation; the frames themselves are fdatasync'ed by the caller right after the publish and
+//! before the position records them (E.5), so readers do not wait for the disk.
 
 use crate::error::Error;
 #[cfg(test)]
@@ -179,8 +181,9 @@ pub fn append_commit<S: ShmAccess + WalLocks>(
     }
     wal.write_all_at(&buf, wal::frame_offset(page_size, start))
         .map_err(|e| Error::io("writing frames to the replica's WAL", e))?;
-    wal.sync_data()
-        .map_err(|e| Error::io("syncing the replica's WAL", e))?;
+    // No fsync before the publish (E.5: visibility needs none; readers share the page cache):
+    // the caller syncs after publishing and before recording the position, so the recorded
+    // position never exceeds what is durable, and readers see the batch an fsync earlier.
     for (i, (pgno, _)) in pages.iter().enumerate() {
         hash_insert(shm, start + i as u32, *pgno)?;
     }

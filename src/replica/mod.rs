@@ -904,6 +904,9 @@ impl Replica {
             st.restarts_seen += 1;
         }
         st.last_hdr = Some(h);
+        // E.5: durable before the position says so (published already: readers did not wait).
+        wal.sync_data()
+            .map_err(|e| Error::io("syncing the replica's WAL", e))?;
         st.lsn = plan.last_lsn;
         st.generation = plan.generation;
         st.page_size = Some(plan.page_size);
