@@ -7,6 +7,8 @@
 #   make bench   build, then scripts/bench.py (commit overhead), scripts/bench_bootstrap.py (replica bootstrap vs cp)
 #                scripts/bench_apply.py (apply throughput, one-transaction sync, reader latency)
 #                and scripts/bench_http.py (replication lag over HTTP, catch-up, 256 MiB bootstrap over HTTP)
+#   make fuzz    each cargo-fuzz target (record_decode, wal_parse, http_input) for FUZZ_SECS (600)
+#                seconds on a scratch copy of its seed corpus (needs the nightly toolchain)
 #   make clean   remove build/ and target/
 #
 # CI (.ci/run) runs `make test` in a clean clone with no standard input.
@@ -25,7 +27,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
 PIP_INSTALL := $(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore
 
-.PHONY: all build deps test demo bench clean
+.PHONY: all build deps test demo bench fuzz clean
 # deps before build before tests, even under -j.
 .NOTPARALLEL:
 
@@ -76,6 +78,18 @@ bench: build
 	$(PYTHON) scripts/bench_bootstrap.py
 	$(PYTHON) scripts/bench_apply.py
 	$(PYTHON) scripts/bench_http.py
+
+FUZZ_SECS ?= 600
+FUZZ_TARGETS ?= record_decode wal_parse http_input
+## fuzz: cargo-fuzz installed only when missing; crashes land in fuzz/artifacts/<target>/.
+fuzz:
+	@if ! $(CARGO) fuzz --version >/dev/null 2>&1; then echo "deps: cargo install cargo-fuzz"; $(CARGO) install -q cargo-fuzz; fi
+	@for t in $(FUZZ_TARGETS); do \
+	  scratch=$$(mktemp -d); cp tests/corpus/$$t/* $$scratch/; \
+	  echo "fuzz: $$t for $(FUZZ_SECS) s"; \
+	  (cd fuzz && $(CARGO) +nightly fuzz run $$t $$scratch -- -max_total_time=$(FUZZ_SECS) -rss_limit_mb=2048 -print_final_stats=1) || exit 1; \
+	  rm -rf $$scratch; \
+	done
 
 clean:
 	rm -rf $(BUILD)

@@ -433,15 +433,7 @@ fn common_headers(
 }
 
 fn serve_log(sh: &Shared, req: &Request, params: &[(&str, &str)]) -> Result<Resp> {
-    let parsed = (|| {
-        let from = num(params, "from", 0..=(i64::MAX as u64))?
-            .ok_or_else(|| "from is required: GET /v1/log?from=<first LSN wanted>".to_string())?;
-        let wait = num(params, "wait_ms", 0..=MAX_WAIT_MS)?.unwrap_or(0);
-        let max = num(params, "max_bytes", 1..=MAX_MAX_BYTES)?.unwrap_or(DEFAULT_MAX_BYTES);
-        let generation = num(params, "generation", 0..=(u32::MAX as u64))?;
-        Ok::<_, String>((Lsn(from.max(1)), wait, max, generation))
-    })();
-    let (from, wait, max, generation) = match parsed {
+    let (from, wait, max, generation) = match log_params(params) {
         Ok(p) => p,
         Err(msg) => return Ok(error_response(400, &msg)),
     };
@@ -565,6 +557,29 @@ fn serve_log(sh: &Shared, req: &Request, params: &[(&str, &str)]) -> Result<Resp
         Some(range.len as usize),
         headers,
     ))
+}
+
+/// The `/v1/log` parameters: (from, wait_ms, max_bytes, generation), or the 400 message.
+fn log_params(
+    params: &[(&str, &str)],
+) -> std::result::Result<(Lsn, u64, u64, Option<u64>), String> {
+    let from = num(params, "from", 0..=(i64::MAX as u64))?
+        .ok_or_else(|| "from is required: GET /v1/log?from=<first LSN wanted>".to_string())?;
+    let wait = num(params, "wait_ms", 0..=MAX_WAIT_MS)?.unwrap_or(0);
+    let max = num(params, "max_bytes", 1..=MAX_MAX_BYTES)?.unwrap_or(DEFAULT_MAX_BYTES);
+    let generation = num(params, "generation", 0..=(u32::MAX as u64))?;
+    Ok((Lsn(from.max(1)), wait, max, generation))
+}
+
+/// Fuzzing entry (transport::fuzzing): a request URL through the path/query split and the
+/// `/v1/log` parameter rules. Properties: accepted values are inside their ranges.
+pub(crate) fn fuzz_url(url: &str) {
+    let (_, params) = query(url);
+    if let Ok((from, wait, max, generation)) = log_params(&params) {
+        assert!(from.0 >= 1 && from.0 <= i64::MAX as u64);
+        assert!(wait <= MAX_WAIT_MS && (1..=MAX_MAX_BYTES).contains(&max));
+        assert!(generation.is_none_or(|g| g <= u32::MAX as u64));
+    }
 }
 
 fn serve_snapshot(sh: &Shared) -> Result<Resp> {

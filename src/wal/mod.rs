@@ -18,6 +18,7 @@
 
 mod checksum;
 mod file;
+mod fuzzing;
 mod hash;
 #[cfg(test)]
 mod hash_tests;
@@ -30,6 +31,7 @@ pub use file::{
     encode_frame, frame_cksum, frame_offset, FrameHeader, WalHeader, FRAME_HEADER_SIZE,
     WAL_HEADER_SIZE, WAL_MAGIC_BE, WAL_MAGIC_LE, WAL_VERSION,
 };
+pub use fuzzing::exercise_wal;
 pub use hash::{
     apgno_offset, block_of, hash_insert, hash_lookup, hash_lookup_checked, hash_of, hash_truncate,
     izero, HASH_MULT, HASH_OFFSET, NPAGE, NPAGE_ONE, NSLOT,
