@@ -490,8 +490,9 @@ def report(version: str, write: dict[str, list[float]], lag: list[dict], bt: dic
         f"({med['primary']:.1f} vs {med['litestream-fast']:.1f} µs/commit).",
         "- Why Litestream's writer can be faster than plain SQLite: Litestream takes over checkpointing (it checkpoints from "
         "its own process, and its locks keep the writer's automatic checkpoint from completing), so the writer stops paying "
-        "the checkpoint's copy and fsyncs every ~1000 pages (see the WAL column: it only grows while Litestream runs); the work moves to the `litestream` process. That is our "
-        "architecture's cost, not noise: our primary does its capture on the commit path (docs/ARCHITECTURE.md, *Known costs*).",
+        "the checkpoint's copy and fsyncs every ~1000 pages (see the WAL column: it only grows while Litestream runs); the work moves to the `litestream` process. Our primary's "
+        "extra cost is on the commit path (capture; docs/ARCHITECTURE.md, *Known costs*), Litestream's is off it, in another "
+        "process; with ±30 % round-to-round noise here, differences under ~1.3× are not reliable.",
         "- Not the same guarantee: a sqlite-replica commit is in the log (captured, ordered, served) when it returns; "
         "Litestream copies it asynchronously, up to one sync interval later, and a crash in that window loses it from the replica.",
         "",
