@@ -7,6 +7,10 @@
 #   make bench   build, then scripts/bench.py (commit overhead), scripts/bench_bootstrap.py (replica bootstrap vs cp)
 #                scripts/bench_apply.py (apply throughput, one-transaction sync, reader latency)
 #                and scripts/bench_http.py (replication lag over HTTP, catch-up, 256 MiB bootstrap over HTTP)
+#   make torture build, then scripts/torture.py once per seed of TORTURE_SEEDS (default 1 2 3), each
+#                TORTURE_SECS (default 150) of writers, followers behind fault proxies, stock readers
+#                and seeded kill -9 / proxy / drain / foreign-write faults (about 9 min in all; not
+#                part of `make test`, which runs a 60 s smoke version: tests/python/test_torture.py)
 #   make clean   remove build/ and target/
 #
 # CI (.ci/run) runs `make test` in a clean clone with no standard input.
@@ -20,12 +24,15 @@ PYTHON  ?= python3
 BUILD   := build
 RELEASE := target/release
 
+TORTURE_SEEDS ?= 1 2 3
+TORTURE_SECS  ?= 150
+
 # Root installs directly; anyone else goes through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
 PIP_INSTALL := $(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore
 
-.PHONY: all build deps test demo bench clean
+.PHONY: all build deps test demo bench torture clean
 # deps before build before tests, even under -j.
 .NOTPARALLEL:
 
@@ -76,6 +83,15 @@ bench: build
 	$(PYTHON) scripts/bench_bootstrap.py
 	$(PYTHON) scripts/bench_apply.py
 	$(PYTHON) scripts/bench_http.py
+
+## torture: every seed runs (a failing one does not hide the others); fails if any seed failed.
+torture: build
+	@failed=; for seed in $(TORTURE_SEEDS); do \
+	  echo "torture: seed $$seed, $(TORTURE_SECS) s"; \
+	  $(PYTHON) scripts/torture.py --seed $$seed --secs $(TORTURE_SECS) || failed="$$failed $$seed"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "torture: FAILED seeds:$$failed"; exit 1; fi; \
+	echo "torture: all seeds passed ($(TORTURE_SEEDS))"
 
 clean:
 	rm -rf $(BUILD)

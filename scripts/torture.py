@@ -177,7 +177,7 @@ def check(row):
     s, c, v, mv = row
     if s != total or c != n or (v > 0 and mv != v) or v < last_v:
         violations.append(["state", list(row), last_v])
-        print(json.dumps({"violation": violations[-1]}), flush=True)
+        print(json.dumps({"violation": violations[-1], "time": time.time()}), flush=True)
     last_v = max(last_v, v)
 while not os.path.exists(stop):
     try:
@@ -191,7 +191,7 @@ while not os.path.exists(stop):
                 checks += 1
                 if again != first:
                     violations.append(["snapshot moved", list(first), list(again)])
-                    print(json.dumps({"violation": violations[-1]}), flush=True)
+                    print(json.dumps({"violation": violations[-1], "time": time.time()}), flush=True)
                 time.sleep(0.01)
             conn.execute("COMMIT")
             long_txns += 1
@@ -208,7 +208,7 @@ while not os.path.exists(stop):
             conn.execute("ROLLBACK")
     except apsw.Error as e:
         errors.append(f"{type(e).__name__}: {e}")
-        print(json.dumps({"error": errors[-1]}), flush=True)
+        print(json.dumps({"error": errors[-1], "time": time.time()}), flush=True)
         if not conn.getautocommit():
             conn.execute("ROLLBACK")
     time.sleep(0.004)  # pacing: leave the CPUs to the processes under test
