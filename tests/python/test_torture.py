@@ -33,6 +33,7 @@ def test_torture_smoke(tmp):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SUMMARY ")]
     assert lines, f"no summary (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     s = json.loads(lines[-1][len("SUMMARY "):])
+    print(lines[-1])  # shown with pytest -rP / -s
     detail = f"summary: {s}\nlog tail:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-2000:]}\nwork dir: {tmp}"
     assert proc.returncode == 0, detail
     assert s["invariant_violations"] == 0 and s["reader_errors"] == 0 and s["divergences"] == 0, detail
