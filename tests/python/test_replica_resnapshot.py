@@ -109,3 +109,49 @@ def test_resnapshot_after_a_foreign_write_keeps_a_long_readers_view(tmp, transpo
         reader.close()
         r.close()
         p.close()
+
+
+def test_resnapshot_from_an_older_snapshot_never_takes_readers_back(tmp):
+    """Found by scripts/torture.py (seed 2): the primary's newest snapshot can be far older than
+    the replica (here LSN 0: the empty database before the schema). A re-snapshot that
+    published that snapshot alone and caught up in later batches showed stock readers the
+    empty database ("no such table") and then old versions. The snapshot and the records after
+    it up to the replica's LSN must go into ONE WAL transaction: with every record-carrying
+    log response dropped (proxy), the re-snapshot cannot complete, and the replica must stay
+    readable at what it showed before (never the old snapshot); once the log passes again it
+    re-snapshots and equals the primary."""
+    from faultproxy import FaultProxy
+
+    pdb, rdb = tmp / "p.db", tmp / "r.db"
+    p = start_primary(pdb)  # its newest snapshot: LSN 0, the empty database
+    p.q("SELECT repl_primary('127.0.0.1:0')")
+    url = worker_status(p)["server"]["url"]
+    p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+    for i in range(30):
+        p.q("INSERT INTO t(v) VALUES (?)", [f"v{i}"])
+    proxy = FaultProxy(int(url.rsplit(":", 1)[1]))
+    r = Worker(rdb)
+    try:
+        want = lsn_checksum(p)
+        assert r.one("SELECT repl_sync(?)", [proxy.url]) == want[0]
+        assert worker_status(p)["snapshot"]["lsn"] < want[0] - 20, worker_status(p)["snapshot"]
+        r.close()  # the next applier process finds the foreign write when it loads
+        stock_one(rdb, "UPDATE t SET v = 'foreign' WHERE id = 1;")  # a foreign writer on the replica
+        r = Worker(rdb)
+        proxy.drop_after(0)  # every log response with records is cut: only /v1/snapshot passes
+        with pytest.raises(Exception):
+            r.q("SELECT repl_sync()")
+        assert proxy.faults["drop"] >= 1, list(proxy.log)
+        # Readers still see a state at the replica's LSN (here: with the foreign row), never
+        # the old snapshot's empty database.
+        assert stock_one(rdb, "SELECT count(*) FROM t;") == "30"
+        proxy.pass_()
+        sync_to(r, want[0])
+        assert worker_status(r)["resnapshots"] >= 1
+        assert lsn_checksum(r) == want
+        assert stock_tables(rdb) == worker_tables(p)
+        assert stock_one(rdb, "PRAGMA integrity_check;") == "ok"
+    finally:
+        r.close()
+        proxy.close()
+        p.close()
