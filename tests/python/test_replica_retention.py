@@ -102,12 +102,16 @@ def test_left_behind_past_retention_catches_up_through_a_snapshot_with_a_long_re
                 assert reader.q(SNAP) == [stock_one(pdb, SNAP)]
             finally:
                 reader.close()
-            # And it keeps following with ordinary batches afterwards.
+            # And it keeps following with ordinary batches afterwards: unless retention (still
+            # aggressive here) removed its position again meanwhile, no re-snapshot. The log's
+            # first LSN only grows, so reading it after the sync decides that soundly.
+            at = r.one("SELECT repl_lsn()")
             churn(p, 3)
             want = lsn_checksum(p)
             sync_to(r, want[0])
             assert lsn_checksum(r) == want
-            assert worker_status(r)["resnapshots"] == resnaps, "an ordinary catch-up took a re-snapshot"
+            if log_state(p)["first"] <= at + 1:
+                assert worker_status(r)["resnapshots"] == resnaps, "an ordinary catch-up took a re-snapshot"
         assert stock_one(rdb, "PRAGMA integrity_check;") == "ok"
         assert stock_tables(rdb) == worker_tables(p)
         # A new replica bootstraps from the compacted snapshot plus the retained log.
