@@ -61,9 +61,11 @@ pub fn params_from_json(v: &Value) -> std::result::Result<Vec<SqlValue>, String>
 }
 
 fn short(v: &Value) -> String {
+    // At most 60 characters (not bytes: a byte cut may split a character and panic; found by
+    // the http_input fuzz target).
     let s = v.to_string();
-    if s.len() > 60 {
-        format!("{}…", &s[..60])
+    if s.chars().count() > 60 {
+        format!("{}…", s.chars().take(60).collect::<String>())
     } else {
         s
     }
