@@ -125,6 +125,9 @@ pub struct Replica {
     progress: Mutex<Option<(&'static str, u64, u64)>>,
 }
 
+/// A follower's batch: what the source said about itself and the records it sent.
+type Followed = (transport::SourceInfo, Vec<crate::txlog::Record>);
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -268,18 +271,7 @@ impl Replica {
 
     /// `repl_sync([source])`: pull and apply everything the source has now; returns the LSN.
     pub fn sync(&self, source: Option<&str>) -> Result<Lsn> {
-        self.sync_with(source, None)
-    }
-
-    /// `sync`, applying `prefetched` (records a follower already received, starting at the
-    /// replica's next LSN) before fetching more. Records that no longer fit (another process
-    /// applied meanwhile) are dropped and fetched again.
-    pub fn sync_with(
-        &self,
-        source: Option<&str>,
-        prefetched: Option<Vec<crate::txlog::Record>>,
-    ) -> Result<Lsn> {
-        self.sync_inner(source, prefetched, None)
+        self.sync_inner(source, None)
     }
 
     /// What a follower received: `records` (from the replica's next LSN) and `info`, which
@@ -292,19 +284,14 @@ impl Replica {
         info: transport::SourceInfo,
         records: Vec<crate::txlog::Record>,
     ) -> Result<Lsn> {
-        self.sync_inner(None, Some(records), Some(info))
+        self.sync_inner(None, Some((info, records)))
     }
 
-    fn sync_inner(
-        &self,
-        source: Option<&str>,
-        prefetched: Option<Vec<crate::txlog::Record>>,
-        known: Option<transport::SourceInfo>,
-    ) -> Result<Lsn> {
+    fn sync_inner(&self, source: Option<&str>, followed: Option<Followed>) -> Result<Lsn> {
         let _applier = self.applier_lock()?;
         let mut st = lock(&self.state);
         let r = check_writable(&self.db_path)
-            .and_then(|()| self.sync_locked(&mut st, source, prefetched, known));
+            .and_then(|()| self.sync_locked(&mut st, source, followed));
         st.last_sync_ms = Some(now_ms());
         match &r {
             Ok(lsn) => {
@@ -372,12 +359,12 @@ impl Replica {
         &self,
         st: &mut State,
         spec: Option<&str>,
-        mut prefetched: Option<Vec<crate::txlog::Record>>,
-        known: Option<transport::SourceInfo>,
+        followed: Option<Followed>,
     ) -> Result<Lsn> {
-        // With `known` (a follower's batch), apply only the records given: no request to the
-        // source while the locks are held.
-        let only_prefetched = known.is_some();
+        // A follower's batch: apply only the records given, with the info it came with; no
+        // request to the source while the locks are held.
+        let only_prefetched = followed.is_some();
+        let (known, mut prefetched) = followed.unzip();
         if let Some(spec) = spec {
             if st.meta.source.as_deref() != Some(spec) || st.source.is_none() {
                 let src = transport::open_source(spec)?;
