@@ -2,6 +2,17 @@
 //! `libreplica.so`). Order, as Litestream's VFS does it: check the host version, register the
 //! VFS as the default, register the functions on this connection and, through an
 //! auto-extension, on every later one, then stay loaded permanently.
+//!
+//! Two loads are refused, each with a message that says what to do:
+//! - from a second, different SQLite library in the same process (the crate's globals — the
+//!   API table, the VFS and the VFS it wraps — belong to the first library; mixing them
+//!   crashes the process);
+//! - on a connection whose main database already has a replication role (primary or replica)
+//!   but was opened before the extension was loaded, so it does not go through the VFS: its
+//!   writes would bypass capture (a primary would see a foreign writer and start a new
+//!   generation, every replica re-copying the database). The VFS is registered first, so the
+//!   next connection the application opens does go through it (a connection pool whose
+//!   connect hook loads the extension gets one loud failure, then working connections).
 
 use crate::ffi::{self, guard, sqlite3, sqlite3_api_routines};
 use std::ffi::{c_char, c_int};
@@ -21,16 +32,30 @@ pub unsafe extern "C" fn sqlite3_replica_init(
     p_api: *mut sqlite3_api_routines,
 ) -> c_int {
     guard(ffi::SQLITE_ERROR, || {
-        ffi::set_api(p_api);
+        let fail = |msg: &str, api: *const sqlite3_api_routines| {
+            if !pz_err_msg.is_null() {
+                // SAFETY: SQLite gives us a writable slot for a message allocated by the same
+                // library's sqlite3_malloc.
+                unsafe { *pz_err_msg = ffi::mprintf_with(api, msg) };
+            }
+            ffi::SQLITE_ERROR
+        };
+        if let Err(first) = ffi::set_api(p_api) {
+            return fail(
+                &format!(
+                    "sqlite-replica is already loaded by another SQLite library in this process \
+                     (SQLite {}; this one is SQLite {}): one process can replicate through one SQLite \
+                     library only. Load the extension only into that library's connections, or use \
+                     this library from a separate process",
+                    ffi::version_text(ffi::libversion_number_of(first)),
+                    ffi::version_text(ffi::libversion_number_of(p_api))
+                ),
+                p_api,
+            );
+        }
         match init(db) {
             Ok(()) => ffi::SQLITE_OK_LOAD_PERMANENTLY,
-            Err(msg) => {
-                if !pz_err_msg.is_null() {
-                    // SAFETY: SQLite gives us a writable slot for an sqlite3_malloc'd message.
-                    unsafe { *pz_err_msg = ffi::mprintf(&msg) };
-                }
-                ffi::SQLITE_ERROR
-            }
+            Err(msg) => fail(&msg, p_api),
         }
     })
 }
@@ -66,7 +91,34 @@ fn init(db: *mut sqlite3) -> Result<(), String> {
     if rc != ffi::SQLITE_OK {
         return Err(format!("sqlite3_auto_extension failed with code {rc}"));
     }
-    Ok(())
+    check_main_db_goes_through_vfs(db)
+}
+
+/// Refuse the load on a connection whose main database has a replication role but was opened
+/// before the VFS existed (see the module comment). Only when this library is pinned in memory:
+/// SQLite `dlclose`s an extension whose init fails, and the VFS registered above must outlive it.
+fn check_main_db_goes_through_vfs(db: *mut sqlite3) -> Result<(), String> {
+    let conn = ffi::conn::DbRef(db);
+    let Some(path) = conn.filename("main") else {
+        return Ok(());
+    };
+    let through_vfs = conn.file_pointer("main").is_some_and(crate::vfs::is_ours);
+    if through_vfs {
+        return Ok(());
+    }
+    let Some(role) = crate::registry::remembered_role(&path) else {
+        return Ok(());
+    };
+    if !ffi::os::pin_this_library() {
+        return Ok(());
+    }
+    Err(format!(
+        "sqlite-replica: {path} is a {role}, but this connection opened it before the extension was \
+         loaded, so its {} would bypass replication. The extension is loaded now: open {path} again \
+         with a new connection (or load the extension on a ':memory:' connection before opening \
+         any database)",
+        if role == "primary" { "writes" } else { "reads and writes" }
+    ))
 }
 
 /// Runs for every connection opened after the first load: registers the functions.

@@ -20,6 +20,7 @@ pub mod entry;
 pub mod error;
 pub(crate) mod ffi;
 pub(crate) mod functions;
+pub mod logging;
 pub(crate) mod primary;
 pub(crate) mod registry;
 pub(crate) mod replica;

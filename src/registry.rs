@@ -97,6 +97,18 @@ pub fn get_or_create(path: &str) -> Arc<Db> {
         .clone()
 }
 
+/// The role remembered on disk for `path` ("primary" or "replica"), whether or not this
+/// process has it open: a primary has `<db>-replica/meta.json`, a replica its replica state.
+pub fn remembered_role(path: &str) -> Option<&'static str> {
+    if crate::replica::is_replica_dir(path) {
+        Some("replica")
+    } else if Path::new(&log_dir(path)).join("meta.json").exists() {
+        Some("primary")
+    } else {
+        None
+    }
+}
+
 /// Called by the VFS when a main database file is opened: returns its entry and, if the
 /// database has a remembered role (a log directory with meta.json), resumes that role.
 pub fn on_open_main(path: &str) -> Arc<Db> {
@@ -105,17 +117,17 @@ pub fn on_open_main(path: &str) -> Arc<Db> {
         // The files were deleted or replaced under a live primary (tests do this; so do
         // restores): the old capture state describes another file. Drop it and start over.
         if !p.still_describes(path) {
-            eprintln!("event=primary_detached db={path:?} reason=\"database file or log directory replaced\"");
+            crate::logging::event(&format!("event=primary_detached db={path:?} reason=\"database file or log directory replaced\""));
             p.stop();
             *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::None;
         }
     }
-    if !db.has_role()
-        && (Path::new(&log_dir(path)).join("meta.json").exists()
-            || crate::replica::is_replica_dir(path))
-    {
+    if !db.has_role() && remembered_role(path).is_some() {
         if let Err(e) = resume_role(&db) {
-            eprintln!("event=resume_failed db={path:?} error={:?}", e.to_string());
+            crate::logging::event(&format!(
+                "event=resume_failed db={path:?} error={:?}",
+                e.to_string()
+            ));
         }
     }
     db

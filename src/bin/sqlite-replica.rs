@@ -123,6 +123,10 @@ fn run(args: &[String]) -> Result<(), Failure> {
             restore(source, Path::new(out))
         }
         "serve" => {
+            // A server's log is its output: one line per event, info by default.
+            if std::env::var_os("REPL_LOG").is_none() {
+                replica::logging::set_level(replica::logging::Level::Info);
+            }
             let mut listen = "127.0.0.1:7070".to_string();
             let mut token = std::env::var("REPL_TOKEN").ok().filter(|t| !t.is_empty());
             let mut pos = Vec::new();

@@ -48,14 +48,50 @@ pub const SQLITE_LOCK_EXCLUSIVE: c_int = 4;
 
 static API: AtomicPtr<sqlite3_api_routines> = AtomicPtr::new(std::ptr::null_mut());
 
-/// Record the host's API table (entry point only).
-pub fn set_api(p: *mut sqlite3_api_routines) {
-    if !p.is_null() {
-        API.store(p, Ordering::Release);
-        // SAFETY: `p` is the non-null table SQLite passed to the entry point; it lives for the
-        // whole process. sqlite-loadable's helpers (value/result accessors) read the same table.
-        unsafe { sqlite_loadable::ext::faux_sqlite_extension_init2(p) };
+/// Record the host's API table (entry point only). The first table wins for the life of the
+/// process: `Err(first)` when `p` is the table of a different SQLite library than the one
+/// recorded (two SQLite libraries in one process, e.g. apsw's and the system's), since every
+/// global of this crate (the VFS, its base VFS, the API table) belongs to the first.
+pub fn set_api(p: *mut sqlite3_api_routines) -> Result<(), *mut sqlite3_api_routines> {
+    if p.is_null() {
+        return Ok(());
     }
+    match API.compare_exchange(std::ptr::null_mut(), p, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => {
+            // SAFETY: `p` is the non-null table SQLite passed to the entry point; it lives for
+            // the whole process. sqlite-loadable's helpers (value/result accessors) read the
+            // same table.
+            unsafe { sqlite_loadable::ext::faux_sqlite_extension_init2(p) };
+            Ok(())
+        }
+        Err(first) if first == p => Ok(()),
+        Err(first) => Err(first),
+    }
+}
+
+/// `sqlite3_libversion_number()` of a table that may not be the recorded one.
+pub fn libversion_number_of(p: *const sqlite3_api_routines) -> i32 {
+    // SAFETY: `p` is a non-null API table handed to an entry point by a live SQLite library;
+    // the getter takes no arguments.
+    unsafe { (*p).libversion_number.map_or(0, |f| f()) }
+}
+
+/// An error message allocated by the SQLite library of table `p` (which frees it), for an
+/// entry point that must not use the recorded table.
+pub fn mprintf_with(p: *const sqlite3_api_routines, msg: &str) -> *mut c_char {
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    // SAFETY: `p` is a live API table; "%s" with one valid NUL-terminated string argument.
+    unsafe {
+        match (*p).mprintf {
+            Some(f) => f(c"%s".as_ptr(), c.as_ptr()),
+            None => std::ptr::null_mut(),
+        }
+    }
+}
+
+/// A version number as text, e.g. 3040001 -> "3.40.1".
+pub fn version_text(v: i32) -> String {
+    format!("{}.{}.{}", v / 1_000_000, (v / 1000) % 1000, v % 1000)
 }
 
 /// The host's API table. Panics (caught by `guard`) if called before the entry point ran.
@@ -80,7 +116,9 @@ pub fn guard<T>(on_panic: T, f: impl FnOnce() -> T) -> T {
                 .map(|s| s.to_string())
                 .or_else(|| e.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            eprintln!("event=panic_caught component=sqlite-replica message={msg:?}");
+            crate::logging::event(&format!(
+                "event=panic_caught component=sqlite-replica message={msg:?}"
+            ));
             on_panic
         }
     }

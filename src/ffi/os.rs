@@ -154,3 +154,29 @@ pub fn set_tcp_nodelay(sock: &impl AsRawFd) -> std::io::Result<()> {
         Err(std::io::Error::last_os_error())
     }
 }
+
+/// Keep this shared library mapped for the life of the process, whatever the host does later.
+/// Once the VFS is registered, SQLite and the host hold pointers into our code; a host that
+/// `dlclose`s us (SQLite does when an extension's init returns an error) must not unmap it.
+/// Returns false when the library could not be pinned (then the caller must not fail the load).
+pub fn pin_this_library() -> bool {
+    static PINNED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PINNED.get_or_init(|| {
+        // SAFETY: dladdr writes into the zeroed Dl_info we own; the address is a function of
+        // this library. dlopen with RTLD_NOLOAD only takes a new reference to an object that is
+        // already loaded (dli_fname is its NUL-terminated path, valid while it is loaded), and
+        // RTLD_NODELETE makes later dlclose calls leave it mapped.
+        unsafe {
+            let mut info: libc::Dl_info = std::mem::zeroed();
+            let addr = pin_this_library as *const libc::c_void;
+            if libc::dladdr(addr, &mut info) == 0 || info.dli_fname.is_null() {
+                return false;
+            }
+            let h = libc::dlopen(
+                info.dli_fname,
+                libc::RTLD_NOW | libc::RTLD_NOLOAD | libc::RTLD_NODELETE,
+            );
+            !h.is_null()
+        }
+    })
+}

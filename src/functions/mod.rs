@@ -1,11 +1,14 @@
 //! The `repl_*` SQL functions: thin adapters from SQL values to the roles. Each Rust function
 //! carries the name of the SQL function it implements; `register_all` is the index.
 
+pub mod args;
+
 use crate::error::{Error, Result};
 use crate::ffi::conn::{DbRef, OwnedDb, SqlValue};
 use crate::ffi::func::{register_scalar, Call};
 use crate::ffi::{self, sqlite3};
 use crate::registry::Db;
+use args::Args;
 use std::sync::Arc;
 
 /// Every SQL function of the extension: (name, number of args, implementation).
@@ -38,6 +41,26 @@ pub fn apply_uri_parameters(db: *mut sqlite3) -> Result<()> {
     if listen.is_none() && token.is_none() && follow.is_none() {
         return Ok(());
     }
+    // Check every parameter before acting on any, so a bad one changes nothing.
+    let follow = match follow.map(|f| f.to_ascii_lowercase()) {
+        None => false,
+        Some(f) => match f.as_str() {
+            "1" | "true" | "yes" | "on" => true,
+            "0" | "false" | "no" | "off" => false,
+            other => {
+                return Err(Error::Misuse(format!(
+                    "the repl_follow URI parameter must be 1 or 0, not {other:?}"
+                )))
+            }
+        },
+    };
+    if token.is_some() && listen.is_none() {
+        return Err(Error::Misuse(
+            "the repl_token URI parameter needs repl_listen=host:port (replicas take the token in the \
+             source URL's token= or REPL_TOKEN)"
+                .into(),
+        ));
+    }
     if let Some(addr) = listen {
         let mut args = vec![SqlValue::Text(addr)];
         if let Some(t) = token {
@@ -45,26 +68,10 @@ pub fn apply_uri_parameters(db: *mut sqlite3) -> Result<()> {
         }
         repl_primary(&call, &args)
             .map_err(|e| Error::Misuse(format!("the repl_listen URI parameter: {e}")))?;
-    } else if token.is_some() {
-        return Err(Error::Misuse(
-            "the repl_token URI parameter needs repl_listen=host:port (replicas take the token in the \
-             source URL's token= or REPL_TOKEN)"
-                .into(),
-        ));
     }
-    if let Some(f) = follow {
-        match f.to_ascii_lowercase().as_str() {
-            "1" | "true" | "yes" | "on" => {
-                repl_follow(&call, &[])
-                    .map_err(|e| Error::Misuse(format!("the repl_follow URI parameter: {e}")))?;
-            }
-            "0" | "false" | "no" | "off" => {}
-            other => {
-                return Err(Error::Misuse(format!(
-                    "the repl_follow URI parameter must be 1 or 0, not {other:?}"
-                )))
-            }
-        }
+    if follow {
+        repl_follow(&call, &[])
+            .map_err(|e| Error::Misuse(format!("the repl_follow URI parameter: {e}")))?;
     }
     Ok(())
 }
@@ -118,8 +125,8 @@ fn main_db_checked(db: DbRef, what: &str) -> Result<(Arc<Db>, String)> {
     };
     if !crate::vfs::is_ours(f) {
         return Err(Error::Misuse(format!(
-            "{what}: {path} was opened before sqlite-replica was loaded (not through the 'replica' VFS); \
-             reopen it after loading the extension (e.g. '.open {path}' in the shell) or open it with ?vfs=replica"
+            "{what}: {}",
+            opened_before_message(&path)
         )));
     }
     let entry = crate::vfs::db_of_file(f)
@@ -135,27 +142,41 @@ fn repl_primary(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
             "repl_primary() takes at most two arguments: the address to serve on (host:port) and a token".into(),
         ));
     }
-    let text = |i: usize, what: &str| -> Result<Option<String>> {
-        match a.get(i) {
-            None | Some(SqlValue::Null) => Ok(None),
-            Some(SqlValue::Text(t)) => Ok(Some(t.clone())),
-            Some(v) => Err(Error::Misuse(format!(
-                "repl_primary(): the {what} must be text, got {v:?}"
-            ))),
-        }
+    let args = Args::new("repl_primary", a);
+    let listen = args.text(0, "address (host:port)")?;
+    let token = args.text(1, "token")?;
+    let Some(addr) = listen else {
+        return become_primary(c);
     };
-    let listen = text(0, "address (host:port)")?;
-    let token = text(1, "token")?;
-    let lsn = become_primary(c)?;
-    if let Some(addr) = listen {
-        let (entry, _) = main_db_checked(c.db, "repl_primary()")?;
-        let p = entry
-            .primary()
-            .ok_or_else(|| Error::Other("repl_primary(): the primary vanished".into()))?;
-        let token = token.or_else(|| std::env::var("REPL_TOKEN").ok().filter(|t| !t.is_empty()));
-        p.serve(&addr, token)?;
+    let token = token.or_else(|| std::env::var("REPL_TOKEN").ok().filter(|t| !t.is_empty()));
+    // Already a primary served here on that address: nothing to do (or a clear refusal).
+    if let Some(p) = main_db(c.db).and_then(|d| d.primary()) {
+        if p.serving(&addr)? {
+            return Ok(SqlValue::Int(p.lsn().0 as i64));
+        }
     }
+    // Check the address and token and bind the socket BEFORE the database is touched: a bad
+    // address, a port in use or a missing token must leave the files exactly as they were.
+    main_db_checked(c.db, "repl_primary()")?;
+    let bound = crate::transport::server::Server::bind(&addr, token)
+        .map_err(|e| Error::Misuse(format!("repl_primary('{addr}'): {e}; nothing was changed")))?;
+    let lsn = become_primary(c)?;
+    let (entry, _) = main_db_checked(c.db, "repl_primary()")?;
+    let p = entry
+        .primary()
+        .ok_or_else(|| Error::Other("repl_primary(): the primary vanished".into()))?;
+    p.serve(bound)?;
     Ok(lsn)
+}
+
+/// What to do when a database was opened before the extension was loaded: it did not go
+/// through the `replica` VFS, and nothing can move an open connection onto it.
+pub fn opened_before_message(path: &str) -> String {
+    format!(
+        "{path} was opened before sqlite-replica was loaded, so it does not go through the 'replica' VFS. \
+         Load the extension first (e.g. on a ':memory:' connection), then open {path} with a new connection \
+         (in the sqlite3 shell: .load the extension, then .open {path})"
+    )
 }
 
 fn become_primary(c: &Call) -> Result<SqlValue> {
@@ -210,15 +231,8 @@ fn repl_sync(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
             "repl_sync() takes at most one argument: the primary's database path or URL".into(),
         ));
     }
-    let source = match a.first() {
-        None | Some(SqlValue::Null) => None,
-        Some(SqlValue::Text(t)) => Some(t.as_str()),
-        Some(v) => {
-            return Err(Error::Misuse(format!(
-                "repl_sync(): the source must be text (a path or URL), got {v:?}"
-            )))
-        }
-    };
+    let source = Args::new("repl_sync", a).text(0, "source (a path or URL)")?;
+    let source = source.as_deref();
     let (entry, path) = main_db_checked(c.db, "repl_sync()")?;
     if entry.primary().is_some() {
         return Err(Error::Misuse(format!(
@@ -338,6 +352,14 @@ fn repl_config(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
             "repl_config() takes at most two arguments: a setting name and a value".into(),
         ));
     }
+    let args = Args::new("repl_config", a);
+    let name = args.text(0, "setting name")?;
+    // Process-wide settings that need no primary: the event log.
+    match name.as_deref() {
+        Some("log") => return config_log_level(&args),
+        Some("log_file") => return config_log_file(&args),
+        _ => {}
+    }
     let (entry, path) = main_db_checked(c.db, "repl_config()")?;
     let Some(p) = entry.primary() else {
         return Err(Error::Misuse(format!(
@@ -345,30 +367,58 @@ fn repl_config(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
              belong to the primary: run repl_config() there after repl_primary()"
         )));
     };
-    let name = match a.first() {
-        None => {
-            return Ok(SqlValue::Text(
-                policy_json(&load_policy(p.dir())?).to_string(),
-            ))
-        }
-        Some(SqlValue::Text(t)) => t.as_str(),
-        Some(v) => {
-            return Err(Error::Misuse(format!(
-                "repl_config(): the setting name must be text, got {v:?}"
-            )))
-        }
+    let Some(name) = name else {
+        return Ok(SqlValue::Text(
+            policy_json(&load_policy(p.dir())?).to_string(),
+        ));
     };
-    match a.get(1) {
-        None => Ok(SqlValue::Int(setting(&load_policy(p.dir())?, name)? as i64)),
-        Some(SqlValue::Int(v)) => {
-            let policy = set_setting(p.dir(), name, *v)?;
+    match args.get(1) {
+        None => Ok(SqlValue::Int(setting(&load_policy(p.dir())?, &name)? as i64)),
+        Some(_) => {
+            let v = args
+                .int(1, &format!("value of {name}"), 0..=i64::MAX)?
+                .unwrap_or_default();
+            let policy = set_setting(p.dir(), &name, v)?;
             p.apply_policy(&policy);
-            Ok(SqlValue::Int(setting(&policy, name)? as i64))
+            Ok(SqlValue::Int(setting(&policy, &name)? as i64))
         }
-        Some(v) => Err(Error::Misuse(format!(
-            "repl_config(): {name} must be set to an integer, got {v:?}"
-        ))),
     }
+}
+
+/// `repl_config('log'[, level])`: the event log level of this process (off, error, warn,
+/// info, debug); returns the level in force.
+fn config_log_level(args: &Args) -> Result<SqlValue> {
+    use crate::logging::{level, set_level, Level};
+    if let Some(v) = args.text(1, "log level")? {
+        let l = Level::parse(&v).ok_or_else(|| {
+            args.bad(
+                1,
+                "log level",
+                "one of 'off', 'error', 'warn', 'info', 'debug'",
+                &args::describe(&SqlValue::Text(v.clone())),
+            )
+        })?;
+        set_level(l);
+    }
+    Ok(SqlValue::Text(level().name().into()))
+}
+
+/// `repl_config('log_file'[, path])`: where this process's event lines go (a file, appended;
+/// `''` for stderr); returns the path, or NULL for stderr.
+fn config_log_file(args: &Args) -> Result<SqlValue> {
+    if args.len() > 1 {
+        let path = args.text(1, "log file path")?.filter(|p| !p.is_empty());
+        crate::logging::set_file(path.as_deref()).map_err(|e| {
+            Error::io(
+                format!(
+                    "repl_config('log_file'): cannot open {:?} for appending; the log still goes where it went",
+                    path.unwrap_or_default()
+                ),
+                e,
+            )
+        })?;
+    }
+    Ok(crate::logging::file().map_or(SqlValue::Null, SqlValue::Text))
 }
 
 /// `repl_follow([source [, interval_ms]])`: keep this replica up to date from a background
@@ -395,15 +445,9 @@ fn repl_follow(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
             return Ok(SqlValue::Null);
         }
     }
-    let interval = match a.get(1) {
-        None | Some(SqlValue::Null) => 1000,
-        Some(SqlValue::Int(n)) if (1..=60_000).contains(n) => *n as u64,
-        Some(v) => {
-            return Err(Error::Misuse(format!(
-                "repl_follow(): interval_ms must be an integer between 1 and 60000, got {v:?}"
-            )))
-        }
-    };
+    let args = Args::new("repl_follow", a);
+    args.text(0, "source (a path or URL)")?;
+    let interval = args.int(1, "interval_ms", 1..=60_000)?.unwrap_or(1000) as u64;
     // The first sync runs here, in the caller: a bad source is an error now, not in a thread.
     let lsn = repl_sync(c, &a[..a.len().min(1)])?;
     let r = entry
@@ -422,32 +466,34 @@ fn repl_wait(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
                 .into(),
         ));
     }
+    let args = Args::new("repl_wait", a);
     let (lineage, target) = match &a[0] {
-        SqlValue::Int(n) if *n >= 0 => (None, *n as u64),
+        v if args::as_integer(v).is_some() => (
+            None,
+            args.int(0, "LSN", 0..=i64::MAX)?.unwrap_or_default() as u64,
+        ),
         SqlValue::Text(t) => {
             let (l, n) = t.rsplit_once(':').unwrap_or(("", t));
             let n = n.trim().parse::<u64>().map_err(|_| {
-                Error::Misuse(format!(
-                    "repl_wait(): {t:?} is neither an LSN nor a '<lineage>:<lsn>' token"
-                ))
+                args.bad(
+                    0,
+                    "LSN",
+                    "a non-negative integer or a '<lineage>:<lsn>' token",
+                    &args::describe(&a[0]),
+                )
             })?;
             (Some(l.trim().to_string()).filter(|l| !l.is_empty()), n)
         }
         v => {
-            return Err(Error::Misuse(format!(
-                "repl_wait(): the LSN must be a non-negative integer or a '<lineage>:<lsn>' token, got {v:?}"
-            )))
+            return Err(args.bad(
+                0,
+                "LSN",
+                "a non-negative integer or a '<lineage>:<lsn>' token",
+                &args::describe(v),
+            ))
         }
     };
-    let timeout = match a.get(1) {
-        None | Some(SqlValue::Null) => 5000,
-        Some(SqlValue::Int(n)) if (0..=3_600_000).contains(n) => *n as u64,
-        Some(v) => {
-            return Err(Error::Misuse(format!(
-                "repl_wait(): timeout_ms must be an integer between 0 and 3600000, got {v:?}"
-            )))
-        }
-    };
+    let timeout = args.int(1, "timeout_ms", 0..=3_600_000)?.unwrap_or(5000) as u64;
     let timeout = std::time::Duration::from_millis(timeout);
     let (entry, path) = main_db_checked(c.db, "repl_wait()")?;
     let ours = entry
@@ -503,41 +549,35 @@ fn repl_exec_json(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
     ))
 }
 
-fn exec_any(c: &Call, a: &[SqlValue], what: &str) -> Result<serde_json::Value> {
+fn exec_any(c: &Call, a: &[SqlValue], what: &'static str) -> Result<serde_json::Value> {
     if a.is_empty() || a.len() > 3 {
         return Err(Error::Misuse(format!(
             "{what}() takes the SQL, optional params as a JSON array, and an optional request id"
         )));
     }
-    let SqlValue::Text(sql) = &a[0] else {
-        return Err(Error::Misuse(format!(
-            "{what}(): the SQL must be text, got {:?}",
-            a[0]
-        )));
+    let args = Args::new(what, a);
+    let Some(SqlValue::Text(sql)) = args.get(0) else {
+        return Err(args.bad(
+            0,
+            "SQL",
+            "text",
+            &args::describe(args.get(0).unwrap_or(&SqlValue::Null)),
+        ));
     };
-    let params = match a.get(1) {
-        None | Some(SqlValue::Null) => serde_json::json!([]),
-        Some(SqlValue::Text(t)) => serde_json::from_str::<serde_json::Value>(t).map_err(|e| {
+    let params = match args.text(1, "params (a JSON array as text)")? {
+        None => serde_json::json!([]),
+        Some(t) => serde_json::from_str::<serde_json::Value>(&t).map_err(|e| {
             Error::Misuse(format!(
                 "{what}(): params must be a JSON array (e.g. '[1, \"x\"]'); {e}"
             ))
         })?,
-        Some(v) => {
-            return Err(Error::Misuse(format!(
-                "{what}(): params must be a JSON array given as text, got {v:?}"
-            )))
-        }
     };
     crate::primary::exec::params_from_json(&params)
         .map_err(|m| Error::Misuse(format!("{what}(): {m}")))?;
-    let request_id = match a.get(2) {
-        None | Some(SqlValue::Null) => None,
-        Some(SqlValue::Text(t)) if !t.is_empty() => Some(t.clone()),
-        Some(v) => {
-            return Err(Error::Misuse(format!(
-                "{what}(): the request id must be non-empty text, got {v:?}"
-            )))
-        }
+    let request_id = match args.text(2, "request id")? {
+        None => None,
+        Some(t) if !t.is_empty() => Some(t),
+        Some(_) => return Err(args.bad(2, "request id", "non-empty text", "the text ''")),
     };
     let (entry, path) = main_db_checked(c.db, &format!("{what}()"))?;
     if let Some(p) = entry.primary() {

@@ -823,19 +823,33 @@ impl Primary {
 
     /// Serve this primary's log over HTTP on `addr` from this process (idempotent for the
     /// same address; another address while serving is an error).
-    pub fn serve(self: &Arc<Self>, addr: &str, token: Option<String>) -> Result<()> {
+    /// Is this primary already served by this process on `addr` (same address, or the same
+    /// IP with port 0)? `Err` when it is served elsewhere: one server per primary.
+    pub fn serving(&self, addr: &str) -> Result<bool> {
+        let g = lock(&self.server);
+        let Some(s) = g.as_ref() else {
+            return Ok(false);
+        };
+        let same = addr
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a == s.addr() || (a.port() == 0 && a.ip() == s.addr().ip()));
+        if same {
+            return Ok(true);
+        }
+        Err(Error::Misuse(format!(
+            "repl_primary('{addr}'): this process already serves {} on {}; one server per primary",
+            self.db_path,
+            s.addr()
+        )))
+    }
+
+    /// Serve the log on a socket from `Server::bind` (see `serving` for the idempotent case).
+    pub fn serve(self: &Arc<Self>, bound: crate::transport::server::Bound) -> Result<()> {
         let mut g = lock(&self.server);
-        if let Some(s) = g.as_ref() {
-            let same = addr
-                .parse::<std::net::SocketAddr>()
-                .is_ok_and(|a| a == s.addr() || (a.port() == 0 && a.ip() == s.addr().ip()));
-            if same {
-                return Ok(());
-            }
+        if g.is_some() {
             return Err(Error::Misuse(format!(
-                "repl_primary('{addr}'): this process already serves {} on {}; one server per primary",
-                self.db_path,
-                s.addr()
+                "this process already serves {}; one server per primary",
+                self.db_path
             )));
         }
         let weak = Arc::downgrade(self);
@@ -865,10 +879,9 @@ impl Primary {
                 ),
             }
         });
-        *g = Some(crate::transport::server::Server::start(
+        *g = Some(crate::transport::server::Server::start_bound(
             &self.db_path,
-            addr,
-            token,
+            bound,
             Some(handler),
         )?);
         Ok(())
@@ -1005,7 +1018,7 @@ fn read_header(io: &dyn DbFileIo) -> Option<WalIndexHeader> {
 }
 
 fn log_event(line: &str) {
-    eprintln!("{line}");
+    crate::logging::event(line);
 }
 
 fn hex(b: &[u8]) -> String {

@@ -140,7 +140,7 @@ fn now_ms() -> u64 {
 }
 
 fn log_event(line: &str) {
-    eprintln!("{line}");
+    crate::logging::event(line);
 }
 
 /// Refuse a sync before anything is written when this process cannot write the files the

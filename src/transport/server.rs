@@ -64,6 +64,18 @@ struct Shared {
     served_bytes: std::sync::atomic::AtomicU64,
 }
 
+/// A listening socket that passed `Server::bind`'s checks, not yet serving.
+pub struct Bound {
+    listener: std::net::TcpListener,
+    token: Option<String>,
+}
+
+impl Bound {
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+}
+
 /// A running server; dropping it (or `stop`) stops accepting and ends the accept thread.
 pub struct Server {
     shared: Arc<Shared>,
@@ -72,14 +84,11 @@ pub struct Server {
 }
 
 impl Server {
-    /// Listen on `addr` (host:port; port 0 picks one) and serve the log of database `db`.
+    /// Check `addr` (host:port; port 0 picks one) and the token, and bind the listening socket.
+    /// Nothing else happens: a caller binds first, so a bad address, a port in use or a missing
+    /// token fails before any file is created or changed.
     /// Refuses a non-loopback address without a token.
-    pub fn start(
-        db: &str,
-        addr: &str,
-        token: Option<String>,
-        exec: Option<ExecHandler>,
-    ) -> Result<Server> {
+    pub fn bind(addr: &str, token: Option<String>) -> Result<Bound> {
         let token = token.filter(|t| !t.is_empty());
         let sock = addr
             .to_socket_addrs()
@@ -100,10 +109,29 @@ impl Server {
                  database; pass a token (repl_primary('{addr}', 'secret') or REPL_TOKEN) or listen on 127.0.0.1"
             )));
         }
-        let dir = crate::registry::log_dir(db);
-        let log = Log::open(&dir, Default::default())?;
         let listener = std::net::TcpListener::bind(sock)
             .map_err(|e| Error::io(format!("cannot listen on {sock}"), e))?;
+        Ok(Bound { listener, token })
+    }
+
+    /// Listen on `addr` and serve the log of database `db` (`bind`, then `start_bound`).
+    pub fn start(
+        db: &str,
+        addr: &str,
+        token: Option<String>,
+        exec: Option<ExecHandler>,
+    ) -> Result<Server> {
+        Server::start_bound(db, Server::bind(addr, token)?, exec)
+    }
+
+    /// Serve the log of database `db` on a socket from `bind`.
+    pub fn start_bound(db: &str, bound: Bound, exec: Option<ExecHandler>) -> Result<Server> {
+        let Bound { listener, token } = bound;
+        let sock = listener
+            .local_addr()
+            .map_err(|e| Error::io("the listening socket has no address", e))?;
+        let dir = crate::registry::log_dir(db);
+        let log = Log::open(&dir, Default::default())?;
         let _ = crate::ffi::os::set_tcp_nodelay(&listener);
         let server = tiny_http::Server::from_listener(listener, None)
             .map_err(|e| Error::Other(format!("cannot listen on {sock}: {e}")))?;
@@ -179,7 +207,7 @@ impl Drop for Server {
 }
 
 fn log_event(line: &str) {
-    eprintln!("{line}");
+    crate::logging::event(line);
 }
 
 fn accept_loop(sh: Arc<Shared>, server: Arc<tiny_http::Server>) {

@@ -561,12 +561,12 @@ fn read_full_body(
 /// The one stderr line a writer logs when it truncates (or removes) a torn tail.
 fn log_truncation(path: &Path, offset: u64, why: &Error) {
     let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(offset);
-    eprintln!(
+    crate::logging::event(&format!(
         "event=log_tail_truncated segment={} offset={offset} dropped_bytes={} reason={:?}",
         path.display(),
         len.saturating_sub(offset),
         why.to_string()
-    );
+    ));
 }
 
 /// Scans one segment fully (validating every record). For the last segment a torn or corrupt

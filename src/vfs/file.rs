@@ -211,17 +211,17 @@ unsafe extern "C" fn x_write(
             if let Some(db) = &s.db {
                 if db.replica().is_some() {
                     // Backstop: the WRITE-lock refusal below stops writers before this point.
-                    eprintln!(
+                    crate::logging::event(&format!(
                         "event=wal_write_refused db={:?} reason=\"replica is read-only\"",
                         db.path
-                    );
+                    ));
                     return ffi::SQLITE_READONLY;
                 }
                 if db.primary().is_some() && db.write_holders.load(Ordering::Acquire) == 0 {
-                    eprintln!(
+                    crate::logging::event(&format!(
                         "event=wal_write_refused db={:?} reason=\"no WAL write lock held (exclusive locking mode?)\"",
                         db.path
-                    );
+                    ));
                     return ffi::SQLITE_IOERR_WRITE;
                 }
                 db.wal_write_seq.fetch_add(1, Ordering::AcqRel);

@@ -4,7 +4,12 @@ why) are in helpers.py: ``from helpers import apsw_conn, sqlite3_cli, run_py, wa
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# The tests read the extension's info-level event lines (bootstrap, resnapshot, gap …) from
+# the stderr of the processes they start; users get warnings and errors only by default.
+os.environ.setdefault("REPL_LOG", "info")
 
 import pytest
 

@@ -239,7 +239,7 @@ def test_repl_primary_refuses_db_opened_before_load(tmp):
     )
     refused, reopened = (json.loads(line) for line in out.splitlines())
     assert refused["error"] is not None, "repl_primary() accepted a db opened before the load"
-    assert "reopen" in refused["error"].lower()
+    assert "with a new connection" in refused["error"] and "vfs=replica" not in refused["error"]
     assert refused["role"] is None
     assert reopened["role"] == "primary" and isinstance(reopened["lsn"], int)
 
@@ -247,7 +247,7 @@ def test_repl_primary_refuses_db_opened_before_load(tmp):
 def test_cli_repl_primary_refuses_db_opened_before_load(tmp):
     proc = sqlite3_cli(tmp / "early.db", "SELECT repl_primary();", open_before_load=True)
     assert proc.returncode != 0
-    assert "reopen" in proc.stderr.lower(), proc.stderr
+    assert "with a new connection" in proc.stderr and "vfs=replica" not in proc.stderr, proc.stderr
 
 
 def test_primary_refuses_leaving_wal(tmp):
