@@ -2,19 +2,22 @@
 //! replication primary (capturing each committed WAL transaction into a replication log) or
 //! replicas (applying those transactions into their own WAL).
 //!
-//! Module index (see docs/ARCHITECTURE.md):
+//! Module index (docs/ARCHITECTURE.md says how they fit together; docs/WAL.md, docs/FORMAT.md
+//! and docs/SQL.md are the protocol, the formats and the user contract):
 //! - `entry`: the `sqlite3_replica_init` entry point (unsafe boundary).
-//! - `ffi`: the host API table, the panic guard, safe wrappers (unsafe boundary).
-//! - `vfs`: the shim over the host's default VFS: trampolines and hooks (unsafe boundary).
-//! - `registry`: per-process state of databases opened through the VFS.
-//! - `primary`: the capture agent (T1/T2/T3 triggers, gap detection, snapshots).
-//! - `replica`: the applier (bootstrap, batch apply into the replica's WAL, position, re-snapshot).
-//! - `transport`: record sources for replicas (`dir`: a primary's log directory).
-//! - `functions`: the `repl_*` SQL functions.
+//! - `ffi`: the host API table, the panic guard, internal connections, OS calls (unsafe boundary).
+//! - `vfs`: the shim over the default VFS: trampolines, capture hooks, guards (unsafe boundary).
+//! - `registry`: per-process state of databases opened through the VFS (role, WRITE holders).
+//! - `primary`: capture (T1/T2/T3, gaps, write intent), snapshots, retention, write forwarding.
+//! - `replica`: the applier (bootstrap, batch apply, position, re-snapshot, drain) and follower.
+//! - `transport`: record sources (`dir`, `http`), the HTTP server of a primary's log, wake-ups.
+//! - `functions`: the `repl_*` SQL functions (thin adapters).
 //! - `types`: the domain newtypes (`Lsn`, `PageNo`, `FrameNo`, `PageSize`, `Generation`, `Checksum`).
-//! - `wal`: WAL file and wal-index formats (pure, no unsafe).
-//! - `txlog`: the replication log: record/snapshot format, segments (pure, no unsafe).
+//! - `wal`: WAL file and wal-index formats and algorithms (pure, no unsafe).
+//! - `txlog`: the replication log: records, segments, snapshots, compaction (pure, no unsafe).
 //! - `error`: the one error type and its SQLite-code table.
+//!
+//! The `sqlite-replica` binary (`src/bin/`) holds the offline tools and the standalone server.
 
 pub mod entry;
 pub mod error;

@@ -1,5 +1,5 @@
 //! Per-process registry of databases opened through the VFS, keyed by the full path SQLite gives
-//! the VFS. A `Db` carries the role (none / primary) and the bookkeeping the VFS hooks share
+//! the VFS. A `Db` carries the role (none / primary / replica) and the bookkeeping the VFS hooks share
 //! across connections of this process: who holds the WAL write lock through the shim, and
 //! whether every WAL write of this process has been synced.
 //!

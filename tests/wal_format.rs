@@ -1,4 +1,4 @@
-//! wal-spec G4: format round trip against stock SQLite writers.
+//! WAL.md §G4: format round trip against stock SQLite writers.
 //!
 //! A stock writer (the system `sqlite3` CLI 3.40.1 in a separate process, and rusqlite's
 //! bundled SQLite in this process) produces a WAL and a wal-index with more than 4062 frames

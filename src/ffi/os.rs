@@ -110,7 +110,7 @@ impl Drop for SharedWords {
 /// Test fault injection: `REPL_FAULT_KILL_AT=<point>:<n>` makes the process `SIGKILL` itself the
 /// `n`-th time (counting from 1) it reaches `point`. Read once; without the variable every
 /// call is one relaxed load. Points: `between-header-copies` (a wal-index publish with copy 2
-/// written and copy 1 not, wal-spec G15 c).
+/// written and copy 1 not, WAL.md §G15 (c)).
 pub fn fault_point(point: &str) {
     use std::sync::atomic::{AtomicU64, Ordering};
     static ARMED: once_cell::sync::Lazy<Option<(String, u64)>> = once_cell::sync::Lazy::new(|| {

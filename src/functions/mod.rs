@@ -224,7 +224,8 @@ fn become_primary(c: &Call) -> Result<SqlValue> {
 }
 
 /// `repl_sync([source])`: make the main database a replica of `source` (a primary's database
-/// path or a `file:` URL) if it is not one yet, then pull and apply everything available.
+/// path, a `file:` URL or an `http(s)://` URL) if it is not one yet, then pull and apply
+/// everything available.
 fn repl_sync(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
     if a.len() > 1 {
         return Err(Error::Misuse(

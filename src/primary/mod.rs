@@ -1,4 +1,4 @@
-//! The primary's capture agent (wal-spec D): one per database per process. It turns every
+//! The primary's capture agent (WAL.md §D): one per database per process. It turns every
 //! committed WAL transaction into exactly one log record with LSN = previous + 1.
 //!
 //! Triggers: T1 (this process took the WAL WRITE lock: catch up before anyone of ours can
@@ -6,9 +6,9 @@
 //! (a poll thread: commits by writers that bypass the shim ⇒ gap). The agent handle holds a
 //! SHARED lock on the database for the life of the process.
 //!
-//! Shared state across processes (D.3) is the log itself plus `<dir>/position`, both modified
-//! only while holding WRITE. The process-local mutex `Primary::state` is always taken *after*
-//! WRITE, never the other way round, so there is no lock-order cycle.
+//! Shared state across processes (WAL.md §D.3) is the log itself plus `<dir>/position`, both
+//! modified only while holding WRITE. The process-local mutex `Primary::state` is always taken
+//! *after* WRITE, never the other way round, so there is no lock-order cycle.
 //!
 //! Invariants: the log has no hole: a capture that cannot prove continuity (a WAL restart we
 //! did not witness, a WAL that went backwards, a broken checksum chain) starts a new generation
@@ -19,7 +19,7 @@
 //! Committed frames beyond the shared position, found by a WRITE holder that did not write
 //! them, have two possible authors: a writer without the extension (the lineage promise says:
 //! gap, new generation + snapshot) or one of ours that was killed between its commit and its
-//! T2 (wal-spec D.7 says: catch up, ordinary records, no gap). Capturing checksummed WAL frames
+//! T2 (WAL.md §D.7: catch up, ordinary records, no gap). Capturing checksummed WAL frames
 //! is loss-free either way; what must be decided is only *who* wrote them. The position file
 //! therefore carries a second record, the *intent*: T1, once it has caught up, stores "a write
 //! session of pid P is open at salts S, frame F, iChange C, LSN L, generation G"; a capture
@@ -152,7 +152,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Veto a PRAGMA on a primary database (wal-spec D.2 T4). Returns the error message to show.
+/// Veto a PRAGMA on a primary database (WAL.md §D.2, T4). Returns the error message to show.
 pub fn pragma_veto(db: &Db, name: &str, value: Option<&str>) -> Option<String> {
     let role = if db.primary().is_some() {
         "primary"

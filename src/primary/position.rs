@@ -1,4 +1,4 @@
-//! The capture state shared by every primary process (wal-spec D.3), kept in
+//! The capture state shared by every primary process (WAL.md §D.3), kept in
 //! `<db>-replica/position`: the position itself (40 bytes, written with `pwrite` under WRITE,
 //! read lock-free with its checksum), and, in the same file mapped `MAP_SHARED`, the write
 //! intent of an open write session and the append flag (see the module doc of `primary` for
@@ -15,7 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
-/// The capture position: the last LSN and the WAL position just after it (wal-spec D.3).
+/// The capture position: the last LSN and the WAL position just after it (WAL.md §D.3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub(super) struct Position {
     pub(super) lsn: Lsn,

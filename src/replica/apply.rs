@@ -1,14 +1,14 @@
-//! The applier's WAL writer (wal-spec E.2 steps 3–10, C.4, C.6), written against the pure
+//! The applier's WAL writer (WAL.md §E.2 steps 3–10, §C.4, §C.6), written against the pure
 //! `wal` algorithms so it runs on the live wal-index (`LiveShm`) and on `VecShm` in tests.
 //! The caller holds the WAL WRITE lock for the whole call.
 //!
-//! Invariants (E.3): frames ≤ the published mxFrame are never touched; mxFrame only goes
-//! down through a C.6 restart taken with READ1..4 exclusive; hash entries are appended in
+//! Invariants (WAL.md §E.3): frames ≤ the published mxFrame are never touched; mxFrame only
+//! goes down through a §C.6 restart taken with READ1..4 exclusive; hash entries are appended in
 //! frame order, aPgno before the slot; the header is published copy 2, barrier, copy 1 with
 //! nothing in between; read-marks and nBackfill are only written by the restart, holding
 //! every lock they need. A new WAL header is fdatasync'ed before the first frame of its
 //! generation; the frames themselves are fdatasync'ed by the caller right after the publish and
-//! before the position records them (E.5), so readers do not wait for the disk.
+//! before the position records them (§E.5), so readers do not wait for the disk.
 
 use crate::error::Error;
 #[cfg(test)]
@@ -22,7 +22,7 @@ use crate::wal::{
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-/// WAL lock slots (wal-spec C.2).
+/// WAL lock slots (WAL.md §C.2).
 pub const SLOT_WRITE: u32 = 0;
 pub const SLOT_READ1: u32 = 4;
 
@@ -57,8 +57,8 @@ impl From<Error> for ApplyError {
     }
 }
 
-/// The ownership rule of E.2 step 4: may we append after `live`, given that `last` is the
-/// header we published last (None: no expectation, e.g. right after bootstrap or a re-scan)?
+/// The ownership rule of WAL.md §E.2 step 4: may we append after `live`, given that `last` is
+/// the header we published last (None: no expectation, e.g. right after bootstrap or a re-scan)?
 pub fn owned(
     live: &WalIndexHeader,
     last: Option<&WalIndexHeader>,
@@ -115,7 +115,7 @@ pub fn append_commit<S: ShmAccess + WalLocks>(
         ))
         .into());
     }
-    // C.6: restart when everything was checkpointed and no reader uses the WAL.
+    // WAL.md §C.6: restart when everything was checkpointed and no reader uses the WAL.
     let ck = shm_ckpt_info(shm);
     if h.mx_frame > 0 && ck.n_backfill == h.mx_frame && shm.try_lock_exclusive(SLOT_READ1, 4) {
         h = restart(shm, &h);
@@ -136,7 +136,7 @@ pub fn append_commit<S: ShmAccess + WalLocks>(
         let (bytes, whdr) = WalHeader::encode(big_endian, page_size, seq, salts);
         wal.write_all_at(&bytes, 0)
             .map_err(|e| Error::io("writing the replica's WAL header", e))?;
-        // E.5: the new header must be durable before frames of the generation follow it.
+        // WAL.md §E.5: the new header must be durable before frames of the generation follow it.
         wal.sync_data()
             .map_err(|e| Error::io("syncing the replica's WAL header", e))?;
         running = whdr.cksum;
@@ -157,7 +157,7 @@ pub fn append_commit<S: ShmAccess + WalLocks>(
         salts = h.salts;
         running = h.frame_cksum;
         start = h.mx_frame + 1;
-        // Stale entries of an aborted writer or a recovery scan (B.5 step 3).
+        // Stale entries of an aborted writer or a recovery scan (WAL.md §B.5 step 3).
         hash_truncate(shm, h.mx_frame);
     }
     let n = pages.len() as u32;
@@ -181,9 +181,9 @@ pub fn append_commit<S: ShmAccess + WalLocks>(
     }
     wal.write_all_at(&buf, wal::frame_offset(page_size, start))
         .map_err(|e| Error::io("writing frames to the replica's WAL", e))?;
-    // No fsync before the publish (E.5: visibility needs none; readers share the page cache):
-    // the caller syncs after publishing and before recording the position, so the recorded
-    // position never exceeds what is durable, and readers see the batch an fsync earlier.
+    // No fsync before the publish (WAL.md §E.5: visibility needs none; readers share the page
+    // cache): the caller syncs after publishing and before recording the position, so the
+    // recorded position never exceeds what is durable, and readers see the batch an fsync earlier.
     for (i, (pgno, _)) in pages.iter().enumerate() {
         hash_insert(shm, start + i as u32, *pgno)?;
     }
@@ -203,8 +203,8 @@ pub fn append_commit<S: ShmAccess + WalLocks>(
     Ok(new.with_cksum())
 }
 
-/// C.6 restart writes (WRITE and READ1..4 held): mxFrame 0, salt-1 + 1, new salt-2, the
-/// checkpoint information reset; published at once. Returns the new header.
+/// WAL.md §C.6 restart writes (WRITE and READ1..4 held): mxFrame 0, salt-1 + 1, new salt-2,
+/// the checkpoint information reset; published at once. Returns the new header.
 fn restart<S: ShmAccess>(shm: &mut S, h: &WalIndexHeader) -> WalIndexHeader {
     let mut salts = h.salts;
     let s1 = u32::from_be_bytes([salts[0], salts[1], salts[2], salts[3]]).wrapping_add(1);

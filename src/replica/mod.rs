@@ -1,4 +1,4 @@
-//! The replica role (wal-spec E): one `Replica` per database per process. `repl_sync()` pulls
+//! The replica role (WAL.md §E): one `Replica` per database per process. `repl_sync()` pulls
 //! records from a `Source` and the applier writes them into the replica's own WAL and
 //! wal-index exactly as SQLite's writer would, so readers in any process keep their
 //! snapshots and never wait for a sync.
@@ -11,7 +11,7 @@
 //! `loaded`; every batch is verified against the primary's checksum *before* it is written;
 //! a state that matches neither the recorded position nor its intent, a foreign write, or an
 //! LSN older than the source retains is answered with a re-snapshot applied as one WAL
-//! transaction (E.10), never with a guess.
+//! transaction (WAL.md §E.10), never with a guess.
 
 mod apply;
 mod follow;
@@ -38,12 +38,12 @@ use std::time::{Duration, Instant};
 
 /// Page bytes fetched per batch (one replica commit).
 const BATCH_BYTES: usize = 32 << 20;
-/// Drain (E.6): past `REPL_DRAIN_FRAMES` frames (default 4000) the applier stops appending
-/// until a checkpoint has backfilled everything and no reader pins the WAL, so the next batch
-/// restarts it. It waits at most `REPL_DRAIN_TIMEOUT_MS` (default 2000) for readers, then
+/// Drain (WAL.md §E.6): past `REPL_DRAIN_FRAMES` frames (default 4000) the applier stops
+/// appending until a checkpoint has backfilled everything and no reader pins the WAL, so the next
+/// batch restarts it. It waits at most `REPL_DRAIN_TIMEOUT_MS` (default 2000) for readers, then
 /// reports the pinned WAL and goes on appending; while the WAL stays pinned, later syncs only
 /// make one attempt each (no wait), so a long reader costs replication lag only once.
-/// A PASSIVE checkpoint runs after every batch once the WAL holds a quarter of that.
+/// A PASSIVE checkpoint runs at the end of every sync once the WAL holds a quarter of that.
 struct DrainPolicy {
     frames: u32,
     timeout: Duration,
@@ -486,9 +486,6 @@ impl Replica {
         Ok(st.lsn)
     }
 
-    /// E.1 bootstrap of an empty file: the snapshot written straight into the database file
-    /// under an EXCLUSIVE lock (no reader can see it half-written: page 1, which makes the
-    /// file a database, is written last), then synced.
     /// Downloads the source's snapshot, reporting progress in `repl_status()` and, past a few
     /// MB, one log line per 10 %.
     fn fetch_snapshot(&self, st: &State, what: &'static str) -> Result<crate::txlog::Record> {
@@ -514,6 +511,9 @@ impl Replica {
         r
     }
 
+    /// WAL.md §E.1 bootstrap of an empty file: the snapshot written straight into the database
+    /// file under an EXCLUSIVE lock (no reader can see it half-written: page 1, which makes the
+    /// file a database, is written last), then synced.
     fn bootstrap(&self, st: &mut State) -> Result<()> {
         let snap = self.fetch_snapshot(st, "bootstrap download")?;
         let ps = snap.meta.page_size;
@@ -588,8 +588,8 @@ impl Replica {
         Ok(())
     }
 
-    /// E.1 step 2: the applier's own SQLite connection (the host's underlying VFS, not ours)
-    /// keeps the wal-index alive, runs stock recovery when needed and does the checkpoints.
+    /// WAL.md §E.1 step 2: the applier's own SQLite connection (the host's underlying VFS, not
+    /// ours) keeps the wal-index alive, runs stock recovery when needed and does the checkpoints.
     fn ensure_open(&self, st: &mut State) -> Result<()> {
         if st.ckpt.is_none() {
             let c = OwnedDb::open(
@@ -661,7 +661,7 @@ impl Replica {
         }
     }
 
-    /// Recompute the checksums of the live content and decide which LSN it is (E.8).
+    /// Recompute the checksums of the live content and decide which LSN it is (WAL.md §E.8).
     fn load(&self, st: &mut State) -> Result<()> {
         let shm = self.write_locked(st)?;
         let h =
@@ -921,7 +921,8 @@ impl Replica {
             st.restarts_seen += 1;
         }
         st.last_hdr = Some(h);
-        // E.5: durable before the position says so (published already: readers did not wait).
+        // WAL.md §E.5: durable before the position says so (published already: readers did
+        // not wait).
         wal.sync_data()
             .map_err(|e| Error::io("syncing the replica's WAL", e))?;
         st.lsn = plan.last_lsn;
@@ -946,7 +947,7 @@ impl Replica {
         Ok(true)
     }
 
-    /// E.6: checkpoint PASSIVE through the applier connection once the WAL is long.
+    /// WAL.md §E.6: checkpoint PASSIVE through the applier connection once the WAL is long.
     fn maybe_checkpoint(&self, st: &mut State) {
         let long = st
             .last_hdr
@@ -958,9 +959,9 @@ impl Replica {
         }
     }
 
-    /// E.6 drain: when the WAL is long, checkpoint until every frame is backfilled and no
-    /// reader holds READ1..4 (new readers then read the database file), so the next append
-    /// restarts the WAL. Gives up after DRAIN_TIMEOUT and reports the pinning reader.
+    /// WAL.md §E.6 drain: when the WAL is long, checkpoint until every frame is backfilled and
+    /// no reader holds READ1..4 (new readers then read the database file), so the next append
+    /// restarts the WAL. Gives up after `REPL_DRAIN_TIMEOUT_MS` and reports the pinning reader.
     fn maybe_drain(&self, st: &mut State) {
         let policy = drain_policy();
         let Some(h) = st.last_hdr.filter(|h| h.mx_frame >= policy.frames) else {

@@ -1,4 +1,4 @@
-//! Apply planning (wal-spec E.2 step 1), pure: a batch of consecutive records becomes one
+//! Apply planning (WAL.md §E.2 step 1), pure: a batch of consecutive records becomes one
 //! replica commit — the last image of every page, pages above each record's commit size
 //! dropped as that record is applied (exactly what applying the records one by one would
 //! leave visible), never the lock-byte page — and the expected database checksum after it.

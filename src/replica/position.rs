@@ -1,4 +1,4 @@
-//! The replica's recorded position (wal-spec E.8): `<db>-replica/applied`, two 64-byte slots
+//! The replica's recorded position (WAL.md §E.8): `<db>-replica/applied`, two 64-byte slots
 //! written alternately (a torn write leaves the other slot valid), each with a sequence number
 //! and an xxh3 checksum. A slot holds the LSN, generation and database checksum the replica's
 //! published state corresponds to, plus the *intent* of the batch being written (its LSN and

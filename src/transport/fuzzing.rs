@@ -1,5 +1,5 @@
 //! The one entry point shared by the HTTP fuzz target (`fuzz/fuzz_targets/http_input.rs`) and
-//! its seed-corpus test (`tests/http_corpus.rs`): arbitrary bytes as everything the HTTP path
+//! its seed-corpus test (`tests/fuzz_corpus.rs`): arbitrary bytes as everything the HTTP path
 //! parses from the network — a `/v1/log` response body (client side), a request URL and a
 //! `/v1/exec` JSON body (server side). A panic is a bug.
 

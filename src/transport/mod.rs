@@ -1,7 +1,10 @@
-//! Where a replica gets records from. A `Source` answers three questions: which lineage it
-//! serves, the newest snapshot, and the records after an LSN (only what the primary made
-//! durable). `dir` reads a primary's log directory directly (one machine or shared storage);
-//! the HTTP client of the next stage implements the same trait.
+//! Where a replica gets records from, and how a primary serves them. A `Source` answers three
+//! questions: which lineage it serves, the newest snapshot, and the records after an LSN (only
+//! what the primary made durable). `dir` reads a primary's log directory directly (one machine
+//! or shared storage); `http` is the client of a primary's HTTP endpoints and implements the same
+//! trait. `server` is that HTTP server (in the primary's process or `sqlite-replica serve`),
+//! `notify` wakes its long-polls when the durable watermark moves, and `fuzzing` is the entry
+//! point of the HTTP fuzz target.
 //!
 //! Invariant: a source never returns a record it could not validate (record checksums are
 //! checked by the txlog decoder before a record leaves here).
@@ -81,7 +84,8 @@ pub trait Source: Send + Sync {
     fn page_size(&self) -> Result<Option<PageSize>>;
 }
 
-/// Parse what the user passed to `repl_sync()`: a primary database path, or a `file:` URL.
+/// Parse what the user passed to `repl_sync()`: a primary database path, a `file:` URL, or an
+/// `http(s)://` URL of a primary's server.
 pub fn open_source(spec: &str) -> Result<Box<dyn Source>> {
     let s = spec.trim();
     if s.is_empty() {

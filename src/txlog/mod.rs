@@ -11,6 +11,7 @@
 //! - `meta`: `meta.json` (§6), the durable watermark (§7) and small fs helpers;
 //! - `checksum`: `DbChecksum`, the incrementally maintained database checksum;
 //! - `rebuild` / `verify`: offline tools used by the `sqlite-replica` CLI;
+//! - `compact`: a new snapshot file built from the log alone (the primary's periodic snapshots);
 //! - `fuzzing`: the single entry point shared by the fuzz target and the seed-corpus test.
 //!
 //! Invariants kept here (and re-checked by `verify`): LSNs are dense and increasing; a

@@ -1,4 +1,4 @@
-//! The per-process agent handle on a database (wal-spec D.2 "agent lock", E.1 step 3): a file
+//! The per-process agent handle on a database (WAL.md §D.2 "agent lock", §E.1 step 3): a file
 //! opened with the *underlying* VFS's `xOpen` on the main database, with a filename made by
 //! `sqlite3_create_filename()` (the unix VFS scans memory before the name for URI parameters),
 //! holding a SHARED database lock for its whole life and the wal-index mapped.
@@ -277,7 +277,7 @@ fn code_to_result(rc: c_int, what: &str) -> Result<()> {
     }
 }
 
-/// The applier's exclusive view of the wal-index behind an `AgentHandle` (wal-spec E.2): the
+/// The applier's exclusive view of the wal-index behind an `AgentHandle` (WAL.md §E.2): the
 /// pure algorithms of `wal` run on it through `ShmAccess`. Words are accessed atomically, as
 /// SQLite does. Locks taken with `try_lock` are released when this value is dropped, so no
 /// error path can leave WRITE (or READ1..4) held.
@@ -402,7 +402,7 @@ impl crate::wal::ShmAccess for LiveShm<'_> {
     }
 
     fn write_u16(&mut self, block: u32, off: usize, v: u16) {
-        // A single 16-bit atomic store, as wal-spec B.5 requires for hash slots.
+        // A single 16-bit atomic store, as WAL.md §B.5 requires for hash slots.
         self.half_word(block, off).store(v, Ordering::Release)
     }
 

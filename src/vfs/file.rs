@@ -1,7 +1,7 @@
 //! Our `sqlite3_file`: `ShimFile` in front of the underlying VFS's file object, and the
 //! `sqlite3_io_methods` trampolines. Hooks (all decisions are delegated to safe code):
 //! - main db `xShmLock`: LOCK|EXCLUSIVE on WRITE succeeded ⇒ capture T1 (catch-up);
-//!   UNLOCK|EXCLUSIVE of WRITE ⇒ capture T2 *before* forwarding the unlock (wal-spec D.1).
+//!   UNLOCK|EXCLUSIVE of WRITE ⇒ capture T2 *before* forwarding the unlock (WAL.md §D.1).
 //! - main db `xFileControl(SQLITE_FCNTL_PRAGMA)`: veto `locking_mode=EXCLUSIVE` and leaving
 //!   WAL on primaries.
 //! - `-wal` `xWrite`: refused on a primary while no connection of this process holds WRITE

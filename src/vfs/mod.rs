@@ -1,7 +1,7 @@
 //! The replicating VFS `replica`: a shim over the host's default VFS (normally `unix`).
 //!
 //! Every method forwards to the underlying VFS; the shim adds, per database file, the hooks the
-//! replication roles need (see `file.rs`): capture triggers at the WAL write lock (wal-spec D.2
+//! replication roles need (see `file.rs`): capture triggers at the WAL write lock (WAL.md §D.2
 //! T1/T2), guards (PRAGMA veto, WAL writes without the write lock, writes on replicas), and the
 //! bookkeeping that tells capture whether the WAL was synced. The unsafe code of the crate lives
 //! here and in `ffi/`: trampolines only; decisions are made by safe code in `registry`,

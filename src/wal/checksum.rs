@@ -1,4 +1,4 @@
-//! The WAL checksum (wal-spec A.3): a pair of u32 accumulators extended over 32-bit words.
+//! The WAL checksum (WAL.md §A.3): a pair of u32 accumulators extended over 32-bit words.
 //!
 //! Owns: `CksumPair`, `cksum_extend`, `native_is_big_endian`.
 //!

@@ -1,4 +1,4 @@
-//! The WAL file format (wal-spec A.1-A.3): the 32-byte WAL header, 24-byte frame headers and
+//! The WAL file format (WAL.md §A.1–§A.3): the 32-byte WAL header, 24-byte frame headers and
 //! the cumulative frame checksum chain, as pure byte encoders/decoders.
 //!
 //! Owns: `WalHeader`, `FrameHeader`, `frame_offset`, `frame_cksum`, `encode_frame` and the
@@ -33,7 +33,7 @@ fn be32(b: &[u8], off: usize) -> u32 {
     u32::from_be_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
 }
 
-/// The decoded 32-byte WAL header (A.1).
+/// The decoded 32-byte WAL header (WAL.md §A.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WalHeader {
     /// True when the magic is `WAL_MAGIC_BE` (checksum words decoded big-endian).
@@ -69,9 +69,9 @@ impl WalHeader {
         Self::parse_inner(b).map_err(HeaderProblem::into_error)
     }
 
-    /// Header check as recovery does it (A.6 step 1): `Ok(None)` when SQLite would treat the
-    /// WAL as empty (short, bad magic, bad page size, bad checksum); `Err` when it would
-    /// refuse to open (valid checksum, unknown version).
+    /// Header check as recovery does it (WAL.md §A.6 step 1): `Ok(None)` when SQLite would treat
+    /// the WAL as empty (short, bad magic, bad page size, bad checksum); `Err` when it would refuse
+    /// to open (valid checksum, unknown version).
     pub fn parse_for_recovery(b: &[u8]) -> Result<Option<WalHeader>> {
         match Self::parse_inner(b) {
             Ok(h) => Ok(Some(h)),
@@ -178,7 +178,7 @@ impl WalHeader {
     }
 }
 
-/// The decoded 24-byte frame header (A.2).
+/// The decoded 24-byte frame header (WAL.md §A.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FrameHeader {
     pub pgno: u32,

@@ -1,5 +1,5 @@
 //! The one entry point shared by the WAL fuzz target (`fuzz/fuzz_targets/wal_parse.rs`) and
-//! its seed-corpus test (`tests/wal_corpus.rs`): arbitrary bytes as a WAL file and as a
+//! its seed-corpus test (`tests/fuzz_corpus.rs`): arbitrary bytes as a WAL file and as a
 //! wal-index, through every parser and the recovery scan. A panic is a bug: parsers must
 //! return errors (or "empty") on any input.
 

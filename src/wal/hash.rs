@@ -1,4 +1,4 @@
-//! The wal-index hash blocks (wal-spec B.1, B.5): frame → block geometry, the page hash, and
+//! The wal-index hash blocks (WAL.md §B.1, §B.5): frame → block geometry, the page hash, and
 //! the insert / lookup / truncate-to algorithms, written against `ShmAccess`.
 //!
 //! Owns: `NPAGE`, `NPAGE_ONE`, `NSLOT`, `HASH_MULT`, `block_of`, `izero`, `hash_of`,
@@ -93,8 +93,8 @@ fn zero_block<S: ShmAccess>(shm: &mut S, k: u32) {
     }
 }
 
-/// B.5 insert: append frame `frame` holding page `pgno`. Frames must be appended in strictly
-/// increasing order. Zeroes a block on its first frame; if stale entries are found at the
+/// WAL.md §B.5 insert: append frame `frame` holding page `pgno`. Frames must be appended in
+/// strictly increasing order. Zeroes a block on its first frame; if stale entries are found at the
 /// insertion point (an aborted writer, a recovery's uncommitted tail), they are removed with
 /// truncate-to(frame - 1) first. Then the aPgno store, then the u16 slot store.
 pub fn hash_insert<S: ShmAccess>(shm: &mut S, frame: u32, pgno: u32) -> Result<()> {
@@ -128,8 +128,8 @@ pub fn hash_insert<S: ShmAccess>(shm: &mut S, frame: u32, pgno: u32) -> Result<(
     Ok(())
 }
 
-/// B.5 lookup with corruption reported: the latest frame in `[min_frame, max_frame]` holding
-/// `pgno`, `Ok(None)` if there is none (read the page from the database file).
+/// WAL.md §B.5 lookup with corruption reported: the latest frame in `[min_frame, max_frame]`
+/// holding `pgno`, `Ok(None)` if there is none (read the page from the database file).
 /// `min_frame` 0 is treated as 1.
 pub fn hash_lookup_checked<S: ShmAccess>(
     shm: &S,
@@ -181,7 +181,7 @@ pub fn hash_lookup_checked<S: ShmAccess>(
     Ok(None)
 }
 
-/// B.5 lookup: the latest frame in `[min_frame, max_frame]` holding `pgno`, or `None`.
+/// WAL.md §B.5 lookup: the latest frame in `[min_frame, max_frame]` holding `pgno`, or `None`.
 /// A corrupt index also yields `None`; use `hash_lookup_checked` to tell the two apart.
 pub fn hash_lookup<S: ShmAccess>(
     shm: &S,
@@ -194,9 +194,9 @@ pub fn hash_lookup<S: ShmAccess>(
         .flatten()
 }
 
-/// B.5 truncate-to(X): forget every entry for frames > X in X's block (slots with value > L
-/// and `aPgno[L..]`, L = X − izero). Later blocks are left alone (zeroed lazily by the
-/// insert of their first frame). X = 0 does nothing; a missing block does nothing.
+/// WAL.md §B.5 truncate-to(X): forget every entry for frames > X in X's block (the slots whose
+/// value exceeds L, and `aPgno[L..]`, L = X − izero). Later blocks are left alone (zeroed
+/// lazily by the insert of their first frame). X = 0 does nothing; a missing block does nothing.
 pub fn hash_truncate<S: ShmAccess>(shm: &mut S, mx_frame: u32) {
     if mx_frame == 0 {
         return;

@@ -1,4 +1,4 @@
-//! Property test (wal-spec G2) of the hash index: random appends, duplicates, block
+//! Property test (WAL.md §G2) of the hash index: random appends, duplicates, block
 //! boundaries, rolled-back writers, truncate-to(X) and re-append, checked against a model
 //! (a plain `Vec` of page numbers, i.e. a linear scan of aPgno).
 //!

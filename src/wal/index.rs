@@ -1,4 +1,4 @@
-//! The wal-index (`<db>-shm`) header and checkpoint information of block 0 (wal-spec B.1-B.4),
+//! The wal-index (`<db>-shm`) header and checkpoint information of block 0 (WAL.md §B.1–§B.4),
 //! as pure byte formats.
 //!
 //! Owns: `WalIndexHeader` (one 48-byte copy: parse, encode, the reader validity rule),

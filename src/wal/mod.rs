@@ -1,10 +1,10 @@
-//! The SQLite WAL file and wal-index (`-shm`) formats and algorithms (docs: wal-spec A, B),
+//! The SQLite WAL file and wal-index (`-shm`) formats and algorithms (docs/WAL.md §A, §B),
 //! as pure code: safe Rust only (enforced below), no locks, no SQLite calls.
 //!
 //! Owns:
-//! - `checksum`: the A.3 checksum (`cksum_extend`).
+//! - `checksum`: the §A.3 checksum (`cksum_extend`).
 //! - `file`: WAL header and frame encode/decode, the frame checksum chain.
-//! - `reader`: the validating `FrameReader` and the A.6 `recover_scan`.
+//! - `reader`: the validating `FrameReader` and the §A.6 `recover_scan`.
 //! - `index`: wal-index header copies, checkpoint info, szPage encoding (byte formats).
 //! - `shm`: `ShmAccess` (abstract block access; the live mmap implementation lives with the
 //!   VFS), `VecShm`, header read/publish and checkpoint-info access.

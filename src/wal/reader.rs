@@ -1,4 +1,4 @@
-//! Reading a WAL file (wal-spec A.3-A.6): the validating streaming `FrameReader` and the
+//! Reading a WAL file (WAL.md §A.3–§A.6): the validating streaming `FrameReader` and the
 //! recovery scan `recover_scan`.
 //!
 //! Owns: `Frame`, `FrameReader`, `RecoveryResult`, `recover_scan`.
@@ -118,7 +118,7 @@ impl<'a, F: FileExt> FrameReader<'a, F> {
     }
 }
 
-/// Outcome of a recovery scan (A.6). `mx_frame == 0` means the WAL is empty for SQLite.
+/// Outcome of a recovery scan (WAL.md §A.6). `mx_frame == 0` means the WAL is empty for SQLite.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecoveryResult {
     /// The valid WAL header, or `None` when the file is too short or the header is invalid.
@@ -149,7 +149,7 @@ impl RecoveryResult {
     }
 }
 
-/// Recovery scan (A.6) over a whole WAL file. An invalid or short header yields
+/// Recovery scan (WAL.md §A.6) over a whole WAL file. An invalid or short header yields
 /// `mx_frame == 0`; a good checksum with an unknown version is an error (SQLite refuses to
 /// open). The scan stops at the first frame that is incomplete or invalid.
 pub fn recover_scan<F: FileExt>(file: &F) -> Result<RecoveryResult> {

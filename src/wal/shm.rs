@@ -1,5 +1,5 @@
 //! Abstract access to the wal-index blocks (`ShmAccess`), its in-memory implementation
-//! (`VecShm`) and the header/checkpoint-info operations written against it (wal-spec B.2-B.4).
+//! (`VecShm`) and the header/checkpoint-info operations written against it (WAL.md §B.2–§B.4).
 //!
 //! Owns: `ShmAccess`, `VecShm`, `shm_read_header`, `shm_publish_header`, `shm_ckpt_info`,
 //! `shm_write_ckpt_info`.
@@ -7,11 +7,11 @@
 //! Invariants:
 //! - All accesses are naturally aligned u32/u16 words of one 32 KiB block, so a live
 //!   implementation can use atomics (the live mmap one lives outside this pure module).
-//! - Header read order: copy 1, barrier, copy 2 (then the B.2 validity rule). Publish order is
+//! - Header read order: copy 1, barrier, copy 2 (then the §B.2 validity rule). Publish order is
 //!   the opposite: copy 2, barrier, copy 1 — with nothing else in between.
 //! - Nothing here touches the lock bytes 120..127.
 //! - Locking is the caller's business: publishing needs WRITE, read-marks need their READ_i
-//!   exclusively, nBackfill needs CKPT (or WRITE for a restart), as in wal-spec C.
+//!   exclusively, nBackfill needs CKPT (or WRITE for a restart), as in WAL.md §C.
 
 use std::sync::atomic::{fence, Ordering};
 
@@ -36,7 +36,7 @@ pub trait ShmAccess {
     /// Full memory barrier (a SeqCst fence in memory implementations).
     fn barrier(&self);
     /// Called by `shm_publish_header` between the two copies (copy 2 written, copy 1 not):
-    /// the fault-injection point of the crash tests (wal-spec G15 c). No-op by default.
+    /// the fault-injection point of the crash tests (WAL.md §G15 (c)). No-op by default.
     fn between_header_copies(&self) {}
 }
 

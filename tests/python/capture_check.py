@@ -1,4 +1,5 @@
-"""Checks shared by the test_capture_*.py files (primary-side capture, wal-spec D and G11-G23).
+"""Checks shared by the test_capture_*.py files (primary-side capture, WAL.md §D and
+§G11–§G23).
 
 The central one is ``assert_rebuild_equals(db)``: "what the log says equals what the primary
 holds". With writers finished, it compares
@@ -219,7 +220,7 @@ class Frame:
 
 
 def wal_frames(db: str | os.PathLike[str]) -> list[Frame]:
-    """The published frames 1..mxFrame of ``<db>-wal`` (format: wal-spec A), read by a child."""
+    """The published frames 1..mxFrame of ``<db>-wal`` (format: WAL.md §A), read by a child."""
     out = _read_in_child(
         f"""
         import walutil
@@ -241,7 +242,7 @@ def wal_frames(db: str | os.PathLike[str]) -> list[Frame]:
 
 
 def padding_frames(frames: list[Frame]) -> int:
-    """Commit frames that repeat the previous commit frame exactly (wal-spec D.4 step 7)."""
+    """Commit frames that repeat the previous commit frame exactly (WAL.md §D.4 step 7)."""
     n = 0
     for prev, cur in zip(frames, frames[1:]):
         if prev.commit_size and cur.commit_size and (prev.pgno, prev.commit_size, prev.digest) == (

@@ -1,5 +1,5 @@
-"""Bad input on the primary side gets a clear error and changes nothing (architecture.md
-guarantee 6):
+"""Bad input on the primary side gets a clear error and changes nothing (docs/ARCHITECTURE.md,
+Guarantees, 6):
 
 - ``repl_primary()`` on ``:memory:``, on a temporary database (``''``), on a database opened
   before the extension was loaded, on a read-only connection: an error that says what to do,

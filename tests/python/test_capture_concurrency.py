@@ -1,7 +1,7 @@
-"""LSN density under concurrent writers (wal-spec D.3 "multiple primary processes / threads"):
-two writer processes with the extension plus a writer thread in this process commit interleaved
-transactions on one primary; every commit gets exactly one LSN, the log is dense 1..N, and the
-rebuild equals the primary.
+"""LSN density under concurrent writers (WAL.md §D.3, §D.7 "several primary processes and
+threads"): two writer processes with the extension plus a writer thread in this process commit
+interleaved transactions on one primary; every commit gets exactly one LSN, the log is dense
+1..N, and the rebuild equals the primary.
 """
 
 from __future__ import annotations

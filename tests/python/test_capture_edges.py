@@ -1,6 +1,6 @@
-"""Primary-side capture edge cases (wal-spec D.7 and G11, G12, G13, G20, G23), checked the way a
-user would: every commit is exactly one LSN, and the log rebuilt by ``sqlite-replica rebuild``
-equals the primary byte for byte (``capture_check.assert_rebuild_equals``).
+"""Primary-side capture edge cases (WAL.md §D.7 and §G11, §G12, §G13, §G20, §G23), checked the
+way a user would: every commit is exactly one LSN, and the log rebuilt by ``sqlite-replica
+rebuild`` equals the primary byte for byte (``capture_check.assert_rebuild_equals``).
 
 - G11: a transaction that spills its page cache into the WAL, with SAVEPOINT / ROLLBACK TO and
   in-place frame overwrites inside it, then a spilling transaction rolled back entirely;

@@ -1,4 +1,5 @@
-"""Writers and lockers WITHOUT the extension against a live primary (wal-spec D.5, D.7, G13, G19).
+"""Writers and lockers WITHOUT the extension against a live primary (WAL.md §D.5, §D.7, §G13,
+§G19).
 
 The primary is an apsw connection of this (pytest) process, which keeps the capture agent alive
 (and its SHARED lock on the database); the foreign party is Debian's ``/usr/bin/sqlite3`` run
@@ -7,8 +8,9 @@ WITHOUT ``.load``, in a separate process.
 - G13 (foreign side): a foreign commit followed by a foreign ``wal_checkpoint(TRUNCATE)``
   destroys frames capture never saw: a gap, answered with generation + 1 starting with a
   SNAPSHOT record; the rebuild still equals the primary, foreign row included.
-- gap: a foreign plain write (no checkpoint) is detected (architecture.md guarantee 3: "a writer
-  without it is detected (gap) and answered with a new generation + snapshot, never ignored");
+- gap: a foreign plain write (no checkpoint) is detected (docs/ARCHITECTURE.md, Guarantees, 3:
+  "a write by a process without the extension is detected (a gap) and answered with a new
+  generation that starts with a full snapshot; it is never ignored");
   the rebuild includes the foreign row; later writes continue with LSN + 1 each.
 - G19: ``locking_mode=EXCLUSIVE`` is refused on a primary connection; another process cannot
   use exclusive locking mode while a primary process lives (the agent holds SHARED).

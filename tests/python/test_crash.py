@@ -1,5 +1,5 @@
-"""Crash tests: ``kill -9`` of primary writer processes (wal-spec D.7 "crash of a primary process
-after commit, before capture": the frames are in the WAL, the next T1/T3 catches up).
+"""Crash tests: ``kill -9`` of primary writer processes (WAL.md §D.7 "crashed writer of ours:
+killed after its commit, before T2": the frames are in the WAL, the next T1/T3 catches up).
 
 * ``test_random_kills``: a writer process commits transactions in a loop, each one inserting the
   next id into ``t`` and printing the id to stdout once COMMIT returned (with random
@@ -171,7 +171,7 @@ def check_final_state(db, tmp, printed: set[int], all_events: list[str], strict:
     1. data: ``verify`` passes, LSNs dense, ids in ``t`` are 1..count, every printed (= committed)
        id is in the primary and in the rebuild, and the rebuild equals the primary (pages, rows,
        checksum);
-    2. capture (wal-spec D.7): no gap -- one generation, no snapshot record -- and exactly one
+    2. capture (WAL.md §D.7): no gap -- one generation, no snapshot record -- and exactly one
        LSN per committed transaction. ``strict`` carries earlier failures of this kind (from the
        test body) so that they are reported after step 1 has run.
     """
@@ -214,7 +214,7 @@ def check_final_state(db, tmp, printed: set[int], all_events: list[str], strict:
         strict.append(f"repl_lsn() {final_lsn} != 1 + {count} committed transactions")
     gaps = [e for e in all_events if "event=gap" in e]
     assert not strict, (
-        "a writer killed inside its commit/capture must be caught up by the next capture (wal-spec D.7: "
+        "a writer killed inside its commit/capture must be caught up by the next capture (WAL.md §D.7: "
         "the frames are still in the WAL; the restart/reset was done by a writer of ours that had caught "
         "up), not answered with a gap:\n  " + "\n  ".join(strict)
         + f"\ngap events ({len(gaps)}):\n" + "\n".join(gaps[:30])
@@ -383,7 +383,7 @@ def test_kill_at_capture_point(tmp, capfd, kill_shim, scenario, point, catch_up)
 def test_crashed_writer_then_foreign_commit_is_a_gap(tmp, kill_shim, wal):
     """The intent of a crashed write session vouches for ONE transaction: a writer without the
     extension that commits on top of the crashed writer's uncaptured commit (before any capture
-    of ours ran) is still detected as a gap (architecture.md guarantee 3), and the rebuild
+    of ours ran) is still detected as a gap (docs/ARCHITECTURE.md, Guarantees, 3), and the rebuild
     includes both commits. ``kept``: a plain connection (no extension, no capture) keeps the WAL,
     the catch-up finds two transactions; ``deleted``: the foreign shell is the last to close, so
     it checkpoints and deletes the WAL (the next open recovers an empty one)."""

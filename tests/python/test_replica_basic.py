@@ -1,4 +1,4 @@
-"""Replica basics (wal-spec G5, E.1, E.8): a primary process, an applier process, readers in
+"""Replica basics (WAL.md §G5, §E.1, §E.8): a primary process, an applier process, readers in
 other processes that never load the extension.
 
 - G5: three primary transactions, one ``repl_sync()`` each; after each a FRESH stock reader

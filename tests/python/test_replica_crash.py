@@ -1,5 +1,5 @@
 """``kill -9`` of the syncing replica process at random points (issue 3 acceptance "crash test",
-wal-spec E.4/E.8/G15): a primary process keeps committing bank transfers and multi-page
+WAL.md §E.4, §E.8, §G15): a primary process keeps committing bank transfers and multi-page
 updates; an applier process loops ``repl_sync()`` and is SIGKILLed after a random (seeded)
 delay, at least 30 times — mid-batch, between frames and publish, between the header copies,
 before or after the position is recorded, wherever the delay lands. After every kill a new
@@ -16,7 +16,7 @@ At the end: a clean ``repl_sync()`` reaches the primary's LSN with an equal ``re
 batch, nothing published) or to ``<db>-replica/applied`` (the intent write before a batch, or
 the position write right after a batch was published).
 
-``test_kill_inside_the_publish_or_while_holding_write`` (G15 c/d): the wal-index publish is a
+``test_kill_inside_the_publish_or_while_holding_write`` (§G15 (c), (d)): the wal-index publish is a
 memory write a shim cannot intercept, so the extension has a fault point there
 (``REPL_FAULT_KILL_AT=between-header-copies:<n>``: SIGKILL with copy 2 written, copy 1 not);
 and the shim kills an applier holding WRITE before its first frame. A stock reader loops
@@ -268,7 +268,7 @@ def test_kill_at_exact_apply_points(tmp, kill_shim):
 
 READER = """
 # A stock reader (no extension in this process) looping while appliers are killed: it must
-# never see an error or a non-committed state (wal-spec G15 c/d: readers recover a header
+# never see an error or a non-committed state (WAL.md §G15 (c), (d): readers recover a header
 # torn between its copies, and the WRITE lock of a killed applier is released by the kernel).
 conn = apsw.Connection(os.environ["R_DB"], flags=apsw.SQLITE_OPEN_READONLY, vfs="unix")
 conn.setbusytimeout(10000)
@@ -290,7 +290,7 @@ print(json.dumps({"reads": reads, "errors": errors[:5], "n_errors": len(errors),
 
 @pytest.mark.parametrize("point", ["between-header-copies", "holding-write"])
 def test_kill_inside_the_publish_or_while_holding_write(tmp, kill_shim, point):
-    """G15 (c): killed with copy 2 of the wal-index header written and copy 1 not (the
+    """WAL.md §G15 (c): killed with copy 2 of the wal-index header written and copy 1 not (the
     extension's fault point ``REPL_FAULT_KILL_AT``); (d): killed while holding WRITE, before
     its first frame write (the LD_PRELOAD shim). A stock reader loops throughout: zero errors,
     zero non-committed states; a new applier resumes without a re-snapshot; the end state is

@@ -1,4 +1,4 @@
-"""Cross-version replicas (wal-spec G24, F): the applier hosted by one SQLite, the replica read
+"""Cross-version replicas (WAL.md §G24, §F): the applier hosted by one SQLite, the replica read
 and RECOVERED by another, in both directions —
 
 * applier in apsw (bundled SQLite 3.54.1) → read by Debian's ``/usr/bin/sqlite3`` 3.40.1;

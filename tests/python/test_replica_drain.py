@@ -1,9 +1,9 @@
-"""Bounded replica WAL (issue 3 item 4, wal-spec E.6 / G17). The applier checkpoints through
+"""Bounded replica WAL (issue 3 item 4, WAL.md §E.6, §G17). The applier checkpoints through
 its own connection and, past ``REPL_DRAIN_FRAMES``, drains: waits (at most
 ``REPL_DRAIN_TIMEOUT_MS``) until every frame is backfilled and no reader holds a read-mark, so
 its next batch restarts the WAL.
 
-* under the G16 stress shape (4 reader processes with short reads and long snapshots, a stock
+* under the §G16 stress shape (4 reader processes with short reads and long snapshots, a stock
   checkpointer every 30 ms, an applier looping over ≥ 400 multi-page transactions) the WAL
   stays under the threshold plus one batch, drains happen, their added lag is measured
   (``max_drain_ms``), and no reader sees an inconsistent state or an error;
@@ -119,7 +119,7 @@ while not os.path.exists(stop):
         pass
     except apsw.Error as e:
         errors.append(f"{type(e).__name__}: {e}")
-    time.sleep(0.03)  # pacing: every 30 ms (wal-spec G16), not synchronisation
+    time.sleep(0.03)  # pacing: every 30 ms (WAL.md §G16), not synchronisation
 print(json.dumps({"checkpoints": n, "errors": errors[:5]}))
 """
 

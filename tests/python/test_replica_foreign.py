@@ -1,6 +1,6 @@
-"""A foreign writer on the replica (wal-spec G18, E.9): the stock ``/usr/bin/sqlite3`` WITHOUT the
+"""A foreign writer on the replica (WAL.md §G18, §E.9): the stock ``/usr/bin/sqlite3`` WITHOUT the
 extension writes into the replica's file (it does not go through the VFS, so nothing stops
-it). The next ``repl_sync()`` must notice and re-snapshot (E.10) instead of applying the
+it). The next ``repl_sync()`` must notice and re-snapshot (§E.10) instead of applying the
 primary's pages on top of a state that is not the primary's; afterwards the replica equals the
 primary again (the foreign row is gone), ``repl_status()`` counts it, and applying continues.
 

@@ -1,5 +1,5 @@
-"""Readers and checkpoints on a live replica (wal-spec G6, G7, G8, G9, G10), every party in its
-own process: a primary writer, the applier (the replica worker that calls ``repl_sync()``),
+"""Readers and checkpoints on a live replica (WAL.md §G6, §G7, §G8, §G9, §G10), every party in
+its own process: a primary writer, the applier (the replica worker that calls ``repl_sync()``),
 readers that never load the extension (the stock ``/usr/bin/sqlite3`` 3.40.1 shell and apsw
 3.54 with the plain unix VFS) and stock checkpointers.
 

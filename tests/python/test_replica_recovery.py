@@ -1,4 +1,4 @@
-"""Recovery of the replica's wal-index (wal-spec G14, C.8, E.2 step 3), every party in its own
+"""Recovery of the replica's wal-index (WAL.md §G14, §C.8, §E.2 step 3), every party in its own
 process: a primary, the applier (a worker that stays alive and idle between ``repl_sync()``
 calls), stock readers without the extension (``/usr/bin/sqlite3`` 3.40.1 and apsw 3.54 on the
 plain unix VFS) and stock checkpointers.
@@ -57,7 +57,7 @@ assert sys.byteorder == "little", "the wal-index parsing below assumes a little-
 
 
 def hdr_cksum(b: bytes) -> tuple[int, int]:
-    """wal-spec A.3 checksum, native (LE) word order, initial (0, 0), over ``b`` (40 bytes)."""
+    """WAL.md §A.3 checksum, native (LE) word order, initial (0, 0), over ``b`` (40 bytes)."""
     s1 = s2 = 0
     for i in range(0, len(b), 8):
         x0, x1 = struct.unpack_from("<II", b, i)
@@ -66,14 +66,14 @@ def hdr_cksum(b: bytes) -> tuple[int, int]:
     return s1, s2
 
 
-# The B.2 test vector: our validity check must agree with the spec before we trust it.
+# The WAL.md §B.2 test vector: our validity check must agree with it before we trust it.
 _VEC = bytes.fromhex("18e22d00 00000000 07000000 01 00 0010 02000000 03000000 11111111 22222222 0102030405060708".replace(" ", ""))
 assert hdr_cksum(_VEC) == (0xCE5F4DEB, 0x5D5D1364)
 
 
 def shm_info(db) -> dict:
-    """The replica's wal-index header (first copy), whether stock readers accept it (B.2: copies
-    identical, isInit, checksum), and the checkpoint information (B.4)."""
+    """The replica's wal-index header (first copy), whether stock readers accept it (§B.2: copies
+    identical, isInit, checksum), and the checkpoint information (§B.4)."""
     with open(f"{db}-shm", "rb") as f:
         b = f.read(136)
     assert len(b) == 136, f"-shm is only {len(b)} bytes"
@@ -107,7 +107,7 @@ def pwrite_shm(db, offset: int, data: bytes) -> None:
 
 
 def damage_header(db, how: str) -> None:
-    """Make the wal-index header invalid the ways C.8 lists, without touching the rest."""
+    """Make the wal-index header invalid the ways §C.8 lists, without touching the rest."""
     with open(f"{db}-shm", "rb") as f:
         b = bytearray(f.read(96))
     if how == "zeroed":  # both copies gone (isInit 0)
@@ -200,7 +200,7 @@ def assert_replica_equals_primary(rdb, p) -> None:
 
 
 class Recoverer:
-    """Whoever reads first after the damage, and so runs C.8 recovery: the stock shell, stock
+    """Whoever reads first after the damage, and so runs §C.8 recovery: the stock shell, stock
     apsw (unix VFS), another process reading through the extension's VFS (a replica connection,
     which the VFS keeps read-only but must let recover), or the applier process's own
     connection."""
@@ -238,7 +238,7 @@ def test_a_reader_recovers_a_damaged_wal_index_and_the_applier_continues(tmp, da
         assert good["valid"] and good["mx_frame"] > 0, good
         damage_header(rdb, damage)
 
-        # A reader meets the invalid header first: C.8 recovery from the WAL.
+        # A reader meets the invalid header first: §C.8 recovery from the WAL.
         reader = Recoverer(recoverer, rdb, r)
         try:
             assert reader.snap() == primary_snap(p), "the reader that recovered the wal-index sees other content"
@@ -247,7 +247,7 @@ def test_a_reader_recovers_a_damaged_wal_index_and_the_applier_continues(tmp, da
         rec = shm_info(rdb)
         assert rec["valid"], f"the reader did not rebuild the header: {rec}"
         assert wal_key(rec) == wal_key(good), f"recovery found another WAL end than the applier published: {good} -> {rec}"
-        assert rec["change"] == 0 < good["change"], f"iChange was not reset (B.2), so no recovery ran: {good} -> {rec}"
+        assert rec["change"] == 0 < good["change"], f"iChange was not reset (WAL.md §B.2), so no recovery ran: {good} -> {rec}"
         assert rec["n_backfill"] == 0, rec
         assert_replica_equals_primary(rdb, p)
 
@@ -306,7 +306,7 @@ def test_applier_meets_a_damaged_wal_index_itself_and_continues(tmp, damage, wal
         st = assert_clean_status(r, st0)
         new = shm_info(rdb)
         assert new["valid"], f"the applier left an invalid header: {new}"
-        # Recovery reset iChange to 0 (B.2); the applier's commits count on from there.
+        # Recovery reset iChange to 0 (§B.2); the applier's commits count on from there.
         assert new["change"] == st["batches"] - st0["batches"] < good["change"], (
             f"the header was not rebuilt by recovery before the applier appended: {good} -> {new}, {st0} -> {st}"
         )

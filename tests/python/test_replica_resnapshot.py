@@ -1,12 +1,12 @@
-"""Re-snapshots while readers hold long transactions (wal-spec E.10, G22; issue 3 "re-snapshot
+"""Re-snapshots while readers hold long transactions (WAL.md §E.10, §G22; issue 3 "re-snapshot
 test"): the snapshot is applied as ONE WAL transaction, so a reader inside BEGIN keeps its view
 until it ends, a fresh reader sees the new state at once, and nobody sees a mixture.
 
 - the primary changes generation (a foreign write on the PRIMARY is a gap, answered there with
   a snapshot record): the replica's next sync carries the snapshot;
-- a foreign write on the REPLICA (G18) is answered with a re-snapshot from the source.
+- a foreign write on the REPLICA (§G18) is answered with a re-snapshot from the source.
 
-("Left behind past the primary's log retention" takes the same E.10 apply; it is tested in
+("Left behind past the primary's log retention" takes the same §E.10 apply; it is tested in
 test_replica_retention.py.)
 """
 

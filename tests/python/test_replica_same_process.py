@@ -1,4 +1,4 @@
-"""Same-process safety (wal-spec G21, C.1): the applier and a stock SQLite connection on the
+"""Same-process safety (WAL.md §G21, §C.1): the applier and a stock SQLite connection on the
 replica live in ONE process, and no lock of that process is lost.
 
 POSIX ``fcntl`` locks belong to the process, not to a file descriptor, and closing ANY
@@ -56,7 +56,7 @@ from helpers import (
 
 SNAP_SQL = "SELECT count(*), total(v), max(id) FROM t"
 
-# SQLite unix VFS lock bytes (os_unix.c / wal-spec C.1, C.2).
+# SQLite unix VFS lock bytes (os_unix.c; WAL.md §C.1, §C.2).
 PENDING_BYTE = 0x40000000
 SHARED_FIRST = PENDING_BYTE + 2
 SHARED_SIZE = 510

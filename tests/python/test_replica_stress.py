@@ -1,4 +1,4 @@
-"""Concurrency stress on a live replica (wal-spec G16; issue 3 "differential replication test";
+"""Concurrency stress on a live replica (WAL.md §G16; issue 3 "differential replication test";
 issue 4: the same over HTTP with three replicas), bounded to well under a minute. Every party is
 its own process:
 
@@ -217,7 +217,7 @@ while not os.path.exists(stop):
         busy += 1
     except apsw.Error as e:
         errors.append(f"{type(e).__name__}: {e}")
-    time.sleep(0.03)  # pacing (every 30 ms, as in wal-spec G16), not synchronisation
+    time.sleep(0.03)  # pacing (every 30 ms, as in WAL.md §G16), not synchronisation
 print(json.dumps({"done": done, "busy": busy, "errors": errors[:20]}))
 """
 
