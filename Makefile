@@ -77,6 +77,7 @@ test: deps build
 	$(CARGO) test --release
 	$(CARGO) clippy --all-targets --release -- -D warnings
 	$(CARGO) fmt --check
+	$(PYTHON) scripts/check_docs.py
 	$(PYTHON) -m pytest -q tests/python
 
 demo: build
