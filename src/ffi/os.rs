@@ -132,29 +132,6 @@ pub fn fault_point(point: &str) {
     }
 }
 
-/// Sets `TCP_NODELAY` on a listening socket: Linux copies it to every accepted connection, so
-/// a response written in two parts (headers, then body) is not held back by Nagle's algorithm
-/// waiting for the client's delayed ACK (40 ms per long-poll answer otherwise).
-pub fn set_tcp_nodelay(sock: &impl AsRawFd) -> std::io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt on a valid socket fd owned by `sock`, with a pointer to a live c_int
-    // and its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            &on as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
 /// Keep this shared library mapped for the life of the process, whatever the host does later.
 /// Once the VFS is registered, SQLite and the host hold pointers into our code; a host that
 /// `dlclose`s us (SQLite does when an extension's init returns an error) must not unmap it.
@@ -179,4 +156,79 @@ pub fn pin_this_library() -> bool {
             !h.is_null()
         }
     })
+}
+
+/// A non-blocking inotify instance (Linux): the HTTP server's event loop registers its fd and
+/// learns when a log directory's durable watermark file changes, so a long-poll waiting for
+/// records committed by ANOTHER process costs no polling.
+pub struct Inotify {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Inotify {
+    pub fn new() -> std::io::Result<Inotify> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: inotify_init1 takes flags only and returns a new fd or -1.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+        Ok(Inotify {
+            fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Watch `dir` for files written, closed after writing, created or renamed into it.
+    /// Returns the watch descriptor (the same one again for a directory already watched).
+    pub fn watch_dir(&self, dir: &std::path::Path) -> std::io::Result<i32> {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        let mask = libc::IN_MODIFY | libc::IN_CLOSE_WRITE | libc::IN_MOVED_TO | libc::IN_CREATE;
+        // SAFETY: valid inotify fd and NUL-terminated path.
+        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), mask) };
+        if wd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(wd)
+    }
+
+    pub fn unwatch(&self, wd: i32) {
+        // SAFETY: removing a watch descriptor of our own fd; a stale one just fails.
+        unsafe {
+            libc::inotify_rm_watch(self.fd.as_raw_fd(), wd);
+        }
+    }
+
+    /// Drain pending events; returns the watch descriptors that saw any (deduplicated).
+    pub fn drain(&self) -> Vec<i32> {
+        let mut wds = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            // SAFETY: reading into a buffer we own, of its exact length.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                return wds;
+            }
+            let mut off = 0usize;
+            let n = n as usize;
+            let hdr = std::mem::size_of::<libc::inotify_event>();
+            while off + hdr <= n {
+                // The kernel writes whole events: wd (i32) first, then mask, cookie, len.
+                let wd = i32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or([0; 4]));
+                let len = u32::from_ne_bytes(buf[off + 12..off + 16].try_into().unwrap_or([0; 4]));
+                if !wds.contains(&wd) {
+                    wds.push(wd);
+                }
+                off += hdr + len as usize;
+            }
+        }
+    }
+}
+
+impl AsRawFd for Inotify {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
+    }
 }

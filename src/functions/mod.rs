@@ -158,7 +158,8 @@ fn repl_primary(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
     // Check the address and token and bind the socket BEFORE the database is touched: a bad
     // address, a port in use or a missing token must leave the files exactly as they were.
     main_db_checked(c.db, "repl_primary()")?;
-    let bound = crate::transport::server::Server::bind(&addr, token)
+    let tls = crate::transport::server::TlsFiles::from_env()?;
+    let bound = crate::transport::server::Server::bind(&addr, token, tls.as_ref())
         .map_err(|e| Error::Misuse(format!("repl_primary('{addr}'): {e}; nothing was changed")))?;
     let lsn = become_primary(c)?;
     let (entry, _) = main_db_checked(c.db, "repl_primary()")?;

@@ -975,12 +975,7 @@ impl Primary {
             "snapshot": crate::txlog::newest_snapshot(&self.dir).ok().flatten()
                 .map(|(l, b)| serde_json::json!({"lsn": l.0, "bytes": b})),
             "settings": maintenance::load_policy(&self.dir).ok().map(|p| maintenance::policy_json(&p)),
-            "server": lock(&self.server).as_ref().map(|s| serde_json::json!({
-                "addr": s.addr().to_string(),
-                "url": format!("http://{}", s.addr()),
-                "auth": s.has_token(),
-                "followers": s.followers_json(),
-            })),
+            "server": lock(&self.server).as_ref().map(|s| s.status_json()),
             "captured_txns": st.captured_txns,
             "gaps": st.gaps,
             "last_error": st.last_error,

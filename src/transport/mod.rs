@@ -12,6 +12,7 @@
 pub mod dir;
 pub mod fuzzing;
 pub mod http;
+pub mod httpd;
 pub mod notify;
 pub mod server;
 

@@ -28,6 +28,8 @@ fn slot(dir: &Path) -> Arc<Slot> {
 
 /// Announce that `dir`'s watermark (or log) changed.
 pub fn bump(dir: &Path) {
+    // Long-polls parked in this process's HTTP engine.
+    super::httpd::wake_dir(dir);
     let s = slot(dir);
     *s.seq.lock().unwrap_or_else(|e| e.into_inner()) += 1;
     s.cv.notify_all();

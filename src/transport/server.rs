@@ -1,30 +1,28 @@
-//! The HTTP server of a primary's log (issue 4; protocol in docs/FORMAT.md §8). Blocking and
-//! thread-based (`tiny_http`, a thread per request, at most `MAX_REQUESTS` at once): no async
-//! runtime inside the extension. It only reads the log directory, exactly like the directory
-//! source, so it runs inside the primary's process (`repl_primary('addr')`) or standalone
-//! (`sqlite-replica serve <db>`).
+//! The HTTP server of a primary's log (protocol in docs/FORMAT.md §8): the routes of one
+//! database (`/v1/info`, `/v1/log`, `/v1/snapshot`, `/v1/exec`, `/metrics`) as an
+//! `httpd::Service`. Connections, limits, TLS and long-poll parking are the engine's
+//! (`transport::httpd`): one event loop and fixed worker pools per process, shared by every
+//! database served; a second database on the same address joins the listener and is reached
+//! under `/v1/db/<name>/…` (the first one also at the plain paths).
 //!
 //! Endpoints: `GET /v1/info`, `GET /v1/log?from=&wait_ms=&max_bytes=&generation=` (raw records
 //! streamed from one segment file; long-polls at the durable end), `GET /v1/snapshot` (the
 //! newest durable snapshot file), `GET /metrics` (Prometheus text). Memory per request is
-//! bounded (file ranges are copied to the socket, never buffered). Every response to a
-//! request with a bad or missing bearer token is 401; bad parameters 400; unknown paths 404.
+//! bounded (file ranges are streamed, never buffered whole). A request with a bad, missing or
+//! repeated bearer token is refused (401, or 400 for several Authorization headers); bad
+//! parameters 400; unknown paths 404.
 
-use super::notify;
+use super::httpd::{self, Body, Ctx, Outcome, Reply, Request, Site};
 use crate::error::{Error, Result};
 use crate::txlog::{self, Log, ReadHint};
 use crate::types::Lsn;
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tiny_http::{Header, Method, Request, Response, StatusCode};
 
-/// Requests served at once (long-polls included); more get 503.
-const MAX_REQUESTS: usize = 256;
 /// Longest long-poll a client may ask for.
 const MAX_WAIT_MS: u64 = 60_000;
 /// Default and largest `max_bytes` of one /v1/log response.
@@ -41,8 +39,9 @@ pub const SNAPSHOT_TYPE: &str = "application/vnd.sqlite-replica.snapshot";
 
 struct Follower {
     last_lsn: u64,
+    /// Last request, or the end of the long-poll it is parked in (so a follower waiting in a
+    /// long-poll stays listed).
     seen: Instant,
-    waiting: usize,
 }
 
 struct Shared {
@@ -50,7 +49,6 @@ struct Shared {
     dir: PathBuf,
     log: Log,
     token: Option<String>,
-    addr: SocketAddr,
     exec: Option<ExecHandler>,
     /// Where recent responses ended, keyed by the next LSN: a follower's next request then
     /// starts there instead of scanning the segment.
@@ -58,37 +56,76 @@ struct Shared {
     followers: Mutex<HashMap<String, Follower>>,
     /// (time, durable LSN) samples for records/s.
     rate: Mutex<Vec<(Instant, u64)>>,
-    active: AtomicUsize,
-    stop: AtomicBool,
     served_records: std::sync::atomic::AtomicU64,
     served_bytes: std::sync::atomic::AtomicU64,
+    /// The listener's counters, for /metrics.
+    stats: Mutex<Option<Arc<httpd::Stats>>>,
 }
 
-/// A listening socket that passed `Server::bind`'s checks, not yet serving.
-pub struct Bound {
-    listener: std::net::TcpListener,
-    token: Option<String>,
+/// TLS certificate and key files for a listener.
+#[derive(Clone, Debug, Default)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
-impl Bound {
-    pub fn addr(&self) -> Option<std::net::SocketAddr> {
-        self.listener.local_addr().ok()
+impl TlsFiles {
+    /// From `REPL_TLS_CERT` and `REPL_TLS_KEY` (both or neither).
+    pub fn from_env() -> Result<Option<TlsFiles>> {
+        let get = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
+        match (get("REPL_TLS_CERT"), get("REPL_TLS_KEY")) {
+            (None, None) => Ok(None),
+            (Some(c), Some(k)) => Ok(Some(TlsFiles {
+                cert: c.into(),
+                key: k.into(),
+            })),
+            _ => Err(Error::Misuse(
+                "REPL_TLS_CERT and REPL_TLS_KEY go together: set both (PEM files) or neither"
+                    .into(),
+            )),
+        }
     }
 }
 
-/// A running server; dropping it (or `stop`) stops accepting and ends the accept thread.
+/// A listening socket that passed `Server::bind`'s checks, not yet serving: a new one, or this
+/// process's existing listener on the same address (joined by a second database).
+pub enum Bound {
+    New {
+        listener: std::net::TcpListener,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        token: Option<String>,
+    },
+    Join {
+        site: Arc<Site>,
+        token: Option<String>,
+    },
+}
+
+impl Bound {
+    pub fn addr(&self) -> Option<SocketAddr> {
+        match self {
+            Bound::New { listener, .. } => listener.local_addr().ok(),
+            Bound::Join { site, .. } => Some(site.addr),
+        }
+    }
+}
+
+/// One database served on a listener; dropping it (or `stop`) stops serving the database, and
+/// the listener closes with its last database.
 pub struct Server {
     shared: Arc<Shared>,
-    server: Arc<tiny_http::Server>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    site: Arc<Site>,
+    name: String,
+    stopped: bool,
 }
 
 impl Server {
-    /// Check `addr` (host:port; port 0 picks one) and the token, and bind the listening socket.
-    /// Nothing else happens: a caller binds first, so a bad address, a port in use or a missing
-    /// token fails before any file is created or changed.
+    /// Check `addr` (host:port; port 0 picks one), the token and the TLS files, and bind the
+    /// listening socket (or find this process's listener on that address, to join it).
+    /// Nothing else happens: a caller binds first, so a bad address, a port in use or a
+    /// missing token fails before any file is created or changed.
     /// Refuses a non-loopback address without a token.
-    pub fn bind(addr: &str, token: Option<String>) -> Result<Bound> {
+    pub fn bind(addr: &str, token: Option<String>, tls: Option<&TlsFiles>) -> Result<Bound> {
         let token = token.filter(|t| !t.is_empty());
         let sock = addr
             .to_socket_addrs()
@@ -109,9 +146,29 @@ impl Server {
                  database; pass a token (repl_primary('{addr}', 'secret') or REPL_TOKEN) or listen on 127.0.0.1"
             )));
         }
+        let tls = match tls {
+            None => None,
+            Some(f) => Some(httpd::tls_config(&f.cert, &f.key).map_err(Error::Misuse)?),
+        };
+        if sock.port() != 0 {
+            if let Some(site) = httpd::find_site(sock) {
+                if site.tls != tls.is_some() {
+                    return Err(Error::Misuse(format!(
+                        "{sock} is already served by this process {} TLS; every database on one \
+                         listener uses the same setting",
+                        if site.tls { "with" } else { "without" }
+                    )));
+                }
+                return Ok(Bound::Join { site, token });
+            }
+        }
         let listener = std::net::TcpListener::bind(sock)
             .map_err(|e| Error::io(format!("cannot listen on {sock}"), e))?;
-        Ok(Bound { listener, token })
+        Ok(Bound::New {
+            listener,
+            tls,
+            token,
+        })
     }
 
     /// Listen on `addr` and serve the log of database `db` (`bind`, then `start_bound`).
@@ -121,82 +178,113 @@ impl Server {
         token: Option<String>,
         exec: Option<ExecHandler>,
     ) -> Result<Server> {
-        Server::start_bound(db, Server::bind(addr, token)?, exec)
+        Server::start_bound(db, Server::bind(addr, token, None)?, exec)
     }
 
     /// Serve the log of database `db` on a socket from `bind`.
     pub fn start_bound(db: &str, bound: Bound, exec: Option<ExecHandler>) -> Result<Server> {
-        let Bound { listener, token } = bound;
-        let sock = listener
-            .local_addr()
-            .map_err(|e| Error::io("the listening socket has no address", e))?;
         let dir = crate::registry::log_dir(db);
         let log = Log::open(&dir, Default::default())?;
-        let _ = crate::ffi::os::set_tcp_nodelay(&listener);
-        let server = tiny_http::Server::from_listener(listener, None)
-            .map_err(|e| Error::Other(format!("cannot listen on {sock}: {e}")))?;
-        let bound = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| Error::Other("the server has no IP address".into()))?;
+        let name = std::path::Path::new(db)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("db")
+            .to_string();
+        let (site, token) = match bound {
+            Bound::New {
+                listener,
+                tls,
+                token,
+            } => {
+                let site = httpd::listen(listener, tls, httpd::Limits::from_env())
+                    .map_err(|e| Error::io("starting the HTTP server", e))?;
+                (site, token)
+            }
+            Bound::Join { site, token } => (site, token),
+        };
         let shared = Arc::new(Shared {
             db: db.to_string(),
             dir,
             log,
             token,
-            addr: bound,
             exec,
             hints: Mutex::new(HashMap::new()),
             followers: Mutex::new(HashMap::new()),
             rate: Mutex::new(Vec::new()),
-            active: AtomicUsize::new(0),
-            stop: AtomicBool::new(false),
             served_records: Default::default(),
             served_bytes: Default::default(),
+            stats: Mutex::new(Some(site.stats.clone())),
         });
-        let server = Arc::new(server);
-        let (sh, sv) = (shared.clone(), server.clone());
-        let thread = std::thread::Builder::new()
-            .name("repl-http".into())
-            .spawn(move || accept_loop(sh, sv))
-            .map_err(|e| Error::io("starting the HTTP server thread", e))?;
+        site.attach(&name, Arc::new(Service(shared.clone())))
+            .map_err(Error::Misuse)?;
+        let s = Server {
+            shared,
+            site,
+            name,
+            stopped: false,
+        };
         log_event(&format!(
-            "event=listening db={:?} addr={bound} auth={}",
-            shared.db,
-            if shared.token.is_some() {
+            "event=listening db={:?} addr={} url={} auth={} tls={}",
+            s.shared.db,
+            s.addr(),
+            s.url(),
+            if s.shared.token.is_some() {
                 "token"
             } else {
                 "none"
-            }
+            },
+            s.site.tls
         ));
-        Ok(Server {
-            shared,
-            server,
-            thread: Some(thread),
-        })
+        Ok(s)
     }
 
     /// The address actually bound (port 0 resolved).
     pub fn addr(&self) -> SocketAddr {
-        self.shared.addr
+        self.site.addr
+    }
+
+    /// The URL followers use for this database: the listener's, plus `/v1/db/<name>` unless
+    /// this database is the listener's default (the first one attached).
+    pub fn url(&self) -> String {
+        let scheme = if self.site.tls { "https" } else { "http" };
+        let first = self.site.names().first().cloned();
+        if first.as_deref() == Some(self.name.as_str()) {
+            format!("{scheme}://{}", self.addr())
+        } else {
+            format!("{scheme}://{}/v1/db/{}", self.addr(), self.name)
+        }
     }
 
     pub fn has_token(&self) -> bool {
         self.shared.token.is_some()
     }
 
-    /// Stop accepting; running requests finish on their own threads.
+    /// Stop serving this database (the listener closes with its last database).
     pub fn stop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
-        self.server.unblock();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if !self.stopped {
+            self.stopped = true;
+            self.site.detach(&self.name);
         }
     }
 
     /// Connected followers and their positions (for repl_status()).
     pub fn followers_json(&self) -> serde_json::Value {
         followers_json(&self.shared)
+    }
+
+    /// The server part of repl_status(): address, URL, auth, TLS, the listener's state and
+    /// counters, the databases it serves, and the followers.
+    pub fn status_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "addr": self.addr().to_string(),
+            "url": self.url(),
+            "name": self.name,
+            "auth": self.has_token(),
+            "tls": self.site.tls,
+            "listener": self.site.stats.json(),
+            "databases": self.site.names(),
+            "followers": followers_json(&self.shared),
+        })
     }
 }
 
@@ -210,80 +298,25 @@ fn log_event(line: &str) {
     crate::logging::event(line);
 }
 
-fn accept_loop(sh: Arc<Shared>, server: Arc<tiny_http::Server>) {
-    while !sh.stop.load(Ordering::Acquire) {
-        let req = match server.recv_timeout(Duration::from_millis(200)) {
-            Ok(Some(r)) => r,
-            Ok(None) => continue,
-            Err(_) => continue,
-        };
-        if sh.active.fetch_add(1, Ordering::AcqRel) >= MAX_REQUESTS {
-            sh.active.fetch_sub(1, Ordering::AcqRel);
-            let _ = req.respond(error_response(503, "too many requests in flight; retry"));
-            continue;
-        }
-        let sh2 = sh.clone();
-        let spawned = std::thread::Builder::new()
-            .name("repl-http-req".into())
-            .spawn(move || {
-                let sh3 = sh2.clone();
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-                    handle(&sh3, req)
-                }));
-                if r.is_err() {
-                    log_event("event=http_panic");
-                }
-                sh2.active.fetch_sub(1, Ordering::AcqRel);
-            });
-        if spawned.is_err() {
-            sh.active.fetch_sub(1, Ordering::AcqRel);
+/// The routes of one database.
+struct Service(Arc<Shared>);
+
+impl httpd::Service for Service {
+    fn body_limit(&self, method: &str, path: &str) -> u64 {
+        if method == "POST" && path == "/v1/exec" {
+            MAX_EXEC_BODY
+        } else {
+            0
         }
     }
-}
 
-fn header(name: &str, value: impl std::fmt::Display) -> Header {
-    Header::from_bytes(name.as_bytes(), value.to_string().as_bytes()).expect("valid header")
-}
-
-type Resp = Response<Box<dyn Read + Send>>;
-
-/// A response of `len` bytes when known. tiny_http switches bodies of 32 KiB or more to
-/// `Transfer-Encoding: chunked` (no Content-Length) by default; the protocol promises
-/// Content-Length framing so that a client can check it received the whole body before it
-/// decodes anything: raise the threshold so a known length is always sent as Content-Length.
-fn boxed<R: Read + Send + 'static>(
-    status: u16,
-    r: R,
-    len: Option<usize>,
-    headers: Vec<Header>,
-) -> Resp {
-    let resp = Response::new(
-        StatusCode(status),
-        headers,
-        Box::new(r) as Box<dyn Read + Send>,
-        len,
-        None,
-    );
-    if len.is_some() {
-        resp.with_chunked_threshold(usize::MAX)
-    } else {
-        resp
+    fn slow(&self, _method: &str, path: &str) -> bool {
+        path == "/v1/exec"
     }
-}
 
-fn json_response(status: u16, v: &serde_json::Value) -> Resp {
-    let body = v.to_string().into_bytes();
-    let len = body.len();
-    boxed(
-        status,
-        std::io::Cursor::new(body),
-        Some(len),
-        vec![header("Content-Type", "application/json")],
-    )
-}
-
-fn error_response(status: u16, msg: &str) -> Resp {
-    json_response(status, &serde_json::json!({ "error": msg }))
+    fn handle(&self, req: &Request, ctx: Ctx) -> Outcome {
+        handle(&self.0, req, ctx)
+    }
 }
 
 /// Constant-time comparison (the length is not secret).
@@ -294,38 +327,50 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn authorized(sh: &Shared, req: &Request) -> bool {
-    let Some(token) = &sh.token else { return true };
-    req.headers()
-        .iter()
-        .filter(|h| h.field.equiv("Authorization"))
-        .any(|h| {
-            // The scheme is case-insensitive (RFC 7235 §2.1).
-            let v = h.value.as_str();
-            v.get(..7)
-                .filter(|s| s.eq_ignore_ascii_case("bearer "))
-                .is_some_and(|_| ct_eq(v[7..].trim().as_bytes(), token.as_bytes()))
-        })
+/// Exactly one `Authorization: Bearer <token>` header carrying the token (one guess per
+/// request: several headers are refused, not tried in turn).
+fn authorize(sh: &Shared, req: &Request) -> std::result::Result<(), Reply> {
+    let Some(token) = &sh.token else {
+        return Ok(());
+    };
+    let values: Vec<&str> = req.headers_named("authorization").collect();
+    if values.len() > 1 {
+        return Err(Reply::error(
+            400,
+            "send exactly one Authorization header (this request has several)",
+        ));
+    }
+    let ok = values.first().is_some_and(|v| {
+        // The scheme is case-insensitive (RFC 7235 §2.1).
+        v.get(..7)
+            .filter(|s| s.eq_ignore_ascii_case("bearer "))
+            .is_some_and(|_| ct_eq(v[7..].trim().as_bytes(), token.as_bytes()))
+    });
+    if ok {
+        return Ok(());
+    }
+    // A 401 must name the scheme (RFC 7235 §3.1).
+    Err(Reply::error(
+        401,
+        "missing or wrong bearer token: send 'Authorization: Bearer <token>' (replicas: the token= URL \
+         parameter or REPL_TOKEN)",
+    )
+    .with_header("WWW-Authenticate", "Bearer realm=\"sqlite-replica\""))
 }
 
-fn header_value(req: &Request, name: &'static str) -> Option<String> {
-    req.headers()
-        .iter()
-        .find(|h| h.field.equiv(name))
-        .map(|h| h.value.as_str().to_string())
+/// `a=1&b=2` → pairs (no percent-decoding: every parameter is a number).
+fn query_pairs(q: &str) -> Vec<(&str, &str)> {
+    q.split('&')
+        .filter(|s| !s.is_empty())
+        .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+        .collect()
 }
 
-/// `?a=1&b=2` → pairs (no percent-decoding: every parameter is a number).
+/// `path?query` → (path, pairs); for the fuzz target and tests.
 fn query(url: &str) -> (&str, Vec<(&str, &str)>) {
     match url.split_once('?') {
         None => (url, Vec::new()),
-        Some((path, q)) => (
-            path,
-            q.split('&')
-                .filter(|s| !s.is_empty())
-                .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
-                .collect(),
-        ),
+        Some((path, q)) => (path, query_pairs(q)),
     }
 }
 
@@ -354,69 +399,53 @@ fn num(
     }
 }
 
-fn handle(sh: &Shared, mut req: Request) {
-    let url = req.url().to_string();
-    let (path, params) = query(&url);
-    let resp = if !authorized(sh, &req) {
-        // A 401 must name the scheme (RFC 7235 §3.1).
-        error_response(
-            401,
-            "missing or wrong bearer token: send 'Authorization: Bearer <token>' (replicas: the token= URL \
-             parameter or REPL_TOKEN)",
-        )
-        .with_header(header("WWW-Authenticate", "Bearer realm=\"sqlite-replica\""))
+fn handle(sh: &Shared, req: &Request, ctx: Ctx) -> Outcome {
+    let params = query_pairs(&req.query);
+    let path = req.path.as_str();
+    let method = req.method.as_str();
+    let reply = if let Err(r) = authorize(sh, req) {
+        r
     } else if path == "/v1/exec" {
-        if *req.method() != Method::Post {
-            error_response(405, "/v1/exec takes POST").with_header(header("Allow", "POST"))
+        if method != "POST" {
+            Reply::error(405, "/v1/exec takes POST").with_header("Allow", "POST")
         } else {
-            serve_exec(sh, &mut req)
+            serve_exec(sh, req)
         }
-    } else if *req.method() != Method::Get && *req.method() != Method::Head {
+    } else if method != "GET" && method != "HEAD" {
         // A 405 must list the methods allowed (RFC 9110 §15.5.6).
-        error_response(405, "only GET is supported").with_header(header("Allow", "GET, HEAD"))
+        Reply::error(405, "only GET is supported").with_header("Allow", "GET, HEAD")
     } else {
         let r = match path {
-            "/v1/info" => info(sh).map(|v| json_response(200, &v)),
-            "/v1/log" => serve_log(sh, &req, &params),
-            "/v1/snapshot" => serve_snapshot(sh),
-            "/metrics" => Ok(metrics(sh)),
-            _ => Ok(error_response(
+            "/v1/info" => info(sh).map(|v| Outcome::Reply(Reply::json(200, &v))),
+            "/v1/log" => serve_log(sh, req, &params, ctx),
+            "/v1/snapshot" => serve_snapshot(sh).map(Outcome::Reply),
+            "/metrics" | "/v1/metrics" => Ok(Outcome::Reply(metrics(sh))),
+            _ => Ok(Outcome::Reply(Reply::error(
                 404,
                 &format!("no such endpoint {path:?}; the endpoints are /v1/info, /v1/log, /v1/snapshot, /v1/exec, /metrics"),
-            )),
+            ))),
         };
-        r.unwrap_or_else(|e| error_response(500, &e.to_string()))
+        return r.unwrap_or_else(|e| Outcome::Reply(Reply::error(500, &e.to_string())));
     };
-    let _ = req.respond(resp);
+    Outcome::Reply(reply)
 }
 
 /// Runs a forwarded write: the JSON body goes to the primary's exec handler (only a server
 /// inside the primary's process has one).
-fn serve_exec(sh: &Shared, req: &mut Request) -> Resp {
+fn serve_exec(sh: &Shared, req: &Request) -> Reply {
     let Some(exec) = &sh.exec else {
-        return error_response(
+        return Reply::error(
             501,
             "this server cannot run writes (sqlite-replica serve only reads the log): serve from the \
              primary's process with repl_primary('host:port') to accept repl_exec",
         );
     };
-    let mut body = Vec::new();
-    if let Err(e) = req
-        .as_reader()
-        .take(MAX_EXEC_BODY + 1)
-        .read_to_end(&mut body)
-    {
-        return error_response(400, &format!("reading the request body: {e}"));
-    }
-    if body.len() as u64 > MAX_EXEC_BODY {
-        return error_response(413, "the request body is over 16 MiB");
-    }
-    let v: serde_json::Value = match serde_json::from_slice(&body) {
+    let v: serde_json::Value = match serde_json::from_slice(&req.body) {
         Ok(v) => v,
-        Err(e) => return error_response(400, &format!("the body is not JSON: {e}")),
+        Err(e) => return Reply::error(400, &format!("the body is not JSON: {e}")),
     };
     let (status, answer) = exec(&v);
-    json_response(status, &answer)
+    Reply::json(status, &answer)
 }
 
 fn info(sh: &Shared) -> Result<serde_json::Value> {
@@ -442,13 +471,11 @@ fn info(sh: &Shared) -> Result<serde_json::Value> {
     }))
 }
 
-fn common_headers(
-    sh: &Shared,
-    lineage: &str,
-    durable: (Lsn, u32),
-    first: Option<Lsn>,
-) -> Vec<Header> {
-    let _ = sh;
+fn header(name: &str, value: impl std::fmt::Display) -> (String, String) {
+    (name.to_string(), value.to_string())
+}
+
+fn common_headers(lineage: &str, durable: (Lsn, u32), first: Option<Lsn>) -> Vec<(String, String)> {
     let mut h = vec![
         header("X-Repl-Lineage", lineage),
         header("X-Repl-Durable-Lsn", durable.0 .0),
@@ -460,29 +487,26 @@ fn common_headers(
     h
 }
 
-fn serve_log(sh: &Shared, req: &Request, params: &[(&str, &str)]) -> Result<Resp> {
+fn serve_log(sh: &Shared, req: &Request, params: &[(&str, &str)], ctx: Ctx) -> Result<Outcome> {
+    let reply = |r: Reply| Ok(Outcome::Reply(r));
     let (from, wait, max, generation) = match log_params(params) {
         Ok(p) => p,
-        Err(msg) => return Ok(error_response(400, &msg)),
+        Err(msg) => return reply(Reply::error(400, &msg)),
     };
     let lineage = Log::read_meta(&sh.dir)?.lineage;
-    let follower = header_value(req, "X-Repl-Follower")
-        .unwrap_or_else(|| req.remote_addr().map_or("?".into(), |a| a.to_string()));
-    let durable_now = || {
-        Log::read_durable(&sh.dir)
-            .ok()
-            .flatten()
-            .map(|(l, g)| (l, g.0))
-    };
-    let Some(mut durable) = durable_now() else {
-        return Ok(error_response(
+    let follower = req
+        .header("X-Repl-Follower")
+        .map(str::to_string)
+        .unwrap_or_else(|| req.peer.map_or("?".into(), |a| a.to_string()));
+    let Some(durable) = Log::read_durable(&sh.dir)?.map(|(l, g)| (l, g.0)) else {
+        return reply(Reply::error(
             503,
             "the primary has no durable records yet; retry in a moment",
         ));
     };
     if let Some(g) = generation {
         if g as u32 > durable.1 {
-            return Ok(error_response(
+            return reply(Reply::error(
                 409,
                 &format!(
                     "generation {g} is unknown here (this primary is at generation {}): the replica follows \
@@ -493,7 +517,7 @@ fn serve_log(sh: &Shared, req: &Request, params: &[(&str, &str)]) -> Result<Resp
         }
     }
     if from.0 > durable.0 .0 + 1 {
-        return Ok(error_response(
+        return reply(Reply::error(
             409,
             &format!(
                 "LSN {from} is ahead of this primary (its durable LSN is {}): the replica follows another history; \
@@ -502,23 +526,27 @@ fn serve_log(sh: &Shared, req: &Request, params: &[(&str, &str)]) -> Result<Resp
             ),
         ));
     }
-    // Only a request that can be served registers its follower (a refused one would list a
-    // position the follower never had).
-    touch_follower(sh, &follower, from.0.saturating_sub(1), 1);
-    if from.0 == durable.0 .0 + 1 && wait > 0 {
-        let deadline = Instant::now() + Duration::from_millis(wait);
-        if let Some(d) =
-            notify::wait_until(&sh.dir, deadline, || durable_now().filter(|d| d.0 >= from))
-        {
-            durable = d;
+    // At the durable end with a wait: park (no thread, no polling) until the log directory
+    // changes or the wait ends. Only a request that can be served registers its follower (a
+    // refused one would list a position the follower never had).
+    if from.0 == durable.0 .0 + 1 && wait > 0 && !ctx.expired {
+        let deadline = ctx
+            .parked_until
+            .unwrap_or_else(|| Instant::now() + Duration::from_millis(wait));
+        if Instant::now() < deadline {
+            touch_follower(sh, &follower, from.0.saturating_sub(1), Some(deadline));
+            return Ok(Outcome::Park {
+                dir: sh.dir.clone(),
+                deadline,
+            });
         }
     }
-    touch_follower(sh, &follower, from.0.saturating_sub(1), -1);
+    touch_follower(sh, &follower, from.0.saturating_sub(1), None);
     let first = Log::first_segment_lsn(&sh.dir)?;
     // `from` older than the first retained LSN: 410 with `first_lsn` (also when retention
     // removes the segment while this request reads it).
     let gone = |f: Lsn| {
-        let mut r = json_response(
+        let mut r = Reply::json(
             410,
             &serde_json::json!({
                 "error": format!(
@@ -527,19 +555,17 @@ fn serve_log(sh: &Shared, req: &Request, params: &[(&str, &str)]) -> Result<Resp
                 "first_lsn": f.0,
             }),
         );
-        for h in common_headers(sh, &lineage, durable, Some(f)) {
-            r.add_header(h);
-        }
-        r
+        r.headers.extend(common_headers(&lineage, durable, Some(f)));
+        Outcome::Reply(r)
     };
     if let Some(f) = first.filter(|f| from < *f) {
         return Ok(gone(f));
     }
-    let mut headers = common_headers(sh, &lineage, durable, first);
+    let mut headers = common_headers(&lineage, durable, first);
     headers.push(header("Content-Type", RECORDS_TYPE));
     if from > durable.0 {
         headers.push(header("X-Repl-Records", 0));
-        return Ok(boxed(200, std::io::empty(), Some(0), headers));
+        return reply(Reply::new(200, headers, Body::Bytes(Vec::new())));
     }
     let hint = sh
         .hints
@@ -559,7 +585,7 @@ fn serve_log(sh: &Shared, req: &Request, params: &[(&str, &str)]) -> Result<Resp
     };
     let Some(range) = range else {
         headers.push(header("X-Repl-Records", 0));
-        return Ok(boxed(200, std::io::empty(), Some(0), headers));
+        return reply(Reply::new(200, headers, Body::Bytes(Vec::new())));
     };
     {
         let mut h = sh.hints.lock().unwrap_or_else(|e| e.into_inner());
@@ -569,21 +595,22 @@ fn serve_log(sh: &Shared, req: &Request, params: &[(&str, &str)]) -> Result<Resp
         h.remove(&from.0);
         h.insert(range.last.0 + 1, range.next.clone());
     }
-    let mut f = std::fs::File::open(&range.path)
+    let f = std::fs::File::open(&range.path)
         .map_err(|e| Error::io(format!("opening {}", range.path.display()), e))?;
-    f.seek(SeekFrom::Start(range.start))
-        .map_err(|e| Error::io("seeking in a segment", e))?;
     headers.push(header("X-Repl-Records", range.count));
     headers.push(header("X-Repl-Last-Lsn", range.last.0));
     sh.served_records
         .fetch_add(range.count as u64, Ordering::Relaxed);
     sh.served_bytes.fetch_add(range.len, Ordering::Relaxed);
-    touch_follower(sh, &follower, range.last.0, 0);
-    Ok(boxed(
+    touch_follower(sh, &follower, range.last.0, None);
+    reply(Reply::new(
         200,
-        f.take(range.len),
-        Some(range.len as usize),
         headers,
+        Body::File {
+            file: f,
+            offset: range.start,
+            len: range.len,
+        },
     ))
 }
 
@@ -610,10 +637,10 @@ pub(crate) fn fuzz_url(url: &str) {
     }
 }
 
-fn serve_snapshot(sh: &Shared) -> Result<Resp> {
+fn serve_snapshot(sh: &Shared) -> Result<Reply> {
     let durable = Log::read_durable(&sh.dir)?;
     let Some((_, path)) = sh.log.latest_snapshot(durable.map(|d| d.0))? else {
-        return Ok(error_response(
+        return Ok(Reply::error(
             503,
             "the primary has no durable snapshot yet; retry in a moment",
         ));
@@ -633,21 +660,31 @@ fn serve_snapshot(sh: &Shared) -> Result<Resp> {
         header("X-Repl-Snapshot-Lsn", lsn.0),
         header("X-Repl-Generation", generation.0),
     ];
-    Ok(boxed(200, f, Some(len as usize), headers))
+    Ok(Reply::new(
+        200,
+        headers,
+        Body::File {
+            file: f,
+            offset: 0,
+            len,
+        },
+    ))
 }
 
-/// `waiting`: +1 entering a long-poll, -1 leaving it, 0 to record a position only.
-fn touch_follower(sh: &Shared, id: &str, last_lsn: u64, waiting: i32) {
+/// Record a follower's position; `until` is the end of the long-poll it is parked in.
+fn touch_follower(sh: &Shared, id: &str, last_lsn: u64, until: Option<Instant>) {
+    let now = Instant::now();
+    let seen = until.map_or(now, |u| u.max(now));
     let mut m = sh.followers.lock().unwrap_or_else(|e| e.into_inner());
-    let f = m.entry(id.to_string()).or_insert(Follower {
-        last_lsn,
-        seen: Instant::now(),
-        waiting: 0,
-    });
+    let f = m
+        .entry(id.to_string())
+        .or_insert(Follower { last_lsn, seen });
     f.last_lsn = f.last_lsn.max(last_lsn);
-    f.seen = Instant::now();
-    f.waiting = (f.waiting as i64 + waiting as i64).max(0) as usize;
-    m.retain(|_, f| f.waiting > 0 || f.seen.elapsed() < FOLLOWER_TTL);
+    f.seen = f.seen.max(seen);
+    // Bounded: a stranger inventing follower names cannot grow this map without limit.
+    if m.len() > 10_000 {
+        m.retain(|_, f| f.seen.elapsed() < FOLLOWER_TTL);
+    }
 }
 
 fn followers_json(sh: &Shared) -> serde_json::Value {
@@ -658,13 +695,14 @@ fn followers_json(sh: &Shared) -> serde_json::Value {
     let m = sh.followers.lock().unwrap_or_else(|e| e.into_inner());
     let mut v: Vec<_> = m
         .iter()
-        .filter(|(_, f)| f.waiting > 0 || f.seen.elapsed() < FOLLOWER_TTL)
+        .filter(|(_, f)| f.seen.elapsed() < FOLLOWER_TTL)
         .map(|(id, f)| {
             serde_json::json!({
                 "id": id,
                 "last_lsn": f.last_lsn,
                 "lag_lsn": durable.saturating_sub(f.last_lsn),
                 "seen_ms_ago": f.seen.elapsed().as_millis() as u64,
+                "waiting": f.seen > Instant::now(),
             })
         })
         .collect();
@@ -685,7 +723,7 @@ fn records_per_sec(sh: &Shared, lsn: u64) -> f64 {
     }
 }
 
-fn metrics(sh: &Shared) -> Resp {
+fn metrics(sh: &Shared) -> Reply {
     let durable = Log::read_durable(&sh.dir).ok().flatten();
     let lsn = durable.map_or(0, |d| d.0 .0);
     let generation = durable.map_or(0, |d| d.1 .0);
@@ -773,19 +811,69 @@ fn metrics(sh: &Shared) -> Resp {
             .map(|f| (label(f), f["lag_lsn"].to_string()))
             .collect(),
     );
-    let len = out.len();
-    boxed(
+    if let Some(st) = sh.stats.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        let j = st.json();
+        for (name, key, help, kind) in [
+            (
+                "sqlite_replica_http_open_connections",
+                "open_connections",
+                "Open HTTP connections of the listener.",
+                "gauge",
+            ),
+            (
+                "sqlite_replica_http_parked_long_polls",
+                "parked_long_polls",
+                "Long-polls waiting for records.",
+                "gauge",
+            ),
+            (
+                "sqlite_replica_http_accepted_total",
+                "accepted",
+                "Connections accepted.",
+                "counter",
+            ),
+            (
+                "sqlite_replica_http_refused_total",
+                "refused",
+                "Connections refused (connection limit).",
+                "counter",
+            ),
+            (
+                "sqlite_replica_http_timeouts_total",
+                "timeouts",
+                "Connections closed by a header, body or write timeout.",
+                "counter",
+            ),
+            (
+                "sqlite_replica_http_too_large_total",
+                "too_large",
+                "Requests refused for head or body size.",
+                "counter",
+            ),
+            (
+                "sqlite_replica_http_bad_requests_total",
+                "bad_requests",
+                "Malformed requests.",
+                "counter",
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}\n",
+                j[key]
+            ));
+        }
+    }
+    Reply::new(
         200,
-        std::io::Cursor::new(out.into_bytes()),
-        Some(len),
         vec![header("Content-Type", "text/plain; version=0.0.4")],
+        Body::Bytes(out.into_bytes()),
     )
 }
 
 /// For the CLI: serve until the process is killed.
 pub fn serve_forever(db: &str, addr: &str, token: Option<String>) -> Result<()> {
     let s = Server::start(db, addr, token, None)?;
-    println!("serving {db} on http://{}", s.addr());
+    println!("serving {db} on {}", s.url());
     loop {
         std::thread::park();
     }
