@@ -3,7 +3,9 @@
 #   make deps    install what a fresh Debian 12 machine lacks (idempotent, quiet when satisfied)
 #   make build   cargo build --release, then copy the artefacts to build/ (stable paths)
 #   make test    deps + build, then every Rust test, clippy, rustfmt and the Python suite
-#   make demo    build, then scripts/demo.sh
+#   make demo    deps + build, then scripts/demo.sh: a primary serving over loopback HTTP, a replica
+#                following it (per-write lag), a stock sqlite3 reading the replica, a forwarded
+#                write, a refused local write, equal checksums (under a minute after the build)
 #   make bench   build + bench-deps, then scripts/bench.py (commit overhead), scripts/bench_bootstrap.py (replica bootstrap vs cp)
 #                scripts/bench_apply.py (apply throughput, one-transaction sync, reader latency)
 #                scripts/bench_http.py (replication lag over HTTP, catch-up, 256 MiB bootstrap over HTTP)
@@ -53,6 +55,7 @@ deps:
 	  apt_install libclang-dev; \
 	fi; \
 	if ! command -v sqlite3 >/dev/null 2>&1; then apt_install sqlite3; fi; \
+	if [ ! -x /usr/bin/python3 ]; then apt_install python3; fi; \
 	if ! $(PYTHON) -c 'import apsw, pytest' >/dev/null 2>&1; then \
 	  if ! $(PYTHON) -m pip --version >/dev/null 2>&1; then apt_install python3-pip; fi; \
 	  echo "deps: pip install apsw pytest"; \
@@ -80,7 +83,8 @@ test: deps build
 	$(PYTHON) scripts/check_docs.py
 	$(PYTHON) -m pytest -q tests/python
 
-demo: build
+## demo: alone on a fresh machine (deps, then build, in that order: .NOTPARALLEL).
+demo: deps build
 	scripts/demo.sh
 
 bench: build bench-deps
