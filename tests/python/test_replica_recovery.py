@@ -35,19 +35,10 @@ import sys
 import pytest
 
 from helpers import (
-    CliWorker,
-    Worker,
-    lsn_checksum,
-    start_primary,
-    start_replica,
-    stock_one,
-    stock_tables,
-    sync_to,
-    worker_status,
-    worker_tables,
+    SNAP_SQL, CliWorker, Worker, assert_replica_equals_primary, cli_snap, commit_and_sync, lsn_checksum, new_pair,
+    primary_snap, stock_checkpoint, stock_snap, sync_to, worker_status,
 )
 
-SNAP_SQL = "SELECT count(*), total(v), max(id) FROM t"
 READMARK_UNUSED = 0xFFFFFFFF
 
 assert sys.byteorder == "little", "the wal-index parsing below assumes a little-endian host"
@@ -129,31 +120,6 @@ DAMAGE = ["zeroed", "copies_differ", "bad_checksum"]
 # ------------------------------------------------------------------------------- parties
 
 
-def new_pair(tmp, rows: int = 20):
-    pdb, rdb = tmp / "p.db", tmp / "r.db"
-    p = start_primary(pdb)
-    try:
-        p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v REAL, pad BLOB)")
-        p.q(
-            "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < ?) "
-            "INSERT INTO t(v, pad) SELECT n, randomblob(300) FROM c",
-            [rows],
-        )
-        r = start_replica(rdb, pdb)
-    except BaseException:
-        p.close()
-        raise
-    return pdb, rdb, p, r
-
-
-def commit_and_sync(p, r, stmts) -> tuple[int, str]:
-    p.script(["BEGIN", *stmts, "COMMIT"])
-    want = lsn_checksum(p)
-    sync_to(r, want[0])
-    assert lsn_checksum(r) == want, "the replica's checksum differs from the primary's at the same LSN"
-    return want
-
-
 def some_txns(p, r, n: int, tag: int) -> tuple[int, str]:
     want = None
     for i in range(n):
@@ -165,22 +131,6 @@ def some_txns(p, r, n: int, tag: int) -> tuple[int, str]:
     return want
 
 
-def primary_snap(p) -> tuple:
-    c, s, m = p.q(SNAP_SQL)[0]
-    return int(c), float(s), int(m)
-
-
-def cli_snap(w: CliWorker) -> tuple:
-    (line,) = w.q(SNAP_SQL + ";")
-    c, s, m = line.split("|")
-    return int(c), float(s), int(m)
-
-
-def stock_checkpoint(db, mode: str) -> tuple[int, int, int]:
-    busy, log, ckpt = (int(x) for x in stock_one(db, f"PRAGMA wal_checkpoint({mode});").split("|"))
-    return busy, log, ckpt
-
-
 def assert_clean_status(r, before: dict | None = None) -> dict:
     st = worker_status(r)
     assert st["resnapshots"] == 0, f"the applier re-snapshotted although only the wal-index was rebuilt: {st}"
@@ -189,11 +139,6 @@ def assert_clean_status(r, before: dict | None = None) -> dict:
     if before is not None:
         assert st["batches"] > before["batches"], f"the applier wrote nothing: {before} -> {st}"
     return st
-
-
-def assert_replica_equals_primary(rdb, p) -> None:
-    assert stock_one(rdb, "PRAGMA integrity_check;") == "ok"
-    assert stock_tables(rdb) == worker_tables(p), "a stock reader sees other content than the primary"
 
 
 # ------------------------------------------------------------------------------------ (a)
@@ -218,10 +163,7 @@ class Recoverer:
             self.w = applier
 
     def snap(self) -> tuple:
-        if self.kind == "sqlite3-3.40":
-            return cli_snap(self.w)
-        c, s, m = self.w.q(SNAP_SQL)[0]
-        return int(c), float(s), int(m)
+        return cli_snap(self.w) if self.kind == "sqlite3-3.40" else primary_snap(self.w)
 
     def close(self) -> None:
         if not self.own:
@@ -231,7 +173,7 @@ class Recoverer:
 @pytest.mark.parametrize("recoverer", ["sqlite3-3.40", "apsw-3.54", "ext_reader", "applier_conn"])
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_a_reader_recovers_a_damaged_wal_index_and_the_applier_continues(tmp, damage, recoverer):
-    pdb, rdb, p, r = new_pair(tmp)
+    pdb, rdb, p, r = new_pair(tmp, rows=20, pad=300)
     try:
         some_txns(p, r, 3, 100)
         good = shm_info(rdb)
@@ -287,7 +229,7 @@ def test_a_reader_recovers_a_damaged_wal_index_and_the_applier_continues(tmp, da
 @pytest.mark.parametrize("wal", ["frames", "truncated"], ids=["wal_with_frames", "wal_truncated"])
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_applier_meets_a_damaged_wal_index_itself_and_continues(tmp, damage, wal):
-    pdb, rdb, p, r = new_pair(tmp)
+    pdb, rdb, p, r = new_pair(tmp, rows=20, pad=300)
     try:
         some_txns(p, r, 3, 100)
         if wal == "truncated":  # mxFrame 0 and a 0-byte WAL: recovery finds nothing at all
@@ -334,7 +276,7 @@ def test_applier_meets_a_damaged_wal_index_itself_and_continues(tmp, damage, wal
 def test_repl_checksum_over_a_damaged_wal_index_recovers_instead_of_failing(tmp, damage):
     """The applier process's first call after the damage is ``repl_checksum()`` (which reads
     the live content), not a sync: it too must recover and report the applied state."""
-    pdb, rdb, p, r = new_pair(tmp)
+    pdb, rdb, p, r = new_pair(tmp, rows=20, pad=300)
     try:
         want = some_txns(p, r, 3, 100)
         good = shm_info(rdb)
@@ -355,7 +297,7 @@ def test_damaged_wal_index_while_a_reader_holds_a_snapshot(tmp, damage):
     """Beyond (b): a stock reader is inside BEGIN when the header is damaged. The recovery run
     for the applier's next sync cannot reset the read-mark the reader holds; the reader keeps
     its view while the applier appends, and sees the new state after COMMIT."""
-    pdb, rdb, p, r = new_pair(tmp)
+    pdb, rdb, p, r = new_pair(tmp, rows=20, pad=300)
     reader = CliWorker(rdb)
     try:
         some_txns(p, r, 3, 100)
@@ -397,7 +339,7 @@ def junk_marks(how: str, mx_frame: int) -> list[int]:
 
 @pytest.mark.parametrize("how", ["unused", "zero", "stale", "future"])
 def test_read_marks_reset_while_no_reader_is_active(tmp, how):
-    pdb, rdb, p, r = new_pair(tmp)
+    pdb, rdb, p, r = new_pair(tmp, rows=20, pad=300)
     reader = None
     try:
         some_txns(p, r, 3, 100)
@@ -414,8 +356,7 @@ def test_read_marks_reset_while_no_reader_is_active(tmp, how):
         assert before == primary_snap(p), "a reader over reset read-marks sees other content"
         some_txns(p, r, 2, 200)
         assert cli_snap(reader) == before, "the open read transaction changed while the applier published"
-        fresh = stock_one(rdb, SNAP_SQL + ";").split("|")
-        assert (int(fresh[0]), float(fresh[1]), int(fresh[2])) == primary_snap(p), "a new reader does not see the new state"
+        assert stock_snap(rdb) == primary_snap(p), "a new reader does not see the new state"
 
         # A checkpoint cannot overtake the reader (its read-mark was re-established), and the
         # applier, though the reader pins the WAL, appends instead of restarting under it.
@@ -456,7 +397,7 @@ def test_read_marks_reset_while_no_reader_is_active(tmp, how):
 @pytest.mark.parametrize("opener", ["stock_reader", "ext_reader", "applier"])
 @pytest.mark.parametrize("shm", ["deleted", "truncated"])
 def test_wal_index_gone_while_every_replica_process_is_closed(tmp, shm, opener):
-    pdb, rdb, p, r = new_pair(tmp)
+    pdb, rdb, p, r = new_pair(tmp, rows=20, pad=300)
     holder = None
     try:
         want = some_txns(p, r, 3, 100)
