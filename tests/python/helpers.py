@@ -21,6 +21,7 @@ bare sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import subprocess
@@ -28,7 +29,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import apsw
 import pytest
@@ -243,15 +244,14 @@ def py_ok(code: str, **kwargs: Any) -> str:
 
 def spawn_py(code: str, env: dict[str, str] | None = None, prelude: bool = True) -> subprocess.Popen[str]:
     """Start a Python snippet in a separate process without waiting (pipes for stdin/stdout)."""
-    src = (PY_PRELUDE if prelude else "") + textwrap.dedent(code)
+    return _popen_py((PY_PRELUDE if prelude else "") + textwrap.dedent(code), subprocess.PIPE, subprocess.PIPE,
+                     subprocess.PIPE, env)
+
+
+def _popen_py(src: str, stdin: Any, stdout: Any, stderr: Any, env: dict[str, str] | None) -> subprocess.Popen[str]:
+    """``python -c src`` in the repository with the extension's path in its environment."""
     return subprocess.Popen(
-        [sys.executable, "-c", src],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_py_env(env),
-        cwd=REPO,
+        [sys.executable, "-c", src], stdin=stdin, stdout=stdout, stderr=stderr, text=True, env=_py_env(env), cwd=REPO
     )
 
 
@@ -421,15 +421,7 @@ class PyChild(_Child):
 
     def __init__(self, code: str, cfg: dict, env: dict[str, str] | None = None):
         self.err = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", PY_PRELUDE + code],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.err,
-            text=True,
-            env=_py_env(env),
-            cwd=REPO,
-        )
+        self.proc = _popen_py(PY_PRELUDE + code, subprocess.PIPE, subprocess.PIPE, self.err, env)
         self.proc.stdin.write(_json.dumps(cfg) + "\n")
         self.proc.stdin.flush()
         self.lines = _Lines(self.proc, self.stderr)
@@ -650,15 +642,7 @@ def spawn_bg(code: str, logdir: str | os.PathLike[str], name: str, env: dict[str
     never block on a full pipe). Read the result with ``bg_result``."""
     out = open(Path(logdir) / f"{name}.out", "w")
     err = open(Path(logdir) / f"{name}.err", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", PY_PRELUDE + textwrap.dedent(code)],
-        stdin=subprocess.DEVNULL,
-        stdout=out,
-        stderr=err,
-        text=True,
-        env=_py_env(env),
-        cwd=REPO,
-    )
+    proc = _popen_py(PY_PRELUDE + textwrap.dedent(code), subprocess.DEVNULL, out, err, env)
     out.close()
     err.close()
     proc.logdir, proc.name = Path(logdir), name  # type: ignore[attr-defined]
@@ -731,25 +715,50 @@ def stock_snap(db: str | os.PathLike[str]) -> tuple[int, float, int]:
     return _snap(*stock_one(db, SNAP_SQL + ";").split("|"))
 
 
-def new_pair(tmp: Path, rows: int, pad: int) -> tuple[Path, Path, Worker, Worker]:
+@contextlib.contextmanager
+def primary_and_replica(tmp: Path, *setup_sql: str) -> Iterator[tuple[Path, Path, Worker, Worker]]:
+    """A primary worker on ``tmp/p.db`` that ran ``setup_sql`` (one statement each) and a replica
+    worker bootstrapped from it on ``tmp/r.db``; yields (pdb, rdb, primary, replica) and closes
+    both on exit, the replica first."""
+    pdb, rdb = tmp / "p.db", tmp / "r.db"
+    with start_primary(pdb) as p:
+        for sql in setup_sql:
+            p.q(sql)
+        with start_replica(rdb, pdb) as r:
+            yield pdb, rdb, p, r
+
+
+@contextlib.contextmanager
+def serving_primary_and_follower(tmp: Path, *setup_sql: str) -> Iterator[tuple[Worker, str, Worker]]:
+    """A serving primary worker on ``tmp/p.db`` (``start_serving_primary``) that ran
+    ``setup_sql`` and a replica worker on ``tmp/r.db`` following it (``repl_follow(url)``);
+    yields (primary, url, replica) and closes both on exit, the replica first."""
+    p, url = start_serving_primary(tmp / "p.db")
+    with p:
+        for sql in setup_sql:
+            p.q(sql)
+        with Worker(tmp / "r.db") as r:
+            r.q("SELECT repl_follow(?)", [url])
+            yield p, url, r
+
+
+@contextlib.contextmanager
+def new_pair(tmp: Path, rows: int, pad: int) -> Iterator[tuple[Path, Path, Worker, Worker]]:
     """A primary worker on ``tmp/p.db`` with ``t(id, v REAL, pad BLOB)`` holding ``rows`` rows
     (``pad`` random bytes each) and a replica worker bootstrapped from it on ``tmp/r.db``, at the
-    same (lsn, checksum). Returns (pdb, rdb, primary, replica); the caller closes both."""
+    same (lsn, checksum). Yields (pdb, rdb, primary, replica); closes both on exit, the replica
+    first."""
+    fill = (
+        "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < ?) "
+        "INSERT INTO t(v, pad) SELECT n, randomblob(?) FROM c"
+    )
     pdb, rdb = tmp / "p.db", tmp / "r.db"
-    p = start_primary(pdb)
-    try:
+    with start_primary(pdb) as p:
         p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v REAL, pad BLOB)")
-        p.q(
-            "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < ?) "
-            "INSERT INTO t(v, pad) SELECT n, randomblob(?) FROM c",
-            [rows, pad],
-        )
-        r = start_replica(rdb, pdb)
-    except BaseException:
-        p.close()
-        raise
-    assert lsn_checksum(r) == lsn_checksum(p)
-    return pdb, rdb, p, r
+        p.q(fill, [rows, pad])
+        with start_replica(rdb, pdb) as r:
+            assert lsn_checksum(r) == lsn_checksum(p)
+            yield pdb, rdb, p, r
 
 
 def commit_and_sync(p: Worker, r: Worker, stmts: Iterable[str]) -> tuple[int, str]:

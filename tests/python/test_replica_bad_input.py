@@ -20,8 +20,8 @@ import apsw
 import pytest
 
 from helpers import (
-    Worker, WorkerError, durable, lsn_checksum, start_primary, start_replica, stock_one, stock_tables, sync_to,
-    wait_for, worker_status, worker_tables,
+    Worker, WorkerError, durable, lsn_checksum, primary_and_replica, start_primary, start_replica, stock_one,
+    stock_tables, sync_to, wait_for, worker_status, worker_tables,
 )
 from test_replica_retention import FAST, churn, log_state, small_log
 
@@ -177,12 +177,8 @@ def test_second_primary_of_another_lineage_is_refused(tmp):
 
 def test_primary_recreated_under_the_replica(tmp):
     """The source path now holds another primary (deleted and re-created): refused, not mixed."""
-    pdb, rdb = tmp / "p.db", tmp / "r.db"
-    with start_primary(pdb) as p:
-        p.q("CREATE TABLE t(x)")
-        p.q("INSERT INTO t VALUES ('old')")
-        with start_replica(rdb, pdb) as r:
-            state = lsn_checksum(r)
+    with primary_and_replica(tmp, "CREATE TABLE t(x)", "INSERT INTO t VALUES ('old')") as (pdb, rdb, p, r):
+        state = lsn_checksum(r)
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(f"{pdb}{suffix}"):
             os.remove(f"{pdb}{suffix}")
