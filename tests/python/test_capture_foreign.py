@@ -25,6 +25,15 @@ from capture_check import assert_dense, assert_rebuild_equals, inspect, log_dir,
 from helpers import lsn_of, make_primary, one, sqlite3_cli, wait_for
 
 
+def primary_with_one_row(db) -> tuple[apsw.Connection, int]:
+    """An in-process primary on ``db`` whose ``t(x)`` holds one row (two transactions after
+    ``repl_primary()``); returns the connection and the LSN it expects now."""
+    conn, lsn = make_primary(db, busy=5000)
+    conn.execute("CREATE TABLE t(x)")
+    conn.execute("INSERT INTO t VALUES (1)")
+    return conn, lsn + 2
+
+
 def foreign(db, sql: str) -> str:
     """Run ``sql`` in the stock sqlite3 shell WITHOUT the extension; must succeed."""
     proc = sqlite3_cli(db, sql, load=False, args=["-cmd", ".timeout 5000"])
@@ -99,10 +108,7 @@ def test_foreign_truncate_checkpoint_is_a_gap_answered_with_a_snapshot(tmp):
 
 def test_foreign_write_is_a_gap_and_the_rebuild_includes_it(tmp):
     db = tmp / "f.db"
-    conn, lsn = make_primary(db, busy=5000)
-    conn.execute("CREATE TABLE t(x)")
-    conn.execute("INSERT INTO t VALUES (1)")
-    lsn += 2
+    conn, lsn = primary_with_one_row(db)
     assert lsn_of(conn) == lsn
 
     foreign(db, "INSERT INTO t VALUES ('foreign');")
@@ -175,10 +181,7 @@ def test_exclusive_locking_mode_is_refused_on_the_primary(tmp):
 
 def test_other_process_cannot_use_exclusive_mode_while_a_primary_lives(tmp):
     db = tmp / "xp.db"
-    conn, lsn = make_primary(db, busy=5000)
-    conn.execute("CREATE TABLE t(x)")
-    conn.execute("INSERT INTO t VALUES (1)")
-    lsn += 2
+    conn, lsn = primary_with_one_row(db)
     for sql in (
         "PRAGMA locking_mode=EXCLUSIVE;\nBEGIN EXCLUSIVE;\nINSERT INTO t VALUES ('x');\nCOMMIT;",
         "PRAGMA locking_mode=EXCLUSIVE;\nINSERT INTO t VALUES ('x');",
