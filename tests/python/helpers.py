@@ -17,6 +17,14 @@ How the extension is loaded here, and why:
 
 Synchronisation between processes is done by polling with a deadline (``wait_for``), never by
 bare sleeps.
+
+What is where: this module has the setup every test shares (loading, the CLI, child processes,
+workers), primaries (``start_primary``, ``make_primary`` in-process), replicas
+(``start_replica``, ``primary_and_replica``, ``new_pair``), the serving primary
+(``serve``, ``start_serving_primary``, ``serving_primary_and_follower``) and the comparisons
+(``lsn_checksum``, ``assert_replica_equals_primary``, ``primary_snap``/``cli_snap``/
+``stock_snap``, ``shm_state``). The bank-transfer workload (schema, transfer, invariant, stock
+reader loop) is in workload.py, which child processes and scripts/torture.py import too.
 """
 
 from __future__ import annotations
