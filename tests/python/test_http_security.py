@@ -252,7 +252,9 @@ def test_non_loopback_needs_a_token(tmp, addr):
             msg = e.value.msg
             assert "refusing to listen" in msg and "without a token" in msg, msg
             assert "repl_primary(" in msg and "REPL_TOKEN" in msg and "127.0.0.1" in msg, msg
-            assert worker_status(p)["server"] is None
+            # Refused before anything changed: no server, and not even a primary yet.
+            st = worker_status(p)
+            assert st.get("server") is None and st["role"] is None, st
         try:
             p.one("SELECT repl_primary(?, ?)", [addr, TOKEN])
         except WorkerError as e:
