@@ -266,3 +266,22 @@ func TestLoadThenOpen(t *testing.T) {
 		t.Fatalf("repl_lsn() = %d, want 4", lsn)
 	}
 }
+
+// TestExtensionsFieldDerivesEntryPoint: the driver's Extensions field loads with a NULL entry
+// point, so SQLite derives sqlite3_replica_init from libreplica.so by itself (like the other
+// hosts); only LoadExtension(path, "") needs the name spelled out.
+func TestExtensionsFieldDerivesEntryPoint(t *testing.T) {
+	sql.Register("sqlite3_replica_extensions", &sqlite3.SQLiteDriver{Extensions: []string{ExtensionPath()}})
+	boot, err := sql.Open("sqlite3_replica_extensions", ":memory:")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer boot.Close()
+	var version string
+	if err := boot.QueryRow("SELECT repl_version()").Scan(&version); err != nil {
+		t.Fatalf("loading through SQLiteDriver.Extensions: %v", err)
+	}
+	if version == "" {
+		t.Fatal("repl_version() is empty")
+	}
+}

@@ -92,7 +92,8 @@ def test_go_connect_hook_trap():
     need(MATTN.is_dir(), f"{MATTN} (golang-github-mattn-go-sqlite3-dev)")
     out = run(["go", "test", "-tags", "libsqlite3", "-count=1", "-v", "."], cwd=EXAMPLES / "go", env=go_env(),
               timeout=600)
-    for name in ("TestNaiveConnectHookNeverWritesUncaptured", "TestEmptyEntryPointFails", "TestLoadThenOpen"):
+    for name in ("TestNaiveConnectHookNeverWritesUncaptured", "TestEmptyEntryPointFails", "TestLoadThenOpen",
+                 "TestExtensionsFieldDerivesEntryPoint"):
         assert f"--- PASS: {name}" in out, out
 
 
