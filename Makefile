@@ -75,7 +75,6 @@ deps:
 	if ! command -v tclsh >/dev/null 2>&1 || ! echo 'package require sqlite3' | tclsh >/dev/null 2>&1; then \
 	  apt_install tcl libsqlite3-tcl; \
 	fi; \
-	if [ ! -x /usr/bin/python3 ]; then apt_install python3; fi; \
 	if [ ! -e $(NODE_ADDON) ]; then \
 	  node_major=$$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0); \
 	  if [ "$$node_major" -lt 20 ]; then \
