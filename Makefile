@@ -1,9 +1,13 @@
 # sqlite-replica: build, test and demo entry points (GNU make).
 #
-#   make deps    install what a fresh Debian 12 machine lacks (idempotent, quiet when satisfied)
+#   make deps    install what a fresh Debian 12 machine lacks (idempotent, quiet when satisfied),
+#                including the binding examples' toolchains: Go + mattn/go-sqlite3, Tcl + its
+#                sqlite3 package, Debian's python3, and better-sqlite3 built into examples/node
 #   make build   cargo build --release, then copy the artefacts to build/ (stable paths)
 #   make test    deps + build, then every Rust test, clippy, rustfmt and the Python suite
-#   make demo    build, then scripts/demo.sh
+#   make demo    deps + build, then scripts/demo.sh: a primary serving over loopback HTTP, a replica
+#                following it (per-write lag), a stock sqlite3 reading the replica, a forwarded
+#                write, a refused local write, equal checksums (under a minute after the build)
 #   make bench   build + bench-deps, then scripts/bench.py (commit overhead), scripts/bench_bootstrap.py (replica bootstrap vs cp)
 #                scripts/bench_apply.py (apply throughput, one-transaction sync, reader latency)
 #                scripts/bench_http.py (replication lag over HTTP, catch-up, 256 MiB bootstrap over HTTP)
@@ -35,6 +39,8 @@ TORTURE_SECS  ?= 150
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends
 PIP_INSTALL := $(PYTHON) -m pip install -q --disable-pip-version-check --root-user-action=ignore
+# better-sqlite3's native addon, built from source by `npm ci` in examples/node (no prebuilt download here)
+NODE_ADDON  := examples/node/node_modules/better-sqlite3/build/Release/better_sqlite3.node
 
 .PHONY: all build deps test demo bench bench-deps fuzz torture clean
 # deps before build before tests, even under -j.
@@ -53,6 +59,7 @@ deps:
 	  apt_install libclang-dev; \
 	fi; \
 	if ! command -v sqlite3 >/dev/null 2>&1; then apt_install sqlite3; fi; \
+	if [ ! -x /usr/bin/python3 ]; then apt_install python3; fi; \
 	if ! $(PYTHON) -c 'import apsw, pytest' >/dev/null 2>&1; then \
 	  if ! $(PYTHON) -m pip --version >/dev/null 2>&1; then apt_install python3-pip; fi; \
 	  echo "deps: pip install apsw pytest"; \
@@ -61,6 +68,27 @@ deps:
 	fi; \
 	if ! $(CARGO) clippy --version >/dev/null 2>&1 || ! $(CARGO) fmt --version >/dev/null 2>&1; then \
 	  echo "deps: rustup component add clippy rustfmt"; rustup component add clippy rustfmt; \
+	fi; \
+	: "the binding examples (tests/python/test_bindings.py): Go, Tcl, stdlib Python, Node"; \
+	if ! command -v go >/dev/null 2>&1; then apt_install golang-go; fi; \
+	if [ ! -d /usr/share/gocode/src/github.com/mattn/go-sqlite3 ]; then apt_install golang-github-mattn-go-sqlite3-dev; fi; \
+	if ! command -v tclsh >/dev/null 2>&1 || ! echo 'package require sqlite3' | tclsh >/dev/null 2>&1; then \
+	  apt_install tcl libsqlite3-tcl; \
+	fi; \
+	if [ ! -e $(NODE_ADDON) ]; then \
+	  node_major=$$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0); \
+	  if [ "$$node_major" -lt 20 ]; then \
+	    echo "deps: examples/node needs Node.js 20 or newer with npm (found: $$(node --version 2>/dev/null || echo none)); install it, then rerun make deps" >&2; exit 1; \
+	  fi; \
+	  if ! command -v g++ >/dev/null 2>&1 || ! command -v make >/dev/null 2>&1; then apt_install build-essential; fi; \
+	  nodedir=$$(dirname "$$(dirname "$$(command -v node)")"); \
+	  if [ ! -e "$$nodedir/include/node/node_version.h" ]; then \
+	    echo "deps: no Node.js headers in $$nodedir/include/node (node-gyp cannot download them here); install the headers of node $$(node --version)" >&2; exit 1; \
+	  fi; \
+	  echo "deps: npm ci in examples/node (better-sqlite3 built from source, a few minutes)"; \
+	  (cd examples/node && CI=true npm_config_build_from_source=true npm_config_nodedir="$$nodedir" \
+	    npm ci --no-audit --no-fund --loglevel=error >/dev/null); \
+	  if [ ! -e $(NODE_ADDON) ]; then echo "deps: npm ci did not build $(NODE_ADDON)" >&2; exit 1; fi; \
 	fi
 
 ## build: cargo is incremental, so always ask it; copy via rename so a process that has the
@@ -80,7 +108,8 @@ test: deps build
 	$(PYTHON) scripts/check_docs.py
 	$(PYTHON) -m pytest -q tests/python
 
-demo: build
+## demo: alone on a fresh machine (deps, then build, in that order: .NOTPARALLEL).
+demo: deps build
 	scripts/demo.sh
 
 bench: build bench-deps

@@ -1,77 +1,103 @@
 #!/usr/bin/env bash
-# `make demo`: a primary and a replica on this machine, each in its own sqlite3 process, the
-# replica pulling from the primary's log directory. Shows a write reaching the replica (LSNs and
-# checksums equal), a stock sqlite3 (no extension) reading the replica, and a write on the
-# replica being refused. Everything happens in a temporary directory that is removed at the end.
+# `make demo`: the main job, on this machine, over loopback HTTP. A primary process serves its
+# replication log (repl_primary('127.0.0.1:0')); a replica process follows it (repl_follow) and
+# each write on the primary is timed until it is visible on the replica; a stock sqlite3 (no
+# extension) reads the replica file while it follows; a write forwarded from the replica
+# (repl_exec) is read back at once; a local write on the replica is refused; both end at the
+# same LSN with the same checksum. Exits non-zero with "demo: FAILED: ..." when a claim does
+# not hold.
+#
+# The processes are driven by scripts/demo.py under Debian's /usr/bin/python3 (its stdlib
+# sqlite3 module loads extensions; override with REPLICA_PYTHON, the shell with REPLICA_SQLITE3).
+# Everything lives in a temporary directory; on exit, Ctrl-C or TERM the trap stops every
+# process the demo started (each names that directory on its command line) and removes it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 EXT="$PWD/build/libreplica"
 SQLITE3="${REPLICA_SQLITE3:-sqlite3}"
-[ -e "$EXT.so" ] || { echo "demo: $EXT.so is missing: run 'make build' first" >&2; exit 1; }
-command -v "$SQLITE3" >/dev/null || { echo "demo: no sqlite3 shell on PATH (make deps installs it)" >&2; exit 1; }
+PY="${REPLICA_PYTHON:-/usr/bin/python3}"
+START_NS="$(date +%s%N)"
 
-DIR="$(mktemp -d "${TMPDIR:-/tmp}/replica-demo.XXXXXX")"
-trap 'rm -rf "$DIR"' EXIT
-PRIMARY="$DIR/primary.db"
-REPLICA="$DIR/replica.db"
-LOGS="$DIR/events.log"
+die() { echo "demo: $*" >&2; exit 1; }
+[ -e "$EXT.so" ] || die "$EXT.so is missing: run 'make build' first (or 'make demo', which builds)"
+command -v "$SQLITE3" >/dev/null || die "no sqlite3 shell '$SQLITE3' on PATH: 'make deps' installs it (apt-get install sqlite3)"
+[ -x "$PY" ] || die "$PY is missing: 'make deps' installs it (apt-get install python3), or set REPLICA_PYTHON to a python3 whose sqlite3 module can load extensions"
+"$PY" -c 'import sqlite3; sqlite3.connect(":memory:").enable_load_extension(True)' 2>/dev/null \
+  || die "$PY's sqlite3 module cannot load extensions (built without --enable-loadable-sqlite-extensions): use Debian's /usr/bin/python3 or set REPLICA_PYTHON"
 
-step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-# run NAME SQL: one sqlite3 process with the extension loaded; output indented, event lines
-# (the extension's key=value log on stderr) collected in $LOGS.
-run() {
-  local name="$1" db="$2" sql="$3"
-  printf '%s\n' "$sql" | sed "s/^/  $name sql> /"
-  { printf '.load %s\n.open %s\n.headers off\n.mode list\n' "$EXT" "$db"; printf '%s\n' "$sql"; } \
-    | "$SQLITE3" -batch -bail 2>>"$LOGS" | sed "s/^/  $name    | /"
+DIR= EVENTS= DRIVER=
+
+if [ -t 1 ]; then BOLD=$'\033[1m' PLAIN=$'\033[0m'; else BOLD= PLAIN=; fi
+step() { printf '\n%s== %s%s\n' "$BOLD" "$*" "$PLAIN"; }
+
+# PIDS := the processes whose command line names $DIR: every process this demo started (the
+# driver, the primary and replica processes, a stock sqlite3) and nothing else, since $DIR is new.
+find_pids() {
+  PIDS=()
+  local f pid args
+  for f in /proc/[0-9]*/cmdline; do
+    pid="${f#/proc/}"; pid="${pid%/cmdline}"
+    [ "$pid" != "$$" ] || continue
+    args=()
+    { mapfile -d '' -t args <"$f"; } 2>/dev/null || continue   # it may have exited meanwhile
+    [[ "${args[*]-}" == *"$DIR"* ]] && PIDS+=("$pid")
+  done
+  return 0
 }
 
-echo "sqlite-replica demo in $DIR ($("$SQLITE3" -version | cut -d' ' -f1), extension $EXT.so)"
+cleanup() {
+  local rc=$? deadline
+  # Finish the clean-up even if another Ctrl-C or TERM arrives meanwhile (it is bounded: each
+  # wait below has a deadline).
+  trap - EXIT
+  trap '' INT TERM
+  set +e
+  [ -n "$DIR" ] || exit "$rc"
+  # The driver first: on TERM it stops its primary and replica processes itself.
+  if [ -n "$DRIVER" ] && kill -0 "$DRIVER" 2>/dev/null; then kill -TERM "$DRIVER" 2>/dev/null; fi
+  [ -z "$DRIVER" ] || wait "$DRIVER" 2>/dev/null
+  # Then anything still running that names $DIR: TERM, up to 5 s to exit, then KILL.
+  find_pids
+  if [ "${#PIDS[@]}" -gt 0 ]; then
+    echo "demo: stopping leftover processes: ${PIDS[*]}" >&2
+    kill -TERM "${PIDS[@]}" 2>/dev/null
+    deadline=$((SECONDS + 5))
+    while find_pids; [ "${#PIDS[@]}" -gt 0 ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.05; done
+    [ "${#PIDS[@]}" -eq 0 ] || kill -KILL "${PIDS[@]}" 2>/dev/null
+  fi
+  FAILED_MSG="$(cat "$DIR/failed.txt" 2>/dev/null)"
+  step "extension events (REPL_LOG=info REPL_LOG_FILE=$EVENTS; the processes' stderr too)"
+  if [ -s "$EVENTS" ]; then sed 's/^/  /' "$EVENTS"; else echo "  (none)"; fi
+  rm -rf "$DIR"
+  find_pids
+  echo
+  if [ "${#PIDS[@]}" -gt 0 ]; then
+    echo "demo: FAILED: processes still running after clean-up: ${PIDS[*]}" >&2; rc=1
+  elif [ "$rc" -eq 0 ]; then
+    echo "demo: OK in $(( ($(date +%s%N) - START_NS) / 1000000 )) ms; every process it started has exited, $DIR removed"
+  else
+    echo "demo: FAILED (exit code $rc)${FAILED_MSG:+: $FAILED_MSG}" >&2
+    echo "demo: every process it started has exited, $DIR removed" >&2
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
-step "process 1 (primary): make app.db a primary and write"
-run primary "$PRIMARY" "SELECT 'lsn after repl_primary: ' || repl_primary();
-CREATE TABLE greetings(id INTEGER PRIMARY KEY, text TEXT NOT NULL);
-INSERT INTO greetings(text) VALUES ('hello from the primary');
-SELECT 'primary lsn=' || repl_lsn() || ' checksum=' || repl_checksum();"
+DIR="$(mktemp -d "${TMPDIR:-/tmp}/replica-demo.XXXXXX")"
+EVENTS="$DIR/events.log"
+# The extension's key=value event lines go to $EVENTS (REPL_LOG_FILE); the children's stderr
+# goes there too, which also catches the lines of a build that still writes them to stderr.
+export REPL_LOG=info REPL_LOG_FILE="$EVENTS"
 
-step "process 2 (replica): bootstrap a new file from the primary and read"
-run replica "$REPLICA" "SELECT 'replica synced to lsn ' || repl_sync('$PRIMARY');
-SELECT id, text FROM greetings;
-SELECT 'replica lsn=' || repl_lsn() || ' checksum=' || repl_checksum();"
+echo "sqlite-replica demo in $DIR"
+echo "  $("$SQLITE3" -version | cut -d' ' -f1) (sqlite3 shell), $("$PY" -V) at $PY, extension $EXT.so, shell pid $$"
 
-step "process 3 (primary again): another write"
-run primary "$PRIMARY" "INSERT INTO greetings(text) VALUES ('a second write, '|| datetime('now'));
-SELECT 'primary lsn=' || repl_lsn() || ' checksum=' || repl_checksum();"
-P_LINE="$(printf '.load %s\n.open %s\nSELECT repl_lsn() || %s || repl_checksum();\n' "$EXT" "$PRIMARY" "' '" | "$SQLITE3" -batch 2>>"$LOGS")"
-
-step "process 4 (replica again): pull (source remembered) and read"
-run replica "$REPLICA" "SELECT 'replica synced to lsn ' || repl_sync();
-SELECT id, text FROM greetings;
-SELECT 'replica lsn=' || repl_lsn() || ' checksum=' || repl_checksum();"
-R_LINE="$(printf '.load %s\n.open %s\nSELECT repl_lsn() || %s || repl_checksum();\n' "$EXT" "$REPLICA" "' '" | "$SQLITE3" -batch 2>>"$LOGS")"
-
-step "process 5 (stock sqlite3, no extension): read the replica file directly"
-printf '  stock    | %s\n' "$("$SQLITE3" -batch "$REPLICA" "SELECT count(*) || ' rows, integrity ' || (SELECT integrity_check FROM pragma_integrity_check) FROM greetings;")"
-
-step "process 6 (replica): a write is refused"
-set +e
-OUT="$(printf '.load %s\n.open %s\nINSERT INTO greetings(text) VALUES (%s);\n' "$EXT" "$REPLICA" "'not allowed'" | "$SQLITE3" -batch 2>&1 | grep -v 'event=')"
-set -e
-printf '  replica sql> INSERT INTO greetings(text) VALUES (...);\n  replica    | %s\n' "$OUT"
-
-step "result"
-echo "  primary: lsn checksum = $P_LINE"
-echo "  replica: lsn checksum = $R_LINE"
-if [ "$P_LINE" != "$R_LINE" ] || [ -z "$P_LINE" ]; then
-  echo "demo: FAILED: the replica does not equal the primary" >&2
-  exit 1
-fi
-case "$OUT" in
-  *readonly*) ;;
-  *) echo "demo: FAILED: the write on the replica was not refused: $OUT" >&2; exit 1 ;;
-esac
-echo "  the replica equals the primary at the same LSN (byte-identical content, same checksum),"
-echo "  and refuses writes with SQLITE_READONLY."
-echo
-echo "extension events (key=value, one line per event):"
-sed 's/^/  /' "$LOGS"
+# In the background and waited for, so that a signal runs the trap at once (bash defers traps
+# while a foreground child runs). Its stdout and stderr are ours (its "demo: FAILED: ..." line
+# stays on the terminal); it sends the stderr of the processes it starts to $EVENTS.
+"$PY" scripts/demo.py run --dir "$DIR" --ext "$EXT" --sqlite3 "$SQLITE3" &
+DRIVER=$!
+echo "  driver pid $DRIVER"
+wait "$DRIVER"

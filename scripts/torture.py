@@ -46,10 +46,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The test helpers, the fault proxy and the bank workload (shared with the stress, fault and
+# crash tests) live beside the Python tests.
 sys.path.insert(0, str(REPO / "tests" / "python"))
 
 import apsw  # noqa: E402
 
+import workload  # noqa: E402
 from faultproxy import FaultProxy  # noqa: E402
 from helpers import Worker, lsn_checksum, spawn_bg, stock_one, stock_tables, wait_for  # noqa: E402
 
@@ -59,38 +62,16 @@ TOTAL = N_ACCT * START_BAL
 WRITERS = 2
 REPLICAS = 3
 
-SCHEMA = [
-    "CREATE TABLE acct(id INTEGER PRIMARY KEY, bal INTEGER NOT NULL, ver INTEGER NOT NULL)",
-    "CREATE TABLE ver(v INTEGER NOT NULL)",
-    "CREATE TABLE junk(id INTEGER PRIMARY KEY, b BLOB)",
-    "BEGIN",
-    *[f"INSERT INTO acct VALUES ({i}, {START_BAL}, 0)" for i in range(N_ACCT)],
-    "INSERT INTO ver VALUES (0)",
-    "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 30) "
-    "INSERT INTO junk(b) SELECT randomblob(3000) FROM c",
-    "COMMIT",
-]
-
-READ_SQL = (
-    "SELECT (SELECT total(bal) FROM acct), (SELECT count(*) FROM acct), (SELECT v FROM ver), "
-    "(SELECT max(ver) FROM acct)"
-)
+SCHEMA = workload.schema(N_ACCT, START_BAL, junk_rows=30)
+READ_SQL = workload.READ_SQL
 
 # The serving primary: holds the HTTP server until STOP exists (or it is killed). Retries
 # while the port is still taken by its killed predecessor's socket.
 SERVER = """
+from workload import serve
 conn = connect(os.environ["P_DB"])
 conn.setbusytimeout(10000)
-deadline = time.monotonic() + 30
-while True:
-    try:
-        one(conn, "SELECT repl_primary(?)", (os.environ["LISTEN"],))
-        break
-    except apsw.Error as e:
-        if "cannot listen" not in str(e) or time.monotonic() > deadline:
-            raise
-        time.sleep(0.05)
-print(json.dumps({"url": json.loads(one(conn, "SELECT repl_status()"))["server"]["url"]}), flush=True)
+print(json.dumps({"url": serve(conn, os.environ["LISTEN"], timeout=30)}), flush=True)
 while not os.path.exists(os.environ["STOP"]):
     time.sleep(0.05)
 conn.close()
@@ -99,21 +80,16 @@ print(json.dumps({"stopped": True}), flush=True)
 
 WRITER = """
 import random
+from workload import transfer
 conn = connect(os.environ["P_DB"])
 conn.setbusytimeout(10000)
 rng = random.Random(int(os.environ["SEED"]))
 stop, n = os.environ["STOP"], int(os.environ["N_ACCT"])
 done = busy = 0
 while not os.path.exists(stop):
-    a, b = rng.sample(range(n), 2)
-    x = rng.randint(1, 50)
-    r = rng.random()
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        v = one(conn, "SELECT v FROM ver") + 1
-        conn.execute("UPDATE acct SET bal = bal - ?, ver = ? WHERE id = ?", (x, v, a))
-        conn.execute("UPDATE acct SET bal = bal + ?, ver = ? WHERE id = ?", (x, v, b))
-        conn.execute("UPDATE ver SET v = ?", (v,))
+        transfer(conn, rng, n, amount=(1, 50))
+        r = rng.random()
         if r < 0.15:  # multi-page commits
             conn.execute("UPDATE junk SET b = randomblob(?) WHERE id % 7 = ?", (rng.randint(1000, 6000), rng.randint(0, 6)))
         elif r < 0.18:  # overflow chains, the file grows and shrinks
@@ -162,59 +138,17 @@ st = json.loads(one(conn, "SELECT repl_status()"))
 print(json.dumps({"lsn": got, "checksum": one(conn, "SELECT repl_checksum()"), "status": st}), flush=True)
 """
 
+# One stock reader per replica (no extension in this process): the bank invariant on every
+# read, long read transactions whose snapshot must not move, a fresh connection now and then;
+# SQLITE_BUSY is retried, any other error counts. Violations and errors are printed as they
+# happen (with the time, to find them in the event log).
 READER = """
-import random
-rng = random.Random(int(os.environ["SEED"]))
-db = os.environ["R_DB"]
-conn = apsw.Connection(db, flags=apsw.SQLITE_OPEN_READONLY, vfs="unix")
-conn.setbusytimeout(10000)
-stop, total, n, sql = os.environ["STOP"], float(os.environ["TOTAL"]), int(os.environ["N_ACCT"]), os.environ["READ_SQL"]
-checks = long_txns = busy = reopen = 0
-violations, errors, last_v = [], [], -1
-def check(row):
-    global last_v, checks
-    checks += 1
-    s, c, v, mv = row
-    if s != total or c != n or (v > 0 and mv != v) or v < last_v:
-        violations.append(["state", list(row), last_v])
-        print(json.dumps({"violation": violations[-1], "time": time.time()}), flush=True)
-    last_v = max(last_v, v)
-while not os.path.exists(stop):
-    try:
-        if rng.random() < 0.05:
-            conn.execute("BEGIN")
-            first = conn.execute(sql).fetchone()
-            check(first)
-            until = time.monotonic() + rng.uniform(0.05, 1.5)
-            while time.monotonic() < until:
-                again = conn.execute(sql).fetchone()
-                checks += 1
-                if again != first:
-                    violations.append(["snapshot moved", list(first), list(again)])
-                    print(json.dumps({"violation": violations[-1], "time": time.time()}), flush=True)
-                time.sleep(0.01)
-            conn.execute("COMMIT")
-            long_txns += 1
-        else:
-            check(conn.execute(sql).fetchone())
-        if rng.random() < 0.01:  # a fresh connection now and then
-            conn.close()
-            conn = apsw.Connection(db, flags=apsw.SQLITE_OPEN_READONLY, vfs="unix")
-            conn.setbusytimeout(10000)
-            reopen += 1
-    except apsw.BusyError:
-        busy += 1
-        if not conn.getautocommit():
-            conn.execute("ROLLBACK")
-    except apsw.Error as e:
-        errors.append(f"{type(e).__name__}: {e}")
-        print(json.dumps({"error": errors[-1], "time": time.time()}), flush=True)
-        if not conn.getautocommit():
-            conn.execute("ROLLBACK")
-    time.sleep(0.004)  # pacing: leave the CPUs to the processes under test
-print(json.dumps({"checks": checks, "long_txns": long_txns, "busy": busy, "reopen": reopen,
-                  "violations": violations[:20], "n_violations": len(violations),
-                  "errors": errors[:20], "n_errors": len(errors), "last_v": last_v}), flush=True)
+import random, workload
+check = workload.BankCheck(float(os.environ["TOTAL"]), int(os.environ["N_ACCT"]))
+print(json.dumps(workload.read_loop(os.environ["R_DB"], os.environ["STOP"], os.environ["READ_SQL"], check,
+                                    rng=random.Random(int(os.environ["SEED"])), long_share=0.05, long_secs=(0.05, 1.5),
+                                    long_pace=0.01, pace=0.004, readonly=True, reopen_share=0.01, busy_ok=True,
+                                    live=True)), flush=True)
 """
 
 
@@ -311,13 +245,7 @@ class Torture:
         c = apsw.Connection(str(self.pdb), vfs="unix")  # this process never loads the extension
         c.setbusytimeout(10000)
         try:
-            a, b = self.rng.sample(range(N_ACCT), 2)
-            x = self.rng.randint(0, 30)
-            c.execute("BEGIN IMMEDIATE")
-            v = c.execute("SELECT v FROM ver").fetchone()[0] + 1
-            c.execute("UPDATE acct SET bal = bal - ?, ver = ? WHERE id = ?", (x, v, a))
-            c.execute("UPDATE acct SET bal = bal + ?, ver = ? WHERE id = ?", (x, v, b))
-            c.execute("UPDATE ver SET v = ?", (v,))
+            _, _, x, v = workload.transfer(c, self.rng, N_ACCT, amount=(0, 30))
             c.execute("COMMIT")
         finally:
             c.close()
@@ -499,9 +427,9 @@ class Torture:
             except Exception:
                 self.kill(proc)
             lines = self.out_lines(proc)
-            if proc.returncode != 0 or not lines or "checks" not in lines[-1]:
+            if proc.returncode != 0 or not lines or "reads" not in lines[-1]:
                 self.failures.append(f"{proc.name} failed rc={proc.returncode}")
-                reads.append({"checks": 0, "n_violations": 0, "n_errors": 1, "busy": 0, "long_txns": 0})
+                reads.append({"reads": 0, "n_violations": 0, "n_errors": 1, "busy": 0, "long_txns": 0})
             else:
                 reads.append(lines[-1])
         self.stop_s.touch()
@@ -557,7 +485,7 @@ class Torture:
             "follow_errors": events["follow_error"],
             "gaps": events["gap"],
             "wal_pinned": events["wal_pinned"],
-            "invariant_checks": sum(r["checks"] for r in reads),
+            "invariant_checks": sum(r["reads"] for r in reads),
             "long_read_txns": sum(r["long_txns"] for r in reads),
             "reader_busy_retries": sum(r["busy"] for r in reads),
             "invariant_violations": sum(r["n_violations"] for r in reads),

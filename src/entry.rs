@@ -112,6 +112,11 @@ fn check_main_db_goes_through_vfs(db: *mut sqlite3) -> Result<(), String> {
     if !ffi::os::pin_this_library() {
         return Ok(());
     }
+    // This connection bypasses the VFS: when the application closes it (a pool drops a
+    // connection whose setup failed), SQLite would checkpoint and delete the WAL through the
+    // plain VFS if it is the last one on the file, a WAL reset no capture witnessed (a gap, a
+    // new generation). Closing it must leave the WAL alone.
+    conn.db_config_flag(ffi::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true);
     Err(format!(
         "sqlite-replica: {path} is a {role}, but this connection opened it before the extension was \
          loaded, so its {} would bypass replication. The extension is loaded now: open {path} again \

@@ -76,6 +76,17 @@ impl DbRef {
         (rc == SQLITE_OK && !p.is_null()).then_some(p)
     }
 
+    /// `sqlite3_db_config(db, op, on, NULL)` for a boolean option (e.g.
+    /// `SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE`); the host's return code.
+    pub fn db_config_flag(&self, op: c_int, on: bool) -> c_int {
+        let Some(f) = api().db_config else {
+            return SQLITE_ERROR;
+        };
+        // SAFETY: the boolean db_config options take (int onoff, int *pResult); NULL is allowed
+        // for pResult. Variadic arguments are passed with their C types.
+        unsafe { f(self.0, op, on as c_int, std::ptr::null_mut::<c_int>()) }
+    }
+
     /// Run SQL without results.
     pub fn exec(&self, sql: &str) -> Result<()> {
         let f = api().exec.expect("exec");

@@ -42,24 +42,26 @@ impl<'a> Args<'a> {
         };
         match as_integer(v) {
             Some(n) if range.contains(&n) => Ok(Some(n)),
-            Some(n) => Err(self.bad(
-                i,
-                name,
-                &format!("an integer between {} and {}", range.start(), range.end()),
-                &format!("{n}"),
-            )),
+            Some(n) => Err(self.bad(i, name, &range_text(&range), &format!("{n}"))),
             None => Err(self.bad(i, name, "an integer", &describe(v))),
         }
     }
 
-    /// Argument `i` as text; `None` when absent or NULL. An integer is taken as its decimal
-    /// text (a token or a request id bound as a number); reals and blobs are refused.
+    /// Argument `i` as text; `None` when absent or NULL; numbers and blobs are refused.
     pub fn text(&self, i: usize, name: &str) -> Result<Option<String>> {
         match self.get(i) {
             None => Ok(None),
             Some(SqlValue::Text(t)) => Ok(Some(t.clone())),
-            Some(SqlValue::Int(n)) => Ok(Some(n.to_string())),
             Some(v) => Err(self.bad(i, name, "text", &describe(v))),
+        }
+    }
+
+    /// Like `text`, but an integer is taken as its decimal text (a token or a request id that
+    /// a binding passed as a number).
+    pub fn text_or_int(&self, i: usize, name: &str) -> Result<Option<String>> {
+        match self.get(i) {
+            Some(SqlValue::Int(n)) => Ok(Some(n.to_string())),
+            _ => self.text(i, name),
         }
     }
 
@@ -70,6 +72,15 @@ impl<'a> Args<'a> {
             self.func,
             i + 1
         ))
+    }
+}
+
+/// "a non-negative integer", "an integer between 1 and 60000", …
+fn range_text(r: &std::ops::RangeInclusive<i64>) -> String {
+    match (*r.start(), *r.end()) {
+        (0, i64::MAX) => "a non-negative integer".into(),
+        (1, i64::MAX) => "a positive integer".into(),
+        (a, b) => format!("an integer between {a} and {b}"),
     }
 }
 

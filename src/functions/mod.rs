@@ -144,7 +144,7 @@ fn repl_primary(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
     }
     let args = Args::new("repl_primary", a);
     let listen = args.text(0, "address (host:port)")?;
-    let token = args.text(1, "token")?;
+    let token = args.text_or_int(1, "token")?;
     let Some(addr) = listen else {
         return become_primary(c);
     };
@@ -576,7 +576,7 @@ fn exec_any(c: &Call, a: &[SqlValue], what: &'static str) -> Result<serde_json::
     };
     crate::primary::exec::params_from_json(&params)
         .map_err(|m| Error::Misuse(format!("{what}(): {m}")))?;
-    let request_id = match args.text(2, "request id")? {
+    let request_id = match args.text_or_int(2, "request id")? {
         None => None,
         Some(t) if !t.is_empty() => Some(t),
         Some(_) => return Err(args.bad(2, "request id", "non-empty text", "the text ''")),

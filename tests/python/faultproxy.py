@@ -334,23 +334,22 @@ class FaultProxy:
 
 def _reset(s: socket.socket) -> None:
     """Close with RST (SO_LINGER 0): an abortive close, like a peer that vanished."""
-    try:
+
+    def abort() -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.shutdown(socket.SHUT_RD)  # wakes the other pump's recv() without sending a FIN
-    except OSError:
-        pass
-    try:
-        s.close()
-    except OSError:
-        pass
+
+    _quietly(abort, s.close)
 
 
 def _kill(s: socket.socket) -> None:
-    try:
-        s.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    try:
-        s.close()
-    except OSError:
-        pass
+    _quietly(lambda: s.shutdown(socket.SHUT_RDWR), s.close)
+
+
+def _quietly(*steps) -> None:
+    """Run each step, ignoring OSError (the socket may already be gone)."""
+    for step in steps:
+        try:
+            step()
+        except OSError:
+            pass

@@ -17,17 +17,27 @@ How the extension is loaded here, and why:
 
 Synchronisation between processes is done by polling with a deadline (``wait_for``), never by
 bare sleeps.
+
+What is where: this module has the setup every test shares (loading, the CLI, child processes,
+workers), primaries (``start_primary``, ``make_primary`` in-process), replicas
+(``start_replica``, ``primary_and_replica``, ``new_pair``), the serving primary
+(``serve``, ``start_serving_primary``, ``serving_primary_and_follower``) and the comparisons
+(``lsn_checksum``, ``assert_replica_equals_primary``, ``primary_snap``/``cli_snap``/
+``stock_snap``, ``shm_state``). The bank-transfer workload (schema, transfer, invariant, stock
+reader loop) is in workload.py, which child processes and scripts/torture.py import too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import struct
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import apsw
 import pytest
@@ -106,6 +116,22 @@ def one(conn: apsw.Connection, sql: str, bindings: Iterable[Any] = ()) -> Any:
     return None
 
 
+def make_primary(path: str | os.PathLike[str], busy: int | None = None, **kwargs: Any) -> tuple[apsw.Connection, int]:
+    """An in-process primary: ``apsw_conn(path, **kwargs)`` that ran ``SELECT repl_primary()``
+    (and ``setbusytimeout(busy)`` when given); returns the connection and the LSN it returned."""
+    conn = apsw_conn(path, **kwargs)
+    lsn = one(conn, "SELECT repl_primary()")
+    assert isinstance(lsn, int) and lsn >= 0, lsn
+    if busy is not None:
+        conn.setbusytimeout(busy)
+    return conn, lsn
+
+
+def lsn_of(conn: apsw.Connection) -> int:
+    """``repl_lsn()`` of an in-process connection."""
+    return one(conn, "SELECT repl_lsn()")
+
+
 def _cli_quote(path: str) -> str:
     if "'" not in path:
         return f"'{path}'"
@@ -156,9 +182,12 @@ def cli_ok(db: str | os.PathLike[str] | None, sql: str, **kwargs: Any) -> str:
     return proc.stdout
 
 
-# Put in front of every run_py/spawn_py snippet: the extension path and a connect() that loads
-# the extension before opening (same rule as apsw_conn).
-PY_PRELUDE = textwrap.dedent(
+HERE = Path(__file__).resolve().parent
+
+# Put in front of every run_py/spawn_py snippet: the extension path, a connect() that loads
+# the extension before opening (same rule as apsw_conn), and this folder on sys.path (so a
+# snippet can import the shared bank workload: ``from workload import transfer``).
+PY_PRELUDE = f"import sys; sys.path.insert(0, {str(HERE)!r})\n" + textwrap.dedent(
     """\
     import json, os, sys, time
     import apsw
@@ -223,15 +252,14 @@ def py_ok(code: str, **kwargs: Any) -> str:
 
 def spawn_py(code: str, env: dict[str, str] | None = None, prelude: bool = True) -> subprocess.Popen[str]:
     """Start a Python snippet in a separate process without waiting (pipes for stdin/stdout)."""
-    src = (PY_PRELUDE if prelude else "") + textwrap.dedent(code)
+    return _popen_py((PY_PRELUDE if prelude else "") + textwrap.dedent(code), subprocess.PIPE, subprocess.PIPE,
+                     subprocess.PIPE, env)
+
+
+def _popen_py(src: str, stdin: Any, stdout: Any, stderr: Any, env: dict[str, str] | None) -> subprocess.Popen[str]:
+    """``python -c src`` in the repository with the extension's path in its environment."""
     return subprocess.Popen(
-        [sys.executable, "-c", src],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_py_env(env),
-        cwd=REPO,
+        [sys.executable, "-c", src], stdin=stdin, stdout=stdout, stderr=stderr, text=True, env=_py_env(env), cwd=REPO
     )
 
 
@@ -388,7 +416,45 @@ class _Child:
         self.close()
 
 
-class Worker(_Child):
+class PyChild(_Child):
+    """A Python child process (``PY_PRELUDE`` + ``code``) answering one JSON line per request.
+
+    ``cfg`` is its first stdin line; it answers ``{"ok": "ready", "pid": …}`` once set up, then
+    ``{"rows": …}`` or ``{"error": <apsw class name>, "msg": …}`` per request. Its stderr goes to
+    a file, not a pipe: the extension logs events there and a full pipe would block a
+    long-running child.
+    """
+
+    what = "python child"
+
+    def __init__(self, code: str, cfg: dict, env: dict[str, str] | None = None):
+        self.err = tempfile.TemporaryFile("w+")
+        self.proc = _popen_py(PY_PRELUDE + code, subprocess.PIPE, subprocess.PIPE, self.err, env)
+        self.proc.stdin.write(_json.dumps(cfg) + "\n")
+        self.proc.stdin.flush()
+        self.lines = _Lines(self.proc, self.stderr)
+        self.hello = _json.loads(self.lines.readline(30, self.what))
+        assert self.hello.get("ok") == "ready", self.hello
+        self.pid = self.hello["pid"]
+
+    def stderr(self) -> str:
+        """What the child wrote to stderr so far (the extension's event lines)."""
+        self.err.flush()
+        self.err.seek(0)
+        text = self.err.read()
+        self.err.seek(0, os.SEEK_END)
+        return text
+
+    def _send(self, req: dict, timeout: float = 60) -> list[list[Any]]:
+        self.proc.stdin.write(_json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        out = _json.loads(self.lines.readline(timeout, f"{self.what} {self.pid}: {req}"))
+        if "error" in out:
+            raise WorkerError(out["error"], out["msg"])
+        return out["rows"]
+
+
+class Worker(PyChild):
     """A child process with one apsw connection on ``path`` (see WORKER_PY).
 
     ``ext=True`` loads the extension before opening (so the connection uses the replica VFS);
@@ -404,41 +470,9 @@ class Worker(_Child):
         env: dict[str, str] | None = None,
     ):
         self.path = str(path)
-        # stderr into a file, not a pipe: the extension logs events there and a full pipe
-        # would block a long-running child.
-        self.err = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", PY_PRELUDE + WORKER_PY],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.err,
-            text=True,
-            env=_py_env(env),
-            cwd=REPO,
-        )
-        self.proc.stdin.write(_json.dumps({"path": self.path, "ext": ext, "flags": flags, "busy": busy}) + "\n")
-        self.proc.stdin.flush()
-        self.lines = _Lines(self.proc, self.stderr)
-        hello = _json.loads(self.lines.readline(30, f"worker on {self.path}"))
-        assert hello.get("ok") == "ready", hello
-        self.pid = hello["pid"]
-        self.sqlite_version = hello["sqlite"]
-
-    def stderr(self) -> str:
-        """What the child wrote to stderr so far (the extension's event lines)."""
-        self.err.flush()
-        self.err.seek(0)
-        text = self.err.read()
-        self.err.seek(0, os.SEEK_END)
-        return text
-
-    def _send(self, req: dict, timeout: float) -> list[list[Any]]:
-        self.proc.stdin.write(_json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        out = _json.loads(self.lines.readline(timeout, f"worker {self.pid} on {self.path}: {req}"))
-        if "error" in out:
-            raise WorkerError(out["error"], out["msg"])
-        return out["rows"]
+        self.what = f"worker on {self.path}"
+        super().__init__(WORKER_PY, {"path": self.path, "ext": ext, "flags": flags, "busy": busy}, env)
+        self.sqlite_version = self.hello["sqlite"]
 
     def q(self, sql: str, args: Iterable[Any] = (), timeout: float = 60) -> list[list[Any]]:
         """Rows of ``sql`` (raises WorkerError on an SQL error)."""
@@ -523,17 +557,39 @@ def start_replica(path: str | os.PathLike[str], source: str | os.PathLike[str], 
     return w
 
 
-def start_serving_primary(path: str | os.PathLike[str], token: str | None = None, **kwargs: Any) -> tuple[Worker, str]:
-    """A primary process that also serves its log over HTTP on a free loopback port
-    (``repl_primary('127.0.0.1:0' [, token])``); returns the worker and the server's URL."""
-    w = Worker(path, **kwargs)
-    if token:
-        w.one("SELECT repl_primary('127.0.0.1:0', ?)", [token])
-    else:
-        w.one("SELECT repl_primary('127.0.0.1:0')")
+def serve(w: Worker, port: int = 0, token: str | None = None, timeout: float = 15) -> str:
+    """Make ``w``'s process the serving primary: ``repl_primary('127.0.0.1:<port>' [, token])``
+    (port 0: a free one), retried while the port is still taken (a killed predecessor's
+    socket), at most ``timeout`` seconds. Returns the server's URL."""
+    listen = f"127.0.0.1:{port}"
+    args = [listen, token] if token else [listen]
+    wait_for(lambda: _try_listen(w, args), timeout=timeout, interval=0.05, what=f"listening on {listen}")
     url = worker_status(w)["server"]["url"]
     assert url.startswith("http://127.0.0.1:"), url
-    return w, url
+    return url
+
+
+def _try_listen(w: Worker, args: list) -> bool:
+    try:
+        w.one("SELECT repl_primary(" + ", ".join("?" * len(args)) + ")", args)
+        return True
+    except WorkerError as e:
+        if "cannot listen" not in e.msg:
+            raise
+        return False
+
+
+def start_serving_primary(
+    path: str | os.PathLike[str], token: str | None = None, port: int = 0, **kwargs: Any
+) -> tuple[Worker, str]:
+    """A primary process that also serves its log over HTTP on a loopback port (``serve``);
+    returns the worker and the server's URL."""
+    w = Worker(path, **kwargs)
+    try:
+        return w, serve(w, port, token)
+    except BaseException:
+        w.close()
+        raise
 
 
 def lsn_checksum(w: Worker) -> tuple[int, str]:
@@ -569,6 +625,12 @@ def worker_tables(w: Worker) -> dict[str, list]:
     return out
 
 
+def assert_replica_equals_primary(rdb: str | os.PathLike[str], p: Worker) -> None:
+    """Stock readers (no extension) of ``rdb`` find it intact and holding the primary's content."""
+    assert stock_one(rdb, "PRAGMA integrity_check;") == "ok"
+    assert stock_tables(rdb) == worker_tables(p), "a stock reader sees other content than the primary"
+
+
 def stock_tables(db: str | os.PathLike[str]) -> dict[str, list]:
     """``worker_tables`` read by a fresh process that never loads the extension."""
     with Worker(db, ext=False, flags="ro") as r:
@@ -588,15 +650,7 @@ def spawn_bg(code: str, logdir: str | os.PathLike[str], name: str, env: dict[str
     never block on a full pipe). Read the result with ``bg_result``."""
     out = open(Path(logdir) / f"{name}.out", "w")
     err = open(Path(logdir) / f"{name}.err", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", PY_PRELUDE + textwrap.dedent(code)],
-        stdin=subprocess.DEVNULL,
-        stdout=out,
-        stderr=err,
-        text=True,
-        env=_py_env(env),
-        cwd=REPO,
-    )
+    proc = _popen_py(PY_PRELUDE + textwrap.dedent(code), subprocess.DEVNULL, out, err, env)
     out.close()
     err.close()
     proc.logdir, proc.name = Path(logdir), name  # type: ignore[attr-defined]
@@ -617,3 +671,109 @@ def bg_result(proc: subprocess.Popen[str], timeout: float = 60) -> Any:
     lines = [ln for ln in out.splitlines() if ln.strip()]
     assert lines, f"{proc.name} printed nothing; stderr:\n{err[-4000:]}"  # type: ignore[attr-defined]
     return _json.loads(lines[-1])
+
+
+def durable(p: Worker, timeout: float = 10) -> int:
+    """The primary's LSN once it is durable (the server and the log serve only durable records)."""
+    lsn = p.one("SELECT repl_lsn()")
+    wait_for(lambda: (worker_status(p)["log"]["durable_lsn"] or 0) >= lsn, timeout=timeout, what=f"LSN {lsn} durable")
+    return lsn
+
+
+def stock_checkpoint(db: str | os.PathLike[str], mode: str) -> tuple[int, int, int]:
+    """``PRAGMA wal_checkpoint(mode)`` by a fresh stock sqlite3 3.40 (no extension): (busy, log, checkpointed)."""
+    busy, log, ckpt = (int(x) for x in stock_one(db, f"PRAGMA wal_checkpoint({mode});").split("|"))
+    return busy, log, ckpt
+
+
+def shm_state(db: str | os.PathLike[str]) -> dict:
+    """mxFrame, nPage, salts and nBackfill of a wal-index (first header copy), read from the
+    ``-shm`` file by a process holding no SQLite connection on it (reading drops no lock)."""
+    with open(f"{db}-shm", "rb") as f:
+        b = f.read(136)
+    assert b[0:48] == b[48:96], "the two wal-index header copies differ (a torn publish?)"
+    mx_frame, n_page = struct.unpack("<II", b[16:24])
+    (n_backfill,) = struct.unpack("<I", b[96:100])
+    return {"mx_frame": mx_frame, "n_page": n_page, "salts": b[32:40].hex(), "n_backfill": n_backfill}
+
+
+# ------------------------------------------------- the replica tests' table t(id, v REAL, pad)
+
+# What the reader tests compare between the primary, the replica and readers inside BEGIN.
+SNAP_SQL = "SELECT count(*), total(v), max(id) FROM t"
+
+
+def _snap(c: Any, s: Any, m: Any) -> tuple[int, float, int]:
+    return int(c), float(s), int(m)
+
+
+def primary_snap(w: Worker) -> tuple[int, float, int]:
+    """``SNAP_SQL`` through a worker (the primary, the applier or an apsw reader)."""
+    return _snap(*w.q(SNAP_SQL)[0])
+
+
+def cli_snap(w: CliWorker) -> tuple[int, float, int]:
+    """``SNAP_SQL`` through a stock sqlite3 shell worker."""
+    (line,) = w.q(SNAP_SQL + ";")
+    return _snap(*line.split("|"))
+
+
+def stock_snap(db: str | os.PathLike[str]) -> tuple[int, float, int]:
+    """``SNAP_SQL`` through a fresh stock sqlite3 3.40 (no extension)."""
+    return _snap(*stock_one(db, SNAP_SQL + ";").split("|"))
+
+
+@contextlib.contextmanager
+def primary_and_replica(tmp: Path, *setup_sql: str) -> Iterator[tuple[Path, Path, Worker, Worker]]:
+    """A primary worker on ``tmp/p.db`` that ran ``setup_sql`` (one statement each) and a replica
+    worker bootstrapped from it on ``tmp/r.db``; yields (pdb, rdb, primary, replica) and closes
+    both on exit, the replica first."""
+    pdb, rdb = tmp / "p.db", tmp / "r.db"
+    with start_primary(pdb) as p:
+        for sql in setup_sql:
+            p.q(sql)
+        with start_replica(rdb, pdb) as r:
+            yield pdb, rdb, p, r
+
+
+@contextlib.contextmanager
+def serving_primary_and_follower(tmp: Path, *setup_sql: str) -> Iterator[tuple[Worker, str, Worker]]:
+    """A serving primary worker on ``tmp/p.db`` (``start_serving_primary``) that ran
+    ``setup_sql`` and a replica worker on ``tmp/r.db`` following it (``repl_follow(url)``);
+    yields (primary, url, replica) and closes both on exit, the replica first."""
+    p, url = start_serving_primary(tmp / "p.db")
+    with p:
+        for sql in setup_sql:
+            p.q(sql)
+        with Worker(tmp / "r.db") as r:
+            r.q("SELECT repl_follow(?)", [url])
+            yield p, url, r
+
+
+@contextlib.contextmanager
+def new_pair(tmp: Path, rows: int, pad: int) -> Iterator[tuple[Path, Path, Worker, Worker]]:
+    """A primary worker on ``tmp/p.db`` with ``t(id, v REAL, pad BLOB)`` holding ``rows`` rows
+    (``pad`` random bytes each) and a replica worker bootstrapped from it on ``tmp/r.db``, at the
+    same (lsn, checksum). Yields (pdb, rdb, primary, replica); closes both on exit, the replica
+    first."""
+    fill = (
+        "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < ?) "
+        "INSERT INTO t(v, pad) SELECT n, randomblob(?) FROM c"
+    )
+    pdb, rdb = tmp / "p.db", tmp / "r.db"
+    with start_primary(pdb) as p:
+        p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v REAL, pad BLOB)")
+        p.q(fill, [rows, pad])
+        with start_replica(rdb, pdb) as r:
+            assert lsn_checksum(r) == lsn_checksum(p)
+            yield pdb, rdb, p, r
+
+
+def commit_and_sync(p: Worker, r: Worker, stmts: Iterable[str]) -> tuple[int, str]:
+    """One primary transaction of ``stmts``; the replica syncs to it and has the same checksum.
+    Returns the primary's (lsn, checksum)."""
+    p.script(["BEGIN", *stmts, "COMMIT"])
+    want = lsn_checksum(p)
+    sync_to(r, want[0])
+    assert lsn_checksum(r) == want, "the replica's checksum differs from the primary's at the same LSN"
+    return want

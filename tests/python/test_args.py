@@ -30,7 +30,8 @@ INTEGER_ARGS = [
     ("SELECT repl_config('segment_bytes', ?)", "value of segment_bytes", 1 << 26, "primary"),
 ]
 
-# Text arguments: refused as REAL and BLOB (an integer is taken as its decimal text).
+# Text arguments: refused as REAL and BLOB; an integer is refused too, except for a token or a
+# request id (taken as its decimal text: bindings pass numeric ids as numbers).
 TEXT_ARGS = [
     ("SELECT repl_primary(?)", "repl_primary", "address (host:port)", "plain"),
     ("SELECT repl_primary('127.0.0.1:0', ?)", "repl_primary", "token", "plain"),
@@ -115,6 +116,16 @@ def test_text_arguments_refuse_reals_and_blobs_by_name(dbs, sql, func, name, whe
     assert f"{func}(): the {name} (argument " in msg and f"must be text, got {said}" in msg, msg
     assert sorted(p.name for p in tmp.iterdir()) == files
     assert one(dbs["plain"], "SELECT repl_role()") is None
+
+
+LENIENT = {"token", "request id"}
+
+
+@pytest.mark.parametrize("sql,func,name,where", [a for a in TEXT_ARGS if a[2] not in LENIENT], ids=lambda x: str(x)[:40])
+def test_text_arguments_refuse_integers_except_ids(dbs, sql, func, name, where):
+    with pytest.raises(apsw.SQLError) as e:
+        dbs[where].execute(sql, (5,)).fetchall()
+    assert f"{func}(): the {name} (argument " in str(e.value) and "must be text, got the integer 5" in str(e.value)
 
 
 def test_lsn_token_text_still_works(dbs):

@@ -37,18 +37,7 @@ from capture_check import (
     verify_ok,
     wal_frames,
 )
-from helpers import apsw_conn, cli_ok, one, py_ok, sqlite3_cli, wait_for
-
-
-def make_primary(path, **kwargs) -> tuple[apsw.Connection, int]:
-    conn = apsw_conn(path, **kwargs)
-    lsn = one(conn, "SELECT repl_primary()")
-    assert isinstance(lsn, int), lsn
-    return conn, lsn
-
-
-def lsn_of(conn: apsw.Connection) -> int:
-    return one(conn, "SELECT repl_lsn()")
+from helpers import apsw_conn, cli_ok, lsn_of, make_primary, one, py_ok, sqlite3_cli, wait_for
 
 
 def commit(conn: apsw.Connection, sql: str, expect_lsn: int) -> int:

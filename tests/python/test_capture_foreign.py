@@ -24,15 +24,16 @@ import apsw
 import pytest
 
 from capture_check import assert_dense, assert_rebuild_equals, inspect, log_dir, status, verify_ok
-from helpers import apsw_conn, one, sqlite3_cli, wait_for
+from helpers import lsn_of, make_primary, one, sqlite3_cli, wait_for
 
 
-def make_primary(path) -> tuple[apsw.Connection, int]:
-    conn = apsw_conn(path)
-    lsn = one(conn, "SELECT repl_primary()")
-    assert isinstance(lsn, int), lsn
-    conn.setbusytimeout(5000)
-    return conn, lsn
+def primary_with_one_row(db) -> tuple[apsw.Connection, int]:
+    """An in-process primary on ``db`` whose ``t(x)`` holds one row (two transactions after
+    ``repl_primary()``); returns the connection and the LSN it expects now."""
+    conn, lsn = make_primary(db, busy=5000)
+    conn.execute("CREATE TABLE t(x)")
+    conn.execute("INSERT INTO t VALUES (1)")
+    return conn, lsn + 2
 
 
 def foreign(db, sql: str) -> str:
@@ -42,16 +43,12 @@ def foreign(db, sql: str) -> str:
     return proc.stdout
 
 
-def lsn_of(conn) -> int:
-    return one(conn, "SELECT repl_lsn()")
-
-
 # ------------------------------------------------------------------------- G13 foreign side
 
 
 def test_foreign_truncate_checkpoint_is_a_gap_answered_with_a_snapshot(tmp):
     db = tmp / "g.db"
-    conn, lsn = make_primary(db)
+    conn, lsn = make_primary(db, busy=5000)
     conn.execute("CREATE TABLE t(x)")
     for i in range(5):
         conn.execute("INSERT INTO t VALUES (?)", (i,))
@@ -113,10 +110,7 @@ def test_foreign_truncate_checkpoint_is_a_gap_answered_with_a_snapshot(tmp):
 
 def test_foreign_write_is_a_gap_and_the_rebuild_includes_it(tmp):
     db = tmp / "f.db"
-    conn, lsn = make_primary(db)
-    conn.execute("CREATE TABLE t(x)")
-    conn.execute("INSERT INTO t VALUES (1)")
-    lsn += 2
+    conn, lsn = primary_with_one_row(db)
     assert lsn_of(conn) == lsn
 
     foreign(db, "INSERT INTO t VALUES ('foreign');")
@@ -170,7 +164,7 @@ def test_foreign_write_is_a_gap_and_the_rebuild_includes_it(tmp):
 
 def test_exclusive_locking_mode_is_refused_on_the_primary(tmp):
     db = tmp / "x.db"
-    conn, lsn = make_primary(db)
+    conn, lsn = make_primary(db, busy=5000)
     conn.execute("CREATE TABLE t(x)")
     lsn += 1
     for sql in ("PRAGMA locking_mode=EXCLUSIVE", "PRAGMA main.locking_mode = 'exclusive'"):
@@ -189,10 +183,7 @@ def test_exclusive_locking_mode_is_refused_on_the_primary(tmp):
 
 def test_other_process_cannot_use_exclusive_mode_while_a_primary_lives(tmp):
     db = tmp / "xp.db"
-    conn, lsn = make_primary(db)
-    conn.execute("CREATE TABLE t(x)")
-    conn.execute("INSERT INTO t VALUES (1)")
-    lsn += 2
+    conn, lsn = primary_with_one_row(db)
     for sql in (
         "PRAGMA locking_mode=EXCLUSIVE;\nBEGIN EXCLUSIVE;\nINSERT INTO t VALUES ('x');\nCOMMIT;",
         "PRAGMA locking_mode=EXCLUSIVE;\nINSERT INTO t VALUES ('x');",

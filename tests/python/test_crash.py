@@ -160,6 +160,13 @@ class Writer:
         return self.p.returncode
 
 
+def armed_kill(kill_shim: str, tmp, mode: str, suffix: str) -> dict[str, str]:
+    """The environment of a writer the kill shim SIGKILLs at its first ``pwrite`` (``mode``:
+    before it or half-way) to a file ending in ``suffix``, once ``tmp/armed`` exists."""
+    return {"LD_PRELOAD": kill_shim, "REPL_CRASH_SUFFIX": suffix, "REPL_CRASH_AFTER": "0", "REPL_CRASH_MODE": mode,
+            "REPL_CRASH_ARM_FILE": str(tmp / "armed")}
+
+
 def events(text: str) -> list[str]:
     return [line for line in text.splitlines() if "event=" in line or "panic" in line]
 
@@ -332,13 +339,7 @@ def test_kill_at_capture_point(tmp, capfd, kill_shim, scenario, point, catch_up)
         holder = apsw_conn(db)
         holder.setbusytimeout(10_000)
     try:
-        env = {
-            "LD_PRELOAD": kill_shim,
-            "REPL_CRASH_SUFFIX": suffix,
-            "REPL_CRASH_AFTER": "0",
-            "REPL_CRASH_MODE": mode,
-            "REPL_CRASH_ARM_FILE": str(tmp / "armed"),
-        }
+        env = armed_kill(kill_shim, tmp, mode, suffix)
         cfg = {"db": str(db), "seed": 2, "gen": 1, "script": SCENARIOS[scenario], "arm_file": str(tmp / "armed"),
                "autockpt": 0}
         w = Writer(cfg, env=env)
@@ -391,13 +392,7 @@ def test_crashed_writer_then_foreign_commit_is_a_gap(tmp, kill_shim, wal):
     w = Writer({"db": str(db), "seed": 1, "gen": 0, "create": True, "script": ["commit"] * 3, "autockpt": 0})
     assert w.finish() == 0, w.stderr
     printed = set(w.ids())
-    env = {
-        "LD_PRELOAD": kill_shim,
-        "REPL_CRASH_SUFFIX": ".seg",
-        "REPL_CRASH_AFTER": "0",
-        "REPL_CRASH_MODE": "before",
-        "REPL_CRASH_ARM_FILE": str(tmp / "armed"),
-    }
+    env = armed_kill(kill_shim, tmp, "before", ".seg")
     w = Writer({"db": str(db), "seed": 2, "gen": 1, "script": SCENARIOS["append"], "arm_file": str(tmp / "armed"),
                 "autockpt": 0}, env=env)
     rc = w.finish()
@@ -471,13 +466,7 @@ def test_kill_at_capture_point_with_a_warm_log_handle(tmp, capfd, kill_shim, poi
 
     try:
         printed.add(holder_commit())
-        env = {
-            "LD_PRELOAD": kill_shim,
-            "REPL_CRASH_SUFFIX": suffix,
-            "REPL_CRASH_AFTER": "0",
-            "REPL_CRASH_MODE": mode,
-            "REPL_CRASH_ARM_FILE": str(tmp / "armed"),
-        }
+        env = armed_kill(kill_shim, tmp, mode, suffix)
         # The crashed writer's only commit is the one killed in capture: the position it
         # leaves is the one this process's handle already knows, so only the append flag
         # tells this process that the segment may hold more than its handle knows.

@@ -15,23 +15,14 @@ session token: ``repl_wait(token)`` on any other replica is the read barrier.
 from __future__ import annotations
 
 import json
-import random
 import socket
 import urllib.request
 
 import pytest
 
 from helpers import (
-    start_serving_primary,
-    Worker,
-    WorkerError,
-    lsn_checksum,
-    py_ok,
-    start_primary,
-    stock_tables,
-    wait_for,
-    worker_status,
-    worker_tables,
+    Worker, WorkerError, lsn_checksum, py_ok, serving_primary_and_follower, start_primary, start_serving_primary,
+    stock_tables, wait_for, worker_tables,
 )
 
 
@@ -85,39 +76,33 @@ def test_session_consistency_across_three_following_replicas(tmp):
 
 
 def test_same_request_id_executes_once_even_after_a_cut_connection(tmp):
-    p, url = start_serving_primary(tmp / "p.db")
-    try:
-        p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
-        with Worker(tmp / "r.db") as r:
-            r.q("SELECT repl_follow(?)", [url])
-            sql = "INSERT INTO t(v) VALUES (?) RETURNING id"
-            a = json.loads(r.one("SELECT repl_exec_json(?, ?, ?)", [sql, '["once"]', "req-42"]))
-            b = json.loads(r.one("SELECT repl_exec_json(?, ?, ?)", [sql, '["once"]', "req-42"]))
-            assert a["duplicate"] is False and b["duplicate"] is True, (a, b)
-            assert a["rows"] == b["rows"] == [[1]] and b["lsn"] >= a["lsn"], (a, b)
-            assert r.one("SELECT count(*) FROM t WHERE v = 'once'") == 1
-            # A client whose connection is cut after the primary committed, but before the
-            # answer arrived: send the request and hang up without reading the answer.
-            host, port = url.removeprefix("http://").split(":")
-            body = json.dumps({"sql": "INSERT INTO t(v) VALUES ('cut')", "request_id": "req-cut"}).encode()
-            with socket.create_connection((host, int(port)), timeout=5) as s:
-                s.sendall(b"POST /v1/exec HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                          + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-                s.shutdown(socket.SHUT_WR)
-            wait_for(lambda: p.one("SELECT count(*) FROM t WHERE v = 'cut'") == 1, timeout=10,
-                     what="the cut request to commit on the primary")
-            # The retry (same id) is answered from the record, not run again.
-            again = json.loads(r.one("SELECT repl_exec_json('INSERT INTO t(v) VALUES (''cut'')', NULL, 'req-cut')"))
-            assert again["duplicate"] is True, again
-            assert r.one("SELECT count(*) FROM t WHERE v = 'cut'") == 1
-            assert p.one("SELECT count(*) FROM t WHERE v = 'cut'") == 1
-            # Different ids run twice, as asked.
-            r.q("SELECT repl_exec('INSERT INTO t(v) VALUES (''twice'')', NULL, 'x1')")
-            r.q("SELECT repl_exec('INSERT INTO t(v) VALUES (''twice'')', NULL, 'x2')")
-            assert r.one("SELECT count(*) FROM t WHERE v = 'twice'") == 2
-            assert lsn_checksum(r) == lsn_checksum(p)
-    finally:
-        p.close()
+    with serving_primary_and_follower(tmp, "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)") as (p, url, r):
+        sql = "INSERT INTO t(v) VALUES (?) RETURNING id"
+        a = json.loads(r.one("SELECT repl_exec_json(?, ?, ?)", [sql, '["once"]', "req-42"]))
+        b = json.loads(r.one("SELECT repl_exec_json(?, ?, ?)", [sql, '["once"]', "req-42"]))
+        assert a["duplicate"] is False and b["duplicate"] is True, (a, b)
+        assert a["rows"] == b["rows"] == [[1]] and b["lsn"] >= a["lsn"], (a, b)
+        assert r.one("SELECT count(*) FROM t WHERE v = 'once'") == 1
+        # A client whose connection is cut after the primary committed, but before the
+        # answer arrived: send the request and hang up without reading the answer.
+        host, port = url.removeprefix("http://").split(":")
+        body = json.dumps({"sql": "INSERT INTO t(v) VALUES ('cut')", "request_id": "req-cut"}).encode()
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(b"POST /v1/exec HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            s.shutdown(socket.SHUT_WR)
+        wait_for(lambda: p.one("SELECT count(*) FROM t WHERE v = 'cut'") == 1, timeout=10,
+                 what="the cut request to commit on the primary")
+        # The retry (same id) is answered from the record, not run again.
+        again = json.loads(r.one("SELECT repl_exec_json('INSERT INTO t(v) VALUES (''cut'')', NULL, 'req-cut')"))
+        assert again["duplicate"] is True, again
+        assert r.one("SELECT count(*) FROM t WHERE v = 'cut'") == 1
+        assert p.one("SELECT count(*) FROM t WHERE v = 'cut'") == 1
+        # Different ids run twice, as asked.
+        r.q("SELECT repl_exec('INSERT INTO t(v) VALUES (''twice'')', NULL, 'x1')")
+        r.q("SELECT repl_exec('INSERT INTO t(v) VALUES (''twice'')', NULL, 'x2')")
+        assert r.one("SELECT count(*) FROM t WHERE v = 'twice'") == 2
+        assert lsn_checksum(r) == lsn_checksum(p)
 
 
 def refused(w: Worker, sql: str, args, *words: str) -> WorkerError:
@@ -205,17 +190,11 @@ def test_exec_endpoint_over_plain_http(tmp):
 
 
 def test_a_forwarded_read_commits_nothing_and_reports_its_own_counts(tmp):
-    p, url = start_serving_primary(tmp / "p.db")
-    try:
-        p.q("CREATE TABLE t(x)")
-        with Worker(tmp / "r.db") as r:
-            r.q("SELECT repl_follow(?)", [url])
-            a = json.loads(r.one("SELECT repl_exec_json('INSERT INTO t VALUES (1)', NULL, 'w1')"))
-            assert a["changes"] == 1 and a["last_insert_rowid"] == 1
-            for i in range(3):
-                b = json.loads(r.one("SELECT repl_exec_json('SELECT count(*) FROM t', NULL, ?)", [f"read{i}"]))
-                assert b["rows"] == [[1]] and b["changes"] == 0 and b["last_insert_rowid"] == 0, b
-                assert b["lsn"] == a["lsn"], "a read created a commit"
-            assert p.one("SELECT count(*) FROM _repl_requests") == 1
-    finally:
-        p.close()
+    with serving_primary_and_follower(tmp, "CREATE TABLE t(x)") as (p, url, r):
+        a = json.loads(r.one("SELECT repl_exec_json('INSERT INTO t VALUES (1)', NULL, 'w1')"))
+        assert a["changes"] == 1 and a["last_insert_rowid"] == 1
+        for i in range(3):
+            b = json.loads(r.one("SELECT repl_exec_json('SELECT count(*) FROM t', NULL, ?)", [f"read{i}"]))
+            assert b["rows"] == [[1]] and b["changes"] == 0 and b["last_insert_rowid"] == 0, b
+            assert b["lsn"] == a["lsn"], "a read created a commit"
+        assert p.one("SELECT count(*) FROM _repl_requests") == 1

@@ -15,7 +15,7 @@ import re
 import apsw
 import pytest
 
-from helpers import REPO, apsw_conn, cli_ok, one, py_ok, sqlite3_cli, wait_for
+from helpers import REPO, apsw_conn, cli_ok, make_primary, one, py_ok, sqlite3_cli, wait_for
 
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
 
@@ -25,13 +25,6 @@ def crate_version() -> str:
 
     with open(REPO / "Cargo.toml", "rb") as f:
         return tomllib.load(f)["package"]["version"]
-
-
-def make_primary(path) -> tuple[apsw.Connection, int]:
-    conn = apsw_conn(path)
-    lsn = one(conn, "SELECT repl_primary()")
-    assert isinstance(lsn, int) and lsn >= 0, lsn
-    return conn, lsn
 
 
 def status(conn: apsw.Connection) -> dict:

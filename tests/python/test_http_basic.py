@@ -118,7 +118,7 @@ def test_info_endpoint_and_wait_errors(tmp):
             for args, words in [
                 ([lsn + 100, 300], ("timed out after 300 ms", f"LSN {lsn}")),
                 ([f"{'0' * 32}:{lsn}"], ("lineage", "another primary")),
-                (["soon"], ("neither an LSN",)),
+                (["soon"], ("got the text 'soon'",)),
                 ([-1], ("non-negative",)),
                 ([lsn, -5], ("timeout_ms",)),
             ]:

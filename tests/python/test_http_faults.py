@@ -42,63 +42,33 @@ import time
 import pytest
 
 from faultproxy import FaultProxy
+import workload
 from helpers import (
-    Worker,
-    WorkerError,
-    bg_result,
-    lsn_checksum,
-    spawn_bg,
-    stock_one,
-    stock_tables,
-    wait_for,
-    worker_status,
-    worker_tables,
+    Worker, WorkerError, bg_result, lsn_checksum, serve, spawn_bg, start_serving_primary, stock_one, stock_tables,
+    wait_for, worker_status, worker_tables,
 )
 
 N_ACCT = 8
 TOTAL = N_ACCT * 100
 SEED = int(os.environ.get("REPL_HTTP_FAULTS_SEED", "4242"))
 
-SCHEMA = [
-    "CREATE TABLE acct(id INTEGER PRIMARY KEY, bal INTEGER NOT NULL, ver INTEGER NOT NULL)",
-    "CREATE TABLE ver(v INTEGER NOT NULL)",
-    "CREATE TABLE junk(id INTEGER PRIMARY KEY, b BLOB)",
-    "BEGIN",
-    *[f"INSERT INTO acct VALUES ({i}, 100, 0)" for i in range(N_ACCT)],
-    "INSERT INTO ver VALUES (0)",
-    "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 40) INSERT INTO junk(b) SELECT randomblob(3000) FROM c",
-    "COMMIT",
-]
+SCHEMA = workload.schema(N_ACCT, 100, junk_rows=40)
 
 # Bank transfers into P_DB until STOP exists (or the process is killed). With LISTEN, this
-# process is also the serving primary (repl_primary(LISTEN), retried while the port is still
-# taken) and prints its URL first.
+# process is also the serving primary (workload.serve: retried while the port is still taken)
+# and prints its URL first.
 WRITER = """
 import random
+from workload import serve, transfer
 conn = connect(os.environ["P_DB"])
 conn.setbusytimeout(10000)
 if os.environ.get("LISTEN"):
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            one(conn, "SELECT repl_primary(?)", (os.environ["LISTEN"],))
-            break
-        except apsw.Error as e:
-            if "cannot listen" not in str(e) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-    print(json.dumps({"url": json.loads(one(conn, "SELECT repl_status()"))["server"]["url"]}), flush=True)
+    print(json.dumps({"url": serve(conn, os.environ["LISTEN"], timeout=15)}), flush=True)
 rng = random.Random(int(os.environ["SEED"]))
 stop, n = os.environ["STOP"], int(os.environ["N_ACCT"])
 done = 0
 while not os.path.exists(stop):
-    a, b = rng.sample(range(n), 2)
-    amount = rng.randint(1, 20)
-    conn.execute("BEGIN IMMEDIATE")
-    v = one(conn, "SELECT v FROM ver") + 1
-    conn.execute("UPDATE acct SET bal = bal - ?, ver = ? WHERE id = ?", (amount, v, a))
-    conn.execute("UPDATE acct SET bal = bal + ?, ver = ? WHERE id = ?", (amount, v, b))
-    conn.execute("UPDATE ver SET v = ?", (v,))
+    transfer(conn, rng, n, amount=(1, 20))
     if rng.random() < 0.25:  # a multi-page record
         conn.execute("UPDATE junk SET b = randomblob(3000) WHERE id % 5 = ?", (rng.randint(0, 4),))
     conn.execute("COMMIT")
@@ -110,23 +80,10 @@ print(json.dumps({"txns": done}))
 # A stock reader (no extension in this process) looping on the replica until STOP: it must
 # never see an error or a state that is not a committed one, nor a version going back.
 READER = """
-conn = apsw.Connection(os.environ["R_DB"], flags=apsw.SQLITE_OPEN_READONLY, vfs="unix")
-conn.setbusytimeout(10000)
-stop, total, n = os.environ["STOP"], float(os.environ["TOTAL"]), int(os.environ["N_ACCT"])
-reads, errors, bad, last_v = 0, [], [], -1
-sql = "SELECT (SELECT total(bal) FROM acct), (SELECT count(*) FROM acct), (SELECT v FROM ver), (SELECT max(ver) FROM acct)"
-while not os.path.exists(stop):
-    try:
-        s, c, v, mv = list(conn.execute(sql))[0]
-    except apsw.Error as e:
-        errors.append(f"{type(e).__name__}: {e}")
-        continue
-    reads += 1
-    if (s, c) != (total, n) or not (v == 0 or mv == v) or v < last_v:
-        bad.append([s, c, v, mv, last_v])
-    last_v = max(last_v, v)
-    time.sleep(0.003)  # pacing: leave the CPUs to the processes under test
-print(json.dumps({"reads": reads, "errors": errors[:5], "n_errors": len(errors), "bad": bad[:5], "last_v": last_v}))
+import workload
+check = workload.BankCheck(float(os.environ["TOTAL"]), int(os.environ["N_ACCT"]))
+print(json.dumps(workload.read_loop(os.environ["R_DB"], os.environ["STOP"], workload.READ_SQL, check,
+                                    readonly=True, pace=0.003)))
 """
 
 
@@ -144,9 +101,7 @@ class Rig:
         self.tmp = tmp
         self.pdb, self.rdb, self.r2db = tmp / "p.db", tmp / "r.db", tmp / "r2.db"
         self.stop_writer, self.stop_reader = tmp / "STOP_W", tmp / "STOP_R"
-        self.p = Worker(self.pdb)
-        self.p.one("SELECT repl_primary('127.0.0.1:0')")
-        self.url = worker_status(self.p)["server"]["url"]
+        self.p, self.url = start_serving_primary(self.pdb)
         self.p.script(SCHEMA)
         self.proxy = FaultProxy(int(self.url.rsplit(":", 1)[1]))
         self.r = Worker(self.rdb)
@@ -205,7 +160,7 @@ class Rig:
                  what=f"the follower recovering to LSN {want_lsn} ({worker_status(self.r)['follow']})")
         self.stop_reader.touch()
         seen = bg_result(self.reader, timeout=30)
-        assert seen["n_errors"] == 0 and not seen["bad"] and seen["reads"] > 0, seen
+        assert seen["n_errors"] == 0 and seen["n_violations"] == 0 and seen["reads"] > 0, seen
         want = lsn_checksum(self.p)
         assert lsn_checksum(self.r) == want
         st = follow_status(self.r)
@@ -397,16 +352,8 @@ def test_primary_killed_and_restarted_on_the_same_port(tmp):
             assert r.one("SELECT v FROM ver") == r.one("SELECT max(ver) FROM acct")
         # The last primary process: a worker on the same port, a few transfers, then compare.
         p2 = Worker(pdb)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                p2.one("SELECT repl_primary(?)", [f"127.0.0.1:{port}"])
-                break
-            except WorkerError as e:
-                if "cannot listen" not in e.msg or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)  # the port is still taken: retry (bounded by the deadline)
-        assert worker_status(p2)["server"]["url"] == url
+        again = serve(p2, port)  # retried while the killed one's port is still taken
+        assert again == url
         assert p2.one("SELECT repl_lsn()") >= held, "the restarted primary lost records a replica had applied"
         for i in range(5):  # new commits after the restart, one transfer each
             p2.script([
@@ -426,7 +373,7 @@ def test_primary_killed_and_restarted_on_the_same_port(tmp):
         assert st["resnapshots"] == 0, st
         stop_r.touch()
         seen = bg_result(reader, timeout=30)
-        assert seen["n_errors"] == 0 and not seen["bad"] and seen["reads"] > 0, seen
+        assert seen["n_errors"] == 0 and seen["n_violations"] == 0 and seen["reads"] > 0, seen
         tables = worker_tables(p2)
         r.close()
         assert stock_tables(rdb) == tables

@@ -26,12 +26,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from helpers import (
-    Worker,
-    WorkerError,
-    lsn_checksum,
-    stock_tables,
-    wait_for,
-    worker_status,
+    Worker, WorkerError, durable, lsn_checksum, start_serving_primary, stock_tables, wait_for, worker_status,
     worker_tables,
 )
 from test_replica_bad_input import replica_side
@@ -77,22 +72,10 @@ def bearer(token: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def serving(path, token: str | None = None, env: dict[str, str] | None = None) -> Iterator[tuple[Worker, str]]:
-    """A worker that ran repl_primary('127.0.0.1:0' [, token]) and its URL; closed on exit."""
-    with Worker(path, env=env) as p:
-        if token is None:
-            p.one("SELECT repl_primary('127.0.0.1:0')")
-        else:
-            p.one("SELECT repl_primary('127.0.0.1:0', ?)", [token])
-        url = worker_status(p)["server"]["url"]
-        assert url.startswith("http://127.0.0.1:"), url
+    """A serving primary worker (``start_serving_primary``) and its URL; closed on exit."""
+    p, url = start_serving_primary(path, token, env=env)
+    with p:
         yield p, url
-
-
-def durable(p: Worker) -> int:
-    """The primary's LSN once it is durable (the server serves only durable records)."""
-    lsn = p.one("SELECT repl_lsn()")
-    wait_for(lambda: (worker_status(p)["log"]["durable_lsn"] or 0) >= lsn, timeout=10, what=f"LSN {lsn} durable")
-    return lsn
 
 
 def records(body: bytes) -> list[tuple[int, int]]:
@@ -269,7 +252,9 @@ def test_non_loopback_needs_a_token(tmp, addr):
             msg = e.value.msg
             assert "refusing to listen" in msg and "without a token" in msg, msg
             assert "repl_primary(" in msg and "REPL_TOKEN" in msg and "127.0.0.1" in msg, msg
-            assert worker_status(p)["server"] is None
+            # Refused before anything changed: no server, and not even a primary yet.
+            st = worker_status(p)
+            assert st.get("server") is None and st["role"] is None, st
         try:
             p.one("SELECT repl_primary(?, ?)", [addr, TOKEN])
         except WorkerError as e:

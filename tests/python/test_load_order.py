@@ -76,6 +76,9 @@ def test_stdlib_load_on_the_open_connection_fails_loudly_then_a_new_connection_w
             refused = None
         except sqlite3.OperationalError as e:
             refused = str(e)
+        # A pool drops the connection whose setup failed. It was the last one on the file in
+        # this process: closing it must not checkpoint and delete the WAL behind capture's back.
+        naive.close()
         # The VFS is registered now: a new connection goes through it and captures.
         good = sqlite3.connect(db, isolation_level=None)
         good.execute("INSERT INTO t VALUES (2)")
@@ -90,6 +93,21 @@ def test_stdlib_load_on_the_open_connection_fails_loudly_then_a_new_connection_w
     assert out["refused"] and REFUSED in out["refused"], out
     assert out["lsn"] == before["lsn"] + 1
     assert out["generation"] == before["generation"] and out["gaps"] == 0
+
+
+def test_cli_refused_load_then_open_keeps_the_generation(tmp):
+    """The shell's refused connection is replaced by `.open`: the WAL must survive its close."""
+    before = make_primary(tmp)
+    db = tmp / "p.db"
+    proc = subprocess.run(
+        [SQLITE3_CLI, str(db)],
+        input=f".load {require_extension()}\n.open {db}\nINSERT INTO t VALUES (3);\nSELECT repl_lsn();\n",
+        capture_output=True, text=True, timeout=60,
+    )
+    assert REFUSED in proc.stderr, proc
+    assert proc.stdout.strip().splitlines()[-1] == str(before["lsn"] + 1), proc
+    after = status_of(db)
+    assert after["generation"] == before["generation"] and after["gaps"] == 0, after
 
 
 def test_a_replica_opened_before_the_load_is_refused_too(tmp):
@@ -177,7 +195,12 @@ def test_second_sqlite_library_is_refused_and_the_first_keeps_replicating(tmp):
         p.execute("INSERT INTO t VALUES (2)")
         lsn = p.execute("SELECT repl_lsn()").fetchone()[0]
         r = apsw.Connection(tmp + "/r.db")
-        got = r.execute("SELECT repl_sync(?)", (tmp + "/p.db",)).fetchone()[0]
+        import time
+        deadline = time.monotonic() + 30
+        while (got := r.execute("SELECT repl_sync(?)", (tmp + "/p.db",)).fetchone()[0]) < lsn:
+            # Only durable records are served (group fsync): poll with a deadline.
+            assert time.monotonic() < deadline, (got, lsn)
+            time.sleep(0.01)
         same = r.execute("SELECT repl_checksum()").fetchone()[0] == p.execute("SELECT repl_checksum()").fetchone()[0]
         fn = sys_one(sdb, "SELECT count(*) FROM pragma_function_list WHERE name = 'repl_lsn'")
         print(json.dumps({"rc": rc, "err": err, "lsn": lsn, "got": got, "same": same, "fn": fn,

@@ -20,17 +20,8 @@ import apsw
 import pytest
 
 from helpers import (
-    Worker,
-    WorkerError,
-    lsn_checksum,
-    start_primary,
-    start_replica,
-    stock_one,
-    stock_tables,
-    sync_to,
-    wait_for,
-    worker_status,
-    worker_tables,
+    Worker, WorkerError, durable, lsn_checksum, primary_and_replica, start_primary, start_replica, stock_one,
+    stock_tables, sync_to, wait_for, worker_status, worker_tables,
 )
 from test_replica_retention import FAST, churn, log_state, small_log
 
@@ -186,12 +177,8 @@ def test_second_primary_of_another_lineage_is_refused(tmp):
 
 def test_primary_recreated_under_the_replica(tmp):
     """The source path now holds another primary (deleted and re-created): refused, not mixed."""
-    pdb, rdb = tmp / "p.db", tmp / "r.db"
-    with start_primary(pdb) as p:
-        p.q("CREATE TABLE t(x)")
-        p.q("INSERT INTO t VALUES ('old')")
-        with start_replica(rdb, pdb) as r:
-            state = lsn_checksum(r)
+    with primary_and_replica(tmp, "CREATE TABLE t(x)", "INSERT INTO t VALUES ('old')") as (pdb, rdb, p, r):
+        state = lsn_checksum(r)
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(f"{pdb}{suffix}"):
             os.remove(f"{pdb}{suffix}")
@@ -208,11 +195,22 @@ def test_primary_recreated_under_the_replica(tmp):
             assert worker_status(r)["last_error"], worker_status(r)
 
 
-def durable(p: Worker) -> int:
-    """Wait until the primary serves everything it committed; returns that LSN."""
-    lsn = p.one("SELECT repl_lsn()")
-    wait_for(lambda: worker_status(p)["log"]["durable_lsn"] >= lsn, what=f"LSN {lsn} to be durable")
-    return lsn
+def replica_one_behind(tmp) -> tuple[Path, Path, Worker, dict]:
+    """A primary worker whose ``t(x)`` holds 'old' and 'new' (durable), and a closed replica
+    ``r.db`` that has only 'old'. Returns (pdb, rdb, primary, the replica's tables)."""
+    pdb, rdb = tmp / "p.db", tmp / "r.db"
+    p = start_primary(pdb)
+    try:
+        p.q("CREATE TABLE t(x)")
+        p.q("INSERT INTO t VALUES ('old')")
+        start_replica(rdb, pdb).close()
+        tables = stock_tables(rdb)
+        p.q("INSERT INTO t VALUES ('new')")
+        durable(p)
+    except BaseException:
+        p.close()
+        raise
+    return pdb, rdb, p, tables
 
 
 def test_second_primary_with_another_page_size_is_refused(tmp):
@@ -309,14 +307,8 @@ def test_primary_changed_its_page_size(tmp, where):
 def test_sync_on_a_read_only_connection(tmp):
     """Opened read-only (SQLITE_OPEN_READONLY; works as root too): repl_sync() is refused
     before anything is written, on a replica and on a new file; reading goes on."""
-    pdb, rdb = tmp / "p.db", tmp / "r.db"
-    with start_primary(pdb) as p:
-        p.q("CREATE TABLE t(x)")
-        p.q("INSERT INTO t VALUES ('old')")
-        start_replica(rdb, pdb).close()
-        state_tables = stock_tables(rdb)
-        p.q("INSERT INTO t VALUES ('new')")
-        durable(p)
+    pdb, rdb, p, state_tables = replica_one_behind(tmp)
+    with p:
         before = replica_side(rdb)
         with Worker(rdb, flags="ro") as w:
             assert w.one("SELECT repl_role()") == "replica"
@@ -382,14 +374,8 @@ def test_replica_whose_files_are_read_only(tmp, without_root_powers, what):
     """chmod'ed read-only replica files: the role still resumes (reads work, writes are still
     refused as on any replica), repl_sync() says which files and what to do, nothing changes;
     with the permissions back it syncs."""
-    pdb, rdb = tmp / "p.db", tmp / "r.db"
-    with start_primary(pdb) as p:
-        p.q("CREATE TABLE t(x)")
-        p.q("INSERT INTO t VALUES ('old')")
-        start_replica(rdb, pdb).close()
-        old = stock_tables(rdb)
-        p.q("INSERT INTO t VALUES ('new')")
-        durable(p)
+    pdb, rdb, p, old = replica_one_behind(tmp)
+    with p:
         side = Path(f"{rdb}-replica")
         files = {
             "db_and_wal": [rdb, Path(f"{rdb}-wal")],

@@ -21,58 +21,47 @@ import apsw
 import pytest
 
 from helpers import (
-    Worker,
-    lsn_checksum,
-    sqlite3_cli,
-    start_primary,
-    start_replica,
-    stock_one,
-    stock_tables,
-    sync_to,
-    worker_status,
-    worker_tables,
+    Worker, lsn_checksum, primary_and_replica, sqlite3_cli, start_primary, start_replica, stock_one, stock_tables,
+    sync_to, worker_status, worker_tables,
 )
 
 
 def test_three_transactions_each_seen_by_fresh_stock_readers(tmp):
-    pdb, rdb = tmp / "p.db", tmp / "r.db"
-    with start_primary(pdb) as p:
-        p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, b BLOB)")
-        p.q("CREATE INDEX t_v ON t(v)")
-        with start_replica(rdb, pdb) as r:
-            assert r.one("SELECT repl_role()") == "replica"
-            assert lsn_checksum(r) == lsn_checksum(p)
-            txns = [
-                ["INSERT INTO t(v, b) VALUES ('a', randomblob(100))", "INSERT INTO t(v) VALUES ('b')"],
-                ["UPDATE t SET v = v || '!' WHERE id = 1", "INSERT INTO t(v, b) VALUES ('c', zeroblob(3000))"],
-                ["DELETE FROM t WHERE id = 2", "CREATE TABLE u(x)", "INSERT INTO u VALUES (42)"],
-            ]
-            for i, stmts in enumerate(txns):
-                p.script(["BEGIN", *stmts, "COMMIT"])
-                p_lsn, p_ck = lsn_checksum(p)
-                got = sync_to(r, p_lsn)
-                assert got == p_lsn, f"txn {i}: repl_sync() returned {got}, the primary is at {p_lsn}"
-                assert lsn_checksum(r) == (p_lsn, p_ck), f"txn {i}: replica (lsn, checksum) differ from the primary's"
-                primary_rows = worker_tables(p)
-                # A fresh stock reader of each kind, in its own process, sees exactly that state.
-                assert stock_tables(rdb) == primary_rows, f"txn {i}: apsw without the extension sees other content"
-                assert stock_one(rdb, "PRAGMA integrity_check;") == "ok"
-                cli_rows = stock_one(rdb, "SELECT id, v, length(b) FROM t ORDER BY id;")
-                want = "\n".join(
-                    "|".join("" if c is None else str(c) for c in row)
-                    for row in p.q("SELECT id, v, length(b) FROM t ORDER BY id")
-                )
-                assert cli_rows == want, f"txn {i}: sqlite3 3.40 sees {cli_rows!r}, primary has {want!r}"
-                assert r.one("SELECT count(*) FROM t") == p.one("SELECT count(*) FROM t")
-            st = worker_status(r)
-            assert st["role"] == "replica"
-            assert st["source"] == str(pdb) and st["lsn"] == p_lsn, st
-            assert st["primary_lsn"] == p_lsn and st["lag_lsn"] == 0 and st["lag_ms"] == 0, st
-            assert st["last_error"] is None and st["resnapshots"] == 0 and st["foreign_writes"] == 0, st
-            assert isinstance(st["last_sync_ms"], int)
-            # An up-to-date sync is a no-op that returns the same LSN.
-            assert r.one("SELECT repl_sync()") == p_lsn
-            assert worker_status(r)["batches"] == st["batches"]
+    setup = ["CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, b BLOB)", "CREATE INDEX t_v ON t(v)"]
+    with primary_and_replica(tmp, *setup) as (pdb, rdb, p, r):
+        assert r.one("SELECT repl_role()") == "replica"
+        assert lsn_checksum(r) == lsn_checksum(p)
+        txns = [
+            ["INSERT INTO t(v, b) VALUES ('a', randomblob(100))", "INSERT INTO t(v) VALUES ('b')"],
+            ["UPDATE t SET v = v || '!' WHERE id = 1", "INSERT INTO t(v, b) VALUES ('c', zeroblob(3000))"],
+            ["DELETE FROM t WHERE id = 2", "CREATE TABLE u(x)", "INSERT INTO u VALUES (42)"],
+        ]
+        for i, stmts in enumerate(txns):
+            p.script(["BEGIN", *stmts, "COMMIT"])
+            p_lsn, p_ck = lsn_checksum(p)
+            got = sync_to(r, p_lsn)
+            assert got == p_lsn, f"txn {i}: repl_sync() returned {got}, the primary is at {p_lsn}"
+            assert lsn_checksum(r) == (p_lsn, p_ck), f"txn {i}: replica (lsn, checksum) differ from the primary's"
+            primary_rows = worker_tables(p)
+            # A fresh stock reader of each kind, in its own process, sees exactly that state.
+            assert stock_tables(rdb) == primary_rows, f"txn {i}: apsw without the extension sees other content"
+            assert stock_one(rdb, "PRAGMA integrity_check;") == "ok"
+            cli_rows = stock_one(rdb, "SELECT id, v, length(b) FROM t ORDER BY id;")
+            want = "\n".join(
+                "|".join("" if c is None else str(c) for c in row)
+                for row in p.q("SELECT id, v, length(b) FROM t ORDER BY id")
+            )
+            assert cli_rows == want, f"txn {i}: sqlite3 3.40 sees {cli_rows!r}, primary has {want!r}"
+            assert r.one("SELECT count(*) FROM t") == p.one("SELECT count(*) FROM t")
+        st = worker_status(r)
+        assert st["role"] == "replica"
+        assert st["source"] == str(pdb) and st["lsn"] == p_lsn, st
+        assert st["primary_lsn"] == p_lsn and st["lag_lsn"] == 0 and st["lag_ms"] == 0, st
+        assert st["last_error"] is None and st["resnapshots"] == 0 and st["foreign_writes"] == 0, st
+        assert isinstance(st["last_sync_ms"], int)
+        # An up-to-date sync is a no-op that returns the same LSN.
+        assert r.one("SELECT repl_sync()") == p_lsn
+        assert worker_status(r)["batches"] == st["batches"]
 
 
 def test_bootstrap_of_a_multi_megabyte_database_with_overflow_pages(tmp):
@@ -113,13 +102,9 @@ def test_bootstrap_of_a_multi_megabyte_database_with_overflow_pages(tmp):
 
 
 def test_resume_after_every_process_closed(tmp):
-    pdb, rdb = tmp / "p.db", tmp / "r.db"
-    with start_primary(pdb) as p:
-        p.q("CREATE TABLE t(x)")
-        p.q("INSERT INTO t VALUES (1)")
-        with start_replica(rdb, pdb) as r:
-            first = lsn_checksum(r)
-            assert first == lsn_checksum(p)
+    with primary_and_replica(tmp, "CREATE TABLE t(x)", "INSERT INTO t VALUES (1)") as (pdb, rdb, p, r):
+        first = lsn_checksum(r)
+        assert first == lsn_checksum(p)
     meta = json.loads((tmp / "r.db-replica" / "replica.json").read_text())
     assert meta["role"] == "replica" and meta["source"] == str(pdb), meta
     # The last close checkpointed the replica's WAL into the file: still the same content.

@@ -14,15 +14,8 @@ from __future__ import annotations
 import pytest
 
 from helpers import (
-    Worker,
-    lsn_checksum,
-    start_primary,
-    start_replica,
-    stock_one,
-    stock_tables,
-    sync_to,
-    worker_status,
-    worker_tables,
+    Worker, lsn_checksum, primary_and_replica, start_primary, start_replica, stock_one, stock_tables, sync_to,
+    worker_status, worker_tables,
 )
 
 FOREIGN_SQL = {
@@ -83,19 +76,16 @@ def test_repl_checksum_reflects_a_foreign_write_before_the_next_sync(tmp, varian
     """``repl_checksum()`` is the checksum of the replica's content: after a foreign write it
     must not keep reporting the primary's value (a user comparing the two would be misled),
     in the applier process as in a fresh one."""
-    pdb, rdb = tmp / "p.db", tmp / "r.db"
-    with start_primary(pdb) as p:
-        p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
-        p.q("INSERT INTO t VALUES (1, 'a')")
-        with start_replica(rdb, pdb) as r:
-            want = lsn_checksum(p)
-            assert lsn_checksum(r) == want
-            stock_one(rdb, FOREIGN_SQL[variant])
-            with Worker(rdb) as fresh:
-                assert lsn_checksum(fresh)[1] != want[1], "a fresh process reports the primary's checksum"
-            assert lsn_checksum(r)[1] != want[1], "the applier process reports a stale checksum"
-            # The next sync repairs it.
-            sync_to(r, want[0])
-            assert lsn_checksum(r) == want
-            assert worker_status(r)["resnapshots"] >= 1
-            assert stock_tables(rdb) == worker_tables(p)
+    setup = ["CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)", "INSERT INTO t VALUES (1, 'a')"]
+    with primary_and_replica(tmp, *setup) as (pdb, rdb, p, r):
+        want = lsn_checksum(p)
+        assert lsn_checksum(r) == want
+        stock_one(rdb, FOREIGN_SQL[variant])
+        with Worker(rdb) as fresh:
+            assert lsn_checksum(fresh)[1] != want[1], "a fresh process reports the primary's checksum"
+        assert lsn_checksum(r)[1] != want[1], "the applier process reports a stale checksum"
+        # The next sync repairs it.
+        sync_to(r, want[0])
+        assert lsn_checksum(r) == want
+        assert worker_status(r)["resnapshots"] >= 1
+        assert stock_tables(rdb) == worker_tables(p)

@@ -35,19 +35,10 @@ import sys
 import pytest
 
 from helpers import (
-    CliWorker,
-    Worker,
-    lsn_checksum,
-    start_primary,
-    start_replica,
-    stock_one,
-    stock_tables,
-    sync_to,
-    worker_status,
-    worker_tables,
+    SNAP_SQL, CliWorker, Worker, assert_replica_equals_primary, cli_snap, commit_and_sync, lsn_checksum, new_pair,
+    primary_snap, stock_checkpoint, stock_snap, sync_to, worker_status,
 )
 
-SNAP_SQL = "SELECT count(*), total(v), max(id) FROM t"
 READMARK_UNUSED = 0xFFFFFFFF
 
 assert sys.byteorder == "little", "the wal-index parsing below assumes a little-endian host"
@@ -129,31 +120,6 @@ DAMAGE = ["zeroed", "copies_differ", "bad_checksum"]
 # ------------------------------------------------------------------------------- parties
 
 
-def new_pair(tmp, rows: int = 20):
-    pdb, rdb = tmp / "p.db", tmp / "r.db"
-    p = start_primary(pdb)
-    try:
-        p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v REAL, pad BLOB)")
-        p.q(
-            "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < ?) "
-            "INSERT INTO t(v, pad) SELECT n, randomblob(300) FROM c",
-            [rows],
-        )
-        r = start_replica(rdb, pdb)
-    except BaseException:
-        p.close()
-        raise
-    return pdb, rdb, p, r
-
-
-def commit_and_sync(p, r, stmts) -> tuple[int, str]:
-    p.script(["BEGIN", *stmts, "COMMIT"])
-    want = lsn_checksum(p)
-    sync_to(r, want[0])
-    assert lsn_checksum(r) == want, "the replica's checksum differs from the primary's at the same LSN"
-    return want
-
-
 def some_txns(p, r, n: int, tag: int) -> tuple[int, str]:
     want = None
     for i in range(n):
@@ -165,20 +131,19 @@ def some_txns(p, r, n: int, tag: int) -> tuple[int, str]:
     return want
 
 
-def primary_snap(p) -> tuple:
-    c, s, m = p.q(SNAP_SQL)[0]
-    return int(c), float(s), int(m)
-
-
-def cli_snap(w: CliWorker) -> tuple:
-    (line,) = w.q(SNAP_SQL + ";")
-    c, s, m = line.split("|")
-    return int(c), float(s), int(m)
-
-
-def stock_checkpoint(db, mode: str) -> tuple[int, int, int]:
-    busy, log, ckpt = (int(x) for x in stock_one(db, f"PRAGMA wal_checkpoint({mode});").split("|"))
-    return busy, log, ckpt
+def checkpoint_then_restart(p, r, rdb, before: dict, tag: int, after_what: str) -> tuple[int, str]:
+    """A stock PASSIVE checkpoint backfills every frame of ``before`` (the wal-index as it was);
+    then one more primary transaction, and the applier has restarted the WAL (new salts, fewer
+    frames) without a re-snapshot. Returns the primary's (lsn, checksum)."""
+    busy, log, ckpt = stock_checkpoint(rdb, "PASSIVE")
+    assert busy == 0 and log == ckpt == before["mx_frame"], (busy, log, ckpt, before)
+    want = some_txns(p, r, 1, tag)
+    after = shm_info(rdb)
+    assert after["salts"] != before["salts"] and after["mx_frame"] < before["mx_frame"], (
+        f"no WAL restart after {after_what}: {before} -> {after}"
+    )
+    assert_clean_status(r)
+    return want
 
 
 def assert_clean_status(r, before: dict | None = None) -> dict:
@@ -189,11 +154,6 @@ def assert_clean_status(r, before: dict | None = None) -> dict:
     if before is not None:
         assert st["batches"] > before["batches"], f"the applier wrote nothing: {before} -> {st}"
     return st
-
-
-def assert_replica_equals_primary(rdb, p) -> None:
-    assert stock_one(rdb, "PRAGMA integrity_check;") == "ok"
-    assert stock_tables(rdb) == worker_tables(p), "a stock reader sees other content than the primary"
 
 
 # ------------------------------------------------------------------------------------ (a)
@@ -218,10 +178,7 @@ class Recoverer:
             self.w = applier
 
     def snap(self) -> tuple:
-        if self.kind == "sqlite3-3.40":
-            return cli_snap(self.w)
-        c, s, m = self.w.q(SNAP_SQL)[0]
-        return int(c), float(s), int(m)
+        return cli_snap(self.w) if self.kind == "sqlite3-3.40" else primary_snap(self.w)
 
     def close(self) -> None:
         if not self.own:
@@ -231,8 +188,7 @@ class Recoverer:
 @pytest.mark.parametrize("recoverer", ["sqlite3-3.40", "apsw-3.54", "ext_reader", "applier_conn"])
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_a_reader_recovers_a_damaged_wal_index_and_the_applier_continues(tmp, damage, recoverer):
-    pdb, rdb, p, r = new_pair(tmp)
-    try:
+    with new_pair(tmp, rows=20, pad=300) as (pdb, rdb, p, r):
         some_txns(p, r, 3, 100)
         good = shm_info(rdb)
         assert good["valid"] and good["mx_frame"] > 0, good
@@ -265,20 +221,10 @@ def test_a_reader_recovers_a_damaged_wal_index_and_the_applier_continues(tmp, da
         assert_replica_equals_primary(rdb, p)
 
         # Recovery reset nBackfill and the read-marks: a checkpoint + restart still works.
-        busy, log, ckpt = stock_checkpoint(rdb, "PASSIVE")
-        assert busy == 0 and log == ckpt == new["mx_frame"], (busy, log, ckpt, new)
-        want = some_txns(p, r, 1, 300)
-        after = shm_info(rdb)
-        assert after["salts"] != new["salts"] and after["mx_frame"] < new["mx_frame"], (
-            f"no WAL restart after a complete checkpoint over the recovered wal-index: {new} -> {after}"
-        )
-        assert_clean_status(r)
+        want = checkpoint_then_restart(p, r, rdb, new, 300, "a complete checkpoint over the recovered wal-index")
         with Worker(rdb) as fresh:  # repl_checksum() recomputed from the files by a new process
             assert lsn_checksum(fresh) == want
         assert_replica_equals_primary(rdb, p)
-    finally:
-        r.close()
-        p.close()
 
 
 # ------------------------------------------------------------------------------------ (b)
@@ -287,8 +233,7 @@ def test_a_reader_recovers_a_damaged_wal_index_and_the_applier_continues(tmp, da
 @pytest.mark.parametrize("wal", ["frames", "truncated"], ids=["wal_with_frames", "wal_truncated"])
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_applier_meets_a_damaged_wal_index_itself_and_continues(tmp, damage, wal):
-    pdb, rdb, p, r = new_pair(tmp)
-    try:
+    with new_pair(tmp, rows=20, pad=300) as (pdb, rdb, p, r):
         some_txns(p, r, 3, 100)
         if wal == "truncated":  # mxFrame 0 and a 0-byte WAL: recovery finds nothing at all
             busy, _, _ = stock_checkpoint(rdb, "TRUNCATE")
@@ -325,17 +270,13 @@ def test_applier_meets_a_damaged_wal_index_itself_and_continues(tmp, damage, wal
         with Worker(rdb) as fresh:
             assert lsn_checksum(fresh) == want
         assert_replica_equals_primary(rdb, p)
-    finally:
-        r.close()
-        p.close()
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_repl_checksum_over_a_damaged_wal_index_recovers_instead_of_failing(tmp, damage):
     """The applier process's first call after the damage is ``repl_checksum()`` (which reads
     the live content), not a sync: it too must recover and report the applied state."""
-    pdb, rdb, p, r = new_pair(tmp)
-    try:
+    with new_pair(tmp, rows=20, pad=300) as (pdb, rdb, p, r):
         want = some_txns(p, r, 3, 100)
         good = shm_info(rdb)
         damage_header(rdb, damage)
@@ -345,9 +286,6 @@ def test_repl_checksum_over_a_damaged_wal_index_recovers_instead_of_failing(tmp,
         want = some_txns(p, r, 2, 200)
         assert_clean_status(r)
         assert_replica_equals_primary(rdb, p)
-    finally:
-        r.close()
-        p.close()
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
@@ -355,29 +293,27 @@ def test_damaged_wal_index_while_a_reader_holds_a_snapshot(tmp, damage):
     """Beyond (b): a stock reader is inside BEGIN when the header is damaged. The recovery run
     for the applier's next sync cannot reset the read-mark the reader holds; the reader keeps
     its view while the applier appends, and sees the new state after COMMIT."""
-    pdb, rdb, p, r = new_pair(tmp)
-    reader = CliWorker(rdb)
-    try:
-        some_txns(p, r, 3, 100)
-        reader.q("BEGIN;")
-        before = cli_snap(reader)
-        assert before == primary_snap(p)
-        good = shm_info(rdb)
-        damage_header(rdb, damage)
-        st0 = worker_status(r)
-        some_txns(p, r, 2, 200)
-        st = assert_clean_status(r, st0)
-        new = shm_info(rdb)
-        assert new["valid"] and new["salts"] == good["salts"] and new["mx_frame"] > good["mx_frame"], (good, new)
-        assert new["change"] == st["batches"] - st0["batches"], f"no recovery ran (iChange not reset to 0): {good} -> {new}"
-        assert cli_snap(reader) == before, "the open read transaction changed across recovery + apply"
-        reader.q("COMMIT;")
-        assert cli_snap(reader) == primary_snap(p), "after COMMIT the reader does not see the new state"
-        assert_replica_equals_primary(rdb, p)
-    finally:
-        reader.close()
-        r.close()
-        p.close()
+    with new_pair(tmp, rows=20, pad=300) as (pdb, rdb, p, r):
+        reader = CliWorker(rdb)
+        try:
+            some_txns(p, r, 3, 100)
+            reader.q("BEGIN;")
+            before = cli_snap(reader)
+            assert before == primary_snap(p)
+            good = shm_info(rdb)
+            damage_header(rdb, damage)
+            st0 = worker_status(r)
+            some_txns(p, r, 2, 200)
+            st = assert_clean_status(r, st0)
+            new = shm_info(rdb)
+            assert new["valid"] and new["salts"] == good["salts"] and new["mx_frame"] > good["mx_frame"], (good, new)
+            assert new["change"] == st["batches"] - st0["batches"], f"no recovery ran (iChange not reset to 0): {good} -> {new}"
+            assert cli_snap(reader) == before, "the open read transaction changed across recovery + apply"
+            reader.q("COMMIT;")
+            assert cli_snap(reader) == primary_snap(p), "after COMMIT the reader does not see the new state"
+            assert_replica_equals_primary(rdb, p)
+        finally:
+            reader.close()
 
 
 # ------------------------------------------------------------------------------------ (c)
@@ -397,57 +333,47 @@ def junk_marks(how: str, mx_frame: int) -> list[int]:
 
 @pytest.mark.parametrize("how", ["unused", "zero", "stale", "future"])
 def test_read_marks_reset_while_no_reader_is_active(tmp, how):
-    pdb, rdb, p, r = new_pair(tmp)
-    reader = None
-    try:
-        some_txns(p, r, 3, 100)
-        st = shm_info(rdb)
-        assert st["mx_frame"] > st["n_backfill"], st
-        marks = junk_marks(how, st["mx_frame"])
-        pwrite_shm(rdb, 104, struct.pack("<4I", *marks))  # read-mark[1..4]; read-mark[0] stays 0
-        assert shm_info(rdb)["read_marks"][1:] == marks
-
-        # A reader starts over the junk marks and holds its snapshot while the applier publishes.
-        reader = CliWorker(rdb)
-        reader.q("BEGIN;")
-        before = cli_snap(reader)
-        assert before == primary_snap(p), "a reader over reset read-marks sees other content"
-        some_txns(p, r, 2, 200)
-        assert cli_snap(reader) == before, "the open read transaction changed while the applier published"
-        fresh = stock_one(rdb, SNAP_SQL + ";").split("|")
-        assert (int(fresh[0]), float(fresh[1]), int(fresh[2])) == primary_snap(p), "a new reader does not see the new state"
-
-        # A checkpoint cannot overtake the reader (its read-mark was re-established), and the
-        # applier, though the reader pins the WAL, appends instead of restarting under it.
-        stock_checkpoint(rdb, "PASSIVE")
-        held = shm_info(rdb)
-        some_txns(p, r, 1, 300)
-        now = shm_info(rdb)
-        assert now["salts"] == held["salts"] and now["mx_frame"] > held["mx_frame"], (
-            f"the WAL was restarted under an open reader: {held} -> {now}"
-        )
-        assert cli_snap(reader) == before, "the open read transaction changed"
-        reader.q("COMMIT;")
-        assert cli_snap(reader) == primary_snap(p), "after COMMIT the reader does not see the new state"
-        reader.close()
+    with new_pair(tmp, rows=20, pad=300) as (pdb, rdb, p, r):
         reader = None
+        try:
+            some_txns(p, r, 3, 100)
+            st = shm_info(rdb)
+            assert st["mx_frame"] > st["n_backfill"], st
+            marks = junk_marks(how, st["mx_frame"])
+            pwrite_shm(rdb, 104, struct.pack("<4I", *marks))  # read-mark[1..4]; read-mark[0] stays 0
+            assert shm_info(rdb)["read_marks"][1:] == marks
 
-        # With the reader gone a complete checkpoint lets the applier restart the WAL again.
-        busy, log, ckpt = stock_checkpoint(rdb, "PASSIVE")
-        assert busy == 0 and log == ckpt == now["mx_frame"], (busy, log, ckpt, now)
-        want = some_txns(p, r, 1, 400)
-        after = shm_info(rdb)
-        assert after["salts"] != now["salts"] and after["mx_frame"] < now["mx_frame"], (
-            f"no WAL restart after the reader left and a checkpoint completed: {now} -> {after}"
-        )
-        assert_clean_status(r)
-        assert lsn_checksum(r) == want
-        assert_replica_equals_primary(rdb, p)
-    finally:
-        if reader is not None:
+            # A reader starts over the junk marks and holds its snapshot while the applier publishes.
+            reader = CliWorker(rdb)
+            reader.q("BEGIN;")
+            before = cli_snap(reader)
+            assert before == primary_snap(p), "a reader over reset read-marks sees other content"
+            some_txns(p, r, 2, 200)
+            assert cli_snap(reader) == before, "the open read transaction changed while the applier published"
+            assert stock_snap(rdb) == primary_snap(p), "a new reader does not see the new state"
+
+            # A checkpoint cannot overtake the reader (its read-mark was re-established), and the
+            # applier, though the reader pins the WAL, appends instead of restarting under it.
+            stock_checkpoint(rdb, "PASSIVE")
+            held = shm_info(rdb)
+            some_txns(p, r, 1, 300)
+            now = shm_info(rdb)
+            assert now["salts"] == held["salts"] and now["mx_frame"] > held["mx_frame"], (
+                f"the WAL was restarted under an open reader: {held} -> {now}"
+            )
+            assert cli_snap(reader) == before, "the open read transaction changed"
+            reader.q("COMMIT;")
+            assert cli_snap(reader) == primary_snap(p), "after COMMIT the reader does not see the new state"
             reader.close()
-        r.close()
-        p.close()
+            reader = None
+
+            # With the reader gone a complete checkpoint lets the applier restart the WAL again.
+            want = checkpoint_then_restart(p, r, rdb, now, 400, "the reader left and a checkpoint completed")
+            assert lsn_checksum(r) == want
+            assert_replica_equals_primary(rdb, p)
+        finally:
+            if reader is not None:
+                reader.close()
 
 
 # ------------------------------------------------------------------------------------ (d)
@@ -456,51 +382,50 @@ def test_read_marks_reset_while_no_reader_is_active(tmp, how):
 @pytest.mark.parametrize("opener", ["stock_reader", "ext_reader", "applier"])
 @pytest.mark.parametrize("shm", ["deleted", "truncated"])
 def test_wal_index_gone_while_every_replica_process_is_closed(tmp, shm, opener):
-    pdb, rdb, p, r = new_pair(tmp)
-    holder = None
-    try:
-        want = some_txns(p, r, 3, 100)
-        good = shm_info(rdb)
-        assert good["mx_frame"] > 0
-        # SIGKILL, not close: a polite last close would checkpoint and delete the WAL and the
-        # wal-index itself. Killed, the WAL keeps the frames and the -shm stays as it was.
-        r.kill()
-        wal_size = os.path.getsize(f"{rdb}-wal")
-        assert wal_size > 0
-        if shm == "deleted":
-            os.remove(f"{rdb}-shm")
-        else:
-            os.truncate(f"{rdb}-shm", 0)
+    with new_pair(tmp, rows=20, pad=300) as (pdb, rdb, p, r):
+        holder = None
+        try:
+            want = some_txns(p, r, 3, 100)
+            good = shm_info(rdb)
+            assert good["mx_frame"] > 0
+            # SIGKILL, not close: a polite last close would checkpoint and delete the WAL and the
+            # wal-index itself. Killed, the WAL keeps the frames and the -shm stays as it was.
+            r.kill()
+            wal_size = os.path.getsize(f"{rdb}-wal")
+            assert wal_size > 0
+            if shm == "deleted":
+                os.remove(f"{rdb}-shm")
+            else:
+                os.truncate(f"{rdb}-shm", 0)
 
-        if opener != "applier":
-            # The first opener (stock apsw, or a reader through the extension's VFS) rebuilds the
-            # wal-index from the WAL and stays open, so the applier below attaches to the rebuilt
-            # one. ("applier": the new applier process is the first opener and rebuilds it.)
-            holder = Worker(rdb, ext=opener == "ext_reader")
-            assert tuple(holder.q(SNAP_SQL)[0]) == tuple(p.q(SNAP_SQL)[0]), "the recovering reader sees other content"
+            if opener != "applier":
+                # The first opener (stock apsw, or a reader through the extension's VFS) rebuilds the
+                # wal-index from the WAL and stays open, so the applier below attaches to the rebuilt
+                # one. ("applier": the new applier process is the first opener and rebuilds it.)
+                holder = Worker(rdb, ext=opener == "ext_reader")
+                assert tuple(holder.q(SNAP_SQL)[0]) == tuple(p.q(SNAP_SQL)[0]), "the recovering reader sees other content"
+                rec = shm_info(rdb)
+                assert rec["valid"] and wal_key(rec) == wal_key(good), f"recovery from the WAL differs: {good} -> {rec}"
+                assert_replica_equals_primary(rdb, p)
+
+            r = Worker(rdb)  # a new applier process on the existing replica
+            assert lsn_checksum(r) == want, "the new applier process does not find the replicated position"
             rec = shm_info(rdb)
             assert rec["valid"] and wal_key(rec) == wal_key(good), f"recovery from the WAL differs: {good} -> {rec}"
+            assert os.path.getsize(f"{rdb}-wal") == wal_size, "the WAL changed before anything new was applied"
+            st0 = worker_status(r)
+            want = some_txns(p, r, 2, 200)
+            assert_clean_status(r, st0)
+            new = shm_info(rdb)
+            assert new["salts"] == rec["salts"] and new["mx_frame"] > rec["mx_frame"], (
+                f"the applier did not append after the rebuilt wal-index: {rec} -> {new}"
+            )
+            if holder is not None:
+                assert tuple(holder.q(SNAP_SQL)[0]) == tuple(p.q(SNAP_SQL)[0]), "the stock reader does not see the new state"
+            with Worker(rdb) as fresh:
+                assert lsn_checksum(fresh) == want
             assert_replica_equals_primary(rdb, p)
-
-        r = Worker(rdb)  # a new applier process on the existing replica
-        assert lsn_checksum(r) == want, "the new applier process does not find the replicated position"
-        rec = shm_info(rdb)
-        assert rec["valid"] and wal_key(rec) == wal_key(good), f"recovery from the WAL differs: {good} -> {rec}"
-        assert os.path.getsize(f"{rdb}-wal") == wal_size, "the WAL changed before anything new was applied"
-        st0 = worker_status(r)
-        want = some_txns(p, r, 2, 200)
-        assert_clean_status(r, st0)
-        new = shm_info(rdb)
-        assert new["salts"] == rec["salts"] and new["mx_frame"] > rec["mx_frame"], (
-            f"the applier did not append after the rebuilt wal-index: {rec} -> {new}"
-        )
-        if holder is not None:
-            assert tuple(holder.q(SNAP_SQL)[0]) == tuple(p.q(SNAP_SQL)[0]), "the stock reader does not see the new state"
-        with Worker(rdb) as fresh:
-            assert lsn_checksum(fresh) == want
-        assert_replica_equals_primary(rdb, p)
-    finally:
-        if holder is not None:
-            holder.close()
-        r.close()
-        p.close()
+        finally:
+            if holder is not None:
+                holder.close()
+            r.close()

@@ -29,32 +29,14 @@ import fcntl
 import json
 import os
 import struct
-import subprocess
-import sys
-import tempfile
 import textwrap
 
 import pytest
 
 from helpers import (
-    PY_PRELUDE,
-    REPO,
-    WorkerError,
-    _Child,
-    _Lines,
-    _py_env,
-    lsn_checksum,
-    sqlite3_cli,
-    start_primary,
-    start_replica,
-    stock_one,
-    stock_tables,
-    sync_to,
-    wait_for,
-    worker_tables,
+    SNAP_SQL, PyChild, assert_replica_equals_primary, lsn_checksum, primary_snap, shm_state, sqlite3_cli, start_primary,
+    start_replica, stock_one, sync_to, wait_for,
 )
-
-SNAP_SQL = "SELECT count(*), total(v), max(id) FROM t"
 
 # SQLite unix VFS lock bytes (os_unix.c; WAL.md §C.1, §C.2).
 PENDING_BYTE = 0x40000000
@@ -105,43 +87,15 @@ SAME_PY = textwrap.dedent(
 )
 
 
-class SameProcess(_Child):
+class SameProcess(PyChild):
     """One child process with named connections on the replica: ``stock`` (unix VFS) and
     ``ext`` (through the extension, the applier)."""
 
+    what = "same-process child"
+
     def __init__(self, rdb):
         self.rdb = str(rdb)
-        self.err = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", PY_PRELUDE + SAME_PY],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.err,
-            text=True,
-            env=_py_env(None),
-            cwd=REPO,
-        )
-        self.proc.stdin.write(json.dumps({"rdb": self.rdb}) + "\n")
-        self.proc.stdin.flush()
-        self.lines = _Lines(self.proc, self.stderr)
-        hello = json.loads(self.lines.readline(30, "same-process child"))
-        assert hello.get("ok") == "ready", hello
-        self.pid = hello["pid"]
-
-    def stderr(self) -> str:
-        self.err.flush()
-        self.err.seek(0)
-        text = self.err.read()
-        self.err.seek(0, os.SEEK_END)
-        return text
-
-    def _send(self, req: dict, timeout: float = 60) -> list:
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        out = json.loads(self.lines.readline(timeout, f"same-process child {self.pid}: {req}"))
-        if "error" in out:
-            raise WorkerError(out["error"], out["msg"])
-        return out["rows"]
+        super().__init__(SAME_PY, {"rdb": self.rdb})
 
     def open(self, conn: str) -> str:
         """Open connection ``conn``; returns its VFS name."""
@@ -239,20 +193,6 @@ def assert_reader_locks_held(rdb, pid: int, slot: int | None = None) -> int:
 
 
 # ----------------------------------------------------------------------------------- helpers
-
-
-def shm_state(db) -> dict:
-    with open(f"{db}-shm", "rb") as f:
-        b = f.read(136)
-    assert b[0:48] == b[48:96], "the two wal-index header copies differ"
-    mx_frame, n_page = struct.unpack("<II", b[16:24])
-    (n_backfill,) = struct.unpack("<I", b[96:100])
-    return {"mx_frame": mx_frame, "n_page": n_page, "salts": b[32:40].hex(), "n_backfill": n_backfill}
-
-
-def primary_snap(p) -> tuple:
-    c, s, m = p.q(SNAP_SQL)[0]
-    return int(c), float(s), int(m)
 
 
 def stock_cli(db, sql: str, timeout_ms: int = 200):
@@ -365,8 +305,7 @@ def test_applier_and_a_stock_reader_in_one_process_lose_no_locks(tmp, order):
         got = locks(rdb)
         assert got["db_shared"] and got["db_shared"]["pid"] == same.pid, got
         assert all(lk is None for lk in got["read"].values()), f"a WAL read lock outlived the transaction: {got}"
-        assert stock_one(rdb, "PRAGMA integrity_check;") == "ok"
-        assert stock_tables(rdb) == worker_tables(p)
+        assert_replica_equals_primary(rdb, p)
 
         # Control: the check above is sharp. One raw open+close of each file in the child (what
         # an applier must never do) and the kernel no longer shows any of its locks.

@@ -33,20 +33,10 @@ import time
 
 import pytest
 
+import workload
 from helpers import (
-    SQLITE3_CLI,
-    Worker,
-    bg_result,
-    lsn_checksum,
-    spawn_bg,
-    start_primary,
-    start_replica,
-    stock_one,
-    stock_tables,
-    sync_to,
-    wait_for,
-    worker_status,
-    worker_tables,
+    SQLITE3_CLI, Worker, bg_result, lsn_checksum, spawn_bg, start_primary, start_replica, start_serving_primary,
+    stock_one, stock_tables, sync_to, wait_for, worker_tables,
 )
 
 N_ACCT = 20
@@ -57,26 +47,18 @@ WORK_S = float(os.environ.get("REPL_STRESS_SECS", "12"))
 SEED = int(os.environ.get("REPL_STRESS_SEED", "1616"))
 BUDGET_S = 40  # the whole workload phase; everything is stopped at this deadline
 
-READ_SQL = (
-    "SELECT (SELECT total(bal) FROM acct), (SELECT count(*) FROM acct), (SELECT v FROM ver), "
-    "(SELECT max(ver) FROM acct), (SELECT count(*) FROM junk)"
-)
+READ_SQL = workload.READ_SQL + ", (SELECT count(*) FROM junk)"
 
 PRIMARY = """
 import random
+from workload import transfer
 conn = connect(os.environ["P_DB"])
 conn.setbusytimeout(10000)
 rng = random.Random(int(os.environ["SEED"]))
 n, txns, deadline = int(os.environ["N_ACCT"]), int(os.environ["TXNS"]), time.monotonic() + float(os.environ["SECS"])
 samples, done, big, replica_frames = [], 0, False, 0
 while done < txns and time.monotonic() < deadline:
-    a, b = rng.sample(range(n), 2)
-    x = rng.randint(1, 100)
-    conn.execute("BEGIN IMMEDIATE")
-    v = one(conn, "SELECT v FROM ver") + 1
-    conn.execute("UPDATE acct SET bal = bal - ?, ver = ? WHERE id = ?", (x, v, a))
-    conn.execute("UPDATE acct SET bal = bal + ?, ver = ? WHERE id = ?", (x, v, b))
-    conn.execute("UPDATE ver SET v = ?", (v,))
+    a, b, x, v = transfer(conn, rng, n, amount=(1, 100))
     r = rng.random()
     if done == 500:  # one commit of > 4062 pages: the replica's wal-index crosses a hash block
         conn.execute("INSERT INTO junk(b) VALUES (randomblob(17500000))")
@@ -161,43 +143,13 @@ print(json.dumps({"syncs": syncs, "samples": samples, "errors": errors, "max_fra
                   "status": st}))
 """
 
+# A stock reader (no extension in this process): short reads and read transactions whose
+# snapshot must not move; no SQLite error of any kind is acceptable (SQLITE_BUSY included).
 READER = """
-import random
-conn = apsw.Connection(os.environ["R_DB"])  # no extension in this process: stock unix VFS
-conn.setbusytimeout(5000)
-rng = random.Random(int(os.environ["SEED"]))
-stop, total, n = os.environ["STOP"], float(os.environ["TOTAL"]), int(os.environ["N_ACCT"])
-sql = os.environ["READ_SQL"]
-violations, errors, reads, long_txns, last_v = [], [], 0, 0, -1
-def check(row):
-    global last_v
-    s, c, v, mv, _ = row
-    if s != total or c != n or (v > 0 and mv != v) or v < last_v:
-        violations.append(["state", row, last_v])
-    last_v = max(last_v, v)
-while not os.path.exists(stop):
-    try:
-        if rng.random() < 0.15:
-            conn.execute("BEGIN")
-            first = conn.execute(sql).fetchone()
-            check(first)
-            until = time.monotonic() + rng.uniform(0.05, 0.6)
-            while time.monotonic() < until:
-                again = conn.execute(sql).fetchone()
-                reads += 1
-                if again != first:
-                    violations.append(["snapshot moved", first, again])
-            conn.execute("COMMIT")
-            long_txns += 1
-        else:
-            check(conn.execute(sql).fetchone())
-            reads += 1
-    except apsw.Error as e:
-        errors.append(f"{type(e).__name__}: {e}")
-        if not conn.getautocommit():
-            conn.execute("ROLLBACK")
-print(json.dumps({"reads": reads, "long_txns": long_txns, "violations": violations[:20],
-                  "n_violations": len(violations), "errors": errors[:20], "last_v": last_v}))
+import random, workload
+check = workload.BankCheck(float(os.environ["TOTAL"]), int(os.environ["N_ACCT"]))
+print(json.dumps(workload.read_loop(os.environ["R_DB"], os.environ["STOP"], os.environ["READ_SQL"], check,
+                                    rng=random.Random(int(os.environ["SEED"])), long_share=0.15, long_secs=(0.05, 0.6))))
 """
 
 CHECKPOINTER = """
@@ -237,8 +189,8 @@ def cli_script(blocks: int) -> str:
     return "\n".join(out) + "\n"
 
 
-def check_cli_output(text: str, last_v: int, violations: list) -> tuple[int, int]:
-    """Parse one shell run; returns (reads, new last_v)."""
+def check_cli_output(text: str, check: workload.BankCheck, violations: list) -> int:
+    """Parse one shell run; returns the number of reads."""
     reads = 0
     block: list[str] | None = None
     for line in text.splitlines():
@@ -252,13 +204,12 @@ def check_cli_output(text: str, last_v: int, violations: list) -> tuple[int, int
             continue
         s, c, v, mv, _ = line.split("|")
         reads += 1
-        v_i = int(v)
-        if float(s) != TOTAL or int(c) != N_ACCT or (v_i > 0 and int(mv) != v_i) or v_i < last_v:
-            violations.append(["sqlite3: state", line, last_v])
-        last_v = max(last_v, v_i)
+        bad = check((float(s), int(c), int(v), int(mv)))
+        if bad:
+            violations.append(["sqlite3: state", line, bad[2]])
         if block is not None:
             block.append(line)
-    return reads, last_v
+    return reads
 
 
 @pytest.mark.parametrize("transport", ["dir", "http"])
@@ -268,24 +219,12 @@ def test_bank_invariant_under_concurrent_apply_reads_and_checkpoints(tmp, transp
     with readers on all of them."""
     pdb, stop = tmp / "p.db", tmp / "STOP"
     with start_primary(pdb) as p:
-        p.script(
-            [
-                "CREATE TABLE acct(id INTEGER PRIMARY KEY, bal INTEGER NOT NULL, ver INTEGER NOT NULL)",
-                "CREATE TABLE ver(v INTEGER NOT NULL)",
-                "CREATE TABLE junk(b BLOB)",
-                "BEGIN",
-                *[f"INSERT INTO acct VALUES ({i}, {START_BAL}, 0)" for i in range(N_ACCT)],
-                "INSERT INTO ver VALUES (0)",
-                "COMMIT",
-            ]
-        )
+        p.script(workload.schema(N_ACCT, START_BAL))
     server = None
     if transport == "http":
         # A long-lived process that serves the log over HTTP (the writer below is another
         # process of the same primary: its commits are served too).
-        server = Worker(pdb)
-        server.one("SELECT repl_primary('127.0.0.1:0')")
-        url = worker_status(server)["server"]["url"]
+        server, url = start_serving_primary(pdb)
         rdbs = [tmp / f"r{i}.db" for i in range(3)]
         app_env = [{"SOURCE": url, "MODE": "follow"} for _ in rdbs]
         reader_dbs = [rdbs[0], rdbs[0], rdbs[1], rdbs[2]]
@@ -318,7 +257,7 @@ def test_bank_invariant_under_concurrent_apply_reads_and_checkpoints(tmp, transp
     deadline = time.monotonic() + BUDGET_S
     cli_violations: list = []
     cli_reads = cli_runs = 0
-    cli_last_v = -1
+    cli_check = workload.BankCheck(TOTAL, N_ACCT)
     try:
         # Another reader: fresh stock sqlite3 shells, one after the other, while the
         # primary works.
@@ -331,8 +270,7 @@ def test_bank_invariant_under_concurrent_apply_reads_and_checkpoints(tmp, transp
                 timeout=30,
             )
             assert proc.returncode == 0 and not proc.stderr, f"stock sqlite3 reader failed: {proc.stderr}"
-            n, cli_last_v = check_cli_output(proc.stdout, cli_last_v, cli_violations)
-            cli_reads += n
+            cli_reads += check_cli_output(proc.stdout, cli_check, cli_violations)
             cli_runs += 1
         prim = bg_result(primary, timeout=max(1, deadline - time.monotonic()))
     finally:
