@@ -86,7 +86,7 @@ pub fn level_of(event: &str) -> Level {
         // or a refused operation.
         "gap" | "foreign_write" | "crash_catch_up" | "log_tail_truncated" | "maintenance_error"
         | "primary_detached" | "follow_error" | "resnapshot" | "wal_pinned"
-        | "wal_write_refused" | "fault" | "server_error" => Level::Warn,
+        | "wal_write_refused" | "fault" | "server_error" | "accept_error" => Level::Warn,
         // Routine: roles starting, servers listening, snapshots, retention, progress.
         _ => Level::Info,
     }

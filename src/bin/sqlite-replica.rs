@@ -7,9 +7,11 @@
 //! - `restore <source> <out.db>`: a plain database file at the source's newest LSN (a
 //!   primary's path or `http://host:port`), from its snapshot plus the log after it, with a
 //!   progress bar on stderr; every record is checked against the primary's database checksum.
-//! - `serve <db> [--listen HOST:PORT] [--token T]`: serve the primary's log over HTTP (the
-//!   endpoints of `repl_primary('addr')`) from its log directory, for deployments whose writers
-//!   are short-lived processes. Token also from `REPL_TOKEN`.
+//! - `serve <db | dir> [--listen HOST:PORT] [--token-file F] [--tls-cert F --tls-key F]`: serve
+//!   the primary's log over HTTP (the endpoints of `repl_primary('addr')`) from its log
+//!   directory, for deployments whose writers are short-lived processes. Given a directory, it
+//!   serves every primary in it on one listener (`/v1/db/<file name>/…`). The token comes from
+//!   `--token-file` or `REPL_TOKEN` (`--token T` works but shows in `ps`).
 //!
 //! Exit codes: 0 success, 1 error, 2 usage error.
 
@@ -26,7 +28,9 @@ const USAGE: &str = "usage:
   sqlite-replica inspect <dir> [--from LSN]
   sqlite-replica rebuild <dir> <out.db> [--lsn N]
   sqlite-replica restore <source> <out.db>   (source: a primary's path or http://host:port[?token=T])
-  sqlite-replica serve <db> [--listen HOST:PORT] [--token T]   (default 127.0.0.1:7070; token also REPL_TOKEN)
+  sqlite-replica serve <db | dir> [--listen HOST:PORT] [--token-file F] [--tls-cert F --tls-key F]
+      (default 127.0.0.1:7070; the token from --token-file or REPL_TOKEN; a directory serves every
+       primary in it, each at /v1/db/<file name>)
 
 <dir> is a replication log directory (the one holding meta.json, log/ and snap/).
 inspect prints one line per record: lsn gen kind pages commit_size db_checksum ts";
@@ -129,18 +133,33 @@ fn run(args: &[String]) -> Result<(), Failure> {
             }
             let mut listen = "127.0.0.1:7070".to_string();
             let mut token = std::env::var("REPL_TOKEN").ok().filter(|t| !t.is_empty());
+            let (mut cert, mut key) = (None, None);
             let mut pos = Vec::new();
             let mut it = rest.iter();
             while let Some(a) = it.next() {
                 match a.as_str() {
-                    "--listen" | "--token" => {
+                    "--listen" | "--token" | "--token-file" | "--tls-cert" | "--tls-key" => {
                         let v = it
                             .next()
-                            .ok_or_else(|| Failure::Usage(format!("{a} needs a value")))?;
-                        if a == "--listen" {
-                            listen = v.clone();
-                        } else {
-                            token = Some(v.clone());
+                            .ok_or_else(|| Failure::Usage(format!("{a} needs a value")))?
+                            .clone();
+                        match a.as_str() {
+                            "--listen" => listen = v,
+                            "--token" => token = Some(v),
+                            "--token-file" => {
+                                let t = std::fs::read_to_string(&v).map_err(|e| {
+                                    Failure::Error(format!("reading the token file {v}: {e}"))
+                                })?;
+                                let t = t.trim().to_string();
+                                if t.is_empty() {
+                                    return Err(Failure::Error(format!(
+                                        "the token file {v} is empty"
+                                    )));
+                                }
+                                token = Some(t);
+                            }
+                            "--tls-cert" => cert = Some(v),
+                            _ => key = Some(v),
                         }
                     }
                     o if o.starts_with("--") => {
@@ -149,16 +168,39 @@ fn run(args: &[String]) -> Result<(), Failure> {
                     _ => pos.push(a.clone()),
                 }
             }
-            let [db] = pos.as_slice() else {
+            let [target] = pos.as_slice() else {
                 return Err(Failure::Usage(
-                    "serve takes the primary's database path".into(),
+                    "serve takes the primary's database path, or a directory of primaries".into(),
                 ));
             };
-            let db = std::path::absolute(db)
-                .map_err(|e| Failure::Error(format!("{db}: {e}")))?
-                .display()
-                .to_string();
-            replica::transport::server::serve_forever(&db, &listen, token).map_err(fail)
+            let tls = match (cert, key) {
+                (None, None) => None,
+                (Some(c), Some(k)) => Some(replica::transport::server::TlsFiles {
+                    cert: c.into(),
+                    key: k.into(),
+                }),
+                _ => {
+                    return Err(Failure::Usage(
+                        "--tls-cert and --tls-key go together".into(),
+                    ))
+                }
+            };
+            let target = std::path::absolute(target)
+                .map_err(|e| Failure::Error(format!("{target}: {e}")))?;
+            let dbs = if target.is_dir() {
+                let dbs = replica::transport::server::primaries_in(&target).map_err(fail)?;
+                if dbs.is_empty() {
+                    return Err(Failure::Error(format!(
+                        "{} holds no primary (no <db>-replica/ directory of a primary)",
+                        target.display()
+                    )));
+                }
+                dbs
+            } else {
+                vec![target.display().to_string()]
+            };
+            replica::transport::server::serve_forever(&dbs, &listen, token, tls.as_ref())
+                .map_err(fail)
         }
         "help" | "--help" | "-h" => {
             println!("{USAGE}");

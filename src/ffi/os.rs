@@ -232,3 +232,14 @@ impl AsRawFd for Inotify {
         self.fd.as_raw_fd()
     }
 }
+
+/// The soft limit on open files of this process (`RLIMIT_NOFILE`), if it has one.
+pub fn open_file_limit() -> Option<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit struct we own.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
+    (rc == 0 && r.rlim_cur != libc::RLIM_INFINITY).then_some(r.rlim_cur)
+}

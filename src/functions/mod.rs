@@ -38,6 +38,18 @@ pub fn apply_uri_parameters(db: *mut sqlite3) -> Result<()> {
     let listen = p("repl_listen");
     let token = p("repl_token");
     let follow = p("repl_follow");
+    let tls = match (p("repl_tls_cert"), p("repl_tls_key")) {
+        (None, None) => crate::transport::server::TlsFiles::from_env()?,
+        (Some(cert), Some(key)) => Some(crate::transport::server::TlsFiles {
+            cert: cert.into(),
+            key: key.into(),
+        }),
+        _ => {
+            return Err(Error::Misuse(
+                "the repl_tls_cert and repl_tls_key URI parameters go together (PEM files)".into(),
+            ))
+        }
+    };
     if listen.is_none() && token.is_none() && follow.is_none() {
         return Ok(());
     }
@@ -62,11 +74,7 @@ pub fn apply_uri_parameters(db: *mut sqlite3) -> Result<()> {
         ));
     }
     if let Some(addr) = listen {
-        let mut args = vec![SqlValue::Text(addr)];
-        if let Some(t) = token {
-            args.push(SqlValue::Text(t));
-        }
-        repl_primary(&call, &args)
+        primary_listen(&call, &addr, token, tls)
             .map_err(|e| Error::Misuse(format!("the repl_listen URI parameter: {e}")))?;
     }
     if follow {
@@ -148,6 +156,18 @@ fn repl_primary(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
     let Some(addr) = listen else {
         return become_primary(c);
     };
+    let tls = crate::transport::server::TlsFiles::from_env()?;
+    primary_listen(c, &addr, token, tls)
+}
+
+/// `repl_primary(addr, token)` with TLS files (environment or URI parameters).
+fn primary_listen(
+    c: &Call,
+    addr: &str,
+    token: Option<String>,
+    tls: Option<crate::transport::server::TlsFiles>,
+) -> Result<SqlValue> {
+    let addr = addr.to_string();
     let token = token.or_else(|| std::env::var("REPL_TOKEN").ok().filter(|t| !t.is_empty()));
     // Already a primary served here on that address: nothing to do (or a clear refusal).
     if let Some(p) = main_db(c.db).and_then(|d| d.primary()) {
@@ -158,7 +178,6 @@ fn repl_primary(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
     // Check the address and token and bind the socket BEFORE the database is touched: a bad
     // address, a port in use or a missing token must leave the files exactly as they were.
     main_db_checked(c.db, "repl_primary()")?;
-    let tls = crate::transport::server::TlsFiles::from_env()?;
     let bound = crate::transport::server::Server::bind(&addr, token, tls.as_ref())
         .map_err(|e| Error::Misuse(format!("repl_primary('{addr}'): {e}; nothing was changed")))?;
     let lsn = become_primary(c)?;

@@ -7,6 +7,11 @@
 //!
 //! Token: `token=` in the URL's query, else `REPL_TOKEN`. It is sent as a bearer token and
 //! never shown (`describe()` and errors print the URL without it).
+//!
+//! URLs: `http(s)://host:port` (the listener's default database) or
+//! `http(s)://host:port/v1/db/<name>` (one of several databases on one listener). For https the
+//! server certificate is checked against `ca=<PEM file>` in the URL, else `REPL_CA_FILE`, else
+//! the system's CA bundle.
 
 use super::{Fetch, Source, SourceInfo};
 use crate::error::{Error, Result};
@@ -19,8 +24,10 @@ use std::time::Duration;
 const MAX_SNAPSHOT_BYTES: u64 = 64 << 30;
 
 pub struct HttpSource {
-    /// `http://host:port` (no trailing slash, no query).
+    /// `http(s)://host:port` (no trailing slash, no query).
     base: String,
+    /// The database name when the URL names one (`/v1/db/<name>`).
+    db: Option<String>,
     token: Option<String>,
     agent: ureq::Agent,
     follower: String,
@@ -52,28 +59,46 @@ pub fn redact(spec: &str) -> String {
 impl HttpSource {
     pub fn open(spec: &str) -> Result<HttpSource> {
         let s = spec.trim();
-        if s.starts_with("https://") {
-            return Err(Error::Unsupported(format!(
-                "repl_sync('{}'): https is not built in; put a TLS proxy in front of the primary and use \
-                 http:// on the private side",
+        let (scheme, rest) = if let Some(r) = s.strip_prefix("http://") {
+            ("http", r)
+        } else if let Some(r) = s.strip_prefix("https://") {
+            ("https", r)
+        } else {
+            return Err(Error::Misuse(format!(
+                "not an http:// or https:// URL: {}",
                 redact(s)
             )));
-        }
-        let rest = s
-            .strip_prefix("http://")
-            .ok_or_else(|| Error::Misuse(format!("not an http:// URL: {}", redact(s))))?;
-        let (hostport, query) = match rest.split_once('?') {
+        };
+        let (target, query) = match rest.split_once('?') {
             Some((h, q)) => (h, Some(q)),
             None => (rest, None),
         };
-        let hostport = hostport.trim_end_matches('/');
-        if hostport.is_empty() || hostport.contains('/') {
+        let target = target.trim_end_matches('/');
+        let (hostport, path) = match target.split_once('/') {
+            Some((h, p)) => (h, Some(p)),
+            None => (target, None),
+        };
+        let db = match path {
+            None => None,
+            Some(p) => match p.strip_prefix("v1/db/") {
+                Some(name) if super::httpd::valid_name(name) => Some(name.to_string()),
+                _ => {
+                    return Err(Error::Misuse(format!(
+                        "repl_sync('{}'): use the primary's address, e.g. http://127.0.0.1:7070, or one database \
+                         of several on it, e.g. http://127.0.0.1:7070/v1/db/app.db",
+                        redact(s)
+                    )))
+                }
+            },
+        };
+        if hostport.is_empty() {
             return Err(Error::Misuse(format!(
-                "repl_sync('{}'): use the primary's address only, e.g. http://127.0.0.1:7070",
+                "repl_sync('{}'): the URL has no host:port",
                 redact(s)
             )));
         }
         let mut token = None;
+        let mut ca = None;
         for kv in query.unwrap_or("").split('&').filter(|kv| !kv.is_empty()) {
             match kv.split_once('=') {
                 Some(("token", t)) if !t.is_empty() => token = Some(t.to_string()),
@@ -84,30 +109,60 @@ impl HttpSource {
                         redact(s)
                     )))
                 }
+                Some(("ca", f)) if !f.is_empty() => ca = Some(f.to_string()),
                 _ => {
                     // Only the key: the value may be a misspelt token= (a secret).
                     let key = kv.split_once('=').map_or(kv, |(k, _)| k);
                     return Err(Error::Misuse(format!(
-                        "repl_sync('{}'): unknown URL parameter {key:?} (only token= is understood)",
+                        "repl_sync('{}'): unknown URL parameter {key:?} (token= and ca= are understood)",
                         redact(s)
                     )));
                 }
             }
         }
         let token = token.or_else(|| std::env::var("REPL_TOKEN").ok().filter(|t| !t.is_empty()));
-        let agent = ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(3))
-            .build();
+        let mut builder = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(3));
+        if scheme == "https" {
+            let ca = ca.or_else(|| std::env::var("REPL_CA_FILE").ok().filter(|f| !f.is_empty()));
+            builder = builder.tls_config(client_tls(ca.as_deref())?);
+        } else if ca.is_some() {
+            return Err(Error::Misuse(format!(
+                "repl_sync('{}'): ca= is for https:// URLs",
+                redact(s)
+            )));
+        }
+        let agent = builder.build();
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "host".into());
         Ok(HttpSource {
-            base: format!("http://{hostport}"),
+            base: format!("{scheme}://{hostport}"),
+            db,
             token,
             agent,
             follower: format!("{host}:{}", std::process::id()),
             last: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The URL of endpoint `path` (`/v1/log?…`) of this source's database.
+    fn url(&self, path: &str) -> String {
+        match &self.db {
+            None => format!("{}{path}", self.base),
+            Some(name) => format!(
+                "{}/v1/db/{name}{}",
+                self.base,
+                path.strip_prefix("/v1").unwrap_or(path)
+            ),
+        }
+    }
+
+    /// The source as a person reads it (no token).
+    fn shown(&self) -> String {
+        match &self.db {
+            None => self.base.clone(),
+            Some(name) => format!("{}/v1/db/{name}", self.base),
+        }
     }
 
     /// Names this follower in the primary's metrics (e.g. the replica's path).
@@ -122,7 +177,7 @@ impl HttpSource {
     }
 
     fn get(&self, path: &str, timeout: Duration) -> Result<ureq::Response> {
-        let url = format!("{}{path}", self.base);
+        let url = self.url(path);
         let mut req = self
             .agent
             .get(&url)
@@ -139,13 +194,9 @@ impl HttpSource {
                     .ok()
                     .and_then(|v| v["error"].as_str().map(str::to_string))
                     .unwrap_or(body);
-                Err(status_error(code, &self.base, &msg))
+                Err(status_error(code, &self.shown(), &msg))
             }
-            Err(ureq::Error::Transport(t)) => Err(Error::Other(format!(
-                "cannot reach the primary at {}: {t}; the replica stays readable at its current LSN and the next \
-                 repl_sync() retries",
-                self.base
-            ))),
+            Err(ureq::Error::Transport(t)) => Err(transport_error(&self.shown(), &t.to_string())),
         }
     }
 
@@ -189,14 +240,14 @@ impl HttpSource {
                 Error::Other(format!(
                     "the connection to {} broke while reading records at LSN {from}: {e}; nothing was applied, \
                      the next repl_sync() retries",
-                    self.base
+                    self.shown()
                 ))
             })?;
         if let Some(l) = len {
             if body.len() as u64 != l {
                 return Err(Error::Corrupt(format!(
                     "{}: the response for LSN {from} was cut short ({} of {l} bytes); nothing was applied",
-                    self.base,
+                    self.shown(),
                     body.len()
                 )));
             }
@@ -205,20 +256,90 @@ impl HttpSource {
             Error::Corrupt(format!(
                 "{}: a record received for LSN {from} is invalid ({e}); nothing was applied, the next repl_sync() \
                  retries",
-                self.base
+                self.shown()
             ))
         })?;
         if let Some(n) = announced {
             if n as usize != records.len() {
                 return Err(Error::Corrupt(format!(
                     "{}: the server announced {n} records for LSN {from} but sent {}; nothing was applied",
-                    self.base,
+                    self.shown(),
                     records.len()
                 )));
             }
         }
         Ok(Fetch::Records(records))
     }
+}
+
+/// A connection-level failure, with the fix for a certificate the client did not accept.
+fn transport_error(shown: &str, t: &str) -> Error {
+    if t.contains("certificate") || t.contains("UnknownIssuer") || t.contains("InvalidCertificate")
+    {
+        return Error::Other(format!(
+            "the TLS certificate of the primary at {shown} was not accepted ({t}): give the CA that signed it \
+             with ca=/path/to/ca.pem in the URL or REPL_CA_FILE, and check that the certificate names the host \
+             in the URL"
+        ));
+    }
+    Error::Other(format!(
+        "cannot reach the primary at {shown}: {t}; the replica stays readable at its current LSN and the next \
+         repl_sync() retries"
+    ))
+}
+
+/// The TLS client configuration: roots from `ca_file` (PEM), else the system bundle.
+fn client_tls(ca_file: Option<&str>) -> Result<std::sync::Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    let system = [
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+        "/etc/ssl/cert.pem",
+    ];
+    let files: Vec<&str> = match ca_file {
+        Some(f) => vec![f],
+        None => system
+            .iter()
+            .copied()
+            .filter(|p| std::path::Path::new(p).exists())
+            .take(1)
+            .collect(),
+    };
+    for f in &files {
+        let pem = std::fs::read(f).map_err(|e| {
+            Error::io(
+                format!("reading the CA file {f} (ca= in the URL or REPL_CA_FILE)"),
+                e,
+            )
+        })?;
+        let mut n = 0;
+        for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let c = c.map_err(|e| Error::Misuse(format!("{f}: not a PEM certificate: {e}")))?;
+            if roots.add(c).is_ok() {
+                n += 1;
+            }
+        }
+        if n == 0 && ca_file.is_some() {
+            return Err(Error::Misuse(format!(
+                "{f}: no usable CA certificate in the file (PEM expected)"
+            )));
+        }
+    }
+    if files.is_empty() {
+        return Err(Error::Misuse(
+            "https: this machine has no CA bundle (/etc/ssl/certs/ca-certificates.crt): install \
+             ca-certificates, or give the CA with ca=/path/to/ca.pem in the URL or REPL_CA_FILE"
+                .into(),
+        ));
+    }
+    #[allow(deprecated)] // see httpd::tls_config
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Other(format!("TLS setup: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(cfg))
 }
 
 fn status_error(code: u16, base: &str, msg: &str) -> Error {
@@ -260,19 +381,19 @@ pub fn decode_all(mut b: &[u8], from: Lsn) -> Result<Vec<Record>> {
 
 impl Source for HttpSource {
     fn describe(&self) -> String {
-        self.base.clone()
+        self.shown()
     }
 
     fn info(&self) -> Result<SourceInfo> {
         let body = self
             .get("/v1/info", Duration::from_secs(10))?
             .into_string()
-            .map_err(|e| Error::Other(format!("{}: reading /v1/info: {e}", self.base)))?;
+            .map_err(|e| Error::Other(format!("{}: reading /v1/info: {e}", self.shown())))?;
         let v: serde_json::Value = serde_json::from_str(&body)
-            .map_err(|e| Error::Corrupt(format!("{}: /v1/info is not JSON: {e}", self.base)))?;
+            .map_err(|e| Error::Corrupt(format!("{}: /v1/info is not JSON: {e}", self.shown())))?;
         let lineage = v["lineage"]
             .as_str()
-            .ok_or_else(|| Error::Corrupt(format!("{}: /v1/info has no lineage", self.base)))?
+            .ok_or_else(|| Error::Corrupt(format!("{}: /v1/info has no lineage", self.shown())))?
             .to_string();
         Ok(SourceInfo {
             lineage,
@@ -285,9 +406,9 @@ impl Source for HttpSource {
         let body = self
             .get("/v1/info", Duration::from_secs(10))?
             .into_string()
-            .map_err(|e| Error::Other(format!("{}: reading /v1/info: {e}", self.base)))?;
+            .map_err(|e| Error::Other(format!("{}: reading /v1/info: {e}", self.shown())))?;
         let v: serde_json::Value = serde_json::from_str(&body)
-            .map_err(|e| Error::Corrupt(format!("{}: /v1/info is not JSON: {e}", self.base)))?;
+            .map_err(|e| Error::Corrupt(format!("{}: /v1/info is not JSON: {e}", self.shown())))?;
         Ok(v["snapshot"]["page_size"]
             .as_u64()
             .and_then(|n| crate::types::PageSize::new(n as u32)))
@@ -307,7 +428,7 @@ impl Source for HttpSource {
         let broke = |e: std::io::Error| {
             Error::Other(format!(
                 "the snapshot download from {} broke: {e}; nothing was written, retry repl_sync()",
-                self.base
+                self.shown()
             ))
         };
         let mut chunk = vec![0u8; 1 << 20];
@@ -322,14 +443,14 @@ impl Source for HttpSource {
         if len.is_some_and(|l| l != body.len() as u64) || body.len() < SEGMENT_HEADER_LEN {
             return Err(Error::Corrupt(format!(
                 "{}: the snapshot was cut short ({} bytes); nothing was written, retry repl_sync()",
-                self.base,
+                self.shown(),
                 body.len()
             )));
         }
         let bad = |e: String| {
             Error::Corrupt(format!(
                 "{}: the snapshot is invalid ({e}); nothing was written",
-                self.base
+                self.shown()
             ))
         };
         crate::txlog::decode_segment_header(&body[..SEGMENT_HEADER_LEN])
@@ -359,7 +480,7 @@ impl Source for HttpSource {
     }
 
     fn exec(&self, body: &serde_json::Value) -> Result<serde_json::Value> {
-        let url = format!("{}/v1/exec", self.base);
+        let url = self.url("/v1/exec");
         let text = body.to_string();
         // A request id makes the retry safe: the primary answers a duplicate from its record.
         let attempts = if body["request_id"].is_string() { 2 } else { 1 };
@@ -379,11 +500,11 @@ impl Source for HttpSource {
                     let s = r.into_string().map_err(|e| {
                         Error::Other(format!(
                             "{}: reading the answer of /v1/exec: {e}",
-                            self.base
+                            self.shown()
                         ))
                     })?;
                     return serde_json::from_str(&s).map_err(|e| {
-                        Error::Corrupt(format!("{}: /v1/exec answered non-JSON: {e}", self.base))
+                        Error::Corrupt(format!("{}: /v1/exec answered non-JSON: {e}", self.shown()))
                     });
                 }
                 Err(ureq::Error::Status(code, r)) => {
@@ -395,7 +516,7 @@ impl Source for HttpSource {
                             code: v["code"].as_i64().unwrap_or(1) as i32,
                             message: format!("the primary refused the write: {msg}"),
                         },
-                        _ => status_error(code, &self.base, &msg),
+                        _ => status_error(code, &self.shown(), &msg),
                     });
                 }
                 Err(ureq::Error::Transport(t)) => last = Some(t.to_string()),

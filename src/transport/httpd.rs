@@ -148,6 +148,8 @@ pub struct Reply {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Body,
+    /// End the connection after this reply (a refused request does not keep its slot).
+    pub close: bool,
 }
 
 impl Reply {
@@ -156,6 +158,9 @@ impl Reply {
             status,
             headers,
             body,
+            // Refusals (bad request, bad token, too large…) end the connection: only a client
+            // that is served keeps a connection open.
+            close: (400..500).contains(&status) && status != 404 && status != 409 && status != 410,
         }
     }
 
@@ -211,6 +216,7 @@ pub struct Stats {
     pub open: AtomicUsize,
     pub accepted: AtomicU64,
     pub refused: AtomicU64,
+    pub evicted: AtomicU64,
     pub timeouts: AtomicU64,
     pub too_large: AtomicU64,
     pub bad_requests: AtomicU64,
@@ -239,6 +245,8 @@ impl Stats {
             "parked_long_polls": self.parked.load(Ordering::Relaxed),
             "accepted": self.accepted.load(Ordering::Relaxed),
             "refused": self.refused.load(Ordering::Relaxed),
+            "evicted": self.evicted.load(Ordering::Relaxed),
+            "max_connections": effective_max(&Limits::from_env()),
             "timeouts": self.timeouts.load(Ordering::Relaxed),
             "too_large": self.too_large.load(Ordering::Relaxed),
             "bad_requests": self.bad_requests.load(Ordering::Relaxed),
@@ -508,6 +516,9 @@ struct Conn {
     park: Option<(PathBuf, Instant)>,
     /// The request counted as one of the site's open connections.
     counted: bool,
+    /// Requests answered on this connection (0: a candidate for eviction when full).
+    served: u64,
+    opened: Instant,
 }
 
 struct Pending {
@@ -679,7 +690,7 @@ impl Loop {
                     }
                     site.stats.accepted.fetch_add(1, Ordering::Relaxed);
                     let open = site.stats.open.load(Ordering::Relaxed);
-                    if open >= site.limits.max_connections {
+                    if open >= effective_max(&site.limits) && !self.evict_one(site.id) {
                         site.stats.refused.fetch_add(1, Ordering::Relaxed);
                         refuse_full(sock);
                         continue;
@@ -719,6 +730,32 @@ impl Loop {
                     return;
                 }
             }
+        }
+    }
+
+    /// At the connection limit, make room for a new connection by closing the oldest one of
+    /// this listener that has not had a single request answered yet (an idle or trickling
+    /// stranger): clients being served keep their connections. False when there is none.
+    fn evict_one(&mut self, site_id: usize) -> bool {
+        let victim = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.site.id == site_id
+                    && c.served == 0
+                    && matches!(c.state, State::Head | State::Body { .. })
+            })
+            .min_by_key(|(_, c)| c.opened)
+            .map(|(t, _)| *t);
+        match victim {
+            Some(t) => {
+                if let Some(c) = self.conns.get(&t) {
+                    c.site.stats.evicted.fetch_add(1, Ordering::Relaxed);
+                }
+                self.close(t);
+                true
+            }
+            None => false,
         }
     }
 
@@ -765,6 +802,8 @@ impl Loop {
                 job: None,
                 park: None,
                 counted: true,
+                served: 0,
+                opened: Instant::now(),
             },
         );
         self.drive(t);
@@ -994,6 +1033,14 @@ impl Loop {
             }
         }
     }
+}
+
+/// The connection limit in force: the setting, but never more than half the process's open-file
+/// limit, so that a flood of connections meets our limit (a 503) before the process runs out
+/// of file descriptors (which would also break the host application's own files).
+pub fn effective_max(l: &Limits) -> usize {
+    let soft = crate::ffi::os::open_file_limit().unwrap_or(u64::MAX);
+    l.max_connections.min((soft / 2).max(8) as usize)
 }
 
 /// The answer to a connection over the limit: written once, without waiting, then closed.
@@ -1289,6 +1336,10 @@ impl Conn {
     }
 
     fn start_reply_for(&mut self, r: Reply, method: &str) {
+        if r.close {
+            self.keep_alive = false;
+        }
+        self.served += 1;
         let len = r.body.len();
         let mut head = format!("HTTP/1.1 {} {}\r\n", r.status, reason(r.status));
         for (k, v) in &r.headers {
@@ -1305,10 +1356,14 @@ impl Conn {
             "Connection: close\r\n\r\n"
         });
         self.out.extend_from_slice(head.as_bytes());
-        self.body = if method.eq_ignore_ascii_case("HEAD") {
-            None
-        } else {
-            Some(r.body)
+        self.body = match r.body {
+            _ if method.eq_ignore_ascii_case("HEAD") => None,
+            // A small body goes out with the head in one write.
+            Body::Bytes(b) if b.len() <= CHUNK => {
+                self.out.extend_from_slice(&b);
+                None
+            }
+            body => Some(body),
         };
         self.body_pos = 0;
         self.state = State::Writing;

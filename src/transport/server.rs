@@ -870,10 +870,54 @@ fn metrics(sh: &Shared) -> Reply {
     )
 }
 
-/// For the CLI: serve until the process is killed.
-pub fn serve_forever(db: &str, addr: &str, token: Option<String>) -> Result<()> {
-    let s = Server::start(db, addr, token, None)?;
-    println!("serving {db} on {}", s.url());
+/// The primaries directly in `dir` (each `<name>` with a `<name>-replica/meta.json` of role
+/// primary), sorted by name.
+pub fn primaries_in(dir: &std::path::Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(db) = name.strip_suffix("-replica") else {
+            continue;
+        };
+        let db_path = dir.join(db);
+        let is_primary = Log::read_meta(&e.path()).is_ok_and(|m| m.role == "primary");
+        if is_primary && db_path.is_file() {
+            out.push(db_path.display().to_string());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// For the CLI: serve `dbs` on one listener until the process is killed.
+pub fn serve_forever(
+    dbs: &[String],
+    addr: &str,
+    token: Option<String>,
+    tls: Option<&TlsFiles>,
+) -> Result<()> {
+    let first = dbs
+        .first()
+        .ok_or_else(|| Error::Misuse("no database to serve".into()))?;
+    let bound = Server::bind(addr, token.clone(), tls)?;
+    let site = match &bound {
+        Bound::New { .. } => None,
+        Bound::Join { site, .. } => Some(site.clone()),
+    };
+    let mut servers = vec![Server::start_bound(first, bound, None)?];
+    let site = site.unwrap_or_else(|| servers[0].site.clone());
+    for db in &dbs[1..] {
+        let joined = Bound::Join {
+            site: site.clone(),
+            token: token.clone(),
+        };
+        servers.push(Server::start_bound(db, joined, None)?);
+    }
+    for s in &servers {
+        println!("serving {} on {}", s.shared.db, s.url());
+    }
     loop {
         std::thread::park();
     }
