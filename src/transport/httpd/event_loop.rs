@@ -1,0 +1,532 @@
+//! The engine's event loop: accepting (with the connection limit and the EMFILE back-off),
+//! driving connections, dispatching requests to the worker pools, parking long-polls and waking
+//! them (in-process wake-ups, inotify, deadlines), and the timeouts.
+
+use super::conn::{Conn, State, Step};
+use super::*;
+
+pub(super) struct ListenerState {
+    sock: Box<TcpListener>,
+    site: Arc<Site>,
+    paused_until: Option<Instant>,
+    backoff: Duration,
+}
+
+pub(super) struct Loop {
+    poll: Poll,
+    engine: Arc<Engine>,
+    listeners: HashMap<Token, ListenerState>,
+    site_token: HashMap<usize, Token>,
+    conns: HashMap<Token, Conn>,
+    next: usize,
+    inotify: Option<Inotify>,
+    wd_dir: HashMap<i32, PathBuf>,
+    dir_wd: HashMap<PathBuf, i32>,
+    parked: HashMap<PathBuf, Vec<Token>>,
+}
+
+impl Loop {
+    pub(super) fn new(poll: Poll, engine: Arc<Engine>) -> Loop {
+        let inotify = Inotify::new().ok();
+        if let Some(i) = &inotify {
+            use std::os::fd::AsRawFd;
+            let fd = i.as_raw_fd();
+            let _ = poll
+                .registry()
+                .register(&mut SourceFd(&fd), INOTIFY, Interest::READABLE);
+        }
+        Loop {
+            poll,
+            engine,
+            listeners: HashMap::new(),
+            site_token: HashMap::new(),
+            conns: HashMap::new(),
+            next: FIRST_TOKEN,
+            inotify,
+            wd_dir: HashMap::new(),
+            dir_wd: HashMap::new(),
+            parked: HashMap::new(),
+        }
+    }
+
+    fn token(&mut self) -> Token {
+        self.next += 1;
+        Token(self.next)
+    }
+
+    pub(super) fn run(&mut self) {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.next_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != ErrorKind::Interrupted {
+                    crate::logging::event(&format!(
+                        "event=server_error what=poll error={:?}",
+                        e.to_string()
+                    ));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                continue;
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    WAKER => {}
+                    INOTIFY => self.on_inotify(),
+                    t if self.listeners.contains_key(&t) => self.accept(t),
+                    t => self.on_conn_event(t, ev.is_read_closed() || ev.is_error()),
+                }
+            }
+            self.run_cmds();
+            self.on_timers();
+        }
+    }
+
+    fn next_timeout(&self) -> Option<Duration> {
+        let now = Instant::now();
+        let conn_deadlines = self
+            .conns
+            .values()
+            .filter_map(|c| c.deadline.or(c.park.as_ref().map(|p| p.1)));
+        let listener_deadlines = self.listeners.values().filter_map(|l| l.paused_until);
+        conn_deadlines
+            .chain(listener_deadlines)
+            .min()
+            .map(|d| d.saturating_duration_since(now) + Duration::from_millis(1))
+    }
+
+    fn run_cmds(&mut self) {
+        let cmds = std::mem::take(&mut *self.engine.cmds.lock().unwrap_or_else(|e| e.into_inner()));
+        for c in cmds {
+            match c {
+                Cmd::Listen(id, mut sock, site) => {
+                    let t = self.token();
+                    if let Err(e) = self
+                        .poll
+                        .registry()
+                        .register(&mut *sock, t, Interest::READABLE)
+                    {
+                        site.stats.set_state("failed", Some(e.to_string()));
+                        continue;
+                    }
+                    self.site_token.insert(id, t);
+                    self.listeners.insert(
+                        t,
+                        ListenerState {
+                            sock,
+                            site,
+                            paused_until: None,
+                            backoff: Duration::from_millis(10),
+                        },
+                    );
+                    self.accept(t);
+                }
+                Cmd::Close(id) => {
+                    if let Some(t) = self.site_token.remove(&id) {
+                        if let Some(mut l) = self.listeners.remove(&t) {
+                            let _ = self.poll.registry().deregister(&mut *l.sock);
+                            l.site.stats.set_state("closed", None);
+                        }
+                    }
+                    self.engine
+                        .sites
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
+                    // Connections of a closed listener end after their current request.
+                    for c in self.conns.values_mut() {
+                        if c.site.id == id {
+                            c.keep_alive = false;
+                        }
+                    }
+                }
+                Cmd::WakeDir(dir) => self.wake(&dir),
+                Cmd::Done(t, gen, outcome) => self.done(t, gen, outcome),
+            }
+        }
+    }
+
+    fn accept(&mut self, t: Token) {
+        loop {
+            let Some(l) = self.listeners.get_mut(&t) else {
+                return;
+            };
+            if l.paused_until.is_some_and(|p| Instant::now() < p) {
+                return;
+            }
+            match l.sock.accept() {
+                Ok((sock, peer)) => {
+                    let site = l.site.clone();
+                    if l.backoff > Duration::from_millis(10) {
+                        l.backoff = Duration::from_millis(10);
+                        site.stats.set_state("listening", None);
+                        crate::logging::event(&format!(
+                            "event=accept_recovered addr={}",
+                            site.addr
+                        ));
+                    }
+                    site.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    let open = site.stats.open.load(Ordering::Relaxed);
+                    if open >= effective_max(&site.limits) && !self.evict_one(site.id) {
+                        site.stats.refused.fetch_add(1, Ordering::Relaxed);
+                        refuse_full(sock);
+                        continue;
+                    }
+                    let _ = sock.set_nodelay(true);
+                    self.add_conn(sock, peer, site);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let code = e.raw_os_error().unwrap_or(0);
+                    let resource = matches!(
+                        code,
+                        libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+                    );
+                    if !resource {
+                        // ECONNABORTED and friends: that one connection is gone; go on.
+                        continue;
+                    }
+                    let first = l.backoff <= Duration::from_millis(10);
+                    l.paused_until = Some(Instant::now() + l.backoff);
+                    l.backoff = (l.backoff * 2).min(Duration::from_secs(1));
+                    let site = l.site.clone();
+                    site.stats.set_state(
+                        "degraded",
+                        Some(format!(
+                            "accepting paused: {e}; retrying by itself (raise the open-file limit or lower REPL_HTTP_MAX_CONNECTIONS)"
+                        )),
+                    );
+                    if first {
+                        crate::logging::event(&format!(
+                            "event=accept_error addr={} error={:?} action=\"backing off, up to 1 s\"",
+                            site.addr,
+                            e.to_string()
+                        ));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// At the connection limit, make room for a new connection by closing the oldest one of
+    /// this listener that has not had a single request answered yet (an idle or trickling
+    /// stranger): clients being served keep their connections. False when there is none.
+    fn evict_one(&mut self, site_id: usize) -> bool {
+        let victim = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.site.id == site_id
+                    && c.served == 0
+                    && matches!(c.state, State::Head | State::Body { .. })
+            })
+            .min_by_key(|(_, c)| c.opened)
+            .map(|(t, _)| *t);
+        match victim {
+            Some(t) => {
+                if let Some(c) = self.conns.get(&t) {
+                    c.site.stats.evicted.fetch_add(1, Ordering::Relaxed);
+                }
+                self.close(t);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn add_conn(&mut self, mut sock: TcpStream, peer: SocketAddr, site: Arc<Site>) {
+        let t = self.token();
+        if self
+            .poll
+            .registry()
+            .register(&mut sock, t, Interest::READABLE | Interest::WRITABLE)
+            .is_err()
+        {
+            return;
+        }
+        let tls = match &site.tls_config {
+            Some(cfg) => match rustls::ServerConnection::new(cfg.clone()) {
+                Ok(mut c) => {
+                    c.set_buffer_limit(Some(CHUNK * 2));
+                    Some(Box::new(c))
+                }
+                Err(_) => return,
+            },
+            None => None,
+        };
+        site.stats.open.fetch_add(1, Ordering::Relaxed);
+        let deadline = Some(Instant::now() + site.limits.head_timeout);
+        self.conns.insert(
+            t,
+            Conn {
+                sock,
+                tls,
+                site,
+                peer: Some(peer),
+                state: State::Head,
+                inbuf: Vec::new(),
+                head_len: 0,
+                pending: None,
+                out: Vec::new(),
+                out_pos: 0,
+                body: None,
+                body_pos: 0,
+                keep_alive: false,
+                deadline,
+                gen: 0,
+                job: None,
+                park: None,
+                counted: true,
+                served: 0,
+                opened: Instant::now(),
+            },
+        );
+        self.drive(t);
+    }
+
+    fn on_conn_event(&mut self, t: Token, closed: bool) {
+        let Some(c) = self.conns.get(&t) else { return };
+        if closed && matches!(c.state, State::Parked | State::Busy) && c.tls.is_none() {
+            // The client went away while its long-poll waited: forget it now.
+            let mut probe = [0u8; 1];
+            if matches!(c.sock.peek(&mut probe), Ok(0) | Err(_)) {
+                self.close(t);
+                return;
+            }
+        }
+        self.drive(t);
+    }
+
+    /// Move a connection forward as far as its socket allows.
+    fn drive(&mut self, t: Token) {
+        for _ in 0..64 {
+            let Some(c) = self.conns.get_mut(&t) else {
+                return;
+            };
+            let step = match c.state {
+                State::Head | State::Body { .. } => c.read_request(),
+                State::Writing => c.write_reply(),
+                State::Busy | State::Parked => {
+                    // Keep TLS alerts/handshake flowing; nothing else to do until the worker
+                    // answers or the park ends.
+                    if c.tls.is_some() {
+                        let _ = c.flush_tls();
+                    }
+                    Step::Wait
+                }
+            };
+            match step {
+                Step::Wait => return,
+                Step::Again => continue,
+                Step::Close => {
+                    self.close(t);
+                    return;
+                }
+                Step::Dispatch(svc, req) => {
+                    self.dispatch(t, svc, req, Ctx::default());
+                    return;
+                }
+            }
+        }
+    }
+
+    fn dispatch(&mut self, t: Token, svc: Arc<dyn Service>, req: Arc<Request>, ctx: Ctx) {
+        let Some(c) = self.conns.get_mut(&t) else {
+            return;
+        };
+        c.gen += 1;
+        c.state = State::Busy;
+        c.deadline = None;
+        c.job = Some((svc.clone(), req.clone()));
+        c.site.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let gen = c.gen;
+        let slow = svc.slow(&req.method, &req.path);
+        let e = self.engine.clone();
+        let job: Job = Box::new(move || {
+            let out =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| svc.handle(&req, ctx)))
+                    .unwrap_or_else(|_| {
+                        crate::logging::event("event=http_panic");
+                        Outcome::Reply(Reply::error(500, "internal error in sqlite-replica"))
+                    });
+            e.post(Cmd::Done(t, gen, out));
+        });
+        let pool = if slow {
+            &self.engine.slow
+        } else {
+            &self.engine.fast
+        };
+        let _ = pool.lock().unwrap_or_else(|e| e.into_inner()).send(job);
+    }
+
+    fn done(&mut self, t: Token, gen: u64, outcome: Outcome) {
+        let Some(c) = self.conns.get_mut(&t) else {
+            return;
+        };
+        if c.gen != gen || c.state != State::Busy {
+            return;
+        }
+        match outcome {
+            Outcome::Reply(r) => {
+                c.start_reply(r);
+                self.drive(t);
+            }
+            Outcome::Park { dir, deadline } => {
+                c.state = State::Parked;
+                c.park = Some((dir.clone(), deadline));
+                c.site.stats.parked.fetch_add(1, Ordering::Relaxed);
+                self.parked.entry(dir.clone()).or_default().push(t);
+                *self
+                    .engine
+                    .watched
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(dir.clone())
+                    .or_default() += 1;
+                if !self.dir_wd.contains_key(&dir) {
+                    if let Some(wd) = self.inotify.as_ref().and_then(|i| i.watch_dir(&dir).ok()) {
+                        self.dir_wd.insert(dir.clone(), wd);
+                        self.wd_dir.insert(wd, dir);
+                    }
+                }
+            }
+        }
+    }
+
+    fn unpark(&mut self, t: Token) -> Option<(Arc<dyn Service>, Arc<Request>, Instant)> {
+        let c = self.conns.get_mut(&t)?;
+        let (dir, deadline) = c.park.take()?;
+        c.site.stats.parked.fetch_sub(1, Ordering::Relaxed);
+        if let Some(v) = self.parked.get_mut(&dir) {
+            v.retain(|x| *x != t);
+            if v.is_empty() {
+                self.parked.remove(&dir);
+            }
+        }
+        let mut w = self
+            .engine
+            .watched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = w.get_mut(&dir) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                w.remove(&dir);
+                drop(w);
+                if let Some(wd) = self.dir_wd.remove(&dir) {
+                    self.wd_dir.remove(&wd);
+                    if let Some(i) = &self.inotify {
+                        i.unwatch(wd);
+                    }
+                }
+            }
+        }
+        let (svc, req) = c.job.clone()?;
+        Some((svc, req, deadline))
+    }
+
+    fn wake(&mut self, dir: &Path) {
+        let tokens = self.parked.get(dir).cloned().unwrap_or_default();
+        for t in tokens {
+            if let Some((svc, req, deadline)) = self.unpark(t) {
+                let ctx = Ctx {
+                    expired: false,
+                    parked_until: Some(deadline),
+                };
+                self.dispatch(t, svc, req, ctx);
+            }
+        }
+    }
+
+    fn on_inotify(&mut self) {
+        let Some(i) = &self.inotify else { return };
+        let dirs: Vec<PathBuf> = i
+            .drain()
+            .into_iter()
+            .filter_map(|wd| self.wd_dir.get(&wd).cloned())
+            .collect();
+        for d in dirs {
+            self.wake(&d);
+        }
+    }
+
+    fn on_timers(&mut self) {
+        let now = Instant::now();
+        let expired_parks: Vec<Token> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.park.as_ref().is_some_and(|p| p.1 <= now))
+            .map(|(t, _)| *t)
+            .collect();
+        for t in expired_parks {
+            if let Some((svc, req, deadline)) = self.unpark(t) {
+                let ctx = Ctx {
+                    expired: true,
+                    parked_until: Some(deadline),
+                };
+                self.dispatch(t, svc, req, ctx);
+            }
+        }
+        let timed_out: Vec<Token> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.deadline.is_some_and(|d| d <= now))
+            .map(|(t, _)| *t)
+            .collect();
+        for t in timed_out {
+            if let Some(c) = self.conns.get(&t) {
+                // An idle keep-alive connection closing is routine; a head, body or write that
+                // did not finish in time is counted.
+                if !(c.state == State::Head && c.inbuf.is_empty()) {
+                    c.site.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            self.close(t);
+        }
+        let paused: Vec<Token> = self
+            .listeners
+            .iter()
+            .filter(|(_, l)| l.paused_until.is_some_and(|p| p <= now))
+            .map(|(t, _)| *t)
+            .collect();
+        for t in paused {
+            if let Some(l) = self.listeners.get_mut(&t) {
+                // Try again; accept() pauses once more if the error persists, and reports
+                // `listening` again once a connection is accepted.
+                l.paused_until = None;
+            }
+            self.accept(t);
+        }
+    }
+
+    fn close(&mut self, t: Token) {
+        let _ = self.unpark(t);
+        if let Some(mut c) = self.conns.remove(&t) {
+            let _ = self.poll.registry().deregister(&mut c.sock);
+            if c.counted {
+                c.site.stats.open.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The connection limit in force: the setting, but never more than half the process's open-file
+/// limit, so that a flood of connections meets our limit (a 503) before the process runs out
+/// of file descriptors (which would also break the host application's own files).
+pub fn effective_max(l: &Limits) -> usize {
+    let soft = crate::ffi::os::open_file_limit().unwrap_or(u64::MAX);
+    l.max_connections.min((soft / 2).max(8) as usize)
+}
+
+/// The answer to a connection over the limit: written once, without waiting, then closed.
+pub(super) fn refuse_full(mut sock: TcpStream) {
+    let body = br#"{"error":"too many connections to this server; retry later"}"#;
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut all = head.into_bytes();
+    all.extend_from_slice(body);
+    let _ = sock.write(&all);
+}
