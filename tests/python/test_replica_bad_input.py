@@ -76,7 +76,7 @@ def test_no_source_on_a_fresh_database(tmp):
         ("   ", ("empty",)),
         ("http://example.invalid/db", ("http",)),
         ("http://127.0.0.1:1", ("cannot reach the primary", "readable")),  # nobody listens
-        ("https://127.0.0.1:1", ("https is not built in",)),
+        ("https://127.0.0.1:1", ("cannot reach the primary at https://127.0.0.1:1",)),
         ("ftp://example.invalid/db", ("scheme",)),
     ],
 )
