@@ -45,6 +45,7 @@ fn init(db: *mut sqlite3) -> Result<(), String> {
             v % 1000
         ));
     }
+    crate::vfs::set_hooks(&crate::roles::HOOKS);
     crate::vfs::register()?;
     crate::functions::register_all(db).map_err(|e| e.to_string())?;
     let mut rc = ffi::SQLITE_OK;

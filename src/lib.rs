@@ -5,10 +5,11 @@
 //! Module index (see docs/ARCHITECTURE.md):
 //! - `entry`: the `sqlite3_replica_init` entry point (unsafe boundary).
 //! - `ffi`: the host API table, the panic guard, safe wrappers (unsafe boundary).
+//! - `sys`: thin safe wrappers over the few OS calls std does not offer (libc).
 //! - `vfs`: the shim over the host's default VFS: trampolines and hooks (unsafe boundary).
-//! - `registry`: per-process state of databases opened through the VFS.
 //! - `primary`: the capture agent (T1/T2/T3 triggers, gap detection, snapshots).
 //! - `replica`: the applier (bootstrap, batch apply into the replica's WAL, position, re-snapshot).
+//! - `roles`: the per-database registry: attaches, resumes and detaches roles; the VFS hooks.
 //! - `transport`: record sources for replicas (`dir`: a primary's log directory).
 //! - `functions`: the `repl_*` SQL functions.
 //! - `types`: the domain newtypes (`Lsn`, `PageNo`, `FrameNo`, `PageSize`, `Generation`, `Checksum`).
@@ -21,8 +22,9 @@ pub mod error;
 pub(crate) mod ffi;
 pub(crate) mod functions;
 pub(crate) mod primary;
-pub(crate) mod registry;
 pub(crate) mod replica;
+pub(crate) mod roles;
+pub(crate) mod sys;
 pub mod transport;
 pub mod txlog;
 pub mod types;

@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::ffi::conn::{DbRef, OwnedDb, SqlValue};
 use crate::ffi::func::{register_scalar, Call};
 use crate::ffi::{self, sqlite3};
-use crate::registry::Db;
+use crate::roles::Db;
 use std::sync::Arc;
 
 /// Every SQL function of the extension: (name, number of args, implementation).
@@ -101,7 +101,7 @@ fn repl_debug(_c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
 /// The registry entry of the connection's main database, if it was opened through our VFS.
 fn main_db(db: DbRef) -> Option<Arc<Db>> {
     let f = db.file_pointer("main")?;
-    crate::vfs::db_of_file(f)
+    crate::roles::db_of_file(f)
 }
 
 /// Like `main_db`, but explains what is wrong when there is no usable main database.
@@ -122,7 +122,7 @@ fn main_db_checked(db: DbRef, what: &str) -> Result<(Arc<Db>, String)> {
              reopen it after loading the extension (e.g. '.open {path}' in the shell) or open it with ?vfs=replica"
         )));
     }
-    let entry = crate::vfs::db_of_file(f)
+    let entry = crate::roles::db_of_file(f)
         .ok_or_else(|| Error::Other(format!("{what}: no state for {path}")))?;
     Ok((entry, path))
 }
@@ -196,7 +196,7 @@ fn become_primary(c: &Call) -> Result<SqlValue> {
         )));
     }
     aux.db().query_value("PRAGMA schema_version")?; // initialises the wal-index
-    let p = crate::primary::make_primary(&entry)?;
+    let p = crate::roles::make_primary(&entry)?;
     drop(aux);
     let _ = c.db.exec("PRAGMA main.journal_mode=WAL");
     Ok(SqlValue::Int(p.lsn().0 as i64))
@@ -259,12 +259,12 @@ fn repl_sync(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
             // Validate the source before creating anything on disk: its syntax, and that it
             // answers (an unreachable primary or a missing token must leave no replica files).
             crate::transport::open_source(source.unwrap_or_default())?.info()?;
-            let r = crate::registry::make_replica(&entry)?;
+            let r = crate::roles::make_replica(&entry)?;
             return match r.sync(source) {
                 Ok(lsn) => Ok(SqlValue::Int(lsn.0 as i64)),
                 Err(e) => {
                     drop(r);
-                    crate::registry::unmake_new_replica(&entry);
+                    crate::roles::unmake_new_replica(&entry);
                     Err(e)
                 }
             };
@@ -528,7 +528,7 @@ fn exec_any(c: &Call, a: &[SqlValue], what: &str) -> Result<serde_json::Value> {
             )))
         }
     };
-    crate::primary::exec::params_from_json(&params)
+    crate::transport::exec::params_from_json(&params)
         .map_err(|m| Error::Misuse(format!("{what}(): {m}")))?;
     let request_id = match a.get(2) {
         None | Some(SqlValue::Null) => None,
@@ -541,9 +541,9 @@ fn exec_any(c: &Call, a: &[SqlValue], what: &str) -> Result<serde_json::Value> {
     };
     let (entry, path) = main_db_checked(c.db, &format!("{what}()"))?;
     if let Some(p) = entry.primary() {
-        let req = crate::primary::exec::ExecRequest {
+        let req = crate::transport::exec::ExecRequest {
             sql: sql.clone(),
-            params: crate::primary::exec::params_from_json(&params).map_err(Error::Misuse)?,
+            params: crate::transport::exec::params_from_json(&params).map_err(Error::Misuse)?,
             request_id,
         };
         return p.exec(&req);

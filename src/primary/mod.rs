@@ -44,7 +44,7 @@
 //! is right because it had not written to the WAL yet. T2's own capture failing leaves the
 //! intent in place, so the next WRITE holder captures those frames instead of calling them a
 //! gap. Cost: the intent lives in a `MAP_SHARED` mapping of the position file
-//! (`ffi::os::SharedWords`), so T1 stores ten words and T2 one, and T1 reads the position from
+//! (`sys::SharedWords`), so T1 stores ten words and T2 one, and T1 reads the position from
 //! the mapping instead of `pread`: no syscall added to the commit path. The position itself
 //! is still written with one `pwrite` by T2 (its checksum lets lock-free readers detect a torn
 //! copy).
@@ -55,10 +55,9 @@
 //! position, which `sync_shared` compares), so `Log::append` need not `stat` the segment.
 
 use crate::error::{Error, Result};
-use crate::registry::{self, Db, Role};
 use crate::txlog::{DbChecksum, Log, Meta, Page, Record, RecordMeta};
 use crate::types::{Checksum, Generation, Lsn, PageNo, PageSize};
-use crate::vfs::AgentHandle;
+use crate::vfs::{AgentHandle, DbFileIo, Witness as T1Witness};
 use crate::wal::{FrameReader, WalHeader, WalIndexHeader};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -67,8 +66,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-#[allow(unused_imports)]
-use DbFileIo as _;
 
 mod background;
 pub(crate) mod exec;
@@ -77,21 +74,6 @@ mod position;
 mod snapshot;
 
 use position::{Intent, IntentCheck, PosFile, Position};
-
-/// What capture needs from a database file handle (a connection's, or the agent's).
-pub trait DbFileIo {
-    /// The first 136 bytes of the wal-index (header copies + checkpoint info), if mapped.
-    fn shm_head(&self) -> Option<[u8; 136]>;
-    /// Read database-file bytes at `offset`; zero-fills past EOF.
-    fn read_db(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
-}
-
-/// What T1 established for the connection that now holds WRITE.
-#[derive(Clone, Copy, Debug)]
-pub struct T1Witness {
-    /// After T1, every committed frame was captured (position == header).
-    caught_up: bool,
-}
 
 struct Capture {
     log: Log,
@@ -152,49 +134,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Veto a PRAGMA on a primary database (wal-spec D.2 T4). Returns the error message to show.
-pub fn pragma_veto(db: &Db, name: &str, value: Option<&str>) -> Option<String> {
-    let role = if db.primary().is_some() {
-        "primary"
-    } else if db.replica().is_some() {
-        "replica"
-    } else {
-        return None;
-    };
-    let v = value?
-        .trim()
-        .trim_matches(|c| c == '\'' || c == '"')
-        .to_ascii_lowercase();
-    if name.eq_ignore_ascii_case("locking_mode") && v == "exclusive" {
-        return Some(format!(
-            "sqlite-replica: PRAGMA locking_mode=EXCLUSIVE is refused on a {role}: exclusive mode \
-             hides commits from replication and blocks the applier; keep locking_mode=NORMAL"
-        ));
-    }
-    if name.eq_ignore_ascii_case("journal_mode") && v != "wal" {
-        return Some(format!(
-            "sqlite-replica: PRAGMA journal_mode={v} is refused on a {role}: replication needs WAL mode"
-        ));
-    }
-    None
-}
-
-/// `repl_primary()`: make the database at `path` (opened through our VFS) a primary.
-pub fn make_primary(db: &Arc<Db>) -> Result<Arc<Primary>> {
-    let _g = lock(&db.attach_lock);
-    if let Some(p) = db.primary() {
-        return Ok(p);
-    }
-    let p = Primary::attach(db, true)?;
-    *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::Primary(p.clone());
-    Ok(p)
-}
-
 impl Primary {
-    /// Attach capture to `db` (create = start a new lineage if there is no log yet).
-    pub fn attach(db: &Arc<Db>, create: bool) -> Result<Arc<Primary>> {
-        let dir = registry::log_dir(&db.path);
-        let agent = AgentHandle::open(&db.path)?;
+    /// Attach capture to the database at `db_path` (create = start a new lineage if there is no log yet).
+    pub fn attach(db_path: &str, create: bool) -> Result<Arc<Primary>> {
+        let dir = crate::txlog::log_dir(db_path);
+        let agent = AgentHandle::open(db_path)?;
         let policy = maintenance::load_policy(&dir).unwrap_or_default();
         let cfg = crate::txlog::LogConfig {
             segment_bytes: policy.segment_bytes,
@@ -238,7 +182,7 @@ impl Primary {
             skip_shared_once: false,
         };
         let p = Arc::new(Primary {
-            db_path: db.path.clone(),
+            db_path: db_path.to_string(),
             dir: dir.clone(),
             agent,
             state: Mutex::new(cap),
@@ -249,7 +193,7 @@ impl Primary {
             exec_conn: Mutex::new(None),
             posf: once_cell::sync::OnceCell::new(),
             durable_file: crate::txlog::DurableFile::open(&dir)?,
-            file_id: file_identity(&db.path),
+            file_id: file_identity(db_path),
             dir_id: file_identity(&dir),
         });
         if create {
@@ -838,33 +782,8 @@ impl Primary {
                 s.addr()
             )));
         }
-        let weak = Arc::downgrade(self);
-        let handler: crate::transport::server::ExecHandler = Arc::new(move |body| {
-            let Some(p) = weak.upgrade() else {
-                return (
-                    503,
-                    serde_json::json!({"error": "the primary is shutting down"}),
-                );
-            };
-            let req = match exec::request_from_json(body) {
-                Ok(r) => r,
-                Err(m) => return (400, serde_json::json!({ "error": m })),
-            };
-            match p.exec(&req) {
-                Ok(a) => (200, a),
-                Err(Error::Sql { code, message }) => {
-                    (422, serde_json::json!({"error": message, "code": code}))
-                }
-                Err(e) => (
-                    if matches!(e, Error::Busy(_)) {
-                        503
-                    } else {
-                        500
-                    },
-                    serde_json::json!({"error": e.to_string(), "code": e.sqlite_code()}),
-                ),
-            }
-        });
+        let handler: crate::transport::server::ExecHandler =
+            Arc::new(exec::Forwarded(Arc::downgrade(self)));
         *g = Some(crate::transport::server::Server::start(
             &self.db_path,
             addr,

@@ -16,30 +16,11 @@ use crate::error::Result;
 use crate::types::PageSize;
 use crate::wal::{
     self, hash_insert, hash_truncate, native_is_big_endian, shm_ckpt_info, shm_publish_header,
-    shm_read_header, shm_write_ckpt_info, CkptInfo, ShmAccess, WalHeader, WalIndexHeader,
-    READMARK_UNUSED, SHM_VERSION,
+    shm_read_header, shm_write_ckpt_info, CkptInfo, ShmAccess, WalHeader, WalIndexHeader, WalLocks,
+    READMARK_UNUSED, SHM_VERSION, SLOT_READ1,
 };
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-
-/// WAL lock slots (wal-spec C.2).
-pub const SLOT_WRITE: u32 = 0;
-pub const SLOT_READ1: u32 = 4;
-
-/// Exclusive try-locks on WAL lock slots (the applier only ever needs exclusive ones).
-pub trait WalLocks {
-    fn try_lock_exclusive(&mut self, ofst: u32, n: u32) -> bool;
-    fn unlock_exclusive(&mut self, ofst: u32, n: u32);
-}
-
-impl WalLocks for crate::vfs::LiveShm<'_> {
-    fn try_lock_exclusive(&mut self, ofst: u32, n: u32) -> bool {
-        crate::vfs::LiveShm::try_lock_exclusive(self, ofst, n)
-    }
-    fn unlock_exclusive(&mut self, ofst: u32, n: u32) {
-        crate::vfs::LiveShm::unlock_exclusive(self, ofst, n)
-    }
-}
 
 /// Why the applier did not write.
 #[derive(Debug)]

@@ -18,17 +18,18 @@ mod follow;
 mod plan;
 mod position;
 
-pub use apply::{append_commit, ApplyError, WalLocks, SLOT_WRITE};
+pub use apply::{append_commit, ApplyError};
 pub use plan::{plan_batch, BatchPlan, PlanError};
 
 use crate::error::{Error, Result};
 use crate::ffi::conn::OwnedDb;
-use crate::registry::Db;
 use crate::transport::{self, Fetch, Source};
 use crate::txlog::DbChecksum;
 use crate::types::{Checksum, Generation, Lsn, PageNo, PageSize};
 use crate::vfs::{AgentHandle, LiveShm};
-use crate::wal::{self, hash_lookup_checked, shm_read_header, WalIndexHeader};
+use crate::wal::{
+    self, hash_lookup_checked, shm_read_header, WalIndexHeader, SLOT_READ1, SLOT_WRITE,
+};
 use position::{Applied, PositionFile};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -148,7 +149,7 @@ fn log_event(line: &str) {
 /// commits, the wal-index) and `<db>-replica/applied` (the position). Missing ones are
 /// created later and need no check here.
 pub fn check_writable(db_path: &str) -> Result<()> {
-    let applied = crate::registry::log_dir(db_path).join("applied");
+    let applied = crate::txlog::log_dir(db_path).join("applied");
     let files = [
         PathBuf::from(db_path),
         PathBuf::from(format!("{db_path}-wal")),
@@ -157,7 +158,7 @@ pub fn check_writable(db_path: &str) -> Result<()> {
     ];
     let denied: Vec<String> = files
         .iter()
-        .filter_map(|p| match crate::ffi::os::check_writable(p) {
+        .filter_map(|p| match crate::sys::check_writable(p) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 Some(format!("{} ({e})", p.display()))
             }
@@ -177,15 +178,14 @@ pub fn check_writable(db_path: &str) -> Result<()> {
 
 /// Does `<db>-replica/replica.json` exist (the database is a replica)?
 pub fn is_replica_dir(db_path: &str) -> bool {
-    crate::registry::log_dir(db_path)
-        .join("replica.json")
-        .exists()
+    crate::txlog::log_dir(db_path).join("replica.json").exists()
 }
 
 impl Replica {
-    /// Attach the replica role to `db` (creating `<db>-replica/replica.json` when `create`).
-    pub fn attach(db: &Arc<Db>, create: bool) -> Result<Arc<Replica>> {
-        let dir = crate::registry::log_dir(&db.path);
+    /// Attach the replica role to the database at `db_path` (creating
+    /// `<db>-replica/replica.json` when `create`).
+    pub fn attach(db_path: &str, create: bool) -> Result<Arc<Replica>> {
+        let dir = crate::txlog::log_dir(db_path);
         let meta_path = dir.join("replica.json");
         let meta = if meta_path.exists() {
             let text = std::fs::read_to_string(&meta_path)
@@ -212,9 +212,9 @@ impl Replica {
             write_meta(&dir, &m)?;
             m
         } else {
-            return Err(Error::Other(format!("{} is not a replica", db.path)));
+            return Err(Error::Other(format!("{db_path} is not a replica")));
         };
-        let handle = open_handle(&db.path)?;
+        let handle = open_handle(db_path)?;
         let pos = PositionFile::open(&dir)?;
         let lp = dir.join("applier.lock");
         // Read-only when this process may not write it (flock works on any descriptor):
@@ -227,7 +227,7 @@ impl Replica {
             .or_else(|e| File::open(&lp).map_err(|_| e))
             .map_err(|e| Error::io(format!("opening {}", lp.display()), e))?;
         Ok(Arc::new(Replica {
-            db_path: db.path.clone(),
+            db_path: db_path.to_string(),
             dir,
             handle,
             pos,
@@ -826,7 +826,7 @@ impl Replica {
                 self.db_path,
                 st.source.as_ref().map_or_else(
                     || "<primary>-replica".to_string(),
-                    |s| crate::registry::log_dir(&s.describe()).display().to_string()
+                    |s| crate::txlog::log_dir(&s.describe()).display().to_string()
                 ),
                 lsn = st.lsn
             )),
@@ -837,7 +837,7 @@ impl Replica {
     /// This replica's page size as its database file's header says (None: empty file).
     fn file_page_size(&self) -> Option<PageSize> {
         let mut head = [0u8; 100];
-        crate::primary::DbFileIo::read_db(&self.handle, 0, &mut head).ok()?;
+        crate::vfs::DbFileIo::read_db(&self.handle, 0, &mut head).ok()?;
         PageSize::from_db_header(&head)
     }
 
@@ -981,8 +981,8 @@ impl Replica {
                     let ck = crate::wal::shm_ckpt_info(&shm);
                     let done = ck.n_backfill >= h.mx_frame;
                     done && {
-                        let free = shm.try_lock_exclusive(apply::SLOT_READ1, 4);
-                        shm.unlock_exclusive(apply::SLOT_READ1, 4);
+                        let free = shm.try_lock_exclusive(SLOT_READ1, 4);
+                        shm.unlock_exclusive(SLOT_READ1, 4);
                         free
                     }
                 }
@@ -1027,7 +1027,7 @@ impl Replica {
         let ck = crate::wal::shm_ckpt_info(&shm);
         let mut held = Vec::new();
         for i in 1..=4u32 {
-            let slot = apply::SLOT_READ1 + i - 1;
+            let slot = SLOT_READ1 + i - 1;
             if shm.try_lock_exclusive(slot, 1) {
                 shm.unlock_exclusive(slot, 1);
             } else {
@@ -1229,7 +1229,7 @@ fn read_page_into(
         }
         None => {
             let ps = ps.map_or(buf.len() as u64, |p| p.get() as u64);
-            crate::primary::DbFileIo::read_db(handle, (p.get() as u64 - 1) * ps, buf)
+            crate::vfs::DbFileIo::read_db(handle, (p.get() as u64 - 1) * ps, buf)
         }
     }
 }

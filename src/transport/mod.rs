@@ -7,6 +7,7 @@
 //! checked by the txlog decoder before a record leaves here).
 
 pub mod dir;
+pub mod exec;
 pub mod fuzzing;
 pub mod http;
 pub mod notify;

@@ -32,8 +32,8 @@ const DEFAULT_MAX_BYTES: u64 = 16 << 20;
 const MAX_MAX_BYTES: u64 = 256 << 20;
 /// Largest /v1/exec request body.
 const MAX_EXEC_BODY: u64 = 16 << 20;
-/// Runs a `/v1/exec` body; answers (HTTP status, JSON body).
-pub type ExecHandler = Arc<dyn Fn(&serde_json::Value) -> (u16, serde_json::Value) + Send + Sync>;
+/// Runs parsed `/v1/exec` requests (`exec::respond` maps the outcome to HTTP).
+pub type ExecHandler = Arc<dyn super::exec::Handler>;
 /// A follower not seen for this long is no longer "connected".
 const FOLLOWER_TTL: Duration = Duration::from_secs(30);
 pub const RECORDS_TYPE: &str = "application/vnd.sqlite-replica.records";
@@ -100,11 +100,11 @@ impl Server {
                  database; pass a token (repl_primary('{addr}', 'secret') or REPL_TOKEN) or listen on 127.0.0.1"
             )));
         }
-        let dir = crate::registry::log_dir(db);
+        let dir = crate::txlog::log_dir(db);
         let log = Log::open(&dir, Default::default())?;
         let listener = std::net::TcpListener::bind(sock)
             .map_err(|e| Error::io(format!("cannot listen on {sock}"), e))?;
-        let _ = crate::ffi::os::set_tcp_nodelay(&listener);
+        let _ = crate::sys::set_tcp_nodelay(&listener);
         let server = tiny_http::Server::from_listener(listener, None)
             .map_err(|e| Error::Other(format!("cannot listen on {sock}: {e}")))?;
         let bound = server
@@ -387,7 +387,7 @@ fn serve_exec(sh: &Shared, req: &mut Request) -> Resp {
         Ok(v) => v,
         Err(e) => return error_response(400, &format!("the body is not JSON: {e}")),
     };
-    let (status, answer) = exec(&v);
+    let (status, answer) = super::exec::respond(&**exec, &v);
     json_response(status, &answer)
 }
 

@@ -391,7 +391,7 @@ impl Log {
             // an append into reserved space is a plain overwrite, much cheaper than one that
             // allocates. Best effort.
             let want = (c.end + len).max(c.reserved) + PREALLOCATE_BYTES;
-            if crate::ffi::os::preallocate_keep_size(f, c.end, want - c.end).is_ok() {
+            if crate::sys::preallocate_keep_size(f, c.end, want - c.end).is_ok() {
                 c.reserved = want;
             }
         }
