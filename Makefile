@@ -2,7 +2,8 @@
 #
 #   make deps    install what a fresh Debian 12 machine lacks (idempotent, quiet when satisfied)
 #   make build   cargo build --release, then copy the artefacts to build/ (stable paths)
-#   make test    deps + build, then every Rust test, clippy, rustfmt and the Python suite
+#   make test    deps + build, then every Rust test, clippy, rustfmt, the layer check
+#                (scripts/check_layers.py: imports point down docs/ARCHITECTURE.md's layers) and the Python suite
 #   make demo    build, then scripts/demo.sh
 #   make bench   build + bench-deps, then scripts/bench.py (commit overhead), scripts/bench_bootstrap.py (replica bootstrap vs cp)
 #                scripts/bench_apply.py (apply throughput, one-transaction sync, reader latency)
@@ -77,6 +78,7 @@ test: deps build
 	$(CARGO) test --release
 	$(CARGO) clippy --all-targets --release -- -D warnings
 	$(CARGO) fmt --check
+	$(PYTHON) scripts/check_layers.py --quiet
 	$(PYTHON) -m pytest -q tests/python
 
 demo: build
