@@ -10,7 +10,9 @@ pub mod dir;
 pub mod exec;
 pub mod fuzzing;
 pub mod http;
+mod metrics;
 pub mod notify;
+mod response;
 pub mod server;
 
 use crate::error::{Error, Result};

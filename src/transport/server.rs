@@ -10,7 +10,11 @@
 //! bounded (file ranges are copied to the socket, never buffered). Every response to a
 //! request with a bad or missing bearer token is 401; bad parameters 400; unknown paths 404.
 
+use super::metrics::{self, Follower};
 use super::notify;
+use super::response::{
+    boxed, ct_eq, error_response, header, header_value, json_response, num, query, Resp,
+};
 use crate::error::{Error, Result};
 use crate::txlog::{self, Log, ReadHint};
 use crate::types::Lsn;
@@ -21,7 +25,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tiny_http::{Header, Method, Request, Response, StatusCode};
+use tiny_http::{Header, Method, Request};
 
 /// Requests served at once (long-polls included); more get 503.
 const MAX_REQUESTS: usize = 256;
@@ -34,16 +38,8 @@ const MAX_MAX_BYTES: u64 = 256 << 20;
 const MAX_EXEC_BODY: u64 = 16 << 20;
 /// Runs parsed `/v1/exec` requests (`exec::respond` maps the outcome to HTTP).
 pub type ExecHandler = Arc<dyn super::exec::Handler>;
-/// A follower not seen for this long is no longer "connected".
-const FOLLOWER_TTL: Duration = Duration::from_secs(30);
 pub const RECORDS_TYPE: &str = "application/vnd.sqlite-replica.records";
 pub const SNAPSHOT_TYPE: &str = "application/vnd.sqlite-replica.snapshot";
-
-struct Follower {
-    last_lsn: u64,
-    seen: Instant,
-    waiting: usize,
-}
 
 struct Shared {
     db: String,
@@ -213,59 +209,6 @@ fn accept_loop(sh: Arc<Shared>, server: Arc<tiny_http::Server>) {
     }
 }
 
-fn header(name: &str, value: impl std::fmt::Display) -> Header {
-    Header::from_bytes(name.as_bytes(), value.to_string().as_bytes()).expect("valid header")
-}
-
-type Resp = Response<Box<dyn Read + Send>>;
-
-/// A response of `len` bytes when known. tiny_http switches bodies of 32 KiB or more to
-/// `Transfer-Encoding: chunked` (no Content-Length) by default; the protocol promises
-/// Content-Length framing so that a client can check it received the whole body before it
-/// decodes anything: raise the threshold so a known length is always sent as Content-Length.
-fn boxed<R: Read + Send + 'static>(
-    status: u16,
-    r: R,
-    len: Option<usize>,
-    headers: Vec<Header>,
-) -> Resp {
-    let resp = Response::new(
-        StatusCode(status),
-        headers,
-        Box::new(r) as Box<dyn Read + Send>,
-        len,
-        None,
-    );
-    if len.is_some() {
-        resp.with_chunked_threshold(usize::MAX)
-    } else {
-        resp
-    }
-}
-
-fn json_response(status: u16, v: &serde_json::Value) -> Resp {
-    let body = v.to_string().into_bytes();
-    let len = body.len();
-    boxed(
-        status,
-        std::io::Cursor::new(body),
-        Some(len),
-        vec![header("Content-Type", "application/json")],
-    )
-}
-
-fn error_response(status: u16, msg: &str) -> Resp {
-    json_response(status, &serde_json::json!({ "error": msg }))
-}
-
-/// Constant-time comparison (the length is not secret).
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn authorized(sh: &Shared, req: &Request) -> bool {
     let Some(token) = &sh.token else { return true };
     req.headers()
@@ -278,52 +221,6 @@ fn authorized(sh: &Shared, req: &Request) -> bool {
                 .filter(|s| s.eq_ignore_ascii_case("bearer "))
                 .is_some_and(|_| ct_eq(v[7..].trim().as_bytes(), token.as_bytes()))
         })
-}
-
-fn header_value(req: &Request, name: &'static str) -> Option<String> {
-    req.headers()
-        .iter()
-        .find(|h| h.field.equiv(name))
-        .map(|h| h.value.as_str().to_string())
-}
-
-/// `?a=1&b=2` → pairs (no percent-decoding: every parameter is a number).
-fn query(url: &str) -> (&str, Vec<(&str, &str)>) {
-    match url.split_once('?') {
-        None => (url, Vec::new()),
-        Some((path, q)) => (
-            path,
-            q.split('&')
-                .filter(|s| !s.is_empty())
-                .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
-                .collect(),
-        ),
-    }
-}
-
-/// A parameter as an integer in `range`, or a 400 message naming it.
-fn num(
-    params: &[(&str, &str)],
-    name: &str,
-    range: std::ops::RangeInclusive<u64>,
-) -> std::result::Result<Option<u64>, String> {
-    let Some((_, v)) = params.iter().rev().find(|(k, _)| *k == name) else {
-        return Ok(None);
-    };
-    let bad = || {
-        format!(
-            "{name} must be a decimal integer between {} and {}, got {v:?}",
-            range.start(),
-            range.end()
-        )
-    };
-    if v.is_empty() || v.len() > 20 || !v.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad());
-    }
-    match v.parse::<u64>() {
-        Ok(n) if range.contains(&n) => Ok(Some(n)),
-        _ => Err(bad()),
-    }
 }
 
 fn handle(sh: &Shared, mut req: Request) {
@@ -610,51 +507,11 @@ fn serve_snapshot(sh: &Shared) -> Result<Resp> {
 
 /// `waiting`: +1 entering a long-poll, -1 leaving it, 0 to record a position only.
 fn touch_follower(sh: &Shared, id: &str, last_lsn: u64, waiting: i32) {
-    let mut m = sh.followers.lock().unwrap_or_else(|e| e.into_inner());
-    let f = m.entry(id.to_string()).or_insert(Follower {
-        last_lsn,
-        seen: Instant::now(),
-        waiting: 0,
-    });
-    f.last_lsn = f.last_lsn.max(last_lsn);
-    f.seen = Instant::now();
-    f.waiting = (f.waiting as i64 + waiting as i64).max(0) as usize;
-    m.retain(|_, f| f.waiting > 0 || f.seen.elapsed() < FOLLOWER_TTL);
+    metrics::touch_follower(&sh.followers, id, last_lsn, waiting)
 }
 
 fn followers_json(sh: &Shared) -> serde_json::Value {
-    let durable = Log::read_durable(&sh.dir)
-        .ok()
-        .flatten()
-        .map_or(0, |d| d.0 .0);
-    let m = sh.followers.lock().unwrap_or_else(|e| e.into_inner());
-    let mut v: Vec<_> = m
-        .iter()
-        .filter(|(_, f)| f.waiting > 0 || f.seen.elapsed() < FOLLOWER_TTL)
-        .map(|(id, f)| {
-            serde_json::json!({
-                "id": id,
-                "last_lsn": f.last_lsn,
-                "lag_lsn": durable.saturating_sub(f.last_lsn),
-                "seen_ms_ago": f.seen.elapsed().as_millis() as u64,
-            })
-        })
-        .collect();
-    v.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
-    serde_json::Value::Array(v)
-}
-
-fn records_per_sec(sh: &Shared, lsn: u64) -> f64 {
-    let now = Instant::now();
-    let mut r = sh.rate.lock().unwrap_or_else(|e| e.into_inner());
-    r.push((now, lsn));
-    r.retain(|(t, _)| now.duration_since(*t) < Duration::from_secs(10));
-    match (r.first(), r.last()) {
-        (Some(a), Some(b)) if b.0 > a.0 => {
-            (b.1 - a.1) as f64 / b.0.duration_since(a.0).as_secs_f64()
-        }
-        _ => 0.0,
-    }
+    metrics::followers_json(&sh.followers, &sh.dir)
 }
 
 fn metrics(sh: &Shared) -> Resp {
@@ -666,85 +523,15 @@ fn metrics(sh: &Shared) -> Resp {
         .unwrap_or(0);
     let followers = followers_json(sh);
     let list = followers.as_array().cloned().unwrap_or_default();
-    let mut out = String::new();
-    let mut metric = |name: &str, help: &str, kind: &str, lines: Vec<(String, String)>| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-        for (labels, v) in lines {
-            out.push_str(&format!("{name}{labels} {v}\n"));
-        }
-    };
-    metric(
-        "sqlite_replica_lsn",
-        "Durable LSN of the primary.",
-        "gauge",
-        vec![(String::new(), lsn.to_string())],
-    );
-    metric(
-        "sqlite_replica_generation",
-        "Generation of the log.",
-        "gauge",
-        vec![(String::new(), generation.to_string())],
-    );
-    metric(
-        "sqlite_replica_log_bytes",
-        "Bytes of log segments retained.",
-        "gauge",
-        vec![(String::new(), log_bytes.to_string())],
-    );
-    metric(
-        "sqlite_replica_records_per_second",
-        "Records made durable per second (10 s window).",
-        "gauge",
-        vec![(String::new(), format!("{:.3}", records_per_sec(sh, lsn)))],
-    );
-    metric(
-        "sqlite_replica_served_records_total",
-        "Records sent to followers.",
-        "counter",
-        vec![(
-            String::new(),
-            sh.served_records.load(Ordering::Relaxed).to_string(),
-        )],
-    );
-    metric(
-        "sqlite_replica_served_bytes_total",
-        "Record bytes sent to followers.",
-        "counter",
-        vec![(
-            String::new(),
-            sh.served_bytes.load(Ordering::Relaxed).to_string(),
-        )],
-    );
-    metric(
-        "sqlite_replica_followers",
-        "Followers seen in the last 30 s.",
-        "gauge",
-        vec![(String::new(), list.len().to_string())],
-    );
-    let label = |f: &serde_json::Value| {
-        let id = f["id"]
-            .as_str()
-            .unwrap_or("")
-            .replace('\\', "\\\\")
-            .replace('"', "\\\"");
-        format!("{{follower=\"{id}\"}}")
-    };
-    metric(
-        "sqlite_replica_follower_lsn",
-        "Last LSN a follower has received.",
-        "gauge",
-        list.iter()
-            .map(|f| (label(f), f["last_lsn"].to_string()))
-            .collect(),
-    );
-    metric(
-        "sqlite_replica_follower_lag_lsn",
-        "How many LSNs a follower is behind the durable LSN.",
-        "gauge",
-        list.iter()
-            .map(|f| (label(f), f["lag_lsn"].to_string()))
-            .collect(),
-    );
+    let out = metrics::prometheus(&metrics::Metrics {
+        lsn,
+        generation,
+        log_bytes,
+        records_per_sec: metrics::records_per_sec(&sh.rate, lsn),
+        served_records: sh.served_records.load(Ordering::Relaxed),
+        served_bytes: sh.served_bytes.load(Ordering::Relaxed),
+        followers: list,
+    });
     let len = out.len();
     boxed(
         200,
