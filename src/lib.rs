@@ -12,6 +12,7 @@
 //! - `roles`: the per-database registry: attaches, resumes and detaches roles; the VFS hooks.
 //! - `transport`: record sources for replicas (`dir`: a primary's log directory).
 //! - `functions`: the `repl_*` SQL functions.
+//! - `util`: small shared helpers (milliseconds, hex, random bytes).
 //! - `types`: the domain newtypes (`Lsn`, `PageNo`, `FrameNo`, `PageSize`, `Generation`, `Checksum`).
 //! - `wal`: WAL file and wal-index formats (pure, no unsafe).
 //! - `txlog`: the replication log: record/snapshot format, segments (pure, no unsafe).
@@ -28,5 +29,6 @@ pub(crate) mod sys;
 pub mod transport;
 pub mod txlog;
 pub mod types;
+pub(crate) mod util;
 pub(crate) mod vfs;
 pub mod wal;

@@ -561,9 +561,6 @@ fn exec_any(c: &Call, a: &[SqlValue], what: &str) -> Result<serde_json::Value> {
 
 fn random_id() -> String {
     let mut b = [0u8; 16];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut b);
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    let _ = crate::util::urandom(&mut b);
+    crate::util::hex(&b)
 }

@@ -5,10 +5,11 @@
 
 use super::plan::{self, Plan};
 use super::position::{Intent, IntentCheck, Position};
-use super::{apply_to_sums, lock, log_event, now_ms, read_header, Capture, Primary};
+use super::{apply_to_sums, lock, log_event, read_header, Capture, Primary};
 use crate::error::{Error, Result};
 use crate::txlog::{Page, Record, RecordMeta};
 use crate::types::{PageNo, PageSize};
+use crate::util::now_ms;
 use crate::vfs::{DbFileIo, Witness as T1Witness};
 use crate::wal::{FrameReader, WalHeader, WalIndexHeader};
 use std::collections::BTreeMap;

@@ -16,15 +16,12 @@ use crate::error::{Error, Result};
 use crate::ffi::conn::{OwnedDb, SqlValue};
 use crate::transport::exec::{value_to_json, ExecRequest, Handler};
 use crate::types::Lsn;
+use crate::util::now_ms;
 use serde_json::{json, Value};
 use std::sync::Weak;
 
 /// Request ids are kept this long.
 const KEEP_MS: u64 = 24 * 3600 * 1000;
-
-fn now_ms() -> u64 {
-    super::now_ms()
-}
 
 impl Primary {
     /// Runs `req` as one transaction; the answer is the JSON of `/v1/exec`.

@@ -57,10 +57,10 @@
 use crate::error::{Error, Result};
 use crate::txlog::{DbChecksum, Log, Meta, Record};
 use crate::types::{Generation, Lsn, PageSize};
+use crate::util::now_ms;
 use crate::vfs::{AgentHandle, DbFileIo};
 use crate::wal::{WalHeader, WalIndexHeader};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -124,13 +124,6 @@ pub struct Primary {
 }
 
 type T3Seen = ([u8; 8], u32, u32, Option<(Lsn, u32)>);
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -372,16 +365,10 @@ fn log_event(line: &str) {
     eprintln!("{line}");
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn random_hex(n: usize) -> String {
     let mut b = vec![0u8; n];
-    if let Ok(f) = File::open("/dev/urandom") {
-        let _ = f.read_exact_at(&mut b, 0);
-    }
-    hex(&b)
+    let _ = crate::util::urandom(&mut b);
+    crate::util::hex(&b)
 }
 
 fn file_identity(p: impl AsRef<std::path::Path>) -> Option<(u64, u64)> {

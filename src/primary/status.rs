@@ -1,9 +1,10 @@
 //! What the SQL functions ask a primary (`repl_lsn`, `repl_checksum`, `repl_status`).
 
-use super::{hex, lock, maintenance, read_header, Primary};
+use super::{lock, maintenance, read_header, Primary};
 use crate::error::{Error, Result};
 use crate::txlog::Log;
 use crate::types::{Checksum, Lsn};
+use crate::util::hex;
 use std::time::{Duration, Instant};
 
 impl Primary {

@@ -14,6 +14,7 @@ use crate::error::Error;
 #[cfg(test)]
 use crate::error::Result;
 use crate::types::PageSize;
+use crate::util::hex;
 use crate::wal::{
     self, hash_insert, hash_truncate, native_is_big_endian, shm_ckpt_info, shm_publish_header,
     shm_read_header, shm_write_ckpt_info, CkptInfo, ShmAccess, WalHeader, WalIndexHeader, WalLocks,
@@ -219,9 +220,7 @@ fn read_wal_header(wal: &File) -> Option<WalHeader> {
 
 fn random_salts() -> [u8; 8] {
     let mut b = [0u8; 8];
-    if let Ok(f) = File::open("/dev/urandom") {
-        let _ = f.read_exact_at(&mut b, 0);
-    }
+    let _ = crate::util::urandom(&mut b);
     if b == [0u8; 8] {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -230,10 +229,6 @@ fn random_salts() -> [u8; 8] {
         b = (t | 1).to_le_bytes();
     }
     b
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[cfg(test)]

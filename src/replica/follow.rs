@@ -10,9 +10,10 @@
 //! `repl_status()` and retried with capped exponential backoff and jitter; a primary that
 //! goes away leaves the replica readable at its last LSN.
 
-use super::{lock, log_event, now_ms, Replica, BATCH_BYTES};
+use super::{lock, log_event, Replica, BATCH_BYTES};
 use crate::error::{Error, Result};
 use crate::transport::{self, Fetch, Source};
+use crate::util::now_ms;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};

@@ -37,6 +37,7 @@ use crate::ffi::conn::OwnedDb;
 use crate::transport::{self, Source};
 use crate::txlog::DbChecksum;
 use crate::types::{Generation, Lsn, PageSize};
+use crate::util::now_ms;
 use crate::vfs::AgentHandle;
 use crate::wal::WalIndexHeader;
 use position::PositionFile;
@@ -119,13 +120,6 @@ type Followed = (transport::SourceInfo, Vec<crate::txlog::Record>);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn log_event(line: &str) {

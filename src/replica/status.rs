@@ -1,9 +1,10 @@
 //! What the SQL functions ask a replica (`repl_lsn`, `repl_checksum`, `repl_status`).
 
-use super::{lock, now_ms, Replica};
+use super::{lock, Replica};
 use crate::error::Result;
 use crate::transport;
 use crate::types::{Checksum, Lsn};
+use crate::util::now_ms;
 use crate::wal::{shm_read_header, WalIndexHeader};
 use std::time::{Duration, Instant};
 

@@ -7,6 +7,7 @@
 
 use crate::error::{Error, Result};
 use crate::ffi::conn::SqlValue;
+use crate::util::{hex, unhex};
 use serde_json::{json, Value};
 
 /// Runs forwarded writes (a primary in this process).
@@ -99,20 +100,6 @@ pub fn value_to_json(v: &SqlValue) -> Value {
         SqlValue::Text(t) => json!(t),
         SqlValue::Blob(b) => json!({ "blob": hex(b) }),
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 /// Parses a `/v1/exec` body: `{"sql": "...", "params": [...], "request_id": "..."}`.
