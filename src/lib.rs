@@ -3,6 +3,7 @@
 //! replicas (applying those transactions into their own WAL).
 //!
 //! Module index (see docs/ARCHITECTURE.md):
+//! - `config`: the environment settings, read once into one struct.
 //! - `entry`: the `sqlite3_replica_init` entry point (unsafe boundary).
 //! - `ffi`: the host API table, the panic guard, safe wrappers (unsafe boundary).
 //! - `sys`: thin safe wrappers over the few OS calls std does not offer (libc).
@@ -18,6 +19,7 @@
 //! - `txlog`: the replication log: record/snapshot format, segments (pure, no unsafe).
 //! - `error`: the one error type and its SQLite-code table.
 
+pub mod config;
 pub mod entry;
 pub mod error;
 pub(crate) mod ffi;

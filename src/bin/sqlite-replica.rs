@@ -124,7 +124,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
         }
         "serve" => {
             let mut listen = "127.0.0.1:7070".to_string();
-            let mut token = std::env::var("REPL_TOKEN").ok().filter(|t| !t.is_empty());
+            let mut token = replica::config::get().token.clone();
             let mut pos = Vec::new();
             let mut it = rest.iter();
             while let Some(a) = it.next() {

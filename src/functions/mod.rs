@@ -152,7 +152,7 @@ fn repl_primary(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
         let p = entry
             .primary()
             .ok_or_else(|| Error::Other("repl_primary(): the primary vanished".into()))?;
-        let token = token.or_else(|| std::env::var("REPL_TOKEN").ok().filter(|t| !t.is_empty()));
+        let token = token.or_else(|| crate::config::get().token.clone());
         p.serve(&addr, token)?;
     }
     Ok(lsn)

@@ -1,38 +1,24 @@
 //! Keeping the replica's WAL bounded (E.6): PASSIVE checkpoints after each sync, and the
 //! drain that waits for readers to leave the WAL before it grows past a limit.
+//!
+//! Drain (E.6): past `REPL_DRAIN_FRAMES` frames (default 4000) the applier stops appending
+//! until a checkpoint has backfilled everything and no reader pins the WAL, so the next batch
+//! restarts it. It waits at most `REPL_DRAIN_TIMEOUT_MS` (default 2000) for readers, then
+//! reports the pinned WAL and goes on appending; while the WAL stays pinned, later syncs only
+//! make one attempt each (no wait), so a long reader costs replication lag only once.
+//! A PASSIVE checkpoint runs after every batch once the WAL holds a quarter of that.
+//! (Both settings are read once, `config::Config`.)
 
 use super::{log_event, Replica, State};
 use crate::wal::SLOT_READ1;
 use std::time::{Duration, Instant};
-
-/// Drain (E.6): past `REPL_DRAIN_FRAMES` frames (default 4000) the applier stops appending
-/// until a checkpoint has backfilled everything and no reader pins the WAL, so the next batch
-/// restarts it. It waits at most `REPL_DRAIN_TIMEOUT_MS` (default 2000) for readers, then
-/// reports the pinned WAL and goes on appending; while the WAL stays pinned, later syncs only
-/// make one attempt each (no wait), so a long reader costs replication lag only once.
-/// A PASSIVE checkpoint runs after every batch once the WAL holds a quarter of that.
-struct DrainPolicy {
-    frames: u32,
-    timeout: Duration,
-}
-
-fn drain_policy() -> &'static DrainPolicy {
-    static P: once_cell::sync::Lazy<DrainPolicy> = once_cell::sync::Lazy::new(|| {
-        let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
-        DrainPolicy {
-            frames: env("REPL_DRAIN_FRAMES").map_or(4000, |v| v.clamp(16, u32::MAX as u64) as u32),
-            timeout: Duration::from_millis(env("REPL_DRAIN_TIMEOUT_MS").unwrap_or(2000)),
-        }
-    });
-    &P
-}
 
 impl Replica {
     /// E.6: checkpoint PASSIVE through the applier connection once the WAL is long.
     pub(super) fn maybe_checkpoint(&self, st: &mut State) {
         let long = st
             .last_hdr
-            .is_some_and(|h| h.mx_frame >= drain_policy().frames / 4);
+            .is_some_and(|h| h.mx_frame >= crate::config::get().drain_frames / 4);
         if let (true, Some(c)) = (long, &st.ckpt) {
             if c.db().exec("PRAGMA wal_checkpoint(PASSIVE)").is_ok() {
                 st.stats.checkpoints += 1;
@@ -44,15 +30,15 @@ impl Replica {
     /// reader holds READ1..4 (new readers then read the database file), so the next append
     /// restarts the WAL. Gives up after DRAIN_TIMEOUT and reports the pinning reader.
     pub(super) fn maybe_drain(&self, st: &mut State) {
-        let policy = drain_policy();
-        let Some(h) = st.last_hdr.filter(|h| h.mx_frame >= policy.frames) else {
+        let policy = crate::config::get();
+        let Some(h) = st.last_hdr.filter(|h| h.mx_frame >= policy.drain_frames) else {
             return;
         };
         let started = Instant::now();
         let deadline = if st.stats.wal_pinned.is_some() {
             started // still pinned at the last sync: one attempt, no wait
         } else {
-            started + policy.timeout
+            started + policy.drain_timeout
         };
         loop {
             if let Some(c) = &st.ckpt {
@@ -86,7 +72,7 @@ impl Replica {
                      ({readers}); the WAL grows until that read transaction ends (end long read \
                      transactions on the replica, or raise REPL_DRAIN_TIMEOUT_MS)",
                     h.mx_frame,
-                    policy.timeout.as_secs_f64()
+                    policy.drain_timeout.as_secs_f64()
                 );
                 if st.stats.wal_pinned.is_none() {
                     log_event(&format!(

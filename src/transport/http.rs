@@ -94,7 +94,7 @@ impl HttpSource {
                 }
             }
         }
-        let token = token.or_else(|| std::env::var("REPL_TOKEN").ok().filter(|t| !t.is_empty()));
+        let token = token.or_else(|| crate::config::get().token.clone());
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(3))
             .build();
