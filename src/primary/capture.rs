@@ -127,8 +127,9 @@ impl Primary {
             f.store(std::process::id().max(1), Ordering::Release);
         }
         let mut r = self.capture_once(st, io, h, witnessed);
-        if matches!(r, Err(Error::Misuse(_))) {
-            // The log does not continue where our handle thinks (check_sequence refused).
+        if matches!(r, Err(Error::OutOfSequence(_) | Error::StaleHandle(_))) {
+            // The log does not continue where our handle thinks (check_sequence refused, or
+            // another writer appended behind our handle).
             r = self
                 .sync_shared(st, true)
                 .and_then(|_| self.capture_once(st, io, h, witnessed));

@@ -133,10 +133,9 @@ impl Replica {
     /// A record the source cannot read back intact (the txlog decoder checks every record's
     /// checksum before it leaves the source): say which replica state is kept and what to do.
     pub(super) fn damaged_source(&self, st: &State, e: Error) -> Error {
-        let remote = st
-            .source
-            .as_ref()
-            .is_some_and(|s| s.describe().starts_with("http://"));
+        // A source without a log directory on this machine is remote (HTTP).
+        let local_log = st.source.as_ref().map(|s| s.log_dir());
+        let remote = matches!(local_log, Some(None));
         match e {
             // Over HTTP the bytes may have been damaged on the way (a retry fetches them
             // again) or be damaged in the primary's log: there is no local log path to check.
@@ -151,9 +150,9 @@ impl Replica {
                  still holds LSN {lsn} and stays readable. Check the primary's storage \
                  (sqlite-replica verify {}); repl_sync() continues once the log reads back intact",
                 self.db_path,
-                st.source.as_ref().map_or_else(
+                local_log.flatten().map_or_else(
                     || "<primary>-replica".to_string(),
-                    |s| crate::txlog::log_dir(&s.describe()).display().to_string()
+                    |d| d.display().to_string()
                 ),
                 lsn = st.lsn
             )),

@@ -61,6 +61,10 @@ impl Source for DirSource {
         self.db.clone()
     }
 
+    fn log_dir(&self) -> Option<&Path> {
+        Some(&self.dir)
+    }
+
     fn info(&self) -> Result<SourceInfo> {
         // Read fresh: a primary re-created at the same path has a new lineage.
         let meta = Log::read_meta(&self.dir)?;

@@ -159,15 +159,9 @@ impl HttpSource {
         );
         let resp = match self.get(&path, wait + Duration::from_secs(30)) {
             Ok(r) => r,
-            Err(Error::Other(m)) if m.starts_with("HTTP 410") => {
-                let first = m
-                    .split("first_lsn=")
-                    .nth(1)
-                    .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(from.0 + 1);
+            Err(Error::LogTruncated { first_lsn, .. }) => {
                 return Ok(Fetch::Truncated {
-                    first_lsn: Lsn(first),
+                    first_lsn: first_lsn.unwrap_or(Lsn(from.0 + 1)),
                 });
             }
             Err(e) => return Err(e),
@@ -227,13 +221,16 @@ fn status_error(code: u16, base: &str, msg: &str) -> Error {
             "the primary at {base} refused the request (401): {msg}; give the token as ?token= in the URL or in REPL_TOKEN"
         )),
         410 => {
-            // Keep first_lsn machine-readable for `log` (the message itself is the server's).
+            // The first retained LSN, for `log` (the message itself is the server's).
             let first = msg
                 .split("starts at LSN ")
                 .nth(1)
                 .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
                 .unwrap_or("");
-            Error::Other(format!("HTTP 410 first_lsn={first}: {msg}"))
+            Error::LogTruncated {
+                first_lsn: first.parse().ok().map(Lsn),
+                message: format!("HTTP 410 first_lsn={first}: {msg}"),
+            }
         }
         _ => Error::Other(format!("the primary at {base} answered HTTP {code}: {msg}")),
     }

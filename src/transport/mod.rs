@@ -82,6 +82,11 @@ pub trait Source: Send + Sync {
     /// The page size of the newest durable snapshot (None: none yet). Only asked on error
     /// paths (a replica naming why a source does not fit it), so it may cost a file read.
     fn page_size(&self) -> Result<Option<PageSize>>;
+    /// The primary's log directory when it is on this machine (a directory source); None for
+    /// a remote source.
+    fn log_dir(&self) -> Option<&std::path::Path> {
+        None
+    }
 }
 
 /// Parse what the user passed to `repl_sync()`: a primary database path, or a `file:` URL.
