@@ -163,8 +163,7 @@ fn become_primary(c: &Call) -> Result<SqlValue> {
     if let Some(r) = entry.replica() {
         return Err(Error::Misuse(format!(
             "repl_primary(): {path} is a replica of {}; a replica cannot become a primary (promotion is not supported yet)",
-            r.source()
-                .map_or("?".into(), |s| crate::transport::http::redact(&s))
+            r.source().map_or("?".into(), |s| s.to_string())
         )));
     }
     if let Some(p) = entry.primary() {
@@ -258,9 +257,11 @@ fn repl_sync(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
             }
             // Validate the source before creating anything on disk: its syntax, and that it
             // answers (an unreachable primary or a missing token must leave no replica files).
-            crate::transport::open_source(source.unwrap_or_default())?.info()?;
+            let spec = crate::transport::SourceSpec::parse(source.unwrap_or_default())?;
+            let opened = spec.open()?;
+            opened.info()?;
             let r = crate::roles::make_replica(&entry)?;
-            return match r.sync(source) {
+            return match r.sync_opened(spec, opened) {
                 Ok(lsn) => Ok(SqlValue::Int(lsn.0 as i64)),
                 Err(e) => {
                     drop(r);

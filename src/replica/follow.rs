@@ -12,7 +12,7 @@
 
 use super::{lock, log_event, Replica, BATCH_BYTES};
 use crate::error::{Error, Result};
-use crate::transport::{self, Fetch, Source};
+use crate::transport::{Fetch, SourceSpec};
 use crate::util::now_ms;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -33,7 +33,7 @@ pub(super) struct FollowState {
 
 pub(super) struct Follower {
     stop: Arc<AtomicBool>,
-    source: String,
+    source: SourceSpec,
     interval: Duration,
     state: Arc<Mutex<FollowState>>,
 }
@@ -94,7 +94,7 @@ impl Replica {
         log_event(&format!(
             "event=follow_start db={:?} source={:?} interval_ms={}",
             self.db_path,
-            transport::http::redact(&spec),
+            spec.to_string(),
             interval.as_millis()
         ));
         *g = Some(Follower {
@@ -126,7 +126,7 @@ impl Replica {
         };
         let s = lock(&f.state);
         serde_json::json!({
-            "source": transport::http::redact(&f.source),
+            "source": f.source.to_string(),
             "interval_ms": f.interval.as_millis() as u64,
             "state": s.phase,
             "errors": s.errors,
@@ -174,25 +174,21 @@ fn sleep_unless_stopped(stop: &AtomicBool, d: Duration) {
 
 fn run(
     weak: Weak<Replica>,
-    spec: String,
+    spec: SourceSpec,
     interval: Duration,
     stop: Arc<AtomicBool>,
     state: Arc<Mutex<FollowState>>,
 ) {
-    let mut src: Option<Box<dyn Source>> = None;
     while !stop.load(Ordering::Acquire) {
         let Some(r) = weak.upgrade() else { return };
-        let source = match &src {
-            Some(s) => s,
-            None => match transport::open_source(&spec) {
-                Ok(s) => src.insert(s),
-                Err(e) => {
-                    let d = fail(&state, Some(&r), &e);
-                    drop(r);
-                    sleep_unless_stopped(&stop, d);
-                    continue;
-                }
-            },
+        let source = match r.shared_source(&spec) {
+            Ok(s) => s,
+            Err(e) => {
+                let d = fail(&state, Some(&r), &e);
+                drop(r);
+                sleep_unless_stopped(&stop, d);
+                continue;
+            }
         };
         let from = r.durable_local_lsn().next();
         set(&state, |s| s.phase = "waiting");
@@ -231,7 +227,7 @@ fn run(
             }),
             Err(e) => {
                 // A broken connection may leave the source in a bad state: reopen it.
-                src = None;
+                r.forget_shared_source(&source);
                 let d = fail(&state, Some(&r), &e);
                 drop(r);
                 sleep_unless_stopped(&stop, d);

@@ -34,14 +34,14 @@ mod wait;
 
 use crate::error::{Error, Result};
 use crate::ffi::conn::OwnedDb;
-use crate::transport::{self, Source};
+use crate::transport::{self, Source, SourceSpec};
 use crate::txlog::DbChecksum;
 use crate::types::{Generation, Lsn, PageSize};
 use crate::util::now_ms;
 use crate::vfs::AgentHandle;
 use crate::wal::WalIndexHeader;
 use position::PositionFile;
-use source::{write_meta, ReplicaMeta};
+use source::{write_meta, Given, ReplicaMeta};
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -106,8 +106,10 @@ pub struct Replica {
     /// The newest LSN a sync in this process reached; `repl_wait` waits on `applied_cv`.
     applied: Mutex<Lsn>,
     applied_cv: std::sync::Condvar,
-    /// The source forwarded writes go to (`repl_exec`), kept open between calls.
-    exec_source: Mutex<Option<(String, Box<dyn Source>)>>,
+    /// The source handle shared by the follower, `repl_wait` and `repl_exec` (opened once per
+    /// source; forgotten after a failed fetch so that the next user reopens it). Syncs use
+    /// `State::source`, under the state mutex.
+    shared_source: Mutex<Option<(SourceSpec, Arc<dyn Source>)>>,
     /// The background follower (`repl_follow`), when running.
     follower: Mutex<Option<follow::Follower>>,
     /// Bytes done / total of a bootstrap or re-snapshot in progress (readable while the
@@ -218,7 +220,7 @@ impl Replica {
             applied: Mutex::new(Lsn(0)),
             applied_cv: std::sync::Condvar::new(),
             follower: Mutex::new(None),
-            exec_source: Mutex::new(None),
+            shared_source: Mutex::new(None),
             progress: Mutex::new(None),
             state: Mutex::new(State {
                 meta,
@@ -240,7 +242,32 @@ impl Replica {
 
     /// `repl_sync([source])`: pull and apply everything the source has now; returns the LSN.
     pub fn sync(&self, source: Option<&str>) -> Result<Lsn> {
-        self.sync_inner(source, None)
+        self.sync_inner(source.map(Given::Text), None)
+    }
+
+    /// `repl_sync(spec)` with the source already opened by the caller (a first sync checks
+    /// it answers before creating the replica's files: it is then not opened twice).
+    pub fn sync_opened(&self, spec: SourceSpec, opened: Box<dyn Source>) -> Result<Lsn> {
+        self.sync_inner(Some(Given::Opened(spec, opened)), None)
+    }
+
+    /// The handle shared by the follower, `repl_wait` and `repl_exec` for `spec`.
+    pub(super) fn shared_source(&self, spec: &SourceSpec) -> Result<Arc<dyn Source>> {
+        let mut g = lock(&self.shared_source);
+        if let Some((_, src)) = g.as_ref().filter(|(s, _)| s == spec) {
+            return Ok(src.clone());
+        }
+        let src: Arc<dyn Source> = Arc::from(spec.open()?);
+        *g = Some((spec.clone(), src.clone()));
+        Ok(src)
+    }
+
+    /// After a failed fetch through `src`: the next user of the shared handle reopens it.
+    pub(super) fn forget_shared_source(&self, src: &Arc<dyn Source>) {
+        let mut g = lock(&self.shared_source);
+        if g.as_ref().is_some_and(|(_, s)| Arc::ptr_eq(s, src)) {
+            *g = None;
+        }
     }
 
     /// What a follower received: `records` (from the replica's next LSN) and `info`, which
@@ -256,7 +283,7 @@ impl Replica {
         self.sync_inner(None, Some((info, records)))
     }
 
-    fn sync_inner(&self, source: Option<&str>, followed: Option<Followed>) -> Result<Lsn> {
+    fn sync_inner(&self, source: Option<Given<'_>>, followed: Option<Followed>) -> Result<Lsn> {
         let _applier = self.applier_lock()?;
         let mut st = lock(&self.state);
         let r = check_writable(&self.db_path)
@@ -327,7 +354,7 @@ impl Replica {
     fn sync_locked(
         &self,
         st: &mut State,
-        spec: Option<&str>,
+        spec: Option<Given<'_>>,
         followed: Option<Followed>,
     ) -> Result<Lsn> {
         // A follower's batch: apply only the records given, with the info it came with; no

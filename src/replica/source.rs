@@ -4,18 +4,32 @@
 
 use super::{lock, log_event, Replica, State};
 use crate::error::{Error, Result};
-use crate::transport;
+use crate::transport::{self, Source, SourceSpec};
 use crate::types::PageSize;
 use std::path::Path;
 
+/// A source named by `repl_sync(spec)`: as the user typed it (parsed under the applier lock,
+/// so a bad one is recorded like any failed sync), or parsed and opened by the caller.
+pub(super) enum Given<'a> {
+    Text(&'a str),
+    Opened(SourceSpec, Box<dyn Source>),
+}
+
 impl Replica {
-    /// `repl_sync(spec)`: open `spec` unless it is the source already open; a new one must
-    /// serve this replica's lineage (remembered in `replica.json`). Without `spec`, open the
-    /// remembered source if none is open yet.
-    pub(super) fn open_source(&self, st: &mut State, spec: Option<&str>) -> Result<()> {
-        if let Some(spec) = spec {
-            if st.meta.source.as_deref() != Some(spec) || st.source.is_none() {
-                let src = transport::open_source(spec)?;
+    /// `repl_sync(spec)`: open `spec` (or take it opened) unless it is the source already
+    /// open; a new one must serve this replica's lineage (remembered in `replica.json`).
+    /// Without `spec`, open the remembered source if none is open yet.
+    pub(super) fn open_source(&self, st: &mut State, given: Option<Given<'_>>) -> Result<()> {
+        if let Some(given) = given {
+            let (spec, opened) = match given {
+                Given::Text(t) => (SourceSpec::parse(t)?, None),
+                Given::Opened(s, o) => (s, Some(o)),
+            };
+            if st.meta.source.as_ref() != Some(&spec) || st.source.is_none() {
+                let src = match opened {
+                    Some(src) => src,
+                    None => spec.open()?,
+                };
                 let info = src.info()?;
                 if let Some(l) = &st.meta.lineage {
                     if *l != info.lineage {
@@ -29,14 +43,14 @@ impl Replica {
                         return Err(Error::Misuse(format!(
                             "repl_sync('{}'): that primary serves lineage {}{sizes} but {} replicates lineage {l} \
                              (from {}); a replica follows one primary: use a new database file for another one",
-                            transport::http::redact(spec),
+                            spec,
                             info.lineage,
                             self.db_path,
-                            st.meta.source.as_deref().map_or("?".into(), transport::http::redact)
+                            st.meta.source.as_ref().map_or("?".into(), |s| s.to_string())
                         )));
                     }
                 }
-                st.meta.source = Some(spec.to_string());
+                st.meta.source = Some(spec);
                 st.meta.lineage = Some(info.lineage);
                 write_meta(&self.dir, &st.meta)?;
                 st.source = Some(src);
@@ -49,7 +63,7 @@ impl Replica {
                     self.db_path
                 )));
             };
-            st.source = Some(transport::open_source(&spec)?);
+            st.source = Some(spec.open()?);
         }
         Ok(())
     }
@@ -114,8 +128,8 @@ impl Replica {
         let src = st
             .meta
             .source
-            .as_deref()
-            .map_or("the primary".into(), transport::http::redact);
+            .as_ref()
+            .map_or("the primary".into(), |s| s.to_string());
         Error::Unsupported(format!(
             "repl_sync(): the primary {src} now has a page size of {} (generation {} from LSN {}) \
              but this replica's page size is {}, and a replica cannot change its page size; \
@@ -171,7 +185,7 @@ impl Replica {
         lock(&self.state).meta.lineage.clone()
     }
 
-    pub fn source(&self) -> Option<String> {
+    pub fn source(&self) -> Option<SourceSpec> {
         lock(&self.state).meta.source.clone()
     }
 }
@@ -180,7 +194,7 @@ impl Replica {
 pub(super) struct ReplicaMeta {
     pub(super) format: u32,
     pub(super) role: String,
-    pub(super) source: Option<String>,
+    pub(super) source: Option<SourceSpec>,
     pub(super) lineage: Option<String>,
     pub(super) created_ms: u64,
 }
@@ -190,7 +204,7 @@ impl ReplicaMeta {
         serde_json::to_string_pretty(&serde_json::json!({
             "format": self.format,
             "role": self.role,
-            "source": self.source,
+            "source": self.source.as_ref().map(SourceSpec::persisted),
             "lineage": self.lineage,
             "created_ms": self.created_ms,
         }))
@@ -203,7 +217,8 @@ impl ReplicaMeta {
         Some(ReplicaMeta {
             format: v.get("format")?.as_u64()? as u32,
             role: s("role").filter(|r| r == "replica")?,
-            source: s("source"),
+            // Unparsable only if edited by hand: then the next repl_sync() asks for a source.
+            source: s("source").and_then(|t| SourceSpec::parse(&t).ok()),
             lineage: s("lineage"),
             created_ms: v.get("created_ms").and_then(|x| x.as_u64()).unwrap_or(0),
         })

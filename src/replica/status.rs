@@ -2,7 +2,6 @@
 
 use super::{lock, Replica};
 use crate::error::Result;
-use crate::transport;
 use crate::types::{Checksum, Lsn};
 use crate::util::now_ms;
 use crate::wal::{shm_read_header, WalIndexHeader};
@@ -78,8 +77,8 @@ impl Replica {
         serde_json::json!({
             "role": "replica",
             "db": self.db_path,
-            "source": st.source.as_ref().map(|s| s.describe()).or(st.meta.source.as_deref().map(transport::http::redact)),
-            "primary": st.meta.source.as_deref().map(transport::http::redact),
+            "source": st.source.as_ref().map(|s| s.describe()).or(st.meta.source.as_ref().map(|s| s.to_string())),
+            "primary": st.meta.source.as_ref().map(|s| s.to_string()),
             "primary_first_lsn": st.stats.primary_first_lsn.map(|l| l.0),
             "last_batch": st.stats.last_batch.map(|(f, l, n, s)| serde_json::json!({
                 "first_lsn": f.0, "last_lsn": l.0, "pages": n, "snapshot": s})),

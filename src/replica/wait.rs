@@ -3,7 +3,7 @@
 
 use super::{lock, Replica, BATCH_BYTES};
 use crate::error::{Error, Result};
-use crate::transport::{self, Fetch};
+use crate::transport::Fetch;
 use crate::types::Lsn;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,7 +49,7 @@ impl Replica {
                 self.db_path
             ))
         })?;
-        let src = transport::open_source(&spec)?;
+        let src = self.shared_source(&spec)?;
         loop {
             let have = self.durable_local_lsn();
             if have >= target {
@@ -59,7 +59,11 @@ impl Replica {
             if left.is_zero() {
                 return Err(self.wait_timeout(target, timeout));
             }
-            match src.fetch_wait(have.next(), BATCH_BYTES, left)? {
+            let fetched = src.fetch_wait(have.next(), BATCH_BYTES, left);
+            if fetched.is_err() {
+                self.forget_shared_source(&src);
+            }
+            match fetched? {
                 Fetch::Records(v) if v.is_empty() => {}
                 Fetch::Records(v) => {
                     let info = src.last_info().map_or_else(|| src.info(), Ok)?;
@@ -82,13 +86,7 @@ impl Replica {
         let spec = lock(&self.state).meta.source.clone().ok_or_else(|| {
             Error::Misuse(format!("repl_exec(): {} has no primary yet", self.db_path))
         })?;
-        let answer = {
-            let mut g = lock(&self.exec_source);
-            if g.as_ref().is_none_or(|(s, _)| *s != spec) {
-                *g = Some((spec.clone(), transport::open_source(&spec)?));
-            }
-            g.as_ref().expect("set").1.exec(body)?
-        };
+        let answer = self.shared_source(&spec)?.exec(body)?;
         if let (Some(theirs), Some(ours)) = (answer["lineage"].as_str(), self.lineage()) {
             if theirs != ours {
                 return Err(Error::Misuse(format!(

@@ -8,7 +8,7 @@
 //! Token: `token=` in the URL's query, else `REPL_TOKEN`. It is sent as a bearer token and
 //! never shown (`describe()` and errors print the URL without it).
 
-use super::{Fetch, Source, SourceInfo};
+use super::{Fetch, Source, SourceInfo, SourceSpec};
 use crate::error::{Error, Result};
 use crate::txlog::{decode_record, DbChecksum, Record, SEGMENT_HEADER_LEN};
 use crate::types::Lsn;
@@ -28,72 +28,26 @@ pub struct HttpSource {
     last: std::sync::Mutex<Option<SourceInfo>>,
 }
 
-/// The URL without its `token=` parameter (for messages and status). Other parameters keep
-/// only their key: the value of a misspelt `token=` is a secret too.
-pub fn redact(spec: &str) -> String {
-    match spec.split_once('?') {
-        None => spec.to_string(),
-        Some((base, q)) => {
-            let kept: Vec<String> = q
-                .split('&')
-                .map(|kv| kv.split_once('=').map_or(kv, |(k, _)| k))
-                .filter(|k| !k.is_empty() && !k.eq_ignore_ascii_case("token"))
-                .map(|k| format!("{k}=…"))
-                .collect();
-            if kept.is_empty() {
-                base.to_string()
-            } else {
-                format!("{base}?{}", kept.join("&"))
-            }
-        }
-    }
-}
-
 impl HttpSource {
+    /// Parse `spec` as an `http://` URL and prepare the client (tests and tools; a replica
+    /// parses its source once, `SourceSpec`, and calls `connect`).
     pub fn open(spec: &str) -> Result<HttpSource> {
         let s = spec.trim();
-        if s.starts_with("https://") {
-            return Err(Error::Unsupported(format!(
-                "repl_sync('{}'): https is not built in; put a TLS proxy in front of the primary and use \
-                 http:// on the private side",
-                redact(s)
-            )));
-        }
-        let rest = s
-            .strip_prefix("http://")
-            .ok_or_else(|| Error::Misuse(format!("not an http:// URL: {}", redact(s))))?;
-        let (hostport, query) = match rest.split_once('?') {
-            Some((h, q)) => (h, Some(q)),
-            None => (rest, None),
-        };
-        let hostport = hostport.trim_end_matches('/');
-        if hostport.is_empty() || hostport.contains('/') {
+        if !s.starts_with("http://") && !s.starts_with("https://") {
             return Err(Error::Misuse(format!(
-                "repl_sync('{}'): use the primary's address only, e.g. http://127.0.0.1:7070",
-                redact(s)
+                "not an http:// URL: {}",
+                SourceSpec::parse(s)?
             )));
         }
-        let mut token = None;
-        for kv in query.unwrap_or("").split('&').filter(|kv| !kv.is_empty()) {
-            match kv.split_once('=') {
-                Some(("token", t)) if !t.is_empty() => token = Some(t.to_string()),
-                Some(("token", _)) => {
-                    return Err(Error::Misuse(format!(
-                        "repl_sync('{}'): token= is empty; give the primary's token, or leave token= out \
-                         and set REPL_TOKEN",
-                        redact(s)
-                    )))
-                }
-                _ => {
-                    // Only the key: the value may be a misspelt token= (a secret).
-                    let key = kv.split_once('=').map_or(kv, |(k, _)| k);
-                    return Err(Error::Misuse(format!(
-                        "repl_sync('{}'): unknown URL parameter {key:?} (only token= is understood)",
-                        redact(s)
-                    )));
-                }
-            }
-        }
+        let spec = SourceSpec::parse(s)?;
+        Ok(HttpSource::connect(
+            spec.address(),
+            spec.token().map(str::to_string),
+        ))
+    }
+
+    /// The client of the primary at `base` (`http://host:port`); without `token`, `REPL_TOKEN`.
+    pub fn connect(base: &str, token: Option<String>) -> HttpSource {
         let token = token.or_else(|| crate::config::get().token.clone());
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(3))
@@ -101,13 +55,13 @@ impl HttpSource {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "host".into());
-        Ok(HttpSource {
-            base: format!("http://{hostport}"),
+        HttpSource {
+            base: base.to_string(),
             token,
             agent,
             follower: format!("{host}:{}", std::process::id()),
             last: std::sync::Mutex::new(None),
-        })
+        }
     }
 
     /// Names this follower in the primary's metrics (e.g. the replica's path).
@@ -424,12 +378,6 @@ mod tests {
         let s = HttpSource::open("http://127.0.0.1:7070/?token=s3cret").unwrap();
         assert_eq!(s.describe(), "http://127.0.0.1:7070");
         assert_eq!(s.token.as_deref(), Some("s3cret"));
-        assert_eq!(redact("http://h:1?token=s3cret"), "http://h:1");
-        assert_eq!(redact("http://h:1?token=s3cret&x=1"), "http://h:1?x=…");
-        assert_eq!(
-            redact("http://h:1?Token=s3cret&tokn=s3cret"),
-            "http://h:1?tokn=…"
-        );
         assert!(HttpSource::open("http://h:1/v1/log").is_err());
         assert!(HttpSource::open("http://h:1?tok=1").is_err());
         for spec in [

@@ -14,6 +14,9 @@ mod metrics;
 pub mod notify;
 mod response;
 pub mod server;
+mod spec;
+
+pub use spec::{Scheme, SourceSpec};
 
 use crate::error::{Error, Result};
 use crate::txlog::Record;
@@ -89,27 +92,7 @@ pub trait Source: Send + Sync {
     }
 }
 
-/// Parse what the user passed to `repl_sync()`: a primary database path, or a `file:` URL.
+/// Parse what the user passed to `repl_sync()` (`SourceSpec::parse`) and open it.
 pub fn open_source(spec: &str) -> Result<Box<dyn Source>> {
-    let s = spec.trim();
-    if s.is_empty() {
-        return Err(Error::Misuse(
-            "repl_sync(): the source is empty; pass the primary's database path, e.g. repl_sync('/data/app.db')"
-                .into(),
-        ));
-    }
-    if s.starts_with("http://") || s.starts_with("https://") {
-        return Ok(Box::new(http::HttpSource::open(s)?));
-    }
-    let path = if let Some(rest) = s.strip_prefix("file:") {
-        let rest = rest.split('?').next().unwrap_or("");
-        rest.strip_prefix("//").unwrap_or(rest).to_string()
-    } else if s.contains("://") {
-        return Err(Error::Misuse(format!(
-            "repl_sync('{s}'): unknown source scheme; use a database path, a file: URL or http(s)://"
-        )));
-    } else {
-        s.to_string()
-    };
-    Ok(Box::new(dir::DirSource::open(&path)?))
+    SourceSpec::parse(spec)?.open()
 }
