@@ -4,7 +4,8 @@
 #                including the binding examples' toolchains: Go + mattn/go-sqlite3, Tcl + its
 #                sqlite3 package, Debian's python3, and better-sqlite3 built into examples/node
 #   make build   cargo build --release, then copy the artefacts to build/ (stable paths)
-#   make test    deps + build, then every Rust test, clippy, rustfmt and the Python suite
+#   make test    deps + build, then every Rust test, clippy, rustfmt, the docs check, the layer check
+#                (scripts/check_layers.py: imports point down docs/ARCHITECTURE.md's layers) and the Python suite
 #   make demo    deps + build, then scripts/demo.sh: a primary serving over loopback HTTP, a replica
 #                following it (per-write lag), a stock sqlite3 reading the replica, a forwarded
 #                write, a refused local write, equal checksums (under a minute after the build)
@@ -107,6 +108,7 @@ test: deps build
 	$(CARGO) clippy --all-targets --release -- -D warnings
 	$(CARGO) fmt --check
 	$(PYTHON) scripts/check_docs.py
+	$(PYTHON) scripts/check_layers.py --quiet
 	$(PYTHON) -m pytest -q tests/python
 
 ## demo: alone on a fresh machine (deps, then build, in that order: .NOTPARALLEL).

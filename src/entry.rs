@@ -70,6 +70,7 @@ fn init(db: *mut sqlite3) -> Result<(), String> {
             v % 1000
         ));
     }
+    crate::vfs::set_hooks(&crate::roles::HOOKS);
     crate::vfs::register()?;
     crate::functions::register_all(db).map_err(|e| e.to_string())?;
     let mut rc = ffi::SQLITE_OK;
@@ -106,10 +107,10 @@ fn check_main_db_goes_through_vfs(db: *mut sqlite3) -> Result<(), String> {
     if through_vfs {
         return Ok(());
     }
-    let Some(role) = crate::registry::remembered_role(&path) else {
+    let Some(role) = crate::roles::remembered_role(&path) else {
         return Ok(());
     };
-    if !ffi::os::pin_this_library() {
+    if !crate::sys::pin_this_library() {
         return Ok(());
     }
     // This connection bypasses the VFS: when the application closes it (a pool drops a

@@ -4,14 +4,19 @@
 //!
 //! Module index (docs/ARCHITECTURE.md says how they fit together; docs/WAL.md, docs/FORMAT.md
 //! and docs/SQL.md are the protocol, the formats and the user contract):
+//! - `config`: the environment settings, read once into one struct.
 //! - `entry`: the `sqlite3_replica_init` entry point (unsafe boundary).
-//! - `ffi`: the host API table, the panic guard, internal connections, OS calls (unsafe boundary).
-//! - `vfs`: the shim over the default VFS: trampolines, capture hooks, guards (unsafe boundary).
-//! - `registry`: per-process state of databases opened through the VFS (role, WRITE holders).
-//! - `primary`: capture (T1/T2/T3, gaps, write intent), snapshots, retention, write forwarding.
-//! - `replica`: the applier (bootstrap, batch apply, position, re-snapshot, drain) and follower.
-//! - `transport`: record sources (`dir`, `http`), the HTTP server of a primary's log, wake-ups.
-//! - `functions`: the `repl_*` SQL functions (thin adapters).
+//! - `ffi`: the host API table, the panic guard, safe wrappers (unsafe boundary).
+//! - `sys`: thin safe wrappers over the few OS calls std does not offer (libc).
+//! - `vfs`: the shim over the host's default VFS: trampolines and hooks (unsafe boundary).
+//! - `primary`: the capture agent (T1/T2/T3 triggers, gap detection, snapshots).
+//! - `replica`: the applier (bootstrap, batch apply into the replica's WAL, position, re-snapshot).
+//! - `roles`: the per-database registry: attaches, resumes and detaches roles; the VFS hooks.
+//! - `logging`: the event log (levels, file), one line per event.
+//! - `transport`: record sources (`dir`, `http(s)`), the HTTP engine (`httpd`: one event loop per
+//!   process) and the routes of a primary's log (`server`).
+//! - `functions`: the `repl_*` SQL functions.
+//! - `util`: small shared helpers (milliseconds, hex, random bytes).
 //! - `types`: the domain newtypes (`Lsn`, `PageNo`, `FrameNo`, `PageSize`, `Generation`, `Checksum`).
 //! - `wal`: WAL file and wal-index formats and algorithms (pure, no unsafe).
 //! - `txlog`: the replication log: records, segments, snapshots, compaction (pure, no unsafe).
@@ -19,16 +24,19 @@
 //!
 //! The `sqlite-replica` binary (`src/bin/`) holds the offline tools and the standalone server.
 
+pub mod config;
 pub mod entry;
 pub mod error;
 pub(crate) mod ffi;
 pub(crate) mod functions;
 pub mod logging;
 pub(crate) mod primary;
-pub(crate) mod registry;
 pub(crate) mod replica;
+pub(crate) mod roles;
+pub(crate) mod sys;
 pub mod transport;
 pub mod txlog;
 pub mod types;
+pub(crate) mod util;
 pub(crate) mod vfs;
 pub mod wal;

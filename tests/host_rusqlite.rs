@@ -306,8 +306,9 @@ fn unix_vfs_bypasses_the_shim_and_is_refused() -> TestResult {
         .query_row("SELECT repl_primary()", [], |r| r.get::<_, i64>(0))
         .expect_err("repl_primary() on a database not opened through the replica VFS");
     assert!(
-        err.to_string().contains("reopen"),
-        "the error should say to reopen the database: {err}"
+        err.to_string().contains("with a new connection")
+            && err.to_string().contains("another VFS"),
+        "the error should say to open the database again through the VFS: {err}"
     );
     assert_eq!(
         role(&conn)?,

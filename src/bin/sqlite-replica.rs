@@ -132,7 +132,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
                 replica::logging::set_level(replica::logging::Level::Info);
             }
             let mut listen = "127.0.0.1:7070".to_string();
-            let mut token = std::env::var("REPL_TOKEN").ok().filter(|t| !t.is_empty());
+            let mut token = replica::config::get().token.clone();
             let (mut cert, mut key) = (None, None);
             let mut pos = Vec::new();
             let mut it = rest.iter();

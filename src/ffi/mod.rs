@@ -8,7 +8,6 @@
 
 pub mod conn;
 pub mod func;
-pub mod os;
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};

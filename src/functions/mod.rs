@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::ffi::conn::{DbRef, OwnedDb, SqlValue};
 use crate::ffi::func::{register_scalar, Call};
 use crate::ffi::{self, sqlite3};
-use crate::registry::Db;
+use crate::roles::Db;
 use args::Args;
 use std::sync::Arc;
 
@@ -116,7 +116,7 @@ fn repl_debug(_c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
 /// The registry entry of the connection's main database, if it was opened through our VFS.
 fn main_db(db: DbRef) -> Option<Arc<Db>> {
     let f = db.file_pointer("main")?;
-    crate::vfs::db_of_file(f)
+    crate::roles::db_of_file(f)
 }
 
 /// Like `main_db`, but explains what is wrong when there is no usable main database.
@@ -137,7 +137,7 @@ fn main_db_checked(db: DbRef, what: &str) -> Result<(Arc<Db>, String)> {
             opened_before_message(&path)
         )));
     }
-    let entry = crate::vfs::db_of_file(f)
+    let entry = crate::roles::db_of_file(f)
         .ok_or_else(|| Error::Other(format!("{what}: no state for {path}")))?;
     Ok((entry, path))
 }
@@ -168,7 +168,7 @@ fn primary_listen(
     tls: Option<crate::transport::server::TlsFiles>,
 ) -> Result<SqlValue> {
     let addr = addr.to_string();
-    let token = token.or_else(|| std::env::var("REPL_TOKEN").ok().filter(|t| !t.is_empty()));
+    let token = token.or_else(|| crate::config::get().token.clone());
     // Already a primary served here on that address: nothing to do (or a clear refusal).
     if let Some(p) = main_db(c.db).and_then(|d| d.primary()) {
         if p.serving(&addr)? {
@@ -193,9 +193,10 @@ fn primary_listen(
 /// through the `replica` VFS, and nothing can move an open connection onto it.
 pub fn opened_before_message(path: &str) -> String {
     format!(
-        "{path} was opened before sqlite-replica was loaded, so it does not go through the 'replica' VFS. \
-         Load the extension first (e.g. on a ':memory:' connection), then open {path} with a new connection \
-         (in the sqlite3 shell: .load the extension, then .open {path})"
+        "{path} is not open through the 'replica' VFS: it was opened before sqlite-replica was loaded, \
+         or with another VFS named (vfs=...). Load the extension first (e.g. on a ':memory:' connection), \
+         then open {path} with a new connection that names no other VFS (in the sqlite3 shell: .load the \
+         extension, then .open {path})"
     )
 }
 
@@ -204,8 +205,7 @@ fn become_primary(c: &Call) -> Result<SqlValue> {
     if let Some(r) = entry.replica() {
         return Err(Error::Misuse(format!(
             "repl_primary(): {path} is a replica of {}; a replica cannot become a primary (promotion is not supported yet)",
-            r.source()
-                .map_or("?".into(), |s| crate::transport::http::redact(&s))
+            r.source().map_or("?".into(), |s| s.to_string())
         )));
     }
     if let Some(p) = entry.primary() {
@@ -237,7 +237,7 @@ fn become_primary(c: &Call) -> Result<SqlValue> {
         )));
     }
     aux.db().query_value("PRAGMA schema_version")?; // initialises the wal-index
-    let p = crate::primary::make_primary(&entry)?;
+    let p = crate::roles::make_primary(&entry)?;
     drop(aux);
     let _ = c.db.exec("PRAGMA main.journal_mode=WAL");
     Ok(SqlValue::Int(p.lsn().0 as i64))
@@ -293,13 +293,15 @@ fn repl_sync(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
             }
             // Validate the source before creating anything on disk: its syntax, and that it
             // answers (an unreachable primary or a missing token must leave no replica files).
-            crate::transport::open_source(source.unwrap_or_default())?.info()?;
-            let r = crate::registry::make_replica(&entry)?;
-            return match r.sync(source) {
+            let spec = crate::transport::SourceSpec::parse(source.unwrap_or_default())?;
+            let opened = spec.open()?;
+            opened.info()?;
+            let r = crate::roles::make_replica(&entry)?;
+            return match r.sync_opened(spec, opened) {
                 Ok(lsn) => Ok(SqlValue::Int(lsn.0 as i64)),
                 Err(e) => {
                     drop(r);
-                    crate::registry::unmake_new_replica(&entry);
+                    crate::roles::unmake_new_replica(&entry);
                     Err(e)
                 }
             };
@@ -593,7 +595,7 @@ fn exec_any(c: &Call, a: &[SqlValue], what: &'static str) -> Result<serde_json::
             ))
         })?,
     };
-    crate::primary::exec::params_from_json(&params)
+    crate::transport::exec::params_from_json(&params)
         .map_err(|m| Error::Misuse(format!("{what}(): {m}")))?;
     let request_id = match args.text_or_int(2, "request id")? {
         None => None,
@@ -602,9 +604,9 @@ fn exec_any(c: &Call, a: &[SqlValue], what: &'static str) -> Result<serde_json::
     };
     let (entry, path) = main_db_checked(c.db, &format!("{what}()"))?;
     if let Some(p) = entry.primary() {
-        let req = crate::primary::exec::ExecRequest {
+        let req = crate::transport::exec::ExecRequest {
             sql: sql.clone(),
-            params: crate::primary::exec::params_from_json(&params).map_err(Error::Misuse)?,
+            params: crate::transport::exec::params_from_json(&params).map_err(Error::Misuse)?,
             request_id,
         };
         return p.exec(&req);
@@ -622,9 +624,6 @@ fn exec_any(c: &Call, a: &[SqlValue], what: &'static str) -> Result<serde_json::
 
 fn random_id() -> String {
     let mut b = [0u8; 16];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut b);
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    let _ = crate::util::urandom(&mut b);
+    crate::util::hex(&b)
 }

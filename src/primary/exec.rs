@@ -8,119 +8,20 @@
 //! primary restarted...) finds it and gets the stored answer instead of running again. The
 //! table is part of the database (it replicates like any table); rows older than a day go.
 //!
-//! JSON values (params and rows): null, integers, reals, strings, and `{"blob": "<hex>"}`.
+//! The request and answer formats (JSON, `transport::exec`) and the HTTP status of each outcome
+//! belong to the transport; this file only runs a parsed request.
 
 use super::{lock, Primary};
 use crate::error::{Error, Result};
 use crate::ffi::conn::{OwnedDb, SqlValue};
+use crate::transport::exec::{value_to_json, ExecRequest, Handler};
 use crate::types::Lsn;
+use crate::util::now_ms;
 use serde_json::{json, Value};
+use std::sync::Weak;
 
 /// Request ids are kept this long.
 const KEEP_MS: u64 = 24 * 3600 * 1000;
-
-/// A parsed `/v1/exec` request.
-#[derive(Debug, Clone)]
-pub struct ExecRequest {
-    pub sql: String,
-    pub params: Vec<SqlValue>,
-    pub request_id: Option<String>,
-}
-
-/// JSON → parameter values, or a message saying what is wrong.
-pub fn params_from_json(v: &Value) -> std::result::Result<Vec<SqlValue>, String> {
-    let bad =
-        "params must be a JSON array of null, numbers, strings, booleans or {\"blob\": \"<hex>\"}";
-    let Value::Array(items) = v else {
-        return Err(format!("{bad}; got {}", short(v)));
-    };
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, x)| {
-            Ok(match x {
-                Value::Null => SqlValue::Null,
-                Value::Bool(b) => SqlValue::Int(*b as i64),
-                Value::Number(n) => match n.as_i64() {
-                    Some(i) => SqlValue::Int(i),
-                    None => SqlValue::Real(n.as_f64().unwrap_or(f64::NAN)),
-                },
-                Value::String(s) => SqlValue::Text(s.clone()),
-                Value::Object(o)
-                    if o.len() == 1 && o.get("blob").is_some_and(|b| b.is_string()) =>
-                {
-                    SqlValue::Blob(
-                        unhex(o["blob"].as_str().unwrap_or(""))
-                            .ok_or_else(|| format!("params[{i}]: the blob is not hex"))?,
-                    )
-                }
-                other => return Err(format!("{bad}; params[{i}] is {}", short(other))),
-            })
-        })
-        .collect()
-}
-
-fn short(v: &Value) -> String {
-    // At most 60 characters (not bytes: a byte cut may split a character and panic; found by
-    // the http_input fuzz target).
-    let s = v.to_string();
-    if s.chars().count() > 60 {
-        format!("{}…", s.chars().take(60).collect::<String>())
-    } else {
-        s
-    }
-}
-
-pub fn value_to_json(v: &SqlValue) -> Value {
-    match v {
-        SqlValue::Null => Value::Null,
-        SqlValue::Int(i) => json!(i),
-        SqlValue::Real(f) => json!(f),
-        SqlValue::Text(t) => json!(t),
-        SqlValue::Blob(b) => json!({ "blob": hex(b) }),
-    }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
-/// Parses a `/v1/exec` body: `{"sql": "...", "params": [...], "request_id": "..."}`.
-pub fn request_from_json(v: &Value) -> std::result::Result<ExecRequest, String> {
-    let sql = v["sql"]
-        .as_str()
-        .filter(|s| !s.trim().is_empty())
-        .ok_or("the body must be a JSON object with \"sql\": the statement(s) to run")?
-        .to_string();
-    let params = match &v["params"] {
-        Value::Null => Vec::new(),
-        p => params_from_json(p)?,
-    };
-    let request_id = match &v["request_id"] {
-        Value::Null => None,
-        Value::String(s) if !s.is_empty() && s.len() <= 200 => Some(s.clone()),
-        _ => return Err("request_id must be a non-empty string of at most 200 characters".into()),
-    };
-    Ok(ExecRequest {
-        sql,
-        params,
-        request_id,
-    })
-}
-
-fn now_ms() -> u64 {
-    super::now_ms()
-}
 
 impl Primary {
     /// Runs `req` as one transaction; the answer is the JSON of `/v1/exec`.
@@ -231,43 +132,12 @@ impl Primary {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The `/v1/exec` handler of a primary serving its log from this process (`Primary::serve`):
+/// holds the primary weakly, so a server outliving it answers "shutting down".
+pub(crate) struct Forwarded(pub Weak<Primary>);
 
-    #[test]
-    fn params_round_trip_and_bad_ones_are_named() {
-        let v: Value =
-            serde_json::from_str(r#"[null, 1, 2.5, "x", true, {"blob": "00ff"}]"#).unwrap();
-        let p = params_from_json(&v).unwrap();
-        assert_eq!(
-            p,
-            vec![
-                SqlValue::Null,
-                SqlValue::Int(1),
-                SqlValue::Real(2.5),
-                SqlValue::Text("x".into()),
-                SqlValue::Int(1),
-                SqlValue::Blob(vec![0, 255])
-            ]
-        );
-        assert_eq!(
-            value_to_json(&SqlValue::Blob(vec![0, 255])),
-            json!({"blob": "00ff"})
-        );
-        assert!(params_from_json(&json!({"a": 1}))
-            .unwrap_err()
-            .contains("JSON array"));
-        assert!(params_from_json(&json!([[1]]))
-            .unwrap_err()
-            .contains("params[0]"));
-        assert!(params_from_json(&json!([{"blob": "0g"}]))
-            .unwrap_err()
-            .contains("not hex"));
-        assert!(request_from_json(&json!({"params": []})).is_err());
-        assert!(request_from_json(&json!({"sql": "x", "request_id": 5})).is_err());
-        let r = request_from_json(&json!({"sql": "INSERT", "request_id": "a"})).unwrap();
-        assert_eq!(r.request_id.as_deref(), Some("a"));
-        assert!(r.params.is_empty());
+impl Handler for Forwarded {
+    fn exec(&self, req: &ExecRequest) -> Option<Result<Value>> {
+        Some(self.0.upgrade()?.exec(req))
     }
 }

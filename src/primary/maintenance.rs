@@ -264,12 +264,7 @@ impl Primary {
 /// The maintenance thread: a pass every `REPL_MAINTENANCE_MS` (default 1000) until the
 /// primary stops or is dropped. It holds no reference to the primary while it waits.
 pub(super) fn maintenance(p: std::sync::Weak<Primary>) {
-    let interval = Duration::from_millis(
-        std::env::var("REPL_MAINTENANCE_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1000),
-    );
+    let interval = crate::config::get().maintenance_interval;
     let mut last: Option<Instant> = None;
     loop {
         {

@@ -3,7 +3,7 @@
 //! read lock-free with its checksum), and, in the same file mapped `MAP_SHARED`, the write
 //! intent of an open write session and the append flag (see the module doc of `primary` for
 //! what they prove and why): their encoding, the intent check, and the `Primary` methods that
-//! open, read and write them. The mapping is `ffi::os::SharedWords`.
+//! open, read and write them. The mapping is `sys::SharedWords`.
 
 use super::Capture;
 use crate::error::{Error, Result};
@@ -73,7 +73,7 @@ impl Position {
 /// loads/stores only).
 pub(super) struct PosFile {
     pub(super) file: File,
-    pub(super) map: crate::ffi::os::SharedWords,
+    pub(super) map: crate::sys::SharedWords,
 }
 
 pub(super) const POSITION_FILE_WORDS: usize = 1024;
@@ -161,7 +161,7 @@ impl Intent {
 
 /// The intent of a dead write session whose position is still the current one: what the
 /// frames after it must satisfy to be accepted as that one session's work (`Primary::plan`).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct IntentCheck {
     pub(super) intent: Intent,
 }
@@ -210,7 +210,7 @@ impl super::Primary {
                 .write(true)
                 .open(&path)
                 .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-            let map = crate::ffi::os::SharedWords::map(&file, POSITION_FILE_WORDS)
+            let map = crate::sys::SharedWords::map(&file, POSITION_FILE_WORDS)
                 .map_err(|e| Error::io(format!("mapping {}", path.display()), e))?;
             Ok(PosFile { file, map })
         })

@@ -4,10 +4,11 @@
 //! WRITE is held by every caller, so the state cannot move while it is read.
 
 use super::Position;
-use super::{log_event, now_ms, Capture, DbFileIo, Primary};
+use super::{log_event, Capture, DbFileIo, Primary};
 use crate::error::{Error, Result};
 use crate::txlog::{DbChecksum, Page, Record, RecordMeta};
 use crate::types::{Generation, Lsn, PageNo, PageSize};
+use crate::util::now_ms;
 use crate::wal::{self, FrameReader, WalIndexHeader};
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;

@@ -14,32 +14,14 @@ use crate::error::Error;
 #[cfg(test)]
 use crate::error::Result;
 use crate::types::PageSize;
+use crate::util::hex;
 use crate::wal::{
     self, hash_insert, hash_truncate, native_is_big_endian, shm_ckpt_info, shm_publish_header,
-    shm_read_header, shm_write_ckpt_info, CkptInfo, ShmAccess, WalHeader, WalIndexHeader,
-    READMARK_UNUSED, SHM_VERSION,
+    shm_read_header, shm_write_ckpt_info, CkptInfo, ShmAccess, WalHeader, WalIndexHeader, WalLocks,
+    READMARK_UNUSED, SHM_VERSION, SLOT_READ1,
 };
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-
-/// WAL lock slots (WAL.md §C.2).
-pub const SLOT_WRITE: u32 = 0;
-pub const SLOT_READ1: u32 = 4;
-
-/// Exclusive try-locks on WAL lock slots (the applier only ever needs exclusive ones).
-pub trait WalLocks {
-    fn try_lock_exclusive(&mut self, ofst: u32, n: u32) -> bool;
-    fn unlock_exclusive(&mut self, ofst: u32, n: u32);
-}
-
-impl WalLocks for crate::vfs::LiveShm<'_> {
-    fn try_lock_exclusive(&mut self, ofst: u32, n: u32) -> bool {
-        crate::vfs::LiveShm::try_lock_exclusive(self, ofst, n)
-    }
-    fn unlock_exclusive(&mut self, ofst: u32, n: u32) {
-        crate::vfs::LiveShm::unlock_exclusive(self, ofst, n)
-    }
-}
 
 /// Why the applier did not write.
 #[derive(Debug)]
@@ -238,9 +220,7 @@ fn read_wal_header(wal: &File) -> Option<WalHeader> {
 
 fn random_salts() -> [u8; 8] {
     let mut b = [0u8; 8];
-    if let Ok(f) = File::open("/dev/urandom") {
-        let _ = f.read_exact_at(&mut b, 0);
-    }
+    let _ = crate::util::urandom(&mut b);
     if b == [0u8; 8] {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -249,10 +229,6 @@ fn random_salts() -> [u8; 8] {
         b = (t | 1).to_le_bytes();
     }
     b
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[cfg(test)]

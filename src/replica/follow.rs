@@ -10,10 +10,10 @@
 //! `repl_status()` and retried with capped exponential backoff and jitter; a primary that
 //! goes away leaves the replica readable at its last LSN.
 
-use super::{lock, log_event, now_ms, Replica, BATCH_BYTES};
+use super::{lock, log_event, Replica, BATCH_BYTES};
 use crate::error::{Error, Result};
-use crate::transport::{self, Fetch, Source};
-use crate::types::Lsn;
+use crate::transport::{Fetch, SourceSpec};
+use crate::util::now_ms;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ pub(super) struct FollowState {
 
 pub(super) struct Follower {
     stop: Arc<AtomicBool>,
-    source: String,
+    source: SourceSpec,
     interval: Duration,
     state: Arc<Mutex<FollowState>>,
 }
@@ -94,7 +94,7 @@ impl Replica {
         log_event(&format!(
             "event=follow_start db={:?} source={:?} interval_ms={}",
             self.db_path,
-            transport::http::redact(&spec),
+            spec.to_string(),
             interval.as_millis()
         ));
         *g = Some(Follower {
@@ -126,7 +126,7 @@ impl Replica {
         };
         let s = lock(&f.state);
         serde_json::json!({
-            "source": transport::http::redact(&f.source),
+            "source": f.source.to_string(),
             "interval_ms": f.interval.as_millis() as u64,
             "state": s.phase,
             "errors": s.errors,
@@ -135,124 +135,6 @@ impl Replica {
             "batches": s.applied_batches,
             "since_ms": s.started_ms,
         })
-    }
-
-    /// The LSN this replica's files hold (the shared position: other processes' applies count).
-    fn durable_local_lsn(&self) -> Lsn {
-        let mine = *lock(&self.applied);
-        mine.max(self.pos.read().map_or(Lsn(0), |a| a.lsn))
-    }
-
-    /// Waits until the replica holds `target` or `timeout` passes.
-    pub fn wait_for(self: &Arc<Self>, target: Lsn, timeout: Duration) -> Result<Lsn> {
-        let deadline = Instant::now() + timeout;
-        let now = self.durable_local_lsn();
-        if now >= target {
-            return Ok(now);
-        }
-        if self.following() {
-            let mut g = lock(&self.applied);
-            loop {
-                let have = (*g).max(self.pos.read().map_or(Lsn(0), |a| a.lsn));
-                if have >= target {
-                    return Ok(have);
-                }
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    drop(g);
-                    return Err(self.wait_timeout(target, timeout));
-                }
-                // Other processes' applies do not signal us: re-check now and then.
-                g = self
-                    .applied_cv
-                    .wait_timeout(g, left.min(Duration::from_millis(5)))
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
-        }
-        // Nobody follows here: long-poll and apply ourselves until the deadline.
-        let spec = lock(&self.state).meta.source.clone().ok_or_else(|| {
-            Error::Misuse(format!(
-                "repl_wait(): {} is not a replica yet",
-                self.db_path
-            ))
-        })?;
-        let src = transport::open_source(&spec)?;
-        loop {
-            let have = self.durable_local_lsn();
-            if have >= target {
-                return Ok(have);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(self.wait_timeout(target, timeout));
-            }
-            match src.fetch_wait(have.next(), BATCH_BYTES, left)? {
-                Fetch::Records(v) if v.is_empty() => {}
-                Fetch::Records(v) => {
-                    let info = src.last_info().map_or_else(|| src.info(), Ok)?;
-                    self.apply_fetched(info, v)?;
-                }
-                Fetch::Truncated { .. } => {
-                    self.sync(None)?;
-                }
-            }
-        }
-    }
-
-    /// Forwards a write to the primary (`repl_exec`), then waits until this replica holds the
-    /// commit (read-your-writes) for at most `wait`. Returns the primary's answer.
-    pub fn forward_exec(
-        self: &Arc<Self>,
-        body: &serde_json::Value,
-        wait: Duration,
-    ) -> Result<serde_json::Value> {
-        let spec = lock(&self.state).meta.source.clone().ok_or_else(|| {
-            Error::Misuse(format!("repl_exec(): {} has no primary yet", self.db_path))
-        })?;
-        let answer = {
-            let mut g = lock(&self.exec_source);
-            if g.as_ref().is_none_or(|(s, _)| *s != spec) {
-                *g = Some((spec.clone(), transport::open_source(&spec)?));
-            }
-            g.as_ref().expect("set").1.exec(body)?
-        };
-        if let (Some(theirs), Some(ours)) = (answer["lineage"].as_str(), self.lineage()) {
-            if theirs != ours {
-                return Err(Error::Misuse(format!(
-                    "repl_exec(): the primary now serves lineage {theirs} but this replica follows {ours}; \
-                     the write ran there, but this replica can never show it: bootstrap a new replica"
-                )));
-            }
-        }
-        let lsn = answer["lsn"]
-            .as_u64()
-            .ok_or_else(|| Error::Corrupt("repl_exec(): the primary's answer has no LSN".into()))?;
-        self.wait_for(Lsn(lsn), wait).map_err(|e| {
-            Error::Busy(format!(
-                "repl_exec(): the write committed on the primary at LSN {lsn}, but this replica had not \
-                 applied it within {} ms ({e}); read with repl_wait({lsn}) before relying on it",
-                wait.as_millis()
-            ))
-        })?;
-        Ok(answer)
-    }
-
-    fn wait_timeout(&self, target: Lsn, timeout: Duration) -> Error {
-        let st = lock(&self.state);
-        let primary = st
-            .primary_lsn
-            .map_or("unknown".to_string(), |l| l.to_string());
-        let why = st
-            .last_error
-            .as_deref()
-            .map_or(String::new(), |e| format!("; last error: {e}"));
-        Error::Busy(format!(
-            "repl_wait({target}): timed out after {} ms with the replica at LSN {} (the primary's durable LSN \
-             at the last sync: {primary}){why}",
-            timeout.as_millis(),
-            self.durable_local_lsn()
-        ))
     }
 }
 
@@ -292,25 +174,21 @@ fn sleep_unless_stopped(stop: &AtomicBool, d: Duration) {
 
 fn run(
     weak: Weak<Replica>,
-    spec: String,
+    spec: SourceSpec,
     interval: Duration,
     stop: Arc<AtomicBool>,
     state: Arc<Mutex<FollowState>>,
 ) {
-    let mut src: Option<Box<dyn Source>> = None;
     while !stop.load(Ordering::Acquire) {
         let Some(r) = weak.upgrade() else { return };
-        let source = match &src {
-            Some(s) => s,
-            None => match transport::open_source(&spec) {
-                Ok(s) => src.insert(s),
-                Err(e) => {
-                    let d = fail(&state, Some(&r), &e);
-                    drop(r);
-                    sleep_unless_stopped(&stop, d);
-                    continue;
-                }
-            },
+        let source = match r.shared_source(&spec) {
+            Ok(s) => s,
+            Err(e) => {
+                let d = fail(&state, Some(&r), &e);
+                drop(r);
+                sleep_unless_stopped(&stop, d);
+                continue;
+            }
         };
         let from = r.durable_local_lsn().next();
         set(&state, |s| s.phase = "waiting");
@@ -349,7 +227,7 @@ fn run(
             }),
             Err(e) => {
                 // A broken connection may leave the source in a bad state: reopen it.
-                src = None;
+                r.forget_shared_source(&source);
                 let d = fail(&state, Some(&r), &e);
                 drop(r);
                 sleep_unless_stopped(&stop, d);

@@ -28,7 +28,7 @@ impl DirSource {
         let abs = std::path::absolute(Path::new(db))
             .map_err(|e| Error::io(format!("resolving {db}"), e))?;
         let db = abs.display().to_string();
-        let dir = crate::registry::log_dir(&db);
+        let dir = crate::txlog::log_dir(&db);
         if !dir.join("meta.json").exists() {
             let why = if Path::new(&db).exists() {
                 format!(
@@ -59,6 +59,10 @@ impl DirSource {
 impl Source for DirSource {
     fn describe(&self) -> String {
         self.db.clone()
+    }
+
+    fn log_dir(&self) -> Option<&Path> {
+        Some(&self.dir)
     }
 
     fn info(&self) -> Result<SourceInfo> {

@@ -8,12 +8,12 @@
 //! Token: `token=` in the URL's query, else `REPL_TOKEN`. It is sent as a bearer token and
 //! never shown (`describe()` and errors print the URL without it).
 //!
-//! URLs: `http(s)://host:port` (the listener's default database) or
+//! URLs (parsed by `SourceSpec`): `http(s)://host:port` (the listener's default database) or
 //! `http(s)://host:port/v1/db/<name>` (one of several databases on one listener). For https the
 //! server certificate is checked against `ca=<PEM file>` in the URL, else `REPL_CA_FILE`, else
 //! the system's CA bundle.
 
-use super::{Fetch, Source, SourceInfo};
+use super::{Fetch, Source, SourceInfo, SourceSpec};
 use crate::error::{Error, Result};
 use crate::txlog::{decode_record, DbChecksum, Record, SEGMENT_HEADER_LEN};
 use crate::types::Lsn;
@@ -35,108 +35,47 @@ pub struct HttpSource {
     last: std::sync::Mutex<Option<SourceInfo>>,
 }
 
-/// The URL without its `token=` parameter (for messages and status). Other parameters keep
-/// only their key: the value of a misspelt `token=` is a secret too.
-pub fn redact(spec: &str) -> String {
-    match spec.split_once('?') {
-        None => spec.to_string(),
-        Some((base, q)) => {
-            let kept: Vec<String> = q
-                .split('&')
-                .map(|kv| kv.split_once('=').map_or(kv, |(k, _)| k))
-                .filter(|k| !k.is_empty() && !k.eq_ignore_ascii_case("token"))
-                .map(|k| format!("{k}=…"))
-                .collect();
-            if kept.is_empty() {
-                base.to_string()
-            } else {
-                format!("{base}?{}", kept.join("&"))
-            }
-        }
-    }
-}
-
 impl HttpSource {
+    /// Parse `spec` as an `http(s)://` URL and prepare the client (tests and tools; a replica
+    /// parses its source once, `SourceSpec`, and calls `connect`).
     pub fn open(spec: &str) -> Result<HttpSource> {
         let s = spec.trim();
-        let (scheme, rest) = if let Some(r) = s.strip_prefix("http://") {
-            ("http", r)
-        } else if let Some(r) = s.strip_prefix("https://") {
-            ("https", r)
-        } else {
+        if !s.starts_with("http://") && !s.starts_with("https://") {
             return Err(Error::Misuse(format!(
                 "not an http:// or https:// URL: {}",
-                redact(s)
-            )));
-        };
-        let (target, query) = match rest.split_once('?') {
-            Some((h, q)) => (h, Some(q)),
-            None => (rest, None),
-        };
-        let target = target.trim_end_matches('/');
-        let (hostport, path) = match target.split_once('/') {
-            Some((h, p)) => (h, Some(p)),
-            None => (target, None),
-        };
-        let db = match path {
-            None => None,
-            Some(p) => match p.strip_prefix("v1/db/") {
-                Some(name) if super::httpd::valid_name(name) => Some(name.to_string()),
-                _ => {
-                    return Err(Error::Misuse(format!(
-                        "repl_sync('{}'): use the primary's address, e.g. http://127.0.0.1:7070, or one database \
-                         of several on it, e.g. http://127.0.0.1:7070/v1/db/app.db",
-                        redact(s)
-                    )))
-                }
-            },
-        };
-        if hostport.is_empty() {
-            return Err(Error::Misuse(format!(
-                "repl_sync('{}'): the URL has no host:port",
-                redact(s)
+                SourceSpec::parse(s)?
             )));
         }
-        let mut token = None;
-        let mut ca = None;
-        for kv in query.unwrap_or("").split('&').filter(|kv| !kv.is_empty()) {
-            match kv.split_once('=') {
-                Some(("token", t)) if !t.is_empty() => token = Some(t.to_string()),
-                Some(("token", _)) => {
-                    return Err(Error::Misuse(format!(
-                        "repl_sync('{}'): token= is empty; give the primary's token, or leave token= out \
-                         and set REPL_TOKEN",
-                        redact(s)
-                    )))
-                }
-                Some(("ca", f)) if !f.is_empty() => ca = Some(f.to_string()),
-                _ => {
-                    // Only the key: the value may be a misspelt token= (a secret).
-                    let key = kv.split_once('=').map_or(kv, |(k, _)| k);
-                    return Err(Error::Misuse(format!(
-                        "repl_sync('{}'): unknown URL parameter {key:?} (token= and ca= are understood)",
-                        redact(s)
-                    )));
-                }
-            }
-        }
-        let token = token.or_else(|| std::env::var("REPL_TOKEN").ok().filter(|t| !t.is_empty()));
+        let spec = SourceSpec::parse(s)?;
+        HttpSource::connect(
+            spec.address(),
+            spec.db().map(str::to_string),
+            spec.token().map(str::to_string),
+            spec.ca(),
+        )
+    }
+
+    /// The client of database `db` (None: the listener's default) of the primary at `base`
+    /// (`http(s)://host:port`); without `token`, `REPL_TOKEN`; for https, the CA file `ca`,
+    /// else `REPL_CA_FILE`, else the system bundle.
+    pub fn connect(
+        base: &str,
+        db: Option<String>,
+        token: Option<String>,
+        ca: Option<&str>,
+    ) -> Result<HttpSource> {
+        let token = token.or_else(|| crate::config::get().token.clone());
         let mut builder = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(3));
-        if scheme == "https" {
-            let ca = ca.or_else(|| std::env::var("REPL_CA_FILE").ok().filter(|f| !f.is_empty()));
-            builder = builder.tls_config(client_tls(ca.as_deref())?);
-        } else if ca.is_some() {
-            return Err(Error::Misuse(format!(
-                "repl_sync('{}'): ca= is for https:// URLs",
-                redact(s)
-            )));
+        if base.starts_with("https://") {
+            let env_ca = std::env::var("REPL_CA_FILE").ok().filter(|f| !f.is_empty());
+            builder = builder.tls_config(client_tls(ca.or(env_ca.as_deref()))?);
         }
         let agent = builder.build();
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "host".into());
         Ok(HttpSource {
-            base: format!("{scheme}://{hostport}"),
+            base: base.to_string(),
             db,
             token,
             agent,
@@ -210,15 +149,9 @@ impl HttpSource {
         );
         let resp = match self.get(&path, wait + Duration::from_secs(30)) {
             Ok(r) => r,
-            Err(Error::Other(m)) if m.starts_with("HTTP 410") => {
-                let first = m
-                    .split("first_lsn=")
-                    .nth(1)
-                    .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(from.0 + 1);
+            Err(Error::LogTruncated { first_lsn, .. }) => {
                 return Ok(Fetch::Truncated {
-                    first_lsn: Lsn(first),
+                    first_lsn: first_lsn.unwrap_or(Lsn(from.0 + 1)),
                 });
             }
             Err(e) => return Err(e),
@@ -348,13 +281,16 @@ fn status_error(code: u16, base: &str, msg: &str) -> Error {
             "the primary at {base} refused the request (401): {msg}; give the token as ?token= in the URL or in REPL_TOKEN"
         )),
         410 => {
-            // Keep first_lsn machine-readable for `log` (the message itself is the server's).
+            // The first retained LSN, for `log` (the message itself is the server's).
             let first = msg
                 .split("starts at LSN ")
                 .nth(1)
                 .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
                 .unwrap_or("");
-            Error::Other(format!("HTTP 410 first_lsn={first}: {msg}"))
+            Error::LogTruncated {
+                first_lsn: first.parse().ok().map(Lsn),
+                message: format!("HTTP 410 first_lsn={first}: {msg}"),
+            }
         }
         _ => Error::Other(format!("the primary at {base} answered HTTP {code}: {msg}")),
     }
@@ -525,7 +461,7 @@ impl Source for HttpSource {
         Err(Error::Other(format!(
             "repl_exec(): cannot reach the primary at {}: {}; the write may or may not have been applied: \
              retry with the same request id to find out (it runs at most once)",
-            self.base,
+            self.shown(),
             last.unwrap_or_default()
         )))
     }
@@ -548,12 +484,6 @@ mod tests {
         let s = HttpSource::open("http://127.0.0.1:7070/?token=s3cret").unwrap();
         assert_eq!(s.describe(), "http://127.0.0.1:7070");
         assert_eq!(s.token.as_deref(), Some("s3cret"));
-        assert_eq!(redact("http://h:1?token=s3cret"), "http://h:1");
-        assert_eq!(redact("http://h:1?token=s3cret&x=1"), "http://h:1?x=…");
-        assert_eq!(
-            redact("http://h:1?Token=s3cret&tokn=s3cret"),
-            "http://h:1?tokn=…"
-        );
         assert!(HttpSource::open("http://h:1/v1/log").is_err());
         assert!(HttpSource::open("http://h:1?tok=1").is_err());
         for spec in [
@@ -564,10 +494,25 @@ mod tests {
             let e = HttpSource::open(spec).err().expect("refused").to_string();
             assert!(!e.contains("s3cret") && e.contains("token"), "{e}");
         }
-        assert!(matches!(
-            HttpSource::open("https://h:1"),
-            Err(Error::Unsupported(_))
-        ));
+        // https (with the system CA bundle, or ca=) and one database of several by name.
+        let s = HttpSource::open("https://h:1").unwrap();
+        assert_eq!(s.describe(), "https://h:1");
+        let s = HttpSource::open("http://h:1/v1/db/app.db?token=s3cret").unwrap();
+        assert_eq!(s.describe(), "http://h:1/v1/db/app.db");
+        assert_eq!(
+            s.url("/v1/log?from=1"),
+            "http://h:1/v1/db/app.db/log?from=1"
+        );
+        assert!(HttpSource::open("http://h:1/v1/db/a%2Fb").is_err());
+        assert!(
+            HttpSource::open("http://h:1?ca=/x.pem").is_err(),
+            "ca= is for https"
+        );
+        let e = HttpSource::open("https://h:1?ca=/no/such/ca.pem")
+            .err()
+            .expect("missing CA file")
+            .to_string();
+        assert!(e.contains("/no/such/ca.pem"), "{e}");
         assert!(HttpSource::open("http://").is_err());
     }
 

@@ -10,11 +10,17 @@
 //! checked by the txlog decoder before a record leaves here).
 
 pub mod dir;
+pub mod exec;
 pub mod fuzzing;
 pub mod http;
 pub mod httpd;
+mod metrics;
 pub mod notify;
+mod request;
 pub mod server;
+mod spec;
+
+pub use spec::{Scheme, SourceSpec};
 
 use crate::error::{Error, Result};
 use crate::txlog::Record;
@@ -83,30 +89,14 @@ pub trait Source: Send + Sync {
     /// The page size of the newest durable snapshot (None: none yet). Only asked on error
     /// paths (a replica naming why a source does not fit it), so it may cost a file read.
     fn page_size(&self) -> Result<Option<PageSize>>;
+    /// The primary's log directory when it is on this machine (a directory source); None for
+    /// a remote source.
+    fn log_dir(&self) -> Option<&std::path::Path> {
+        None
+    }
 }
 
-/// Parse what the user passed to `repl_sync()`: a primary database path, a `file:` URL, or an
-/// `http(s)://` URL of a primary's server.
+/// Parse what the user passed to `repl_sync()` (`SourceSpec::parse`) and open it.
 pub fn open_source(spec: &str) -> Result<Box<dyn Source>> {
-    let s = spec.trim();
-    if s.is_empty() {
-        return Err(Error::Misuse(
-            "repl_sync(): the source is empty; pass the primary's database path, e.g. repl_sync('/data/app.db')"
-                .into(),
-        ));
-    }
-    if s.starts_with("http://") || s.starts_with("https://") {
-        return Ok(Box::new(http::HttpSource::open(s)?));
-    }
-    let path = if let Some(rest) = s.strip_prefix("file:") {
-        let rest = rest.split('?').next().unwrap_or("");
-        rest.strip_prefix("//").unwrap_or(rest).to_string()
-    } else if s.contains("://") {
-        return Err(Error::Misuse(format!(
-            "repl_sync('{s}'): unknown source scheme; use a database path, a file: URL or http(s)://"
-        )));
-    } else {
-        s.to_string()
-    };
-    Ok(Box::new(dir::DirSource::open(&path)?))
+    SourceSpec::parse(spec)?.open()
 }

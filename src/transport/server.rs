@@ -13,6 +13,8 @@
 //! parameters 400; unknown paths 404.
 
 use super::httpd::{self, Body, Ctx, Outcome, Reply, Request, Site};
+use super::metrics::{followers_json, metrics, touch_follower, Follower};
+use super::request::{ct_eq, header, num, query, query_pairs};
 use crate::error::{Error, Result};
 use crate::txlog::{self, Log, ReadHint};
 use crate::types::Lsn;
@@ -30,36 +32,27 @@ const DEFAULT_MAX_BYTES: u64 = 16 << 20;
 const MAX_MAX_BYTES: u64 = 256 << 20;
 /// Largest /v1/exec request body.
 const MAX_EXEC_BODY: u64 = 16 << 20;
-/// Runs a `/v1/exec` body; answers (HTTP status, JSON body).
-pub type ExecHandler = Arc<dyn Fn(&serde_json::Value) -> (u16, serde_json::Value) + Send + Sync>;
-/// A follower not seen for this long is no longer "connected".
-const FOLLOWER_TTL: Duration = Duration::from_secs(30);
+/// Runs parsed `/v1/exec` requests (`exec::respond` maps the outcome to HTTP).
+pub type ExecHandler = Arc<dyn super::exec::Handler>;
 pub const RECORDS_TYPE: &str = "application/vnd.sqlite-replica.records";
 pub const SNAPSHOT_TYPE: &str = "application/vnd.sqlite-replica.snapshot";
 
-struct Follower {
-    last_lsn: u64,
-    /// Last request, or the end of the long-poll it is parked in (so a follower waiting in a
-    /// long-poll stays listed).
-    seen: Instant,
-}
-
-struct Shared {
-    db: String,
-    dir: PathBuf,
-    log: Log,
-    token: Option<String>,
-    exec: Option<ExecHandler>,
+pub(super) struct Shared {
+    pub(super) db: String,
+    pub(super) dir: PathBuf,
+    pub(super) log: Log,
+    pub(super) token: Option<String>,
+    pub(super) exec: Option<ExecHandler>,
     /// Where recent responses ended, keyed by the next LSN: a follower's next request then
     /// starts there instead of scanning the segment.
-    hints: Mutex<HashMap<u64, ReadHint>>,
-    followers: Mutex<HashMap<String, Follower>>,
+    pub(super) hints: Mutex<HashMap<u64, ReadHint>>,
+    pub(super) followers: Mutex<HashMap<String, Follower>>,
     /// (time, durable LSN) samples for records/s.
-    rate: Mutex<Vec<(Instant, u64)>>,
-    served_records: std::sync::atomic::AtomicU64,
-    served_bytes: std::sync::atomic::AtomicU64,
+    pub(super) rate: Mutex<Vec<(Instant, u64)>>,
+    pub(super) served_records: std::sync::atomic::AtomicU64,
+    pub(super) served_bytes: std::sync::atomic::AtomicU64,
     /// The listener's counters, for /metrics.
-    stats: Mutex<Option<Arc<httpd::Stats>>>,
+    pub(super) stats: Mutex<Option<Arc<httpd::Stats>>>,
 }
 
 /// TLS certificate and key files for a listener.
@@ -183,7 +176,7 @@ impl Server {
 
     /// Serve the log of database `db` on a socket from `bind`.
     pub fn start_bound(db: &str, bound: Bound, exec: Option<ExecHandler>) -> Result<Server> {
-        let dir = crate::registry::log_dir(db);
+        let dir = crate::txlog::log_dir(db);
         let log = Log::open(&dir, Default::default())?;
         let name = std::path::Path::new(db)
             .file_name()
@@ -319,14 +312,6 @@ impl httpd::Service for Service {
     }
 }
 
-/// Constant-time comparison (the length is not secret).
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Exactly one `Authorization: Bearer <token>` header carrying the token (one guess per
 /// request: several headers are refused, not tried in turn).
 fn authorize(sh: &Shared, req: &Request) -> std::result::Result<(), Reply> {
@@ -356,47 +341,6 @@ fn authorize(sh: &Shared, req: &Request) -> std::result::Result<(), Reply> {
          parameter or REPL_TOKEN)",
     )
     .with_header("WWW-Authenticate", "Bearer realm=\"sqlite-replica\""))
-}
-
-/// `a=1&b=2` → pairs (no percent-decoding: every parameter is a number).
-fn query_pairs(q: &str) -> Vec<(&str, &str)> {
-    q.split('&')
-        .filter(|s| !s.is_empty())
-        .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
-        .collect()
-}
-
-/// `path?query` → (path, pairs); for the fuzz target and tests.
-fn query(url: &str) -> (&str, Vec<(&str, &str)>) {
-    match url.split_once('?') {
-        None => (url, Vec::new()),
-        Some((path, q)) => (path, query_pairs(q)),
-    }
-}
-
-/// A parameter as an integer in `range`, or a 400 message naming it.
-fn num(
-    params: &[(&str, &str)],
-    name: &str,
-    range: std::ops::RangeInclusive<u64>,
-) -> std::result::Result<Option<u64>, String> {
-    let Some((_, v)) = params.iter().rev().find(|(k, _)| *k == name) else {
-        return Ok(None);
-    };
-    let bad = || {
-        format!(
-            "{name} must be a decimal integer between {} and {}, got {v:?}",
-            range.start(),
-            range.end()
-        )
-    };
-    if v.is_empty() || v.len() > 20 || !v.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad());
-    }
-    match v.parse::<u64>() {
-        Ok(n) if range.contains(&n) => Ok(Some(n)),
-        _ => Err(bad()),
-    }
 }
 
 fn handle(sh: &Shared, req: &Request, ctx: Ctx) -> Outcome {
@@ -444,7 +388,7 @@ fn serve_exec(sh: &Shared, req: &Request) -> Reply {
         Ok(v) => v,
         Err(e) => return Reply::error(400, &format!("the body is not JSON: {e}")),
     };
-    let (status, answer) = exec(&v);
+    let (status, answer) = super::exec::respond(&**exec, &v);
     Reply::json(status, &answer)
 }
 
@@ -469,10 +413,6 @@ fn info(sh: &Shared) -> Result<serde_json::Value> {
         "first_lsn": Log::first_segment_lsn(&sh.dir)?.map(|l| l.0),
         "snapshot": snap,
     }))
-}
-
-fn header(name: &str, value: impl std::fmt::Display) -> (String, String) {
-    (name.to_string(), value.to_string())
 }
 
 fn common_headers(lineage: &str, durable: (Lsn, u32), first: Option<Lsn>) -> Vec<(String, String)> {
@@ -671,205 +611,6 @@ fn serve_snapshot(sh: &Shared) -> Result<Reply> {
     ))
 }
 
-/// Record a follower's position; `until` is the end of the long-poll it is parked in.
-fn touch_follower(sh: &Shared, id: &str, last_lsn: u64, until: Option<Instant>) {
-    let now = Instant::now();
-    let seen = until.map_or(now, |u| u.max(now));
-    let mut m = sh.followers.lock().unwrap_or_else(|e| e.into_inner());
-    let f = m
-        .entry(id.to_string())
-        .or_insert(Follower { last_lsn, seen });
-    f.last_lsn = f.last_lsn.max(last_lsn);
-    f.seen = f.seen.max(seen);
-    // Bounded: a stranger inventing follower names cannot grow this map without limit.
-    if m.len() > 10_000 {
-        m.retain(|_, f| f.seen.elapsed() < FOLLOWER_TTL);
-    }
-}
-
-fn followers_json(sh: &Shared) -> serde_json::Value {
-    let durable = Log::read_durable(&sh.dir)
-        .ok()
-        .flatten()
-        .map_or(0, |d| d.0 .0);
-    let m = sh.followers.lock().unwrap_or_else(|e| e.into_inner());
-    let mut v: Vec<_> = m
-        .iter()
-        .filter(|(_, f)| f.seen.elapsed() < FOLLOWER_TTL)
-        .map(|(id, f)| {
-            serde_json::json!({
-                "id": id,
-                "last_lsn": f.last_lsn,
-                "lag_lsn": durable.saturating_sub(f.last_lsn),
-                "seen_ms_ago": f.seen.elapsed().as_millis() as u64,
-                "waiting": f.seen > Instant::now(),
-            })
-        })
-        .collect();
-    v.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
-    serde_json::Value::Array(v)
-}
-
-fn records_per_sec(sh: &Shared, lsn: u64) -> f64 {
-    let now = Instant::now();
-    let mut r = sh.rate.lock().unwrap_or_else(|e| e.into_inner());
-    r.push((now, lsn));
-    r.retain(|(t, _)| now.duration_since(*t) < Duration::from_secs(10));
-    match (r.first(), r.last()) {
-        (Some(a), Some(b)) if b.0 > a.0 => {
-            (b.1 - a.1) as f64 / b.0.duration_since(a.0).as_secs_f64()
-        }
-        _ => 0.0,
-    }
-}
-
-fn metrics(sh: &Shared) -> Reply {
-    let durable = Log::read_durable(&sh.dir).ok().flatten();
-    let lsn = durable.map_or(0, |d| d.0 .0);
-    let generation = durable.map_or(0, |d| d.1 .0);
-    let log_bytes: u64 = txlog::segment_infos(&sh.dir.join("log"))
-        .map(|v| v.iter().map(|s| s.bytes).sum())
-        .unwrap_or(0);
-    let followers = followers_json(sh);
-    let list = followers.as_array().cloned().unwrap_or_default();
-    let mut out = String::new();
-    let mut metric = |name: &str, help: &str, kind: &str, lines: Vec<(String, String)>| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-        for (labels, v) in lines {
-            out.push_str(&format!("{name}{labels} {v}\n"));
-        }
-    };
-    metric(
-        "sqlite_replica_lsn",
-        "Durable LSN of the primary.",
-        "gauge",
-        vec![(String::new(), lsn.to_string())],
-    );
-    metric(
-        "sqlite_replica_generation",
-        "Generation of the log.",
-        "gauge",
-        vec![(String::new(), generation.to_string())],
-    );
-    metric(
-        "sqlite_replica_log_bytes",
-        "Bytes of log segments retained.",
-        "gauge",
-        vec![(String::new(), log_bytes.to_string())],
-    );
-    metric(
-        "sqlite_replica_records_per_second",
-        "Records made durable per second (10 s window).",
-        "gauge",
-        vec![(String::new(), format!("{:.3}", records_per_sec(sh, lsn)))],
-    );
-    metric(
-        "sqlite_replica_served_records_total",
-        "Records sent to followers.",
-        "counter",
-        vec![(
-            String::new(),
-            sh.served_records.load(Ordering::Relaxed).to_string(),
-        )],
-    );
-    metric(
-        "sqlite_replica_served_bytes_total",
-        "Record bytes sent to followers.",
-        "counter",
-        vec![(
-            String::new(),
-            sh.served_bytes.load(Ordering::Relaxed).to_string(),
-        )],
-    );
-    metric(
-        "sqlite_replica_followers",
-        "Followers seen in the last 30 s.",
-        "gauge",
-        vec![(String::new(), list.len().to_string())],
-    );
-    let label = |f: &serde_json::Value| {
-        let id = f["id"]
-            .as_str()
-            .unwrap_or("")
-            .replace('\\', "\\\\")
-            .replace('"', "\\\"");
-        format!("{{follower=\"{id}\"}}")
-    };
-    metric(
-        "sqlite_replica_follower_lsn",
-        "Last LSN a follower has received.",
-        "gauge",
-        list.iter()
-            .map(|f| (label(f), f["last_lsn"].to_string()))
-            .collect(),
-    );
-    metric(
-        "sqlite_replica_follower_lag_lsn",
-        "How many LSNs a follower is behind the durable LSN.",
-        "gauge",
-        list.iter()
-            .map(|f| (label(f), f["lag_lsn"].to_string()))
-            .collect(),
-    );
-    if let Some(st) = sh.stats.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-        let j = st.json();
-        for (name, key, help, kind) in [
-            (
-                "sqlite_replica_http_open_connections",
-                "open_connections",
-                "Open HTTP connections of the listener.",
-                "gauge",
-            ),
-            (
-                "sqlite_replica_http_parked_long_polls",
-                "parked_long_polls",
-                "Long-polls waiting for records.",
-                "gauge",
-            ),
-            (
-                "sqlite_replica_http_accepted_total",
-                "accepted",
-                "Connections accepted.",
-                "counter",
-            ),
-            (
-                "sqlite_replica_http_refused_total",
-                "refused",
-                "Connections refused (connection limit).",
-                "counter",
-            ),
-            (
-                "sqlite_replica_http_timeouts_total",
-                "timeouts",
-                "Connections closed by a header, body or write timeout.",
-                "counter",
-            ),
-            (
-                "sqlite_replica_http_too_large_total",
-                "too_large",
-                "Requests refused for head or body size.",
-                "counter",
-            ),
-            (
-                "sqlite_replica_http_bad_requests_total",
-                "bad_requests",
-                "Malformed requests.",
-                "counter",
-            ),
-        ] {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}\n",
-                j[key]
-            ));
-        }
-    }
-    Reply::new(
-        200,
-        vec![header("Content-Type", "text/plain; version=0.0.4")],
-        Body::Bytes(out.into_bytes()),
-    )
-}
-
 /// The primaries directly in `dir` (each `<name>` with a `<name>-replica/meta.json` of role
 /// primary), sorted by name.
 pub fn primaries_in(dir: &std::path::Path) -> Result<Vec<String>> {
@@ -920,47 +661,5 @@ pub fn serve_forever(
     }
     loop {
         std::thread::park();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parameters_are_strict_decimal_integers() {
-        let p = [
-            ("from", "12"),
-            ("wait_ms", "-1"),
-            ("max_bytes", "1e3"),
-            ("x", "99999999999999999999999"),
-        ];
-        assert_eq!(num(&p, "from", 0..=100), Ok(Some(12)));
-        assert!(num(&p, "wait_ms", 0..=100)
-            .unwrap_err()
-            .contains("wait_ms must be a decimal integer"));
-        assert!(num(&p, "max_bytes", 1..=100).is_err());
-        assert!(num(&p, "x", 0..=u64::MAX).is_err(), "more than 20 digits");
-        assert_eq!(num(&p, "missing", 0..=1), Ok(None));
-        assert!(num(&[("from", "")], "from", 0..=1).is_err());
-        assert!(num(&[("from", "101")], "from", 0..=100).is_err());
-    }
-
-    #[test]
-    fn query_strings_split() {
-        assert_eq!(
-            query("/v1/log?from=1&wait_ms=5"),
-            ("/v1/log", vec![("from", "1"), ("wait_ms", "5")])
-        );
-        assert_eq!(query("/v1/info"), ("/v1/info", vec![]));
-        assert_eq!(query("/x?a&&b="), ("/x", vec![("a", ""), ("b", "")]));
-    }
-
-    #[test]
-    fn tokens_compare_in_constant_time() {
-        assert!(ct_eq(b"secret", b"secret"));
-        assert!(!ct_eq(b"secret", b"secreT"));
-        assert!(!ct_eq(b"secret", b"secret1"));
-        assert!(ct_eq(b"", b""));
     }
 }

@@ -360,8 +360,9 @@ impl Log {
     pub fn append(&mut self, r: &Record) -> Result<u64> {
         validate_record(r)?;
         if let Some(last) = &self.last {
-            check_sequence(last, &r.meta)
-                .map_err(|m| Error::Misuse(format!("append to log {}: {m}", self.dir.display())))?;
+            check_sequence(last, &r.meta).map_err(|m| {
+                Error::OutOfSequence(format!("append to log {}: {m}", self.dir.display()))
+            })?;
         }
         let bytes = encode_record(r);
         let len = bytes.len() as u64;
@@ -391,7 +392,7 @@ impl Log {
             // an append into reserved space is a plain overwrite, much cheaper than one that
             // allocates. Best effort.
             let want = (c.end + len).max(c.reserved) + PREALLOCATE_BYTES;
-            if crate::ffi::os::preallocate_keep_size(f, c.end, want - c.end).is_ok() {
+            if crate::sys::preallocate_keep_size(f, c.end, want - c.end).is_ok() {
                 c.reserved = want;
             }
         }
@@ -411,7 +412,7 @@ impl Log {
         if let Some(c) = &self.cur {
             if !c.header_ok {
                 // Only refresh_for_append may remove it: it checks the durable watermark first.
-                return Err(Error::Misuse(format!(
+                return Err(Error::StaleHandle(format!(
                     "segment {} has a torn header: call refresh_for_append first",
                     c.path.display()
                 )));
@@ -529,7 +530,7 @@ fn check_unchanged(f: &File, c: &CurSeg) -> Result<()> {
 
 fn stale_handle(path: &Path, len: u64, end: u64) -> Error {
     if len > end {
-        Error::Misuse(format!(
+        Error::StaleHandle(format!(
             "segment {} has {} bytes beyond this handle's end {end} (another writer appended, or a torn \
              tail is pending): call refresh_for_append first",
             path.display(),

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::types::{Generation, Lsn, PageSize};
 use serde_json::{json, Value};
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use xxhash_rust::xxh3::xxh3_64;
@@ -149,20 +149,13 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(format!("fsync of directory {}", dir.display()), e))
 }
 
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub(crate) use crate::util::now_ms;
 
 /// 16 bytes from /dev/urandom as 32 lowercase hex digits.
 pub(crate) fn random_hex16() -> Result<String> {
     let mut b = [0u8; 16];
-    File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .map_err(|e| Error::io("reading /dev/urandom", e))?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+    crate::util::urandom(&mut b).map_err(|e| Error::io("reading /dev/urandom", e))?;
+    Ok(crate::util::hex(&b))
 }
 
 fn encode_durable(lsn: Lsn, gen: Generation) -> [u8; DURABLE_LEN] {

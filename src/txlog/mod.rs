@@ -38,6 +38,13 @@ mod verify;
 mod tests;
 
 use crate::types::{Checksum, Generation, Lsn, PageNo, PageSize};
+use std::path::PathBuf;
+
+/// The directory holding the replication state of the database at `db_path`:
+/// `<db>-replica/` (a primary's log, or a replica's position and metadata).
+pub fn log_dir(db_path: &str) -> PathBuf {
+    PathBuf::from(format!("{db_path}-replica"))
+}
 
 pub use checksum::DbChecksum;
 pub use compact::compact;

@@ -10,9 +10,9 @@
 
 use super::base;
 use super::file::{read_real, shm_read_head};
+use super::DbFileIo;
 use crate::error::{Error, Result};
 use crate::ffi::{self, sqlite3_file};
-use crate::primary::DbFileIo;
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::Mutex;
@@ -368,9 +368,18 @@ impl Drop for LiveShm<'_> {
     }
 }
 
+impl crate::wal::WalLocks for LiveShm<'_> {
+    fn try_lock_exclusive(&mut self, ofst: u32, n: u32) -> bool {
+        LiveShm::try_lock_exclusive(self, ofst, n)
+    }
+    fn unlock_exclusive(&mut self, ofst: u32, n: u32) {
+        LiveShm::unlock_exclusive(self, ofst, n)
+    }
+}
+
 impl crate::wal::ShmAccess for LiveShm<'_> {
     fn between_header_copies(&self) {
-        ffi::os::fault_point("between-header-copies");
+        crate::sys::fault_point("between-header-copies");
     }
 
     fn block_count(&self) -> u32 {

@@ -8,10 +8,9 @@
 //!   through the shim (exclusive locking mode, heap-memory WAL); counts writes and syncs so
 //!   capture knows whether the frames it ships are durable.
 
+use super::hooks::{hooks, DbFileIo, DbHooks, RoleKind, Witness};
 use super::{base, base_ptr};
 use crate::ffi::{self, guard, sqlite3_file, sqlite3_io_methods, sqlite3_vfs};
-use crate::primary::{DbFileIo, T1Witness};
-use crate::registry::{self, Db};
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -28,13 +27,13 @@ pub(super) struct ShimFile {
     base: sqlite3_file,
     real: *mut sqlite3_file,
     kind: Kind,
-    db: Option<Arc<Db>>,
+    db: Option<Arc<dyn DbHooks>>,
     /// Region 0 of the wal-index as mapped for this connection (main db only).
     shm0: *mut c_void,
     /// This connection holds the WAL WRITE lock (taken through us).
     holds_write: bool,
     /// What T1 established when this connection took WRITE (consumed by T2).
-    witness: Option<T1Witness>,
+    witness: Option<Witness>,
 }
 
 /// Our fields, rounded up so the underlying file object is 16-byte aligned.
@@ -67,7 +66,7 @@ pub(super) fn is_shim(f: *mut sqlite3_file) -> bool {
     !f.is_null() && std::ptr::eq(unsafe { (*f).pMethods }, &METHODS)
 }
 
-pub(super) fn db_of(f: *mut sqlite3_file) -> Option<Arc<Db>> {
+pub(super) fn db_of(f: *mut sqlite3_file) -> Option<Arc<dyn DbHooks>> {
     if !is_shim(f) {
         return None;
     }
@@ -146,9 +145,9 @@ pub(super) unsafe extern "C" fn x_open(
             return rc;
         }
         let path = ffi::cstr_to_string(name);
-        s.db = match (kind, path) {
-            (Kind::MainDb, Some(p)) => Some(registry::on_open_main(&p)),
-            (Kind::Wal, Some(_)) => filename_database(name).and_then(|p| registry::lookup(&p)),
+        s.db = match (kind, path, hooks()) {
+            (Kind::MainDb, Some(p), Some(h)) => Some(h.open_main(&p)),
+            (Kind::Wal, Some(_), Some(h)) => filename_database(name).and_then(|p| h.lookup(&p)),
             _ => None,
         };
         // SAFETY: install our methods now that the underlying file is open.
@@ -171,15 +170,15 @@ unsafe extern "C" fn x_close(f: *mut sqlite3_file) -> c_int {
         let s = unsafe { shim(f) };
         if s.holds_write {
             if let Some(db) = &s.db {
-                db.write_holders.fetch_sub(1, Ordering::AcqRel);
+                db.counters().write_holders.fetch_sub(1, Ordering::AcqRel);
             }
         }
         // A connection to a primary closing: make its last commits durable for replicas now
         // (synchronous=NORMAL leaves them to the group fsync, which a process exiting right
         // after its last close would never run).
         if s.kind == Kind::MainDb {
-            if let Some(p) = s.db.as_ref().and_then(|d| d.primary()) {
-                p.flush();
+            if let Some(db) = &s.db {
+                db.main_closing();
             }
         }
         // SAFETY: forwarding; then dropping our fields exactly once.
@@ -209,22 +208,25 @@ unsafe extern "C" fn x_write(
         let s = unsafe { shim(f) };
         if s.kind == Kind::Wal {
             if let Some(db) = &s.db {
-                if db.replica().is_some() {
+                let role = db.role();
+                if role == RoleKind::Replica {
                     // Backstop: the WRITE-lock refusal below stops writers before this point.
                     crate::logging::event(&format!(
                         "event=wal_write_refused db={:?} reason=\"replica is read-only\"",
-                        db.path
+                        db.path()
                     ));
                     return ffi::SQLITE_READONLY;
                 }
-                if db.primary().is_some() && db.write_holders.load(Ordering::Acquire) == 0 {
+                if role == RoleKind::Primary
+                    && db.counters().write_holders.load(Ordering::Acquire) == 0
+                {
                     crate::logging::event(&format!(
                         "event=wal_write_refused db={:?} reason=\"no WAL write lock held (exclusive locking mode?)\"",
-                        db.path
+                        db.path()
                     ));
                     return ffi::SQLITE_IOERR_WRITE;
                 }
-                db.wal_write_seq.fetch_add(1, Ordering::AcqRel);
+                db.counters().wal_write_seq.fetch_add(1, Ordering::AcqRel);
             }
         }
         // SAFETY: forwarding the caller's buffer.
@@ -247,12 +249,14 @@ unsafe extern "C" fn x_sync(f: *mut sqlite3_file, flags: c_int) -> c_int {
         let s = unsafe { shim(f) };
         let seq =
             s.db.as_ref()
-                .map(|d| d.wal_write_seq.load(Ordering::Acquire));
+                .map(|d| d.counters().wal_write_seq.load(Ordering::Acquire));
         // SAFETY: forwarding.
         let rc = unsafe { real_methods(s).xSync.expect("xSync")(s.real, flags) };
         if rc == ffi::SQLITE_OK && s.kind == Kind::Wal {
             if let (Some(db), Some(seq)) = (&s.db, seq) {
-                db.wal_synced_seq.fetch_max(seq, Ordering::AcqRel);
+                db.counters()
+                    .wal_synced_seq
+                    .fetch_max(seq, Ordering::AcqRel);
             }
         }
         rc
@@ -313,7 +317,7 @@ unsafe extern "C" fn x_file_control(f: *mut sqlite3_file, op: c_int, arg: *mut c
                 )
             };
             if let (Some(db), Some(name)) = (&s.db, name) {
-                if let Some(msg) = crate::primary::pragma_veto(db, &name, value.as_deref()) {
+                if let Some(msg) = db.pragma_veto(&name, value.as_deref()) {
                     // SAFETY: SQLite frees azArg[0] with sqlite3_free; mprintf allocates with it.
                     unsafe { *args = ffi::mprintf(&msg) };
                     return ffi::SQLITE_ERROR;
@@ -451,7 +455,7 @@ unsafe extern "C" fn x_shm_lock(
             _ => return unsafe { lock(s.real, ofst, n, flags) },
         };
         if flags == ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE
-            && db.replica().is_some()
+            && db.role() == RoleKind::Replica
             && !s.shm0.is_null()
         {
             // A replica is read-only: refuse the WAL write lock to connections of ours before
@@ -468,22 +472,20 @@ unsafe extern "C" fn x_shm_lock(
             let rc = unsafe { lock(s.real, ofst, n, flags) };
             if rc == ffi::SQLITE_OK && !s.holds_write {
                 s.holds_write = true;
-                db.write_holders.fetch_add(1, Ordering::AcqRel);
-                if let Some(p) = db.primary() {
-                    s.witness = Some(p.on_write_locked(&ConnIo { s }));
+                db.counters().write_holders.fetch_add(1, Ordering::AcqRel);
+                if let Some(w) = db.write_locked(&ConnIo { s }) {
+                    s.witness = Some(w);
                 }
             }
             return rc;
         }
         if flags == ffi::SQLITE_SHM_UNLOCK | ffi::SQLITE_SHM_EXCLUSIVE && s.holds_write {
-            if let Some(p) = db.primary() {
-                let w = s.witness.take();
-                let durable = db.wal_synced();
-                p.on_write_unlocking(&ConnIo { s }, w, durable);
-            }
+            let w = s.witness.take();
+            let durable = db.counters().wal_synced();
+            db.write_unlocking(&ConnIo { s }, w, durable);
             s.holds_write = false;
             s.witness = None;
-            db.write_holders.fetch_sub(1, Ordering::AcqRel);
+            db.counters().write_holders.fetch_sub(1, Ordering::AcqRel);
         }
         // SAFETY: forwarding (always, even when capture failed: WRITE must never stay held).
         unsafe { lock(s.real, ofst, n, flags) }

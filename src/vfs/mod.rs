@@ -4,16 +4,18 @@
 //! replication roles need (see `file.rs`): capture triggers at the WAL write lock (WAL.md §D.2
 //! T1/T2), guards (PRAGMA veto, WAL writes without the write lock, writes on replicas), and the
 //! bookkeeping that tells capture whether the WAL was synced. The unsafe code of the crate lives
-//! here and in `ffi/`: trampolines only; decisions are made by safe code in `registry`,
-//! `primary` and friends.
+//! here and in `ffi/`: trampolines only; decisions are made by safe code above, reached through
+//! the `Hooks` installed at load time (`hooks.rs`): the shim knows no role.
 //!
 //! Layout of our `sqlite3_file`: `ShimFile` (our fields) followed, at `SHIM_SIZE`, by the
 //! underlying VFS's file object, in the single allocation of `szOsFile` bytes SQLite makes.
 
 mod agent;
 mod file;
+mod hooks;
 
 pub use agent::{AgentHandle, LiveShm};
+pub use hooks::{set_hooks, DbFileIo, DbHooks, Hooks, RoleKind, WalCounters, Witness};
 
 use crate::ffi::{self, guard, sqlite3_file, sqlite3_vfs};
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -96,8 +98,8 @@ pub fn is_ours(f: *mut sqlite3_file) -> bool {
     file::is_shim(f)
 }
 
-/// The per-database state behind a user's main-database file, if it was opened through us.
-pub fn db_of_file(f: *mut sqlite3_file) -> Option<std::sync::Arc<crate::registry::Db>> {
+/// The per-database hooks behind a user's main-database file, if it was opened through us.
+pub fn db_of_file(f: *mut sqlite3_file) -> Option<std::sync::Arc<dyn DbHooks>> {
     file::db_of(f)
 }
 

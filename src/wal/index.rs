@@ -181,11 +181,7 @@ mod tests {
     use super::*;
 
     fn hex(s: &str) -> Vec<u8> {
-        let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
+        crate::util::unhex(&s.split_whitespace().collect::<String>()).expect("hex digits")
     }
 
     fn vector_header() -> WalIndexHeader {

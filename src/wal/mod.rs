@@ -9,6 +9,7 @@
 //! - `shm`: `ShmAccess` (abstract block access; the live mmap implementation lives with the
 //!   VFS), `VecShm`, header read/publish and checkpoint-info access.
 //! - `hash`: frame → block geometry and hash insert / lookup / truncate-to.
+//! - `locks`: the wal-index lock slots and the `WalLocks` trait (live implementation in the VFS).
 //!
 //! Invariants kept across the module: WAL integers are big-endian with the checksum word order
 //! taken from the magic; the wal-index is native-endian; salts are raw bytes everywhere; the
@@ -23,6 +24,7 @@ mod hash;
 #[cfg(test)]
 mod hash_tests;
 mod index;
+mod locks;
 mod reader;
 mod shm;
 
@@ -41,6 +43,7 @@ pub use index::{
     OFF_LOCKS, OFF_N_BACKFILL, OFF_N_BACKFILL_ATTEMPTED, OFF_READ_MARKS, READMARK_UNUSED,
     SHM_BLOCK_SIZE, SHM_HEADER_COPY_SIZE, SHM_HEADER_SIZE, SHM_VERSION,
 };
+pub use locks::{WalLocks, SLOT_READ1, SLOT_WRITE};
 pub use reader::{recover_scan, Frame, FrameReader, RecoveryResult};
 pub use shm::{
     shm_ckpt_info, shm_publish_header, shm_read_header, shm_write_ckpt_info, ShmAccess, VecShm,

@@ -131,7 +131,7 @@ def test_a_database_without_role_opened_before_the_load_gets_the_recipe(tmp):
     )
     assert proc.returncode != 0, proc
     msg = proc.stderr
-    assert "was opened before sqlite-replica was loaded" in msg, msg
+    assert "it was opened before sqlite-replica was loaded" in msg, msg
     assert "':memory:'" in msg and "with a new connection" in msg, msg
     assert "vfs=replica" not in msg, msg
     assert sorted(os.listdir(tmp)) == ["new.db"]

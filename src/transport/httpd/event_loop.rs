@@ -515,7 +515,7 @@ impl Loop {
 /// limit, so that a flood of connections meets our limit (a 503) before the process runs out
 /// of file descriptors (which would also break the host application's own files).
 pub fn effective_max(l: &Limits) -> usize {
-    let soft = crate::ffi::os::open_file_limit().unwrap_or(u64::MAX);
+    let soft = crate::sys::open_file_limit().unwrap_or(u64::MAX);
     l.max_connections.min((soft / 2).max(8) as usize)
 }
 

@@ -486,7 +486,7 @@ mod conn;
 mod event_loop;
 mod tls;
 
-use crate::ffi::os::Inotify;
+use crate::sys::Inotify;
 pub use event_loop::effective_max;
 use event_loop::Loop;
 pub use tls::tls_config;

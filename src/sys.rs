@@ -113,13 +113,10 @@ impl Drop for SharedWords {
 /// written and copy 1 not, WAL.md §G15 (c)).
 pub fn fault_point(point: &str) {
     use std::sync::atomic::{AtomicU64, Ordering};
-    static ARMED: once_cell::sync::Lazy<Option<(String, u64)>> = once_cell::sync::Lazy::new(|| {
-        let v = std::env::var("REPL_FAULT_KILL_AT").ok()?;
-        let (p, n) = v.rsplit_once(':')?;
-        Some((p.to_string(), n.parse().ok()?))
-    });
     static HITS: AtomicU64 = AtomicU64::new(0);
-    let Some((p, n)) = ARMED.as_ref() else { return };
+    let Some((p, n)) = crate::config::get().fault_kill_at.as_ref() else {
+        return;
+    };
     if p == point && HITS.fetch_add(1, Ordering::Relaxed) + 1 == *n {
         eprintln!(
             "REPL_FAULT_KILL_AT: killing pid {} at {point} #{n}",

@@ -113,12 +113,5 @@ pub(super) fn background(p: std::sync::Weak<Primary>) {
 /// Pause between group-fsync rounds of the WAL (synchronous=NORMAL primaries):
 /// `REPL_FSYNC_INTERVAL_US`, default 2000 µs.
 fn group_fsync_interval() -> Duration {
-    static V: once_cell::sync::Lazy<Duration> = once_cell::sync::Lazy::new(|| {
-        let us = std::env::var("REPL_FSYNC_INTERVAL_US")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2000);
-        Duration::from_micros(us)
-    });
-    *V
+    crate::config::get().fsync_interval
 }

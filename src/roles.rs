@@ -1,18 +1,22 @@
-//! Per-process registry of databases opened through the VFS, keyed by the full path SQLite gives
-//! the VFS. A `Db` carries the role (none / primary / replica) and the bookkeeping the VFS hooks share
-//! across connections of this process: who holds the WAL write lock through the shim, and
-//! whether every WAL write of this process has been synced.
+//! The per-process registry of databases opened through the VFS, keyed by the full path SQLite
+//! gives the VFS: it attaches, resumes and detaches the roles (primary, replica) and implements
+//! the VFS hooks (`vfs::DbHooks`) by handing each one to the role attached. A `Db` carries the
+//! role and the shim's bookkeeping shared across connections of this process (who holds the
+//! WAL write lock through the shim, whether every WAL write of this process has been synced).
 //!
 //! Invariant: a `Db` is never removed (the map is small and entries are cheap), so every
 //! `Arc<Db>` handed to a file stays the one for its path.
 
 use crate::error::Result;
+use crate::ffi::sqlite3_file;
 use crate::primary::Primary;
 use crate::replica::Replica;
+use crate::txlog::log_dir;
+use crate::vfs::{DbFileIo, DbHooks, Hooks, RoleKind, WalCounters, Witness};
 use once_cell::sync::Lazy;
+use std::any::Any;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
 #[derive(Clone, Default)]
@@ -26,22 +30,79 @@ pub enum Role {
 pub struct Db {
     pub path: String,
     pub role: RwLock<Role>,
-    /// Connections of this process that hold the WAL WRITE lock through the shim (0 or 1).
-    pub write_holders: AtomicU32,
-    /// Incremented before every WAL write made through the shim in this process.
-    pub wal_write_seq: AtomicU64,
-    /// The highest `wal_write_seq` known to be covered by a completed WAL sync.
-    pub wal_synced_seq: AtomicU64,
+    /// The shim's per-database bookkeeping (WRITE holders, WAL write/sync counters).
+    pub counters: WalCounters,
     /// Serialises attaching a role (first open, repl_primary).
     pub attach_lock: Mutex<()>,
 }
 
-static DBS: Lazy<Mutex<HashMap<String, Arc<Db>>>> = Lazy::new(|| Mutex::new(HashMap::new()));
+/// The hooks the VFS calls (installed by the entry point).
+pub static HOOKS: Registry = Registry;
 
-/// The directory holding the replication log of `db_path`.
-pub fn log_dir(db_path: &str) -> PathBuf {
-    PathBuf::from(format!("{db_path}-replica"))
+/// The process-wide registry as the VFS sees it.
+pub struct Registry;
+
+impl Hooks for Registry {
+    fn open_main(&self, path: &str) -> Arc<dyn DbHooks> {
+        on_open_main(path)
+    }
+
+    fn lookup(&self, path: &str) -> Option<Arc<dyn DbHooks>> {
+        lookup(path).map(|d| d as Arc<dyn DbHooks>)
+    }
 }
+
+impl DbHooks for Db {
+    fn path(&self) -> &str {
+        &self.path
+    }
+
+    fn counters(&self) -> &WalCounters {
+        &self.counters
+    }
+
+    fn role(&self) -> RoleKind {
+        match &*self.role.read().unwrap_or_else(|e| e.into_inner()) {
+            Role::None => RoleKind::None,
+            Role::Primary(_) => RoleKind::Primary,
+            Role::Replica(_) => RoleKind::Replica,
+        }
+    }
+
+    /// A connection to a primary closing: make its last commits durable for replicas now
+    /// (synchronous=NORMAL leaves them to the group fsync, which a process exiting right
+    /// after its last close would never run).
+    fn main_closing(&self) {
+        if let Some(p) = self.primary() {
+            p.flush();
+        }
+    }
+
+    fn pragma_veto(&self, name: &str, value: Option<&str>) -> Option<String> {
+        pragma_veto(self, name, value)
+    }
+
+    fn write_locked(&self, io: &dyn DbFileIo) -> Option<Witness> {
+        self.primary().map(|p| p.on_write_locked(io))
+    }
+
+    fn write_unlocking(&self, io: &dyn DbFileIo, w: Option<Witness>, wal_synced: bool) {
+        if let Some(p) = self.primary() {
+            p.on_write_unlocking(io, w, wal_synced);
+        }
+    }
+
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+        self
+    }
+}
+
+/// The `Db` behind a user's main-database file, if it was opened through our VFS.
+pub fn db_of_file(f: *mut sqlite3_file) -> Option<Arc<Db>> {
+    crate::vfs::db_of_file(f)?.into_any().downcast::<Db>().ok()
+}
+
+static DBS: Lazy<Mutex<HashMap<String, Arc<Db>>>> = Lazy::new(|| Mutex::new(HashMap::new()));
 
 impl Db {
     pub fn primary(&self) -> Option<Arc<Primary>> {
@@ -65,11 +126,6 @@ impl Db {
             Role::None
         )
     }
-
-    /// True when all WAL writes made through this process are covered by a sync.
-    pub fn wal_synced(&self) -> bool {
-        self.wal_synced_seq.load(Ordering::Acquire) >= self.wal_write_seq.load(Ordering::Acquire)
-    }
 }
 
 /// Find the entry for `path` without creating one.
@@ -88,9 +144,7 @@ pub fn get_or_create(path: &str) -> Arc<Db> {
             Arc::new(Db {
                 path: path.to_string(),
                 role: RwLock::new(Role::None),
-                write_holders: AtomicU32::new(0),
-                wal_write_seq: AtomicU64::new(0),
-                wal_synced_seq: AtomicU64::new(0),
+                counters: WalCounters::default(),
                 attach_lock: Mutex::new(()),
             })
         })
@@ -133,13 +187,51 @@ pub fn on_open_main(path: &str) -> Arc<Db> {
     db
 }
 
+/// Veto a PRAGMA on a primary database (WAL.md §D.2 T4). Returns the error message to show.
+pub fn pragma_veto(db: &Db, name: &str, value: Option<&str>) -> Option<String> {
+    let role = if db.primary().is_some() {
+        "primary"
+    } else if db.replica().is_some() {
+        "replica"
+    } else {
+        return None;
+    };
+    let v = value?
+        .trim()
+        .trim_matches(|c| c == '\'' || c == '"')
+        .to_ascii_lowercase();
+    if name.eq_ignore_ascii_case("locking_mode") && v == "exclusive" {
+        return Some(format!(
+            "sqlite-replica: PRAGMA locking_mode=EXCLUSIVE is refused on a {role}: exclusive mode \
+             hides commits from replication and blocks the applier; keep locking_mode=NORMAL"
+        ));
+    }
+    if name.eq_ignore_ascii_case("journal_mode") && v != "wal" {
+        return Some(format!(
+            "sqlite-replica: PRAGMA journal_mode={v} is refused on a {role}: replication needs WAL mode"
+        ));
+    }
+    None
+}
+
+/// `repl_primary()`: make the database at `path` (opened through our VFS) a primary.
+pub fn make_primary(db: &Arc<Db>) -> Result<Arc<Primary>> {
+    let _g = db.attach_lock.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = db.primary() {
+        return Ok(p);
+    }
+    let p = Primary::attach(&db.path, true)?;
+    *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::Primary(p.clone());
+    Ok(p)
+}
+
 fn resume_role(db: &Arc<Db>) -> Result<()> {
     let _g = db.attach_lock.lock().unwrap_or_else(|e| e.into_inner());
     if db.has_role() {
         return Ok(());
     }
     if crate::replica::is_replica_dir(&db.path) {
-        let r = Replica::attach(db, false)?;
+        let r = Replica::attach(&db.path, false)?;
         *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::Replica(r);
         return Ok(());
     }
@@ -148,7 +240,7 @@ fn resume_role(db: &Arc<Db>) -> Result<()> {
         .meta()
         .clone();
     if meta.role == "primary" {
-        let p = Primary::attach(db, false)?;
+        let p = Primary::attach(&db.path, false)?;
         *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::Primary(p);
     }
     Ok(())
@@ -173,7 +265,7 @@ pub fn make_replica(db: &Arc<Db>) -> Result<Arc<Replica>> {
     if let Some(r) = db.replica() {
         return Ok(r);
     }
-    let r = Replica::attach(db, true)?;
+    let r = Replica::attach(&db.path, true)?;
     *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::Replica(r.clone());
     Ok(r)
 }

@@ -1,0 +1,95 @@
+//! The process's settings from the environment, read once, at first use, into one struct.
+//! docs/SQL.md ("Settings") lists them in one table with the URI parameters and `repl_config`
+//! settings; a variable that is unset, empty or does not parse leaves the default.
+
+#![forbid(unsafe_code)]
+
+use once_cell::sync::Lazy;
+use std::time::Duration;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// `REPL_TOKEN`: the bearer token for servers and HTTP sources when none is given.
+    pub token: Option<String>,
+    /// `REPL_FSYNC_INTERVAL_US` (default 2000): pause between group-fsync rounds of a
+    /// `synchronous=NORMAL` primary.
+    pub fsync_interval: Duration,
+    /// `REPL_MAINTENANCE_MS` (default 1000): how often a primary's snapshot/retention pass runs.
+    pub maintenance_interval: Duration,
+    /// `REPL_DRAIN_FRAMES` (default 4000, at least 16): the replica WAL length that triggers
+    /// a drain (a PASSIVE checkpoint runs past a quarter of it).
+    pub drain_frames: u32,
+    /// `REPL_DRAIN_TIMEOUT_MS` (default 2000): how long a drain waits for readers.
+    pub drain_timeout: Duration,
+    /// `REPL_FAULT_KILL_AT=<point>:<n>` (tests only): SIGKILL at the n-th pass of `point`.
+    pub fault_kill_at: Option<(String, u64)>,
+}
+
+impl Config {
+    /// The settings `var` gives (`var(name)` = the variable's value, if set).
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Config {
+        let num = |k: &str| var(k).and_then(|v| v.parse::<u64>().ok());
+        Config {
+            token: var("REPL_TOKEN").filter(|t| !t.is_empty()),
+            fsync_interval: Duration::from_micros(num("REPL_FSYNC_INTERVAL_US").unwrap_or(2000)),
+            maintenance_interval: Duration::from_millis(num("REPL_MAINTENANCE_MS").unwrap_or(1000)),
+            drain_frames: num("REPL_DRAIN_FRAMES")
+                .map_or(4000, |v| v.clamp(16, u32::MAX as u64) as u32),
+            drain_timeout: Duration::from_millis(num("REPL_DRAIN_TIMEOUT_MS").unwrap_or(2000)),
+            fault_kill_at: var("REPL_FAULT_KILL_AT").and_then(|v| {
+                let (p, n) = v.rsplit_once(':')?;
+                Some((p.to_string(), n.parse().ok()?))
+            }),
+        }
+    }
+}
+
+/// The process's settings (the environment at first use).
+pub fn get() -> &'static Config {
+    static CONFIG: Lazy<Config> = Lazy::new(|| Config::from_vars(|k| std::env::var(k).ok()));
+    &CONFIG
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(vars: &[(&str, &str)]) -> Config {
+        Config::from_vars(|k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn defaults_values_and_bad_values() {
+        let d = with(&[]);
+        assert_eq!(d.token, None);
+        assert_eq!(d.fsync_interval, Duration::from_micros(2000));
+        assert_eq!(d.maintenance_interval, Duration::from_millis(1000));
+        assert_eq!(d.drain_frames, 4000);
+        assert_eq!(d.drain_timeout, Duration::from_millis(2000));
+        assert_eq!(d.fault_kill_at, None);
+        let c = with(&[
+            ("REPL_TOKEN", "s"),
+            ("REPL_FSYNC_INTERVAL_US", "7"),
+            ("REPL_MAINTENANCE_MS", "50"),
+            ("REPL_DRAIN_FRAMES", "3"),
+            ("REPL_DRAIN_TIMEOUT_MS", "300"),
+            ("REPL_FAULT_KILL_AT", "a:b:2"),
+        ]);
+        assert_eq!(c.token.as_deref(), Some("s"));
+        assert_eq!(c.fsync_interval, Duration::from_micros(7));
+        assert_eq!(c.maintenance_interval, Duration::from_millis(50));
+        assert_eq!(c.drain_frames, 16, "clamped");
+        assert_eq!(c.drain_timeout, Duration::from_millis(300));
+        assert_eq!(c.fault_kill_at, Some(("a:b".into(), 2)));
+        let bad = with(&[
+            ("REPL_TOKEN", ""),
+            ("REPL_DRAIN_FRAMES", "x"),
+            ("REPL_FAULT_KILL_AT", "p"),
+        ]);
+        assert_eq!(bad, d);
+    }
+}

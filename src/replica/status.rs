@@ -1,0 +1,108 @@
+//! What the SQL functions ask a replica (`repl_lsn`, `repl_checksum`, `repl_status`).
+
+use super::{lock, Replica};
+use crate::error::Result;
+use crate::types::{Checksum, Lsn};
+use crate::util::now_ms;
+use crate::wal::{shm_read_header, WalIndexHeader};
+use std::time::{Duration, Instant};
+
+impl Replica {
+    pub fn lsn(&self) -> Lsn {
+        let st = lock(&self.state);
+        if st.loaded {
+            return st.lsn;
+        }
+        drop(st);
+        self.pos.read().map_or(Lsn(0), |a| a.lsn)
+    }
+
+    /// Checksum of the live content (loads the state if this process has not synced).
+    pub fn checksum(&self) -> Result<(Lsn, Checksum)> {
+        let _applier = self.applier_lock()?;
+        let mut st = lock(&self.state);
+        let stale = self.pos.read().map(|a| a.seq) != Some(st.seen_seq);
+        // The cached sums describe the WAL we published last; if the live wal-index shows
+        // another one (a foreign commit, a stock RESTART/TRUNCATE), recompute from the content
+        // instead of reporting what the primary's checksum was.
+        let key = |h: &WalIndexHeader| (h.mx_frame, h.salts, h.frame_cksum);
+        let moved = match (st.last_hdr.as_ref(), self.handle.live_shm()?) {
+            (Some(last), Some(shm)) => shm_read_header(&shm).map(|h| key(&h)) != Some(key(last)),
+            _ => false,
+        };
+        if !st.loaded || stale || moved {
+            self.ensure_open(&mut st)?;
+            self.load(&mut st)?;
+        }
+        Ok((st.lsn, st.sums.total()))
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        // A sync in progress holds the state for its whole duration (a bootstrap may take
+        // minutes): answer from what is readable without it rather than wait.
+        let patience = Instant::now() + Duration::from_millis(200);
+        let st = loop {
+            match self.state.try_lock() {
+                Ok(g) => break g,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            let progress = *lock(&self.progress);
+            if progress.is_none() && Instant::now() < patience {
+                std::thread::sleep(Duration::from_millis(1)); // a short sync: wait for it
+                continue;
+            }
+            return serde_json::json!({
+                "role": "replica",
+                "db": self.db_path,
+                "syncing": true,
+                "lsn": self.pos.read().map_or(0, |a| a.lsn.0),
+                "progress": progress.map(|(phase, done, total)| serde_json::json!({"phase": phase, "bytes": done, "total": total})),
+                "follow": self.follow_json(),
+            });
+        };
+        let lsn = if st.loaded {
+            st.lsn.0
+        } else {
+            self.pos.read().map_or(0, |a| a.lsn.0)
+        };
+        let lag_lsn = st.stats.primary_lsn.map(|p| p.0.saturating_sub(lsn));
+        // Behind: the replica's content is at most this old (the newest applied record's
+        // commit time on the primary); caught up: 0.
+        let lag_ms = match (lag_lsn, st.stats.last_record_ms) {
+            (Some(0), _) => Some(0),
+            (Some(_), Some(t)) => Some(now_ms().saturating_sub(t)),
+            _ => None,
+        };
+        serde_json::json!({
+            "role": "replica",
+            "db": self.db_path,
+            "source": st.source.as_ref().map(|s| s.describe()).or(st.meta.source.as_ref().map(|s| s.to_string())),
+            "primary": st.meta.source.as_ref().map(|s| s.to_string()),
+            "primary_first_lsn": st.stats.primary_first_lsn.map(|l| l.0),
+            "last_batch": st.stats.last_batch.map(|(f, l, n, s)| serde_json::json!({
+                "first_lsn": f.0, "last_lsn": l.0, "pages": n, "snapshot": s})),
+            "lineage": st.meta.lineage,
+            "lsn": lsn,
+            // The checksum at `lsn` (as applied by this process; null before its first sync).
+            "checksum": st.loaded.then(|| st.sums.total().to_string()),
+            "generation": st.generation.0,
+            "primary_lsn": st.stats.primary_lsn.map(|l| l.0),
+            "lag_lsn": lag_lsn,
+            "lag_ms": lag_ms,
+            "last_sync_ms": st.stats.last_sync_ms,
+            "last_record_ms": st.stats.last_record_ms,
+            "wal": st.last_hdr.map(|h| serde_json::json!({"mx_frame": h.mx_frame, "pages": h.n_page})),
+            "batches": st.stats.batches,
+            "resnapshots": st.stats.resnapshots,
+            "foreign_writes": st.stats.foreign_writes,
+            "checkpoints": st.stats.checkpoints,
+            "drains": st.stats.drains,
+            "max_drain_ms": st.stats.max_drain_ms,
+            "wal_pinned": st.stats.wal_pinned,
+            "follow": self.follow_json(),
+            "progress": lock(&self.progress).map(|(phase, done, total)| serde_json::json!({"phase": phase, "bytes": done, "total": total})),
+            "last_error": st.stats.last_error,
+        })
+    }
+}
