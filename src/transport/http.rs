@@ -22,6 +22,8 @@ pub struct HttpSource {
     /// `http://host:port` (no trailing slash, no query).
     base: String,
     token: Option<String>,
+    /// The token sent with `/v1/exec` (`exec_token=`, else `REPL_EXEC_TOKEN`, else `token`).
+    exec_token: Option<String>,
     agent: ureq::Agent,
     follower: String,
     /// From the headers of the last /v1/log response.
@@ -74,27 +76,35 @@ impl HttpSource {
             )));
         }
         let mut token = None;
+        let mut exec_token = None;
         for kv in query.unwrap_or("").split('&').filter(|kv| !kv.is_empty()) {
             match kv.split_once('=') {
                 Some(("token", t)) if !t.is_empty() => token = Some(t.to_string()),
-                Some(("token", _)) => {
+                Some(("exec_token", t)) if !t.is_empty() => exec_token = Some(t.to_string()),
+                Some((k @ ("token" | "exec_token"), _)) => {
                     return Err(Error::Misuse(format!(
-                        "repl_sync('{}'): token= is empty; give the primary's token, or leave token= out \
-                         and set REPL_TOKEN",
-                        redact(s)
-                    )))
+                    "repl_sync('{}'): {k}= is empty; give the primary's token, or leave {k}= out \
+                         and set REPL_{}",
+                    redact(s),
+                    k.to_ascii_uppercase()
+                )))
                 }
                 _ => {
                     // Only the key: the value may be a misspelt token= (a secret).
                     let key = kv.split_once('=').map_or(kv, |(k, _)| k);
                     return Err(Error::Misuse(format!(
-                        "repl_sync('{}'): unknown URL parameter {key:?} (only token= is understood)",
+                        "repl_sync('{}'): unknown URL parameter {key:?} (only token= and exec_token= are understood)",
                         redact(s)
                     )));
                 }
             }
         }
         let token = token.or_else(|| std::env::var("REPL_TOKEN").ok().filter(|t| !t.is_empty()));
+        let exec_token = exec_token.or_else(|| {
+            std::env::var("REPL_EXEC_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty())
+        });
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(3))
             .build();
@@ -104,6 +114,7 @@ impl HttpSource {
         Ok(HttpSource {
             base: format!("http://{hostport}"),
             token,
+            exec_token,
             agent,
             follower: format!("{host}:{}", std::process::id()),
             last: std::sync::Mutex::new(None),
@@ -371,7 +382,7 @@ impl Source for HttpSource {
                 .timeout(Duration::from_secs(60))
                 .set("Content-Type", "application/json")
                 .set("X-Repl-Follower", &self.follower);
-            if let Some(t) = &self.token {
+            if let Some(t) = self.exec_token.as_ref().or(self.token.as_ref()) {
                 req = req.set("Authorization", &format!("Bearer {t}"));
             }
             match req.send_string(&text) {

@@ -50,6 +50,8 @@ struct Shared {
     dir: PathBuf,
     log: Log,
     token: Option<String>,
+    /// The token `/v1/exec` takes instead of `token`, if set.
+    exec_token: Option<String>,
     addr: SocketAddr,
     exec: Option<ExecHandler>,
     /// Where recent responses ended, keyed by the next LSN: a follower's next request then
@@ -68,9 +70,17 @@ struct Shared {
 pub struct Bound {
     listener: std::net::TcpListener,
     token: Option<String>,
+    exec_token: Option<String>,
 }
 
 impl Bound {
+    /// `/v1/exec` then takes this token (and not the read token): the write permission can be
+    /// given to fewer hosts than the read one. Empty = none.
+    pub fn with_exec_token(mut self, t: Option<String>) -> Bound {
+        self.exec_token = t.filter(|t| !t.is_empty());
+        self
+    }
+
     pub fn addr(&self) -> Option<std::net::SocketAddr> {
         self.listener.local_addr().ok()
     }
@@ -111,7 +121,11 @@ impl Server {
         }
         let listener = std::net::TcpListener::bind(sock)
             .map_err(|e| Error::io(format!("cannot listen on {sock}"), e))?;
-        Ok(Bound { listener, token })
+        Ok(Bound {
+            listener,
+            token,
+            exec_token: None,
+        })
     }
 
     /// Listen on `addr` and serve the log of database `db` (`bind`, then `start_bound`).
@@ -126,7 +140,11 @@ impl Server {
 
     /// Serve the log of database `db` on a socket from `bind`.
     pub fn start_bound(db: &str, bound: Bound, exec: Option<ExecHandler>) -> Result<Server> {
-        let Bound { listener, token } = bound;
+        let Bound {
+            listener,
+            token,
+            exec_token,
+        } = bound;
         let sock = listener
             .local_addr()
             .map_err(|e| Error::io("the listening socket has no address", e))?;
@@ -144,6 +162,7 @@ impl Server {
             dir,
             log,
             token,
+            exec_token,
             addr: bound,
             exec,
             hints: Mutex::new(HashMap::new()),
@@ -183,6 +202,11 @@ impl Server {
 
     pub fn has_token(&self) -> bool {
         self.shared.token.is_some()
+    }
+
+    /// `/v1/exec` takes its own token.
+    pub fn has_exec_token(&self) -> bool {
+        self.shared.exec_token.is_some()
     }
 
     /// Stop accepting; running requests finish on their own threads.
@@ -294,8 +318,8 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn authorized(sh: &Shared, req: &Request) -> bool {
-    let Some(token) = &sh.token else { return true };
+fn authorized(token: Option<&String>, req: &Request) -> bool {
+    let Some(token) = token else { return true };
     req.headers()
         .iter()
         .filter(|h| h.field.equiv("Authorization"))
@@ -357,7 +381,15 @@ fn num(
 fn handle(sh: &Shared, mut req: Request) {
     let url = req.url().to_string();
     let (path, params) = query(&url);
-    let resp = if !authorized(sh, &req) {
+    let exec_token = sh.exec_token.as_ref().filter(|_| path == "/v1/exec");
+    let resp = if exec_token.is_some() && !authorized(exec_token, &req) {
+        error_response(
+            401,
+            "missing or wrong exec token: /v1/exec takes 'Authorization: Bearer <exec token>' (replicas: \
+             the exec_token= URL parameter or REPL_EXEC_TOKEN)",
+        )
+        .with_header(header("WWW-Authenticate", "Bearer realm=\"sqlite-replica\""))
+    } else if exec_token.is_none() && !authorized(sh.token.as_ref(), &req) {
         // A 401 must name the scheme (RFC 7235 §3.1).
         error_response(
             401,
