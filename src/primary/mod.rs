@@ -135,8 +135,6 @@ pub struct Primary {
     t3_seen: Mutex<Option<T3Seen>>,
     /// The HTTP server of this primary's log, when `repl_primary('addr')` started one here.
     server: Mutex<Option<crate::transport::server::Server>>,
-    /// The connection forwarded writes run on (`exec.rs`), opened at the first one.
-    exec_conn: Mutex<Option<crate::ffi::conn::OwnedDb>>,
 }
 
 type T3Seen = ([u8; 8], u32, u32, Option<(Lsn, u32)>);
@@ -246,7 +244,6 @@ impl Primary {
             stop: AtomicBool::new(false),
             t3_seen: Mutex::new(None),
             server: Mutex::new(None),
-            exec_conn: Mutex::new(None),
             posf: once_cell::sync::OnceCell::new(),
             durable_file: crate::txlog::DurableFile::open(&dir)?,
             file_id: file_identity(&db.path),
@@ -860,24 +857,22 @@ impl Primary {
                     serde_json::json!({"error": "the primary is shutting down"}),
                 );
             };
+            match p.exec_enabled() {
+                Ok(true) => {}
+                Err(e) => return (500, serde_json::json!({"error": e.to_string()})),
+                Ok(false) => {
+                    return (
+                        403,
+                        serde_json::json!({"error": "forwarded writes are off on this primary: run \
+                        repl_config('exec', 1) on it to accept them (see docs/SQL.md, repl_exec)"}),
+                    )
+                }
+            }
             let req = match exec::request_from_json(body) {
                 Ok(r) => r,
                 Err(m) => return (400, serde_json::json!({ "error": m })),
             };
-            match p.exec(&req) {
-                Ok(a) => (200, a),
-                Err(Error::Sql { code, message }) => {
-                    (422, serde_json::json!({"error": message, "code": code}))
-                }
-                Err(e) => (
-                    if matches!(e, Error::Busy(_)) {
-                        503
-                    } else {
-                        500
-                    },
-                    serde_json::json!({"error": e.to_string(), "code": e.sqlite_code()}),
-                ),
-            }
+            exec::http_answer(p.exec_checked(&req))
         });
         *g = Some(crate::transport::server::Server::start_bound(
             &self.db_path,
@@ -979,6 +974,7 @@ impl Primary {
                 "addr": s.addr().to_string(),
                 "url": format!("http://{}", s.addr()),
                 "auth": s.has_token(),
+                "exec_auth": s.has_exec_token(),
                 "followers": s.followers_json(),
             })),
             "captured_txns": st.captured_txns,

@@ -523,14 +523,15 @@ def start_replica(path: str | os.PathLike[str], source: str | os.PathLike[str], 
     return w
 
 
-def start_serving_primary(path: str | os.PathLike[str], token: str | None = None, **kwargs: Any) -> tuple[Worker, str]:
+def start_serving_primary(path: str | os.PathLike[str], token: str | None = None, exec_on: bool = False,
+                          exec_token: str | None = None, **kwargs: Any) -> tuple[Worker, str]:
     """A primary process that also serves its log over HTTP on a free loopback port
-    (``repl_primary('127.0.0.1:0' [, token])``); returns the worker and the server's URL."""
+    (``repl_primary('127.0.0.1:0' [, token [, exec_token]])``); ``exec_on`` accepts forwarded
+    writes (``repl_config('exec', 1)``, off by default). Returns the worker and the server's URL."""
     w = Worker(path, **kwargs)
-    if token:
-        w.one("SELECT repl_primary('127.0.0.1:0', ?)", [token])
-    else:
-        w.one("SELECT repl_primary('127.0.0.1:0')")
+    w.one("SELECT repl_primary('127.0.0.1:0', ?, ?)", [token, exec_token])
+    if exec_on:
+        w.one("SELECT repl_config('exec', 1)")
     url = worker_status(w)["server"]["url"]
     assert url.startswith("http://127.0.0.1:"), url
     return w, url

@@ -56,7 +56,7 @@ print(json.dumps({"writes": writes, "stale": stale[:10], "n_stale": len(stale)})
 
 
 def test_session_consistency_across_three_following_replicas(tmp):
-    p, url = start_serving_primary(tmp / "p.db")
+    p, url = start_serving_primary(tmp / "p.db", exec_on=True)
     replicas = []
     try:
         p.q("CREATE TABLE log(i INTEGER PRIMARY KEY, v TEXT NOT NULL)")
@@ -85,7 +85,7 @@ def test_session_consistency_across_three_following_replicas(tmp):
 
 
 def test_same_request_id_executes_once_even_after_a_cut_connection(tmp):
-    p, url = start_serving_primary(tmp / "p.db")
+    p, url = start_serving_primary(tmp / "p.db", exec_on=True)
     try:
         p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
         with Worker(tmp / "r.db") as r:
@@ -129,7 +129,7 @@ def refused(w: Worker, sql: str, args, *words: str) -> WorkerError:
 
 
 def test_errors_are_clear_and_apply_nothing(tmp):
-    p, url = start_serving_primary(tmp / "p.db", token="s3cret")
+    p, url = start_serving_primary(tmp / "p.db", token="s3cret", exec_on=True)
     try:
         p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT UNIQUE NOT NULL)")
         p.q("INSERT INTO t(v) VALUES ('taken')")
@@ -182,7 +182,7 @@ def test_repl_exec_on_a_primary_runs_locally_and_on_a_directory_replica_is_refus
 
 
 def test_exec_endpoint_over_plain_http(tmp):
-    p, url = start_serving_primary(tmp / "p.db")
+    p, url = start_serving_primary(tmp / "p.db", exec_on=True)
     try:
         p.q("CREATE TABLE t(x)")
         req = urllib.request.Request(url + "/v1/exec", data=json.dumps({"sql": "INSERT INTO t VALUES (?) RETURNING x", "params": [7]}).encode(),
@@ -205,7 +205,7 @@ def test_exec_endpoint_over_plain_http(tmp):
 
 
 def test_a_forwarded_read_commits_nothing_and_reports_its_own_counts(tmp):
-    p, url = start_serving_primary(tmp / "p.db")
+    p, url = start_serving_primary(tmp / "p.db", exec_on=True)
     try:
         p.q("CREATE TABLE t(x)")
         with Worker(tmp / "r.db") as r:
