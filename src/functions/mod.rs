@@ -56,11 +56,15 @@ pub fn apply_uri_parameters(db: *mut sqlite3) -> Result<()> {
         },
     };
     if (token.is_some() || exec_token.is_some()) && listen.is_none() {
-        return Err(Error::Misuse(
-            "the repl_token (or repl_exec_token) URI parameter needs repl_listen=host:port (replicas take \
-             the tokens in the source URL's token= and exec_token=, or REPL_TOKEN and REPL_EXEC_TOKEN)"
-                .into(),
-        ));
+        let which = if token.is_some() {
+            "repl_token"
+        } else {
+            "repl_exec_token"
+        };
+        return Err(Error::Misuse(format!(
+            "the {which} URI parameter needs repl_listen=host:port (replicas take the tokens in the \
+             source URL's token= and exec_token=, or REPL_TOKEN and REPL_EXEC_TOKEN)"
+        )));
     }
     if let Some(addr) = listen {
         let mut args = vec![SqlValue::Text(addr)];
