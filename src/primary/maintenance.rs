@@ -43,7 +43,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ),
     (
         "exec_timeout_ms",
-        "the longest one forwarded request may run, waiting for the write lock included (1..=600000)",
+        "the longest one forwarded request may run, waiting for the write lock included (1..=50000: a replica waits 60 s for the answer)",
     ),
     (
         "exec_max_rows",
@@ -144,9 +144,9 @@ fn apply(p: &mut Policy, name: &str, v: u64) -> Result<()> {
             p.exec = v
         }
         "exec_timeout_ms" => {
-            if !(1..=600_000).contains(&v) {
+            if !(1..=50_000).contains(&v) {
                 return Err(Error::Misuse(format!(
-                    "repl_config(): exec_timeout_ms must be between 1 and 600000, not {v}"
+                    "repl_config(): exec_timeout_ms must be between 1 and 50000 (a replica waits 60 s for the answer of a forwarded write), not {v}"
                 )));
             }
             p.exec_timeout_ms = v

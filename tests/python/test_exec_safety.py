@@ -265,6 +265,13 @@ def test_exec_is_off_unless_enabled(tmp):
     try:
         p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
         assert p.one("SELECT repl_config('exec')") == 0
+        for name, bad, words in [("exec", 2, "1 (accept forwarded writes) or 0"),
+                                 ("exec_timeout_ms", 0, "between 1 and 50000"),
+                                 ("exec_timeout_ms", 50001, "a replica waits 60 s")]:
+            with pytest.raises(WorkerError) as e:
+                p.q("SELECT repl_config(?, ?)", [name, bad])
+            assert words in e.value.msg, e.value.msg
+        assert p.one("SELECT repl_config('exec')") == 0
         before = lsn_checksum(p)
         status, a = post(url, {"sql": "INSERT INTO t(v) VALUES ('x')", "request_id": "off"})
         assert status == 403 and "repl_config('exec', 1)" in a["error"], (status, a)
