@@ -78,6 +78,7 @@ def node(role: str, d: str, ext: str) -> int:
         op = cmd["op"]
         if op == "primary":
             start = one(conn, "SELECT repl_primary(?)", (cmd["listen"],))
+            one(conn, "SELECT repl_config('exec', 1)")  # the replica forwards a write (step 5)
             url = one(conn, "SELECT json_extract(repl_status(), '$.server.url')")
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS greetings(id INTEGER PRIMARY KEY, text TEXT NOT NULL,"

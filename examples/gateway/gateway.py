@@ -355,6 +355,8 @@ def main() -> None:
     ready = {"ready": True, "role": gw.role, "db": gw.db, "pid": os.getpid()}
     if gw.role == "primary":
         one(admin, "SELECT repl_primary(?)", (args.serve_log,))
+        # Replicas forward their writes here (repl_exec): accept them (off by default).
+        one(admin, "SELECT repl_config('exec', 1)")
         admin.execute("CREATE TABLE IF NOT EXISTS notes(id INTEGER PRIMARY KEY, text TEXT NOT NULL)")
         ready["repl_url"] = json.loads(one(admin, "SELECT repl_status()"))["server"]["url"]
     else:

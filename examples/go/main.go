@@ -120,6 +120,10 @@ func runPrimary(dir string) error {
 	if err := db.QueryRow("SELECT repl_primary('127.0.0.1:0')").Scan(&lsn); err != nil {
 		return fmt.Errorf("repl_primary: %w", err)
 	}
+	// Accept writes forwarded by replicas (repl_exec); off by default.
+	if _, err := db.Exec("SELECT repl_config('exec', 1)"); err != nil {
+		return fmt.Errorf("repl_config: %w", err)
+	}
 	var url string
 	if err := db.QueryRow("SELECT json_extract(repl_status(), '$.server.url')").Scan(&url); err != nil {
 		return err

@@ -41,6 +41,7 @@ function primary(dir) {
   loadReplica();
   const db = new Database(path.join(dir, 'primary.db'));
   db.prepare("SELECT repl_primary('127.0.0.1:0')").pluck().get();
+  db.prepare("SELECT repl_config('exec', 1)").pluck().get(); // accept forwarded writes (off by default)
   const url = JSON.parse(db.prepare('SELECT repl_status()').pluck().get()).server.url;
   db.exec(`CREATE TABLE notes(id INTEGER PRIMARY KEY, text TEXT NOT NULL);
            INSERT INTO notes(text) VALUES ('written on the primary');`);

@@ -54,6 +54,7 @@ def primary(directory):
     load_replica()
     db = sqlite3.connect(os.path.join(directory, "primary.db"), isolation_level=None)
     one(db, "SELECT repl_primary('127.0.0.1:0')")
+    one(db, "SELECT repl_config('exec', 1)")  # accept forwarded writes (off by default)
     url = json.loads(one(db, "SELECT repl_status()"))["server"]["url"]
     db.execute("CREATE TABLE notes(id INTEGER PRIMARY KEY, text TEXT NOT NULL)")
     db.execute("INSERT INTO notes(text) VALUES (?)", ("written on the primary",))

@@ -44,6 +44,7 @@ with tempfile.TemporaryDirectory() as d:
 
     # 2. HTTP: the primary serves its log; a second replica follows and forwards a write.
     one(primary, "SELECT repl_primary('127.0.0.1:0')")
+    one(primary, "SELECT repl_config('exec', 1)")  # accept forwarded writes (off by default)
     url = json.loads(one(primary, "SELECT repl_status()"))["server"]["url"]
     remote = apsw.Connection(f"{d}/remote.db")
     print("repl_follow ->", one(remote, "SELECT repl_follow(?)", (url,)))

@@ -26,6 +26,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     primary.query_row("SELECT repl_primary('127.0.0.1:0')", [], |r| {
         r.get::<_, i64>(0)
     })?;
+    // Accept writes forwarded by replicas (repl_exec); off by default.
+    primary.query_row("SELECT repl_config('exec', 1)", [], |r| r.get::<_, i64>(0))?;
     let url: String = primary.query_row(
         "SELECT json_extract(repl_status(), '$.server.url')",
         [],

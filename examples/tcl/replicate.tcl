@@ -38,6 +38,7 @@ proc primary {dir} {
     load_replica
     sqlite3 db [file join $dir primary.db]
     db eval {SELECT repl_primary('127.0.0.1:0')}
+    db eval {SELECT repl_config('exec', 1)} ;# accept forwarded writes (off by default)
     set url [db onecolumn {SELECT json_extract(repl_status(), '$.server.url')}]
     db eval {
         CREATE TABLE notes(id INTEGER PRIMARY KEY, text TEXT NOT NULL);

@@ -173,8 +173,82 @@ fn sql_error(rc: c_int, msg: String) -> Error {
     }
 }
 
-/// A connection opened by the extension itself; closed on drop.
-pub struct OwnedDb(DbRef);
+/// A connection opened by the extension itself; closed on drop (with the callbacks it holds:
+/// the authorizer and progress handler stay alive exactly as long as the connection).
+pub struct OwnedDb(DbRef, Hooks);
+
+/// The closures registered on an `OwnedDb` (boxed twice: the C side holds the inner box's
+/// address, which must not move while the connection is open).
+#[derive(Default)]
+struct Hooks {
+    authorizer: Option<Box<Authorizer>>,
+    progress: Option<Box<ProgressFn>>,
+}
+
+/// What `sqlite3_set_authorizer` asks about one action while a statement is prepared: the
+/// action code (SQLITE_INSERT, SQLITE_PRAGMA, ...) and its four text arguments (for most
+/// actions: object name, second name, database name, trigger or view name).
+#[derive(Debug, Clone, Copy)]
+pub struct AuthRequest<'a> {
+    pub action: i32,
+    pub arg1: Option<&'a str>,
+    pub arg2: Option<&'a str>,
+    pub db: Option<&'a str>,
+    pub inner: Option<&'a str>,
+}
+
+/// An authorizer: `true` allows the action, `false` refuses the statement (SQLITE_DENY: its
+/// prepare fails with SQLITE_AUTH).
+pub type Authorizer = Box<dyn Fn(&AuthRequest<'_>) -> bool + Send>;
+/// A progress handler: `true` interrupts the running statement (SQLITE_INTERRUPT).
+pub type ProgressFn = Box<dyn Fn() -> bool + Send>;
+
+pub const SQLITE_DENY: c_int = 1;
+pub const SQLITE_AUTH: c_int = 23;
+pub const SQLITE_INTERRUPT: c_int = 9;
+pub const SQLITE_TOOBIG: c_int = 18;
+pub const SQLITE_DBCONFIG_DEFENSIVE: c_int = 1010;
+pub const SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE: c_int = 1006;
+pub const SQLITE_LIMIT_ATTACHED: c_int = 7;
+
+unsafe extern "C" fn authorizer_trampoline(
+    ctx: *mut c_void,
+    action: c_int,
+    a1: *const c_char,
+    a2: *const c_char,
+    a3: *const c_char,
+    a4: *const c_char,
+) -> c_int {
+    guard(SQLITE_DENY, || {
+        let s = |p: *const c_char| {
+            // SAFETY: SQLite passes NULL or NUL-terminated strings valid for this call.
+            (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_str().unwrap_or("\u{fffd}"))
+        };
+        // SAFETY: `ctx` is the address of the `Authorizer` boxed in the connection's `Hooks`,
+        // alive until the connection is closed (it is dropped after close_v2).
+        let f = unsafe { &*(ctx as *const Authorizer) };
+        let req = AuthRequest {
+            action,
+            arg1: s(a1),
+            arg2: s(a2),
+            db: s(a3),
+            inner: s(a4),
+        };
+        if f(&req) {
+            SQLITE_OK
+        } else {
+            SQLITE_DENY
+        }
+    })
+}
+
+unsafe extern "C" fn progress_trampoline(ctx: *mut c_void) -> c_int {
+    guard(1, || {
+        // SAFETY: as for the authorizer: the boxed closure outlives the connection.
+        let f = unsafe { &*(ctx as *const ProgressFn) };
+        f() as c_int
+    })
+}
 
 // SAFETY: SQLite connections opened with the default (serialized or multi-thread) threading
 // mode may move between threads as long as one thread uses them at a time, which the owner of
@@ -196,7 +270,7 @@ impl OwnedDb {
                 vfs.map_or(std::ptr::null(), |v| v.as_ptr()),
             )
         };
-        let owned = OwnedDb(DbRef(db));
+        let owned = OwnedDb(DbRef(db), Hooks::default());
         if rc != SQLITE_OK {
             let msg = if db.is_null() {
                 format!("error code {rc}")
@@ -218,6 +292,68 @@ impl OwnedDb {
             // SAFETY: valid handle.
             unsafe { f(self.0 .0, ms) };
         }
+    }
+}
+
+impl OwnedDb {
+    /// `sqlite3_set_authorizer`: `f` judges every action of every statement prepared on this
+    /// connection from now on (re-preparations included).
+    pub fn set_authorizer(&mut self, f: Authorizer) -> Result<()> {
+        let set = api().set_authorizer.ok_or_else(|| {
+            Error::Unsupported("the host SQLite has no sqlite3_set_authorizer".into())
+        })?;
+        let boxed: Box<Authorizer> = Box::new(f);
+        let ctx = &*boxed as *const Authorizer as *mut c_void;
+        // SAFETY: valid handle; `ctx` points to the closure kept in `self.1` until after close.
+        let rc = unsafe { set(self.0 .0, Some(authorizer_trampoline), ctx) };
+        if rc != SQLITE_OK {
+            return Err(sql_error(
+                rc,
+                format!("sqlite3_set_authorizer: {}", self.0.errmsg()),
+            ));
+        }
+        self.1.authorizer = Some(boxed);
+        Ok(())
+    }
+
+    /// `sqlite3_progress_handler`: `f` runs about every `every` virtual-machine steps of a
+    /// running statement and interrupts it by returning true.
+    pub fn set_progress_handler(&mut self, every: i32, f: ProgressFn) -> Result<()> {
+        let set = api().progress_handler.ok_or_else(|| {
+            Error::Unsupported("the host SQLite has no sqlite3_progress_handler".into())
+        })?;
+        let boxed: Box<ProgressFn> = Box::new(f);
+        let ctx = &*boxed as *const ProgressFn as *mut c_void;
+        // SAFETY: valid handle; `ctx` points to the closure kept in `self.1` until after close.
+        unsafe { set(self.0 .0, every, Some(progress_trampoline), ctx) };
+        self.1.progress = Some(boxed);
+        Ok(())
+    }
+
+    /// `sqlite3_db_config(db, op, on, &out)` for a boolean option; returns the value in force.
+    pub fn db_config_flag(&self, op: c_int, on: bool) -> Result<bool> {
+        let f = api()
+            .db_config
+            .ok_or_else(|| Error::Unsupported("the host SQLite has no sqlite3_db_config".into()))?;
+        let mut out: c_int = -1;
+        // SAFETY: valid handle; boolean options take (int, int*), the int* receives the value.
+        let rc = unsafe { f(self.0 .0, op, on as c_int, &mut out as *mut c_int) };
+        if rc != SQLITE_OK {
+            return Err(Error::Unsupported(format!(
+                "sqlite3_db_config({op}) is not supported by the host SQLite ({})",
+                version_text(libversion_number())
+            )));
+        }
+        Ok(out == 1)
+    }
+
+    /// `sqlite3_limit(db, id, value)`: sets a run-time limit; returns the previous value.
+    pub fn limit(&self, id: c_int, value: c_int) -> Result<c_int> {
+        let f = api()
+            .limit
+            .ok_or_else(|| Error::Unsupported("the host SQLite has no sqlite3_limit".into()))?;
+        // SAFETY: valid handle; an unknown id is ignored by SQLite (returns -1).
+        Ok(unsafe { f(self.0 .0, id, value) })
     }
 }
 
@@ -258,13 +394,75 @@ fn transient() -> Option<unsafe extern "C" fn(*mut c_void)> {
     Some(unsafe { std::mem::transmute::<isize, unsafe extern "C" fn(*mut c_void)>(-1) })
 }
 
+/// One statement of a script, prepared but not run (`DbRef::prepare_script`).
+#[derive(Debug, Clone)]
+pub struct StmtInfo {
+    /// Its text (`sqlite3_sql`).
+    pub text: String,
+    /// `sqlite3_stmt_readonly`: running it cannot change the database file.
+    pub readonly: bool,
+}
+
 impl DbRef {
+    /// Prepares each statement of `sql` in order without running any, and finalizes it at
+    /// once. Returns the statements prepared, and the first failure (the statements after it
+    /// are not looked at: where a statement that fails to prepare ends is unknown).
+    pub fn prepare_script(&self, sql: &str) -> (Vec<StmtInfo>, Option<SqlFailure>) {
+        let a = api();
+        let mut out = Vec::new();
+        let Ok(c) = CString::new(sql) else {
+            let f = SqlFailure {
+                code: 21,
+                message: "the SQL contains a NUL byte".into(),
+            };
+            return (out, Some(f));
+        };
+        let mut tail: *const c_char = c.as_ptr();
+        // SAFETY: `tail` points into `c` (NUL-terminated, alive for the loop); each statement
+        // is finalized before the next prepare; `rest` points into the same buffer.
+        unsafe {
+            while *tail != 0 {
+                let mut stmt = std::ptr::null_mut();
+                let mut rest: *const c_char = std::ptr::null();
+                let rc = a.prepare_v2.expect("prepare_v2")(self.0, tail, -1, &mut stmt, &mut rest);
+                if rc != SQLITE_OK {
+                    let f = SqlFailure {
+                        code: self.extended_errcode(),
+                        message: self.errmsg(),
+                    };
+                    return (out, Some(f));
+                }
+                tail = rest;
+                if stmt.is_null() {
+                    continue; // whitespace or a comment
+                }
+                out.push(StmtInfo {
+                    text: cstr_to_string(a.sql.expect("sql")(stmt)).unwrap_or_default(),
+                    readonly: a.stmt_readonly.expect("stmt_readonly")(stmt) != 0,
+                });
+                a.finalize.expect("finalize")(stmt);
+            }
+        }
+        (out, None)
+    }
+
     /// Runs every statement of `sql` in order, binding `params` positionally across them
     /// (each statement takes as many as it has parameters). All parameters must be used.
     pub fn run_script(
         &self,
         sql: &str,
         params: &[SqlValue],
+    ) -> std::result::Result<ScriptResult, SqlFailure> {
+        self.run_script_with(sql, params, &mut |_| Ok(()))
+    }
+
+    /// `run_script`, calling `on_row` with every row any statement produces (before it is
+    /// kept); an error from `on_row` stops the script with that error.
+    pub fn run_script_with(
+        &self,
+        sql: &str,
+        params: &[SqlValue],
+        on_row: &mut dyn FnMut(&[SqlValue]) -> std::result::Result<(), SqlFailure>,
     ) -> std::result::Result<ScriptResult, SqlFailure> {
         let a = api();
         let fail = |code: i32, message: String| SqlFailure { code, message };
@@ -345,6 +543,9 @@ impl DbRef {
                             for i in 0..ncol {
                                 row.push(column_value(stmt, i));
                             }
+                            if let Err(e) = on_row(&row) {
+                                break Err(e);
+                            }
                             rows.push(row);
                         } else if rc == SQLITE_DONE {
                             break Ok(rows);
@@ -392,14 +593,6 @@ impl DbRef {
             // SAFETY: valid handle.
             Some(f) => unsafe { f(self.0) as i64 },
             None => 0,
-        }
-    }
-
-    /// `sqlite3_set_last_insert_rowid()` (3.18+; a no-op on older hosts).
-    pub fn set_last_insert_rowid(&self, v: i64) {
-        if let Some(f) = api().set_last_insert_rowid {
-            // SAFETY: valid handle.
-            unsafe { f(self.0, v) }
         }
     }
 

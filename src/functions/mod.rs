@@ -37,6 +37,7 @@ pub fn apply_uri_parameters(db: *mut sqlite3) -> Result<()> {
     let p = |n: &str| call.db.uri_parameter("main", n).filter(|v| !v.is_empty());
     let listen = p("repl_listen");
     let token = p("repl_token");
+    let exec_token = p("repl_exec_token");
     let follow = p("repl_follow");
     let tls = match (p("repl_tls_cert"), p("repl_tls_key")) {
         (None, None) => crate::transport::server::TlsFiles::from_env()?,
@@ -50,7 +51,7 @@ pub fn apply_uri_parameters(db: *mut sqlite3) -> Result<()> {
             ))
         }
     };
-    if listen.is_none() && token.is_none() && follow.is_none() {
+    if listen.is_none() && token.is_none() && exec_token.is_none() && follow.is_none() {
         return Ok(());
     }
     // Check every parameter before acting on any, so a bad one changes nothing.
@@ -66,15 +67,19 @@ pub fn apply_uri_parameters(db: *mut sqlite3) -> Result<()> {
             }
         },
     };
-    if token.is_some() && listen.is_none() {
-        return Err(Error::Misuse(
-            "the repl_token URI parameter needs repl_listen=host:port (replicas take the token in the \
-             source URL's token= or REPL_TOKEN)"
-                .into(),
-        ));
+    if (token.is_some() || exec_token.is_some()) && listen.is_none() {
+        let which = if token.is_some() {
+            "repl_token"
+        } else {
+            "repl_exec_token"
+        };
+        return Err(Error::Misuse(format!(
+            "the {which} URI parameter needs repl_listen=host:port (replicas take the tokens in the \
+             source URL's token= and exec_token=, or REPL_TOKEN and REPL_EXEC_TOKEN)"
+        )));
     }
     if let Some(addr) = listen {
-        primary_listen(&call, &addr, token, tls)
+        primary_listen(&call, &addr, token, exec_token, tls)
             .map_err(|e| Error::Misuse(format!("the repl_listen URI parameter: {e}")))?;
     }
     if follow {
@@ -142,33 +147,41 @@ fn main_db_checked(db: DbRef, what: &str) -> Result<(Arc<Db>, String)> {
     Ok((entry, path))
 }
 
-/// `repl_primary([listen [, token]])`: make the main database a primary (idempotent) and,
-/// with `listen` (host:port), serve its log over HTTP from this process.
+/// `repl_primary([listen [, token [, exec_token]]])`: make the main database a primary
+/// (idempotent) and, with `listen` (host:port), serve its log over HTTP from this process;
+/// `/v1/exec` takes `exec_token` when one is given (and stays off until `repl_config('exec', 1)`).
 fn repl_primary(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
-    if a.len() > 2 {
+    if a.len() > 3 {
         return Err(Error::Misuse(
-            "repl_primary() takes at most two arguments: the address to serve on (host:port) and a token".into(),
+            "repl_primary() takes at most three arguments: the address to serve on (host:port), a token \
+             and an exec token"
+                .into(),
         ));
     }
     let args = Args::new("repl_primary", a);
     let listen = args.text(0, "address (host:port)")?;
     let token = args.text_or_int(1, "token")?;
+    let exec_token = args.text_or_int(2, "exec token")?;
     let Some(addr) = listen else {
         return become_primary(c);
     };
     let tls = crate::transport::server::TlsFiles::from_env()?;
-    primary_listen(c, &addr, token, tls)
+    primary_listen(c, &addr, token, exec_token, tls)
 }
 
-/// `repl_primary(addr, token)` with TLS files (environment or URI parameters).
+/// `repl_primary(addr, token, exec_token)` with TLS files (environment or URI parameters).
 fn primary_listen(
     c: &Call,
     addr: &str,
     token: Option<String>,
+    exec_token: Option<String>,
     tls: Option<crate::transport::server::TlsFiles>,
 ) -> Result<SqlValue> {
     let addr = addr.to_string();
     let token = token.or_else(|| crate::config::get().token.clone());
+    let exec_token = exec_token
+        .or_else(|| std::env::var("REPL_EXEC_TOKEN").ok())
+        .filter(|t| !t.is_empty());
     // Already a primary served here on that address: nothing to do (or a clear refusal).
     if let Some(p) = main_db(c.db).and_then(|d| d.primary()) {
         if p.serving(&addr)? {
@@ -179,7 +192,8 @@ fn primary_listen(
     // address, a port in use or a missing token must leave the files exactly as they were.
     main_db_checked(c.db, "repl_primary()")?;
     let bound = crate::transport::server::Server::bind(&addr, token, tls.as_ref())
-        .map_err(|e| Error::Misuse(format!("repl_primary('{addr}'): {e}; nothing was changed")))?;
+        .map_err(|e| Error::Misuse(format!("repl_primary('{addr}'): {e}; nothing was changed")))?
+        .with_exec_token(exec_token);
     let lsn = become_primary(c)?;
     let (entry, _) = main_db_checked(c.db, "repl_primary()")?;
     let p = entry

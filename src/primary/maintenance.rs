@@ -37,6 +37,22 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "segment_bytes",
         "roll to a new log segment past this size (at least 65536)",
     ),
+    (
+        "exec",
+        "accept forwarded writes (POST /v1/exec, repl_exec on replicas): 1 on, 0 off",
+    ),
+    (
+        "exec_timeout_ms",
+        "the longest one forwarded request may run, waiting for the write lock included (1..=50000: a replica waits 60 s for the answer)",
+    ),
+    (
+        "exec_max_rows",
+        "the most rows one forwarded request may produce",
+    ),
+    (
+        "exec_max_bytes",
+        "about the most bytes of values one forwarded request may produce",
+    ),
 ];
 
 const CONFIG_FILE: &str = "config.json";
@@ -47,6 +63,10 @@ fn get(p: &Policy, name: &str) -> Option<u64> {
         "retain_secs" => p.retain_secs,
         "snapshot_bytes" => p.snapshot_bytes,
         "segment_bytes" => p.segment_bytes,
+        "exec" => p.exec,
+        "exec_timeout_ms" => p.exec_timeout_ms,
+        "exec_max_rows" => p.exec_max_rows,
+        "exec_max_bytes" => p.exec_max_bytes,
         _ => return None,
     })
 }
@@ -115,6 +135,24 @@ fn apply(p: &mut Policy, name: &str, v: u64) -> Result<()> {
             }
             p.segment_bytes = v
         }
+        "exec" => {
+            if v > 1 {
+                return Err(Error::Misuse(format!(
+                    "repl_config(): exec is 1 (accept forwarded writes) or 0 (refuse them), not {v}"
+                )));
+            }
+            p.exec = v
+        }
+        "exec_timeout_ms" => {
+            if !(1..=50_000).contains(&v) {
+                return Err(Error::Misuse(format!(
+                    "repl_config(): exec_timeout_ms must be between 1 and 50000 (a replica waits 60 s for the answer of a forwarded write), not {v}"
+                )));
+            }
+            p.exec_timeout_ms = v
+        }
+        "exec_max_rows" => p.exec_max_rows = v,
+        "exec_max_bytes" => p.exec_max_bytes = v,
         _ => return Err(unknown(name)),
     }
     Ok(())

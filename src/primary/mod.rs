@@ -119,8 +119,6 @@ pub struct Primary {
     t3_seen: Mutex<Option<T3Seen>>,
     /// The HTTP server of this primary's log, when `repl_primary('addr')` started one here.
     server: Mutex<Option<crate::transport::server::Server>>,
-    /// The connection forwarded writes run on (`exec.rs`), opened at the first one.
-    exec_conn: Mutex<Option<crate::ffi::conn::OwnedDb>>,
 }
 
 type T3Seen = ([u8; 8], u32, u32, Option<(Lsn, u32)>);
@@ -185,7 +183,6 @@ impl Primary {
             stop: AtomicBool::new(false),
             t3_seen: Mutex::new(None),
             server: Mutex::new(None),
-            exec_conn: Mutex::new(None),
             posf: once_cell::sync::OnceCell::new(),
             durable_file: crate::txlog::DurableFile::open(&dir)?,
             file_id: file_identity(db_path),

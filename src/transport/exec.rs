@@ -5,7 +5,7 @@
 //!
 //! JSON values (params and rows): null, integers, reals, strings, and `{"blob": "<hex>"}`.
 
-use crate::error::{Error, Result};
+use crate::error::Error;
 use crate::ffi::conn::SqlValue;
 use crate::util::{hex, unhex};
 use serde_json::{json, Value};
@@ -14,8 +14,53 @@ use serde_json::{json, Value};
 pub trait Handler: Send + Sync {
     /// Runs `req` as one transaction; the answer is the JSON of `/v1/exec`. None: whoever ran
     /// writes is gone (shutting down).
-    fn exec(&self, req: &ExecRequest) -> Option<Result<Value>>;
+    fn exec(&self, req: &ExecRequest) -> Option<std::result::Result<Value, ExecFailure>>;
 }
+
+/// `SQLITE_AUTH`: a statement the exec rules refuse.
+pub const SQLITE_AUTH: i32 = crate::ffi::conn::SQLITE_AUTH;
+
+/// Why a request was not run, or stopped: each maps to one HTTP answer (`respond`) and to an
+/// `Error` for local callers (`repl_exec` on the primary itself).
+#[derive(Debug)]
+pub enum ExecFailure {
+    /// Forwarded writes are off on this primary (`repl_config('exec', 1)` turns them on).
+    Off,
+    /// The authorizer (or the VACUUM check) refused a statement: nothing ran.
+    Refused(String),
+    /// A limit was reached (`setting` names it): the transaction was rolled back.
+    Limit {
+        setting: &'static str,
+        code: i32,
+        message: String,
+    },
+    /// Anything else (an SQL error of the script, busy, I/O).
+    Other(Error),
+}
+
+impl From<Error> for ExecFailure {
+    fn from(e: Error) -> Self {
+        ExecFailure::Other(e)
+    }
+}
+
+impl From<ExecFailure> for Error {
+    fn from(f: ExecFailure) -> Self {
+        match f {
+            ExecFailure::Off => Error::Misuse(OFF.into()),
+            ExecFailure::Refused(m) => Error::Sql {
+                code: SQLITE_AUTH,
+                message: m,
+            },
+            ExecFailure::Limit { code, message, .. } => Error::Sql { code, message },
+            ExecFailure::Other(e) => e,
+        }
+    }
+}
+
+const OFF: &str =
+    "forwarded writes are off on this primary: run repl_config('exec', 1) on it to accept \
+                   them (see docs/SQL.md, repl_exec)";
 
 /// The HTTP answer to a `/v1/exec` body: 400 for a request that does not parse, 200 with the
 /// answer, 422 for an SQL error (with its SQLite code), 503 when busy or shutting down, 500
@@ -28,8 +73,30 @@ pub fn respond(handler: &dyn Handler, body: &Value) -> (u16, Value) {
     match handler.exec(&req) {
         None => (503, json!({"error": "the primary is shutting down"})),
         Some(Ok(a)) => (200, a),
-        Some(Err(Error::Sql { code, message })) => (422, json!({"error": message, "code": code})),
-        Some(Err(e)) => (
+        Some(Err(f)) => failure_answer(f),
+    }
+}
+
+/// The HTTP status and body of a failed request.
+fn failure_answer(f: ExecFailure) -> (u16, Value) {
+    match f {
+        ExecFailure::Off => (403, json!({ "error": OFF })),
+        ExecFailure::Refused(m) => (
+            422,
+            json!({"error": m, "code": SQLITE_AUTH, "refused": true}),
+        ),
+        ExecFailure::Limit {
+            setting,
+            code,
+            message,
+        } => (
+            422,
+            json!({"error": message, "code": code, "limit": setting}),
+        ),
+        ExecFailure::Other(Error::Sql { code, message }) => {
+            (422, json!({"error": message, "code": code}))
+        }
+        ExecFailure::Other(e) => (
             if matches!(e, Error::Busy(_)) {
                 503
             } else {

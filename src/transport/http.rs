@@ -29,6 +29,8 @@ pub struct HttpSource {
     /// The database name when the URL names one (`/v1/db/<name>`).
     db: Option<String>,
     token: Option<String>,
+    /// The token sent with `/v1/exec` (`exec_token=`, else `REPL_EXEC_TOKEN`, else `token`).
+    exec_token: Option<String>,
     agent: ureq::Agent,
     follower: String,
     /// From the headers of the last /v1/log response.
@@ -51,6 +53,7 @@ impl HttpSource {
             spec.address(),
             spec.db().map(str::to_string),
             spec.token().map(str::to_string),
+            spec.exec_token().map(str::to_string),
             spec.ca(),
         )
     }
@@ -62,9 +65,15 @@ impl HttpSource {
         base: &str,
         db: Option<String>,
         token: Option<String>,
+        exec_token: Option<String>,
         ca: Option<&str>,
     ) -> Result<HttpSource> {
         let token = token.or_else(|| crate::config::get().token.clone());
+        let exec_token = exec_token.or_else(|| {
+            std::env::var("REPL_EXEC_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty())
+        });
         let mut builder = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(3));
         if base.starts_with("https://") {
             let env_ca = std::env::var("REPL_CA_FILE").ok().filter(|f| !f.is_empty());
@@ -78,6 +87,7 @@ impl HttpSource {
             base: base.to_string(),
             db,
             token,
+            exec_token,
             agent,
             follower: format!("{host}:{}", std::process::id()),
             last: std::sync::Mutex::new(None),
@@ -428,7 +438,7 @@ impl Source for HttpSource {
                 .timeout(Duration::from_secs(60))
                 .set("Content-Type", "application/json")
                 .set("X-Repl-Follower", &self.follower);
-            if let Some(t) = &self.token {
+            if let Some(t) = self.exec_token.as_ref().or(self.token.as_ref()) {
                 req = req.set("Authorization", &format!("Bearer {t}"));
             }
             match req.send_string(&text) {

@@ -42,6 +42,8 @@ pub(super) struct Shared {
     pub(super) dir: PathBuf,
     pub(super) log: Log,
     pub(super) token: Option<String>,
+    /// The token `/v1/exec` takes instead of `token`, if set.
+    pub(super) exec_token: Option<String>,
     pub(super) exec: Option<ExecHandler>,
     /// Where recent responses ended, keyed by the next LSN: a follower's next request then
     /// starts there instead of scanning the segment.
@@ -87,14 +89,26 @@ pub enum Bound {
         listener: std::net::TcpListener,
         tls: Option<Arc<rustls::ServerConfig>>,
         token: Option<String>,
+        exec_token: Option<String>,
     },
     Join {
         site: Arc<Site>,
         token: Option<String>,
+        exec_token: Option<String>,
     },
 }
 
 impl Bound {
+    /// `/v1/exec` then takes this token (and not the read token): the write permission can be
+    /// given to fewer hosts than the read one. Empty = none.
+    pub fn with_exec_token(mut self, t: Option<String>) -> Bound {
+        let t = t.filter(|t| !t.is_empty());
+        match &mut self {
+            Bound::New { exec_token, .. } | Bound::Join { exec_token, .. } => *exec_token = t,
+        }
+        self
+    }
+
     pub fn addr(&self) -> Option<SocketAddr> {
         match self {
             Bound::New { listener, .. } => listener.local_addr().ok(),
@@ -152,7 +166,11 @@ impl Server {
                         if site.tls { "with" } else { "without" }
                     )));
                 }
-                return Ok(Bound::Join { site, token });
+                return Ok(Bound::Join {
+                    site,
+                    token,
+                    exec_token: None,
+                });
             }
         }
         let listener = std::net::TcpListener::bind(sock)
@@ -161,6 +179,7 @@ impl Server {
             listener,
             tls,
             token,
+            exec_token: None,
         })
     }
 
@@ -183,23 +202,29 @@ impl Server {
             .and_then(|n| n.to_str())
             .unwrap_or("db")
             .to_string();
-        let (site, token) = match bound {
+        let (site, token, exec_token) = match bound {
             Bound::New {
                 listener,
                 tls,
                 token,
+                exec_token,
             } => {
                 let site = httpd::listen(listener, tls, httpd::Limits::from_env())
                     .map_err(|e| Error::io("starting the HTTP server", e))?;
-                (site, token)
+                (site, token, exec_token)
             }
-            Bound::Join { site, token } => (site, token),
+            Bound::Join {
+                site,
+                token,
+                exec_token,
+            } => (site, token, exec_token),
         };
         let shared = Arc::new(Shared {
             db: db.to_string(),
             dir,
             log,
             token,
+            exec_token,
             exec,
             hints: Mutex::new(HashMap::new()),
             followers: Mutex::new(HashMap::new()),
@@ -273,6 +298,7 @@ impl Server {
             "url": self.url(),
             "name": self.name,
             "auth": self.has_token(),
+            "exec_auth": self.shared.exec_token.is_some(),
             "tls": self.site.tls,
             "listener": self.site.stats.json(),
             "databases": self.site.names(),
@@ -313,9 +339,11 @@ impl httpd::Service for Service {
 }
 
 /// Exactly one `Authorization: Bearer <token>` header carrying the token (one guess per
-/// request: several headers are refused, not tried in turn).
+/// request: several headers are refused, not tried in turn). `/v1/exec` takes the exec token
+/// when the server has one (then the read token does not write, and the exec token does not read).
 fn authorize(sh: &Shared, req: &Request) -> std::result::Result<(), Reply> {
-    let Some(token) = &sh.token else {
+    let exec_only = sh.exec_token.as_ref().filter(|_| req.path == "/v1/exec");
+    let Some(token) = exec_only.or(sh.token.as_ref()) else {
         return Ok(());
     };
     let values: Vec<&str> = req.headers_named("authorization").collect();
@@ -334,13 +362,15 @@ fn authorize(sh: &Shared, req: &Request) -> std::result::Result<(), Reply> {
     if ok {
         return Ok(());
     }
-    // A 401 must name the scheme (RFC 7235 §3.1).
-    Err(Reply::error(
-        401,
+    let msg = if exec_only.is_some() {
+        "missing or wrong exec token: /v1/exec takes 'Authorization: Bearer <exec token>' (replicas: \
+         the exec_token= URL parameter or REPL_EXEC_TOKEN)"
+    } else {
         "missing or wrong bearer token: send 'Authorization: Bearer <token>' (replicas: the token= URL \
-         parameter or REPL_TOKEN)",
-    )
-    .with_header("WWW-Authenticate", "Bearer realm=\"sqlite-replica\""))
+         parameter or REPL_TOKEN)"
+    };
+    // A 401 must name the scheme (RFC 7235 §3.1).
+    Err(Reply::error(401, msg).with_header("WWW-Authenticate", "Bearer realm=\"sqlite-replica\""))
 }
 
 fn handle(sh: &Shared, req: &Request, ctx: Ctx) -> Outcome {
@@ -653,6 +683,7 @@ pub fn serve_forever(
         let joined = Bound::Join {
             site: site.clone(),
             token: token.clone(),
+            exec_token: None,
         };
         servers.push(Server::start_bound(db, joined, None)?);
     }

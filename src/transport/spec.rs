@@ -26,6 +26,8 @@ pub struct SourceSpec {
     db: Option<String>,
     /// `Http` over TLS: the URL's `ca=` (a PEM file the server certificate is checked against).
     ca: Option<String>,
+    /// `Http`: the URL's `exec_token=`, sent with forwarded writes instead of `token`.
+    exec_token: Option<String>,
     /// `Http`: the URL's `token=` (without it, `REPL_TOKEN` applies when the source is opened).
     token: Option<String>,
     /// The text as given (trimmed): what `replica.json` remembers. Never shown.
@@ -61,6 +63,7 @@ impl SourceSpec {
             address: path,
             db: None,
             ca: None,
+            exec_token: None,
             token: None,
             given: s.to_string(),
         })
@@ -74,6 +77,7 @@ impl SourceSpec {
                 &self.address,
                 self.db.clone(),
                 self.token.clone(),
+                self.exec_token.clone(),
                 self.ca.as_deref(),
             )?),
         })
@@ -95,6 +99,11 @@ impl SourceSpec {
     /// `Http`: the database named in the URL (`/v1/db/<name>`).
     pub fn db(&self) -> Option<&str> {
         self.db.as_deref()
+    }
+
+    /// `Http`: the token for forwarded writes (`exec_token=`).
+    pub fn exec_token(&self) -> Option<&str> {
+        self.exec_token.as_deref()
     }
 
     /// `Http` over TLS: the CA file named by `ca=`.
@@ -148,16 +157,19 @@ fn parse_http(s: &str) -> Result<SourceSpec> {
         )));
     }
     let mut token = None;
+    let mut exec_token = None;
     let mut ca = None;
     for kv in query.unwrap_or("").split('&').filter(|kv| !kv.is_empty()) {
         match kv.split_once('=') {
             Some(("token", t)) if !t.is_empty() => token = Some(t.to_string()),
-            Some(("token", _)) => {
+            Some(("exec_token", t)) if !t.is_empty() => exec_token = Some(t.to_string()),
+            Some((k @ ("token" | "exec_token"), _)) => {
                 return Err(Error::Misuse(format!(
-                "repl_sync('{}'): token= is empty; give the primary's token, or leave token= out \
-                     and set REPL_TOKEN",
-                redact(s)
-            )))
+                    "repl_sync('{}'): {k}= is empty; give the primary's token, or leave {k}= out \
+                     and set REPL_{}",
+                    redact(s),
+                    k.to_ascii_uppercase()
+                )))
             }
             Some(("ca", f)) if !f.is_empty() && scheme == "https" => ca = Some(f.to_string()),
             Some(("ca", _)) if scheme != "https" => {
@@ -170,7 +182,7 @@ fn parse_http(s: &str) -> Result<SourceSpec> {
                 // Only the key: the value may be a misspelt token= (a secret).
                 let key = kv.split_once('=').map_or(kv, |(k, _)| k);
                 return Err(Error::Misuse(format!(
-                    "repl_sync('{}'): unknown URL parameter {key:?} (token= and ca= are understood)",
+                    "repl_sync('{}'): unknown URL parameter {key:?} (token=, exec_token= and ca= are understood)",
                     redact(s)
                 )));
             }
@@ -181,6 +193,7 @@ fn parse_http(s: &str) -> Result<SourceSpec> {
         address: format!("{scheme}://{hostport}"),
         db,
         ca,
+        exec_token,
         token,
         given: s.to_string(),
     })

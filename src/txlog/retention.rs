@@ -31,6 +31,13 @@ pub struct Policy {
     pub snapshot_bytes: u64,
     /// Roll to a new segment past this size (segments are the unit of removal).
     pub segment_bytes: u64,
+    /// Forwarded writes (`POST /v1/exec`, primary/exec.rs) are accepted (1) or refused (0).
+    pub exec: u64,
+    /// The longest one forwarded request may run, waiting for the write lock included.
+    pub exec_timeout_ms: u64,
+    /// The most rows, and about the most bytes, one forwarded request may produce.
+    pub exec_max_rows: u64,
+    pub exec_max_bytes: u64,
 }
 
 impl Default for Policy {
@@ -40,6 +47,10 @@ impl Default for Policy {
             retain_secs: 24 * 3600,
             snapshot_bytes: 64 << 20,
             segment_bytes: 64 << 20,
+            exec: 0,
+            exec_timeout_ms: 2000,
+            exec_max_rows: 10_000,
+            exec_max_bytes: 4 << 20,
         }
     }
 }

@@ -557,13 +557,20 @@ def start_replica(path: str | os.PathLike[str], source: str | os.PathLike[str], 
     return w
 
 
-def serve(w: Worker, port: int = 0, token: str | None = None, timeout: float = 15) -> str:
-    """Make ``w``'s process the serving primary: ``repl_primary('127.0.0.1:<port>' [, token])``
-    (port 0: a free one), retried while the port is still taken (a killed predecessor's
-    socket), at most ``timeout`` seconds. Returns the server's URL."""
+def serve(w: Worker, port: int = 0, token: str | None = None, timeout: float = 15,
+          exec_on: bool = True, exec_token: str | None = None) -> str:
+    """Make ``w``'s process the serving primary: ``repl_primary('127.0.0.1:<port>' [, token
+    [, exec_token]])`` (port 0: a free one), retried while the port is still taken (a killed
+    predecessor's socket), at most ``timeout`` seconds. ``exec_on`` accepts forwarded writes
+    (``repl_config('exec', 1)``; the product default is off, most tests forward writes).
+    Returns the server's URL."""
     listen = f"127.0.0.1:{port}"
     args = [listen, token] if token else [listen]
+    if exec_token:
+        args = [listen, token, exec_token]
     wait_for(lambda: _try_listen(w, args), timeout=timeout, interval=0.05, what=f"listening on {listen}")
+    if exec_on:
+        w.one("SELECT repl_config('exec', 1)")
     url = worker_status(w)["server"]["url"]
     assert url.startswith("http://127.0.0.1:"), url
     return url
@@ -580,13 +587,14 @@ def _try_listen(w: Worker, args: list) -> bool:
 
 
 def start_serving_primary(
-    path: str | os.PathLike[str], token: str | None = None, port: int = 0, **kwargs: Any
+    path: str | os.PathLike[str], token: str | None = None, port: int = 0, exec_on: bool = True,
+    exec_token: str | None = None, **kwargs: Any
 ) -> tuple[Worker, str]:
     """A primary process that also serves its log over HTTP on a loopback port (``serve``);
     returns the worker and the server's URL."""
     w = Worker(path, **kwargs)
     try:
-        return w, serve(w, port, token)
+        return w, serve(w, port, token, exec_on=exec_on, exec_token=exec_token)
     except BaseException:
         w.close()
         raise

@@ -47,7 +47,7 @@ print(json.dumps({"writes": writes, "stale": stale[:10], "n_stale": len(stale)})
 
 
 def test_session_consistency_across_three_following_replicas(tmp):
-    p, url = start_serving_primary(tmp / "p.db")
+    p, url = start_serving_primary(tmp / "p.db", exec_on=True)
     replicas = []
     try:
         p.q("CREATE TABLE log(i INTEGER PRIMARY KEY, v TEXT NOT NULL)")
@@ -114,7 +114,7 @@ def refused(w: Worker, sql: str, args, *words: str) -> WorkerError:
 
 
 def test_errors_are_clear_and_apply_nothing(tmp):
-    p, url = start_serving_primary(tmp / "p.db", token="s3cret")
+    p, url = start_serving_primary(tmp / "p.db", token="s3cret", exec_on=True)
     try:
         p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT UNIQUE NOT NULL)")
         p.q("INSERT INTO t(v) VALUES ('taken')")
@@ -167,7 +167,7 @@ def test_repl_exec_on_a_primary_runs_locally_and_on_a_directory_replica_is_refus
 
 
 def test_exec_endpoint_over_plain_http(tmp):
-    p, url = start_serving_primary(tmp / "p.db")
+    p, url = start_serving_primary(tmp / "p.db", exec_on=True)
     try:
         p.q("CREATE TABLE t(x)")
         req = urllib.request.Request(url + "/v1/exec", data=json.dumps({"sql": "INSERT INTO t VALUES (?) RETURNING x", "params": [7]}).encode(),

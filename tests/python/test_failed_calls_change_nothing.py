@@ -55,7 +55,7 @@ PRIMARY_FAILURES = {
     "not host:port": ("SELECT repl_primary('nonsense')", "cannot listen on"),
     "non-loopback without token": ("SELECT repl_primary('0.0.0.0:0')", "without a token"),
     "port in use": ("SELECT repl_primary('127.0.0.1:{busy}')", "Address already in use"),
-    "too many arguments": ("SELECT repl_primary('127.0.0.1:0', 't', 'x')", "at most two arguments"),
+    "too many arguments": ("SELECT repl_primary('127.0.0.1:0', 't', 'x', 'y')", "at most three arguments"),
     "token as a blob": ("SELECT repl_primary('127.0.0.1:0', x'00')", "must be text"),
 }
 

@@ -26,6 +26,7 @@ def session(tmp, env):
     r = None
     try:
         p.one("SELECT repl_primary('127.0.0.1:0')")
+        p.one("SELECT repl_config('exec', 1)")
         url = worker_status(p)["server"]["url"]
         p.script(["CREATE TABLE t(x)", "INSERT INTO t VALUES (1)"])
         r = Worker(tmp / "r.db", env=env)
