@@ -63,7 +63,7 @@ fn backoff(consecutive: u32) -> Duration {
 impl Replica {
     /// Starts following the remembered source (idempotent; a new interval restarts it).
     pub fn follow(self: &Arc<Self>, interval: Duration) -> Result<()> {
-        let Some(spec) = lock(&self.state).meta.source.clone() else {
+        let Some(spec) = self.source() else {
             return Err(Error::Misuse(format!(
                 "repl_follow(): {} has no source yet; pass the primary, e.g. repl_follow('http://primary:7070')",
                 self.db_path

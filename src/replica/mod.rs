@@ -115,6 +115,19 @@ pub struct Replica {
     /// Bytes done / total of a bootstrap or re-snapshot in progress (readable while the
     /// sync holds `state`).
     progress: Mutex<Option<(&'static str, u64, u64)>>,
+    /// What the queries (`repl_lsn`, `repl_status`, `repl_wait`, `repl_exec`) read while a
+    /// sync holds `state`, possibly for as long as a stalled network makes it: refreshed at the
+    /// end of every sync, so no query ever waits for the network.
+    published: Mutex<Published>,
+}
+
+/// The replica as its last finished sync left it (see `Replica::published`).
+#[derive(Clone, Default)]
+pub(super) struct Published {
+    pub(super) source: Option<SourceSpec>,
+    pub(super) lineage: Option<String>,
+    /// `repl_status()` as of that moment.
+    pub(super) status: Option<serde_json::Value>,
 }
 
 /// A follower's batch: what the source said about itself and the records it sent.
@@ -222,6 +235,11 @@ impl Replica {
             follower: Mutex::new(None),
             shared_source: Mutex::new(None),
             progress: Mutex::new(None),
+            published: Mutex::new(Published {
+                source: meta.source.clone(),
+                lineage: meta.lineage.clone(),
+                status: None,
+            }),
             state: Mutex::new(State {
                 meta,
                 source: None,
@@ -298,7 +316,18 @@ impl Replica {
             }
             Err(e) => st.stats.last_error = Some(e.to_string()),
         }
+        self.publish(&st);
         r
+    }
+
+    /// Copy what queries need out of `st` (see `published`).
+    fn publish(&self, st: &State) {
+        let status = self.status_from(st);
+        *lock(&self.published) = Published {
+            source: st.meta.source.clone(),
+            lineage: st.meta.lineage.clone(),
+            status: Some(status),
+        };
     }
 
     /// Records an error met outside a sync (a follower's failed long-poll).

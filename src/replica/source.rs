@@ -181,12 +181,20 @@ impl Replica {
         PageSize::from_db_header(&head)
     }
 
+    /// The lineage this replica follows (never waits for a sync in progress).
     pub fn lineage(&self) -> Option<String> {
-        lock(&self.state).meta.lineage.clone()
+        match self.state.try_lock() {
+            Ok(st) => st.meta.lineage.clone(),
+            Err(_) => lock(&self.published).lineage.clone(),
+        }
     }
 
+    /// The source this replica follows (never waits for a sync in progress).
     pub fn source(&self) -> Option<SourceSpec> {
-        lock(&self.state).meta.source.clone()
+        match self.state.try_lock() {
+            Ok(st) => st.meta.source.clone(),
+            Err(_) => lock(&self.published).source.clone(),
+        }
     }
 }
 

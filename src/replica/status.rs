@@ -5,16 +5,19 @@ use crate::error::Result;
 use crate::types::{Checksum, Lsn};
 use crate::util::now_ms;
 use crate::wal::{shm_read_header, WalIndexHeader};
-use std::time::{Duration, Instant};
 
 impl Replica {
+    /// The LSN readers of this replica see. Never waits for a sync in progress (which may be
+    /// stuck on the network): then the newest LSN a sync of this process finished, or the
+    /// position file of whichever process applied last.
     pub fn lsn(&self) -> Lsn {
-        let st = lock(&self.state);
-        if st.loaded {
-            return st.lsn;
+        let recorded = || self.pos.read().map_or(Lsn(0), |a| a.lsn);
+        match self.state.try_lock() {
+            Ok(st) if st.loaded => st.lsn,
+            Ok(_) => recorded(),
+            Err(std::sync::TryLockError::Poisoned(p)) if p.get_ref().loaded => p.get_ref().lsn,
+            Err(_) => (*lock(&self.applied)).max(recorded()),
         }
-        drop(st);
-        self.pos.read().map_or(Lsn(0), |a| a.lsn)
     }
 
     /// Checksum of the live content (loads the state if this process has not synced).
@@ -39,28 +42,31 @@ impl Replica {
 
     pub fn status_json(&self) -> serde_json::Value {
         // A sync in progress holds the state for its whole duration (a bootstrap may take
-        // minutes): answer from what is readable without it rather than wait.
-        let patience = Instant::now() + Duration::from_millis(200);
-        let st = loop {
-            match self.state.try_lock() {
-                Ok(g) => break g,
-                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => {}
+        // minutes, a stalled primary as long as its timeouts): answer at once from what the
+        // last finished sync published, with the live LSN, progress and follower on top.
+        let st = match self.state.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                let progress = *lock(&self.progress);
+                let mut v = lock(&self.published)
+                    .status
+                    .clone()
+                    .unwrap_or_else(|| serde_json::json!({"role": "replica", "db": self.db_path}));
+                v["syncing"] = serde_json::json!(true);
+                v["lsn"] = serde_json::json!(self.lsn().0);
+                v["progress"] = serde_json::json!(progress.map(|(phase, done, total)| {
+                    serde_json::json!({"phase": phase, "bytes": done, "total": total})
+                }));
+                v["follow"] = self.follow_json();
+                return v;
             }
-            let progress = *lock(&self.progress);
-            if progress.is_none() && Instant::now() < patience {
-                std::thread::sleep(Duration::from_millis(1)); // a short sync: wait for it
-                continue;
-            }
-            return serde_json::json!({
-                "role": "replica",
-                "db": self.db_path,
-                "syncing": true,
-                "lsn": self.pos.read().map_or(0, |a| a.lsn.0),
-                "progress": progress.map(|(phase, done, total)| serde_json::json!({"phase": phase, "bytes": done, "total": total})),
-                "follow": self.follow_json(),
-            });
         };
+        self.status_from(&st)
+    }
+
+    /// `repl_status()` from the state (the caller holds it).
+    pub(super) fn status_from(&self, st: &super::State) -> serde_json::Value {
         let lsn = if st.loaded {
             st.lsn.0
         } else {

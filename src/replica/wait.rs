@@ -43,7 +43,7 @@ impl Replica {
             }
         }
         // Nobody follows here: long-poll and apply ourselves until the deadline.
-        let spec = lock(&self.state).meta.source.clone().ok_or_else(|| {
+        let spec = self.source().ok_or_else(|| {
             Error::Misuse(format!(
                 "repl_wait(): {} is not a replica yet",
                 self.db_path
@@ -83,7 +83,7 @@ impl Replica {
         body: &serde_json::Value,
         wait: Duration,
     ) -> Result<serde_json::Value> {
-        let spec = lock(&self.state).meta.source.clone().ok_or_else(|| {
+        let spec = self.source().ok_or_else(|| {
             Error::Misuse(format!("repl_exec(): {} has no primary yet", self.db_path))
         })?;
         let answer = self.shared_source(&spec)?.exec(body)?;
@@ -109,15 +109,14 @@ impl Replica {
     }
 
     pub(super) fn wait_timeout(&self, target: Lsn, timeout: Duration) -> Error {
-        let st = lock(&self.state);
-        let primary = st
-            .stats
-            .primary_lsn
+        // From what the last finished sync published: a sync stuck on the network must not
+        // hold up the answer.
+        let status = lock(&self.published).status.clone().unwrap_or_default();
+        let primary = status["primary_lsn"]
+            .as_u64()
             .map_or("unknown".to_string(), |l| l.to_string());
-        let why = st
-            .stats
-            .last_error
-            .as_deref()
+        let why = status["last_error"]
+            .as_str()
             .map_or(String::new(), |e| format!("; last error: {e}"));
         Error::Busy(format!(
             "repl_wait({target}): timed out after {} ms with the replica at LSN {} (the primary's durable LSN \
