@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::error::{Error, Result};
+use std::sync::Arc;
 
 /// A borrowed connection handle (a user's connection inside a function call).
 #[derive(Clone, Copy)]
@@ -177,6 +178,26 @@ fn sql_error(rc: c_int, msg: String) -> Error {
 /// the authorizer and progress handler stay alive exactly as long as the connection).
 pub struct OwnedDb(DbRef, Hooks);
 
+/// A connection handle moved to the deadline thread of `OwnedDb::interrupt_at`.
+struct SendDb(*mut sqlite3);
+// SAFETY: only `sqlite3_interrupt`, which SQLite documents as safe from any thread, is called
+// through it, and only while the owning `InterruptGuard` keeps the connection open.
+unsafe impl Send for SendDb {}
+
+/// Disarms an `interrupt_at` deadline when dropped.
+pub struct InterruptGuard<'a> {
+    shared: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    _db: std::marker::PhantomData<&'a OwnedDb>,
+}
+
+impl Drop for InterruptGuard<'_> {
+    fn drop(&mut self) {
+        let (done, cv) = &*self.shared;
+        *done.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+    }
+}
+
 /// The closures registered on an `OwnedDb` (boxed twice: the C side holds the inner box's
 /// address, which must not move while the connection is open).
 #[derive(Default)]
@@ -328,6 +349,62 @@ impl OwnedDb {
         unsafe { set(self.0 .0, every, Some(progress_trampoline), ctx) };
         self.1.progress = Some(boxed);
         Ok(())
+    }
+
+    /// True when the host has `sqlite3_progress_handler` (better-sqlite3 builds SQLite with
+    /// `SQLITE_OMIT_PROGRESS_CALLBACK`: then `interrupt_at` is the way to stop a statement).
+    pub fn has_progress_handler() -> bool {
+        api().progress_handler.is_some()
+    }
+
+    /// Interrupt whatever this connection runs at `deadline` (`sqlite3_interrupt` from a
+    /// watchdog thread) when `fire()` says so then; returns a guard whose drop (which the
+    /// borrow ties to before the connection closes) disarms it for good. For hosts without a
+    /// progress handler.
+    pub fn interrupt_at(
+        &self,
+        deadline: std::time::Instant,
+        fire: Box<dyn Fn() -> bool + Send>,
+    ) -> Result<InterruptGuard<'_>> {
+        let f = api()
+            .interruptx
+            .ok_or_else(|| Error::Unsupported("the host SQLite has no sqlite3_interrupt".into()))?;
+        let shared = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let db = SendDb(self.0 .0);
+        let sh = shared.clone();
+        std::thread::Builder::new()
+            .name("repl-exec-deadline".into())
+            .spawn(move || {
+                let db = db;
+                let (done, cv) = &*sh;
+                let mut g = done.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    if *g {
+                        return;
+                    }
+                    let now = std::time::Instant::now();
+                    if now >= deadline {
+                        break;
+                    }
+                    g = cv
+                        .wait_timeout(g, deadline - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+                // Still under the lock: the guard cannot be dropped, so the connection cannot
+                // be closed, while we interrupt it.
+                if fire() {
+                    // SAFETY: `db` is open: `done` is false and the guard, which the borrow
+                    // keeps alive until before the connection closes, sets it (under this same
+                    // lock) when dropped. sqlite3_interrupt may be called from any thread.
+                    unsafe { f(db.0) };
+                }
+            })
+            .map_err(|e| Error::io("starting the exec deadline thread", e))?;
+        Ok(InterruptGuard {
+            shared,
+            _db: std::marker::PhantomData,
+        })
     }
 
     /// `sqlite3_db_config(db, op, on, &out)` for a boolean option; returns the value in force.

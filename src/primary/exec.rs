@@ -231,17 +231,19 @@ impl Primary {
                 }
             }
         }))?;
-        let g = guard.clone();
-        c.set_progress_handler(
-            1000,
-            Box::new(move || {
-                if g.policing.load(Ordering::Acquire) && Instant::now() >= deadline {
-                    g.timed_out.store(true, Ordering::Release);
-                    return true;
-                }
-                false
-            }),
-        )?;
+        if OwnedDb::has_progress_handler() {
+            let g = guard.clone();
+            c.set_progress_handler(
+                1000,
+                Box::new(move || {
+                    if g.policing.load(Ordering::Acquire) && Instant::now() >= deadline {
+                        g.timed_out.store(true, Ordering::Release);
+                        return true;
+                    }
+                    false
+                }),
+            )?;
+        }
         Ok(c)
     }
 
@@ -256,6 +258,23 @@ impl Primary {
         let deadline = Instant::now() + Duration::from_millis(limits.timeout_ms);
         let guard = Arc::new(Guard::default());
         let conn = self.exec_connection(&guard, deadline)?;
+        // Hosts without a progress handler (better-sqlite3 omits it): a watchdog interrupts
+        // the connection at the deadline instead.
+        let _deadline = if OwnedDb::has_progress_handler() {
+            None
+        } else {
+            let g = guard.clone();
+            Some(conn.interrupt_at(
+                deadline,
+                Box::new(move || {
+                    let fire = g.policing.load(Ordering::Acquire);
+                    if fire {
+                        g.timed_out.store(true, Ordering::Release);
+                    }
+                    fire
+                }),
+            )?)
+        };
         let db = conn.db();
         let refused = || lock(&guard.refused).take();
         let police = |on: bool| guard.policing.store(on, Ordering::Release);

@@ -100,12 +100,11 @@ impl Replica {
         let mut batch = vec![snap];
         while batch.last().expect("non-empty").meta.lsn.0 < st.lsn.0 {
             let next = batch.last().expect("non-empty").meta.lsn.next();
-            let fetched = st
-                .source
-                .as_ref()
-                .expect("set")
-                .fetch(next, BATCH_BYTES)
-                .map_err(|e| self.damaged_source(st, e))?;
+            let fetched = {
+                let _net = self.network_call(st);
+                st.source.as_ref().expect("set").fetch(next, BATCH_BYTES)
+            }
+            .map_err(|e| self.damaged_source(st, e))?;
             match fetched {
                 Fetch::Records(r) if !r.is_empty() => batch.extend(r),
                 _ => break, // the log moved past the snapshot meanwhile, or ends: as far as it goes

@@ -47,12 +47,14 @@ impl Replica {
             let fetched = match pre {
                 Some(v) => Fetch::Records(v),
                 None if only_prefetched => break,
-                None => st
-                    .source
-                    .as_ref()
-                    .expect("set")
-                    .fetch(st.lsn.next(), BATCH_BYTES)
-                    .map_err(|e| self.damaged_source(st, e))?,
+                None => {
+                    let _net = self.network_call(st);
+                    st.source
+                        .as_ref()
+                        .expect("set")
+                        .fetch(st.lsn.next(), BATCH_BYTES)
+                }
+                .map_err(|e| self.damaged_source(st, e))?,
             };
             let records = match fetched {
                 Fetch::Truncated { first_lsn } => {

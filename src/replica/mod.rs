@@ -119,6 +119,18 @@ pub struct Replica {
     /// sync holds `state`, possibly for as long as a stalled network makes it: refreshed at the
     /// end of every sync, so no query ever waits for the network.
     published: Mutex<Published>,
+    /// Network requests in flight by a sync that holds `state` (see `network_call`).
+    network: std::sync::atomic::AtomicUsize,
+}
+
+/// Marks a network request made while holding `state` (queries then answer from `published`
+/// instead of waiting for it).
+pub(super) struct NetworkCall<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for NetworkCall<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// The replica as its last finished sync left it (see `Replica::published`).
@@ -126,6 +138,8 @@ pub struct Replica {
 pub(super) struct Published {
     pub(super) source: Option<SourceSpec>,
     pub(super) lineage: Option<String>,
+    /// The LSN the state was at.
+    pub(super) lsn: Lsn,
     /// `repl_status()` as of that moment.
     pub(super) status: Option<serde_json::Value>,
 }
@@ -235,9 +249,11 @@ impl Replica {
             follower: Mutex::new(None),
             shared_source: Mutex::new(None),
             progress: Mutex::new(None),
+            network: std::sync::atomic::AtomicUsize::new(0),
             published: Mutex::new(Published {
                 source: meta.source.clone(),
                 lineage: meta.lineage.clone(),
+                lsn: Lsn(0),
                 status: None,
             }),
             state: Mutex::new(State {
@@ -320,12 +336,41 @@ impl Replica {
         r
     }
 
+    /// Publish `st` and mark a network request until the returned guard drops: queries do
+    /// not wait for a sync stuck on the network.
+    fn network_call(&self, st: &State) -> NetworkCall<'_> {
+        self.publish(st);
+        self.network
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        NetworkCall(&self.network)
+    }
+
+    /// The state for a query: waits while a sync works locally (applying, which is bounded
+    /// and keeps the answers consistent with each other), None while that sync waits for the
+    /// network or downloads a snapshot (then the query answers from `published`).
+    fn state_for_query(&self) -> Option<std::sync::MutexGuard<'_, State>> {
+        loop {
+            match self.state.try_lock() {
+                Ok(g) => return Some(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if self.network.load(std::sync::atomic::Ordering::Acquire) > 0
+                || lock(&self.progress).is_some()
+            {
+                return None;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
     /// Copy what queries need out of `st` (see `published`).
     fn publish(&self, st: &State) {
         let status = self.status_from(st);
         *lock(&self.published) = Published {
             source: st.meta.source.clone(),
             lineage: st.meta.lineage.clone(),
+            lsn: if st.loaded { st.lsn } else { Lsn(0) },
             status: Some(status),
         };
     }

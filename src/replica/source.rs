@@ -26,6 +26,7 @@ impl Replica {
                 Given::Opened(s, o) => (s, Some(o)),
             };
             if st.meta.source.as_ref() != Some(&spec) || st.source.is_none() {
+                let _net = self.network_call(st);
                 let src = match opened {
                     Some(src) => src,
                     None => spec.open()?,
@@ -77,7 +78,10 @@ impl Replica {
     ) -> Result<()> {
         let info = match known {
             Some(i) => i,
-            None => st.source.as_ref().expect("set").info()?,
+            None => {
+                let _net = self.network_call(st);
+                st.source.as_ref().expect("set").info()?
+            }
         };
         if st.meta.lineage.as_deref() != Some(info.lineage.as_str()) {
             return Err(Error::Misuse(format!(
@@ -100,6 +104,7 @@ impl Replica {
         what: &'static str,
     ) -> Result<crate::txlog::Record> {
         let mut logged = 0u64;
+        let _net = self.network_call(st);
         let r = st
             .source
             .as_ref()
@@ -183,17 +188,17 @@ impl Replica {
 
     /// The lineage this replica follows (never waits for a sync in progress).
     pub fn lineage(&self) -> Option<String> {
-        match self.state.try_lock() {
-            Ok(st) => st.meta.lineage.clone(),
-            Err(_) => lock(&self.published).lineage.clone(),
+        match self.state_for_query() {
+            Some(st) => st.meta.lineage.clone(),
+            None => lock(&self.published).lineage.clone(),
         }
     }
 
     /// The source this replica follows (never waits for a sync in progress).
     pub fn source(&self) -> Option<SourceSpec> {
-        match self.state.try_lock() {
-            Ok(st) => st.meta.source.clone(),
-            Err(_) => lock(&self.published).source.clone(),
+        match self.state_for_query() {
+            Some(st) => st.meta.source.clone(),
+            None => lock(&self.published).source.clone(),
         }
     }
 }

@@ -12,11 +12,12 @@ impl Replica {
     /// position file of whichever process applied last.
     pub fn lsn(&self) -> Lsn {
         let recorded = || self.pos.read().map_or(Lsn(0), |a| a.lsn);
-        match self.state.try_lock() {
-            Ok(st) if st.loaded => st.lsn,
-            Ok(_) => recorded(),
-            Err(std::sync::TryLockError::Poisoned(p)) if p.get_ref().loaded => p.get_ref().lsn,
-            Err(_) => (*lock(&self.applied)).max(recorded()),
+        match self.state_for_query() {
+            Some(st) if st.loaded => st.lsn,
+            Some(_) => recorded(),
+            None => (*lock(&self.applied))
+                .max(lock(&self.published).lsn)
+                .max(recorded()),
         }
     }
 
@@ -44,23 +45,24 @@ impl Replica {
         // A sync in progress holds the state for its whole duration (a bootstrap may take
         // minutes, a stalled primary as long as its timeouts): answer at once from what the
         // last finished sync published, with the live LSN, progress and follower on top.
-        let st = match self.state.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => {
-                let progress = *lock(&self.progress);
-                let mut v = lock(&self.published)
-                    .status
-                    .clone()
-                    .unwrap_or_else(|| serde_json::json!({"role": "replica", "db": self.db_path}));
-                v["syncing"] = serde_json::json!(true);
-                v["lsn"] = serde_json::json!(self.lsn().0);
-                v["progress"] = serde_json::json!(progress.map(|(phase, done, total)| {
-                    serde_json::json!({"phase": phase, "bytes": done, "total": total})
-                }));
-                v["follow"] = self.follow_json();
-                return v;
+        let Some(st) = self.state_for_query() else {
+            let progress = *lock(&self.progress);
+            let mut v = lock(&self.published)
+                .status
+                .clone()
+                .unwrap_or_else(|| serde_json::json!({"role": "replica", "db": self.db_path}));
+            v["syncing"] = serde_json::json!(true);
+            let live = self.lsn().0;
+            if v["lsn"].as_u64() != Some(live) {
+                // The published checksum belongs to the published LSN only.
+                v["lsn"] = serde_json::json!(live);
+                v["checksum"] = serde_json::Value::Null;
             }
+            v["progress"] = serde_json::json!(progress.map(|(phase, done, total)| {
+                serde_json::json!({"phase": phase, "bytes": done, "total": total})
+            }));
+            v["follow"] = self.follow_json();
+            return v;
         };
         self.status_from(&st)
     }
