@@ -741,6 +741,8 @@ def primary_and_replica(tmp: Path, *setup_sql: str) -> Iterator[tuple[Path, Path
         for sql in setup_sql:
             p.q(sql)
         with start_replica(rdb, pdb) as r:
+            # Only durable records are served (group fsync): catch up with the last commit.
+            sync_to(r, p.one("SELECT repl_lsn()"))
             yield pdb, rdb, p, r
 
 

@@ -34,6 +34,8 @@ def setup(tmp, transport="dir"):
     if transport == "http":  # served from the primary's process
         source = serve(p)
     r = start_replica(rdb, source)
+    # Only durable records are served (group fsync): catch up with the primary's last commit.
+    sync_to(r, p.one("SELECT repl_lsn()"))
     return pdb, rdb, p, r
 
 

@@ -212,6 +212,14 @@ def check_cli_output(text: str, check: workload.BankCheck, violations: list) -> 
     return reads
 
 
+def has_table(db, name: str) -> bool:
+    """A stock reader sees table ``name`` in ``db``."""
+    try:
+        return stock_one(db, f"SELECT count(*) FROM sqlite_schema WHERE name = '{name}';") == "1"
+    except Exception:
+        return False
+
+
 @pytest.mark.parametrize("transport", ["dir", "http"])
 def test_bank_invariant_under_concurrent_apply_reads_and_checkpoints(tmp, transport):
     """dir: one replica syncing in a loop from the log directory. http: three replicas, each
@@ -250,6 +258,10 @@ def test_bank_invariant_under_concurrent_apply_reads_and_checkpoints(tmp, transp
         # Readers start once the replicas exist (bootstrapped over HTTP by their appliers).
         wait_for(lambda: all((tmp / f"applier{i}.err").exists() and d.exists() and os.path.getsize(d) > 0 for i, d in enumerate(rdbs)),
                  timeout=30, what="the replicas to bootstrap over HTTP")
+        # Bootstrapped from the first snapshot, the schema arrives with the next batch: readers
+        # start once every replica has it.
+        wait_for(lambda: all(has_table(d, "acct") for d in rdbs), timeout=30,
+                 what="the schema to reach every replica")
     readers = [spawn_bg(READER, tmp, f"reader{i}", {**env, "R_DB": str(d), "SEED": str(SEED + i)}) for i, d in enumerate(reader_dbs)]
     ckpt = spawn_bg(CHECKPOINTER, tmp, "checkpointer", {**env, "SEED": str(SEED + 7)})
     primary = spawn_bg(PRIMARY, tmp, "primary", {**env, "SEED": str(SEED)})
