@@ -16,7 +16,7 @@ pub fn exercise_http(data: &[u8]) {
         }
     }
     if let Ok(s) = std::str::from_utf8(data) {
-        super::server::fuzz_url(s);
+        super::routes::fuzz_url(s);
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(s) {
             if let Ok(req) = super::exec::request_from_json(&v) {
                 assert!(!req.sql.trim().is_empty());

@@ -17,6 +17,7 @@ pub mod httpd;
 mod metrics;
 pub mod notify;
 mod request;
+mod routes;
 pub mod server;
 mod spec;
 
