@@ -8,6 +8,7 @@
 
 pub mod conn;
 pub mod func;
+pub mod hooks;
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
