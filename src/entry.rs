@@ -16,12 +16,9 @@
 
 use crate::ffi::{self, guard, sqlite3, sqlite3_api_routines};
 use std::ffi::{c_char, c_int};
-use std::sync::Once;
 
 /// Oldest host we serve: `sqlite3_create_filename` (agent handles) appeared in 3.32.0.
 pub const MIN_SQLITE: i32 = 3_032_000;
-
-static AUTO: Once = Once::new();
 
 /// # Safety
 /// Called by SQLite's extension loader with a valid connection and API table.
@@ -73,22 +70,21 @@ fn init(db: *mut sqlite3) -> Result<(), String> {
     crate::vfs::set_hooks(&crate::roles::HOOKS);
     crate::vfs::register()?;
     crate::functions::register_all(db).map_err(|e| e.to_string())?;
-    let mut rc = ffi::SQLITE_OK;
-    AUTO.call_once(|| {
-        // SAFETY: `auto_entry` has the extension entry signature SQLite calls auto-extensions
-        // with; the API declares the parameter as `void(*)(void)`, hence the cast.
-        let f: unsafe extern "C" fn() = unsafe {
-            std::mem::transmute::<
-                unsafe extern "C" fn(
-                    *mut sqlite3,
-                    *mut *mut c_char,
-                    *const sqlite3_api_routines,
-                ) -> c_int,
-                unsafe extern "C" fn(),
-            >(auto_entry)
-        };
-        rc = ffi::auto_extension(f);
-    });
+    // Every load (re)registers the auto-extension: SQLite ignores a duplicate, and
+    // sqlite3_shutdown() clears the list, after which loading again must restore it.
+    // SAFETY: `auto_entry` has the extension entry signature SQLite calls auto-extensions
+    // with; the API declares the parameter as `void(*)(void)`, hence the cast.
+    let f: unsafe extern "C" fn() = unsafe {
+        std::mem::transmute::<
+            unsafe extern "C" fn(
+                *mut sqlite3,
+                *mut *mut c_char,
+                *const sqlite3_api_routines,
+            ) -> c_int,
+            unsafe extern "C" fn(),
+        >(auto_entry)
+    };
+    let rc = ffi::auto_extension(f);
     if rc != ffi::SQLITE_OK {
         return Err(format!("sqlite3_auto_extension failed with code {rc}"));
     }

@@ -39,9 +39,24 @@ pub(crate) fn base_ptr() -> *mut sqlite3_vfs {
 }
 
 /// Register the `replica` VFS over the current default VFS and make it the default.
-/// Idempotent: a second call (another connection loading the extension) does nothing.
+/// Idempotent: a second call (another connection loading the extension) changes nothing,
+/// except that it makes `replica` the default again when the host reset the default to the
+/// VFS it wraps: after
+/// `sqlite3_shutdown()` + `sqlite3_initialize()` the host's own VFSes are registered anew,
+/// `unix` first and default (ours stays registered, not default).
 pub fn register() -> Result<(), String> {
-    if !OURS.load(Ordering::Acquire).is_null() {
+    let ours = OURS.load(Ordering::Acquire);
+    if !ours.is_null() {
+        // Only when the default went back to the VFS we wrap (a host reset); a VFS the
+        // application stacked on top of ours and made the default stays the default.
+        if ffi::vfs_find(None) == base_ptr() && !base_ptr().is_null() {
+            let rc = ffi::vfs_register(ours, true);
+            if rc != ffi::SQLITE_OK {
+                return Err(format!(
+                    "could not make the replica VFS the default again (code {rc})"
+                ));
+            }
+        }
         return Ok(());
     }
     // Already registered by an earlier load of this library (e.g. a second copy)?
