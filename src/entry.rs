@@ -136,6 +136,10 @@ unsafe extern "C" fn auto_entry(
             .and_then(|()| crate::functions::apply_uri_parameters(db));
         match r {
             Ok(()) => ffi::SQLITE_OK,
+            // Out of memory while registering: the connection is marked as having failed a
+            // malloc, and sqlite3_open() reports "out of memory" itself, as it would without
+            // us (an error of ours would turn it into "automatic extension loading failed").
+            Err(e) if e.sqlite_code() & 0xff == ffi::SQLITE_NOMEM => ffi::SQLITE_OK,
             Err(e) => {
                 if !pz_err_msg.is_null() {
                     // SAFETY: SQLite gives us a writable slot for an sqlite3_malloc'd message.

@@ -191,13 +191,6 @@ impl Inotify {
         Ok(wd)
     }
 
-    pub fn unwatch(&self, wd: i32) {
-        // SAFETY: removing a watch descriptor of our own fd; a stale one just fails.
-        unsafe {
-            libc::inotify_rm_watch(self.fd.as_raw_fd(), wd);
-        }
-    }
-
     /// Drain pending events; returns the watch descriptors that saw any (deduplicated).
     pub fn drain(&self) -> Vec<i32> {
         let mut wds = Vec::new();

@@ -38,9 +38,10 @@ pub fn register_scalar(db: *mut sqlite3, name: &str, n_args: c_int, func: Scalar
         )
     };
     if rc != SQLITE_OK {
-        return Err(Error::Other(format!(
-            "cannot register SQL function {name}: code {rc}"
-        )));
+        return Err(Error::Sql {
+            code: rc,
+            message: format!("cannot register SQL function {name}: code {rc}"),
+        });
     }
     Ok(())
 }

@@ -22,6 +22,7 @@ pub use sqlite3ext_sys::{
 pub const SQLITE_OK: c_int = 0;
 pub const SQLITE_ERROR: c_int = 1;
 pub const SQLITE_BUSY: c_int = 5;
+pub const SQLITE_NOMEM: c_int = 7;
 pub const SQLITE_READONLY: c_int = 8;
 pub const SQLITE_IOERR: c_int = 10;
 pub const SQLITE_CANTOPEN: c_int = 14;

@@ -95,9 +95,11 @@ pub fn register() -> Result<(), String> {
         xCurrentTime: Some(x_current_time),
         xGetLastError: Some(x_get_last_error),
         xCurrentTimeInt64: b.xCurrentTimeInt64.map(|_| x_current_time_int64 as _),
-        xSetSystemCall: None,
-        xGetSystemCall: None,
-        xNextSystemCall: None,
+        // Forwarded when the base has them (unix does): tests and tools override system calls
+        // through the default VFS (SQLite's test_syscall, e.g. a 64 KiB page size).
+        xSetSystemCall: b.xSetSystemCall.map(|_| x_set_system_call as _),
+        xGetSystemCall: b.xGetSystemCall.map(|_| x_get_system_call as _),
+        xNextSystemCall: b.xNextSystemCall.map(|_| x_next_system_call as _),
     });
     let raw = Box::into_raw(v); // lives for the process: SQLite keeps pointers to it
     let rc = ffi::vfs_register(raw, true);
@@ -212,6 +214,37 @@ unsafe extern "C" fn x_current_time_int64(_v: *mut sqlite3_vfs, out: *mut i64) -
     guard(ffi::SQLITE_ERROR, || {
         // SAFETY: forwarding; only installed when the base VFS has it.
         unsafe { base().xCurrentTimeInt64.expect("xCurrentTimeInt64")(base_ptr(), out) }
+    })
+}
+
+unsafe extern "C" fn x_set_system_call(
+    _v: *mut sqlite3_vfs,
+    name: *const c_char,
+    f: sqlite3ext_sys::sqlite3_syscall_ptr,
+) -> c_int {
+    guard(ffi::SQLITE_ERROR, || {
+        // SAFETY: forwarding; only installed when the base VFS has it.
+        unsafe { base().xSetSystemCall.expect("xSetSystemCall")(base_ptr(), name, f) }
+    })
+}
+
+unsafe extern "C" fn x_get_system_call(
+    _v: *mut sqlite3_vfs,
+    name: *const c_char,
+) -> sqlite3ext_sys::sqlite3_syscall_ptr {
+    guard(None, || {
+        // SAFETY: forwarding; only installed when the base VFS has it.
+        unsafe { base().xGetSystemCall.expect("xGetSystemCall")(base_ptr(), name) }
+    })
+}
+
+unsafe extern "C" fn x_next_system_call(
+    _v: *mut sqlite3_vfs,
+    name: *const c_char,
+) -> *const c_char {
+    guard(std::ptr::null(), || {
+        // SAFETY: forwarding; only installed when the base VFS has it.
+        unsafe { base().xNextSystemCall.expect("xNextSystemCall")(base_ptr(), name) }
     })
 }
 

@@ -30,6 +30,8 @@ pub(super) struct Conn {
     pub(super) deadline: Option<Instant>,
     /// Bumped for every dispatch, so a late worker answer for an old request is dropped.
     pub(super) gen: u64,
+    /// `WAKE_SEQ` when the current request was dispatched.
+    pub(super) wake_seq: u64,
     pub(super) job: Option<(Arc<dyn Service>, Arc<Request>)>,
     pub(super) park: Option<(PathBuf, Instant)>,
     /// The request counted as one of the site's open connections.

@@ -275,6 +275,7 @@ impl Loop {
                 keep_alive: false,
                 deadline,
                 gen: 0,
+                wake_seq: 0,
                 job: None,
                 park: None,
                 counted: true,
@@ -336,6 +337,8 @@ impl Loop {
             return;
         };
         c.gen += 1;
+        // Read before the handler runs: a wake-up after this point is noticed when it parks.
+        c.wake_seq = WAKE_SEQ.load(Ordering::Acquire);
         c.state = State::Busy;
         c.deadline = None;
         c.job = Some((svc.clone(), req.clone()));
@@ -373,6 +376,29 @@ impl Loop {
                 self.drive(t);
             }
             Outcome::Park { dir, deadline } => {
+                // A wake-up since the handler started (an in-process commit), or a directory
+                // not watched yet (a commit by another process before the watch existed): run
+                // the handler again rather than sleep through a commit.
+                let woken = WAKE_SEQ.load(Ordering::Acquire) != c.wake_seq;
+                let unwatched = self.inotify.is_some() && !self.dir_wd.contains_key(&dir);
+                if woken || unwatched {
+                    if unwatched {
+                        if let Some(wd) = self.inotify.as_ref().and_then(|i| i.watch_dir(&dir).ok())
+                        {
+                            self.dir_wd.insert(dir.clone(), wd);
+                            self.wd_dir.insert(wd, dir.clone());
+                        }
+                    }
+                    if let Some((svc, req)) = c.job.clone() {
+                        let ctx = Ctx {
+                            expired: false,
+                            parked_until: Some(deadline),
+                        };
+                        self.dispatch(t, svc, req, ctx);
+                        return;
+                    }
+                }
+                let c = self.conns.get_mut(&t).expect("checked above");
                 c.state = State::Parked;
                 c.park = Some((dir.clone(), deadline));
                 c.site.stats.parked.fetch_add(1, Ordering::Relaxed);
@@ -413,15 +439,10 @@ impl Loop {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 w.remove(&dir);
-                drop(w);
-                if let Some(wd) = self.dir_wd.remove(&dir) {
-                    self.wd_dir.remove(&wd);
-                    if let Some(i) = &self.inotify {
-                        i.unwatch(wd);
-                    }
-                }
             }
         }
+        // The inotify watch stays: the follower's next long-poll parks on the same directory
+        // (a new watch would cost a re-check of that request; see `done`).
         let (svc, req) = c.job.clone()?;
         Some((svc, req, deadline))
     }

@@ -363,6 +363,9 @@ type Job = Box<dyn FnOnce() + Send>;
 
 static ENGINE: OnceCell<Arc<Engine>> = OnceCell::new();
 
+/// Every `wake_dir` call so far (any directory).
+static WAKE_SEQ: AtomicU64 = AtomicU64::new(0);
+
 impl Engine {
     fn post(&self, c: Cmd) {
         self.cmds.lock().unwrap_or_else(|e| e.into_inner()).push(c);
@@ -461,6 +464,10 @@ pub fn find_site(addr: SocketAddr) -> Option<Arc<Site>> {
 /// Wake the long-polls parked on `dir` (the primary calls this when its durable watermark
 /// moves). Cheap when nobody waits there.
 pub fn wake_dir(dir: &Path) {
+    // Counted before anything else: a handler that found nothing to send and is about to be
+    // parked compares this with the value from before it ran (see `Loop::done`), so a wake-up
+    // that comes before its park is registered is not lost.
+    WAKE_SEQ.fetch_add(1, Ordering::AcqRel);
     let Some(e) = ENGINE.get() else { return };
     let waiting = e
         .watched
