@@ -23,7 +23,7 @@
 #                (apt-get source, into build/sqlite-src/), builds its testfixture once, and runs
 #                SQLite's WAL/pager/lock/backup/crash test files without the extension, with it as
 #                the default VFS, and with every database a primary; fails on a difference not
-#                listed in tests/sqlite-tests-expected.txt (about 20 min; not part of `make test`;
+#                listed in tests/sqlite-tests-expected.txt (13 min + 6 min for the first build; not in `make test`;
 #                `make -o build sqlite-tests` uses the build/libreplica.so already there)
 #   make clean   remove build/ and target/
 #

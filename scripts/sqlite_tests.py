@@ -42,8 +42,8 @@ BUILD = os.path.join(ROOT, "build")
 SRC_DIR = os.path.join(BUILD, "sqlite-src")
 BLD_DIR = os.path.join(SRC_DIR, "bld")
 TESTFIXTURE = os.path.join(BLD_DIR, "testfixture")
-RUN_DIR = os.path.join(BUILD, "sqlite-tests")
-REPORT = os.path.join(BUILD, "sqlite-tests.md")
+RUN_DIR = os.environ.get("SQLITE_TESTS_RUN_DIR", os.path.join(BUILD, "sqlite-tests"))
+REPORT = os.path.join(RUN_DIR + ".md")
 EXT = os.path.join(BUILD, "libreplica")  # SQLite appends .so
 WRAP = os.path.join(ROOT, "scripts", "sqlite_tests_wrap.tcl")
 EXPECTED = os.path.join(ROOT, "tests", "sqlite-tests-expected.txt")
@@ -148,7 +148,7 @@ def setup():
             sh(["apt-get", "source", "-q", "sqlite3"], cwd=SRC_DIR)
         srcs = sorted(d for d in glob.glob(os.path.join(SRC_DIR, "sqlite3-*")) if os.path.isdir(d))
     src = srcs[-1]
-    log(f"building testfixture from {src} (nice -n 10, -j2; about 15 minutes on 2 busy cores)")
+    log(f"building testfixture from {src} (nice -n 10, -j2; about 6 minutes on 2 busy cores)")
     shutil.rmtree(BLD_DIR, ignore_errors=True)
     os.makedirs(BLD_DIR)
     t0 = time.time()
@@ -206,7 +206,9 @@ def parse(text, rc, timed_out):
     show = f"{errors}/{tests}"
     if extra:
         show += " (" + ", ".join(extra) + ")"
-    return {"show": show, "key": (errors, tests, tuple(failset), tuple(extra)), "errors": errors,
+    # The number of tests is shown but not compared: crash.test's loops run until a crash
+    # leaves the file intact, so it counts 870 or 885 or 891 tests from one run to the next.
+    return {"show": show, "key": (errors, tuple(failset), tuple(extra)), "errors": errors,
             "fails": failset}
 
 
@@ -272,6 +274,11 @@ def read_stats(path):
             _, cnt, msg = line.split("\t", 2)
             tot["errs"][msg] = tot["errs"].get(msg, 0) + int(cnt)
     return tot
+
+
+def strip_extra(key):
+    """A result key without its leak / open-file flags."""
+    return key[:2] if isinstance(key, tuple) else key
 
 
 def load_expected():
@@ -372,6 +379,8 @@ def report(a, files, modes, results, retried, t_start, compared_only=False):
                     row[m] += f" (again: {m2['show']} vs {b2['show']})"
             if same:
                 verdicts.append("same")
+            elif m == "primary" and "*" in expected and strip_extra(r["key"]) == strip_extra(base["key"]):
+                verdicts.append("same but leak (expected: *)")
             elif m == "primary" and f in expected:
                 verdicts.append("expected")
             else:
@@ -427,8 +436,8 @@ def report(a, files, modes, results, retried, t_start, compared_only=False):
             md.append("|---|---|")
             for msg, c in sorted(s["errs"].items(), key=lambda kv: -kv[1]):
                 md.append(f"| {msg.replace('|', '/')} | {c} |")
-    unused = [f for f in expected if f in files and "expected" not in
-              [rr["same"] for rr in rows if rr["file"] == f][0]]
+    unused = [f for f in expected if f in files and
+              [rr["same"] for rr in rows if rr["file"] == f][0].endswith("/ same")]
     if unused:
         md.append("")
         md.append("Listed as expected differences but the same this run: " + ", ".join(unused) + ".")
