@@ -173,18 +173,10 @@ fn run(args: &[String]) -> Result<(), Failure> {
                     "serve takes the primary's database path, or a directory of primaries".into(),
                 ));
             };
-            let tls = match (cert, key) {
-                (None, None) => None,
-                (Some(c), Some(k)) => Some(replica::transport::server::TlsFiles {
-                    cert: c.into(),
-                    key: k.into(),
-                }),
-                _ => {
-                    return Err(Failure::Usage(
-                        "--tls-cert and --tls-key go together".into(),
-                    ))
-                }
-            };
+            let tls =
+                replica::transport::server::TlsFiles::pair(cert, key, "--tls-cert and --tls-key")
+                    .map_err(|e| Failure::Usage(e.to_string()))?;
+
             let target = std::path::absolute(target)
                 .map_err(|e| Failure::Error(format!("{target}: {e}")))?;
             let dbs = if target.is_dir() {

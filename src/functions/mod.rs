@@ -42,15 +42,11 @@ pub fn apply_uri_parameters(db: *mut sqlite3) -> Result<()> {
     let follow = p("repl_follow");
     let tls = match (p("repl_tls_cert"), p("repl_tls_key")) {
         (None, None) => crate::transport::server::TlsFiles::from_env()?,
-        (Some(cert), Some(key)) => Some(crate::transport::server::TlsFiles {
-            cert: cert.into(),
-            key: key.into(),
-        }),
-        _ => {
-            return Err(Error::Misuse(
-                "the repl_tls_cert and repl_tls_key URI parameters go together (PEM files)".into(),
-            ))
-        }
+        (cert, key) => crate::transport::server::TlsFiles::pair(
+            cert,
+            key,
+            "the repl_tls_cert and repl_tls_key URI parameters",
+        )?,
     };
     if listen.is_none() && token.is_none() && exec_token.is_none() && follow.is_none() {
         return Ok(());

@@ -69,16 +69,29 @@ impl TlsFiles {
     /// From `REPL_TLS_CERT` and `REPL_TLS_KEY` (both or neither).
     pub fn from_env() -> Result<Option<TlsFiles>> {
         let get = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
-        match (get("REPL_TLS_CERT"), get("REPL_TLS_KEY")) {
+        TlsFiles::pair(
+            get("REPL_TLS_CERT"),
+            get("REPL_TLS_KEY"),
+            "REPL_TLS_CERT and REPL_TLS_KEY",
+        )
+    }
+
+    /// A certificate and a key given together, or neither; `names` says where they came from
+    /// (for the error when only one is given).
+    pub fn pair(
+        cert: Option<String>,
+        key: Option<String>,
+        names: &str,
+    ) -> Result<Option<TlsFiles>> {
+        match (cert, key) {
             (None, None) => Ok(None),
             (Some(c), Some(k)) => Ok(Some(TlsFiles {
                 cert: c.into(),
                 key: k.into(),
             })),
-            _ => Err(Error::Misuse(
-                "REPL_TLS_CERT and REPL_TLS_KEY go together: set both (PEM files) or neither"
-                    .into(),
-            )),
+            _ => Err(Error::Misuse(format!(
+                "{names} go together: give both (PEM files: certificate chain, private key) or neither"
+            ))),
         }
     }
 }
