@@ -49,6 +49,8 @@ pub(super) struct Shared {
     /// Where recent responses ended, keyed by the next LSN: a follower's next request then
     /// starts there instead of scanning the segment.
     pub(super) hints: Mutex<HashMap<u64, ReadHint>>,
+    /// The last `/v1/log` answer with records (see `routes::serve_log`).
+    pub(super) answer: Mutex<Option<super::routes::Answer>>,
     pub(super) followers: Mutex<HashMap<String, Follower>>,
     /// (time, durable LSN) samples for records/s.
     pub(super) rate: Mutex<Vec<(Instant, u64)>>,
@@ -241,6 +243,7 @@ impl Server {
             exec_token,
             exec,
             hints: Mutex::new(HashMap::new()),
+            answer: Mutex::new(None),
             followers: Mutex::new(HashMap::new()),
             rate: Mutex::new(Vec::new()),
             served_records: Default::default(),

@@ -128,7 +128,8 @@ impl Request {
 pub enum Body {
     Bytes(Vec<u8>),
     File {
-        file: std::fs::File,
+        /// Shared: many answers may stream the same range (followers woken together).
+        file: Arc<std::fs::File>,
         offset: u64,
         len: u64,
     },
