@@ -23,12 +23,38 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// `REPL_FAULT_KILL_AT=<point>:<n>` (tests only): SIGKILL at the n-th pass of `point`.
     pub fault_kill_at: Option<(String, u64)>,
+    /// `REPL_EXEC_TOKEN`: the token of `/v1/exec` (servers) and of forwarded writes (replicas).
+    pub exec_token: Option<String>,
+    /// `REPL_LOG`: the event log level as given (`logging` parses it; default warn).
+    pub log_level: Option<String>,
+    /// `REPL_LOG_FILE`: append event lines there instead of stderr.
+    pub log_file: Option<String>,
+    /// `REPL_TLS_CERT`, `REPL_TLS_KEY`: PEM files a listener serves HTTPS with.
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    /// `REPL_CA_FILE`: the CA (PEM) https sources are checked against (default: system bundle).
+    pub ca_file: Option<String>,
+    /// `REPL_HTTP_MAX_CONNECTIONS` (at least 1): open connections per listener.
+    pub http_max_connections: Option<u64>,
+    /// `REPL_HTTP_HEAD_TIMEOUT_MS`, `REPL_HTTP_IDLE_TIMEOUT_MS`, `REPL_HTTP_WRITE_TIMEOUT_MS`
+    /// (at least 10): the server's head, idle keep-alive and write-stall timeouts.
+    pub http_head_timeout: Option<Duration>,
+    pub http_idle_timeout: Option<Duration>,
+    pub http_write_timeout: Option<Duration>,
 }
 
 impl Config {
     /// The settings `var` gives (`var(name)` = the variable's value, if set).
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Config {
         let num = |k: &str| var(k).and_then(|v| v.parse::<u64>().ok());
+        // The server limits take surrounding spaces (as they did when the server read them).
+        let num_trimmed = |k: &str| var(k).and_then(|v| v.trim().parse::<u64>().ok());
+        let text = |k: &str| var(k).filter(|v| !v.is_empty());
+        let ms_at_least_10 = |k: &str| {
+            num_trimmed(k)
+                .filter(|v| *v >= 10)
+                .map(Duration::from_millis)
+        };
         Config {
             token: var("REPL_TOKEN").filter(|t| !t.is_empty()),
             fsync_interval: Duration::from_micros(num("REPL_FSYNC_INTERVAL_US").unwrap_or(2000)),
@@ -40,6 +66,16 @@ impl Config {
                 let (p, n) = v.rsplit_once(':')?;
                 Some((p.to_string(), n.parse().ok()?))
             }),
+            exec_token: text("REPL_EXEC_TOKEN"),
+            log_level: text("REPL_LOG"),
+            log_file: text("REPL_LOG_FILE"),
+            tls_cert: text("REPL_TLS_CERT"),
+            tls_key: text("REPL_TLS_KEY"),
+            ca_file: text("REPL_CA_FILE"),
+            http_max_connections: num_trimmed("REPL_HTTP_MAX_CONNECTIONS").filter(|v| *v >= 1),
+            http_head_timeout: ms_at_least_10("REPL_HTTP_HEAD_TIMEOUT_MS"),
+            http_idle_timeout: ms_at_least_10("REPL_HTTP_IDLE_TIMEOUT_MS"),
+            http_write_timeout: ms_at_least_10("REPL_HTTP_WRITE_TIMEOUT_MS"),
         }
     }
 }
@@ -91,5 +127,16 @@ mod tests {
             ("REPL_FAULT_KILL_AT", "p"),
         ]);
         assert_eq!(bad, d);
+        let h = with(&[
+            ("REPL_HTTP_MAX_CONNECTIONS", "0"),
+            ("REPL_HTTP_HEAD_TIMEOUT_MS", "9"),
+            ("REPL_HTTP_IDLE_TIMEOUT_MS", " 250 "),
+            ("REPL_LOG", ""),
+            ("REPL_CA_FILE", "/ca.pem"),
+        ]);
+        assert_eq!(h.http_max_connections, None, "at least 1");
+        assert_eq!(h.http_head_timeout, None, "at least 10 ms");
+        assert_eq!(h.http_idle_timeout, Some(Duration::from_millis(250)));
+        assert_eq!((h.log_level, h.ca_file.as_deref()), (None, Some("/ca.pem")));
     }
 }

@@ -98,9 +98,10 @@ pub fn level() -> Level {
     if v != UNSET {
         return Level::from_u8(v);
     }
-    let l = std::env::var("REPL_LOG")
-        .ok()
-        .and_then(|s| Level::parse(&s))
+    let l = crate::config::get()
+        .log_level
+        .as_deref()
+        .and_then(Level::parse)
         .unwrap_or(DEFAULT_LEVEL);
     // A concurrent `set_level` wins over the environment.
     let _ = LEVEL.compare_exchange(UNSET, l as u8, Ordering::Relaxed, Ordering::Relaxed);
@@ -144,9 +145,7 @@ fn open_append(path: &str) -> std::io::Result<std::fs::File> {
 
 fn sink(g: &mut Option<Sink>) -> &mut Sink {
     g.get_or_insert_with(|| {
-        let path = std::env::var("REPL_LOG_FILE")
-            .ok()
-            .filter(|p| !p.is_empty());
+        let path = crate::config::get().log_file.clone();
         // A file that cannot be opened falls back to stderr, once, with the reason.
         let file = path.as_deref().and_then(|p| match open_append(p) {
             Ok(f) => Some(f),

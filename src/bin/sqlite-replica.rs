@@ -128,7 +128,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
         }
         "serve" => {
             // A server's log is its output: one line per event, info by default.
-            if std::env::var_os("REPL_LOG").is_none() {
+            if replica::config::get().log_level.is_none() {
                 replica::logging::set_level(replica::logging::Level::Info);
             }
             let mut listen = "127.0.0.1:7070".to_string();

@@ -177,7 +177,7 @@ fn primary_listen(
     let addr = addr.to_string();
     let token = token.or_else(|| crate::config::get().token.clone());
     let exec_token = exec_token
-        .or_else(|| std::env::var("REPL_EXEC_TOKEN").ok())
+        .or_else(|| crate::config::get().exec_token.clone())
         .filter(|t| !t.is_empty());
     // Already a primary served here on that address: nothing to do (or a clear refusal).
     if let Some(p) = main_db(c.db).and_then(|d| d.primary()) {

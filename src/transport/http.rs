@@ -69,15 +69,11 @@ impl HttpSource {
         ca: Option<&str>,
     ) -> Result<HttpSource> {
         let token = token.or_else(|| crate::config::get().token.clone());
-        let exec_token = exec_token.or_else(|| {
-            std::env::var("REPL_EXEC_TOKEN")
-                .ok()
-                .filter(|t| !t.is_empty())
-        });
+        let exec_token = exec_token.or_else(|| crate::config::get().exec_token.clone());
         let mut builder = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(3));
         if base.starts_with("https://") {
-            let env_ca = std::env::var("REPL_CA_FILE").ok().filter(|f| !f.is_empty());
-            builder = builder.tls_config(client_tls(ca.or(env_ca.as_deref()))?);
+            let ca = ca.or(crate::config::get().ca_file.as_deref());
+            builder = builder.tls_config(client_tls(ca)?);
         }
         let agent = builder.build();
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -275,9 +271,7 @@ fn client_tls(ca_file: Option<&str>) -> Result<std::sync::Arc<rustls::ClientConf
                 .into(),
         ));
     }
-    #[allow(deprecated)] // see httpd::tls_config
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+    let cfg = rustls::ClientConfig::builder_with_provider(super::httpd::crypto_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Other(format!("TLS setup: {e}")))?
         .with_root_certificates(roots)

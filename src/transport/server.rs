@@ -70,10 +70,10 @@ pub struct TlsFiles {
 impl TlsFiles {
     /// From `REPL_TLS_CERT` and `REPL_TLS_KEY` (both or neither).
     pub fn from_env() -> Result<Option<TlsFiles>> {
-        let get = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
+        let c = crate::config::get();
         TlsFiles::pair(
-            get("REPL_TLS_CERT"),
-            get("REPL_TLS_KEY"),
+            c.tls_cert.clone(),
+            c.tls_key.clone(),
             "REPL_TLS_CERT and REPL_TLS_KEY",
         )
     }
@@ -225,7 +225,7 @@ impl Server {
                 token,
                 exec_token,
             } => {
-                let site = httpd::listen(listener, tls, httpd::Limits::from_env())
+                let site = httpd::listen(listener, tls, httpd::Limits::from_config())
                     .map_err(|e| Error::io("starting the HTTP server", e))?;
                 (site, token, exec_token)
             }

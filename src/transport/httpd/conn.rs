@@ -34,8 +34,6 @@ pub(super) struct Conn {
     pub(super) wake_seq: u64,
     pub(super) job: Option<(Arc<dyn Service>, Arc<Request>)>,
     pub(super) park: Option<(PathBuf, Instant)>,
-    /// The request counted as one of the site's open connections.
-    pub(super) counted: bool,
     /// Requests answered on this connection (0: a candidate for eviction when full).
     pub(super) served: u64,
     pub(super) opened: Instant,
@@ -45,7 +43,6 @@ pub(super) struct Pending {
     pub(super) method: String,
     pub(super) target: String,
     pub(super) headers: Vec<(String, String)>,
-    pub(super) version: u8,
     pub(super) keep_alive: bool,
 }
 
@@ -230,7 +227,6 @@ impl Conn {
                         return Step::Again;
                     }
                 };
-                let _ = p.version;
                 let req = Request {
                     method: p.method,
                     path,
@@ -300,7 +296,6 @@ impl Conn {
                         method,
                         target,
                         headers: hs,
-                        version,
                         keep_alive,
                     },
                 }

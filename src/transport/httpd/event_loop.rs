@@ -166,7 +166,9 @@ impl Loop {
                     }
                     site.stats.accepted.fetch_add(1, Ordering::Relaxed);
                     let open = site.stats.open.load(Ordering::Relaxed);
-                    if open >= effective_max(&site.limits) && !self.evict_one(site.id) {
+                    if open >= effective_max(site.limits.max_connections)
+                        && !self.evict_one(site.id)
+                    {
                         site.stats.refused.fetch_add(1, Ordering::Relaxed);
                         refuse_full(sock);
                         continue;
@@ -278,7 +280,6 @@ impl Loop {
                 wake_seq: 0,
                 job: None,
                 park: None,
-                counted: true,
                 served: 0,
                 opened: Instant::now(),
             },
@@ -525,9 +526,7 @@ impl Loop {
         let _ = self.unpark(t);
         if let Some(mut c) = self.conns.remove(&t) {
             let _ = self.poll.registry().deregister(&mut c.sock);
-            if c.counted {
-                c.site.stats.open.fetch_sub(1, Ordering::Relaxed);
-            }
+            c.site.stats.open.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -535,9 +534,9 @@ impl Loop {
 /// The connection limit in force: the setting, but never more than half the process's open-file
 /// limit, so that a flood of connections meets our limit (a 503) before the process runs out
 /// of file descriptors (which would also break the host application's own files).
-pub fn effective_max(l: &Limits) -> usize {
+pub fn effective_max(setting: usize) -> usize {
     let soft = crate::sys::open_file_limit().unwrap_or(u64::MAX);
-    l.max_connections.min((soft / 2).max(8) as usize)
+    setting.min((soft / 2).max(8) as usize)
 }
 
 /// The answer to a connection over the limit: written once, without waiting, then closed.

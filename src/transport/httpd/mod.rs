@@ -43,7 +43,7 @@ const FIRST_TOKEN: usize = 2;
 /// Bytes read from a file per refill of a response body.
 const CHUNK: usize = 64 * 1024;
 
-/// The limits of one listener; `Limits::from_env` reads the documented settings.
+/// The limits of one listener; `Limits::from_config` takes the documented settings.
 #[derive(Clone, Debug)]
 pub struct Limits {
     pub max_connections: usize,
@@ -71,27 +71,20 @@ impl Default for Limits {
 
 impl Limits {
     /// Defaults, overridden by `REPL_HTTP_MAX_CONNECTIONS`, `REPL_HTTP_HEAD_TIMEOUT_MS`,
-    /// `REPL_HTTP_IDLE_TIMEOUT_MS` and `REPL_HTTP_WRITE_TIMEOUT_MS` (bad values are ignored).
-    pub fn from_env() -> Limits {
-        let mut l = Limits::default();
-        let env = |n: &str| {
-            std::env::var(n)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-        };
-        if let Some(v) = env("REPL_HTTP_MAX_CONNECTIONS").filter(|v| *v >= 1) {
-            l.max_connections = v as usize;
+    /// `REPL_HTTP_IDLE_TIMEOUT_MS` and `REPL_HTTP_WRITE_TIMEOUT_MS` (`config`; bad values are
+    /// ignored).
+    pub fn from_config() -> Limits {
+        let c = crate::config::get();
+        let d = Limits::default();
+        Limits {
+            max_connections: c
+                .http_max_connections
+                .map_or(d.max_connections, |v| v as usize),
+            head_timeout: c.http_head_timeout.unwrap_or(d.head_timeout),
+            idle_timeout: c.http_idle_timeout.unwrap_or(d.idle_timeout),
+            write_stall_timeout: c.http_write_timeout.unwrap_or(d.write_stall_timeout),
+            ..d
         }
-        if let Some(v) = env("REPL_HTTP_HEAD_TIMEOUT_MS").filter(|v| *v >= 10) {
-            l.head_timeout = Duration::from_millis(v);
-        }
-        if let Some(v) = env("REPL_HTTP_IDLE_TIMEOUT_MS").filter(|v| *v >= 10) {
-            l.idle_timeout = Duration::from_millis(v);
-        }
-        if let Some(v) = env("REPL_HTTP_WRITE_TIMEOUT_MS").filter(|v| *v >= 10) {
-            l.write_stall_timeout = Duration::from_millis(v);
-        }
-        l
     }
 }
 
@@ -222,6 +215,8 @@ pub struct Stats {
     pub bad_requests: AtomicU64,
     pub requests: AtomicU64,
     pub parked: AtomicUsize,
+    /// The listener's connection-limit setting (`effective_max` caps it by the fd limit).
+    max_connections: AtomicUsize,
     state: Mutex<(&'static str, Option<String>)>,
 }
 
@@ -246,7 +241,7 @@ impl Stats {
             "accepted": self.accepted.load(Ordering::Relaxed),
             "refused": self.refused.load(Ordering::Relaxed),
             "evicted": self.evicted.load(Ordering::Relaxed),
-            "max_connections": effective_max(&Limits::from_env()),
+            "max_connections": effective_max(self.max_connections.load(Ordering::Relaxed)),
             "timeouts": self.timeouts.load(Ordering::Relaxed),
             "too_large": self.too_large.load(Ordering::Relaxed),
             "bad_requests": self.bad_requests.load(Ordering::Relaxed),
@@ -431,6 +426,9 @@ pub fn listen(
     let id = e.next_site.fetch_add(1, Ordering::Relaxed);
     let stats = Arc::new(Stats::default());
     stats.set_state("listening", None);
+    stats
+        .max_connections
+        .store(limits.max_connections, Ordering::Relaxed);
     let site = Arc::new(Site {
         addr,
         tls: tls.is_some(),
@@ -497,7 +495,7 @@ mod tls;
 use crate::sys::Inotify;
 pub use event_loop::effective_max;
 use event_loop::Loop;
-pub use tls::tls_config;
+pub use tls::{crypto_provider, tls_config};
 
 #[cfg(test)]
 mod tests {

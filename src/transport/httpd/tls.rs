@@ -19,15 +19,19 @@ pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, 
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
         .map_err(|e| format!("{}: not a PEM private key: {e}", key.display()))?
         .ok_or_else(|| format!("{}: no private key in the file", key.display()))?;
-    // ring is the provider ureq's TLS (the client side) also uses; its default provider is
-    // deprecated only for lacking post-quantum key exchange, which no peer of ours needs.
-    #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+    let cfg = rustls::ServerConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup: {e}"))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| format!("the TLS certificate and key do not fit together: {e}"))?;
     Ok(Arc::new(cfg))
+}
+
+/// The rustls crypto provider of both TLS sides (this server and the https source): ring, the
+/// provider ureq's TLS also uses. Its default provider is deprecated only for lacking
+/// post-quantum key exchange, which no peer of ours needs.
+pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    #[allow(deprecated)]
+    Arc::new(rustls::crypto::ring::default_provider())
 }
