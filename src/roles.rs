@@ -4,8 +4,18 @@
 //! role and the shim's bookkeeping shared across connections of this process (who holds the
 //! WAL write lock through the shim, whether every WAL write of this process has been synced).
 //!
-//! Invariant: a `Db` is never removed (the map is small and entries are cheap), so every
-//! `Arc<Db>` handed to a file stays the one for its path.
+//! Lifetime (issue 18): a role lives as long as the database is open in this process. Every
+//! main-database file opened through the VFS counts in `Db::opens`; when the last one closes,
+//! the role is detached (a primary flushes: group fsync, watermark, log sync; then its
+//! background work stops and its handle, locks and fds are released) and the entry leaves the
+//! map, unless a follower (`repl_follow`) or a server (`repl_primary('addr')`) started in this
+//! process keeps it alive. The next open finds no entry, creates one and resumes the role from
+//! disk. Attaching, resuming and detaching all happen under `Db::attach_lock`, so an open that
+//! races with the last close waits for the detach to finish and then resumes.
+//!
+//! Invariant: an entry is removed only while no file of this process holds it (`opens` is 0,
+//! checked under the map's lock, which every open takes to count itself), so every `Arc<Db>`
+//! handed to a file stays the one for its path while the file is open.
 
 use crate::error::Result;
 use crate::ffi::sqlite3_file;
@@ -17,6 +27,7 @@ use once_cell::sync::Lazy;
 use std::any::Any;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 #[derive(Clone, Default)]
@@ -32,8 +43,10 @@ pub struct Db {
     pub role: RwLock<Role>,
     /// The shim's per-database bookkeeping (WRITE holders, WAL write/sync counters).
     pub counters: WalCounters,
-    /// Serialises attaching a role (first open, repl_primary).
+    /// Serialises attaching, resuming and detaching the role.
     pub attach_lock: Mutex<()>,
+    /// Main-database files of this process open on this path (one per connection).
+    opens: AtomicUsize,
 }
 
 /// The hooks the VFS calls (installed by the entry point).
@@ -75,6 +88,12 @@ impl DbHooks for Db {
     fn main_closing(&self) {
         if let Some(p) = self.primary() {
             p.flush();
+        }
+    }
+
+    fn main_closed(&self) {
+        if self.opens.fetch_sub(1, Ordering::AcqRel) == 1 {
+            release_if_idle(self);
         }
     }
 
@@ -136,19 +155,51 @@ pub fn lookup(path: &str) -> Option<Arc<Db>> {
         .cloned()
 }
 
-/// The entry for `path`, created on first use.
-pub fn get_or_create(path: &str) -> Arc<Db> {
+/// The entry for `path` (created on first use), counting one more open file on it.
+fn open_entry(path: &str) -> Arc<Db> {
     let mut m = DBS.lock().unwrap_or_else(|e| e.into_inner());
-    m.entry(path.to_string())
+    let db = m
+        .entry(path.to_string())
         .or_insert_with(|| {
             Arc::new(Db {
                 path: path.to_string(),
                 role: RwLock::new(Role::None),
                 counters: WalCounters::default(),
                 attach_lock: Mutex::new(()),
+                opens: AtomicUsize::new(0),
             })
         })
-        .clone()
+        .clone();
+    db.opens.fetch_add(1, Ordering::AcqRel);
+    db
+}
+
+/// The last file of `db` in this process closed: end its role unless something started in
+/// this process keeps it alive, then forget the entry (the next open resumes from disk).
+fn release_if_idle(db: &Db) {
+    {
+        let _g = db.attach_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if db.opens.load(Ordering::Acquire) > 0 {
+            return; // reopened meanwhile
+        }
+        let role = db.role.read().unwrap_or_else(|e| e.into_inner()).clone();
+        match role {
+            Role::Primary(p) if p.keeps_alive() => return,
+            Role::Replica(r) if r.following() => return,
+            Role::Primary(p) => p.detach(),
+            Role::Replica(_) | Role::None => {}
+        }
+        *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::None;
+    }
+    let mut m = DBS.lock().unwrap_or_else(|e| e.into_inner());
+    if db.opens.load(Ordering::Acquire) == 0 && !db.has_role() {
+        let ours = m
+            .get(&db.path)
+            .is_some_and(|d| std::ptr::eq(Arc::as_ptr(d), db));
+        if ours {
+            m.remove(&db.path);
+        }
+    }
 }
 
 /// The role remembered on disk for `path` ("primary" or "replica"), whether or not this
@@ -166,24 +217,27 @@ pub fn remembered_role(path: &str) -> Option<&'static str> {
 /// Called by the VFS when a main database file is opened: returns its entry and, if the
 /// database has a remembered role (a log directory with meta.json), resumes that role.
 pub fn on_open_main(path: &str) -> Arc<Db> {
-    let db = get_or_create(path);
+    let db = open_entry(path);
+    // Under the attach lock: a detach by the last close racing with this open finishes first.
+    let _g = db.attach_lock.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(p) = db.primary() {
         // The files were deleted or replaced under a live primary (tests do this; so do
         // restores): the old capture state describes another file. Drop it and start over.
         if !p.still_describes(path) {
             crate::logging::event(&format!("event=primary_detached db={path:?} reason=\"database file or log directory replaced\""));
-            p.stop();
+            p.detach();
             *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::None;
         }
     }
     if !db.has_role() && remembered_role(path).is_some() {
-        if let Err(e) = resume_role(&db) {
+        if let Err(e) = resume_role_locked(&db) {
             crate::logging::event(&format!(
                 "event=resume_failed db={path:?} error={:?}",
                 e.to_string()
             ));
         }
     }
+    drop(_g);
     db
 }
 
@@ -225,8 +279,8 @@ pub fn make_primary(db: &Arc<Db>) -> Result<Arc<Primary>> {
     Ok(p)
 }
 
-fn resume_role(db: &Arc<Db>) -> Result<()> {
-    let _g = db.attach_lock.lock().unwrap_or_else(|e| e.into_inner());
+/// Resume the role remembered on disk (the caller holds `attach_lock`).
+fn resume_role_locked(db: &Arc<Db>) -> Result<()> {
     if db.has_role() {
         return Ok(());
     }

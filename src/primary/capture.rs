@@ -149,11 +149,11 @@ impl Primary {
                     } else {
                         st.pending = true;
                     }
-                    // Wake the background thread only for the first record of a round: later
-                    // commits join the same round at no cost to the commit path.
+                    // Schedule a round only for the first record of a round: later commits
+                    // join the same round at no cost to the commit path.
                     if !st.round_scheduled {
                         st.round_scheduled = true;
-                        self.wake.notify_one();
+                        super::workers::schedule(&self.me);
                     }
                 }
             }

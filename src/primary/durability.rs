@@ -1,10 +1,9 @@
-//! The primary's background thread, one per database per process: the group fsync of the WAL
-//! for synchronous=NORMAL (records become visible to replicas only up to the durable
-//! watermark it raises), the watermark for synchronous=FULL, and the T3 poll that notices
-//! commits made without the shim.
+//! The primary's background work (run by the shared workers, `workers.rs`): the group fsync
+//! of the WAL for synchronous=NORMAL (records become visible to replicas only up to the
+//! durable watermark it raises), the watermark for synchronous=FULL, and the T3 poll that
+//! notices commits made without the shim.
 
 use super::{lock, read_header, Primary};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 impl Primary {
@@ -16,12 +15,12 @@ impl Primary {
             st.pending || st.synced.is_some()
         };
         if due {
-            self.tick();
+            self.round();
         }
     }
 
-    /// Group fsync (synchronous=NORMAL) and the T3 poll; runs on the background thread.
-    pub(super) fn tick(&self) {
+    /// T3: notice commits made without the shim (on a shared worker, every few ms).
+    pub(super) fn t3_check(&self) {
         // T3: a commit the shim did not see (a writer without the extension) shows as a
         // header ahead of the shared position. Our own commits are captured under WRITE (T2)
         // and only differ for microseconds, so act only when the same mismatch is seen on two
@@ -52,7 +51,11 @@ impl Primary {
                 *lock(&self.t3_seen) = None;
             }
         }
-        // Group fsync: make pending records durable, then advance the watermark.
+    }
+
+    /// Group fsync (synchronous=NORMAL) or watermark (FULL) round: make the records captured
+    /// so far durable, then advance the watermark.
+    pub(super) fn round(&self) {
         let (target, wal) = {
             let mut st = lock(&self.state);
             if st.pending {
@@ -88,30 +91,4 @@ impl Primary {
             }
         }
     }
-}
-
-pub(super) fn background(p: std::sync::Weak<Primary>) {
-    loop {
-        let Some(p) = p.upgrade() else { return };
-        if p.stop.load(Ordering::Acquire) {
-            return;
-        }
-        p.tick();
-        let mut st = lock(&p.state);
-        if st.pending || st.synced.is_some() {
-            // More records arrived during the last round: start the next one after a short
-            // pause so a burst of commits shares one fsync / watermark write.
-            drop(st);
-            std::thread::sleep(group_fsync_interval());
-        } else {
-            st.round_scheduled = false;
-            let _ = p.wake.wait_timeout(st, Duration::from_millis(20));
-        }
-    }
-}
-
-/// Pause between group-fsync rounds of the WAL (synchronous=NORMAL primaries):
-/// `REPL_FSYNC_INTERVAL_US`, default 2000 µs.
-fn group_fsync_interval() -> Duration {
-    crate::config::get().fsync_interval
 }

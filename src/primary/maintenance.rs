@@ -4,8 +4,9 @@
 //! so all processes of one primary follow the same policy; absent keys take the defaults of
 //! `txlog::Policy`.
 //!
-//! One pass per second per process, on its own thread (a compaction can take seconds and must
-//! not delay the group fsync that makes commits visible to replicas). Only one process at a
+//! One pass per second per database, on the process's one maintenance thread (`workers`: a
+//! compaction can take seconds and must not delay the group fsync that makes commits visible
+//! to replicas, which runs on other threads). Only one process at a
 //! time runs a pass: `maintenance.lock` is an flock taken without waiting. A snapshot covers
 //! only durable records (the watermark), and segments are removed only when the newest
 //! snapshot covers every record in them, so a new replica can always bootstrap from the newest
@@ -16,7 +17,6 @@ use crate::error::{Error, Result};
 use crate::txlog::{self, Log, LogConfig, Policy};
 use crate::types::Lsn;
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// The settings `repl_config()` knows: name, what it means (for errors and docs).
@@ -296,25 +296,5 @@ impl Primary {
             }
         }
         let _ = lock_file.unlock();
-    }
-}
-
-/// The maintenance thread: a pass every `REPL_MAINTENANCE_MS` (default 1000) until the
-/// primary stops or is dropped. It holds no reference to the primary while it waits.
-pub(super) fn maintenance(p: std::sync::Weak<Primary>) {
-    let interval = crate::config::get().maintenance_interval;
-    let mut last: Option<Instant> = None;
-    loop {
-        {
-            let Some(prim) = p.upgrade() else { return };
-            if prim.stop.load(Ordering::Acquire) {
-                return;
-            }
-            if last.is_none_or(|t| t.elapsed() >= interval) {
-                prim.maintain();
-                last = Some(Instant::now());
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -3,8 +3,10 @@
 //!
 //! Triggers: T1 (this process took the WAL WRITE lock: catch up before anyone of ours can
 //! restart the WAL), T2 (WRITE is about to be released: capture what was just committed), T3
-//! (a poll thread: commits by writers that bypass the shim ⇒ gap). The agent handle holds a
-//! SHARED lock on the database for the life of the process.
+//! (a periodic check on the shared workers: commits by writers that bypass the shim ⇒ gap).
+//! The agent handle holds a SHARED lock on the database while the role lives in this process
+//! (until its last connection closes, `roles`); the background work runs on the process's
+//! shared workers (`workers`), never on threads of its own.
 //!
 //! Shared state across processes (WAL.md §D.3) is the log itself plus `<dir>/position`, both
 //! modified only while holding WRITE. The process-local mutex `Primary::state` is always taken
@@ -62,8 +64,8 @@ use crate::vfs::{AgentHandle, DbFileIo};
 use crate::wal::{WalHeader, WalIndexHeader};
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 mod capture;
@@ -74,6 +76,7 @@ mod plan;
 mod position;
 mod snapshot;
 mod status;
+mod workers;
 
 use position::{PosFile, Position};
 
@@ -109,8 +112,15 @@ pub struct Primary {
     dir: PathBuf,
     agent: AgentHandle,
     state: Mutex<Capture>,
-    wake: Condvar,
+    /// This primary, for scheduling its rounds from `&self` (T2).
+    me: Weak<Primary>,
+    /// Set when the role ends in this process: background jobs no longer start.
     stop: AtomicBool,
+    /// Held by a group-fsync round or T3 check of the shared workers (see `workers`).
+    busy: Mutex<()>,
+    /// Held by a maintenance pass (separate, so a compaction never delays a group fsync).
+    maintenance_busy: Mutex<()>,
+    last_maintenance: Mutex<Option<Instant>>,
     posf: once_cell::sync::OnceCell<PosFile>,
     durable_file: crate::txlog::DurableFile,
     file_id: Option<(u64, u64)>,
@@ -174,33 +184,28 @@ impl Primary {
             last_log_sync: Instant::now(),
             skip_shared_once: false,
         };
-        let p = Arc::new(Primary {
+        let durable_file = crate::txlog::DurableFile::open(&dir)?;
+        let p = Arc::new_cyclic(|me| Primary {
             db_path: db_path.to_string(),
             dir: dir.clone(),
             agent,
             state: Mutex::new(cap),
-            wake: Condvar::new(),
+            me: me.clone(),
             stop: AtomicBool::new(false),
+            busy: Mutex::new(()),
+            maintenance_busy: Mutex::new(()),
+            last_maintenance: Mutex::new(None),
             t3_seen: Mutex::new(None),
             server: Mutex::new(None),
             posf: once_cell::sync::OnceCell::new(),
-            durable_file: crate::txlog::DurableFile::open(&dir)?,
+            durable_file,
             file_id: file_identity(db_path),
             dir_id: file_identity(&dir),
         });
         if create {
             p.initialise()?;
         }
-        let weak = Arc::downgrade(&p);
-        std::thread::Builder::new()
-            .name("repl-capture".into())
-            .spawn(move || durability::background(weak))
-            .map_err(|e| Error::io("starting the capture thread", e))?;
-        let weak = Arc::downgrade(&p);
-        std::thread::Builder::new()
-            .name("repl-maintain".into())
-            .spawn(move || maintenance::maintenance(weak))
-            .map_err(|e| Error::io("starting the log maintenance thread", e))?;
+        workers::register(&p)?;
         Ok(p)
     }
 
@@ -347,12 +352,6 @@ impl Primary {
     /// The log directory `<db>-replica/`.
     pub fn dir(&self) -> &std::path::Path {
         &self.dir
-    }
-
-    /// Stop the background thread (the agent is released when the last reference goes).
-    pub fn stop(&self) {
-        self.stop.store(true, Ordering::Release);
-        self.wake.notify_all();
     }
 }
 

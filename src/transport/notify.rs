@@ -35,6 +35,15 @@ pub fn bump(dir: &Path) {
     s.cv.notify_all();
 }
 
+/// Forgets `dir`'s wake-up slot when nobody waits on it (its database closed in this process),
+/// so the table does not grow with every database ever opened.
+pub fn forget(dir: &Path) {
+    let mut m = SLOTS.lock().unwrap_or_else(|e| e.into_inner());
+    if m.get(dir).is_some_and(|s| Arc::strong_count(s) == 1) {
+        m.remove(dir);
+    }
+}
+
 /// Calls `ready` until it returns Some, waiting for a bump (or `POLL`) in between; gives up
 /// at `deadline` and returns the last answer (None).
 pub fn wait_until<T>(

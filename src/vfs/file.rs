@@ -181,9 +181,18 @@ unsafe extern "C" fn x_close(f: *mut sqlite3_file) -> c_int {
                 db.main_closing();
             }
         }
+        let closed_main = if s.kind == Kind::MainDb {
+            s.db.clone()
+        } else {
+            None
+        };
         // SAFETY: forwarding; then dropping our fields exactly once.
         let rc = unsafe { real_methods(s).xClose.expect("xClose")(s.real) };
         unsafe { std::ptr::drop_in_place(s as *mut ShimFile) };
+        // After the file is really closed: the last connection of this process ends the role.
+        if let Some(db) = closed_main {
+            db.main_closed();
+        }
         rc
     })
 }

@@ -60,6 +60,9 @@ pub trait DbHooks: Send + Sync {
     fn role(&self) -> RoleKind;
     /// A connection's main-database file is closing.
     fn main_closing(&self);
+    /// A connection's main-database file was closed (after the underlying xClose): the last
+    /// one of this process ends the database's role (see `roles`).
+    fn main_closed(&self);
     /// `PRAGMA name = value` on a main database: `Some(message)` refuses it.
     fn pragma_veto(&self, name: &str, value: Option<&str>) -> Option<String>;
     /// The connection behind `io` just took the WAL WRITE lock.

@@ -1,0 +1,246 @@
+//! The background work of every primary of the process, on a fixed set of threads (issue 18):
+//! the number of threads does not depend on how many databases are open.
+//!
+//! - `ROUND_THREADS` round workers ("repl-durable") run group-fsync rounds (`Primary::round`)
+//!   for the primaries whose commits asked for one (a ready queue; a primary that got more
+//!   records during its round goes back in after `REPL_FSYNC_INTERVAL_US`, so a burst of
+//!   commits shares one fsync), and every `T3_INTERVAL` one of them runs the T3 check of every
+//!   primary (cheap: two reads of shared memory each; see `Primary::t3_check`). Two threads,
+//!   so one slow fsync does not hold up every other database's watermark.
+//! - One maintenance thread ("repl-maintain") runs a log maintenance pass of each primary
+//!   every `REPL_MAINTENANCE_MS` (default 1 s). A long compaction of one database delays the
+//!   passes of the others, never their commits or watermarks.
+//!
+//! The threads start with the first primary and live as long as the process; they hold only
+//! `Weak` references while they wait. Every job on a primary runs under its `busy` mutex and
+//! (`maintenance_busy` for passes, so a long compaction never delays a group fsync) and first
+//! checks its `stop` flag, so `Primary::detach` (which sets the flag, then takes both) returns only when no job runs on it and none will: after that nothing of this
+//! process touches the log directory, which can be deleted at once.
+//!
+//! Lock order: a primary's `state` (capture, T2) may be held while taking `QUEUE` (scheduling a
+//! round); `QUEUE` is never held while taking any primary's lock.
+
+use super::{lock, Primary};
+use crate::error::{Error, Result};
+use once_cell::sync::{Lazy, OnceCell};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+/// Threads running group-fsync rounds and T3 checks.
+pub const ROUND_THREADS: usize = 2;
+/// How often every primary's T3 check runs (a foreign commit is acted on at the second
+/// consecutive sighting, so within about twice this).
+const T3_INTERVAL: Duration = Duration::from_millis(20);
+
+#[derive(Default)]
+struct Queue {
+    primaries: Vec<Weak<Primary>>,
+    ready: VecDeque<Weak<Primary>>,
+    delayed: Vec<(Instant, Weak<Primary>)>,
+    next_t3: Option<Instant>,
+    t3_running: bool,
+}
+
+struct Shared {
+    q: Mutex<Queue>,
+    cv: Condvar,
+}
+
+static SHARED: Lazy<Shared> = Lazy::new(|| Shared {
+    q: Mutex::new(Queue::default()),
+    cv: Condvar::new(),
+});
+static STARTED: OnceCell<()> = OnceCell::new();
+
+/// Registers a new primary with the workers (starting them with the first one).
+pub(super) fn register(p: &Arc<Primary>) -> Result<()> {
+    STARTED.get_or_try_init(|| -> Result<()> {
+        for _ in 0..ROUND_THREADS {
+            std::thread::Builder::new()
+                .name("repl-durable".into())
+                .spawn(round_worker)
+                .map_err(|e| Error::io("starting the group fsync thread", e))?;
+        }
+        std::thread::Builder::new()
+            .name("repl-maintain".into())
+            .spawn(maintenance_worker)
+            .map_err(|e| Error::io("starting the log maintenance thread", e))?;
+        Ok(())
+    })?;
+    let mut q = lock(&SHARED.q);
+    q.primaries.retain(|w| w.strong_count() > 0);
+    q.primaries.push(Arc::downgrade(p));
+    Ok(())
+}
+
+/// Asks for a group-fsync round of `p` as soon as a worker is free.
+pub(super) fn schedule(p: &Weak<Primary>) {
+    lock(&SHARED.q).ready.push_back(p.clone());
+    SHARED.cv.notify_one();
+}
+
+/// Asks for another round of `p` after `delay` (more records arrived during the last one).
+fn schedule_after(p: Weak<Primary>, delay: Duration) {
+    lock(&SHARED.q).delayed.push((Instant::now() + delay, p));
+    SHARED.cv.notify_one();
+}
+
+enum Job {
+    Round(Weak<Primary>),
+    T3(Vec<Weak<Primary>>),
+}
+
+fn next_job() -> Job {
+    let mut q = lock(&SHARED.q);
+    loop {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < q.delayed.len() {
+            if q.delayed[i].0 <= now {
+                let (_, w) = q.delayed.swap_remove(i);
+                q.ready.push_back(w);
+            } else {
+                i += 1;
+            }
+        }
+        if let Some(w) = q.ready.pop_front() {
+            return Job::Round(w);
+        }
+        let t3_due = *q.next_t3.get_or_insert(now);
+        if !q.t3_running && t3_due <= now && !q.primaries.is_empty() {
+            q.t3_running = true;
+            q.next_t3 = Some(now + T3_INTERVAL);
+            q.primaries.retain(|w| w.strong_count() > 0);
+            return Job::T3(q.primaries.clone());
+        }
+        let mut until = if q.t3_running || q.primaries.is_empty() {
+            now + Duration::from_secs(1)
+        } else {
+            t3_due
+        };
+        for (t, _) in &q.delayed {
+            until = until.min(*t);
+        }
+        let wait = until
+            .saturating_duration_since(now)
+            .max(Duration::from_micros(50));
+        q = SHARED
+            .cv
+            .wait_timeout(q, wait)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+}
+
+fn round_worker() {
+    loop {
+        match next_job() {
+            Job::Round(w) => {
+                let again = w.upgrade().is_some_and(|p| p.run_round());
+                if again {
+                    schedule_after(w, crate::config::get().fsync_interval);
+                }
+            }
+            Job::T3(list) => {
+                for w in &list {
+                    if let Some(p) = w.upgrade() {
+                        p.run_t3();
+                    }
+                }
+                lock(&SHARED.q).t3_running = false;
+            }
+        }
+    }
+}
+
+fn maintenance_worker() {
+    let interval = crate::config::get().maintenance_interval;
+    loop {
+        let list: Vec<Weak<Primary>> = lock(&SHARED.q).primaries.clone();
+        let started = Instant::now();
+        for w in list {
+            if let Some(p) = w.upgrade() {
+                p.run_maintenance(interval);
+            }
+        }
+        // One sweep per interval at most, re-checking often enough for new primaries.
+        let spent = started.elapsed();
+        std::thread::sleep(
+            interval
+                .saturating_sub(spent)
+                .clamp(Duration::from_millis(5), Duration::from_millis(20)),
+        );
+    }
+}
+
+impl Primary {
+    /// A group-fsync round (on a worker). True when it should run again soon.
+    fn run_round(&self) -> bool {
+        let _b = lock(&self.busy);
+        if self.stop.load(Ordering::Acquire) {
+            return false;
+        }
+        self.round();
+        let mut st = lock(&self.state);
+        if st.pending || st.synced.is_some() {
+            true
+        } else {
+            st.round_scheduled = false;
+            false
+        }
+    }
+
+    /// The T3 check (on a worker).
+    fn run_t3(&self) {
+        let _b = lock(&self.busy);
+        if !self.stop.load(Ordering::Acquire) {
+            self.t3_check();
+        }
+    }
+
+    /// A maintenance pass when the last one is at least `interval` old (on the maintenance
+    /// thread).
+    fn run_maintenance(&self, interval: Duration) {
+        let _b = lock(&self.maintenance_busy);
+        if self.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let mut last = lock(&self.last_maintenance);
+        if last.is_some_and(|t| t.elapsed() < interval) {
+            return;
+        }
+        drop(last);
+        self.maintain();
+        last = lock(&self.last_maintenance);
+        *last = Some(Instant::now());
+    }
+
+    /// Ends this primary's work in this process: stops its background jobs (waiting for one
+    /// in progress), then makes everything captured durable for replicas (WAL fsync,
+    /// watermark, log fsync). Called when the last connection closes; the handle, locks and
+    /// fds go with the last reference.
+    pub fn detach(&self) {
+        self.stop.store(true, Ordering::Release);
+        let _m = lock(&self.maintenance_busy);
+        let _b = lock(&self.busy);
+        self.round();
+        {
+            let mut st = lock(&self.state);
+            if st.loaded {
+                if let Err(e) = st.log.sync() {
+                    st.last_error = Some(e.to_string());
+                }
+            }
+        }
+        crate::transport::notify::forget(&self.dir);
+        crate::logging::event(&format!("event=primary_closed db={:?}", self.db_path));
+    }
+
+    /// True while something started in this process (a server) needs the role after the last
+    /// connection closed.
+    pub fn keeps_alive(&self) -> bool {
+        lock(&self.server).is_some()
+    }
+}
