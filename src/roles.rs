@@ -174,6 +174,12 @@ fn open_entry(path: &str) -> Arc<Db> {
     db
 }
 
+/// True when a main-database file of this process is open on `path` through the VFS (possibly
+/// under another VFS stacked on top of it).
+pub fn is_open_here(path: &str) -> bool {
+    lookup(path).is_some_and(|d| d.opens.load(Ordering::Acquire) > 0)
+}
+
 /// The last file of `db` in this process closed: end its role unless something started in
 /// this process keeps it alive, then forget the entry (the next open resumes from disk).
 fn release_if_idle(db: &Db) {

@@ -80,6 +80,27 @@ impl DbRef {
         (rc == SQLITE_OK && !p.is_null()).then_some(p)
     }
 
+    /// The name of the (top) VFS the database `schema` was opened with.
+    pub fn vfs_name(&self, schema: &str) -> Option<String> {
+        let f = api().file_control?;
+        let s = CString::new(schema).ok()?;
+        let mut p: *mut crate::ffi::sqlite3_vfs = std::ptr::null_mut();
+        // SAFETY: VFS_POINTER writes one `sqlite3_vfs*` into the pointer we pass.
+        let rc = unsafe {
+            f(
+                self.0,
+                s.as_ptr(),
+                SQLITE_FCNTL_VFS_POINTER,
+                &mut p as *mut _ as *mut c_void,
+            )
+        };
+        if rc != SQLITE_OK || p.is_null() {
+            return None;
+        }
+        // SAFETY: a registered VFS outlives the connections opened with it; zName is a C string.
+        cstr_to_string(unsafe { (*p).zName })
+    }
+
     /// `sqlite3_db_config(db, op, on, NULL)` for a boolean option (e.g.
     /// `SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE`); the host's return code.
     pub fn db_config_flag(&self, op: c_int, on: bool) -> c_int {

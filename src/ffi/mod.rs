@@ -36,6 +36,7 @@ pub const SQLITE_OPEN_MAIN_DB: c_int = 0x0000_0100;
 pub const SQLITE_OPEN_WAL: c_int = 0x0008_0000;
 
 pub const SQLITE_FCNTL_FILE_POINTER: c_int = 7;
+pub const SQLITE_FCNTL_VFS_POINTER: c_int = 27;
 pub const SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE: c_int = 1006;
 pub const SQLITE_FCNTL_PRAGMA: c_int = 14;
 

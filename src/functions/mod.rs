@@ -134,6 +134,19 @@ fn main_db_checked(db: DbRef, what: &str) -> Result<(Arc<Db>, String)> {
         )));
     };
     if !crate::vfs::is_ours(f) {
+        // Opened through another VFS. If that VFS is stacked on top of ours, this process has
+        // the file open through `replica` underneath (the registry has it): say so.
+        let top = db.vfs_name("main").unwrap_or_default();
+        let ours = crate::vfs::VFS_NAME.to_str().unwrap_or("replica");
+        if top != ours && crate::roles::is_open_here(&path) {
+            return Err(Error::Misuse(format!(
+                "{what}: this connection reaches {path} through the VFS '{top}', stacked on top of \
+                 'replica': sqlite-replica cannot reach the database through another VFS's file. Call \
+                 {what} on a connection that opens {path} through 'replica' itself (no vfs= parameter \
+                 naming another VFS); commits through '{top}' are captured like any other once the \
+                 database is a primary"
+            )));
+        }
         return Err(Error::Misuse(format!(
             "{what}: {}",
             opened_before_message(&path)

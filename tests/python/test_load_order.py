@@ -233,3 +233,38 @@ def test_second_library_refused_in_the_other_order(tmp):
     """)
     assert out["refused"] and "already loaded by another SQLite library" in out["refused"], out
     assert out["lsn"] == "2", out
+
+
+def test_a_vfs_stacked_on_replica_gets_its_own_message_and_is_captured(tmp):
+    """A connection through a VFS stacked on top of `replica` (here an apsw VFS whose base is
+    `replica`): repl_primary() names the stacked VFS and what to do instead of claiming the
+    database was opened before the load; once a direct connection made it a primary, commits
+    through the stacked VFS are captured."""
+    out = py_ok(r"""
+import json
+load()
+import apsw
+class Stacked(apsw.VFS):
+    def __init__(self):
+        super().__init__("stacked", base="replica")
+vfs = Stacked()
+path = %r
+s = apsw.Connection(path, vfs="stacked")
+s.execute("pragma journal_mode=wal; create table t(x)").fetchall()
+try:
+    s.execute("select repl_primary()").fetchall()
+    msg = None
+except apsw.SQLError as e:
+    msg = str(e)
+direct = connect(path)
+one(direct, "select repl_primary()")
+before = one(direct, "select repl_lsn()")
+s.execute("insert into t values(1)")
+after = one(direct, "select repl_lsn()")
+gen = json.loads(one(direct, "select repl_status()"))["generation"]
+print(json.dumps({"msg": msg, "before": before, "after": after, "gen": gen}))
+""" % str(tmp / "stacked.db"))
+    r = json.loads(out)
+    assert r["msg"] and "'stacked', stacked on top of 'replica'" in r["msg"], r
+    assert "opened before" not in r["msg"], r
+    assert r["after"] == r["before"] + 1 and r["gen"] == 1, r
