@@ -245,15 +245,13 @@ impl Primary {
         let snap = st.log.latest_snapshot(None)?;
         if snap.is_none() && st.log.last().is_none() {
             // A new lineage: the state now is LSN 0, generation 1.
-            let rec = self.snapshot_record(st, io, h, Lsn(0), Generation(1))?;
-            st.log.write_snapshot(&rec)?;
-            st.pos = Position::from_meta(&rec.meta);
+            let meta = self.write_snapshot_streamed(st, io, h, Lsn(0), Generation(1))?;
+            st.pos = Position::from_meta(&meta);
             self.save_position(st)?;
             Log::write_durable(&self.dir, Lsn(0), Generation(1))?;
             log_event(&format!(
                 "event=lineage_created db={:?} pages={}",
-                self.db_path,
-                rec.pages.len()
+                self.db_path, meta.page_count
             ));
         } else {
             self.load_state(st)?;
@@ -274,10 +272,11 @@ impl Primary {
                 self.dir.display()
             )));
         };
-        let snap = Log::read_snapshot(&spath)?;
+        // Streamed: a page at a time into the checksums, never the whole snapshot in memory.
+        let (_, sums) =
+            crate::txlog::stream_snapshot_file(&spath, &mut |_| Ok(()), &mut |_, _| Ok(()))?;
         st.page_size = Some(smeta.page_size);
-        st.sums = DbChecksum::new(smeta.page_size);
-        apply_to_sums(&mut st.sums, &snap);
+        st.sums = sums;
         let mut pos = Position::from_meta(&smeta);
         let _ = st.log.refresh_for_append()?;
         for r in st.log.read_from(smeta.lsn.next(), None)? {

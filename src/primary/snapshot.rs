@@ -59,6 +59,86 @@ impl Primary {
         self.save_position(st)
     }
 
+    /// The snapshot file of the state published in `h`, streamed (WRITE held: the state
+    /// cannot move): the pages are read twice, once for the checksums the record header
+    /// carries and once into the file, so memory is a page plus the per-page checksums
+    /// (and the WAL's page → frame map), never the database. Sets the capture checksums.
+    pub(super) fn write_snapshot_streamed(
+        &self,
+        st: &mut Capture,
+        io: &dyn DbFileIo,
+        h: &WalIndexHeader,
+        lsn: Lsn,
+        generation: Generation,
+    ) -> Result<RecordMeta> {
+        let mut wal_pages: BTreeMap<u32, u32> = BTreeMap::new();
+        let mut frame_cksum = (0, 0);
+        let mut ps = None;
+        let mut f_opt = None;
+        if h.mx_frame > 0 {
+            let f = self.wal_file(st)?;
+            let hdr = self.wal_header(st, h.salts)?;
+            let mut reader = FrameReader::new(&*f, &hdr, 1, hdr.cksum);
+            while reader.next_frame_no() <= h.mx_frame {
+                let fr = reader.next_frame()?.ok_or_else(|| {
+                    Error::Corrupt(format!("WAL ends before published frame {}", h.mx_frame))
+                })?;
+                wal_pages.insert(fr.header.pgno, fr.frame_no);
+            }
+            frame_cksum = reader.running();
+            ps = Some(hdr.page_size);
+            f_opt = Some(f);
+        }
+        let mut head = [0u8; 100];
+        io.read_db(0, &mut head)?;
+        let ps = match ps {
+            Some(p) => p,
+            None => PageSize::from_db_header(&head).unwrap_or(PageSize::new(4096).expect("valid")),
+        };
+        let n_pages = if h.mx_frame > 0 {
+            h.n_page
+        } else {
+            u32::from_be_bytes(head[28..32].try_into().expect("4 bytes"))
+        };
+        let mut read_page = |pgno: u32, buf: &mut [u8]| -> Result<()> {
+            match (wal_pages.get(&pgno), &f_opt) {
+                (Some(&fno), Some(f)) => {
+                    let off = wal::frame_offset(ps, fno) + wal::FRAME_HEADER_SIZE as u64;
+                    f.read_exact_at(buf, off)
+                        .map_err(|e| Error::io("reading a WAL frame", e))
+                }
+                _ => io.read_db((pgno as u64 - 1) * ps.get() as u64, buf),
+            }
+        };
+        let lock_page = ps.lock_byte_page().get();
+        let mut sums = DbChecksum::new(ps);
+        let mut buf = vec![0u8; ps.bytes()];
+        let mut count = 0u32;
+        for pgno in (1..=n_pages).filter(|&p| p != lock_page) {
+            read_page(pgno, &mut buf)?;
+            sums.set_page(PageNo::new(pgno).expect("pgno >= 1"), &buf);
+            count += 1;
+        }
+        sums.truncate(n_pages);
+        let meta = RecordMeta {
+            lsn,
+            generation,
+            snapshot: true,
+            page_size: ps,
+            commit_size: n_pages,
+            timestamp_ms: now_ms(),
+            wal_salts: h.salts,
+            wal_frame: h.mx_frame,
+            wal_cksum: if h.mx_frame > 0 { frame_cksum } else { (0, 0) },
+            db_checksum: sums.total(),
+            page_count: count,
+        };
+        crate::txlog::write_streamed(&self.dir.join("snap"), &meta, &mut read_page)?;
+        st.sums = sums;
+        st.page_size = Some(ps);
+        Ok(meta)
+    }
+
     /// A SNAPSHOT record of the state published in `h` (WRITE held: the state cannot move).
     pub(super) fn snapshot_record(
         &self,

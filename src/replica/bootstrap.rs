@@ -11,12 +11,13 @@ use crate::types::Lsn;
 use std::time::{Duration, Instant};
 
 impl Replica {
-    /// E.1 bootstrap of an empty file: the snapshot written straight into the database file
-    /// under an EXCLUSIVE lock (no reader can see it half-written: page 1, which makes the
-    /// file a database, is written last), then synced.
+    /// E.1 bootstrap of an empty file: the snapshot streamed straight into the database file
+    /// under an EXCLUSIVE lock, page by page as it arrives (memory: a page and the per-page
+    /// checksums, whatever the database size). No reader can see it half-written: the lock is
+    /// held throughout, and page 1, which makes the file a database, is written last, only
+    /// once the record and database checksums held. Any failure truncates the file back to
+    /// empty: nothing of an unverified snapshot stays.
     pub(super) fn bootstrap(&self, st: &mut State) -> Result<()> {
-        let snap = self.fetch_snapshot(st, "bootstrap download")?;
-        let ps = snap.meta.page_size;
         let deadline = Instant::now() + Duration::from_secs(10);
         while let Err(e) = self.handle.lock_db_exclusive() {
             if Instant::now() > deadline {
@@ -24,7 +25,10 @@ impl Replica {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let r = (|| -> Result<()> {
+        let mut page1: Option<Vec<u8>> = None;
+        // Set once the file was found empty: only then may a failure truncate it.
+        let mut ours = false;
+        let r = (|| -> Result<(crate::txlog::RecordMeta, DbChecksum)> {
             if self.handle.db_size()? != 0 {
                 return Err(Error::Busy(format!(
                     "{} was written by someone else while bootstrapping; retry",
@@ -36,54 +40,61 @@ impl Replica {
             for suffix in ["-wal", "-shm"] {
                 let _ = std::fs::remove_file(format!("{}{suffix}", self.db_path));
             }
-            let total = snap.pages.len() as u64 * ps.get() as u64;
-            for (i, p) in snap.pages.iter().filter(|p| p.pgno.get() != 1).enumerate() {
-                self.handle
-                    .write_db((p.pgno.get() as u64 - 1) * ps.get() as u64, &p.data)?;
-                if i % 256 == 0 {
-                    *lock(&self.progress) =
-                        Some(("bootstrap write", i as u64 * ps.get() as u64, total));
-                }
-            }
-            if let Some(p1) = snap.pages.iter().find(|p| p.pgno.get() == 1) {
-                self.handle.write_db(0, &p1.data)?;
+            ours = true;
+            let handle = &self.handle;
+            self.stream_snapshot(
+                st,
+                "bootstrap download",
+                &mut |_| Ok(()),
+                &mut |pgno, data| {
+                    if pgno.get() == 1 {
+                        page1 = Some(data.to_vec());
+                        return Ok(());
+                    }
+                    let ps = data.len() as u64;
+                    handle.write_db((pgno.get() as u64 - 1) * ps, data)
+                },
+            )
+        })();
+        let r = r.and_then(|(meta, sums)| {
+            let ps = meta.page_size;
+            if let Some(p1) = &page1 {
+                self.handle.write_db(0, p1)?;
             }
             self.handle
-                .truncate_db(snap.meta.commit_size as u64 * ps.get() as u64)?;
-            self.handle.sync_db()
-        })();
+                .truncate_db(meta.commit_size as u64 * ps.get() as u64)?;
+            self.handle.sync_db()?;
+            Ok((meta, sums))
+        });
+        if r.is_err() && ours {
+            // Nothing of an unverified or partial snapshot stays: back to the empty file.
+            let _ = self.handle.truncate_db(0);
+        }
         self.handle.unlock_db_to_shared();
         *lock(&self.progress) = None;
-        r?;
-        let mut sums = DbChecksum::new(ps);
-        sums.apply(&snap);
-        if sums.total() != snap.meta.db_checksum {
-            return Err(Error::Corrupt(format!(
-                "snapshot LSN {}: pages do not match its checksum",
-                snap.meta.lsn
-            )));
-        }
+        let (meta, sums) = r?;
+        let ps = meta.page_size;
         let a = self.pos.write(&Applied {
-            lsn: snap.meta.lsn,
-            generation: snap.meta.generation,
+            lsn: meta.lsn,
+            generation: meta.generation,
             checksum: sums.total(),
             ..Default::default()
         })?;
         self.pos.sync()?;
         st.seen_seq = a.seq;
         st.sums = sums;
-        st.lsn = snap.meta.lsn;
-        st.generation = snap.meta.generation;
+        st.lsn = meta.lsn;
+        st.generation = meta.generation;
         st.page_size = Some(ps);
         st.loaded = true;
         st.last_hdr = None;
-        st.stats.last_record_ms = Some(snap.meta.timestamp_ms);
+        st.stats.last_record_ms = Some(meta.timestamp_ms);
         log_event(&format!(
             "event=bootstrap db={:?} lsn={} pages={} bytes={}",
             self.db_path,
-            snap.meta.lsn,
-            snap.pages.len(),
-            snap.pages.len() * ps.bytes()
+            meta.lsn,
+            meta.page_count,
+            meta.page_count as usize * ps.bytes()
         ));
         Ok(())
     }

@@ -126,6 +126,38 @@ impl Replica {
         r
     }
 
+    /// `fetch_snapshot`, streamed: pages go to `on_page` as they arrive (see
+    /// `Source::snapshot_stream`: trustworthy only once this returns `Ok`).
+    pub(super) fn stream_snapshot(
+        &self,
+        st: &State,
+        what: &'static str,
+        on_meta: &mut dyn FnMut(&crate::txlog::RecordMeta) -> Result<()>,
+        on_page: &mut dyn FnMut(crate::types::PageNo, &[u8]) -> Result<()>,
+    ) -> Result<(crate::txlog::RecordMeta, crate::txlog::DbChecksum)> {
+        let mut logged = 0u64;
+        let _net = self.network_call(st);
+        let r = st.source.as_ref().expect("set").snapshot_stream(
+            &mut |done, total| {
+                *lock(&self.progress) = Some((what, done, total));
+                let step = (total / 10).max(8 << 20);
+                if total >= 8 << 20 && (done >= logged + step || done == total) {
+                    logged = done;
+                    log_event(&format!(
+                        "event=progress db={:?} phase={what:?} bytes={done} total={total}",
+                        self.db_path
+                    ));
+                }
+            },
+            on_meta,
+            on_page,
+        );
+        if r.is_err() {
+            *lock(&self.progress) = None;
+        }
+        r
+    }
+
     /// The source now serves pages of another size than the replica's (the primary was
     /// VACUUMed with a new page_size and started a new generation). A WAL cannot change its
     /// page size, so nothing is written: the caller returns this before touching any file.

@@ -86,6 +86,40 @@ impl Source for DirSource {
         Log::read_snapshot(&path)
     }
 
+    fn snapshot_stream(
+        &self,
+        progress: &mut dyn FnMut(u64, u64),
+        on_meta: &mut dyn FnMut(&crate::txlog::RecordMeta) -> Result<()>,
+        on_page: &mut dyn FnMut(crate::types::PageNo, &[u8]) -> Result<()>,
+    ) -> Result<(crate::txlog::RecordMeta, crate::txlog::DbChecksum)> {
+        let durable = Log::read_durable(&self.dir)?.map(|d| d.0);
+        let Some((_, path)) = self.log.latest_snapshot(durable)? else {
+            return Err(Error::Other(format!(
+                "the primary {} has no durable snapshot yet; retry in a moment",
+                self.db
+            )));
+        };
+        let total = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let mut done = 0u64;
+        let entry = std::cell::Cell::new(0u64);
+        crate::txlog::stream_snapshot_file(
+            &path,
+            &mut |m| {
+                entry.set(4 + m.page_size.bytes() as u64);
+                on_meta(m)
+            },
+            &mut |pgno, data| {
+                let entry = entry.get();
+                done += entry;
+                if done % (256 * entry) < entry {
+                    progress(done.min(total), total);
+                }
+                on_page(pgno, data)
+            },
+        )
+        .inspect(|_| progress(total, total))
+    }
+
     fn page_size(&self) -> Result<Option<PageSize>> {
         let durable = Log::read_durable(&self.dir)?.map(|d| d.0);
         Ok(self.log.latest_snapshot(durable)?.map(|(m, _)| m.page_size))

@@ -211,6 +211,27 @@ impl HttpSource {
     }
 }
 
+/// A body reader that reports (bytes so far, total) about every MiB.
+struct Counted<'a, R> {
+    inner: R,
+    done: u64,
+    total: u64,
+    last: u64,
+    progress: &'a mut dyn FnMut(u64, u64),
+}
+
+impl<R: Read> Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.done += n as u64;
+        if self.done >= self.last + (1 << 20) || self.done == self.total {
+            self.last = self.done;
+            (self.progress)(self.done, self.total);
+        }
+        Ok(n)
+    }
+}
+
 /// A connection-level failure, with the fix for a certificate the client did not accept.
 fn transport_error(shown: &str, t: &str) -> Error {
     if t.contains("certificate") || t.contains("UnknownIssuer") || t.contains("InvalidCertificate")
@@ -413,6 +434,43 @@ impl Source for HttpSource {
             )));
         }
         Ok(rec)
+    }
+
+    fn snapshot_stream(
+        &self,
+        progress: &mut dyn FnMut(u64, u64),
+        on_meta: &mut dyn FnMut(&crate::txlog::RecordMeta) -> Result<()>,
+        on_page: &mut dyn FnMut(crate::types::PageNo, &[u8]) -> Result<()>,
+    ) -> Result<(crate::txlog::RecordMeta, DbChecksum)> {
+        let resp = self.get("/v1/snapshot", Duration::from_secs(3600))?;
+        let Some(len) = resp
+            .header("Content-Length")
+            .and_then(|v| v.parse::<u64>().ok())
+        else {
+            return Err(Error::Corrupt(format!(
+                "{}: the snapshot response has no Content-Length; nothing was written",
+                self.shown()
+            )));
+        };
+        let shown = self.shown();
+        let mut counted = Counted {
+            inner: resp.into_reader().take(len),
+            done: 0,
+            total: len,
+            last: 0,
+            progress,
+        };
+        crate::txlog::stream_snapshot_from(&mut counted, &shown, len, on_meta, on_page).map_err(
+            |e| match e {
+                Error::Io { .. } => Error::Other(format!(
+                    "the snapshot download from {shown} broke: {e}; nothing was applied, retry repl_sync()"
+                )),
+                Error::Corrupt(m) => Error::Corrupt(format!(
+                    "{shown}: the snapshot is invalid or was cut short ({m}); nothing was applied"
+                )),
+                other => other,
+            },
+        )
     }
 
     fn fetch(&self, from: Lsn, max_bytes: usize) -> Result<Fetch> {

@@ -60,6 +60,28 @@ pub trait Source: Send + Sync {
         progress(n, n);
         Ok(r)
     }
+    /// The newest snapshot streamed page by page (memory: a page and the per-page checksums,
+    /// whatever the database size): `on_meta` gets the record header first, then `on_page`
+    /// every page in order, while `progress` gets (bytes received, total). The pages are only
+    /// trustworthy once this returns `Ok` (record and database checksums are checked at the
+    /// end): write them where no reader sees them and undo on an error. The default buffers
+    /// the whole snapshot (`snapshot_progress`); the directory and HTTP sources stream.
+    fn snapshot_stream(
+        &self,
+        progress: &mut dyn FnMut(u64, u64),
+        on_meta: &mut dyn FnMut(&crate::txlog::RecordMeta) -> Result<()>,
+        on_page: &mut dyn FnMut(crate::types::PageNo, &[u8]) -> Result<()>,
+    ) -> Result<(crate::txlog::RecordMeta, crate::txlog::DbChecksum)> {
+        let r = self.snapshot_progress(progress)?;
+        on_meta(&r.meta)?;
+        let mut sums = crate::txlog::DbChecksum::new(r.meta.page_size);
+        for p in &r.pages {
+            sums.set_page(p.pgno, &p.data);
+            on_page(p.pgno, &p.data)?;
+        }
+        sums.truncate(r.meta.commit_size);
+        Ok((r.meta, sums))
+    }
     /// Forwards a write (`repl_exec`) to the primary: the JSON body of `POST /v1/exec`, the
     /// answer's JSON. Only an HTTP primary can run writes.
     fn exec(&self, _body: &serde_json::Value) -> Result<serde_json::Value> {

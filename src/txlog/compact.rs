@@ -45,16 +45,27 @@ pub fn compact(dir: &Path, upto: Lsn) -> Result<(RecordMeta, PathBuf)> {
             db_checksum: info.checksum,
             page_count: full_page_count(last.page_size, info.pages),
         };
-        let path = write_streamed(&snap_dir, &meta, &db)?;
+        let path = write_streamed(&snap_dir, &meta, &mut |pgno, buf| {
+            db.read_exact_at(buf, u64::from(pgno - 1) * u64::from(last.page_size.get()))
+                .map_err(|e| Error::io("reading the rebuilt database", e))
+        })?;
         Ok((meta, path))
     })();
     let _ = std::fs::remove_file(&db_path);
     res
 }
 
-/// Streams the pages of the plain database `db` into a snapshot file for `meta`, verifying
+/// Streams pages 1..=`meta.commit_size` (the lock-byte page skipped), each read into the
+/// buffer by `read_page(pgno, buf)`, into a snapshot file for `meta` in `snap_dir`, verifying
 /// the database checksum of what was written against `meta.db_checksum` before the rename.
-fn write_streamed(snap_dir: &Path, meta: &RecordMeta, db: &File) -> Result<PathBuf> {
+/// Memory: one page and the per-page checksums.
+pub fn write_streamed(
+    snap_dir: &Path,
+    meta: &RecordMeta,
+    read_page: &mut dyn FnMut(u32, &mut [u8]) -> Result<()>,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(snap_dir)
+        .map_err(|e| Error::io(format!("creating {}", snap_dir.display()), e))?;
     let name = snapshot_file_name(meta.lsn, meta.generation);
     let path = snap_dir.join(&name);
     let tmp = snap_dir.join(format!("{name}.{}.tmp", std::process::id()));
@@ -84,8 +95,7 @@ fn write_streamed(snap_dir: &Path, meta: &RecordMeta, db: &File) -> Result<PathB
             if pgno == lock_page {
                 continue;
             }
-            db.read_exact_at(&mut buf, u64::from(pgno - 1) * u64::from(ps.get()))
-                .map_err(|e| Error::io("reading the rebuilt database", e))?;
+            read_page(pgno, &mut buf)?;
             sums.set_page(PageNo::new(pgno).expect("pgno >= 1"), &buf);
             put(&pgno.to_be_bytes(), &mut out)?;
             put(&buf, &mut out)?;
@@ -94,8 +104,8 @@ fn write_streamed(snap_dir: &Path, meta: &RecordMeta, db: &File) -> Result<PathB
         sums.truncate(meta.commit_size);
         if written != meta.page_count || sums.total() != meta.db_checksum {
             return Err(Error::Corrupt(format!(
-                "compaction at LSN {}: the rebuilt database gives checksum {} over {written} pages, \
-                 the log says {} over {}: snapshot not written",
+                "snapshot at LSN {}: the pages read give checksum {} over {written} pages, \
+                 expected {} over {}: snapshot not written",
                 meta.lsn,
                 sums.total(),
                 meta.db_checksum,

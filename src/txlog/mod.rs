@@ -47,7 +47,7 @@ pub fn log_dir(db_path: &str) -> PathBuf {
 }
 
 pub use checksum::DbChecksum;
-pub use compact::compact;
+pub use compact::{compact, write_streamed};
 pub use fuzzing::exercise_decoders;
 pub use iter::{LogIter, LogMetaIter, ReadHint, RecordRange};
 pub use log::{Log, LogConfig};
@@ -66,7 +66,9 @@ pub use segment::{
     segment_file_name, SegmentHeader, SegmentScan, SEGMENT_HEADER_LEN, SEGMENT_MAGIC,
     SEGMENT_VERSION,
 };
-pub use snapshot::{parse_snapshot_file_name, snapshot_file_name};
+pub use snapshot::{
+    parse_snapshot_file_name, snapshot_file_name, stream_snapshot_file, stream_snapshot_from,
+};
 pub use verify::{GenerationRange, SnapshotInfo, VerifyReport};
 
 /// One page image inside a record.

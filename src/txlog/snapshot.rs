@@ -11,6 +11,7 @@ use super::segment::{encode_segment_header, SegmentHeader, SegmentReader};
 use super::{encode_record, Log, Page, Record, RecordMeta};
 use crate::error::{Error, Result};
 use crate::types::{Generation, Lsn, PageNo};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 /// `<lsn as 20 digits>-<generation as 10 digits>.snap`
@@ -112,8 +113,80 @@ pub(crate) fn stream_snapshot(
     path: &Path,
     on_page: &mut dyn FnMut(PageNo, &[u8]) -> Result<()>,
 ) -> Result<(RecordMeta, DbChecksum)> {
-    let (mut rd, meta) = open_snapshot(path)?;
+    let (rd, meta) = open_snapshot(path)?;
     check_snapshot_meta(path, &meta)?;
+    stream_body(rd, meta, &path.display().to_string(), on_page)
+}
+
+/// `stream_snapshot` with the validated record header handed to `on_meta` before any page.
+pub fn stream_snapshot_file(
+    path: &Path,
+    on_meta: &mut dyn FnMut(&RecordMeta) -> Result<()>,
+    on_page: &mut dyn FnMut(PageNo, &[u8]) -> Result<()>,
+) -> Result<(RecordMeta, DbChecksum)> {
+    let (rd, meta) = open_snapshot(path)?;
+    check_snapshot_meta(path, &meta)?;
+    on_meta(&meta)?;
+    stream_body(rd, meta, &path.display().to_string(), on_page)
+}
+
+/// A reader that cannot seek: the snapshot stream is read front to back, and the segment
+/// reader only seeks to skip records, which a snapshot stream never does.
+struct NoSeek<R>(R);
+
+impl<R: Read> Read for NoSeek<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl<R> Seek for NoSeek<R> {
+    fn seek(&mut self, _: SeekFrom) -> std::io::Result<u64> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "a snapshot stream cannot seek",
+        ))
+    }
+}
+
+/// Streams a snapshot (segment header + one SNAPSHOT record, `len` bytes in all, as a primary
+/// serves it) from `r`: `on_meta` gets the validated record header before any page, `on_page`
+/// each page in order. Memory: one page plus the per-page checksums, whatever the size.
+///
+/// The pages are NOT trustworthy until this returns `Ok`: the record checksum and the
+/// database checksum can only be checked at the end, so a consumer writes them where no
+/// reader can see them and undoes everything on an error.
+pub fn stream_snapshot_from<R: Read>(
+    r: R,
+    name: &str,
+    len: u64,
+    on_meta: &mut dyn FnMut(&RecordMeta) -> Result<()>,
+    on_page: &mut dyn FnMut(PageNo, &[u8]) -> Result<()>,
+) -> Result<(RecordMeta, DbChecksum)> {
+    let mut rd = SegmentReader::new(NoSeek(r), name.to_string(), len, None).map_err(|e| e.error)?;
+    let meta = match rd.next_header() {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            return Err(Error::Corrupt(format!("snapshot {name} holds no record")));
+        }
+        Err(e) => return Err(e.error),
+    };
+    if !meta.snapshot {
+        return Err(Error::Corrupt(format!(
+            "snapshot {name}: record LSN {} is not a SNAPSHOT record",
+            meta.lsn
+        )));
+    }
+    on_meta(&meta)?;
+    stream_body(rd, meta, name, on_page)
+}
+
+fn stream_body<R: Read + Seek>(
+    mut rd: SegmentReader<R>,
+    meta: RecordMeta,
+    name: &str,
+    on_page: &mut dyn FnMut(PageNo, &[u8]) -> Result<()>,
+) -> Result<(RecordMeta, DbChecksum)> {
     let mut sum = DbChecksum::new(meta.page_size);
     rd.read_body(&mut |pgno, data| {
         sum.set_page(pgno, data);
@@ -125,16 +198,14 @@ pub(crate) fn stream_snapshot(
         Ok(None) => {}
         Ok(Some(_)) | Err(_) => {
             return Err(Error::Corrupt(format!(
-                "snapshot {}: unexpected bytes after the snapshot record at offset {}",
-                path.display(),
+                "snapshot {name}: unexpected bytes after the snapshot record at offset {}",
                 rd.position()
             )))
         }
     }
     if sum.total() != meta.db_checksum {
         return Err(Error::Corrupt(format!(
-            "snapshot {}: record LSN {}: database checksum mismatch (record says {}, pages give {})",
-            path.display(),
+            "snapshot {name}: record LSN {}: database checksum mismatch (record says {}, pages give {})",
             meta.lsn,
             meta.db_checksum,
             sum.total()

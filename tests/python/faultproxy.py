@@ -20,7 +20,8 @@ and at a precise byte of its body. The behaviour is switched at runtime from the
 * ``refuse()``         close new connections at once and the open ones at their next response
 
 Matching responses (drop/truncate/flip): ``GET /v1/log`` answered 200 with ``X-Repl-Records``
-> 0 and a non-empty body, i.e. responses that carry records. ``count`` limits a fault to the
+> 0 and a non-empty body, i.e. responses that carry records; with ``snapshots = True`` also
+``GET /v1/snapshot`` answered 200 with a body. ``count`` limits a fault to the
 next N matching responses (then the proxy goes back to pass by itself); ``None`` faults every
 matching response until the mode is switched.
 
@@ -46,6 +47,7 @@ MATCH_KINDS = ("drop", "truncate", "flip")
 class FaultProxy:
     def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1"):
         self.upstream = (upstream_host, upstream_port)
+        self.snapshots = False
         self._lock = threading.Lock()
         self._mode = "pass"
         self._arg: float | int | None = None
@@ -137,7 +139,9 @@ class FaultProxy:
             mode = self._mode
             if mode not in MATCH_KINDS:
                 return "pass", None
-            if not (path.startswith("/v1/log") and status == 200 and records > 0 and length > 0):
+            log = path.startswith("/v1/log") and records > 0
+            snap = self.snapshots and path.startswith("/v1/snapshot")
+            if not ((log or snap) and status == 200 and length > 0):
                 return "pass", None
             arg = self._arg
             if self._remaining is not None:
