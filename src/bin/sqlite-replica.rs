@@ -270,7 +270,6 @@ impl Bar {
 
 fn restore(source: &str, out: &Path) -> Result<(), Failure> {
     use replica::transport::{open_source, Fetch};
-    use replica::txlog::DbChecksum;
     use std::io::IsTerminal;
     use std::os::unix::fs::FileExt;
     if out.exists() {
@@ -286,29 +285,27 @@ fn restore(source: &str, out: &Path) -> Result<(), Failure> {
         tty,
         last: 0,
     };
-    let snap = src
-        .snapshot_progress(&mut |d, t| bar.show(d, t))
-        .map_err(fail)?;
-    let ps = snap.meta.page_size;
     let tmp = out.with_extension(format!("restore-{}.tmp", std::process::id()));
     let res = (|| -> Result<(Lsn, replica::types::Checksum), Failure> {
         let f = std::fs::File::create(&tmp)
             .map_err(|e| Failure::Error(format!("{}: {e}", tmp.display())))?;
         let io = |e: std::io::Error| Failure::Error(format!("writing {}: {e}", tmp.display()));
-        let mut sums = DbChecksum::new(ps);
-        let mut size = snap.meta.commit_size;
-        for p in &snap.pages {
-            f.write_all_at(&p.data, (p.pgno.get() as u64 - 1) * ps.get() as u64)
-                .map_err(io)?;
-            sums.set_page(p.pgno, &p.data);
-        }
-        sums.truncate(size);
-        if sums.total() != snap.meta.db_checksum {
-            return Err(Failure::Error(
-                "the snapshot does not match its checksum".into(),
-            ));
-        }
-        let mut lsn = snap.meta.lsn;
+        // Streamed into the temporary file (memory: a page and the checksums); the file is
+        // removed unless every checksum held.
+        let mut write_err = None;
+        let (smeta, mut sums) = src
+            .snapshot_stream(&mut |d, t| bar.show(d, t), &mut |_| Ok(()), &mut |pgno, data| {
+                f.write_all_at(data, (pgno.get() as u64 - 1) * data.len() as u64)
+                    .map_err(|e| {
+                        let m = format!("writing {}: {e}", tmp.display());
+                        write_err = Some(m.clone());
+                        replica::error::Error::Other(m)
+                    })
+            })
+            .map_err(|e| write_err.take().map_or_else(|| fail(e), Failure::Error))?;
+        let ps = smeta.page_size;
+        let mut size = smeta.commit_size;
+        let mut lsn = smeta.lsn;
         let target = src.info().map_err(fail)?.durable_lsn.unwrap_or(lsn);
         let mut bar = Bar {
             what: "log",
@@ -348,7 +345,7 @@ fn restore(source: &str, out: &Path) -> Result<(), Failure> {
                 }
                 lsn = r.meta.lsn;
             }
-            bar.show(lsn.0.saturating_sub(snap.meta.lsn.0).min(span), span.max(1));
+            bar.show(lsn.0.saturating_sub(smeta.lsn.0).min(span), span.max(1));
         }
         bar.show(span.max(1), span.max(1));
         f.set_len(size as u64 * ps.get() as u64).map_err(io)?;
