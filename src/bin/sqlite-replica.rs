@@ -294,14 +294,18 @@ fn restore(source: &str, out: &Path) -> Result<(), Failure> {
         // removed unless every checksum held.
         let mut write_err = None;
         let (smeta, mut sums) = src
-            .snapshot_stream(&mut |d, t| bar.show(d, t), &mut |_| Ok(()), &mut |pgno, data| {
-                f.write_all_at(data, (pgno.get() as u64 - 1) * data.len() as u64)
-                    .map_err(|e| {
-                        let m = format!("writing {}: {e}", tmp.display());
-                        write_err = Some(m.clone());
-                        replica::error::Error::Other(m)
-                    })
-            })
+            .snapshot_stream(
+                &mut |d, t| bar.show(d, t),
+                &mut |_| Ok(()),
+                &mut |pgno, data| {
+                    f.write_all_at(data, (pgno.get() as u64 - 1) * data.len() as u64)
+                        .map_err(|e| {
+                            let m = format!("writing {}: {e}", tmp.display());
+                            write_err = Some(m.clone());
+                            replica::error::Error::Other(m)
+                        })
+                },
+            )
             .map_err(|e| write_err.take().map_or_else(|| fail(e), Failure::Error))?;
         let ps = smeta.page_size;
         let mut size = smeta.commit_size;

@@ -196,7 +196,16 @@ pub fn pass(dir: &Path, policy: &Policy) -> Result<PassReport> {
         return Ok(report);
     };
     let mut newest = txlog::newest_snapshot(dir)?;
-    let segs = txlog::segment_infos(&dir.join("log"))?;
+    let mut segs = txlog::segment_infos(&dir.join("log"))?;
+    // Retention first with the snapshot we have, so a compaction's transient files (its
+    // scratch database and the new snapshot) never add to segments already removable.
+    if let Some((snap_lsn, _)) = newest {
+        let n = policy.removable(&segs, Some(snap_lsn));
+        if n > 0 {
+            report.removed_segments += txlog::remove_segment_files(&segs[..n])?;
+            segs.drain(..n);
+        }
+    }
     let (snap_lsn, snap_size) = newest.unwrap_or((Lsn(0), 0));
     if durable > snap_lsn
         && policy.snapshot_due(Policy::bytes_after(&segs, Some(snap_lsn)), snap_size)
@@ -221,7 +230,7 @@ pub fn pass(dir: &Path, policy: &Policy) -> Result<PassReport> {
     };
     let n = policy.removable(&segs, Some(snap_lsn));
     if n > 0 {
-        report.removed_segments = txlog::remove_segment_files(&segs[..n])?;
+        report.removed_segments += txlog::remove_segment_files(&segs[..n])?;
     }
     report.removed_snapshots = txlog::remove_snapshots_before(dir, snap_lsn)?;
     Ok(report)
