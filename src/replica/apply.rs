@@ -81,108 +81,225 @@ pub fn append_commit<S: ShmAccess + WalLocks>(
     if pages.is_empty() {
         return Err(Error::Misuse("append_commit: no pages (include page 1)".into()).into());
     }
-    let mut h = shm_read_header(shm).ok_or(ApplyError::NeedRecovery)?;
-    if h.version != SHM_VERSION {
-        return Err(Error::Corrupt(format!(
-            "wal-index version {} is not {SHM_VERSION}",
-            h.version
-        ))
-        .into());
+    let mut a = FrameAppender::begin(shm, wal, last, page_size)?;
+    for (pgno, data) in pages {
+        a.push(*pgno, data)?;
     }
-    owned(&h, last).map_err(ApplyError::Foreign)?;
-    if h.page_size != 0 && h.page_size != page_size.get() {
-        return Err(Error::Corrupt(format!(
-            "the replica's page size is {} but the records' is {}; bootstrap into a new file",
-            h.page_size, page_size
-        ))
-        .into());
-    }
-    // WAL.md §C.6: restart when everything was checkpointed and no reader uses the WAL.
-    let ck = shm_ckpt_info(shm);
-    if h.mx_frame > 0 && ck.n_backfill == h.mx_frame && shm.try_lock_exclusive(SLOT_READ1, 4) {
-        h = restart(shm, &h);
-        shm.unlock_exclusive(SLOT_READ1, 4);
-    }
-    let big_endian;
-    let salts;
-    let mut running;
-    let start;
-    if h.mx_frame == 0 {
-        salts = if h.salts == [0u8; 8] {
-            random_salts()
-        } else {
-            h.salts
-        };
-        let seq = read_wal_header(wal).map_or(0, |w| w.ckpt_seq.wrapping_add(1));
-        big_endian = native_is_big_endian();
-        let (bytes, whdr) = WalHeader::encode(big_endian, page_size, seq, salts);
-        wal.write_all_at(&bytes, 0)
-            .map_err(|e| Error::io("writing the replica's WAL header", e))?;
-        // WAL.md §E.5: the new header must be durable before frames of the generation follow it.
-        wal.sync_data()
-            .map_err(|e| Error::io("syncing the replica's WAL header", e))?;
-        running = whdr.cksum;
-        start = 1;
-    } else {
-        let whdr = read_wal_header(wal).ok_or_else(|| {
-            Error::Corrupt(
-                "the replica's WAL header is unreadable although frames are published".into(),
-            )
-        })?;
-        if whdr.salts != h.salts {
-            return Err(Error::Corrupt(
-                "the replica's WAL header salts differ from the wal-index header".into(),
-            )
-            .into());
-        }
-        big_endian = whdr.big_endian_cksum;
-        salts = h.salts;
-        running = h.frame_cksum;
-        start = h.mx_frame + 1;
-        // Stale entries of an aborted writer or a recovery scan (WAL.md §B.5 step 3).
-        hash_truncate(shm, h.mx_frame);
-    }
-    let n = pages.len() as u32;
-    let last_frame = start
-        .checked_add(n - 1)
-        .filter(|f| *f < u32::MAX - 1)
-        .ok_or_else(|| Error::Unsupported("the replica's WAL would exceed 2^32 frames".into()))?;
-    let mut buf = Vec::with_capacity(pages.len() * (page_size.bytes() + wal::FRAME_HEADER_SIZE));
-    for (i, (pgno, data)) in pages.iter().enumerate() {
-        if data.len() != page_size.bytes() {
+    a.finish(commit_size)
+}
+
+/// Bytes of frames buffered before they are written to the WAL.
+const APPEND_BUFFER: usize = 1 << 20;
+
+/// One replica commit written frame by frame (memory: about a MiB of frames and one page,
+/// whatever the commit's size): `begin` (ownership check, §C.6 restart, WAL header), `push`
+/// every page (a page may come more than once: the last frame of a page wins, as for SQLite),
+/// `finish` with the database size: the last page becomes the commit frame and the header is
+/// published. Until `finish`, nothing is visible: frames past the published mxFrame and their
+/// hash entries are ignored by readers and cleared by the next writer (§B.5). Dropping an
+/// unfinished appender leaves exactly that. WRITE must be held by the caller throughout.
+pub struct FrameAppender<'a, S: ShmAccess + WalLocks> {
+    shm: &'a mut S,
+    wal: &'a File,
+    h: WalIndexHeader,
+    page_size: PageSize,
+    big_endian: bool,
+    salts: [u8; 8],
+    running: (u32, u32),
+    /// The first frame of this commit.
+    start: u32,
+    /// Frames encoded so far (the held-back page not included).
+    encoded: u32,
+    /// Encoded frames not yet written, starting at frame `start + written`.
+    buf: Vec<u8>,
+    written: u32,
+    /// The last page pushed, held back: it becomes the commit frame, or a plain one when
+    /// another page follows.
+    held: Option<(u32, Vec<u8>)>,
+}
+
+impl<'a, S: ShmAccess + WalLocks> FrameAppender<'a, S> {
+    pub fn begin(
+        shm: &'a mut S,
+        wal: &'a File,
+        last: Option<&WalIndexHeader>,
+        page_size: PageSize,
+    ) -> std::result::Result<Self, ApplyError> {
+        let mut h = shm_read_header(shm).ok_or(ApplyError::NeedRecovery)?;
+        if h.version != SHM_VERSION {
             return Err(Error::Corrupt(format!(
-                "page {pgno}: {} bytes, expected {page_size}",
-                data.len()
+                "wal-index version {} is not {SHM_VERSION}",
+                h.version
             ))
             .into());
         }
-        let commit = if i as u32 + 1 == n { commit_size } else { 0 };
-        let (frame, c) = wal::encode_frame(running, *pgno, commit, salts, data, big_endian);
-        running = c;
-        buf.extend_from_slice(&frame);
+        owned(&h, last).map_err(ApplyError::Foreign)?;
+        if h.page_size != 0 && h.page_size != page_size.get() {
+            return Err(Error::Corrupt(format!(
+                "the replica's page size is {} but the records' is {}; bootstrap into a new file",
+                h.page_size, page_size
+            ))
+            .into());
+        }
+        // WAL.md §C.6: restart when everything was checkpointed and no reader uses the WAL.
+        let ck = shm_ckpt_info(shm);
+        if h.mx_frame > 0 && ck.n_backfill == h.mx_frame && shm.try_lock_exclusive(SLOT_READ1, 4) {
+            h = restart(shm, &h);
+            shm.unlock_exclusive(SLOT_READ1, 4);
+        }
+        let big_endian;
+        let salts;
+        let running;
+        let start;
+        if h.mx_frame == 0 {
+            salts = if h.salts == [0u8; 8] {
+                random_salts()
+            } else {
+                h.salts
+            };
+            let seq = read_wal_header(wal).map_or(0, |w| w.ckpt_seq.wrapping_add(1));
+            big_endian = native_is_big_endian();
+            let (bytes, whdr) = WalHeader::encode(big_endian, page_size, seq, salts);
+            wal.write_all_at(&bytes, 0)
+                .map_err(|e| Error::io("writing the replica's WAL header", e))?;
+            // WAL.md §E.5: the new header must be durable before frames of the generation follow it.
+            wal.sync_data()
+                .map_err(|e| Error::io("syncing the replica's WAL header", e))?;
+            running = whdr.cksum;
+            start = 1;
+        } else {
+            let whdr = read_wal_header(wal).ok_or_else(|| {
+                Error::Corrupt(
+                    "the replica's WAL header is unreadable although frames are published".into(),
+                )
+            })?;
+            if whdr.salts != h.salts {
+                return Err(Error::Corrupt(
+                    "the replica's WAL header salts differ from the wal-index header".into(),
+                )
+                .into());
+            }
+            big_endian = whdr.big_endian_cksum;
+            salts = h.salts;
+            running = h.frame_cksum;
+            start = h.mx_frame + 1;
+            // Stale entries of an aborted writer or a recovery scan (WAL.md §B.5 step 3).
+            hash_truncate(shm, h.mx_frame);
+        }
+        Ok(FrameAppender {
+            shm,
+            wal,
+            h,
+            page_size,
+            big_endian,
+            salts,
+            running,
+            start,
+            encoded: 0,
+            buf: Vec::new(),
+            written: 0,
+            held: None,
+        })
     }
-    wal.write_all_at(&buf, wal::frame_offset(page_size, start))
-        .map_err(|e| Error::io("writing frames to the replica's WAL", e))?;
-    // No fsync before the publish (WAL.md §E.5: visibility needs none; readers share the page
-    // cache): the caller syncs after publishing and before recording the position, so the
-    // recorded position never exceeds what is durable, and readers see the batch an fsync earlier.
-    for (i, (pgno, _)) in pages.iter().enumerate() {
-        hash_insert(shm, start + i as u32, *pgno)?;
+
+    /// Adds page `pgno` (its final image so far) to the commit.
+    pub fn push(&mut self, pgno: u32, data: &[u8]) -> std::result::Result<(), ApplyError> {
+        if data.len() != self.page_size.bytes() {
+            return Err(Error::Corrupt(format!(
+                "page {pgno}: {} bytes, expected {}",
+                data.len(),
+                self.page_size
+            ))
+            .into());
+        }
+        if let Some((p, d)) = self.held.take() {
+            self.encode(p, &d, 0)?;
+            self.held = Some((p, d));
+            let held = self.held.as_mut().expect("just set");
+            held.0 = pgno;
+            held.1.copy_from_slice(data);
+        } else {
+            self.held = Some((pgno, data.to_vec()));
+        }
+        if self.buf.len() >= APPEND_BUFFER {
+            self.flush()?;
+        }
+        Ok(())
     }
-    let new = WalIndexHeader {
-        version: SHM_VERSION,
-        change: h.change.wrapping_add(1),
-        is_init: 1,
-        big_end_cksum: big_endian,
-        page_size: page_size.get(),
-        mx_frame: last_frame,
-        n_page: commit_size,
-        frame_cksum: running,
-        salts,
-        cksum: (0, 0),
-    };
-    shm_publish_header(shm, &new);
-    Ok(new.with_cksum())
+
+    fn encode(
+        &mut self,
+        pgno: u32,
+        data: &[u8],
+        commit: u32,
+    ) -> std::result::Result<(), ApplyError> {
+        let frame_no = self
+            .start
+            .checked_add(self.encoded)
+            .filter(|f| *f < u32::MAX - 1)
+            .ok_or_else(|| {
+                Error::Unsupported("the replica's WAL would exceed 2^32 frames".into())
+            })?;
+        let (frame, c) = wal::encode_frame(
+            self.running,
+            pgno,
+            commit,
+            self.salts,
+            data,
+            self.big_endian,
+        );
+        self.running = c;
+        self.buf.extend_from_slice(&frame);
+        self.encoded += 1;
+        let _ = frame_no;
+        Ok(())
+    }
+
+    /// Writes the buffered frames and enters them in the hash tables (not yet visible).
+    fn flush(&mut self) -> std::result::Result<(), ApplyError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let first = self.start + self.written;
+        self.wal
+            .write_all_at(&self.buf, wal::frame_offset(self.page_size, first))
+            .map_err(|e| Error::io("writing frames to the replica's WAL", e))?;
+        let frame_len = self.page_size.bytes() + wal::FRAME_HEADER_SIZE;
+        for (i, frame) in self.buf.chunks(frame_len).enumerate() {
+            let pgno = u32::from_be_bytes(frame[0..4].try_into().expect("4 bytes"));
+            hash_insert(self.shm, first + i as u32, pgno)?;
+        }
+        self.written = self.encoded;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// The last page pushed becomes the commit frame (database size `commit_size`); the frames
+    /// are written and the new header published. Returns it.
+    pub fn finish(mut self, commit_size: u32) -> std::result::Result<WalIndexHeader, ApplyError> {
+        let Some((p, d)) = self.held.take() else {
+            return Err(Error::Misuse("append_commit: no pages (include page 1)".into()).into());
+        };
+        self.encode(p, &d, commit_size)?;
+        self.flush()?;
+        // No fsync before the publish (WAL.md §E.5: visibility needs none; readers share the
+        // page cache): the caller syncs after publishing and before recording the position, so
+        // the recorded position never exceeds what is durable.
+        let new = WalIndexHeader {
+            version: SHM_VERSION,
+            change: self.h.change.wrapping_add(1),
+            is_init: 1,
+            big_end_cksum: self.big_endian,
+            page_size: self.page_size.get(),
+            mx_frame: self.start + self.encoded - 1,
+            n_page: commit_size,
+            frame_cksum: self.running,
+            salts: self.salts,
+            cksum: (0, 0),
+        };
+        shm_publish_header(self.shm, &new);
+        Ok(new.with_cksum())
+    }
 }
 
 /// WAL.md §C.6 restart writes (WRITE and READ1..4 held): mxFrame 0, salt-1 + 1, new salt-2,

@@ -1,6 +1,7 @@
 //! Whole-database states from the source's snapshot: the bootstrap of an empty file (E.1)
 //! and the re-snapshot of a replica whose content is no longer a state of the primary (E.10).
 
+use super::apply::{ApplyError, FrameAppender};
 use super::plan::plan_batch;
 use super::position::Applied;
 use super::{lock, log_event, Replica, State, BATCH_BYTES};
@@ -99,51 +100,146 @@ impl Replica {
         Ok(())
     }
 
+    /// E.10 re-snapshot, streamed: the source's snapshot goes page by page into frames of ONE
+    /// new replica commit (`FrameAppender`: nothing is visible until its last frame), then the
+    /// records after the snapshot up to at least the replica's LSN go into the same commit
+    /// (readers switch from `st.lsn` to a state no older than it at once; the newest snapshot
+    /// may be older than what they saw). The commit is published only once the snapshot's
+    /// record and database checksums and every record's checksum held. Memory: a MiB of frames
+    /// and the per-page checksums, plus the records after the snapshot.
     pub(super) fn resnapshot(&self, st: &mut State, why: &str) -> Result<()> {
-        let snap = self.fetch_snapshot(st, "re-snapshot download");
+        st.last_hdr = None; // whatever is in the WAL now, the snapshot overrides every page
+        let r = self.resnapshot_streamed(st, why);
         *lock(&self.progress) = None;
-        let snap = snap?;
-        // The newest snapshot may be older than what readers already saw (st.lsn): publishing
-        // it alone would take them back in time (to an empty database when it is the LSN 0
-        // snapshot). So the records after it up to at least st.lsn go into the same WAL
-        // transaction, and readers switch from st.lsn to a state no older than it at once.
-        let (snap_lsn, snap_gen) = (snap.meta.lsn, snap.meta.generation);
-        let mut batch = vec![snap];
-        while batch.last().expect("non-empty").meta.lsn.0 < st.lsn.0 {
-            let next = batch.last().expect("non-empty").meta.lsn.next();
+        let (h, plan_last, meta_gen, sums, pages, first, ts, checksum) = r?;
+        st.sums = sums;
+        st.last_hdr = Some(h);
+        st.lsn = plan_last;
+        st.generation = meta_gen;
+        st.stats.resnapshots += 1;
+        st.stats.batches += 1;
+        st.stats.last_batch = Some((first, plan_last, pages, true));
+        st.stats.last_record_ms = Some(ts);
+        let w = self.pos.write(&Applied {
+            seq: 0,
+            lsn: plan_last,
+            generation: meta_gen,
+            checksum,
+            intent: None,
+        })?;
+        st.seen_seq = w.seq;
+        Ok(())
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn resnapshot_streamed(
+        &self,
+        st: &mut State,
+        why: &str,
+    ) -> Result<(
+        crate::wal::WalIndexHeader,
+        Lsn,
+        crate::types::Generation,
+        DbChecksum,
+        usize,
+        Lsn,
+        u64,
+        crate::types::Checksum,
+    )> {
+        // The frames are written under the applier's WRITE lock, taken before the download:
+        // readers are not blocked by it (they read the published state meanwhile).
+        let mut shm = self.write_locked(st)?;
+        let st_ro: &State = st;
+        let wal = st_ro.wal.as_ref().expect("opened");
+        let appender = std::cell::RefCell::new(None);
+        let mut pages = 0usize;
+        let to_err = |e: ApplyError| match e {
+            ApplyError::NeedRecovery => Error::Busy("the wal-index needs recovery; retry".into()),
+            ApplyError::Foreign(m) => Error::Busy(m),
+            ApplyError::Other(e) => e,
+        };
+        let mut shm_slot = Some(&mut shm);
+        let streamed = self.stream_snapshot(
+            st_ro,
+            "re-snapshot download",
+            &mut |m| {
+                if Some(m.page_size) != st_ro.page_size && st_ro.page_size.is_some() {
+                    return Err(self.page_size_changed(st_ro, m));
+                }
+                let shm = shm_slot
+                    .take()
+                    .ok_or_else(|| Error::Corrupt("the snapshot stream has two headers".into()))?;
+                let a = FrameAppender::begin(shm, wal, None, m.page_size).map_err(to_err)?;
+                *appender.borrow_mut() = Some(a);
+                Ok(())
+            },
+            &mut |pgno, data| {
+                pages += 1;
+                appender
+                    .borrow_mut()
+                    .as_mut()
+                    .expect("begun in on_meta")
+                    .push(pgno.get(), data)
+                    .map_err(to_err)
+            },
+        );
+        let (smeta, mut sums) = streamed.map_err(|e| self.damaged_source(st_ro, e))?;
+        let mut appender = appender.into_inner().expect("begun in on_meta");
+        // The records after the snapshot, up to at least the replica's LSN.
+        let mut records = Vec::new();
+        let mut next = smeta.lsn.next();
+        while next.0 <= st_ro.lsn.0 {
             let fetched = {
-                let _net = self.network_call(st);
-                st.source.as_ref().expect("set").fetch(next, BATCH_BYTES)
+                let _net = self.network_call(st_ro);
+                st_ro.source.as_ref().expect("set").fetch(next, BATCH_BYTES)
             }
-            .map_err(|e| self.damaged_source(st, e))?;
+            .map_err(|e| self.damaged_source(st_ro, e))?;
             match fetched {
-                Fetch::Records(r) if !r.is_empty() => batch.extend(r),
+                Fetch::Records(r) if !r.is_empty() => {
+                    next = r.last().expect("non-empty").meta.lsn.next();
+                    records.extend(r);
+                }
                 _ => break, // the log moved past the snapshot meanwhile, or ends: as far as it goes
             }
         }
-        if let Some(r) = batch
-            .iter()
-            .find(|r| Some(r.meta.page_size) != st.page_size)
-        {
-            return Err(self.page_size_changed(st, &r.meta));
+        if let Some(r) = records.iter().find(|r| r.meta.page_size != smeta.page_size) {
+            return Err(self.page_size_changed(st_ro, &r.meta));
         }
+        let (last_lsn, generation, commit_size, checksum, ts) = if records.is_empty() {
+            (
+                smeta.lsn,
+                smeta.generation,
+                smeta.commit_size,
+                smeta.db_checksum,
+                smeta.timestamp_ms,
+            )
+        } else {
+            let plan = plan_batch(smeta.lsn, smeta.generation, &mut sums, &records)?;
+            for (pgno, data) in &plan.pages {
+                appender.push(*pgno, data).map_err(to_err)?;
+                pages += 1;
+            }
+            (
+                plan.last_lsn,
+                plan.generation,
+                plan.commit_size,
+                plan.db_checksum,
+                plan.timestamp_ms,
+            )
+        };
         log_event(&format!(
-            "event=resnapshot db={:?} reason={why:?} from_lsn={} to_lsn={} snapshot_lsn={}",
-            self.db_path,
-            st.lsn,
-            batch.last().expect("non-empty").meta.lsn,
-            snap_lsn
+            "event=resnapshot db={:?} reason={why:?} from_lsn={} to_lsn={last_lsn} snapshot_lsn={}",
+            self.db_path, st_ro.lsn, smeta.lsn
         ));
-        let mut sums = DbChecksum::new(batch[0].meta.page_size);
-        let plan = plan_batch(
-            Lsn(snap_lsn.0.saturating_sub(1)),
-            snap_gen,
-            &mut sums,
-            &batch,
-        )?;
-        st.sums = sums;
-        st.last_hdr = None; // whatever is in the WAL now, the snapshot overrides every page
-        st.stats.resnapshots += 1;
-        self.write_plan(st, &plan)
+        // E.8: the intent before the publish, so a crash in between is recognised.
+        self.pos.write_intent((last_lsn, generation, checksum))?;
+        let h = appender.finish(commit_size).map_err(to_err)?;
+        drop(shm);
+        // E.5: durable before the position says so.
+        wal.sync_data()
+            .map_err(|e| Error::io("syncing the replica's WAL", e))?;
+        Ok((
+            h, last_lsn, generation, sums, pages, smeta.lsn, ts, checksum,
+        ))
     }
 }

@@ -96,37 +96,8 @@ impl Replica {
         Ok(())
     }
 
-    /// Downloads the source's snapshot, reporting progress in `repl_status()` and, past a few
-    /// MB, one log line per 10 %.
-    pub(super) fn fetch_snapshot(
-        &self,
-        st: &State,
-        what: &'static str,
-    ) -> Result<crate::txlog::Record> {
-        let mut logged = 0u64;
-        let _net = self.network_call(st);
-        let r = st
-            .source
-            .as_ref()
-            .expect("set")
-            .snapshot_progress(&mut |done, total| {
-                *lock(&self.progress) = Some((what, done, total));
-                let step = (total / 10).max(8 << 20);
-                if total >= 8 << 20 && (done >= logged + step || done == total) {
-                    logged = done;
-                    log_event(&format!(
-                        "event=progress db={:?} phase={what:?} bytes={done} total={total}",
-                        self.db_path
-                    ));
-                }
-            });
-        if r.is_err() {
-            *lock(&self.progress) = None;
-        }
-        r
-    }
-
-    /// `fetch_snapshot`, streamed: pages go to `on_page` as they arrive (see
+    /// Streams the source's snapshot, reporting progress in `repl_status()` and, past a few
+    /// MB, one log line per 10 %: pages go to `on_page` as they arrive (see
     /// `Source::snapshot_stream`: trustworthy only once this returns `Ok`).
     pub(super) fn stream_snapshot(
         &self,
