@@ -37,6 +37,9 @@ use std::time::{Duration, Instant};
 pub const FAST_WORKERS: usize = 4;
 /// Worker threads for `/v1/exec` (bounded by its own deadline).
 pub const SLOW_WORKERS: usize = 2;
+/// Worker threads for long background jobs that must not hold the fast pool (a follower's
+/// re-snapshot, which downloads and writes a whole database).
+pub const BACKGROUND_WORKERS: usize = 2;
 const WAKER: Token = Token(0);
 const INOTIFY: Token = Token(1);
 const FIRST_TOKEN: usize = 2;
@@ -342,6 +345,24 @@ enum Cmd {
     Close(usize),
     WakeDir(PathBuf),
     Done(Token, u64, Outcome),
+    ClientGet(u64, Box<client::Submit>),
+    ClientClose(u64),
+    /// Run the job on the pool at the instant.
+    Timer(Instant, Pool, Job),
+    /// Run the job on the fast pool when `dir` changes (wake_dir, inotify) or at the deadline;
+    /// at once when a `wake_dir` came after the caller read `WAKE_SEQ` (the u64).
+    ParkJob(PathBuf, Instant, u64, Job),
+}
+
+/// The engine's worker pools.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pool {
+    /// `FAST_WORKERS`: log answers, client callbacks, followers' applies.
+    Fast,
+    /// `SLOW_WORKERS`: `/v1/exec`.
+    Slow,
+    /// `BACKGROUND_WORKERS`: long jobs (followers' re-snapshots).
+    Background,
 }
 
 struct Engine {
@@ -349,13 +370,15 @@ struct Engine {
     cmds: Mutex<Vec<Cmd>>,
     fast: Mutex<mpsc::Sender<Job>>,
     slow: Mutex<mpsc::Sender<Job>>,
+    background: Mutex<mpsc::Sender<Job>>,
     sites: Mutex<HashMap<usize, Arc<Site>>>,
     next_site: AtomicUsize,
     /// Directories with parked long-polls (so `wake_dir` posts only when someone waits).
     watched: Mutex<HashMap<PathBuf, usize>>,
 }
 
-type Job = Box<dyn FnOnce() + Send>;
+/// Work for a pool.
+pub type Job = Box<dyn FnOnce() + Send>;
 
 static ENGINE: OnceCell<Arc<Engine>> = OnceCell::new();
 
@@ -367,6 +390,15 @@ impl Engine {
         self.cmds.lock().unwrap_or_else(|e| e.into_inner()).push(c);
         let _ = self.waker.wake();
     }
+
+    fn run(&self, pool: Pool, job: Job) {
+        let tx = match pool {
+            Pool::Fast => &self.fast,
+            Pool::Slow => &self.slow,
+            Pool::Background => &self.background,
+        };
+        let _ = tx.lock().unwrap_or_else(|e| e.into_inner()).send(job);
+    }
 }
 
 fn engine() -> std::io::Result<&'static Arc<Engine>> {
@@ -375,17 +407,20 @@ fn engine() -> std::io::Result<&'static Arc<Engine>> {
         let waker = Waker::new(poll.registry(), WAKER)?;
         let (fast_tx, fast_rx) = mpsc::channel::<Job>();
         let (slow_tx, slow_rx) = mpsc::channel::<Job>();
+        let (bg_tx, bg_rx) = mpsc::channel::<Job>();
         let e = Arc::new(Engine {
             waker,
             cmds: Mutex::new(Vec::new()),
             fast: Mutex::new(fast_tx),
             slow: Mutex::new(slow_tx),
+            background: Mutex::new(bg_tx),
             sites: Mutex::new(HashMap::new()),
             next_site: AtomicUsize::new(1),
             watched: Mutex::new(HashMap::new()),
         });
         spawn_pool("repl-http-work", FAST_WORKERS, fast_rx)?;
         spawn_pool("repl-http-exec", SLOW_WORKERS, slow_rx)?;
+        spawn_pool("repl-http-bg", BACKGROUND_WORKERS, bg_rx)?;
         let e2 = e.clone();
         std::thread::Builder::new()
             .name("repl-http".into())
@@ -408,7 +443,11 @@ fn spawn_pool(name: &str, n: usize, rx: mpsc::Receiver<Job>) -> std::io::Result<
                     Ok(j) => j,
                     Err(_) => return,
                 };
-                job();
+                // A job that panics must not take its worker with it (the pools never grow
+                // back).
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                    crate::logging::event("event=http_panic what=job");
+                }
             })?;
     }
     Ok(())
@@ -479,15 +518,55 @@ pub fn wake_dir(dir: &Path) {
     }
 }
 
-/// Threads the engine runs (0 before the first listener): for tests and `make bench`.
+/// Threads the engine runs (0 before its first use): for tests and `make bench`.
 pub fn threads() -> usize {
     if ENGINE.get().is_some() {
-        1 + FAST_WORKERS + SLOW_WORKERS
+        1 + FAST_WORKERS + SLOW_WORKERS + BACKGROUND_WORKERS
     } else {
         0
     }
 }
 
+/// Run `job` on `pool` (starting the engine if it is not running yet).
+pub fn spawn(pool: Pool, job: Job) -> std::io::Result<()> {
+    engine()?.run(pool, job);
+    Ok(())
+}
+
+/// Run `job` on `pool` once `delay` has passed (a timer of the event loop: no thread sleeps).
+pub fn after(delay: Duration, pool: Pool, job: Job) -> std::io::Result<()> {
+    let e = engine()?;
+    if delay.is_zero() {
+        e.run(pool, job);
+    } else {
+        e.post(Cmd::Timer(Instant::now() + delay, pool, job));
+    }
+    Ok(())
+}
+
+/// The count of `wake_dir` calls so far: read it *before* checking whether there is anything
+/// to do, and pass it to `park_dir`, so that a wake-up in between is not slept through.
+pub fn wake_seq() -> u64 {
+    WAKE_SEQ.load(Ordering::Acquire)
+}
+
+/// Run `job` on the fast pool when log directory `dir` changes (an in-process `wake_dir`, or
+/// inotify for other processes' commits) or at `deadline`, whichever comes first: the
+/// server's parking of long-polls, for in-process waiters (a follower of a directory source).
+/// Runs it at once when a `wake_dir` happened since `seen` (`wake_seq`).
+pub fn park_dir(dir: &Path, deadline: Instant, seen: u64, job: Job) -> std::io::Result<()> {
+    let e = engine()?;
+    // Counted here, not in the loop: a `wake_dir` from now on posts a wake-up for `dir`.
+    *e.watched
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(dir.to_path_buf())
+        .or_default() += 1;
+    e.post(Cmd::ParkJob(dir.to_path_buf(), deadline, seen, job));
+    Ok(())
+}
+
+pub mod client;
 mod conn;
 mod event_loop;
 mod tls;
