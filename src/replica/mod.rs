@@ -17,7 +17,7 @@
 //! checks, snapshot download), `bootstrap.rs` (E.1 bootstrap, E.10 re-snapshot), `live.rs`
 //! (the sync loop, load by content, one batch = one commit), `plan.rs` and `apply.rs` (the
 //! pure batch plan and the WAL writer), `drain.rs` (checkpoints, E.6 drain), `follow.rs` (the
-//! follower thread), `wait.rs` (`repl_wait`, `repl_exec`), `status.rs` (queries),
+//! follower, a state machine on the HTTP engine's workers), `wait.rs` (`repl_wait`, `repl_exec`), `status.rs` (queries),
 //! `position.rs` (the applied position file). This file holds the role's state, `attach` and
 //! the sync entry points under the applier lock.
 
@@ -391,7 +391,7 @@ impl Replica {
     fn applier_lock(&self) -> Result<ApplierGuard<'_>> {
         let deadline = Instant::now() + Duration::from_secs(30);
         // Threads of this process first: an flock is shared by every thread using the same
-        // open file, so it alone would not keep a follower thread and a repl_sync() on
+        // open file, so it alone would not keep a follower (on an engine worker) and a repl_sync() on
         // another connection apart (and the first to finish would unlock it for both).
         let local = loop {
             match self.applier_mx.try_lock() {

@@ -1,7 +1,10 @@
 //! The process's HTTP/1.1 engine: ONE event loop thread (mio over epoll) for every listener,
-//! connection and long-poll of the process, plus two fixed worker pools that run request
-//! handlers (`FAST_WORKERS` for log/info/snapshot/metrics, `SLOW_WORKERS` for `/v1/exec`).
-//! Threads do not grow with connections, long-polls or databases.
+//! connection and long-poll of the process, plus fixed worker pools that run request
+//! handlers (`FAST_WORKERS` for log/info/snapshot/metrics, `SLOW_WORKERS` for `/v1/exec`) and
+//! background jobs (`BACKGROUND_WORKERS`). The same loop serves the process's followers
+//! (issue 18): an event-driven HTTP/1.1 client (`client.rs`), timers (`after`) and parks on a
+//! log directory (`park_dir`) whose jobs run on the pools. Threads do not grow with
+//! connections, long-polls, followers or databases.
 //!
 //! What a stranger can do to it is bounded (docs/FORMAT.md §8.7 lists the limits and settings):
 //! - connections: at most `max_connections`; one more gets a canned 503 at accept and is closed;
