@@ -137,7 +137,10 @@ impl Turn {
 impl Drop for Turn {
     fn drop(&mut self) {
         let Some(core) = self.0.take() else { return };
-        if core.stopped() {
+        // Without a running engine nothing could run the new poll (and scheduling it would
+        // drop it here again): the follower ends. `follow` starts the engine first, so this
+        // does not happen once a follower ran.
+        if core.stopped() || httpd::threads() == 0 {
             return;
         }
         let d = core.fail(
@@ -192,6 +195,7 @@ impl Replica {
         }
         // The old follower (if any) stops before the new one polls.
         *g = None;
+        httpd::start().map_err(|e| Error::io("starting the follower (the HTTP engine)", e))?;
         let core = Arc::new(Core {
             weak: Arc::downgrade(self),
             source: spec.clone(),

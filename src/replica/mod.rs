@@ -375,9 +375,18 @@ impl Replica {
         };
     }
 
-    /// Records an error met outside a sync (a follower's failed long-poll).
+    /// Records an error met outside a sync (a follower's failed long-poll). Never waits: the
+    /// follower runs on a shared worker, and a sync may hold the state while it waits for the
+    /// network; then the error shows in `repl_status().follow` only.
     pub(crate) fn note_error(&self, e: &Error) {
-        lock(&self.state).stats.last_error = Some(e.to_string());
+        let st = match self.state.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        if let Some(mut st) = st {
+            st.stats.last_error = Some(e.to_string());
+        }
     }
 
     /// A `repl_sync()` refused before it reached `sync` (a read-only connection): shown by

@@ -785,4 +785,92 @@ mod tests {
         assert!(Target::parse("ftp://h:1", None).is_none());
         assert!(Target::parse("http://h:x", None).is_none());
     }
+
+    /// A scripted HTTP server on a blocking socket: for each accepted connection, answers each
+    /// request head with the next canned response; `None` closes the connection instead.
+    fn server(script: Vec<Vec<Option<Vec<u8>>>>) -> (u16, std::thread::JoinHandle<usize>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let h = std::thread::spawn(move || {
+            let mut accepted = 0;
+            for conn in script {
+                let (mut s, _) = l.accept().unwrap();
+                accepted += 1;
+                for answer in conn {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if s.read(&mut b).unwrap_or(0) == 0 {
+                            break;
+                        }
+                        head.push(b[0]);
+                    }
+                    match answer {
+                        Some(a) => s.write_all(&a).unwrap(),
+                        None => break,
+                    }
+                }
+            }
+            accepted
+        });
+        (port, h)
+    }
+
+    fn ok(body: &str) -> Option<Vec<u8>> {
+        Some(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Test: yes\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        )
+    }
+
+    fn get(c: &Client, max_body: u64) -> Result<ClientResponse, String> {
+        let (tx, rx) = mpsc::channel();
+        c.get(
+            GetRequest {
+                path: "/x".into(),
+                headers: vec![("X-Repl-Follower".into(), "t".into())],
+                deadline: Instant::now() + Duration::from_secs(10),
+                max_body,
+            },
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("the callback ran")
+    }
+
+    #[test]
+    fn keeps_the_connection_and_retries_once_after_a_close_race() {
+        // Connection 1: two answers, then closed by the server before the third request is
+        // answered (an idle timeout racing the request); connection 2 answers it.
+        let (port, h) = server(vec![vec![ok("one"), ok("two"), None], vec![ok("three")]]);
+        let c = Client::new(Target::parse(&format!("http://127.0.0.1:{port}"), None).unwrap());
+        let r = get(&c, 100).unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (200, b"one".as_slice()));
+        assert_eq!(r.header("x-test"), Some("yes"));
+        assert_eq!(get(&c, 100).unwrap().body, b"two");
+        assert_eq!(get(&c, 100).unwrap().body, b"three");
+        drop(c);
+        assert_eq!(
+            h.join().unwrap(),
+            2,
+            "one reused connection, one after the close"
+        );
+    }
+
+    #[test]
+    fn refuses_large_bodies_and_reports_refused_connections() {
+        let (port, h) = server(vec![vec![ok("0123456789")]]);
+        let c = Client::new(Target::parse(&format!("http://127.0.0.1:{port}"), None).unwrap());
+        let e = get(&c, 5).unwrap_err();
+        assert!(e.contains("over the limit"), "{e}");
+        h.join().unwrap();
+        // Nobody listens there any more.
+        let e = get(&c, 5).unwrap_err();
+        assert!(e.contains("connecting to 127.0.0.1"), "{e}");
+    }
 }

@@ -530,6 +530,12 @@ pub fn threads() -> usize {
     }
 }
 
+/// Start the engine (its loop and pools) if it is not running yet. Once it runs, `spawn`,
+/// `after` and `park_dir` cannot fail.
+pub fn start() -> std::io::Result<()> {
+    engine().map(|_| ())
+}
+
 /// Run `job` on `pool` (starting the engine if it is not running yet).
 pub fn spawn(pool: Pool, job: Job) -> std::io::Result<()> {
     engine()?.run(pool, job);
