@@ -14,6 +14,7 @@ import json
 import os
 import signal
 
+from faultproxy import FaultProxy
 from helpers import (
     PyChild,
     lsn_checksum,
@@ -21,6 +22,7 @@ from helpers import (
     start_primary,
     start_serving_primary,
     wait_for,
+    worker_status,
     Worker,
 )
 
@@ -174,4 +176,52 @@ def test_unfollow_stops_and_followers_resume_after_a_primary_restart(tmp):
         assert [lsns[i] for i in stopped] == [lsn] * len(stopped), "a stopped follower applied something"
     finally:
         fleet.close()
+        p.close()
+
+
+def test_followers_left_behind_past_retention_re_snapshot_in_the_background(tmp):
+    """A follower whose next LSN the primary no longer retains (410) re-snapshots on the
+    engine's background pool and goes on following; the threads stay fixed."""
+    n = 3
+    pdb = tmp / "p.db"
+    p = start_primary(pdb, env={"REPL_MAINTENANCE_MS": "50"})
+    fleet = None
+    proxy = None
+    try:
+        p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, pad BLOB)")
+        for k, v in {"segment_bytes": 65536, "snapshot_bytes": 65536, "retain_bytes": 1, "retain_secs": 0}.items():
+            assert p.one("SELECT repl_config(?, ?)", [k, v]) == v
+        url = serve(p)
+        proxy = FaultProxy(int(url.rsplit(":", 1)[1]))
+        fleet = Fleet(str(tmp))
+        fleet.op("follow", source=proxy.url, n=n, interval=200)
+        one = fleet.op("threads")[0]
+        lsn, ck = commit(p, 3)
+        assert not fleet.op("behind", lsn=lsn, checksum=ck, secs=30, timeout=60)
+
+        # The followers' answers are held while the primary commits on and its maintenance
+        # removes the segments they would read next.
+        proxy.stall(120)
+        for i in range(60):
+            p.q("INSERT INTO t(v, pad) VALUES (?, randomblob(3000))", [f"n{i}"])
+        wait_for(lambda: worker_status(p)["log"]["first_lsn"] > lsn + 10, timeout=30,
+                 what="retention removing the segments after the followers' LSN")
+        proxy.pass_()
+        lsn2, ck2 = lsn_checksum(p)
+        behind = fleet.op("behind", lsn=lsn2, checksum=ck2, secs=60, timeout=120)
+        assert not behind, f"{behind} did not catch up"
+        for s in fleet.op("status", i=list(range(n))):
+            st = json.loads(s)
+            assert st["resnapshots"] >= 1, st
+            assert st["follow"]["state"] in ("waiting", "applying"), st
+        # The background pool (2 threads) started for the re-snapshots; nothing per follower.
+        assert fleet.op("threads")[0] == one + 2, (one, fleet.op("threads"))
+        # And they keep following.
+        lsn3, ck3 = commit(p, 2)
+        assert not fleet.op("behind", lsn=lsn3, checksum=ck3, secs=30, timeout=60)
+    finally:
+        if fleet is not None:
+            fleet.close()
+        if proxy is not None:
+            proxy.close()
         p.close()

@@ -41,7 +41,7 @@ pub const FAST_WORKERS: usize = 4;
 /// Worker threads for `/v1/exec` (bounded by its own deadline).
 pub const SLOW_WORKERS: usize = 2;
 /// Worker threads for long background jobs that must not hold the fast pool (a follower's
-/// re-snapshot, which downloads and writes a whole database).
+/// re-snapshot, which downloads and writes a whole database); started by the first such job.
 pub const BACKGROUND_WORKERS: usize = 2;
 const WAKER: Token = Token(0);
 const INOTIFY: Token = Token(1);
@@ -373,7 +373,8 @@ struct Engine {
     cmds: Mutex<Vec<Cmd>>,
     fast: Mutex<mpsc::Sender<Job>>,
     slow: Mutex<mpsc::Sender<Job>>,
-    background: Mutex<mpsc::Sender<Job>>,
+    /// Started by its first job (a process that never re-snapshots a follower has none).
+    background: OnceCell<Mutex<mpsc::Sender<Job>>>,
     sites: Mutex<HashMap<usize, Arc<Site>>>,
     next_site: AtomicUsize,
     /// Directories with parked long-polls (so `wake_dir` posts only when someone waits).
@@ -398,7 +399,25 @@ impl Engine {
         let tx = match pool {
             Pool::Fast => &self.fast,
             Pool::Slow => &self.slow,
-            Pool::Background => &self.background,
+            Pool::Background => {
+                let bg = self.background.get_or_try_init(|| {
+                    let (tx, rx) = mpsc::channel::<Job>();
+                    spawn_pool("repl-http-bg", BACKGROUND_WORKERS, rx)?;
+                    Ok::<_, std::io::Error>(Mutex::new(tx))
+                });
+                match bg {
+                    Ok(tx) => tx,
+                    Err(e) => {
+                        // No thread for it (resource limits): the fast pool runs it rather
+                        // than nobody.
+                        crate::logging::event(&format!(
+                            "event=server_error what=background_pool error={:?}",
+                            e.to_string()
+                        ));
+                        &self.fast
+                    }
+                }
+            }
         };
         let _ = tx.lock().unwrap_or_else(|e| e.into_inner()).send(job);
     }
@@ -410,20 +429,18 @@ fn engine() -> std::io::Result<&'static Arc<Engine>> {
         let waker = Waker::new(poll.registry(), WAKER)?;
         let (fast_tx, fast_rx) = mpsc::channel::<Job>();
         let (slow_tx, slow_rx) = mpsc::channel::<Job>();
-        let (bg_tx, bg_rx) = mpsc::channel::<Job>();
         let e = Arc::new(Engine {
             waker,
             cmds: Mutex::new(Vec::new()),
             fast: Mutex::new(fast_tx),
             slow: Mutex::new(slow_tx),
-            background: Mutex::new(bg_tx),
+            background: OnceCell::new(),
             sites: Mutex::new(HashMap::new()),
             next_site: AtomicUsize::new(1),
             watched: Mutex::new(HashMap::new()),
         });
         spawn_pool("repl-http-work", FAST_WORKERS, fast_rx)?;
         spawn_pool("repl-http-exec", SLOW_WORKERS, slow_rx)?;
-        spawn_pool("repl-http-bg", BACKGROUND_WORKERS, bg_rx)?;
         let e2 = e.clone();
         std::thread::Builder::new()
             .name("repl-http".into())
@@ -521,12 +538,15 @@ pub fn wake_dir(dir: &Path) {
     }
 }
 
-/// Threads the engine runs (0 before its first use): for tests and `make bench`.
+/// Threads the engine runs (0 before its first use; the background pool once a job needed
+/// it): for tests and `make bench`.
 pub fn threads() -> usize {
-    if ENGINE.get().is_some() {
-        1 + FAST_WORKERS + SLOW_WORKERS + BACKGROUND_WORKERS
-    } else {
-        0
+    match ENGINE.get() {
+        Some(e) => {
+            let bg = e.background.get().map_or(0, |_| BACKGROUND_WORKERS);
+            1 + FAST_WORKERS + SLOW_WORKERS + bg
+        }
+        None => 0,
     }
 }
 
