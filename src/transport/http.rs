@@ -1,5 +1,8 @@
-//! The HTTP source: a primary's `/v1/*` endpoints (docs/FORMAT.md §8) read with `ureq`,
-//! behaving exactly like the directory source. Every record is decoded and validated (header
+//! The HTTP source: a primary's `/v1/*` endpoints (docs/FORMAT.md §8) read with `ureq`
+//! (`repl_sync`, `repl_wait`, snapshots, `repl_exec`) or, for a follower's long-polls
+//! (`fetch_async`), with the process's HTTP engine's event-driven client (`httpd::client`: no
+//! thread waits), behaving exactly like the directory source. Both clients' `/v1/log` answers
+//! go through the same decoding (`log_answer`). Every record is decoded and validated (header
 //! and record checksums, dense LSNs from the one asked for, the count the server announced)
 //! before it leaves here; the replica then checks database checksums before writing. A
 //! dropped connection, a truncated body or a flipped byte is an error for this fetch and
@@ -107,13 +110,15 @@ impl HttpSource {
 
     /// The URL of endpoint `path` (`/v1/log?…`) of this source's database.
     fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, self.target(path))
+    }
+
+    /// The request target of endpoint `path` of this source's database (`/v1/db/<name>/…`
+    /// when the URL names one).
+    fn target(&self, path: &str) -> String {
         match &self.db {
-            None => format!("{}{path}", self.base),
-            Some(name) => format!(
-                "{}/v1/db/{name}{}",
-                self.base,
-                path.strip_prefix("/v1").unwrap_or(path)
-            ),
+            None => path.to_string(),
+            Some(name) => format!("/v1/db/{name}{}", path.strip_prefix("/v1").unwrap_or(path)),
         }
     }
 
@@ -158,16 +163,12 @@ impl HttpSource {
 
     /// The request target of `/v1/log` for this source's database.
     fn log_path(&self, from: Lsn, max_bytes: usize, wait: Duration) -> String {
-        let path = format!(
+        self.target(&format!(
             "/v1/log?from={}&max_bytes={}&wait_ms={}",
             from.0,
             max_bytes.clamp(1, 256 << 20),
             wait.as_millis()
-        );
-        match &self.db {
-            None => path,
-            Some(name) => format!("/v1/db/{name}{}", path.strip_prefix("/v1").unwrap_or(&path)),
-        }
+        ))
     }
 
     /// The engine's client, made on first use.
@@ -649,6 +650,10 @@ mod tests {
         assert_eq!(
             s.url("/v1/log?from=1"),
             "http://h:1/v1/db/app.db/log?from=1"
+        );
+        assert_eq!(
+            s.log_path(Lsn(7), 10, Duration::from_millis(5)),
+            "/v1/db/app.db/log?from=7&max_bytes=10&wait_ms=5"
         );
         assert!(HttpSource::open("http://h:1/v1/db/a%2Fb").is_err());
         assert!(

@@ -142,7 +142,8 @@ def test_unfollow_stops_and_followers_resume_after_a_primary_restart(tmp):
     fleet = Fleet(str(tmp))
     try:
         p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
-        fleet.op("follow", source=url, n=n, interval=500)
+        # By name (one database of a listener): the same database as `url`.
+        fleet.op("follow", source=url + "/v1/db/p.db", n=n, interval=500)
         lsn, ck = commit(p, 3)
         assert not fleet.op("behind", lsn=lsn, checksum=ck, secs=30, timeout=60)
 
