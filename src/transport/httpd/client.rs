@@ -21,6 +21,11 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Most response headers accepted.
 pub const MAX_HEADERS: usize = 64;
+/// How often the loop looks for requests past their deadline (or connections past the connect
+/// timeout). The limits are seconds, so a sweep every 100 ms instead of a look at every client
+/// at every turn of the loop keeps the loop's cost per event independent of the number of
+/// followers; a timeout fires up to this much late.
+pub const SWEEP: Duration = Duration::from_millis(100);
 
 /// Where a client connects.
 #[derive(Clone)]
@@ -288,6 +293,9 @@ impl Loop {
             // The stream is out of step with our requests: start over.
             self.client_disconnect(id);
         }
+        if self.client_sweep.is_none() {
+            self.client_sweep = Some(Instant::now() + SWEEP);
+        }
         self.client_start(id);
     }
 
@@ -492,8 +500,21 @@ impl Loop {
         }
     }
 
-    /// Requests past their deadline (or connections past the connect timeout) fail.
+    /// Requests past their deadline (or connections past the connect timeout) fail; runs
+    /// every `SWEEP` while any request is in flight.
     pub(super) fn client_timers(&mut self, now: Instant) {
+        if !self.client_sweep.is_some_and(|t| t <= now) {
+            return;
+        }
+        self.client_sweep_once(now);
+        self.client_sweep = self
+            .clients
+            .values()
+            .any(|c| c.deadline().is_some())
+            .then_some(now + SWEEP);
+    }
+
+    fn client_sweep_once(&mut self, now: Instant) {
         let late: Vec<(u64, bool)> = self
             .clients
             .iter()
@@ -860,6 +881,45 @@ mod tests {
             2,
             "one reused connection, one after the close"
         );
+    }
+
+    #[test]
+    fn a_request_past_its_deadline_fails() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        // Accepts, never answers, until told to stop.
+        let h = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let _ = stop_rx.recv();
+            drop(s);
+        });
+        let c = Client::new(Target::parse(&format!("http://127.0.0.1:{port}"), None).unwrap());
+        let (tx, rx) = mpsc::channel();
+        let t0 = Instant::now();
+        c.get(
+            GetRequest {
+                path: "/x".into(),
+                headers: Vec::new(),
+                deadline: Instant::now() + Duration::from_millis(300),
+                max_body: 10,
+            },
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        let e = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the callback ran")
+            .unwrap_err();
+        assert!(e.contains("timed out"), "{e}");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            t0.elapsed()
+        );
+        let _ = stop_tx.send(());
+        h.join().unwrap();
     }
 
     #[test]

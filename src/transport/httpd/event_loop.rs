@@ -26,6 +26,8 @@ pub(super) struct Loop {
     /// The engine's HTTP client connections (`client.rs`), by client id, and their tokens.
     pub(super) clients: HashMap<u64, super::client::ClientConn>,
     pub(super) client_tokens: HashMap<Token, u64>,
+    /// When the loop next looks for client requests past their deadline (`client::SWEEP`).
+    pub(super) client_sweep: Option<Instant>,
     /// `after`: (due, id) in a min-heap, and the jobs by id.
     timers: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, u64)>>,
     timer_jobs: HashMap<u64, (Pool, Job)>,
@@ -58,6 +60,7 @@ impl Loop {
             parked: HashMap::new(),
             clients: HashMap::new(),
             client_tokens: HashMap::new(),
+            client_sweep: None,
             timers: std::collections::BinaryHeap::new(),
             timer_jobs: HashMap::new(),
             park_jobs: HashMap::new(),
@@ -108,12 +111,11 @@ impl Loop {
             .values()
             .filter_map(|c| c.deadline.or(c.park.as_ref().map(|p| p.1)));
         let listener_deadlines = self.listeners.values().filter_map(|l| l.paused_until);
-        let client_deadlines = self.clients.values().filter_map(|c| c.deadline());
         let timer = self.timers.peek().map(|t| t.0 .0);
         let parks = self.park_jobs.values().map(|p| p.1);
         conn_deadlines
             .chain(listener_deadlines)
-            .chain(client_deadlines)
+            .chain(self.client_sweep)
             .chain(timer)
             .chain(parks)
             .min()
