@@ -503,7 +503,7 @@ impl Loop {
     /// Requests past their deadline (or connections past the connect timeout) fail; runs
     /// every `SWEEP` while any request is in flight.
     pub(super) fn client_timers(&mut self, now: Instant) {
-        if !self.client_sweep.is_some_and(|t| t <= now) {
+        if self.client_sweep.is_none_or(|t| t > now) {
             return;
         }
         self.client_sweep_once(now);
