@@ -273,11 +273,7 @@ fn poll(turn: Turn) {
     };
     let from = r.durable_local_lsn().next();
     drop(r); // only the Weak while waiting
-    core.set(|s| {
-        if s.consecutive == 0 {
-            s.phase = "waiting";
-        }
-    });
+    core.set(|s| s.phase = "waiting");
     *lock(&core.inflight) = Some(source.clone());
     if core.stopped() {
         return turn.finish();
