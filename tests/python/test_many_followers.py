@@ -48,6 +48,15 @@ for line in sys.stdin:
             out = [threads()]
         elif op == "threads":
             out = [threads()]
+        elif op == "fds":
+            out = [len(os.listdir(f"/proc/{os.getpid()}/fd"))]
+        elif op == "churn":
+            # Stop and restart every follower `rounds` times, with a new interval each time.
+            for k in range(req["rounds"]):
+                for c in conns:
+                    one(c, "SELECT repl_follow(NULL)")
+                    one(c, "SELECT repl_follow(?, ?)", [req["source"], 200 + k])
+            out = [threads()]
         elif op == "behind":
             # Replicas not yet at (lsn, checksum), polled until none or the deadline.
             deadline = time.monotonic() + req["secs"]
@@ -225,4 +234,28 @@ def test_followers_left_behind_past_retention_re_snapshot_in_the_background(tmp)
             fleet.close()
         if proxy is not None:
             proxy.close()
+        p.close()
+
+
+def test_follow_unfollow_churn_leaks_no_connection_or_thread(tmp):
+    """Stopping a follower abandons its poll and closes its connection; restarting it many
+    times leaves the threads and descriptors where they were, and it still follows."""
+    p, url = start_serving_primary(tmp / "p.db")
+    fleet = Fleet(str(tmp))
+    try:
+        p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+        fleet.op("follow", source=url, n=5, interval=200)
+        lsn, ck = commit(p, 2)
+        assert not fleet.op("behind", lsn=lsn, checksum=ck, secs=30, timeout=60)
+        threads, fds = fleet.op("threads")[0], fleet.op("fds")[0]
+        assert fleet.op("churn", source=url, rounds=30)[0] == threads
+        lsn, ck = commit(p, 2)
+        assert not fleet.op("behind", lsn=lsn, checksum=ck, secs=30, timeout=60)
+        # The abandoned polls' connections are closed (by the loop, asynchronously).
+        wait_for(lambda: fleet.op("fds")[0] <= fds + 2, timeout=10, what=f"descriptors back near {fds}")
+        for s in fleet.op("status", i=list(range(5))):
+            st = json.loads(s)
+            assert st["follow"]["interval_ms"] == 229 and st["follow"]["errors"] == 0, st
+    finally:
+        fleet.close()
         p.close()
