@@ -468,8 +468,9 @@ fn config_log_file(args: &Args) -> Result<SqlValue> {
     Ok(crate::logging::file().map_or(SqlValue::Null, SqlValue::Text))
 }
 
-/// `repl_follow([source [, interval_ms]])`: keep this replica up to date from a background
-/// thread (long-polling the source); `repl_follow(NULL)` stops it. Returns the LSN reached by
+/// `repl_follow([source [, interval_ms]])`: keep this replica up to date in the background
+/// (long-polling the source from the HTTP engine's shared loop and workers, no thread of its
+/// own); `repl_follow(NULL)` stops it. Returns the LSN reached by
 /// the first sync (or, when stopping, the current LSN).
 fn repl_follow(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
     if a.len() > 2 {

@@ -17,7 +17,7 @@
 //! checks, snapshot download), `bootstrap.rs` (E.1 bootstrap, E.10 re-snapshot), `live.rs`
 //! (the sync loop, load by content, one batch = one commit), `plan.rs` and `apply.rs` (the
 //! pure batch plan and the WAL writer), `drain.rs` (checkpoints, E.6 drain), `follow.rs` (the
-//! follower thread), `wait.rs` (`repl_wait`, `repl_exec`), `status.rs` (queries),
+//! follower, a state machine on the HTTP engine's workers), `wait.rs` (`repl_wait`, `repl_exec`), `status.rs` (queries),
 //! `position.rs` (the applied position file). This file holds the role's state, `attach` and
 //! the sync entry points under the applier lock.
 
@@ -375,9 +375,18 @@ impl Replica {
         };
     }
 
-    /// Records an error met outside a sync (a follower's failed long-poll).
+    /// Records an error met outside a sync (a follower's failed long-poll). Never waits: the
+    /// follower runs on a shared worker, and a sync may hold the state while it waits for the
+    /// network; then the error shows in `repl_status().follow` only.
     pub(crate) fn note_error(&self, e: &Error) {
-        lock(&self.state).stats.last_error = Some(e.to_string());
+        let st = match self.state.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        if let Some(mut st) = st {
+            st.stats.last_error = Some(e.to_string());
+        }
     }
 
     /// A `repl_sync()` refused before it reached `sync` (a read-only connection): shown by
@@ -391,7 +400,7 @@ impl Replica {
     fn applier_lock(&self) -> Result<ApplierGuard<'_>> {
         let deadline = Instant::now() + Duration::from_secs(30);
         // Threads of this process first: an flock is shared by every thread using the same
-        // open file, so it alone would not keep a follower thread and a repl_sync() on
+        // open file, so it alone would not keep a follower (on an engine worker) and a repl_sync() on
         // another connection apart (and the first to finish would unlock it for both).
         let local = loop {
             match self.applier_mx.try_lock() {

@@ -1,5 +1,8 @@
-//! The HTTP source: a primary's `/v1/*` endpoints (docs/FORMAT.md §8) read with `ureq`,
-//! behaving exactly like the directory source. Every record is decoded and validated (header
+//! The HTTP source: a primary's `/v1/*` endpoints (docs/FORMAT.md §8) read with `ureq`
+//! (`repl_sync`, `repl_wait`, snapshots, `repl_exec`) or, for a follower's long-polls
+//! (`fetch_async`), with the process's HTTP engine's event-driven client (`httpd::client`: no
+//! thread waits), behaving exactly like the directory source. Both clients' `/v1/log` answers
+//! go through the same decoding (`log_answer`). Every record is decoded and validated (header
 //! and record checksums, dense LSNs from the one asked for, the count the server announced)
 //! before it leaves here; the replica then checks database checksums before writing. A
 //! dropped connection, a truncated body or a flipped byte is an error for this fetch and
@@ -13,7 +16,8 @@
 //! server certificate is checked against `ca=<PEM file>` in the URL, else `REPL_CA_FILE`, else
 //! the system's CA bundle.
 
-use super::{Fetch, Source, SourceInfo, SourceSpec};
+use super::httpd::client::{Client, ClientResponse, GetRequest, Target};
+use super::{Fetch, FetchDone, Source, SourceInfo, SourceSpec};
 use crate::error::{Error, Result};
 use crate::txlog::{decode_record, DbChecksum, Record, SEGMENT_HEADER_LEN};
 use crate::types::Lsn;
@@ -22,6 +26,10 @@ use std::time::Duration;
 
 /// Largest snapshot accepted in one response (the snapshot is held in memory).
 const MAX_SNAPSHOT_BYTES: u64 = 64 << 30;
+/// Largest `/v1/log` body accepted (a batch asks for at most 256 MiB of pages).
+const MAX_LOG_BYTES: u64 = 512 << 20;
+/// A long-poll may take this much longer than its `wait_ms` before it is given up.
+const LOG_GRACE: Duration = Duration::from_secs(30);
 
 pub struct HttpSource {
     /// `http(s)://host:port` (no trailing slash, no query).
@@ -35,6 +43,11 @@ pub struct HttpSource {
     follower: String,
     /// From the headers of the last /v1/log response.
     last: std::sync::Mutex<Option<SourceInfo>>,
+    /// Where the engine's client connects (`fetch_async`); None when the URL does not parse
+    /// as one (then `fetch_async` runs the blocking client on a worker).
+    target: Option<Target>,
+    /// The engine's client of `fetch_async`: one kept-alive connection, made on first use.
+    client: std::sync::Mutex<Option<std::sync::Arc<Client>>>,
 }
 
 impl HttpSource {
@@ -71,9 +84,12 @@ impl HttpSource {
         let token = token.or_else(|| crate::config::get().token.clone());
         let exec_token = exec_token.or_else(|| crate::config::get().exec_token.clone());
         let mut builder = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(3));
+        let mut tls = None;
         if base.starts_with("https://") {
             let ca = ca.or(crate::config::get().ca_file.as_deref());
-            builder = builder.tls_config(client_tls(ca)?);
+            let cfg = client_tls(ca)?;
+            builder = builder.tls_config(cfg.clone());
+            tls = Some(cfg);
         }
         let agent = builder.build();
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -87,18 +103,22 @@ impl HttpSource {
             agent,
             follower: format!("{host}:{}", std::process::id()),
             last: std::sync::Mutex::new(None),
+            target: Target::parse(base, tls),
+            client: std::sync::Mutex::new(None),
         })
     }
 
     /// The URL of endpoint `path` (`/v1/log?…`) of this source's database.
     fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, self.target(path))
+    }
+
+    /// The request target of endpoint `path` of this source's database (`/v1/db/<name>/…`
+    /// when the URL names one).
+    fn target(&self, path: &str) -> String {
         match &self.db {
-            None => format!("{}{path}", self.base),
-            Some(name) => format!(
-                "{}/v1/db/{name}{}",
-                self.base,
-                path.strip_prefix("/v1").unwrap_or(path)
-            ),
+            None => path.to_string(),
+            Some(name) => format!("/v1/db/{name}{}", path.strip_prefix("/v1").unwrap_or(path)),
         }
     }
 
@@ -135,45 +155,124 @@ impl HttpSource {
             Ok(r) => Ok(r),
             Err(ureq::Error::Status(code, r)) => {
                 let body = r.into_string().unwrap_or_default();
-                let msg = serde_json::from_str::<serde_json::Value>(&body)
-                    .ok()
-                    .and_then(|v| v["error"].as_str().map(str::to_string))
-                    .unwrap_or(body);
-                Err(status_error(code, &self.shown(), &msg))
+                Err(status_error(code, &self.shown(), &error_message(&body)))
             }
             Err(ureq::Error::Transport(t)) => Err(transport_error(&self.shown(), &t.to_string())),
         }
     }
 
-    /// The records after `from`, waiting up to `wait` at the durable end (server long-poll).
-    fn log(&self, from: Lsn, max_bytes: usize, wait: Duration) -> Result<Fetch> {
-        let path = format!(
+    /// The request target of `/v1/log` for this source's database.
+    fn log_path(&self, from: Lsn, max_bytes: usize, wait: Duration) -> String {
+        self.target(&format!(
             "/v1/log?from={}&max_bytes={}&wait_ms={}",
             from.0,
             max_bytes.clamp(1, 256 << 20),
             wait.as_millis()
-        );
-        let resp = match self.get(&path, wait + Duration::from_secs(30)) {
-            Ok(r) => r,
-            Err(Error::LogTruncated { first_lsn, .. }) => {
-                return Ok(Fetch::Truncated {
-                    first_lsn: first_lsn.unwrap_or(Lsn(from.0 + 1)),
-                });
-            }
-            Err(e) => return Err(e),
-        };
-        let num = |h: &str| resp.header(h).and_then(|v| v.parse::<u64>().ok());
-        let info = resp.header("X-Repl-Lineage").map(|l| SourceInfo {
-            lineage: l.to_string(),
+        ))
+    }
+
+    /// The engine's client, made on first use.
+    fn client(&self, target: &Target) -> std::sync::Arc<Client> {
+        self.client
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(|| std::sync::Arc::new(Client::new(target.clone())))
+            .clone()
+    }
+
+    /// What a `/v1/log` answer means, from either client (ureq's or the engine's): `status`,
+    /// the headers (`header`), and the whole body as announced by its Content-Length. The
+    /// source info in the headers is remembered (`last_info`) and returned; every record is
+    /// decoded and validated (dense from `from`, the count the server announced); 410 is
+    /// `Truncated`, any other error status the error it names.
+    fn log_answer(
+        &self,
+        from: Lsn,
+        status: u16,
+        header: &dyn Fn(&str) -> Option<String>,
+        body: &[u8],
+    ) -> Result<(Fetch, Option<SourceInfo>)> {
+        if status != 200 {
+            let msg = error_message(&String::from_utf8_lossy(body));
+            return match status_error(status, &self.shown(), &msg) {
+                Error::LogTruncated { first_lsn, .. } => Ok((
+                    Fetch::Truncated {
+                        first_lsn: first_lsn.unwrap_or(Lsn(from.0 + 1)),
+                    },
+                    None,
+                )),
+                e => Err(e),
+            };
+        }
+        let num = |h: &str| header(h).and_then(|v| v.parse::<u64>().ok());
+        let info = header("X-Repl-Lineage").map(|l| SourceInfo {
+            lineage: l,
             first_lsn: num("X-Repl-First-Lsn").map(Lsn),
             durable_lsn: num("X-Repl-Durable-Lsn").map(Lsn),
         });
-        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = info;
-        let announced: Option<u32> = resp.header("X-Repl-Records").and_then(|v| v.parse().ok());
-        let len: Option<u64> = resp.header("Content-Length").and_then(|v| v.parse().ok());
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = info.clone();
+        let announced: Option<u32> = header("X-Repl-Records").and_then(|v| v.parse().ok());
+        let records = decode_all(body, from).map_err(|e| {
+            Error::Corrupt(format!(
+                "{}: a record received for LSN {from} is invalid ({e}); nothing was applied, the next repl_sync() \
+                 retries",
+                self.shown()
+            ))
+        })?;
+        if let Some(n) = announced {
+            if n as usize != records.len() {
+                return Err(Error::Corrupt(format!(
+                    "{}: the server announced {n} records for LSN {from} but sent {}; nothing was applied",
+                    self.shown(),
+                    records.len()
+                )));
+            }
+        }
+        Ok((Fetch::Records(records), info))
+    }
+
+    /// The records after `from`, waiting up to `wait` at the durable end (server long-poll),
+    /// with the blocking client (`fetch_async` is the same request through the engine).
+    fn log(&self, from: Lsn, max_bytes: usize, wait: Duration) -> Result<Fetch> {
+        let mut req = self
+            .agent
+            .get(&format!(
+                "{}{}",
+                self.base,
+                self.log_path(from, max_bytes, wait)
+            ))
+            .timeout(wait + LOG_GRACE)
+            .set("X-Repl-Follower", &self.follower);
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let resp = match req.call() {
+            Ok(r) => r,
+            Err(ureq::Error::Status(code, r)) => {
+                let body = r.into_string().unwrap_or_default();
+                return self
+                    .log_answer(from, code, &|_| None, body.as_bytes())
+                    .map(|(f, _)| f);
+            }
+            Err(ureq::Error::Transport(t)) => {
+                return Err(transport_error(&self.shown(), &t.to_string()))
+            }
+        };
+        let headers: Vec<(String, String)> = resp
+            .headers_names()
+            .into_iter()
+            .filter_map(|n| resp.header(&n).map(|v| (n.clone(), v.to_string())))
+            .collect();
+        let header = |h: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(h))
+                .map(|(_, v)| v.clone())
+        };
+        let len: Option<u64> = header("Content-Length").and_then(|v| v.parse().ok());
         let mut body = Vec::with_capacity(len.unwrap_or(0).min(64 << 20) as usize);
         resp.into_reader()
-            .take(len.unwrap_or(u64::MAX).min(512 << 20))
+            .take(len.unwrap_or(u64::MAX).min(MAX_LOG_BYTES))
             .read_to_end(&mut body)
             .map_err(|e| {
                 Error::Other(format!(
@@ -191,23 +290,7 @@ impl HttpSource {
                 )));
             }
         }
-        let records = decode_all(&body, from).map_err(|e| {
-            Error::Corrupt(format!(
-                "{}: a record received for LSN {from} is invalid ({e}); nothing was applied, the next repl_sync() \
-                 retries",
-                self.shown()
-            ))
-        })?;
-        if let Some(n) = announced {
-            if n as usize != records.len() {
-                return Err(Error::Corrupt(format!(
-                    "{}: the server announced {n} records for LSN {from} but sent {}; nothing was applied",
-                    self.shown(),
-                    records.len()
-                )));
-            }
-        }
-        Ok(Fetch::Records(records))
+        self.log_answer(from, 200, &header, &body).map(|(f, _)| f)
     }
 }
 
@@ -230,6 +313,14 @@ impl<R: Read> Read for Counted<'_, R> {
         }
         Ok(n)
     }
+}
+
+/// The message of an error answer: its JSON `error`, else the body itself.
+fn error_message(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| body.to_string())
 }
 
 /// A connection-level failure, with the fix for a certificate the client did not accept.
@@ -535,6 +626,59 @@ impl Source for HttpSource {
     fn fetch_wait(&self, from: Lsn, max_bytes: usize, wait: Duration) -> Result<Fetch> {
         self.log(from, max_bytes, wait)
     }
+
+    fn fetch_async(
+        self: std::sync::Arc<Self>,
+        from: Lsn,
+        max_bytes: usize,
+        wait: Duration,
+        done: FetchDone,
+    ) {
+        let Some(target) = self.target.clone() else {
+            // Not a URL the engine's client takes: the blocking client, on a worker.
+            let job = Box::new(move || {
+                let got = self.log(from, max_bytes, wait);
+                done(got.map(|f| (f, self.last_info())))
+            });
+            let _ = super::httpd::spawn(super::httpd::Pool::Fast, job);
+            return;
+        };
+        let mut headers = vec![("X-Repl-Follower".to_string(), self.follower.clone())];
+        if let Some(t) = &self.token {
+            headers.push(("Authorization".into(), format!("Bearer {t}")));
+        }
+        let req = GetRequest {
+            path: self.log_path(from, max_bytes, wait),
+            headers,
+            deadline: std::time::Instant::now() + wait + LOG_GRACE,
+            max_body: MAX_LOG_BYTES,
+        };
+        let client = self.client(&target);
+        client.get(
+            req,
+            Box::new(move |r: std::result::Result<ClientResponse, String>| {
+                let out = match r {
+                    Ok(resp) => {
+                        let header = |h: &str| resp.header(h).map(str::to_string);
+                        self.log_answer(from, resp.status, &header, &resp.body)
+                    }
+                    Err(msg) => Err(transport_error(&self.shown(), &msg)),
+                };
+                done(out)
+            }),
+        );
+    }
+
+    fn cancel_async(&self) {
+        if let Some(c) = self
+            .client
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            c.cancel();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -564,6 +708,10 @@ mod tests {
         assert_eq!(
             s.url("/v1/log?from=1"),
             "http://h:1/v1/db/app.db/log?from=1"
+        );
+        assert_eq!(
+            s.log_path(Lsn(7), 10, Duration::from_millis(5)),
+            "/v1/db/app.db/log?from=7&max_bytes=10&wait_ms=5"
         );
         assert!(HttpSource::open("http://h:1/v1/db/a%2Fb").is_err());
         assert!(

@@ -45,7 +45,14 @@ pub enum Fetch {
     Truncated { first_lsn: Lsn },
 }
 
-pub trait Source: Send + Sync {
+/// What `Source::fetch_async` hands its callback: the records (or `Truncated`) and what the
+/// source said about itself with them (`last_info`).
+pub type Fetched = Result<(Fetch, Option<SourceInfo>)>;
+
+/// The callback of `Source::fetch_async` (runs on a worker of the HTTP engine).
+pub type FetchDone = Box<dyn FnOnce(Fetched) + Send>;
+
+pub trait Source: Send + Sync + 'static {
     /// A human-readable name (the path or URL the user gave).
     fn describe(&self) -> String;
     fn info(&self) -> Result<SourceInfo>;
@@ -109,6 +116,34 @@ pub trait Source: Send + Sync {
             std::thread::sleep(notify::POLL);
         }
     }
+    /// `fetch_wait` without holding a thread while it waits: `done` runs on a worker of the
+    /// process's HTTP engine (`httpd`) with the answer. The HTTP source sends the long-poll
+    /// through the engine's event-driven client (one kept-alive connection per source); a
+    /// source with a log directory parks on it in the engine (woken by `wake_dir`/inotify like
+    /// the server's long-polls) and fetches on a worker; any other source runs `fetch_wait` on
+    /// a worker. `done` runs exactly once, unless `cancel_async` abandons the request.
+    fn fetch_async(
+        self: std::sync::Arc<Self>,
+        from: Lsn,
+        max_bytes: usize,
+        wait: std::time::Duration,
+        done: FetchDone,
+    ) {
+        let deadline = std::time::Instant::now() + wait;
+        if self.log_dir().is_some() {
+            return park_and_fetch(self, from, max_bytes, deadline, done);
+        }
+        let job = Box::new(move || {
+            let got = self.fetch_wait(from, max_bytes, wait);
+            done(got.map(|f| (f, self.last_info())))
+        });
+        if let Err(e) = httpd::spawn(httpd::Pool::Fast, job) {
+            crate::logging::event(&format!("event=follow_error error={:?}", e.to_string()));
+        }
+    }
+    /// Abandon a `fetch_async` in flight (its `done` is dropped without running); a no-op
+    /// where there is nothing to abandon.
+    fn cancel_async(&self) {}
     /// The page size of the newest durable snapshot (None: none yet). Only asked on error
     /// paths (a replica naming why a source does not fit it), so it may cost a file read.
     fn page_size(&self) -> Result<Option<PageSize>>;
@@ -116,6 +151,34 @@ pub trait Source: Send + Sync {
     /// a remote source.
     fn log_dir(&self) -> Option<&std::path::Path> {
         None
+    }
+}
+
+/// `fetch_async` of a source with a log directory: fetch now; when nothing is durable at
+/// `from` yet, park in the engine until the directory changes or the deadline, then again.
+fn park_and_fetch<S: Source + ?Sized>(
+    src: std::sync::Arc<S>,
+    from: Lsn,
+    max_bytes: usize,
+    deadline: std::time::Instant,
+    done: FetchDone,
+) {
+    // Read before looking: a wake-up after this point makes the park return at once.
+    let seen = httpd::wake_seq();
+    match src.fetch(from, max_bytes) {
+        Ok(Fetch::Records(v)) if v.is_empty() && std::time::Instant::now() < deadline => {
+            let Some(dir) = src.log_dir().map(std::path::Path::to_path_buf) else {
+                return done(Ok((Fetch::Records(v), None)));
+            };
+            let job = Box::new(move || park_and_fetch(src, from, max_bytes, deadline, done));
+            if let Err(e) = httpd::park_dir(&dir, deadline, seen, job) {
+                crate::logging::event(&format!("event=follow_error error={:?}", e.to_string()));
+            }
+        }
+        other => {
+            let info = src.last_info();
+            done(other.map(|f| (f, info)))
+        }
     }
 }
 

@@ -13,16 +13,28 @@ pub(super) struct ListenerState {
 }
 
 pub(super) struct Loop {
-    poll: Poll,
-    engine: Arc<Engine>,
+    pub(super) poll: Poll,
+    pub(super) engine: Arc<Engine>,
     listeners: HashMap<Token, ListenerState>,
     site_token: HashMap<usize, Token>,
     conns: HashMap<Token, Conn>,
-    next: usize,
+    pub(super) next: usize,
     inotify: Option<Inotify>,
     wd_dir: HashMap<i32, PathBuf>,
     dir_wd: HashMap<PathBuf, i32>,
     parked: HashMap<PathBuf, Vec<Token>>,
+    /// The engine's HTTP client connections (`client.rs`), by client id, and their tokens.
+    pub(super) clients: HashMap<u64, super::client::ClientConn>,
+    pub(super) client_tokens: HashMap<Token, u64>,
+    /// When the loop next looks for client requests past their deadline (`client::SWEEP`).
+    pub(super) client_sweep: Option<Instant>,
+    /// `after`: (due, id) in a min-heap, and the jobs by id.
+    timers: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, u64)>>,
+    timer_jobs: HashMap<u64, (Pool, Job)>,
+    /// `park_dir`: the jobs by id (directory, deadline, job) and the ids by directory.
+    park_jobs: HashMap<u64, (PathBuf, Instant, Job)>,
+    dir_jobs: HashMap<PathBuf, Vec<u64>>,
+    next_job: u64,
 }
 
 impl Loop {
@@ -46,6 +58,14 @@ impl Loop {
             wd_dir: HashMap::new(),
             dir_wd: HashMap::new(),
             parked: HashMap::new(),
+            clients: HashMap::new(),
+            client_tokens: HashMap::new(),
+            client_sweep: None,
+            timers: std::collections::BinaryHeap::new(),
+            timer_jobs: HashMap::new(),
+            park_jobs: HashMap::new(),
+            dir_jobs: HashMap::new(),
+            next_job: 0,
         }
     }
 
@@ -73,6 +93,9 @@ impl Loop {
                     WAKER => {}
                     INOTIFY => self.on_inotify(),
                     t if self.listeners.contains_key(&t) => self.accept(t),
+                    t if self.client_tokens.contains_key(&t) => {
+                        self.client_event(t, ev.is_read_closed() || ev.is_error())
+                    }
                     t => self.on_conn_event(t, ev.is_read_closed() || ev.is_error()),
                 }
             }
@@ -88,8 +111,13 @@ impl Loop {
             .values()
             .filter_map(|c| c.deadline.or(c.park.as_ref().map(|p| p.1)));
         let listener_deadlines = self.listeners.values().filter_map(|l| l.paused_until);
+        let timer = self.timers.peek().map(|t| t.0 .0);
+        let parks = self.park_jobs.values().map(|p| p.1);
         conn_deadlines
             .chain(listener_deadlines)
+            .chain(self.client_sweep)
+            .chain(timer)
+            .chain(parks)
             .min()
             .map(|d| d.saturating_duration_since(now) + Duration::from_millis(1))
     }
@@ -141,6 +169,14 @@ impl Loop {
                 }
                 Cmd::WakeDir(dir) => self.wake(&dir),
                 Cmd::Done(t, gen, outcome) => self.done(t, gen, outcome),
+                Cmd::ClientGet(id, submit) => self.client_get(id, *submit),
+                Cmd::ClientClose(id) => self.client_close(id),
+                Cmd::Timer(at, pool, job) => {
+                    self.next_job += 1;
+                    self.timers.push(std::cmp::Reverse((at, self.next_job)));
+                    self.timer_jobs.insert(self.next_job, (pool, job));
+                }
+                Cmd::ParkJob(dir, deadline, seen, job) => self.park_job(dir, deadline, seen, job),
             }
         }
     }
@@ -421,6 +457,73 @@ impl Loop {
         }
     }
 
+    /// Watch `dir` with inotify if it is not watched yet; true when the watch is new.
+    fn watch(&mut self, dir: &Path) -> bool {
+        if self.inotify.is_none() || self.dir_wd.contains_key(dir) {
+            return false;
+        }
+        if let Some(wd) = self.inotify.as_ref().and_then(|i| i.watch_dir(dir).ok()) {
+            self.dir_wd.insert(dir.to_path_buf(), wd);
+            self.wd_dir.insert(wd, dir.to_path_buf());
+        }
+        true
+    }
+
+    /// One waiter fewer on `dir` (see `Engine::watched`).
+    fn unwatch(&self, dir: &Path) {
+        let mut w = self
+            .engine
+            .watched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = w.get_mut(dir) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                w.remove(dir);
+            }
+        }
+    }
+
+    /// `park_dir`: run the job now if `dir` may have changed since the caller looked (a
+    /// wake-up since `seen`, or a directory not watched until now), else when it changes or
+    /// at the deadline. Without inotify the deadline is `notify::POLL` away at most, so a
+    /// commit of another process is seen that late at worst.
+    fn park_job(&mut self, dir: PathBuf, deadline: Instant, seen: u64, job: Job) {
+        let new_watch = self.watch(&dir);
+        let now = Instant::now();
+        if new_watch || WAKE_SEQ.load(Ordering::Acquire) != seen || deadline <= now {
+            self.unwatch(&dir);
+            self.engine.run(Pool::Fast, job);
+            return;
+        }
+        let deadline = if self.inotify.is_none() {
+            deadline.min(now + crate::transport::notify::POLL)
+        } else {
+            deadline
+        };
+        self.next_job += 1;
+        self.dir_jobs
+            .entry(dir.clone())
+            .or_default()
+            .push(self.next_job);
+        self.park_jobs.insert(self.next_job, (dir, deadline, job));
+    }
+
+    /// Run the parked job `id` now.
+    fn release_job(&mut self, id: u64) {
+        let Some((dir, _, job)) = self.park_jobs.remove(&id) else {
+            return;
+        };
+        if let Some(v) = self.dir_jobs.get_mut(&dir) {
+            v.retain(|x| *x != id);
+            if v.is_empty() {
+                self.dir_jobs.remove(&dir);
+            }
+        }
+        self.unwatch(&dir);
+        self.engine.run(Pool::Fast, job);
+    }
+
     fn unpark(&mut self, t: Token) -> Option<(Arc<dyn Service>, Arc<Request>, Instant)> {
         let c = self.conns.get_mut(&t)?;
         let (dir, deadline) = c.park.take()?;
@@ -431,24 +534,18 @@ impl Loop {
                 self.parked.remove(&dir);
             }
         }
-        let mut w = self
-            .engine
-            .watched
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = w.get_mut(&dir) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                w.remove(&dir);
-            }
-        }
         // The inotify watch stays: the follower's next long-poll parks on the same directory
         // (a new watch would cost a re-check of that request; see `done`).
-        let (svc, req) = c.job.clone()?;
+        let job = c.job.clone();
+        self.unwatch(&dir);
+        let (svc, req) = job?;
         Some((svc, req, deadline))
     }
 
     fn wake(&mut self, dir: &Path) {
+        for id in self.dir_jobs.get(dir).cloned().unwrap_or_default() {
+            self.release_job(id);
+        }
         let tokens = self.parked.get(dir).cloned().unwrap_or_default();
         for t in tokens {
             if let Some((svc, req, deadline)) = self.unpark(t) {
@@ -475,6 +572,24 @@ impl Loop {
 
     fn on_timers(&mut self) {
         let now = Instant::now();
+        while self.timers.peek().is_some_and(|t| t.0 .0 <= now) {
+            let Some(std::cmp::Reverse((_, id))) = self.timers.pop() else {
+                break;
+            };
+            if let Some((pool, job)) = self.timer_jobs.remove(&id) {
+                self.engine.run(pool, job);
+            }
+        }
+        let due_jobs: Vec<u64> = self
+            .park_jobs
+            .iter()
+            .filter(|(_, p)| p.1 <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due_jobs {
+            self.release_job(id);
+        }
+        self.client_timers(now);
         let expired_parks: Vec<Token> = self
             .conns
             .iter()

@@ -1,7 +1,10 @@
 //! The process's HTTP/1.1 engine: ONE event loop thread (mio over epoll) for every listener,
-//! connection and long-poll of the process, plus two fixed worker pools that run request
-//! handlers (`FAST_WORKERS` for log/info/snapshot/metrics, `SLOW_WORKERS` for `/v1/exec`).
-//! Threads do not grow with connections, long-polls or databases.
+//! connection and long-poll of the process, plus fixed worker pools that run request
+//! handlers (`FAST_WORKERS` for log/info/snapshot/metrics, `SLOW_WORKERS` for `/v1/exec`) and
+//! background jobs (`BACKGROUND_WORKERS`). The same loop serves the process's followers
+//! (issue 18): an event-driven HTTP/1.1 client (`client.rs`), timers (`after`) and parks on a
+//! log directory (`park_dir`) whose jobs run on the pools. Threads do not grow with
+//! connections, long-polls, followers or databases.
 //!
 //! What a stranger can do to it is bounded (docs/FORMAT.md §8.7 lists the limits and settings):
 //! - connections: at most `max_connections`; one more gets a canned 503 at accept and is closed;
@@ -37,6 +40,9 @@ use std::time::{Duration, Instant};
 pub const FAST_WORKERS: usize = 4;
 /// Worker threads for `/v1/exec` (bounded by its own deadline).
 pub const SLOW_WORKERS: usize = 2;
+/// Worker threads for long background jobs that must not hold the fast pool (a follower's
+/// re-snapshot, which downloads and writes a whole database); started by the first such job.
+pub const BACKGROUND_WORKERS: usize = 2;
 const WAKER: Token = Token(0);
 const INOTIFY: Token = Token(1);
 const FIRST_TOKEN: usize = 2;
@@ -342,6 +348,24 @@ enum Cmd {
     Close(usize),
     WakeDir(PathBuf),
     Done(Token, u64, Outcome),
+    ClientGet(u64, Box<client::Submit>),
+    ClientClose(u64),
+    /// Run the job on the pool at the instant.
+    Timer(Instant, Pool, Job),
+    /// Run the job on the fast pool when `dir` changes (wake_dir, inotify) or at the deadline;
+    /// at once when a `wake_dir` came after the caller read `WAKE_SEQ` (the u64).
+    ParkJob(PathBuf, Instant, u64, Job),
+}
+
+/// The engine's worker pools.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pool {
+    /// `FAST_WORKERS`: log answers, client callbacks, followers' applies.
+    Fast,
+    /// `SLOW_WORKERS`: `/v1/exec`.
+    Slow,
+    /// `BACKGROUND_WORKERS`: long jobs (followers' re-snapshots).
+    Background,
 }
 
 struct Engine {
@@ -349,13 +373,16 @@ struct Engine {
     cmds: Mutex<Vec<Cmd>>,
     fast: Mutex<mpsc::Sender<Job>>,
     slow: Mutex<mpsc::Sender<Job>>,
+    /// Started by its first job (a process that never re-snapshots a follower has none).
+    background: OnceCell<Mutex<mpsc::Sender<Job>>>,
     sites: Mutex<HashMap<usize, Arc<Site>>>,
     next_site: AtomicUsize,
     /// Directories with parked long-polls (so `wake_dir` posts only when someone waits).
     watched: Mutex<HashMap<PathBuf, usize>>,
 }
 
-type Job = Box<dyn FnOnce() + Send>;
+/// Work for a pool.
+pub type Job = Box<dyn FnOnce() + Send>;
 
 static ENGINE: OnceCell<Arc<Engine>> = OnceCell::new();
 
@@ -366,6 +393,33 @@ impl Engine {
     fn post(&self, c: Cmd) {
         self.cmds.lock().unwrap_or_else(|e| e.into_inner()).push(c);
         let _ = self.waker.wake();
+    }
+
+    fn run(&self, pool: Pool, job: Job) {
+        let tx = match pool {
+            Pool::Fast => &self.fast,
+            Pool::Slow => &self.slow,
+            Pool::Background => {
+                let bg = self.background.get_or_try_init(|| {
+                    let (tx, rx) = mpsc::channel::<Job>();
+                    spawn_pool("repl-http-bg", BACKGROUND_WORKERS, rx)?;
+                    Ok::<_, std::io::Error>(Mutex::new(tx))
+                });
+                match bg {
+                    Ok(tx) => tx,
+                    Err(e) => {
+                        // No thread for it (resource limits): the fast pool runs it rather
+                        // than nobody.
+                        crate::logging::event(&format!(
+                            "event=server_error what=background_pool error={:?}",
+                            e.to_string()
+                        ));
+                        &self.fast
+                    }
+                }
+            }
+        };
+        let _ = tx.lock().unwrap_or_else(|e| e.into_inner()).send(job);
     }
 }
 
@@ -380,6 +434,7 @@ fn engine() -> std::io::Result<&'static Arc<Engine>> {
             cmds: Mutex::new(Vec::new()),
             fast: Mutex::new(fast_tx),
             slow: Mutex::new(slow_tx),
+            background: OnceCell::new(),
             sites: Mutex::new(HashMap::new()),
             next_site: AtomicUsize::new(1),
             watched: Mutex::new(HashMap::new()),
@@ -408,7 +463,11 @@ fn spawn_pool(name: &str, n: usize, rx: mpsc::Receiver<Job>) -> std::io::Result<
                     Ok(j) => j,
                     Err(_) => return,
                 };
-                job();
+                // A job that panics must not take its worker with it (the pools never grow
+                // back).
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                    crate::logging::event("event=http_panic what=job");
+                }
             })?;
     }
     Ok(())
@@ -479,15 +538,64 @@ pub fn wake_dir(dir: &Path) {
     }
 }
 
-/// Threads the engine runs (0 before the first listener): for tests and `make bench`.
+/// Threads the engine runs (0 before its first use; the background pool once a job needed
+/// it): for tests and `make bench`.
 pub fn threads() -> usize {
-    if ENGINE.get().is_some() {
-        1 + FAST_WORKERS + SLOW_WORKERS
-    } else {
-        0
+    match ENGINE.get() {
+        Some(e) => {
+            let bg = e.background.get().map_or(0, |_| BACKGROUND_WORKERS);
+            1 + FAST_WORKERS + SLOW_WORKERS + bg
+        }
+        None => 0,
     }
 }
 
+/// Start the engine (its loop and pools) if it is not running yet. Once it runs, `spawn`,
+/// `after` and `park_dir` cannot fail.
+pub fn start() -> std::io::Result<()> {
+    engine().map(|_| ())
+}
+
+/// Run `job` on `pool` (starting the engine if it is not running yet).
+pub fn spawn(pool: Pool, job: Job) -> std::io::Result<()> {
+    engine()?.run(pool, job);
+    Ok(())
+}
+
+/// Run `job` on `pool` once `delay` has passed (a timer of the event loop: no thread sleeps).
+pub fn after(delay: Duration, pool: Pool, job: Job) -> std::io::Result<()> {
+    let e = engine()?;
+    if delay.is_zero() {
+        e.run(pool, job);
+    } else {
+        e.post(Cmd::Timer(Instant::now() + delay, pool, job));
+    }
+    Ok(())
+}
+
+/// The count of `wake_dir` calls so far: read it *before* checking whether there is anything
+/// to do, and pass it to `park_dir`, so that a wake-up in between is not slept through.
+pub fn wake_seq() -> u64 {
+    WAKE_SEQ.load(Ordering::Acquire)
+}
+
+/// Run `job` on the fast pool when log directory `dir` changes (an in-process `wake_dir`, or
+/// inotify for other processes' commits) or at `deadline`, whichever comes first: the
+/// server's parking of long-polls, for in-process waiters (a follower of a directory source).
+/// Runs it at once when a `wake_dir` happened since `seen` (`wake_seq`).
+pub fn park_dir(dir: &Path, deadline: Instant, seen: u64, job: Job) -> std::io::Result<()> {
+    let e = engine()?;
+    // Counted here, not in the loop: a `wake_dir` from now on posts a wake-up for `dir`.
+    *e.watched
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(dir.to_path_buf())
+        .or_default() += 1;
+    e.post(Cmd::ParkJob(dir.to_path_buf(), deadline, seen, job));
+    Ok(())
+}
+
+pub mod client;
 mod conn;
 mod event_loop;
 mod tls;
