@@ -140,6 +140,18 @@ impl AgentHandle {
         rc == ffi::SQLITE_OK && moved != 0
     }
 
+    /// Open this handle's wal-index now, in the calling thread (mapping region 0 if it
+    /// exists; never creating or growing it). Call right after `open`, from the thread that
+    /// opened the database: the unix VFS opens `<db>-shm` by name, so the first `xShmMap`
+    /// must not run on a background thread while the application may be replacing the files
+    /// (a restore; SQLite's faultsim tests copy a saved image over the database between two
+    /// connections). `moved` narrows that race for a later first open (after this one failed,
+    /// e.g. out of memory) but cannot close it: the check and the open are two steps.
+    pub fn open_wal_index(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = self.map0(&mut st);
+    }
+
     /// Map region 0 if not yet mapped (never creates or grows the wal-index).
     fn map0(&self, st: &mut AgentState) -> Option<*mut c_void> {
         self.map_region(st, 0, false).ok().flatten()
