@@ -39,6 +39,7 @@ pub const SQLITE_FCNTL_FILE_POINTER: c_int = 7;
 pub const SQLITE_FCNTL_VFS_POINTER: c_int = 27;
 pub const SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE: c_int = 1006;
 pub const SQLITE_FCNTL_PRAGMA: c_int = 14;
+pub const SQLITE_FCNTL_HAS_MOVED: c_int = 20;
 
 pub const SQLITE_SHM_UNLOCK: c_int = 1;
 pub const SQLITE_SHM_LOCK: c_int = 2;

@@ -142,6 +142,8 @@ impl Primary {
     pub fn attach(db_path: &str, create: bool) -> Result<Arc<Primary>> {
         let dir = crate::txlog::log_dir(db_path);
         let agent = AgentHandle::open(db_path)?;
+        // Here, in the opening thread, not lazily on the background thread (see the method).
+        agent.open_wal_index();
         let policy = maintenance::load_policy(&dir).unwrap_or_default();
         let cfg = crate::txlog::LogConfig {
             segment_bytes: policy.segment_bytes,

@@ -21,12 +21,19 @@ pub struct AgentHandle {
     file: *mut sqlite3_file,
     mem: Vec<u64>,
     fname: *const c_char,
+    path: String,
     state: Mutex<AgentState>,
 }
+
+/// Why a handle whose file was replaced keeps off the wal-index (see `AgentHandle::moved`).
+const REPLACED: &str = "was deleted or replaced by another file since this handle opened it";
 
 struct AgentState {
     /// Mapped wal-index regions (32 KiB each); `regions[0]` is block 0 once mapped.
     regions: Vec<*mut c_void>,
+    /// The underlying VFS has opened this handle's wal-index (the first `xShmMap` succeeded,
+    /// even if it mapped nothing yet): later calls reuse that, they never open it again.
+    shm_opened: bool,
     write_locked: bool,
     /// WAL lock slots held through `LiveShm` (bit i = slot i; exclusive only).
     held: u8,
@@ -75,8 +82,10 @@ impl AgentHandle {
             file,
             mem,
             fname,
+            path: path.to_string(),
             state: Mutex::new(AgentState {
                 regions: Vec::new(),
+                shm_opened: false,
                 write_locked: false,
                 held: 0,
             }),
@@ -102,6 +111,47 @@ impl AgentHandle {
         unsafe { &*(*self.file).pMethods }
     }
 
+    /// True when the path no longer names the file this handle has open: it was deleted, or
+    /// replaced by another file (a restore, or SQLite's tests copying a saved image over it).
+    ///
+    /// Such a handle must not open the wal-index. The unix VFS finds a database's shared memory
+    /// by *name* (`<db>-shm`) but keeps its per-process wal-index and lock bookkeeping per
+    /// database *inode*, and POSIX locks never conflict within one process. So the first
+    /// `xShmMap` of a handle on the old inode opens the `-shm` of the NEW file as a second
+    /// wal-index object, sees no other holder of its DMS lock (only other processes' locks
+    /// are visible) and truncates it, as the first opener does: under this process's live
+    /// connections to the new file (SQLite's walfault.test in primary mode: SIGBUS in
+    /// `walIndexRecover`, the mapping now past the end of the file; a writer could lose its
+    /// wal-index instead). Taking WAL locks through such a handle would likewise not exclude
+    /// this process's connections to the new file.
+    fn moved(&self) -> bool {
+        let Some(fc) = self.methods().xFileControl else {
+            return false;
+        };
+        let mut moved: c_int = 0;
+        // SAFETY: SQLITE_FCNTL_HAS_MOVED writes one int through the pointer; the handle is open.
+        let rc = unsafe {
+            fc(
+                self.file,
+                ffi::SQLITE_FCNTL_HAS_MOVED,
+                &mut moved as *mut c_int as *mut c_void,
+            )
+        };
+        rc == ffi::SQLITE_OK && moved != 0
+    }
+
+    /// Open this handle's wal-index now, in the calling thread (mapping region 0 if it
+    /// exists; never creating or growing it). Call right after `open`, from the thread that
+    /// opened the database: the unix VFS opens `<db>-shm` by name, so the first `xShmMap`
+    /// must not run on a background thread while the application may be replacing the files
+    /// (a restore; SQLite's faultsim tests copy a saved image over the database between two
+    /// connections). `moved` narrows that race for a later first open (after this one failed,
+    /// e.g. out of memory) but cannot close it: the check and the open are two steps.
+    pub fn open_wal_index(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = self.map0(&mut st);
+    }
+
     /// Map region 0 if not yet mapped (never creates or grows the wal-index).
     fn map0(&self, st: &mut AgentState) -> Option<*mut c_void> {
         self.map_region(st, 0, false).ok().flatten()
@@ -118,9 +168,18 @@ impl AgentHandle {
                 "the underlying VFS has no shared-memory support (xShmMap)".into(),
             ));
         };
+        if !st.shm_opened && self.moved() {
+            return Err(Error::Other(format!(
+                "not opening the wal-index: {} {REPLACED}",
+                self.path
+            )));
+        }
         let mut p: *mut c_void = std::ptr::null_mut();
         // SAFETY: mapping region k of 32 KiB through our own open handle; `p` receives it.
         let rc = unsafe { m(self.file, k as c_int, 32768, c_int::from(extend), &mut p) };
+        if rc == ffi::SQLITE_OK {
+            st.shm_opened = true;
+        }
         if rc != ffi::SQLITE_OK {
             return Err(Error::io(
                 format!("mapping wal-index region {k}"),
@@ -226,7 +285,7 @@ impl AgentHandle {
     /// Try to take the WAL WRITE lock (never waits). Returns false when busy.
     pub fn try_lock_write(&self) -> bool {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if st.write_locked || self.map0(&mut st).is_none() {
+        if st.write_locked || self.map0(&mut st).is_none() || self.moved() {
             return false;
         }
         let Some(l) = self.methods().xShmLock else {

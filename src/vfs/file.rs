@@ -230,7 +230,9 @@ unsafe extern "C" fn x_write(
                     && db.counters().write_holders.load(Ordering::Acquire) == 0
                 {
                     crate::logging::event(&format!(
-                        "event=wal_write_refused db={:?} reason=\"no WAL write lock held (exclusive locking mode?)\"",
+                        "event=wal_write_refused db={:?} reason=\"no WAL write lock taken through the replica VFS: \
+                         exclusive locking mode, or a VFS stacked above replica that keeps its own shared \
+                         memory (SQLite's testvfs); capture would not see this commit\"",
                         db.path()
                     ));
                     return ffi::SQLITE_IOERR_WRITE;
