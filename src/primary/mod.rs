@@ -247,7 +247,7 @@ impl Primary {
         let snap = st.log.latest_snapshot(None)?;
         if snap.is_none() && st.log.last().is_none() {
             // A new lineage: the state now is LSN 0, generation 1.
-            let meta = self.write_snapshot_streamed(st, io, h, Lsn(0), Generation(1))?;
+            let (meta, _) = self.write_snapshot_streamed(st, io, h, Lsn(0), Generation(1))?;
             st.pos = Position::from_meta(&meta);
             self.save_position(st)?;
             Log::write_durable(&self.dir, Lsn(0), Generation(1))?;

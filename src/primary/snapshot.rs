@@ -6,7 +6,7 @@
 use super::Position;
 use super::{log_event, Capture, DbFileIo, Primary};
 use crate::error::{Error, Result};
-use crate::txlog::{DbChecksum, Page, Record, RecordMeta};
+use crate::txlog::{DbChecksum, RecordMeta};
 use crate::types::{Generation, Lsn, PageNo, PageSize};
 use crate::util::now_ms;
 use crate::wal::{self, FrameReader, WalIndexHeader};
@@ -48,10 +48,19 @@ impl Primary {
             "event=gap db={:?} reason={:?} new_generation={} lsn={}",
             self.db_path, reason, generation, lsn
         ));
-        let rec = self.snapshot_record(st, io, h, lsn, generation)?;
-        st.log.append(&rec)?;
-        st.log.write_snapshot(&rec)?;
-        st.pos = Position::from_meta(&rec.meta);
+        // Streamed: the snapshot file first, then the same record copied into the log (a
+        // page at a time and a MiB at a time: never the database in memory).
+        let (meta, path) = self.write_snapshot_streamed(st, io, h, lsn, generation)?;
+        let len = crate::txlog::record_len(meta.page_size, meta.page_count);
+        if let Err(e) =
+            st.log
+                .append_copy_of(&meta, &path, crate::txlog::SEGMENT_HEADER_LEN as u64, len)
+        {
+            // Not in the log: the snapshot file must not stand for this LSN either.
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        st.pos = Position::from_meta(&meta);
         st.gaps += 1;
         st.last_error = Some(format!(
             "gap detected ({reason}); generation {generation} started with a snapshot at LSN {lsn}"
@@ -70,7 +79,7 @@ impl Primary {
         h: &WalIndexHeader,
         lsn: Lsn,
         generation: Generation,
-    ) -> Result<RecordMeta> {
+    ) -> Result<(RecordMeta, std::path::PathBuf)> {
         let mut wal_pages: BTreeMap<u32, u32> = BTreeMap::new();
         let mut frame_cksum = (0, 0);
         let mut ps = None;
@@ -133,93 +142,9 @@ impl Primary {
             db_checksum: sums.total(),
             page_count: count,
         };
-        crate::txlog::write_streamed(&self.dir.join("snap"), &meta, &mut read_page)?;
+        let path = crate::txlog::write_streamed(&self.dir.join("snap"), &meta, &mut read_page)?;
         st.sums = sums;
         st.page_size = Some(ps);
-        Ok(meta)
-    }
-
-    /// A SNAPSHOT record of the state published in `h` (WRITE held: the state cannot move).
-    pub(super) fn snapshot_record(
-        &self,
-        st: &mut Capture,
-        io: &dyn DbFileIo,
-        h: &WalIndexHeader,
-        lsn: Lsn,
-        generation: Generation,
-    ) -> Result<Record> {
-        let mut wal_pages: BTreeMap<u32, u32> = BTreeMap::new();
-        let mut frame_cksum = (0, 0);
-        let mut ps = None;
-        let mut f_opt = None;
-        let mut hdr_opt = None;
-        if h.mx_frame > 0 {
-            let f = self.wal_file(st)?;
-            let hdr = self.wal_header(st, h.salts)?;
-            let mut reader = FrameReader::new(&*f, &hdr, 1, hdr.cksum);
-            while reader.next_frame_no() <= h.mx_frame {
-                let fr = reader.next_frame()?.ok_or_else(|| {
-                    Error::Corrupt(format!("WAL ends before published frame {}", h.mx_frame))
-                })?;
-                wal_pages.insert(fr.header.pgno, fr.frame_no);
-            }
-            frame_cksum = reader.running();
-            ps = Some(hdr.page_size);
-            f_opt = Some(f);
-            hdr_opt = Some(hdr);
-        }
-        let mut head = [0u8; 100];
-        io.read_db(0, &mut head)?;
-        let ps = match ps {
-            Some(p) => p,
-            None => PageSize::from_db_header(&head).unwrap_or(PageSize::new(4096).expect("valid")),
-        };
-        let n_pages = if h.mx_frame > 0 {
-            h.n_page
-        } else {
-            u32::from_be_bytes(head[28..32].try_into().unwrap())
-        };
-        let lock_page = ps.lock_byte_page().get();
-        let mut sums = DbChecksum::new(ps);
-        let mut pages = Vec::with_capacity(n_pages as usize);
-        let mut buf = vec![0u8; ps.bytes()];
-        for pgno in 1..=n_pages {
-            if pgno == lock_page {
-                continue;
-            }
-            match (wal_pages.get(&pgno), &f_opt) {
-                (Some(&fno), Some(f)) => {
-                    let off = wal::frame_offset(ps, fno) + wal::FRAME_HEADER_SIZE as u64;
-                    f.read_exact_at(&mut buf, off)
-                        .map_err(|e| Error::io("reading a WAL frame", e))?;
-                }
-                _ => io.read_db((pgno as u64 - 1) * ps.get() as u64, &mut buf)?,
-            }
-            let p = PageNo::new(pgno).expect("pgno >= 1");
-            sums.set_page(p, &buf);
-            pages.push(Page {
-                pgno: p,
-                data: buf.clone(),
-            });
-        }
-        let _ = hdr_opt;
-        st.sums = sums;
-        st.page_size = Some(ps);
-        Ok(Record {
-            meta: RecordMeta {
-                lsn,
-                generation,
-                snapshot: true,
-                page_size: ps,
-                commit_size: n_pages,
-                timestamp_ms: now_ms(),
-                wal_salts: h.salts,
-                wal_frame: h.mx_frame,
-                wal_cksum: if h.mx_frame > 0 { frame_cksum } else { (0, 0) },
-                db_checksum: st.sums.total(),
-                page_count: pages.len() as u32,
-            },
-            pages,
-        })
+        Ok((meta, path))
     }
 }

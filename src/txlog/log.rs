@@ -359,20 +359,56 @@ impl Log {
     /// take the current segment beyond `segment_bytes`. Returns the bytes written.
     pub fn append(&mut self, r: &Record) -> Result<u64> {
         validate_record(r)?;
+        let bytes = encode_record(r);
+        self.append_with(&r.meta, bytes.len() as u64, &mut |f, at| {
+            f.write_all_at(&bytes, at)
+        })
+    }
+
+    /// Appends the encoded record `meta` found at `offset`, `len` bytes, in the file `src` (a
+    /// snapshot file: its record after the segment header), copied in 1 MiB pieces, so a
+    /// whole-database record never sits in memory. The bytes are the ones already validated
+    /// when that file was written (the caller wrote it); readers validate them again.
+    pub fn append_copy_of(
+        &mut self,
+        meta: &RecordMeta,
+        src: &Path,
+        offset: u64,
+        len: u64,
+    ) -> Result<u64> {
+        let from = std::fs::File::open(src)
+            .map_err(|e| Error::io(format!("opening {}", src.display()), e))?;
+        self.append_with(meta, len, &mut |f, at| {
+            let mut buf = vec![0u8; (1 << 20).min(len as usize)];
+            let mut done = 0u64;
+            while done < len {
+                let n = buf.len().min((len - done) as usize);
+                from.read_exact_at(&mut buf[..n], offset + done)?;
+                f.write_all_at(&buf[..n], at + done)?;
+                done += n as u64;
+            }
+            Ok(())
+        })
+    }
+
+    fn append_with(
+        &mut self,
+        meta: &RecordMeta,
+        len: u64,
+        write: &mut dyn FnMut(&File, u64) -> std::io::Result<()>,
+    ) -> Result<u64> {
         if let Some(last) = &self.last {
-            check_sequence(last, &r.meta).map_err(|m| {
+            check_sequence(last, meta).map_err(|m| {
                 Error::OutOfSequence(format!("append to log {}: {m}", self.dir.display()))
             })?;
         }
-        let bytes = encode_record(r);
-        let len = bytes.len() as u64;
         let need_new = match &self.cur {
             None => true,
-            Some(c) if !c.has_records => !(c.header_ok && c.first_lsn == r.meta.lsn),
+            Some(c) if !c.has_records => !(c.header_ok && c.first_lsn == meta.lsn),
             Some(c) => c.end + len > self.cfg.segment_bytes,
         };
         if need_new {
-            self.roll(r.meta.lsn)?;
+            self.roll(meta.lsn)?;
         }
         let c = self.cur.as_mut().expect("roll() sets the current segment");
         let ctx = |what: &str| format!("{what} segment {}", c.path.display());
@@ -396,14 +432,14 @@ impl Log {
                 c.reserved = want;
             }
         }
-        if let Err(e) = f.write_all_at(&bytes, c.end) {
+        if let Err(e) = write(f, c.end) {
             let _ = f.set_len(c.end);
             return Err(Error::io(ctx("appending to"), e));
         }
         c.end += len;
         c.has_records = true;
-        self.first_lsn.get_or_insert(r.meta.lsn);
-        self.last = Some(r.meta.clone());
+        self.first_lsn.get_or_insert(meta.lsn);
+        self.last = Some(meta.clone());
         Ok(len)
     }
 

@@ -160,3 +160,27 @@ def test_damaged_snapshot_leaves_the_replica_empty(small_primary, small_server, 
         again = bootstrap(tmp_path / "r.db", url)
         assert again["error"] is None, again
         assert again["checksum"] == p["checksum"]
+
+
+def test_gap_snapshot_of_a_large_database_uses_bounded_memory(big_primary):
+    """A commit by a writer without the extension (a gap): the next writer through the
+    extension starts a new generation with a full snapshot, written to the snapshot file and
+    copied into the log a piece at a time (runs last: it changes the module's primary)."""
+    db, p = big_primary
+    import sqlite3  # this interpreter's own SQLite, without the extension: a foreign writer
+    stock = sqlite3.connect(db)
+    stock.execute("insert into t(b) values(x'01')")
+    stock.commit()
+    stock.close()
+    out = json.loads(py_ok(PEAK + r"""
+import json
+load()
+c = connect(%r)
+before = peak()
+c.execute("insert into t(b) values(x'02')")
+after = peak()
+st = json.loads(one(c, "select repl_status()"))
+print(json.dumps({"before": before, "after": after, "generation": st["generation"], "gaps": st.get("gaps")}))
+""" % str(db), timeout=300))
+    assert out["generation"] == 2, out
+    assert out["after"] - out["before"] < BOUND, out
