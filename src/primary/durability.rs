@@ -1,11 +1,12 @@
-//! The primary's background thread, one per database per process: the group fsync of the WAL
-//! for synchronous=NORMAL (records become visible to replicas only up to the durable
-//! watermark it raises), the watermark for synchronous=FULL, and the T3 poll that notices
-//! commits made without the shim.
+//! The primary's background thread, one per database per process: the group fsync round
+//! (the WAL for synchronous=NORMAL, and for every mode the log segments written since the
+//! last round) after which it raises the durable watermark (records become visible to
+//! replicas only up to it: FORMAT.md §7, "in the log and the log fsynced"), and the T3 poll
+//! that notices commits made without the shim.
 
 use super::{lock, read_header, Primary};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 impl Primary {
     /// Make every record captured so far durable and visible to replicas now (the group
@@ -53,16 +54,26 @@ impl Primary {
             }
         }
         // Group fsync: make pending records durable, then advance the watermark.
-        let (target, wal) = {
+        let (target, wal, segments) = {
             let mut st = lock(&self.state);
-            if st.pending {
+            let (target, wal) = if st.pending {
                 st.pending = false;
                 st.synced = None;
                 (st.pos, self.wal_file(&mut st).ok())
             } else if let Some(p) = st.synced.take() {
-                (p, None) // synced by its commit (synchronous=FULL)
+                (p, None) // the WAL was synced by its commit (synchronous=FULL)
             } else {
                 return;
+            };
+            // The watermark means "in the log and the log fsynced" (FORMAT.md §7): the
+            // segments written up to `target` are fsynced in this round too.
+            match st.log.pending_sync() {
+                Ok(b) => (target, wal, b),
+                Err(e) => {
+                    st.last_error = Some(e.to_string());
+                    st.pending = true;
+                    return;
+                }
             }
         };
         if let Some(w) = wal {
@@ -72,6 +83,13 @@ impl Primary {
                 return;
             }
         }
+        if let Err(e) = segments.run() {
+            let mut st = lock(&self.state);
+            st.last_error = Some(e.to_string());
+            st.pending = true;
+            return;
+        }
+        lock(&self.state).log.sync_done(segments);
         // Raise the watermark without holding the state lock (commits may be waiting on it).
         if let Err(e) = self.durable_file.raise(target.lsn, target.generation) {
             lock(&self.state).last_error = Some(e.to_string());
@@ -79,14 +97,6 @@ impl Primary {
         crate::transport::notify::bump(&self.dir);
         let mut st = lock(&self.state);
         st.durable = st.durable.max(target.lsn);
-        // The WAL is the durable copy of every captured transaction (capture re-reads it after
-        // a crash), so the log itself is synced lazily, at most once a second.
-        if st.last_log_sync.elapsed() > Duration::from_secs(1) {
-            st.last_log_sync = Instant::now();
-            if let Err(e) = st.log.sync() {
-                st.last_error = Some(e.to_string());
-            }
-        }
     }
 }
 

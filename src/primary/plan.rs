@@ -72,8 +72,18 @@ pub(super) fn plan(input: &Inputs<'_>) -> Plan {
                 pos.frame
             ));
         }
-        if pos.frame == 0 || witnessed {
+        if witnessed {
             return Plan::Reset;
+        }
+        if pos.frame == 0 && dead.is_none() {
+            // Nothing captured in the old WAL, but nobody of ours reset it: the WAL was
+            // deleted or reset outside (a last closer without the extension, or a rollback
+            // journal mode and back, whose writes went straight into the database file).
+            // Loss-free only if the database file is still the captured state.
+            return Plan::ResetIfDbMatches(
+                "the WAL was reset by a writer we did not witness (salts changed, nothing was                  captured in the old WAL) and the database file differs from the captured state"
+                    .into(),
+            );
         }
         if let Some(c) = dead {
             // The dead session reset the WAL (a TRUNCATE checkpoint, or a restart whose
@@ -220,7 +230,8 @@ mod tests {
             // empty WAL
             ("empty, same salts, nothing captured", pos(0), header(OLD, 0, 7, (0, 0)), false, None, Want::Nothing),
             ("empty, same salts, frames captured", pos(5), header(OLD, 0, 7, (0, 0)), false, None, Want::Gap("went backwards: empty")),
-            ("empty, new salts, nothing captured", pos(0), header(NEW, 0, 7, (0, 0)), false, None, Want::Reset),
+            ("empty, new salts, nothing captured, not witnessed", pos(0), header(NEW, 0, 7, (0, 0)), false, None, Want::ResetIfDbMatches),
+            ("empty, new salts, nothing captured, witnessed", pos(0), header(NEW, 0, 7, (0, 0)), true, None, Want::Reset),
             ("empty, new salts, witnessed", pos(5), header(NEW, 0, 8, (0, 0)), true, None, Want::Reset),
             ("empty, new salts, dead session, same iChange", pos(5), header(NEW, 0, 7, (0, 0)), false, Some(intent(5)), Want::Reset),
             ("empty, new salts, dead session, rebuilt iChange", pos(5), header(NEW, 0, 0, (0, 0)), false, Some(intent(5)), Want::ResetIfDbMatches),

@@ -6,7 +6,7 @@
 use super::Position;
 use super::{log_event, Capture, DbFileIo, Primary};
 use crate::error::{Error, Result};
-use crate::txlog::{DbChecksum, Page, Record, RecordMeta};
+use crate::txlog::{DbChecksum, Log, Page, Record, RecordMeta};
 use crate::types::{Generation, Lsn, PageNo, PageSize};
 use crate::util::now_ms;
 use crate::wal::{self, FrameReader, WalIndexHeader};
@@ -42,13 +42,29 @@ impl Primary {
         h: &WalIndexHeader,
         reason: &str,
     ) -> Result<()> {
-        let lsn = st.pos.lsn.next();
-        let generation = Generation(st.pos.generation.0 + 1);
+        // Never reuse an LSN a replica may hold: the watermark is the highest LSN ever served,
+        // and it is above the log's tail only if served records were lost (FORMAT.md §7 says
+        // that cannot happen short of losing fsynced data). Then the new generation starts
+        // past it, in a log that restarts there: replicas behind it re-snapshot (their LSN is
+        // older than the log's first), replicas at it take the snapshot as the next LSN.
+        let served = Log::read_durable(&self.dir)?.map_or(Lsn(0), |d| d.0);
+        let lsn = st.pos.lsn.max(served).next();
+        let generation = Generation(st.pos.generation.0.max(served_generation(&self.dir)) + 1);
         log_event(&format!(
             "event=gap db={:?} reason={:?} new_generation={} lsn={}",
             self.db_path, reason, generation, lsn
         ));
         let rec = self.snapshot_record(st, io, h, lsn, generation)?;
+        if lsn != st.pos.lsn.next() {
+            log_event(&format!(
+                "event=log_restarted db={:?} lost_lsns={}..={} first_lsn={lsn} reason=\"records at or \
+                 below the durable watermark were lost; replicas re-snapshot\"",
+                self.db_path,
+                st.pos.lsn.next(),
+                served
+            ));
+            st.log.drop_all_segments()?;
+        }
         st.log.append(&rec)?;
         st.log.write_snapshot(&rec)?;
         st.pos = Position::from_meta(&rec.meta);
@@ -142,4 +158,9 @@ impl Primary {
             pages,
         })
     }
+}
+
+/// The generation of the durable watermark (0 when there is none).
+fn served_generation(dir: &std::path::Path) -> u32 {
+    Log::read_durable(dir).ok().flatten().map_or(0, |d| d.1 .0)
 }
