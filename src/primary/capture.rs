@@ -337,6 +337,12 @@ impl Primary {
                     held.push((rec, pos));
                     continue;
                 }
+                if crate::sys::fault_fails("log-append") {
+                    return Err(Error::io(
+                        "appending to the log (REPL_FAULT_FAIL_AT)",
+                        std::io::Error::other("injected failure"),
+                    ));
+                }
                 st.log.append(&rec)?;
                 st.captured_txns += 1;
             }

@@ -47,7 +47,12 @@ impl Primary {
         // that cannot happen short of losing fsynced data). Then the new generation starts
         // past it, in a log that restarts there: replicas behind it re-snapshot (their LSN is
         // older than the log's first), replicas at it take the snapshot as the next LSN.
-        let served = Log::read_durable(&self.dir)?.map_or(Lsn(0), |d| d.0);
+        // (A damaged watermark file must not stop capture: this process's own view counts too.)
+        let served = Log::read_durable(&self.dir)
+            .ok()
+            .flatten()
+            .map_or(Lsn(0), |d| d.0)
+            .max(st.durable);
         let lsn = st.pos.lsn.max(served).next();
         let generation = Generation(st.pos.generation.0.max(served_generation(&self.dir)) + 1);
         log_event(&format!(

@@ -229,3 +229,29 @@ def test_replica_holding_a_reused_lsn_resnapshots_by_itself(tmp):
     assert [e for e in r.stderr().splitlines() if "event=resnapshot" in e and "history the primary lost" in e]
     p.close()
     r.close()
+
+
+def test_failed_append_is_captured_later_with_correct_checksums(tmp):
+    """Item 5 of issue 14: an append that fails after the record was built (its pages already in
+    the per-page checksums) must not leave the checksums ahead of the log. The commit succeeds,
+    the error is reported, the next capture takes the transaction with the next LSN, and the
+    replica and the rebuilt log agree with the primary's checksum."""
+    pdb, rdb = tmp / "p.db", tmp / "r.db"
+    p = start_primary(pdb, env={**os.environ, "REPL_FAULT_FAIL_AT": "log-append:4"})
+    p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+    lsn0 = p.one("SELECT repl_lsn()")
+    for i in range(6):
+        p.q("INSERT INTO t(v) VALUES (randomblob(500))")
+        if i == 2:  # the 4th append (CREATE TABLE was the 1st) failed
+            st = worker_status(p)
+            assert "injected failure" in (st["last_error"] or ""), st
+            assert p.one("SELECT repl_lsn()") == lsn0 + 2
+    assert p.one("SELECT repl_lsn()") == lsn0 + 6
+    st = worker_status(p)
+    assert st["generation"] == 1 and st["gaps"] == 0, st
+    r = start_replica(rdb, pdb)
+    assert_replica_matches(r, p)
+    assert r.one("SELECT count(*) FROM t") == 6
+    p.close()
+    r.close()
+    assert_rebuild_equals(pdb, tmp / "out.db")
