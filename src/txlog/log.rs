@@ -65,6 +65,10 @@ struct SyncState {
     /// Counts `dir_dirty` settings, so a `PendingSync` clears the flag only if nothing new
     /// dirtied the directory while it ran.
     dir_epoch: u64,
+    /// The current segment of the last successful batch: a batch for another one also fsyncs
+    /// `log/`, since that segment may have been created by another process (whose own
+    /// directory fsync may not have run yet).
+    synced_segment: Option<PathBuf>,
 }
 
 /// The fsyncs that make every record appended so far durable (`Log::pending_sync`), taken as
@@ -74,6 +78,7 @@ pub struct PendingSync {
     files: Vec<(File, String)>,
     rolled: usize,
     dir: Option<(PathBuf, u64)>,
+    segment: Option<PathBuf>,
 }
 
 impl PendingSync {
@@ -567,8 +572,15 @@ impl Log {
             .map_err(|e| Error::io(format!("opening segment {name} to fsync it"), e))?;
             files.push((f, name));
         }
-        let dir = st.dir_dirty.then(|| (self.log_dir.clone(), st.dir_epoch));
-        Ok(PendingSync { files, rolled, dir })
+        let segment = self.cur.as_ref().map(|c| c.path.clone());
+        let new_segment = segment.is_some() && segment != st.synced_segment;
+        let dir = (st.dir_dirty || new_segment).then(|| (self.log_dir.clone(), st.dir_epoch));
+        Ok(PendingSync {
+            files,
+            rolled,
+            dir,
+            segment,
+        })
     }
 
     /// A batch from `pending_sync` ran successfully: forget what it made durable.
@@ -580,6 +592,9 @@ impl Log {
             if st.dir_epoch == epoch {
                 st.dir_dirty = false;
             }
+        }
+        if batch.segment.is_some() {
+            st.synced_segment = batch.segment;
         }
     }
 
