@@ -28,7 +28,9 @@ import struct
 import pytest
 
 from capture_check import assert_rebuild_equals, inspect, log_dir
-from helpers import Worker, lsn_checksum, start_primary, start_replica, stock_one, sync_to, wait_for, worker_status
+from helpers import (
+    Worker, lsn_checksum, serve, start_primary, start_replica, stock_one, sync_to, wait_for, worker_status,
+)
 
 
 def segment_tail(db) -> tuple[str, int, int]:
@@ -57,20 +59,29 @@ def wait_durable(w: Worker, lsn: int) -> None:
     wait_for(lambda: (worker_status(w)["log"]["durable_lsn"] or 0) >= lsn, timeout=15, what=f"LSN {lsn} durable")
 
 
-def setup(tmp, writers: int = 1):
+def setup(tmp, writers: int = 1, transport: str = "dir"):
     """A primary with a table and 20 rows (the first writer process is the primary), and a
-    replica synced to it. Returns (pdb, rdb, writers, replica, lsn)."""
+    replica synced to it, from the directory or over HTTP from the first writer's process (the
+    URL is kept in ``setup.url``: ``serve_again`` serves a reopened primary there). Returns
+    (pdb, rdb, writers, replica, lsn)."""
     pdb, rdb = tmp / "p.db", tmp / "r.db"
     ws = [start_primary(pdb)]
+    setup.url = serve(ws[0]) if transport == "http" else None
     ws[0].q("CREATE TABLE t(id INTEGER PRIMARY KEY, who TEXT, v BLOB)")
     ws += [Worker(pdb) for _ in range(writers - 1)]
     for i in range(20):
         ws[i % writers].q("INSERT INTO t(who, v) VALUES (?, randomblob(300))", [f"w{i % writers}"])
     lsn = ws[0].one("SELECT repl_lsn()")
     wait_durable(ws[0], lsn)
-    r = start_replica(rdb, pdb)
+    r = start_replica(rdb, setup.url or pdb)
     sync_to(r, lsn)
     return pdb, rdb, ws, r, lsn
+
+
+def serve_again(p: Worker) -> None:
+    """Serve a reopened primary on the URL of ``setup`` (when the replica follows over HTTP)."""
+    if setup.url:
+        serve(p, port=int(setup.url.rsplit(":", 1)[1].split("/")[0]))
 
 
 def last_commit_then_crash(pdb, ws, served: bool, r=None):
@@ -182,17 +193,19 @@ def test_served_record_lost_is_recaptured_and_the_replica_keeps_it(tmp):
     assert_rebuild_equals(pdb, tmp / "out.db")
 
 
-def test_served_record_lost_for_good_continues_past_the_watermark(tmp):
+@pytest.mark.parametrize("transport", ["dir", "http"])
+def test_served_record_lost_for_good_continues_past_the_watermark(tmp, transport):
     """The served record is gone from the log AND its frames from the WAL (a process without the
     extension checkpointed and truncated it): the new generation takes the LSN after the
     watermark, never the lost one, and the replica that held it re-snapshots by itself."""
-    pdb, _, ws, r, lsn = setup(tmp)
+    pdb, _, ws, r, lsn = setup(tmp, transport=transport)
     lost = last_commit_then_crash(pdb, ws, served=True, r=r)
     path, start, _ = segment_tail(pdb)
     os.truncate(path, start)
     stock_one(pdb, "PRAGMA wal_checkpoint(TRUNCATE);")
     assert not os.path.exists(f"{pdb}-wal") or os.path.getsize(f"{pdb}-wal") == 0
     (p,) = reopen_and_write(pdb)
+    serve_again(p)
     st = worker_status(p)
     assert st["generation"] == 2, st
     # The snapshot of generation 2 is LSN lost + 1, the row written after it lost + 2.
@@ -207,12 +220,13 @@ def test_served_record_lost_for_good_continues_past_the_watermark(tmp):
     assert_rebuild_equals(pdb, tmp / "out.db")
 
 
-def test_replica_holding_a_reused_lsn_resnapshots_by_itself(tmp):
+@pytest.mark.parametrize("transport", ["dir", "http"])
+def test_replica_holding_a_reused_lsn_resnapshots_by_itself(tmp, transport):
     """What a primary before issue 14's fix did: the replica applied LSN n, the primary lost it
     without a trace (record and watermark) and reused n for a new generation's snapshot. The
     replica's next syncs see generation 2 records right after its LSN: it re-snapshots once and
     follows, instead of failing every sync with "the source's log is inconsistent"."""
-    pdb, _, ws, r, lsn = setup(tmp)
+    pdb, _, ws, r, lsn = setup(tmp, transport=transport)
     before = durable_bytes(pdb)
     lost = last_commit_then_crash(pdb, ws, served=True, r=r)
     path, start, _ = segment_tail(pdb)
@@ -220,6 +234,7 @@ def test_replica_holding_a_reused_lsn_resnapshots_by_itself(tmp):
     (log_dir(pdb) / "durable").write_bytes(before)  # the watermark lost with it
     stock_one(pdb, "PRAGMA wal_checkpoint(TRUNCATE);")
     (p,) = reopen_and_write(pdb)
+    serve_again(p)
     assert worker_status(p)["generation"] == 2
     recs = inspect(pdb)
     reused = [x for x in recs if x.lsn == lost]
