@@ -211,6 +211,16 @@ impl Primary {
                 Ok(None) => Ok(()),
                 Err(e) => Err(e),
             },
+            Ok(Plan::ResetIfPage1Matches(why)) => match self.db_page1_matches(st, io) {
+                Ok(true) => {
+                    st.pos.salts = h.salts;
+                    st.pos.frame = 0;
+                    st.pos.cksum = (0, 0);
+                    self.save_position(st)
+                }
+                Ok(false) => self.new_generation(st, io, h, &why),
+                Err(e) => Err(e),
+            },
             Ok(Plan::ResetIfDbMatches(why)) => match self.db_file_matches(st, io) {
                 Ok(true) => {
                     st.pos.salts = h.salts;

@@ -51,7 +51,9 @@ impl Primary {
                     // Not a crash artefact: records that were fsynced (and may have been
                     // served) were damaged or lost. Repaired, but a person should know.
                     st.last_error = Some(format!(
-                        "the log lost or had damaged records {}..={served} at or below the durable                          watermark (fsynced data was lost: check the disk); they were re-captured                          from the WAL with the same LSNs and content",
+                        "the log lost or had damaged records {}..={served} at or below the durable \
+                         watermark (fsynced data was lost: check the disk); they were re-captured \
+                         from the WAL with the same LSNs and content",
                         tail.lsn.next()
                     ));
                 }

@@ -34,6 +34,18 @@ impl Primary {
         Ok(sums.total() == st.sums.total())
     }
 
+    /// With the WAL empty (WRITE held): is page 1 of the database file the captured page 1?
+    /// One read. Every transaction in a rollback journal mode rewrites page 1 (its change
+    /// counter), and so does a switch of the journal mode, so this catches writes made while
+    /// the database left WAL mode (WAL.md §D.7).
+    pub(super) fn db_page1_matches(&self, st: &Capture, io: &dyn DbFileIo) -> Result<bool> {
+        let ps = st.sums.page_size();
+        let mut buf = vec![0u8; ps.bytes()];
+        io.read_db(0, &mut buf)?;
+        let p1 = PageNo::new(1).expect("1 >= 1");
+        Ok(st.sums.page(p1) == Some(crate::types::page_checksum(p1, &buf)))
+    }
+
     /// A gap: log it and start generation + 1 with a full snapshot as the next LSN.
     pub(super) fn new_generation(
         &self,

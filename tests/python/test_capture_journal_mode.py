@@ -14,12 +14,18 @@ alive, a stock ``sqlite3`` can run ``PRAGMA journal_mode=DELETE`` and write. The
 
 from __future__ import annotations
 
+import pytest
+
 from helpers import (
     Worker, lsn_checksum, start_primary, start_replica, stock_one, sync_to, wait_for, worker_status,
 )
 
 
-def test_stock_switch_to_delete_mode_then_repl_primary(tmp):
+@pytest.mark.parametrize("truncated", [False, True], ids=["wal-with-frames", "wal-truncated"])
+def test_stock_switch_to_delete_mode_then_repl_primary(tmp, truncated):
+    """``wal-truncated``: the last primary process ran a TRUNCATE checkpoint before closing, so
+    nothing is captured in the WAL the stock switch deletes; only the database file (page 1)
+    shows the rollback-mode writes."""
     pdb, rdb = tmp / "p.db", tmp / "r.db"
     p = start_primary(pdb)
     p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, who TEXT)")
@@ -28,6 +34,9 @@ def test_stock_switch_to_delete_mode_then_repl_primary(tmp):
     lsn = p.one("SELECT repl_lsn()")
     r = start_replica(rdb, pdb)
     sync_to(r, lsn)
+    if truncated:
+        assert p.q("PRAGMA wal_checkpoint(TRUNCATE)")[0][0] == 0
+        assert p.one("SELECT repl_lsn()") == lsn
     p.close()
 
     # No primary process: a stock sqlite3 leaves WAL mode and writes in DELETE mode.
@@ -52,6 +61,9 @@ def test_stock_switch_to_delete_mode_then_repl_primary(tmp):
         w.q("INSERT INTO t(who) VALUES ('ext2')")
         st = worker_status(w)
         assert st["role"] == "primary" and st["generation"] == 2 and st["gaps"] == 1, st
+        gap = [ln for ln in w.stderr().splitlines() if "event=gap" in ln]
+        want = "page 1 of the database file differs" if truncated else "by a writer we did not witness"
+        assert len(gap) == 1 and want in gap[0], gap
         assert w.one("SELECT repl_lsn()") > lsn + 1, "the gap's snapshot and the write after it"
         rows = [x[0] for x in w.q("SELECT who FROM t ORDER BY id")]
         assert rows == [f"wal{i}" for i in range(5)] + ["stock1", "ext1", "stock2", "ext2"]
@@ -87,5 +99,25 @@ def test_open_in_rollback_mode_then_repl_primary_before_any_write(tmp):
         assert got in (lsn + 1, lsn + 2), (got, lsn)
         assert [x[0] for x in w.q("SELECT x FROM t ORDER BY x")] == [1, 2]
         assert w.one("PRAGMA integrity_check") == "ok"
+    finally:
+        w.close()
+
+
+def test_restart_after_truncate_checkpoint_is_not_a_gap(tmp):
+    """The common case the rollback-mode check must not turn into a gap: a TRUNCATE checkpoint,
+    every process gone, a new process writes (recovery of the empty WAL gives new salts)."""
+    pdb = tmp / "p.db"
+    p = start_primary(pdb)
+    p.q("CREATE TABLE t(x)")
+    p.q("INSERT INTO t VALUES (1)")
+    assert p.q("PRAGMA wal_checkpoint(TRUNCATE)")[0][0] == 0
+    lsn = p.one("SELECT repl_lsn()")
+    p.close()
+    w = Worker(pdb)
+    try:
+        w.q("INSERT INTO t VALUES (2)")
+        st = worker_status(w)
+        assert st["generation"] == 1 and st["gaps"] == 0, st
+        assert w.one("SELECT repl_lsn()") == lsn + 1
     finally:
         w.close()
