@@ -129,8 +129,8 @@ pub fn fault_point(point: &str) {
     }
 }
 
-/// Test fault injection: `REPL_FAULT_FAIL_AT=<point>:<n>` makes the `n`-th call (counting from
-/// 1) for `point` return true, and the caller fail its operation there with an I/O error.
+/// Test fault injection: `REPL_FAULT_FAIL_AT=<point>:<n>` makes the `n`-th call for `point`
+/// (counting from one) return true, and the caller fail its operation there with an I/O error.
 /// Points: `log-append` (capture's append of a transaction record, after the record was built:
 /// the per-page checksums already include it).
 pub fn fault_fails(point: &str) -> bool {
