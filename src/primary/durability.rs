@@ -11,14 +11,20 @@ use std::time::Duration;
 impl Primary {
     /// Make every record captured so far durable and visible to replicas now (the group
     /// fsync round, run synchronously). Called when a connection to the primary closes.
+    ///
+    /// Runs its own round whenever the watermark does not cover this process's position yet,
+    /// also when the background thread already took the pending records into a round still in
+    /// flight (its fsyncs take milliseconds, and a process exiting right after its last close
+    /// would kill that round before its raise) or when the position came from other processes.
     pub fn flush(&self) {
-        let due = {
-            let st = lock(&self.state);
-            st.pending || st.synced.is_some()
-        };
-        if due {
-            self.tick();
+        {
+            let mut st = lock(&self.state);
+            if st.durable >= st.pos.lsn {
+                return;
+            }
+            st.pending = true;
         }
+        self.tick();
     }
 
     /// Group fsync (synchronous=NORMAL) and the T3 poll; runs on the background thread.
