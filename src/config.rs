@@ -23,6 +23,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// `REPL_FAULT_KILL_AT=<point>:<n>` (tests only): SIGKILL at the n-th pass of `point`.
     pub fault_kill_at: Option<(String, u64)>,
+    /// `REPL_FAULT_FAIL_AT=<point>:<n>` (tests only): the n-th time `point` is reached the
+    /// operation there fails with an I/O error (`sys::fault_fails`).
+    pub fault_fail_at: Option<(String, u64)>,
     /// `REPL_EXEC_TOKEN`: the token of `/v1/exec` (servers) and of forwarded writes (replicas).
     pub exec_token: Option<String>,
     /// `REPL_LOG`: the event log level as given (`logging` parses it; default warn).
@@ -63,6 +66,10 @@ impl Config {
                 .map_or(4000, |v| v.clamp(16, u32::MAX as u64) as u32),
             drain_timeout: Duration::from_millis(num("REPL_DRAIN_TIMEOUT_MS").unwrap_or(2000)),
             fault_kill_at: var("REPL_FAULT_KILL_AT").and_then(|v| {
+                let (p, n) = v.rsplit_once(':')?;
+                Some((p.to_string(), n.parse().ok()?))
+            }),
+            fault_fail_at: var("REPL_FAULT_FAIL_AT").and_then(|v| {
                 let (p, n) = v.rsplit_once(':')?;
                 Some((p.to_string(), n.parse().ok()?))
             }),

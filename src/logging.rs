@@ -79,12 +79,17 @@ struct Sink {
 pub fn level_of(event: &str) -> Level {
     match event {
         // Something failed and needs a person: data may be at risk or a role stopped working.
-        "panic_caught" | "http_panic" | "load_error" | "resume_failed" | "capture_error" => {
-            Level::Error
-        }
+        "panic_caught"
+        | "http_panic"
+        | "load_error"
+        | "resume_failed"
+        | "capture_error"
+        | "log_tail_damaged"
+        | "primary_not_in_wal_mode" => Level::Error,
         // Handled automatically, but a person should know: costs a re-copy, a gap, a stall,
         // or a refused operation.
-        "gap" | "foreign_write" | "crash_catch_up" | "log_tail_truncated" | "maintenance_error"
+        "gap" | "foreign_write" | "crash_catch_up" | "log_tail_truncated" | "log_tail_repaired"
+        | "log_tail_lost" | "log_restarted" | "replica_forked" | "maintenance_error"
         | "primary_detached" | "follow_error" | "resnapshot" | "wal_pinned"
         | "wal_write_refused" | "fault" | "server_error" | "accept_error" => Level::Warn,
         // Routine: roles starting, servers listening, snapshots, retention, progress.

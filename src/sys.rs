@@ -129,6 +129,19 @@ pub fn fault_point(point: &str) {
     }
 }
 
+/// Test fault injection: `REPL_FAULT_FAIL_AT=<point>:<n>` makes the `n`-th call for `point`
+/// (counting from one) return true, and the caller fail its operation there with an I/O error.
+/// Points: `log-append` (capture's append of a transaction record, after the record was built:
+/// the per-page checksums already include it).
+pub fn fault_fails(point: &str) -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let Some((p, n)) = crate::config::get().fault_fail_at.as_ref() else {
+        return false;
+    };
+    p == point && HITS.fetch_add(1, Ordering::Relaxed) + 1 == *n
+}
+
 /// Keep this shared library mapped for the life of the process, whatever the host does later.
 /// Once the VFS is registered, SQLite and the host hold pointers into our code; a host that
 /// `dlclose`s us (SQLite does when an extension's init returns an error) must not unmap it.

@@ -20,7 +20,12 @@ use std::sync::Arc;
 
 impl Primary {
     /// Adopt records appended by other processes (call with WRITE held).
-    pub(super) fn sync_shared(&self, st: &mut Capture, force: bool) -> Result<()> {
+    pub(super) fn sync_shared(
+        &self,
+        st: &mut Capture,
+        h: &WalIndexHeader,
+        force: bool,
+    ) -> Result<()> {
         // Every appender rewrites the position file right after appending, so an unchanged
         // position file means nobody else appended: skip the log re-scan (the commit path).
         // A process that died between its append and its position write leaves a record our
@@ -41,6 +46,11 @@ impl Primary {
         if let Some(fp) = fp {
             if fp.lsn == st.pos.lsn && fp.generation == st.pos.generation {
                 st.pos = fp;
+            } else if fp.lsn > st.pos.lsn && fp.generation >= st.pos.generation {
+                // The position file names records the log does not hold: its tail was lost
+                // or torn (recover.rs).
+                self.recover_lost_tail(st, fp, h)?;
+                self.check_served_tail(st);
             }
         }
         Ok(())
@@ -114,7 +124,7 @@ impl Primary {
         let flag = self.append_flag();
         let died_mid_append = flag.is_none_or(|f| f.load(Ordering::Acquire) != 0);
         st.log.trust_tail(flag.is_some());
-        if let Err(e) = self.sync_shared(st, died_mid_append) {
+        if let Err(e) = self.sync_shared(st, h, died_mid_append) {
             st.last_error = Some(e.to_string());
             log_event(&format!(
                 "event=capture_error db={:?} error={:?}",
@@ -131,7 +141,7 @@ impl Primary {
             // The log does not continue where our handle thinks (check_sequence refused, or
             // another writer appended behind our handle).
             r = self
-                .sync_shared(st, true)
+                .sync_shared(st, h, true)
                 .and_then(|_| self.capture_once(st, io, h, witnessed));
         }
         match r {
@@ -164,6 +174,10 @@ impl Primary {
                     self.db_path,
                     e.to_string()
                 ));
+                // A failed append (or snapshot) may have left the per-page checksums, and
+                // `pos`, ahead of what the log holds: rebuild both from the log (the truth) at
+                // the next capture instead of stamping later records with a wrong checksum.
+                st.loaded = false;
             }
         }
     }
@@ -175,6 +189,11 @@ impl Primary {
         h: &WalIndexHeader,
         witnessed: bool,
     ) -> Result<()> {
+        if let Some(why) = st.force_gap.clone() {
+            self.new_generation(st, io, h, &why)?;
+            st.force_gap = None;
+            return Ok(());
+        }
         let r = match self.plan(st, h, witnessed) {
             Ok(Plan::Nothing) => Ok(()),
             Ok(Plan::Reset) => {
@@ -190,6 +209,16 @@ impl Primary {
             }) => match self.capture_frames(st, h, start, running, check) {
                 Ok(Some(why)) => self.new_generation(st, io, h, &why),
                 Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            },
+            Ok(Plan::ResetIfPage1Matches(why)) => match self.db_page1_matches(st, io) {
+                Ok(true) => {
+                    st.pos.salts = h.salts;
+                    st.pos.frame = 0;
+                    st.pos.cksum = (0, 0);
+                    self.save_position(st)
+                }
+                Ok(false) => self.new_generation(st, io, h, &why),
                 Err(e) => Err(e),
             },
             Ok(Plan::ResetIfDbMatches(why)) => match self.db_file_matches(st, io) {
@@ -317,6 +346,12 @@ impl Primary {
                 if check.is_some() {
                     held.push((rec, pos));
                     continue;
+                }
+                if crate::sys::fault_fails("log-append") {
+                    return Err(Error::io(
+                        "appending to the log (REPL_FAULT_FAIL_AT)",
+                        std::io::Error::other("injected failure"),
+                    ));
                 }
                 st.log.append(&rec)?;
                 st.captured_txns += 1;

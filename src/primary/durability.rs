@@ -1,22 +1,28 @@
 //! The primary's background work (run by the shared workers, `workers.rs`): the group fsync
-//! of the WAL for synchronous=NORMAL (records become visible to replicas only up to the
-//! durable watermark it raises), the watermark for synchronous=FULL, and the T3 poll that
-//! notices commits made without the shim.
+//! round (the WAL for synchronous=NORMAL, and for every mode the log segments written since
+//! the last round) after which it raises the durable watermark (records become visible to
+//! replicas only up to it: FORMAT.md §7, "in the log and the log fsynced"), and the T3 poll
+//! that notices commits made without the shim.
 
 use super::{lock, read_header, Primary};
-use std::time::{Duration, Instant};
 
 impl Primary {
     /// Make every record captured so far durable and visible to replicas now (the group
     /// fsync round, run synchronously). Called when a connection to the primary closes.
+    ///
+    /// Runs its own round whenever the watermark does not cover this process's position yet,
+    /// also when the background thread already took the pending records into a round still in
+    /// flight (its fsyncs take milliseconds, and a process exiting right after its last close
+    /// would kill that round before its raise) or when the position came from other processes.
     pub fn flush(&self) {
-        let due = {
-            let st = lock(&self.state);
-            st.pending || st.synced.is_some()
-        };
-        if due {
-            self.round();
+        {
+            let mut st = lock(&self.state);
+            if st.durable >= st.pos.lsn {
+                return;
+            }
+            st.pending = true;
         }
+        self.round();
     }
 
     /// T3: notice commits made without the shim (on a shared worker, every few ms).
@@ -53,19 +59,29 @@ impl Primary {
         }
     }
 
-    /// Group fsync (synchronous=NORMAL) or watermark (FULL) round: make the records captured
-    /// so far durable, then advance the watermark.
+    /// Group fsync round: make the records captured so far durable (WAL for NORMAL, the log
+    /// segments for every mode), then advance the watermark.
     pub(super) fn round(&self) {
-        let (target, wal) = {
+        let (target, wal, segments) = {
             let mut st = lock(&self.state);
-            if st.pending {
+            let (target, wal) = if st.pending {
                 st.pending = false;
                 st.synced = None;
                 (st.pos, self.wal_file(&mut st).ok())
             } else if let Some(p) = st.synced.take() {
-                (p, None) // synced by its commit (synchronous=FULL)
+                (p, None) // the WAL was synced by its commit (synchronous=FULL)
             } else {
                 return;
+            };
+            // The watermark means "in the log and the log fsynced" (FORMAT.md §7): the
+            // segments written up to `target` are fsynced in this round too.
+            match st.log.pending_sync() {
+                Ok(b) => (target, wal, b),
+                Err(e) => {
+                    st.last_error = Some(e.to_string());
+                    st.pending = true;
+                    return;
+                }
             }
         };
         if let Some(w) = wal {
@@ -75,6 +91,13 @@ impl Primary {
                 return;
             }
         }
+        if let Err(e) = segments.run() {
+            let mut st = lock(&self.state);
+            st.last_error = Some(e.to_string());
+            st.pending = true;
+            return;
+        }
+        lock(&self.state).log.sync_done(segments);
         // Raise the watermark without holding the state lock (commits may be waiting on it).
         if let Err(e) = self.durable_file.raise(target.lsn, target.generation) {
             lock(&self.state).last_error = Some(e.to_string());
@@ -82,13 +105,5 @@ impl Primary {
         crate::transport::notify::bump(&self.dir);
         let mut st = lock(&self.state);
         st.durable = st.durable.max(target.lsn);
-        // The WAL is the durable copy of every captured transaction (capture re-reads it after
-        // a crash), so the log itself is synced lazily, at most once a second.
-        if st.last_log_sync.elapsed() > Duration::from_secs(1) {
-            st.last_log_sync = Instant::now();
-            if let Err(e) = st.log.sync() {
-                st.last_error = Some(e.to_string());
-            }
-        }
     }
 }

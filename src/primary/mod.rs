@@ -74,6 +74,7 @@ pub(crate) mod exec;
 pub(crate) mod maintenance;
 mod plan;
 mod position;
+mod recover;
 mod snapshot;
 mod status;
 mod workers;
@@ -100,11 +101,13 @@ struct Capture {
     round_scheduled: bool,
     gaps: u64,
     captured_txns: u64,
-    last_log_sync: Instant,
     /// Set by T2 when T1 of the same WRITE session already synced with the shared state.
     skip_shared_once: bool,
     /// Position and checksums loaded (done under WRITE, lazily for resumed primaries).
     loaded: bool,
+    /// Records at or below the durable watermark were lost and not re-captured: the next
+    /// capture starts a new generation past the watermark whatever the WAL shows (recover.rs).
+    force_gap: Option<String>,
 }
 
 pub struct Primary {
@@ -142,6 +145,7 @@ impl Primary {
     pub fn attach(db_path: &str, create: bool) -> Result<Arc<Primary>> {
         let dir = crate::txlog::log_dir(db_path);
         let agent = AgentHandle::open(db_path)?;
+        recover::refuse_rollback_mode(&agent, db_path)?;
         // Here, in the opening thread, not lazily on the background thread (see the method).
         agent.open_wal_index();
         let policy = maintenance::load_policy(&dir).unwrap_or_default();
@@ -168,6 +172,10 @@ impl Primary {
                 dir.display()
             )));
         };
+        let mut log = log;
+        // A damaged tail is truncated even below the watermark: capture restores it from the
+        // WAL or starts a new generation past it (recover.rs), rather than failing for good.
+        log.repair_damaged_tail(true);
         let cap = Capture {
             log,
             wal: None,
@@ -183,7 +191,7 @@ impl Primary {
             gaps: 0,
             captured_txns: 0,
             loaded: false,
-            last_log_sync: Instant::now(),
+            force_gap: None,
             skip_shared_once: false,
         };
         let durable_file = crate::txlog::DurableFile::open(&dir)?;
@@ -256,7 +264,7 @@ impl Primary {
                 self.db_path, meta.page_count
             ));
         } else {
-            self.load_state(st)?;
+            self.load_state(st, h)?;
             log_event(&format!(
                 "event=primary_resumed db={:?} lsn={} generation={}",
                 self.db_path, st.pos.lsn, st.pos.generation
@@ -267,7 +275,7 @@ impl Primary {
     }
 
     /// Rebuild the per-page checksums at the log's tail from the latest snapshot + records.
-    fn load_state(&self, st: &mut Capture) -> Result<()> {
+    fn load_state(&self, st: &mut Capture, h: &WalIndexHeader) -> Result<()> {
         let Some((smeta, spath)) = st.log.latest_snapshot(None)? else {
             return Err(Error::Corrupt(format!(
                 "{}: the log has records but no snapshot",
@@ -286,12 +294,17 @@ impl Primary {
             apply_to_sums(&mut st.sums, &r);
             pos = Position::from_meta(&r.meta);
         }
+        st.pos = pos;
         if let Some(fp) = self.read_position() {
             if fp.lsn == pos.lsn {
-                pos = fp; // same LSN, possibly a newer WAL position (reset to frame 0)
+                st.pos = fp; // same LSN, possibly a newer WAL position (reset to frame 0)
+            } else if fp.lsn > pos.lsn && fp.generation >= pos.generation {
+                // The log lost its tail (OS crash before the group fsync, or a torn tail
+                // truncated just now): re-capture it from the WAL, under the same LSNs.
+                self.recover_lost_tail(st, fp, h)?;
             }
         }
-        st.pos = pos;
+        self.check_served_tail(st);
         st.durable = Log::read_durable(&self.dir)?
             .map(|(l, _)| l)
             .unwrap_or(Lsn(0));

@@ -15,6 +15,8 @@ pub(super) enum Plan {
     Reset,
     /// Reset if the database file equals the captured state, else a gap (the reason).
     ResetIfDbMatches(String),
+    /// Reset if page 1 of the database file equals the captured one, else a gap (the reason).
+    ResetIfPage1Matches(String),
     /// Capture frames start..=mxFrame; with `check`, only if they pass it (else a gap).
     Frames {
         start: u32,
@@ -72,8 +74,21 @@ pub(super) fn plan(input: &Inputs<'_>) -> Plan {
                 pos.frame
             ));
         }
-        if pos.frame == 0 || witnessed {
+        if witnessed {
             return Plan::Reset;
+        }
+        if pos.frame == 0 && dead.is_none() {
+            // Nothing captured in the old WAL, but nobody of ours reset it: a restart after a
+            // TRUNCATE checkpoint (recovery of an empty WAL), or the WAL was deleted outside —
+            // a rollback journal mode and back, whose writes went straight into the database
+            // file. Those always rewrite page 1 (its change counter), so page 1 of the file
+            // must still be the captured one (one read, not the whole file).
+            return Plan::ResetIfPage1Matches(
+                "the WAL was reset by a writer we did not witness (salts changed, nothing was \
+                 captured in the old WAL) and page 1 of the database file differs from the \
+                 captured state (written in a rollback journal mode?)"
+                    .into(),
+            );
         }
         if let Some(c) = dead {
             // The dead session reset the WAL (a TRUNCATE checkpoint, or a restart whose
@@ -195,6 +210,7 @@ mod tests {
         Nothing,
         Reset,
         ResetIfDbMatches,
+        ResetIfPage1Matches,
         Frames(u32, (u32, u32), bool),
         Gap(&'static str),
     }
@@ -220,7 +236,8 @@ mod tests {
             // empty WAL
             ("empty, same salts, nothing captured", pos(0), header(OLD, 0, 7, (0, 0)), false, None, Want::Nothing),
             ("empty, same salts, frames captured", pos(5), header(OLD, 0, 7, (0, 0)), false, None, Want::Gap("went backwards: empty")),
-            ("empty, new salts, nothing captured", pos(0), header(NEW, 0, 7, (0, 0)), false, None, Want::Reset),
+            ("empty, new salts, nothing captured, not witnessed", pos(0), header(NEW, 0, 7, (0, 0)), false, None, Want::ResetIfPage1Matches),
+            ("empty, new salts, nothing captured, witnessed", pos(0), header(NEW, 0, 7, (0, 0)), true, None, Want::Reset),
             ("empty, new salts, witnessed", pos(5), header(NEW, 0, 8, (0, 0)), true, None, Want::Reset),
             ("empty, new salts, dead session, same iChange", pos(5), header(NEW, 0, 7, (0, 0)), false, Some(intent(5)), Want::Reset),
             ("empty, new salts, dead session, rebuilt iChange", pos(5), header(NEW, 0, 0, (0, 0)), false, Some(intent(5)), Want::ResetIfDbMatches),
@@ -253,6 +270,7 @@ mod tests {
             let ok = match (&want, &got) {
                 (Want::Nothing, Plan::Nothing) | (Want::Reset, Plan::Reset) => true,
                 (Want::ResetIfDbMatches, Plan::ResetIfDbMatches(_)) => true,
+                (Want::ResetIfPage1Matches, Plan::ResetIfPage1Matches(_)) => true,
                 (Want::Gap(part), Plan::Gap(why)) => why.contains(part),
                 (
                     Want::Frames(s, r, checked),

@@ -6,7 +6,7 @@
 use super::Position;
 use super::{log_event, Capture, DbFileIo, Primary};
 use crate::error::{Error, Result};
-use crate::txlog::{DbChecksum, RecordMeta};
+use crate::txlog::{DbChecksum, Log, RecordMeta};
 use crate::types::{Generation, Lsn, PageNo, PageSize};
 use crate::util::now_ms;
 use crate::wal::{self, FrameReader, WalIndexHeader};
@@ -34,6 +34,18 @@ impl Primary {
         Ok(sums.total() == st.sums.total())
     }
 
+    /// With the WAL empty (WRITE held): is page 1 of the database file the captured page 1?
+    /// One read. Every transaction in a rollback journal mode rewrites page 1 (its change
+    /// counter), and so does a switch of the journal mode, so this catches writes made while
+    /// the database left WAL mode (WAL.md §D.7).
+    pub(super) fn db_page1_matches(&self, st: &Capture, io: &dyn DbFileIo) -> Result<bool> {
+        let ps = st.sums.page_size();
+        let mut buf = vec![0u8; ps.bytes()];
+        io.read_db(0, &mut buf)?;
+        let p1 = PageNo::new(1).expect("1 >= 1");
+        Ok(st.sums.page(p1) == Some(crate::types::page_checksum(p1, &buf)))
+    }
+
     /// A gap: log it and start generation + 1 with a full snapshot as the next LSN.
     pub(super) fn new_generation(
         &self,
@@ -42,8 +54,19 @@ impl Primary {
         h: &WalIndexHeader,
         reason: &str,
     ) -> Result<()> {
-        let lsn = st.pos.lsn.next();
-        let generation = Generation(st.pos.generation.0 + 1);
+        // Never reuse an LSN a replica may hold: the watermark is the highest LSN ever served,
+        // and it is above the log's tail only if served records were lost (FORMAT.md §7 says
+        // that cannot happen short of losing fsynced data). Then the new generation starts
+        // past it, in a log that restarts there: replicas behind it re-snapshot (their LSN is
+        // older than the log's first), replicas at it take the snapshot as the next LSN.
+        // (A damaged watermark file must not stop capture: this process's own view counts too.)
+        let served = Log::read_durable(&self.dir)
+            .ok()
+            .flatten()
+            .map_or(Lsn(0), |d| d.0)
+            .max(st.durable);
+        let lsn = st.pos.lsn.max(served).next();
+        let generation = Generation(st.pos.generation.0.max(served_generation(&self.dir)) + 1);
         log_event(&format!(
             "event=gap db={:?} reason={:?} new_generation={} lsn={}",
             self.db_path, reason, generation, lsn
@@ -51,6 +74,19 @@ impl Primary {
         // Streamed: the snapshot file first, then the same record copied into the log (a
         // page at a time and a MiB at a time: never the database in memory).
         let (meta, path) = self.write_snapshot_streamed(st, io, h, lsn, generation)?;
+        if lsn != st.pos.lsn.next() {
+            log_event(&format!(
+                "event=log_restarted db={:?} lost_lsns={}..={} first_lsn={lsn} reason=\"records at or \
+                 below the durable watermark were lost; replicas re-snapshot\"",
+                self.db_path,
+                st.pos.lsn.next(),
+                served
+            ));
+            if let Err(e) = st.log.drop_all_segments() {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        }
         let len = crate::txlog::record_len(meta.page_size, meta.page_count);
         if let Err(e) =
             st.log
@@ -147,4 +183,9 @@ impl Primary {
         st.page_size = Some(ps);
         Ok((meta, path))
     }
+}
+
+/// The generation of the durable watermark (0 when there is none).
+fn served_generation(dir: &std::path::Path) -> u32 {
+    Log::read_durable(dir).ok().flatten().map_or(0, |d| d.1 .0)
 }

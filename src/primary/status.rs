@@ -36,7 +36,7 @@ impl Primary {
                 Some(h) => {
                     let mut st = lock(&self.state);
                     self.ensure_loaded(&mut st, &self.agent, &h)
-                        .and_then(|_| self.sync_shared(&mut st, true))
+                        .and_then(|_| self.sync_shared(&mut st, &h, true))
                 }
                 None => Err(Error::Other("the wal-index is not initialised".into())),
             };

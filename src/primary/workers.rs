@@ -225,7 +225,7 @@ impl Primary {
         self.stop.store(true, Ordering::Release);
         let _m = lock(&self.maintenance_busy);
         let _b = lock(&self.busy);
-        self.round();
+        self.flush();
         {
             let mut st = lock(&self.state);
             if st.loaded {

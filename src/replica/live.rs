@@ -26,6 +26,7 @@ impl Replica {
         mut prefetched: Option<Vec<crate::txlog::Record>>,
         only_prefetched: bool,
     ) -> Result<()> {
+        let mut forked_once = false;
         loop {
             if !st.loaded {
                 // First sync in this process, another applier moved on, or write_plan found
@@ -78,6 +79,21 @@ impl Replica {
             match plan_batch(st.lsn, st.generation, &mut st.sums, &records) {
                 Ok(plan) => self.write_plan(st, &plan)?,
                 Err(PlanError::Divergence(m)) => st.diverged = Some(m),
+                Err(PlanError::Sequence(m))
+                    if !forked_once && records[0].meta.generation > st.generation =>
+                {
+                    // The source moved to a newer generation at or below this replica's LSN:
+                    // the replica holds an LSN of a history the primary lost (a primary that
+                    // reused it, before issue 14's fix, or records it lost below its
+                    // watermark). Its content cannot be trusted past the fork: re-snapshot,
+                    // once per call (a source that stays inconsistent is an error below).
+                    forked_once = true;
+                    let why = format!(
+                        "{m}: the source's generation {} started at or below the replica's LSN {}                          (the replica holds records of a history the primary lost)",
+                        records[0].meta.generation, st.lsn
+                    );
+                    self.resnapshot(st, &why)?;
+                }
                 Err(PlanError::Sequence(m)) => {
                     st.loaded = false;
                     return Err(Error::Corrupt(format!(

@@ -254,7 +254,10 @@ pub(super) fn write_meta(dir: &Path, m: &ReplicaMeta) -> Result<()> {
         .truncate(true)
         .mode(0o600)
         .open(&tmp)
-        .and_then(|mut f| f.write_all(text.as_bytes()))
+        // fsync before the rename, the directory after it: otherwise a crash can leave an
+        // empty replica.json (the rename reached the disk before the data) or the old one.
+        .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|_| f.sync_all()))
         .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
-    std::fs::rename(&tmp, &p).map_err(|e| Error::io(format!("renaming to {}", p.display()), e))
+    std::fs::rename(&tmp, &p).map_err(|e| Error::io(format!("renaming to {}", p.display()), e))?;
+    crate::txlog::sync_dir(dir)
 }

@@ -147,10 +147,13 @@ impl Source for DirSource {
                 return Ok(Fetch::Truncated { first_lsn: first });
             }
         }
-        let read = || -> Result<Vec<_>> {
+        let read = |hinted: bool| -> Result<Vec<_>> {
             let mut out = Vec::new();
             let mut bytes = 0usize;
             let mut hint = self.hint.lock().unwrap_or_else(|e| e.into_inner());
+            if !hinted {
+                *hint = None;
+            }
             let mut it = self
                 .log
                 .read_from_hinted(from, Some(durable), hint.as_ref())?;
@@ -165,7 +168,20 @@ impl Source for DirSource {
             *hint = it.hint();
             Ok(out)
         };
-        match read() {
+        // A hint is an offset into a segment as it was; a log whose tail was re-written since
+        // (a primary that lost records and reused their LSNs, FORMAT.md §7) makes it point
+        // into the middle of a record: read again from the segment's start before calling
+        // the log damaged.
+        let had_hint = self
+            .hint
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        let r = match read(true) {
+            Err(_) if had_hint => read(false),
+            r => r,
+        };
+        match r {
             Ok(out) => Ok(Fetch::Records(out)),
             // Retention on the primary may remove the segment being read: if `from` is no
             // longer retained, that is the answer, not the read error.

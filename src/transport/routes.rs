@@ -167,7 +167,17 @@ pub(super) fn serve_log(
         .unwrap_or_else(|e| e.into_inner())
         .get(&from.0)
         .cloned();
-    let range = match sh.log.locate(from, durable.0, max, hint.as_ref()) {
+    // A hint is an offset into a segment as it was; a primary that lost its log tail and
+    // re-wrote it (FORMAT.md §7) can leave it pointing into a record: locate again from the
+    // segment's start before answering with an error.
+    let located = match sh.log.locate(from, durable.0, max, hint.as_ref()) {
+        Err(_) if hint.is_some() => {
+            sh.hints.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            sh.log.locate(from, durable.0, max, None)
+        }
+        r => r,
+    };
+    let range = match located {
         Ok(r) => r,
         Err(e) => {
             // Retention may have removed the segment meanwhile.

@@ -62,6 +62,38 @@ struct SyncState {
     unsynced: Vec<File>,
     /// A segment was created or removed since the last sync.
     dir_dirty: bool,
+    /// Counts `dir_dirty` settings, so a `PendingSync` clears the flag only if nothing new
+    /// dirtied the directory while it ran.
+    dir_epoch: u64,
+    /// The current segment of the last successful batch: a batch for another one also fsyncs
+    /// `log/`, since that segment may have been created by another process (whose own
+    /// directory fsync may not have run yet).
+    synced_segment: Option<PathBuf>,
+}
+
+/// The fsyncs that make every record appended so far durable (`Log::pending_sync`), taken as
+/// their own descriptors so they can run without the lock that guards the `Log` (commits go on
+/// appending meanwhile; records appended after the batch was taken are not covered).
+pub struct PendingSync {
+    files: Vec<(File, String)>,
+    rolled: usize,
+    dir: Option<(PathBuf, u64)>,
+    segment: Option<PathBuf>,
+}
+
+impl PendingSync {
+    /// fdatasync of each segment, then the fsync of `log/` if a segment was created or removed.
+    /// On success hand it back to `Log::sync_done`; on failure drop it (the next batch retries).
+    pub fn run(&self) -> Result<()> {
+        for (f, name) in &self.files {
+            f.sync_data()
+                .map_err(|e| Error::io(format!("fdatasync of segment {name}"), e))?;
+        }
+        if let Some((d, _)) = &self.dir {
+            sync_dir(d)?;
+        }
+        Ok(())
+    }
 }
 
 /// A handle on a replication log directory.
@@ -77,6 +109,9 @@ pub struct Log {
     /// The caller guarantees no other handle appended since this one last refreshed (see
     /// `trust_tail`): `append` skips its `stat` of the segment.
     trusted_tail: bool,
+    /// `refresh_for_append` truncates a damaged tail even at or below the durable watermark
+    /// (see `repair_damaged_tail`).
+    repair_below_watermark: bool,
 }
 
 impl std::fmt::Debug for Log {
@@ -144,6 +179,7 @@ impl Log {
             cur,
             sync: Mutex::default(),
             trusted_tail: false,
+            repair_below_watermark: false,
         })
     }
 
@@ -153,6 +189,15 @@ impl Log {
     /// timestamp makes the kernel update the inode times on the next write.)
     pub fn trust_tail(&mut self, on: bool) {
         self.trusted_tail = on;
+    }
+
+    /// `true`: `refresh_for_append` truncates a damaged tail also at or below the durable
+    /// watermark (logged with `below_watermark=true`) instead of refusing. Only for a writer
+    /// that restores what it drops — a primary re-captures those records from its WAL, or else
+    /// starts a new generation past the watermark (FORMAT.md §7) — so capture does not fail
+    /// for good on a damaged tail.
+    pub fn repair_damaged_tail(&mut self, on: bool) {
+        self.repair_below_watermark = on;
     }
 
     pub fn meta(&self) -> &Meta {
@@ -304,10 +349,7 @@ impl Log {
         }
         self.last = prev;
         if removed_any {
-            self.sync
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .dir_dirty = true;
+            self.mark_dir_dirty();
         }
         let segs = if removed_any {
             list_segments(&self.log_dir)?
@@ -327,12 +369,42 @@ impl Log {
     ) -> Result<()> {
         let kept = prev.map_or(Lsn(0), |p| p.lsn);
         match durable {
+            Some(d) if d > kept && self.repair_below_watermark => {
+                crate::logging::event(&format!(
+                    "event=log_tail_damaged dir={} durable_lsn={d} valid_up_to={kept} below_watermark=true \
+                     reason={:?} (truncated: the writer restores the records from its WAL or starts a new \
+                     generation past the watermark)",
+                    self.dir.display(),
+                    why.to_string()
+                ));
+                Ok(())
+            }
             Some(d) if d > kept => Err(Error::Corrupt(format!(
                 "{why}; the durable watermark says LSN {d} was fsynced but the log is valid only up to \
                  LSN {kept}: acknowledged records are damaged, refusing to truncate"
             ))),
             _ => Ok(()),
         }
+    }
+
+    /// Removes every segment and forgets the tail: the next append may take any LSN and
+    /// starts a new segment. Readers asking for an older LSN then get "older than the log's
+    /// first retained LSN" and re-snapshot. Only for a writer that must start the log over
+    /// past LSNs it lost (a new generation after records at or below the durable watermark
+    /// were lost: `Primary::new_generation`), so that the log never has a hole.
+    pub fn drop_all_segments(&mut self) -> Result<()> {
+        for (_, path) in list_segments(&self.log_dir)? {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(format!("removing segment {}", path.display()), e)),
+            }
+        }
+        self.cur = None;
+        self.last = None;
+        self.first_lsn = None;
+        self.mark_dir_dirty();
+        Ok(())
     }
 
     /// Forgets the current segment, keeping its write handle for the next `sync`.
@@ -348,10 +420,9 @@ impl Log {
 
     /// Records that `log/` changed (a segment created or removed) for the next `sync`.
     pub(super) fn mark_dir_dirty(&mut self) {
-        self.sync
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .dir_dirty = true;
+        let st = self.sync.get_mut().unwrap_or_else(|e| e.into_inner());
+        st.dir_dirty = true;
+        st.dir_epoch += 1;
     }
 
     /// Appends `r` at the known end (no fsync). Requires `r.meta.lsn == last + 1` and the sequence
@@ -491,10 +562,7 @@ impl Log {
             .map_err(|e| Error::io(format!("creating segment {}", tmp.display()), e))?;
         std::fs::rename(&tmp, &path)
             .map_err(|e| Error::io(format!("creating segment {}", path.display()), e))?;
-        self.sync
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .dir_dirty = true;
+        self.mark_dir_dirty();
         self.cur = Some(CurSeg {
             path,
             first_lsn,
@@ -510,24 +578,60 @@ impl Log {
     /// fdatasync of every segment written since the last sync, then an fsync of `log/` if a
     /// segment was created or removed.
     pub fn sync(&self) -> Result<()> {
-        let mut st = self.sync.lock().unwrap_or_else(|e| e.into_inner());
+        let batch = self.pending_sync()?;
+        batch.run()?;
+        self.sync_done(batch);
+        Ok(())
+    }
+
+    /// What `sync` does, as a batch to run without holding the `Log` (FORMAT.md §7: the
+    /// durable watermark may name a record only after this ran for it). It holds new
+    /// descriptors of the segments (the current one is opened if this handle never wrote it,
+    /// e.g. when only other processes appended to it: an fdatasync of any descriptor flushes
+    /// the file). Cost: one `dup` per segment, no I/O.
+    pub fn pending_sync(&self) -> Result<PendingSync> {
+        let st = self.sync.lock().unwrap_or_else(|e| e.into_inner());
+        let mut files = Vec::with_capacity(st.unsynced.len() + 1);
         for f in &st.unsynced {
-            f.sync_data()
-                .map_err(|e| Error::io("fdatasync of a rolled segment", e))?;
+            let f = f
+                .try_clone()
+                .map_err(|e| Error::io("duplicating a segment descriptor", e))?;
+            files.push((f, "(rolled)".to_string()));
         }
-        if let Some(c) = &self.cur {
-            if let Some(f) = &c.file {
-                f.sync_data().map_err(|e| {
-                    Error::io(format!("fdatasync of segment {}", c.path.display()), e)
-                })?;
+        let rolled = files.len();
+        if let Some(c) = self.cur.as_ref().filter(|c| c.has_records) {
+            let name = c.path.display().to_string();
+            let f = match &c.file {
+                Some(f) => f.try_clone(),
+                None => File::open(&c.path),
+            }
+            .map_err(|e| Error::io(format!("opening segment {name} to fsync it"), e))?;
+            files.push((f, name));
+        }
+        let segment = self.cur.as_ref().map(|c| c.path.clone());
+        let new_segment = segment.is_some() && segment != st.synced_segment;
+        let dir = (st.dir_dirty || new_segment).then(|| (self.log_dir.clone(), st.dir_epoch));
+        Ok(PendingSync {
+            files,
+            rolled,
+            dir,
+            segment,
+        })
+    }
+
+    /// A batch from `pending_sync` ran successfully: forget what it made durable.
+    pub fn sync_done(&self, batch: PendingSync) {
+        let mut st = self.sync.lock().unwrap_or_else(|e| e.into_inner());
+        let n = batch.rolled.min(st.unsynced.len());
+        st.unsynced.drain(..n);
+        if let Some((_, epoch)) = batch.dir {
+            if st.dir_epoch == epoch {
+                st.dir_dirty = false;
             }
         }
-        if st.dir_dirty {
-            sync_dir(&self.log_dir)?;
+        if batch.segment.is_some() {
+            st.synced_segment = batch.segment;
         }
-        st.unsynced.clear();
-        st.dir_dirty = false;
-        Ok(())
     }
 
     /// Reader side, without scanning any segment: `meta.json` as it is on disk now.

@@ -143,7 +143,7 @@ pub(crate) fn write_and_sync(path: &Path, data: &[u8]) -> Result<()> {
 }
 
 /// fsync of a directory, making creations/renames/removals in it durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io(format!("fsync of directory {}", dir.display()), e))
@@ -201,28 +201,20 @@ pub(crate) fn read_durable(dir: &Path) -> Result<Option<(Lsn, Generation)>> {
 
 /// Raises the watermark to (lsn, gen); never lowers it. One pwrite at offset 0, no fsync.
 pub(crate) fn write_durable(dir: &Path, lsn: Lsn, gen: Generation) -> Result<()> {
-    if let Some(cur) = read_durable(dir)? {
-        if (lsn, gen) <= cur {
-            return Ok(());
-        }
-    }
-    let path = dir.join(DURABLE_FILE);
-    let ctx = || format!("writing {}", path.display());
-    let f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| Error::io(ctx(), e))?;
-    f.write_all_at(&encode_durable(lsn, gen), 0)
-        .map_err(|e| Error::io(ctx(), e))
+    DurableFile::open(dir)?.raise(lsn, gen)
 }
 
-/// The durable watermark file kept open by a writer that raises it often (one pread + one
-/// pwrite per raise instead of open/read/close/open/write/close).
+/// The durable watermark file kept open by a writer that raises it often (flock + pread +
+/// pwrite + unlock per raise instead of open/read/close/open/write/close).
+///
+/// Raising is read-compare-write, so two writers could otherwise interleave and lower the
+/// watermark (A reads 5, B reads 5 and writes 9, A writes 7). The file's `flock` excludes
+/// writers of other processes and other open descriptions; `local` excludes the threads
+/// sharing this one (an flock belongs to the open file description, so it does not).
 pub struct DurableFile {
     f: std::fs::File,
     path: std::path::PathBuf,
+    local: std::sync::Mutex<()>,
 }
 
 impl DurableFile {
@@ -235,12 +227,32 @@ impl DurableFile {
             .truncate(false)
             .open(&path)
             .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-        Ok(DurableFile { f, path })
+        Ok(DurableFile {
+            f,
+            path,
+            local: std::sync::Mutex::new(()),
+        })
     }
 
-    /// Raise the watermark to (lsn, gen); never lowers it.
+    /// The watermark now (one pread; `None` when there is none or it reads torn).
+    pub fn read(&self) -> Option<(Lsn, Generation)> {
+        let mut b = [0u8; DURABLE_LEN];
+        let n = self.f.read_at(&mut b, 0).ok()?;
+        decode_durable(&b[..n], "durable watermark").ok().flatten()
+    }
+
+    /// Raise the watermark to (lsn, gen); never lowers it, also against concurrent raisers.
     pub fn raise(&self, lsn: Lsn, gen: Generation) -> Result<()> {
-        use std::os::unix::fs::FileExt;
+        let _local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        self.f
+            .lock()
+            .map_err(|e| Error::io(format!("locking {}", self.path.display()), e))?;
+        let r = self.raise_locked(lsn, gen);
+        let _ = self.f.unlock();
+        r
+    }
+
+    fn raise_locked(&self, lsn: Lsn, gen: Generation) -> Result<()> {
         let mut b = [0u8; DURABLE_LEN];
         let n = self.f.read_at(&mut b, 0).unwrap_or(0);
         if let Ok(Some(cur)) = decode_durable(&b[..n], "durable watermark") {

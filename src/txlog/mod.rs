@@ -50,8 +50,8 @@ pub use checksum::DbChecksum;
 pub use compact::{compact, write_streamed};
 pub use fuzzing::exercise_decoders;
 pub use iter::{LogIter, LogMetaIter, ReadHint, RecordRange};
-pub use log::{Log, LogConfig};
-pub use meta::{DurableFile, Meta};
+pub use log::{Log, LogConfig, PendingSync};
+pub use meta::{sync_dir, DurableFile, Meta};
 pub use rebuild::{rebuild, RebuildInfo};
 pub use record::{
     decode_record, decode_record_meta, encode_record, record_len, validate_record, FLAG_COMPRESSED,

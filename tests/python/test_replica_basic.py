@@ -21,7 +21,7 @@ import apsw
 import pytest
 
 from helpers import (
-    Worker, lsn_checksum, primary_and_replica, sqlite3_cli, start_primary, start_replica, stock_one, stock_tables,
+    Worker, durable, lsn_checksum, primary_and_replica, sqlite3_cli, start_primary, start_replica, stock_one, stock_tables,
     sync_to, worker_status, worker_tables,
 )
 
@@ -129,6 +129,7 @@ def test_resume_after_every_process_closed(tmp):
         # And once more with the CLI as the applier process (.load, then .open, then sync).
         p.q("INSERT INTO t VALUES (4)")
         p_lsn, p_ck = lsn_checksum(p)
+        durable(p)  # one sync below: the primary serves a record once it is fsynced in its log
         proc = sqlite3_cli(rdb, "SELECT repl_sync();\nSELECT repl_lsn(), repl_checksum();")
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.split() == [str(p_lsn), f"{p_lsn}|{p_ck}"], proc.stdout

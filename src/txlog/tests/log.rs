@@ -398,3 +398,57 @@ fn located_ranges_are_whole_records_within_one_segment() {
         assert!(log.locate(Lsn(15), Lsn(14), 5000, None).unwrap().is_none());
     }
 }
+
+/// Issue 14 (B): the last record of the log cut at EVERY byte offset inside it (an OS crash
+/// before the group fsync), or damaged at every offset, with the watermark below it (FORMAT.md
+/// §7: it was never served). Reopening as a writer must drop exactly that record (never one
+/// before it), leave the segment ending at the record before, and take the same LSN again;
+/// readers must then see the whole log with the re-appended record.
+#[test]
+fn last_record_cut_or_damaged_at_every_offset_is_dropped_and_retaken() {
+    let d = tempfile::tempdir().unwrap();
+    let (_, _, recs) = filled(d.path(), 4, 1 << 20);
+    Log::write_durable(d.path(), Lsn(3), Generation(1)).unwrap();
+    let seg = segment_files(d.path()).pop().unwrap();
+    let whole = std::fs::read(&seg).unwrap();
+    let last_len = encode_record(&recs[3]).len();
+    let start = whole.len() - last_len;
+    // The lost LSN 4 captured again (same pages, a later capture time).
+    let mut again = recs[3].clone();
+    again.meta.timestamp_ms += 1;
+    assert_eq!(again.meta.lsn, Lsn(4));
+    let check = |what: &str, at: usize| {
+        let mut log = Log::open(d.path(), cfg(1 << 20)).unwrap();
+        assert!(
+            log.refresh_for_append().unwrap().is_empty(),
+            "{what} at {at}: nothing new to adopt"
+        );
+        assert_eq!(log.last(), Some(&recs[2].meta), "{what} at {at}");
+        assert_eq!(
+            std::fs::metadata(&seg).unwrap().len(),
+            start as u64,
+            "{what} at {at}: the segment ends where the lost record began"
+        );
+        log.append(&again).unwrap();
+        let got: Vec<_> = log
+            .read_from(Lsn(1), None)
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(got.len(), 4, "{what} at {at}");
+        assert_eq!(got[3], again, "{what} at {at}");
+        assert_eq!(got[..3], recs[..3], "{what} at {at}");
+    };
+    for cut in start..whole.len() {
+        std::fs::write(&seg, &whole[..cut]).unwrap();
+        check("cut", cut);
+    }
+    // Damage (one flipped bit) anywhere in the record, full length kept: the header checksum
+    // or the record checksum fails, and the record is dropped the same way.
+    for at in (start..whole.len()).step_by(61).chain([whole.len() - 1]) {
+        let mut b = whole.clone();
+        b[at] ^= 0x10;
+        std::fs::write(&seg, &b).unwrap();
+        check("flip", at);
+    }
+}

@@ -1,0 +1,241 @@
+//! Lost log tails (issue 14): the position file says records up to LSN p were captured, but
+//! the log ends before p — its tail was lost in an OS crash before the group fsync reached it
+//! (FORMAT.md §7: such records were never served), or a torn tail was truncated on open
+//! (FORMAT.md §4.2). The records are re-captured from the WAL under the *same* LSNs when the
+//! WAL still holds their frames; that is provable, not hoped for: the frames after the log's
+//! last record must chain (WAL checksums) exactly to the position file's frame and running
+//! checksum and hold exactly the missing number of transactions, so they are the frames those
+//! LSNs were captured from, and the records are the same pages with the same database
+//! checksums. Otherwise the log is left at its tail and the next capture sees frames nobody
+//! captured: a gap, whose new generation continues past the durable watermark
+//! (`new_generation`), so no LSN a replica may hold is ever reused.
+
+use super::position::Position;
+use super::{log_event, Capture, Primary};
+use crate::error::Result;
+use crate::txlog::Record;
+use crate::wal::{self, FrameReader, WalIndexHeader};
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+
+impl Primary {
+    /// With WRITE held, after the log was re-read into `st` (`st.pos` = its last record): if
+    /// the position file `fp` is ahead of it, re-capture the missing records from the WAL
+    /// (event `log_tail_repaired`), or log `log_tail_lost` and leave `st.pos` at the log's
+    /// tail (then the gap rule applies). Errors are I/O errors on the log only.
+    pub(super) fn recover_lost_tail(
+        &self,
+        st: &mut Capture,
+        fp: Position,
+        h: &WalIndexHeader,
+    ) -> Result<()> {
+        if fp.lsn <= st.pos.lsn {
+            return Ok(());
+        }
+        let tail = st.pos;
+        match self.recapture(st, fp, h) {
+            Ok(records) => {
+                let mut appended = 0;
+                for r in &records {
+                    if let Err(e) = st.log.append(r) {
+                        // Some records are in the log: adopt exactly those (the log is the
+                        // truth), and rebuild the checksums from it at the next capture.
+                        st.loaded = false;
+                        return Err(e);
+                    }
+                    appended += 1;
+                }
+                st.captured_txns += appended;
+                st.pos = fp;
+                if let Some((served, _)) = self.durable_file.read().filter(|d| d.0 > tail.lsn) {
+                    // Not a crash artefact: records that were fsynced (and may have been
+                    // served) were damaged or lost. Repaired, but a person should know.
+                    st.last_error = Some(format!(
+                        "the log lost or had damaged records {}..={served} at or below the durable \
+                         watermark (fsynced data was lost: check the disk); they were re-captured \
+                         from the WAL with the same LSNs and content",
+                        tail.lsn.next()
+                    ));
+                }
+                log_event(&format!(
+                    "event=log_tail_repaired db={:?} lsns={}..={} generation={} frames={}..={}",
+                    self.db_path,
+                    tail.lsn.next(),
+                    fp.lsn,
+                    fp.generation,
+                    records.first().map_or(0, |r| r.meta.wal_frame),
+                    fp.frame
+                ));
+                Ok(())
+            }
+            Err(why) => {
+                st.pos = tail;
+                log_event(&format!(
+                    "event=log_tail_lost db={:?} lsns={}..={} reason={why:?} (the next capture \
+                     starts a new generation past the durable watermark)",
+                    self.db_path,
+                    tail.lsn.next(),
+                    fp.lsn
+                ));
+                Ok(())
+            }
+        }
+    }
+
+    /// After the log was re-read: if it ends below the durable watermark (records that were
+    /// fsynced, maybe served, are lost and were not re-captured), the next capture must start a
+    /// new generation past the watermark even if the WAL looks caught up, or the next commit
+    /// would reuse a served LSN.
+    pub(super) fn check_served_tail(&self, st: &mut Capture) {
+        let Some((served, _)) = self.durable_file.read() else {
+            return;
+        };
+        if st.pos.lsn < served {
+            let why = format!(
+                "the log ends at LSN {} but LSN {served} was durable (and may have been served): \
+                 fsynced records were lost and the WAL no longer holds them",
+                st.pos.lsn
+            );
+            st.force_gap = Some(why);
+        }
+    }
+
+    /// The records tail+1..=fp rebuilt from the WAL, checked as the module doc says; `Err`
+    /// names why they cannot be. `st.sums` is advanced only on success.
+    fn recapture(
+        &self,
+        st: &mut Capture,
+        fp: Position,
+        h: &WalIndexHeader,
+    ) -> std::result::Result<Vec<Record>, String> {
+        let tail = st.pos;
+        let lost = fp.lsn.0 - tail.lsn.0;
+        if fp.generation != tail.generation {
+            return Err(format!(
+                "the lost records include the start of generation {} (a snapshot), which the WAL \
+                 cannot reproduce",
+                fp.generation
+            ));
+        }
+        if h.salts != fp.salts || h.mx_frame < fp.frame || fp.frame == 0 {
+            return Err(format!(
+                "the WAL no longer holds their frames (it was restarted or is shorter: mxFrame {}, \
+                 position frame {})",
+                h.mx_frame, fp.frame
+            ));
+        }
+        let f = self.wal_file(st).map_err(|e| e.to_string())?;
+        let hdr = self.wal_header(st, h.salts).map_err(|e| e.to_string())?;
+        let ps = hdr.page_size;
+        if st.page_size.is_some_and(|p| p != ps) {
+            return Err(format!("the WAL's page size {ps} differs from the log's"));
+        }
+        // Same WAL generation as the log's last record: continue the chain after its frame,
+        // and recognise the padding copies of its commit frame (WAL.md §A.5) that follow it.
+        // Otherwise the WAL was restarted since: read it from frame 1 (the count check below
+        // proves no lost record was in the old generation).
+        let (start, running, mut last_commit) = if tail.salts == fp.salts && tail.frame > 0 {
+            let mut fr = vec![0u8; wal::FRAME_HEADER_SIZE + ps.bytes()];
+            f.read_exact_at(&mut fr, wal::frame_offset(ps, tail.frame))
+                .map_err(|e| format!("reading WAL frame {}: {e}", tail.frame))?;
+            let pgno = u32::from_be_bytes(fr[0..4].try_into().expect("4 bytes"));
+            let commit = u32::from_be_bytes(fr[4..8].try_into().expect("4 bytes"));
+            let data = fr[wal::FRAME_HEADER_SIZE..].to_vec();
+            (tail.frame + 1, tail.cksum, Some((pgno, commit, data)))
+        } else {
+            (1, hdr.cksum, None)
+        };
+        let saved = st.sums.clone();
+        let mut reader = FrameReader::new(&*f, &hdr, start, running);
+        let mut txn: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+        let mut txn_frames = 0u32;
+        let mut out = Vec::new();
+        let mut pos = tail;
+        pos.salts = fp.salts;
+        let result = (|| {
+            while reader.next_frame_no() <= fp.frame {
+                let fr = reader
+                    .next_frame()
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("the WAL ends before frame {}", fp.frame))?;
+                txn_frames += 1;
+                let commit = fr.header.commit_size;
+                if commit == 0 {
+                    txn.insert(fr.header.pgno, fr.data);
+                    continue;
+                }
+                let is_padding = txn_frames == 1
+                    && last_commit.as_ref().is_some_and(|(p, c, d)| {
+                        *p == fr.header.pgno && *c == commit && *d == fr.data
+                    });
+                pos.frame = fr.frame_no;
+                pos.cksum = reader.running();
+                txn_frames = 0;
+                if is_padding {
+                    txn.clear();
+                    continue;
+                }
+                last_commit = Some((fr.header.pgno, commit, fr.data.clone()));
+                txn.insert(fr.header.pgno, fr.data);
+                pos.lsn = pos.lsn.next();
+                if pos.lsn > fp.lsn {
+                    return Err(format!(
+                        "frames {start}..{} hold more than the {lost} lost transactions",
+                        fp.frame
+                    ));
+                }
+                out.push(self.txn_record(st, ps, &mut txn, commit, pos));
+            }
+            if txn_frames != 0 || pos.frame != fp.frame || pos.cksum != fp.cksum {
+                return Err(format!(
+                    "the WAL frames up to {} do not end where the position file says (frame {}, \
+                     checksum {:?} vs {:?})",
+                    fp.frame, pos.frame, pos.cksum, fp.cksum
+                ));
+            }
+            if pos.lsn != fp.lsn {
+                return Err(format!(
+                    "frames {start}..{} hold {} transactions, {lost} were lost",
+                    fp.frame,
+                    out.len()
+                ));
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => Ok(out),
+            Err(why) => {
+                st.sums = saved;
+                Err(why)
+            }
+        }
+    }
+}
+
+/// A primary whose database a process without the extension switched to a rollback journal
+/// (`journal_mode=DELETE`, `TRUNCATE`, `PERSIST`: header bytes 18–19 are 1) cannot be
+/// captured, and the agent's SHARED lock would block that mode's writers for good (they need
+/// EXCLUSIVE on the database file; ours too: "database is locked"). So the primary is not
+/// attached: the caller drops the agent handle (and its lock) and reports this error. Checked
+/// with the agent's SHARED lock held, which keeps the mode from changing under the check.
+/// `repl_primary()` switches the database back to WAL first and then attaches; capture finds
+/// a WAL it did not witness and compares the database file with the captured state (a gap
+/// and a new generation if the rollback-mode writers changed anything).
+pub(super) fn refuse_rollback_mode(agent: &crate::vfs::AgentHandle, db_path: &str) -> Result<()> {
+    use crate::vfs::DbFileIo;
+    let mut head = [0u8; 100];
+    let _ = agent.read_db(0, &mut head);
+    if head[..16] != *b"SQLite format 3\0" || (head[18], head[19]) != (1, 1) {
+        return Ok(());
+    }
+    crate::logging::event(&format!(
+        "event=primary_not_in_wal_mode db={db_path:?} action=\"capture suspended, lock released\""
+    ));
+    Err(crate::error::Error::Unsupported(format!(
+        "{db_path} is a primary but is in a rollback journal mode (a process without sqlite-replica \
+         ran PRAGMA journal_mode=DELETE or similar): capture is suspended and this process holds no \
+         lock on it, so writers in that mode are not blocked. Run SELECT repl_primary() on it to \
+         switch it back to WAL and resume capture (changes made meanwhile are captured as a new \
+         generation starting with a snapshot)"
+    )))
+}
