@@ -26,7 +26,7 @@ import urllib.request
 
 import pytest
 
-from helpers import REPO, Worker, lsn_checksum, wait_for, worker_status
+from helpers import REPO, Worker, durable, lsn_checksum, wait_for, worker_status
 
 TOKEN = "s3cret-token"
 
@@ -69,6 +69,7 @@ def serving(tmp, name="p.db", env=None, token=TOKEN, port=0):
     p = Worker(tmp / name, env=env)
     p.one("SELECT repl_primary(?, ?)", [f"127.0.0.1:{port}", token])
     p.script(["CREATE TABLE t(x)", "INSERT INTO t VALUES (1)"])
+    durable(p)  # served LSNs stop at the watermark (in the log and fsynced, a round after commit)
     url = worker_status(p)["server"]["url"]
     return p, url
 
