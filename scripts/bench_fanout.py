@@ -97,7 +97,7 @@ for line in sys.stdin:
         break
     if cmd[0] == "status":
         s = json.loads(one("SELECT repl_status()"))
-        out({"listener": s["server"]["listener"], "lsn": one("SELECT repl_lsn()")})
+        out({"listener": s["server"]["listener"], "lsn": one("SELECT repl_lsn()"), "log": s["log"]})
     elif cmd[0] == "commit":  # commit <rate> <count>: paced commits, then all stamps at once
         rate, count = float(cmd[1]), int(cmd[2])
         stamps = []
@@ -198,6 +198,17 @@ class Primary(Child):
 
     def status(self) -> dict:
         return self.ask("status")
+
+    def durable_lsn(self, timeout: float = 10) -> int:
+        """The primary's LSN once the watermark covers it (served LSNs stop there: a long-poll
+        past it is answered "ahead", not parked)."""
+        lsn = self.status()["lsn"]
+        end = time.monotonic() + timeout
+        while (self.status()["log"]["durable_lsn"] or 0) < lsn:
+            if time.monotonic() > end:
+                raise SystemExit(f"LSN {lsn} not durable within {timeout} s")
+            time.sleep(0.01)
+        return lsn
 
     def threads(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/task"))
@@ -387,8 +398,7 @@ def pct(xs: list[float], q: float) -> float:
 def run_row(prim: Primary, n_light: int, reals: list[Child], idle: bool) -> dict:
     """One row: n_light light followers plus the real followers `reals` (already following)."""
     n_total = n_light + len(reals)
-    st = prim.status()
-    lsn0 = st["lsn"]
+    lsn0 = prim.durable_lsn()
     base_threads, base_fds = prim.threads(), prim.fds()
     client = LightClient(prim.port, prim.token, n_light, lsn0 + 1, name=f"light{n_light}")
     row: dict = {"light": n_light, "real": len(reals), "followers": n_total}

@@ -282,6 +282,8 @@ pub fn make_primary(db: &Arc<Db>) -> Result<Arc<Primary>> {
     }
     let p = Primary::attach(&db.path, true)?;
     *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::Primary(p.clone());
+    // From here on every commit of this process goes through the role's hooks.
+    p.release_init_write();
     Ok(p)
 }
 

@@ -31,6 +31,7 @@ pub const SQLITE_DONE: c_int = 101;
 pub const SQLITE_OK_LOAD_PERMANENTLY: c_int = 256;
 pub const SQLITE_IOERR_WRITE: c_int = SQLITE_IOERR | (3 << 8);
 
+pub const SQLITE_OPEN_READONLY: c_int = 0x0000_0001;
 pub const SQLITE_OPEN_READWRITE: c_int = 0x0000_0002;
 pub const SQLITE_OPEN_MAIN_DB: c_int = 0x0000_0100;
 pub const SQLITE_OPEN_WAL: c_int = 0x0008_0000;

@@ -124,6 +124,10 @@ pub struct Primary {
     /// Held by a maintenance pass (separate, so a compaction never delays a group fsync).
     maintenance_busy: Mutex<()>,
     last_maintenance: Mutex<Option<Instant>>,
+    /// `repl_primary()` loaded the state under WRITE and keeps it until the registry has
+    /// installed the role (`release_init_write`): a commit by another connection of this
+    /// process in between would not go through the role's hooks and would read as a gap.
+    init_write_held: AtomicBool,
     posf: once_cell::sync::OnceCell<PosFile>,
     durable_file: crate::txlog::DurableFile,
     file_id: Option<(u64, u64)>,
@@ -205,6 +209,7 @@ impl Primary {
             busy: Mutex::new(()),
             maintenance_busy: Mutex::new(()),
             last_maintenance: Mutex::new(None),
+            init_write_held: AtomicBool::new(false),
             t3_seen: Mutex::new(None),
             server: Mutex::new(None),
             posf: once_cell::sync::OnceCell::new(),
@@ -215,12 +220,15 @@ impl Primary {
         if create {
             p.initialise()?;
         }
-        workers::register(&p)?;
+        if let Err(e) = workers::register(&p) {
+            p.release_init_write();
+            return Err(e);
+        }
         Ok(p)
     }
 
-    /// Take the agent's WRITE lock (polling with a deadline) and load the state now.
-    fn initialise(&self) -> Result<()> {
+    /// Take the agent's WRITE lock, polling with a 10 s deadline.
+    fn lock_write_polling(&self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.agent.try_lock_write() {
             if Instant::now() > deadline {
@@ -232,6 +240,37 @@ impl Primary {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+        Ok(())
+    }
+
+    /// Load the state now (`repl_primary()`): a new lineage takes its first snapshot without
+    /// blocking writers (`first_snapshot`), an existing one loads under WRITE.
+    fn initialise(&self) -> Result<()> {
+        // One process at a time creates a lineage; a second repl_primary() waits here, then
+        // finds the snapshot and loads it.
+        let init_lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join("init.lock"))
+            .map_err(|e| {
+                Error::io(
+                    format!("opening {}", self.dir.join("init.lock").display()),
+                    e,
+                )
+            })?;
+        init_lock
+            .lock()
+            .map_err(|e| Error::io("locking init.lock", e))?;
+        let new_lineage = {
+            let st = lock(&self.state);
+            st.log.latest_snapshot(None)?.is_none() && st.log.last().is_none()
+        };
+        if new_lineage {
+            return self.first_snapshot();
+        }
+        drop(init_lock);
+        self.lock_write_polling()?;
         let r = match read_header(&self.agent) {
             Some(h) => {
                 let mut st = lock(&self.state);
@@ -241,8 +280,24 @@ impl Primary {
                 "the wal-index is not initialised; is the database in WAL mode?".into(),
             )),
         };
-        self.agent.unlock_write();
+        if r.is_ok() {
+            self.init_write_held
+                .store(true, std::sync::atomic::Ordering::Release);
+        } else {
+            self.agent.unlock_write();
+        }
         r
+    }
+
+    /// Releases the WRITE lock `repl_primary()` kept until the role was installed (no-op
+    /// when it holds none).
+    pub fn release_init_write(&self) {
+        if self
+            .init_write_held
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            self.agent.unlock_write();
+        }
     }
 
     /// With WRITE held: load the position and checksums (or take the first snapshot of a new
@@ -254,7 +309,23 @@ impl Primary {
         }
         let snap = st.log.latest_snapshot(None)?;
         if snap.is_none() && st.log.last().is_none() {
-            // A new lineage: the state now is LSN 0, generation 1.
+            // A new lineage: the state now is LSN 0, generation 1. Unless repl_primary() in
+            // some process is taking the first snapshot right now (it holds init.lock, without
+            // WRITE): then this commit is left to it (its LSN 1 holds every page changed since
+            // its snapshot), and this process loads at its next write lock.
+            let init_lock = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(self.dir.join("init.lock"))
+                .map_err(|e| Error::io("opening init.lock", e))?;
+            if init_lock.try_lock().is_err() {
+                return Err(Error::Busy(
+                    "the first snapshot of this lineage is being taken by repl_primary(); this \
+                     process loads the state at its next write"
+                        .into(),
+                ));
+            }
             let (meta, _) = self.write_snapshot_streamed(st, io, h, Lsn(0), Generation(1))?;
             st.pos = Position::from_meta(&meta);
             self.save_position(st)?;

@@ -189,3 +189,169 @@ impl Primary {
 fn served_generation(dir: &std::path::Path) -> u32 {
     Log::read_durable(dir).ok().flatten().map_or(0, |d| d.1 .0)
 }
+
+impl Primary {
+    /// The first snapshot of a new lineage without blocking writers (issue 15): WRITE is held
+    /// only to fix the state P and to install the result, not while the database is read.
+    ///
+    /// 1. Under WRITE: read the header P and start a read transaction on an internal connection
+    ///    (the host's underlying VFS). Nobody can commit while we hold WRITE, so it sees exactly
+    ///    P, and while it stays open no checkpoint copies frames past P into the database file
+    ///    (its read mark) and no writer restarts the WAL over them unless P was checkpointed
+    ///    whole (then the WAL after P starts again at frame 1).
+    /// 2. WRITE released: the snapshot of P is written, streamed; writers go on meanwhile.
+    /// 3. Under WRITE again, at Q: LSN 0 is the snapshot of P. If anything was committed since,
+    ///    LSN 1 is one record with the last image of every page changed in (P, Q] (before the
+    ///    role existed, one record for all of them is as good a history as any) and the
+    ///    database checksum of Q. The position is then Q; the read transaction ends.
+    pub(super) fn first_snapshot(&self) -> Result<()> {
+        self.lock_write_polling()?;
+        let setup = (|| -> Result<(WalIndexHeader, crate::ffi::conn::OwnedDb)> {
+            let p = super::read_header(&self.agent).ok_or_else(|| {
+                Error::Other(
+                    "the wal-index is not initialised; is the database in WAL mode?".into(),
+                )
+            })?;
+            let pin = crate::ffi::conn::OwnedDb::open(
+                &self.db_path,
+                crate::ffi::SQLITE_OPEN_READONLY,
+                Some(crate::vfs::base_name_cstr()),
+            )?;
+            pin.busy_timeout(5000);
+            pin.db().exec("BEGIN")?;
+            pin.db().query_value("SELECT count(*) FROM sqlite_schema")?;
+            Ok((p, pin))
+        })();
+        self.agent.unlock_write();
+        let (p, pin) = setup?;
+        let t0 = std::time::Instant::now();
+        let (meta, path) = {
+            let mut st = super::lock(&self.state);
+            self.write_snapshot_streamed(&mut st, &self.agent, &p, Lsn(0), Generation(1))?
+        };
+        let read_ms = t0.elapsed().as_millis();
+        if let Err(e) = self.lock_write_polling() {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        let r = (|| -> Result<usize> {
+            let q = super::read_header(&self.agent).ok_or_else(|| {
+                Error::Other("the wal-index header became invalid during the first snapshot".into())
+            })?;
+            let mut st = super::lock(&self.state);
+            st.pos = Position::from_meta(&meta);
+            let mut delta = 0;
+            if (q.salts, q.mx_frame) != (p.salts, p.mx_frame) {
+                let rec = self.changes_since(&mut st, &p, &q)?;
+                delta = rec.pages.len();
+                st.log.append(&rec)?;
+                super::apply_to_sums(&mut st.sums, &rec);
+                st.pos = Position::from_meta(&rec.meta);
+            }
+            self.save_position(&st)?;
+            Log::write_durable(&self.dir, Lsn(0), Generation(1))?;
+            st.loaded = true;
+            Ok(delta)
+        })();
+        drop(pin);
+        let delta = match r {
+            Ok(d) => {
+                // WRITE stays held until the registry installed the role (release_init_write).
+                self.init_write_held
+                    .store(true, std::sync::atomic::Ordering::Release);
+                d
+            }
+            Err(e) => {
+                self.agent.unlock_write();
+                // Start clean next time: no snapshot that nothing continues.
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        };
+        // LSN 1, if any, durable for replicas now.
+        self.flush();
+        log_event(&format!(
+            "event=lineage_created db={:?} pages={} read_ms={read_ms} changed_meanwhile_pages={delta}",
+            self.db_path, meta.page_count
+        ));
+        Ok(())
+    }
+
+    /// One record (LSN 1 of generation 1) holding the last image of every page committed in
+    /// the WAL between headers `p` and `q` (WRITE held), with the database checksum of `q`.
+    fn changes_since(
+        &self,
+        st: &mut Capture,
+        p: &WalIndexHeader,
+        q: &WalIndexHeader,
+    ) -> Result<crate::txlog::Record> {
+        let f = self.wal_file(st)?;
+        let hdr = self.wal_header(st, q.salts)?;
+        let (start, running) = if q.salts == p.salts && p.mx_frame > 0 {
+            (p.mx_frame + 1, p.frame_cksum)
+        } else {
+            (1, hdr.cksum)
+        };
+        let mut latest: BTreeMap<u32, u32> = BTreeMap::new();
+        let mut reader = FrameReader::new(&*f, &hdr, start, running);
+        while reader.next_frame_no() <= q.mx_frame {
+            let fr = reader.next_frame()?.ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "the WAL ends before frame {} while following the first snapshot; retry repl_primary()",
+                    q.mx_frame
+                ))
+            })?;
+            latest.insert(fr.header.pgno, fr.frame_no);
+        }
+        if reader.running() != q.frame_cksum {
+            return Err(Error::Corrupt(
+                "the WAL after the first snapshot does not chain to the current header; retry repl_primary()"
+                    .into(),
+            ));
+        }
+        let ps = hdr.page_size;
+        let mut sums = st.sums.clone();
+        let mut pages = Vec::new();
+        let read = |fno: u32| -> Result<Vec<u8>> {
+            let mut b = vec![0u8; ps.bytes()];
+            let off = wal::frame_offset(ps, fno) + wal::FRAME_HEADER_SIZE as u64;
+            f.read_exact_at(&mut b, off)
+                .map_err(|e| Error::io("reading a WAL frame", e))?;
+            Ok(b)
+        };
+        for (&pgno, &fno) in latest.range(..=q.n_page) {
+            let data = read(fno)?;
+            let p = PageNo::new(pgno).ok_or_else(|| Error::Corrupt("page 0 in the WAL".into()))?;
+            sums.set_page(p, &data);
+            pages.push(crate::txlog::Page { pgno: p, data });
+        }
+        if pages.is_empty() {
+            // Only a truncation: a record carries at least one page, page 1's current image.
+            let mut b = vec![0u8; ps.bytes()];
+            match latest.get(&1) {
+                Some(&fno) => b = read(fno)?,
+                None => self.agent.read_db(0, &mut b)?,
+            }
+            let one = PageNo::new(1).expect("1");
+            sums.set_page(one, &b);
+            pages.push(crate::txlog::Page { pgno: one, data: b });
+        }
+        sums.truncate(q.n_page);
+        Ok(crate::txlog::Record {
+            meta: RecordMeta {
+                lsn: Lsn(1),
+                generation: Generation(1),
+                snapshot: false,
+                page_size: ps,
+                commit_size: q.n_page,
+                timestamp_ms: now_ms(),
+                wal_salts: q.salts,
+                wal_frame: q.mx_frame,
+                wal_cksum: q.frame_cksum,
+                db_checksum: sums.total(),
+                page_count: pages.len() as u32,
+            },
+            pages,
+        })
+    }
+}
