@@ -182,6 +182,26 @@ impl Primary {
         }
     }
 
+    /// A WAL reset nobody witnessed: when the database file shows the captured state
+    /// (`matches`), the position moves to the empty WAL with no LSN; otherwise it is a gap.
+    fn reset_or_gap(
+        &self,
+        st: &mut Capture,
+        io: &dyn DbFileIo,
+        h: &WalIndexHeader,
+        matches: Result<bool>,
+        why: &str,
+    ) -> Result<()> {
+        if matches? {
+            st.pos.salts = h.salts;
+            st.pos.frame = 0;
+            st.pos.cksum = (0, 0);
+            self.save_position(st)
+        } else {
+            self.new_generation(st, io, h, why)
+        }
+    }
+
     pub(super) fn capture_once(
         &self,
         st: &mut Capture,
@@ -211,26 +231,14 @@ impl Primary {
                 Ok(None) => Ok(()),
                 Err(e) => Err(e),
             },
-            Ok(Plan::ResetIfPage1Matches(why)) => match self.db_page1_matches(st, io) {
-                Ok(true) => {
-                    st.pos.salts = h.salts;
-                    st.pos.frame = 0;
-                    st.pos.cksum = (0, 0);
-                    self.save_position(st)
-                }
-                Ok(false) => self.new_generation(st, io, h, &why),
-                Err(e) => Err(e),
-            },
-            Ok(Plan::ResetIfDbMatches(why)) => match self.db_file_matches(st, io) {
-                Ok(true) => {
-                    st.pos.salts = h.salts;
-                    st.pos.frame = 0;
-                    st.pos.cksum = (0, 0);
-                    self.save_position(st)
-                }
-                Ok(false) => self.new_generation(st, io, h, &why),
-                Err(e) => Err(e),
-            },
+            Ok(Plan::ResetIfPage1Matches(why)) => {
+                let matches = self.db_page1_matches(st, io);
+                self.reset_or_gap(st, io, h, matches, &why)
+            }
+            Ok(Plan::ResetIfDbMatches(why)) => {
+                let matches = self.db_file_matches(st, io);
+                self.reset_or_gap(st, io, h, matches, &why)
+            }
             Ok(Plan::Gap(reason)) => self.new_generation(st, io, h, &reason),
             Err(e) => Err(e),
         };
