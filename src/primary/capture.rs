@@ -59,7 +59,10 @@ impl Primary {
     /// T1: this process's connection just took WRITE.
     pub fn on_write_locked(&self, io: &dyn DbFileIo) -> T1Witness {
         let Some(h) = read_header(io) else {
-            return T1Witness { caught_up: false }; // recovery about to run; T2 handles it
+            return T1Witness {
+                caught_up: false,
+                refuse: false,
+            }; // recovery about to run; T2 handles it
         };
         let mut st = lock(&self.state);
         self.capture(&mut st, io, &h, false, false);
@@ -78,7 +81,18 @@ impl Primary {
                 generation: st.pos.generation,
             }));
         }
-        T1Witness { caught_up }
+        // The log cannot be written (disk full, an I/O error): at most the one transaction
+        // already committed is missing from it (kept in the WAL, which no writer of ours can
+        // restart while this holds), so refuse further writes until the log catches up.
+        let refuse = !caught_up && st.log_failures > 0;
+        if refuse {
+            log_event(&format!(
+                "event=write_refused db={:?} reason=\"the replication log cannot be written\" error={:?}",
+                self.db_path,
+                st.last_error.clone().unwrap_or_default()
+            ));
+        }
+        T1Witness { caught_up, refuse }
     }
 
     /// T2: the connection holding WRITE is about to release it.
@@ -149,6 +163,14 @@ impl Primary {
                 if let Some(f) = flag {
                     f.store(0, Ordering::Release);
                 }
+                if st.log_failures > 0 {
+                    log_event(&format!(
+                        "event=capture_resumed db={:?} failures={} lsn={}",
+                        self.db_path, st.log_failures, st.pos.lsn
+                    ));
+                }
+                st.log_failures = 0;
+                st.snapshot_retry_after = None;
                 if st.pos.lsn != before || st.pending {
                     if durable {
                         // The commit synced the WAL: everything captured so far is durable.
@@ -178,6 +200,12 @@ impl Primary {
                 // `pos`, ahead of what the log holds: rebuild both from the log (the truth) at
                 // the next capture instead of stamping later records with a wrong checksum.
                 st.loaded = false;
+                if matches!(e, Error::Io { .. }) {
+                    // Writes are refused (T1) until a capture succeeds. An append is retried
+                    // at every write lock (cheap); a gap snapshot only after a backoff
+                    // (`new_generation`).
+                    st.log_failures = st.log_failures.saturating_add(1);
+                }
             }
         }
     }

@@ -105,6 +105,12 @@ struct Capture {
     skip_shared_once: bool,
     /// Position and checksums loaded (done under WRITE, lazily for resumed primaries).
     loaded: bool,
+    /// Consecutive captures that failed to write the log (I/O: disk full...): while > 0 and
+    /// the log is behind the WAL, T1 refuses writes with SQLITE_FULL.
+    log_failures: u32,
+    /// No gap snapshot attempt before this (backoff after a failed one: it reads the whole
+    /// database under WRITE, so not on every write lock).
+    snapshot_retry_after: Option<Instant>,
     /// Records at or below the durable watermark were lost and not re-captured: the next
     /// capture starts a new generation past the watermark whatever the WAL shows (recover.rs).
     force_gap: Option<String>,
@@ -195,6 +201,8 @@ impl Primary {
             gaps: 0,
             captured_txns: 0,
             loaded: false,
+            log_failures: 0,
+            snapshot_retry_after: None,
             force_gap: None,
             skip_shared_once: false,
         };

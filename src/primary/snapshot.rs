@@ -71,9 +71,33 @@ impl Primary {
             "event=gap db={:?} reason={:?} new_generation={} lsn={}",
             self.db_path, reason, generation, lsn
         ));
+        if let Some(t) = st.snapshot_retry_after {
+            let now = std::time::Instant::now();
+            if now < t {
+                return Err(Error::io(
+                    format!(
+                        "the last gap snapshot could not be written; retrying in {} ms",
+                        (t - now).as_millis()
+                    ),
+                    std::io::Error::other("backing off"),
+                ));
+            }
+        }
         // Streamed: the snapshot file first, then the same record copied into the log (a
         // page at a time and a MiB at a time: never the database in memory).
-        let (meta, path) = self.write_snapshot_streamed(st, io, h, lsn, generation)?;
+        let (meta, path) = match self.write_snapshot_streamed(st, io, h, lsn, generation) {
+            Ok(v) => v,
+            Err(e) => {
+                if matches!(e, Error::Io { .. }) {
+                    // 50 ms doubling to 5 s.
+                    let wait = std::time::Duration::from_millis(50)
+                        .saturating_mul(1 << st.log_failures.min(7))
+                        .min(std::time::Duration::from_secs(5));
+                    st.snapshot_retry_after = Some(std::time::Instant::now() + wait);
+                }
+                return Err(e);
+            }
+        };
         if lsn != st.pos.lsn.next() {
             log_event(&format!(
                 "event=log_restarted db={:?} lost_lsns={}..={} first_lsn={lsn} reason=\"records at or \

@@ -485,6 +485,22 @@ unsafe extern "C" fn x_shm_lock(
                 s.holds_write = true;
                 db.counters().write_holders.fetch_add(1, Ordering::AcqRel);
                 if let Some(w) = db.write_locked(&ConnIo { s }) {
+                    if w.refuse {
+                        // The primary cannot log this write (its log is unwritable, e.g. the
+                        // disk is full): give WRITE back before anything is written.
+                        s.holds_write = false;
+                        db.counters().write_holders.fetch_sub(1, Ordering::AcqRel);
+                        // SAFETY: forwarding the unlock of the range just locked.
+                        unsafe {
+                            lock(
+                                s.real,
+                                ofst,
+                                n,
+                                ffi::SQLITE_SHM_UNLOCK | ffi::SQLITE_SHM_EXCLUSIVE,
+                            )
+                        };
+                        return ffi::SQLITE_FULL;
+                    }
                     s.witness = Some(w);
                 }
             }

@@ -32,6 +32,9 @@ pub enum RoleKind {
 pub struct Witness {
     /// After the lock hook ran, every committed frame was captured (position == header).
     pub caught_up: bool,
+    /// The write must not go ahead (the primary's log cannot take it: disk full): the shim
+    /// releases WRITE at once and the writer gets SQLITE_FULL, before it writes anything.
+    pub refuse: bool,
 }
 
 /// Bookkeeping the shim keeps per database across the connections of this process.

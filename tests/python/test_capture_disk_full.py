@@ -1,0 +1,81 @@
+"""Disk full (issue 14): nothing acknowledged is ever missing from the log.
+
+RLIMIT_FSIZE in a child process stands in for ENOSPC (SIGXFSZ ignored, so writes past the
+limit fail with EFBIG): the log's segment is the only file at the limit (the database and WAL
+stay small). The first commit whose record cannot be appended is already committed in the WAL;
+from then on the primary refuses writes at the write lock with SQLITE_FULL ("database or disk is
+full") before anything is written, so at most that one transaction is missing from the log, and
+it stays in the WAL (no writer of ours can restart the WAL). When space returns, the next write
+(or the background check) captures it under its own LSN: no gap, no new generation, and a
+replica built from the log holds every row whose commit returned OK.
+"""
+
+from __future__ import annotations
+
+import json
+
+from helpers import apsw_conn, one, py_ok
+
+CHILD = r"""
+import apsw, json, os, resource, signal, time
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+load()
+path = %r
+c = connect(path)
+c.execute("pragma journal_mode=wal; create table t(id integer primary key, b blob)").fetchall()
+one(c, "select repl_primary()")
+# Grow the log, not the database: insert then delete big rows.
+for _ in range(3):
+    c.execute("with recursive s(i) as (select 1 union all select i+1 from s where i < 100) "
+              "insert into t(id, b) select i + 1000, randomblob(20000) from s")
+    c.execute("delete from t where id >= 1000")
+c.execute("pragma wal_checkpoint(truncate)").fetchall()
+seg_dir = path + "-replica/log"
+seg = max((os.path.getsize(os.path.join(seg_dir, f)) for f in os.listdir(seg_dir)))
+limit = seg + 2048
+assert os.path.getsize(path) < limit
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+ok, full, other = [], 0, []
+for i in range(1, 41):
+    try:
+        c.execute("insert into t(id, b) values(?, randomblob(100))", (i,))
+        ok.append(i)
+    except apsw.FullError:
+        full += 1
+    except apsw.Error as e:
+        other.append(repr(e))
+status_full = json.loads(one(c, "select repl_status()"))
+resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+# Space is back: writes go through again (after the capture backoff, at most 5 s).
+deadline = time.monotonic() + 30
+while True:
+    try:
+        c.execute("insert into t(id, b) values(100, x'00')")
+        ok.append(100)
+        break
+    except apsw.FullError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.05)
+st = json.loads(one(c, "select repl_status()"))
+print(json.dumps({"ok": ok, "full": full, "other": other, "gen": st["generation"], "lsn": st["lsn"],
+                  "last_error_full": status_full.get("last_error"), "checksum": one(c, "select repl_checksum()")}))
+"""
+
+
+def test_disk_full_refuses_writes_and_loses_no_acknowledged_commit(tmp_path):
+    db = tmp_path / "p.db"
+    out = json.loads(py_ok(CHILD % str(db), timeout=120))
+    assert out["other"] == [], out
+    # The first commit that could not be logged returned OK (it is in the WAL); the rest were
+    # refused before writing anything.
+    assert out["full"] >= 30, out
+    assert out["last_error_full"], out
+    assert out["gen"] == 1, out  # no gap, no new generation
+    # Every acknowledged row reached the log: a replica built from it has exactly those rows.
+    r = apsw_conn(tmp_path / "r.db")
+    one(r, "select repl_sync(?)", (str(db),))
+    rows = [row[0] for row in r.execute("select id from t order by id")]
+    assert rows == sorted(out["ok"]), (rows, out["ok"])
+    assert one(r, "select repl_checksum()") == out["checksum"]
