@@ -133,7 +133,12 @@ impl Primary {
             db_checksum: sums.total(),
             page_count: count,
         };
-        crate::txlog::write_streamed(&self.dir.join("snap"), &meta, &mut read_page)?;
+        crate::txlog::write_streamed(
+            &self.dir.join("snap"),
+            &meta,
+            st.log.config().compression,
+            &mut read_page,
+        )?;
         st.sums = sums;
         st.page_size = Some(ps);
         Ok(meta)

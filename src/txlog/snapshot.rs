@@ -6,9 +6,9 @@
 
 use super::checksum::DbChecksum;
 use super::meta::{now_ms, sync_dir, write_and_sync};
-use super::record::validate_record;
+use super::record::{encode_record_with, validate_record};
 use super::segment::{encode_segment_header, SegmentHeader, SegmentReader};
-use super::{encode_record, Log, Page, Record, RecordMeta};
+use super::{Log, Page, Record, RecordMeta};
 use crate::error::{Error, Result};
 use crate::types::{Generation, Lsn, PageNo};
 use std::io::{Read, Seek, SeekFrom};
@@ -235,7 +235,7 @@ impl Log {
             created_ms: now_ms(),
         })
         .to_vec();
-        bytes.extend_from_slice(&encode_record(r));
+        bytes.extend_from_slice(&encode_record_with(r, self.config().compression));
         let res = write_and_sync(&tmp, &bytes).and_then(|()| {
             std::fs::rename(&tmp, &path)
                 .map_err(|e| Error::io(format!("renaming to {}", path.display()), e))
