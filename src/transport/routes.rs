@@ -114,7 +114,7 @@ pub(super) fn serve_log(
     // Followers woken by the same commit ask the same question: the first answer is kept and
     // streamed again (same headers, same file range, one shared descriptor) until the durable
     // LSN moves.
-    let key = (from.0, durable.0 .0, durable.1, max);
+    let key = (from.0, durable.0 .0, durable.1, max, takes_compressed(req));
     if let Some(a) = sh
         .answer
         .lock()
@@ -197,6 +197,21 @@ pub(super) fn serve_log(
     );
     headers.push(header("X-Repl-Records", range.count));
     headers.push(header("X-Repl-Last-Lsn", range.last.0));
+    if let Some(c) = range.codec {
+        if !accepts(req, c) {
+            // A client that does not read compressed records (older builds): the run decoded,
+            // verified and re-encoded uncompressed (memory: the run, about max_bytes).
+            let body = plain_records(&f, range.start, range.len)?;
+            headers.push(header("X-Repl-Encoding", "identity"));
+            sh.served_records
+                .fetch_add(range.count as u64, Ordering::Relaxed);
+            sh.served_bytes
+                .fetch_add(body.len() as u64, Ordering::Relaxed);
+            touch_follower(sh, &follower, range.last.0, None);
+            return reply(Reply::new(200, headers, Body::Bytes(body)));
+        }
+        headers.push(header("X-Repl-Encoding", codec_name(c)));
+    }
     *sh.answer.lock().unwrap_or_else(|e| e.into_inner()) = Some(Answer {
         key,
         headers: headers.clone(),
@@ -223,13 +238,52 @@ pub(super) fn serve_log(
 
 /// The last `/v1/log` answer with records, keyed by (from, durable LSN, generation, max_bytes).
 pub(super) struct Answer {
-    key: (u64, u64, u32, u64),
+    key: (u64, u64, u32, u64, bool),
     headers: Vec<(String, String)>,
     file: std::sync::Arc<std::fs::File>,
     start: u64,
     len: u64,
     count: u64,
     last: u64,
+}
+
+/// The name of a codec id in `X-Repl-Accept-Encoding` / `X-Repl-Encoding` (FORMAT.md §8.9).
+fn codec_name(codec: u8) -> &'static str {
+    match codec {
+        txlog::CODEC_ZSTD => "zstd",
+        txlog::CODEC_LZ4 => "lz4",
+        _ => "unknown",
+    }
+}
+
+/// Whether the client named `codec` in `X-Repl-Accept-Encoding` (a comma-separated list).
+fn accepts(req: &Request, codec: u8) -> bool {
+    let name = codec_name(codec);
+    req.headers_named("X-Repl-Accept-Encoding")
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(name))
+}
+
+/// Whether the client takes every codec (the cached answer is shared only among such clients).
+fn takes_compressed(req: &Request) -> bool {
+    accepts(req, txlog::CODEC_ZSTD) && accepts(req, txlog::CODEC_LZ4)
+}
+
+/// The records of `file[start..start + len]` decoded (every check of §3.4, decompression
+/// included) and re-encoded uncompressed, for a client that does not read compressed records.
+fn plain_records(file: &std::fs::File, start: u64, len: u64) -> Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, start)
+        .map_err(|e| Error::io("reading log records to decompress", e))?;
+    let mut out = Vec::with_capacity(buf.len() * 2);
+    let mut b = &buf[..];
+    while !b.is_empty() {
+        let (r, used) = txlog::decode_record(b)?;
+        out.extend_from_slice(&txlog::encode_record(&r));
+        b = &b[used..];
+    }
+    Ok(out)
 }
 
 /// The `/v1/log` parameters: (from, wait_ms, max_bytes, generation), or the 400 message.
@@ -255,7 +309,20 @@ pub(crate) fn fuzz_url(url: &str) {
     }
 }
 
-pub(super) fn serve_snapshot(sh: &Shared) -> Result<Reply> {
+/// The codec of a snapshot file's record, from its header (`None`: uncompressed).
+fn snapshot_codec(f: &std::fs::File) -> Result<Option<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut h = [0u8; txlog::SEGMENT_HEADER_LEN + txlog::RECORD_HEADER_LEN];
+    f.read_exact_at(&mut h, 0)
+        .map_err(|e| Error::io("reading a snapshot file's header", e))?;
+    let flags = u16::from_be_bytes([
+        h[txlog::SEGMENT_HEADER_LEN + 6],
+        h[txlog::SEGMENT_HEADER_LEN + 7],
+    ]);
+    Ok((flags & txlog::FLAG_COMPRESSED != 0).then_some(h[txlog::SEGMENT_HEADER_LEN + 68]))
+}
+
+pub(super) fn serve_snapshot(sh: &Shared, req: &Request) -> Result<Reply> {
     let durable = Log::read_durable(&sh.dir)?;
     let Some((_, path)) = sh.log.latest_snapshot(durable.map(|d| d.0))? else {
         return Ok(Reply::error(
@@ -272,12 +339,30 @@ pub(super) fn serve_snapshot(sh: &Shared) -> Result<Reply> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let (lsn, generation) = txlog::parse_snapshot_file_name(name).unwrap_or_default();
     let lineage = Log::read_meta(&sh.dir)?.lineage;
-    let headers = vec![
+    let mut headers = vec![
         header("Content-Type", SNAPSHOT_TYPE),
         header("X-Repl-Lineage", lineage),
         header("X-Repl-Snapshot-Lsn", lsn.0),
         header("X-Repl-Generation", generation.0),
     ];
+    if let Some(codec) = snapshot_codec(&f)? {
+        if !accepts(req, codec) {
+            // An older client: the snapshot decoded, verified and sent uncompressed (memory:
+            // the database, for such clients only).
+            let seg = txlog::SEGMENT_HEADER_LEN as u64;
+            let mut body = {
+                use std::os::unix::fs::FileExt;
+                let mut h = vec![0u8; txlog::SEGMENT_HEADER_LEN];
+                f.read_exact_at(&mut h, 0)
+                    .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+                h
+            };
+            body.extend_from_slice(&plain_records(&f, seg, len.saturating_sub(seg))?);
+            headers.push(header("X-Repl-Encoding", "identity"));
+            return Ok(Reply::new(200, headers, Body::Bytes(body)));
+        }
+        headers.push(header("X-Repl-Encoding", codec_name(codec)));
+    }
     Ok(Reply::new(
         200,
         headers,
