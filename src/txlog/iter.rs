@@ -75,8 +75,9 @@ pub struct RecordRange {
     pub first: Lsn,
     pub last: Lsn,
     pub count: u32,
-    /// The codec of the run's compressed records (§3.7), `None` when every record is plain
-    /// (a client that does not take that codec gets the run re-encoded uncompressed).
+    /// The codec of the run's compressed records (§3.7; a run never mixes two codecs), `None`
+    /// when every record is plain (a client that does not take that codec gets the run
+    /// re-encoded uncompressed).
     pub codec: Option<u8>,
     /// Where the read after this one starts.
     pub next: ReadHint,
@@ -121,6 +122,9 @@ impl Log {
                 Some((idx, start, total, _, last, n)) => {
                     if *idx != c.idx || pos != *start + *total {
                         break; // the next segment: a later request
+                    }
+                    if this_codec.is_some() && codec.is_some() && this_codec != codec {
+                        break; // one codec per run: a client may read only one
                     }
                     *total += len;
                     codec = codec.or(this_codec);
