@@ -309,6 +309,35 @@ pub(crate) fn fuzz_url(url: &str) {
     }
 }
 
+/// `snapshot` copied uncompressed (txlog::copy_snapshot_plain) into a scratch file in `dir`,
+/// unlinked at once (the descriptor keeps it until the answer is sent; its `.tmp` name is
+/// ignored by every reader of the log meanwhile). Returns the file and its length.
+fn plain_snapshot(
+    dir: &std::path::Path,
+    snapshot: &std::path::Path,
+) -> Result<(std::fs::File, u64)> {
+    use std::sync::atomic::AtomicU64;
+    static N: AtomicU64 = AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        "plain-snapshot.{}.{}.tmp",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let io = |e| Error::io(format!("writing {}", tmp.display()), e);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(io)?;
+    let _ = std::fs::remove_file(&tmp);
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
+    let len = txlog::copy_snapshot_plain(snapshot, &mut w)?;
+    std::io::Write::flush(&mut w).map_err(io)?;
+    drop(w);
+    Ok((file, len))
+}
+
 /// The codec of a snapshot file's record, from its header (`None`: uncompressed).
 fn snapshot_codec(f: &std::fs::File) -> Result<Option<u8>> {
     use std::os::unix::fs::FileExt;
@@ -347,19 +376,20 @@ pub(super) fn serve_snapshot(sh: &Shared, req: &Request) -> Result<Reply> {
     ];
     if let Some(codec) = snapshot_codec(&f)? {
         if !accepts(req, codec) {
-            // An older client: the snapshot decoded, verified and sent uncompressed (memory:
-            // the database, for such clients only).
-            let seg = txlog::SEGMENT_HEADER_LEN as u64;
-            let mut body = {
-                use std::os::unix::fs::FileExt;
-                let mut h = vec![0u8; txlog::SEGMENT_HEADER_LEN];
-                f.read_exact_at(&mut h, 0)
-                    .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-                h
-            };
-            body.extend_from_slice(&plain_records(&f, seg, len.saturating_sub(seg))?);
+            // An older client: the snapshot decoded, verified and copied uncompressed into an
+            // unlinked scratch file in the log directory, then streamed like any snapshot
+            // (memory: one page; disk: one database size while the answer is sent).
+            let (file, len) = plain_snapshot(&sh.dir, &path)?;
             headers.push(header("X-Repl-Encoding", "identity"));
-            return Ok(Reply::new(200, headers, Body::Bytes(body)));
+            return Ok(Reply::new(
+                200,
+                headers,
+                Body::File {
+                    file: std::sync::Arc::new(file),
+                    offset: 0,
+                    len,
+                },
+            ));
         }
         headers.push(header("X-Repl-Encoding", codec_name(codec)));
     }

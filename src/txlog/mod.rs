@@ -73,7 +73,8 @@ pub use segment::{
     SEGMENT_VERSION,
 };
 pub use snapshot::{
-    parse_snapshot_file_name, snapshot_file_name, stream_snapshot_file, stream_snapshot_from,
+    copy_snapshot_plain, parse_snapshot_file_name, snapshot_file_name, stream_snapshot_file,
+    stream_snapshot_from,
 };
 pub use verify::{GenerationRange, SnapshotInfo, VerifyReport};
 

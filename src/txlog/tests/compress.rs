@@ -285,3 +285,33 @@ fn the_setting_parses_and_names() {
     }
     assert_eq!(Compression::from_code(50), None);
 }
+
+#[test]
+fn a_compressed_snapshot_copies_to_exactly_the_uncompressed_file() {
+    let d = tempdir().unwrap();
+    let mut log = new_log(d.path(), 1 << 20);
+    log.set_config(LogConfig {
+        segment_bytes: 1 << 20,
+        compression: Compression::Zstd(3),
+    });
+    let mut m = text_model();
+    log.append(&m.txn(&[1, 2, 3, 4, 5], 5)).unwrap();
+    let snap = m.snapshot_of_current();
+    let path = log.write_snapshot(&snap).unwrap();
+    let mut out = Vec::new();
+    let n = copy_snapshot_plain(&path, &mut out).unwrap();
+    assert_eq!(n as usize, out.len());
+    let src = std::fs::read(&path).unwrap();
+    assert_eq!(out[..SEGMENT_HEADER_LEN], src[..SEGMENT_HEADER_LEN]);
+    assert_eq!(out[SEGMENT_HEADER_LEN..], encode_record(&snap)[..]);
+    // A damaged compressed page (checksums fixed) is an error: the copy must be discarded.
+    let mut bad = src.clone();
+    let at = SEGMENT_HEADER_LEN + 96;
+    bad[at..at + 8].copy_from_slice(&[0xff; 8]);
+    fix_trailer(&mut bad);
+    std::fs::write(&path, &bad).unwrap();
+    let e = copy_snapshot_plain(&path, &mut Vec::new())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not decompress"), "{e}");
+}
