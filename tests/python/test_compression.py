@@ -11,6 +11,7 @@ applied, and the next clean answer is applied.
 
 from __future__ import annotations
 
+import os
 import struct
 import urllib.request
 from pathlib import Path
@@ -217,5 +218,42 @@ def test_follower_on_the_event_loop_client_reads_compressed_records(tmp):
             assert '"errors":0' in st.replace(" ", ""), st
             r.q("SELECT repl_follow(NULL)")
         assert_replica_equals_primary(tmp / "r.db", p)
+    finally:
+        p.close()
+
+
+@pytest.mark.skipif(not os.environ.get("REPL_OLD_EXT"), reason="REPL_OLD_EXT: an older build's libreplica (no .so)")
+def test_an_older_build_bootstraps_and_follows_a_compressing_primary_over_http(tmp):
+    """With REPL_OLD_EXT set to a build from before compression (e.g. ``git archive`` of an older
+    commit built with ``cargo build --release --lib``): it bootstraps from a compressed snapshot
+    and follows compressed records over HTTP (the server decodes for it), ending byte-identical;
+    reading the compressed log directory itself it stops with a clear error."""
+    old = {"REPLICA_EXT": os.environ["REPL_OLD_EXT"]}
+    p, url = start_serving_primary(tmp / "p.db", env={"REPL_MAINTENANCE_MS": "50"})
+    try:
+        p.script([
+            "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)",
+            "CREATE TABLE blobs(id INTEGER PRIMARY KEY, b BLOB)",
+        ])
+        p.one("SELECT repl_config('compress', 'zstd')")
+        p.one("SELECT repl_config('snapshot_bytes', 65536)")
+        write_pages(p, 30)
+        snapdir = Path(str(tmp / "p.db") + "-replica") / "snap"
+        wait_for(lambda: any(struct.unpack(">H", f.read_bytes()[SEG_HEADER + 4:SEG_HEADER + 6])[0] == 2
+                             for f in snapdir.glob("*.snap")), timeout=30, what="a compressed snapshot")
+        with Worker(tmp / "old.db", env=old) as r:
+            assert r.one("SELECT repl_sync(?)", [url]) == durable(p)
+            assert lsn_checksum(r) == lsn_checksum(p)
+            r.one("SELECT repl_follow(?, 200)", [url])
+            write_pages(p, 5, start=30)
+            lsn = p.one("SELECT repl_lsn()")
+            assert r.one("SELECT repl_wait(?, 10000)", [lsn]) >= lsn
+            assert lsn_checksum(r) == lsn_checksum(p)
+            r.q("SELECT repl_follow(NULL)")
+        assert_replica_equals_primary(tmp / "old.db", p)
+        with Worker(tmp / "old-dir.db", env=old) as r:
+            with pytest.raises(WorkerError) as e:
+                r.one("SELECT repl_sync(?)", [str(tmp / "p.db")])
+            assert "unsupported record format version 2" in e.value.msg, e.value.msg
     finally:
         p.close()
