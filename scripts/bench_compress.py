@@ -156,7 +156,7 @@ def main() -> int:
         "",
         f"`sqlite-replica compress-bench` on two {args.mib} MiB databases (4 KiB pages), one page per",
         "call as the log stores them. Ratio: stored / original bytes (lower is better; pages that do",
-        "not shrink are stored raw). Throughput in MB/s of page bytes on one core.",
+        "not shrink are stored raw). Throughput in MB/s of page bytes on one core, best of three passes.",
         "",
         "| pages | codec | ratio | compress MB/s | decompress MB/s |",
         "|---|---|---:|---:|---:|",

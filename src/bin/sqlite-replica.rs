@@ -409,21 +409,29 @@ fn compress_bench(path: &Path) -> Result<(), Failure> {
         Compression::Zstd(3),
         Compression::Zstd(9),
     ] {
-        let t = Instant::now();
-        let stored: Vec<Option<Vec<u8>>> = pages.iter().map(|p| compress_page(c, p)).collect();
-        let ct = t.elapsed().as_secs_f64();
+        // Best of three passes: the figures are for the codec, not for the machine's other load.
+        let mut stored: Vec<Option<Vec<u8>>> = Vec::new();
+        let mut ct = f64::MAX;
+        for _ in 0..3 {
+            let t = Instant::now();
+            stored = pages.iter().map(|p| compress_page(c, p)).collect();
+            ct = ct.min(t.elapsed().as_secs_f64());
+        }
         let bytes: usize = stored.iter().map(|s| s.as_ref().map_or(ps, Vec::len)).sum();
         let codec = c.codec().expect("a codec");
-        let t = Instant::now();
-        for (s, p) in stored.iter().zip(&pages) {
-            if let Some(s) = s {
-                let back = decompress_page(codec, s, ps).map_err(fail)?;
-                if back.as_slice() != *p {
-                    return Err(Failure::Error(format!("{} does not round-trip", c.name())));
+        let mut dt = f64::MAX;
+        for _ in 0..3 {
+            let t = Instant::now();
+            for (s, p) in stored.iter().zip(&pages) {
+                if let Some(s) = s {
+                    let back = decompress_page(codec, s, ps).map_err(fail)?;
+                    if back.as_slice() != *p {
+                        return Err(Failure::Error(format!("{} does not round-trip", c.name())));
+                    }
                 }
             }
+            dt = dt.min(t.elapsed().as_secs_f64());
         }
-        let dt = t.elapsed().as_secs_f64();
         println!(
             "{}",
             serde_json::json!({
