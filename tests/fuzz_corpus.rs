@@ -6,7 +6,9 @@
 //! `cargo test --test fuzz_corpus -- --ignored regenerate_corpora`.
 
 use replica::transport::fuzzing::exercise_http;
-use replica::txlog::{encode_record, DbChecksum, Page, Record, RecordMeta};
+use replica::txlog::{
+    encode_record, encode_record_with, Compression, DbChecksum, Page, Record, RecordMeta,
+};
 use replica::types::{Generation, Lsn, PageNo, PageSize};
 use replica::wal::{
     encode_frame, exercise_wal, hash_insert, shm_publish_header, ShmAccess, VecShm, WalHeader,
@@ -113,6 +115,13 @@ fn http_seeds() -> Vec<(String, Vec<u8>)> {
     let mut flipped = body.clone();
     flipped[200] ^= 1;
     out.push(("log-body-flip.bin".to_string(), flipped));
+    // Compressed records as a primary with `compress` on serves them (FORMAT.md §3.7, §8.9).
+    let mut zbody = encode_record_with(&rec(5), Compression::Zstd(3));
+    zbody.extend_from_slice(&encode_record_with(&rec(6), Compression::Lz4));
+    let mut zflip = zbody.clone();
+    zflip[97] ^= 1;
+    out.push(("log-body-compressed.bin".to_string(), zbody));
+    out.push(("log-body-compressed-flip.bin".to_string(), zflip));
     for (i, u) in [
         "/v1/log?from=1&wait_ms=100&max_bytes=4096",
         "/v1/log?from=-1",

@@ -29,6 +29,7 @@ fn build_log(dir: &Path) -> Vec<Vec<u8>> {
         &Meta::new("primary", ps).unwrap(),
         LogConfig {
             segment_bytes: 8192,
+            ..LogConfig::default()
         },
     )
     .unwrap();

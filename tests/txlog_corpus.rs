@@ -5,8 +5,8 @@
 //! `cargo test --test txlog_corpus -- --ignored regenerate_corpus`.
 
 use replica::txlog::{
-    decode_record, encode_record, encode_segment_header, exercise_decoders, scan_segment_bytes,
-    DbChecksum, Page, Record, RecordMeta, SegmentHeader,
+    decode_record, encode_record, encode_record_with, encode_segment_header, exercise_decoders,
+    scan_segment_bytes, Compression, DbChecksum, Page, Record, RecordMeta, SegmentHeader,
 };
 use replica::types::{Generation, Lsn, PageNo, PageSize};
 use std::path::PathBuf;
@@ -45,6 +45,16 @@ fn flip(mut b: Vec<u8>, at: usize) -> Vec<u8> {
     b
 }
 
+/// `b` (one record) with byte `at` set to `v` and the record checksum recomputed, so the
+/// damage reaches the page-entry checks behind the checksum.
+fn patch(mut b: Vec<u8>, at: usize, v: &[u8]) -> Vec<u8> {
+    b[at..at + v.len()].copy_from_slice(v);
+    let end = b.len() - 8;
+    let sum = xxhash_rust::xxh3::xxh3_64(&b[..end]);
+    b[end..].copy_from_slice(&sum.to_be_bytes());
+    b
+}
+
 /// The seed files, by name.
 fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let txn = encode_record(&record(2, false, &[1, 3], 3));
@@ -59,6 +69,13 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     seg.extend_from_slice(&txn);
     seg.extend_from_slice(&empty);
     let n = txn.len();
+    // Compressed records (format version 2, FORMAT.md §3.7); the first entry's stored_len is at
+    // 92, its frame at 96.
+    let ztxn = encode_record_with(&record(2, false, &[1, 3], 3), Compression::Zstd(3));
+    let lz4snap = encode_record_with(&record(1, true, &[1, 2, 3], 3), Compression::Lz4);
+    let mut zseg = seg[..32].to_vec();
+    zseg.extend_from_slice(&lz4snap);
+    zseg.extend_from_slice(&ztxn);
     let mut durable = 42u64.to_be_bytes().to_vec();
     durable.extend_from_slice(&1u32.to_be_bytes());
     durable.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&durable).to_be_bytes());
@@ -81,6 +98,13 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("segment-torn.bin", seg[..seg.len() - 40].to_vec()),
         ("segment-flip-header.bin", flip(seg.clone(), 10)),
         ("segment-flip-record.bin", flip(seg.clone(), 32 + snap.len() + 400)),
+        ("record-zstd.bin", ztxn.clone()),
+        ("record-lz4-snapshot.bin", lz4snap.clone()),
+        ("segment-compressed.bin", zseg),
+        ("record-zstd-flip-frame.bin", flip(ztxn.clone(), 100)),
+        ("record-zstd-bad-frame.bin", patch(ztxn.clone(), 100, &[0xff; 4])),
+        ("record-zstd-len-bomb.bin", patch(ztxn.clone(), 92, &u32::MAX.to_be_bytes())),
+        ("record-zstd-len-zero.bin", patch(ztxn.clone(), 92, &[0; 4])),
         ("durable.bin", durable),
         ("meta.json", br#"{"format":1,"lineage":"00112233445566778899aabbccddeeff","role":"primary","page_size":4096,"created_ms":1700000000000}"#.to_vec()),
     ]
@@ -120,6 +144,24 @@ fn committed_seeds_are_current() {
         .torn_tail
         .is_some());
     assert!(decode_record(&get("record-flip-page.bin")).is_err());
+    let z = decode_record(&get("record-zstd.bin")).unwrap().0;
+    assert_eq!(z, decode_record(&get("record-txn.bin")).unwrap().0);
+    assert!(decode_record(&get("record-lz4-snapshot.bin")).is_ok());
+    assert_eq!(
+        scan_segment_bytes(&get("segment-compressed.bin"))
+            .unwrap()
+            .records
+            .len(),
+        2
+    );
+    for bad in [
+        "record-zstd-flip-frame.bin",
+        "record-zstd-bad-frame.bin",
+        "record-zstd-len-bomb.bin",
+        "record-zstd-len-zero.bin",
+    ] {
+        assert!(decode_record(&get(bad)).is_err(), "{bad} decodes");
+    }
 }
 
 #[test]

@@ -12,6 +12,9 @@
 //!   directory, for deployments whose writers are short-lived processes. Given a directory, it
 //!   serves every primary in it on one listener (`/v1/db/<file name>/…`). The token comes from
 //!   `--token-file` or `REPL_TOKEN` (`--token T` works but shows in `ps`).
+//! - `compress-bench <db>...`: compresses every page of each database file with each codec the
+//!   `compress` setting offers and prints one JSON line per file and codec (ratio, MB/s), so an
+//!   operator can see what the setting would buy on their own data (scripts/bench_compress.py).
 //!
 //! Exit codes: 0 success, 1 error, 2 usage error.
 
@@ -31,6 +34,7 @@ const USAGE: &str = "usage:
   sqlite-replica serve <db | dir> [--listen HOST:PORT] [--token-file F] [--tls-cert F --tls-key F]
       (default 127.0.0.1:7070; the token from --token-file or REPL_TOKEN; a directory serves every
        primary in it, each at /v1/db/<file name>)
+  sqlite-replica compress-bench <db>...   (ratio and MB/s of each codec on the file's pages)
 
 <dir> is a replication log directory (the one holding meta.json, log/ and snap/).
 inspect prints one line per record: lsn gen kind pages commit_size db_checksum ts";
@@ -193,6 +197,15 @@ fn run(args: &[String]) -> Result<(), Failure> {
             };
             replica::transport::server::serve_forever(&dbs, &listen, token, tls.as_ref())
                 .map_err(fail)
+        }
+        "compress-bench" => {
+            if rest.is_empty() {
+                return Err(Failure::Usage("compress-bench takes database files".into()));
+            }
+            for f in rest {
+                compress_bench(Path::new(f))?;
+            }
+            Ok(())
         }
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
@@ -368,4 +381,65 @@ fn restore(source: &str, out: &Path) -> Result<(), Failure> {
             Err(e)
         }
     }
+}
+
+/// One JSON line per codec: the ratio (stored/original bytes, raw entries counted at page size)
+/// and compress/decompress throughput over every page of `path`, one page per call as the log
+/// does it.
+fn compress_bench(path: &Path) -> Result<(), Failure> {
+    use replica::txlog::{compress_page, decompress_page, Compression};
+    use std::time::Instant;
+    let data = std::fs::read(path)
+        .map_err(|e| Failure::Error(format!("reading {}: {e}", path.display())))?;
+    if data.len() < 100 || &data[..16] != b"SQLite format 3\0" {
+        return Err(Failure::Error(format!(
+            "{} is not an SQLite database file",
+            path.display()
+        )));
+    }
+    let ps = match u16::from_be_bytes([data[16], data[17]]) {
+        1 => 65536,
+        n => usize::from(n),
+    };
+    let pages: Vec<&[u8]> = data.chunks_exact(ps).collect();
+    let mb = (pages.len() * ps) as f64 / 1e6;
+    for c in [
+        Compression::Lz4,
+        Compression::Zstd(1),
+        Compression::Zstd(3),
+        Compression::Zstd(9),
+    ] {
+        // Best of three passes: the figures are for the codec, not for the machine's other load.
+        let mut stored: Vec<Option<Vec<u8>>> = Vec::new();
+        let mut ct = f64::MAX;
+        for _ in 0..3 {
+            let t = Instant::now();
+            stored = pages.iter().map(|p| compress_page(c, p)).collect();
+            ct = ct.min(t.elapsed().as_secs_f64());
+        }
+        let bytes: usize = stored.iter().map(|s| s.as_ref().map_or(ps, Vec::len)).sum();
+        let codec = c.codec().expect("a codec");
+        let mut dt = f64::MAX;
+        for _ in 0..3 {
+            let t = Instant::now();
+            for (s, p) in stored.iter().zip(&pages) {
+                if let Some(s) = s {
+                    let back = decompress_page(codec, s, ps).map_err(fail)?;
+                    if back.as_slice() != *p {
+                        return Err(Failure::Error(format!("{} does not round-trip", c.name())));
+                    }
+                }
+            }
+            dt = dt.min(t.elapsed().as_secs_f64());
+        }
+        println!(
+            "{}",
+            serde_json::json!({
+                "file": path.display().to_string(), "codec": c.name(), "page_size": ps,
+                "pages": pages.len(), "ratio": bytes as f64 / (pages.len() * ps) as f64,
+                "compress_mb_s": mb / ct.max(1e-9), "decompress_mb_s": mb / dt.max(1e-9),
+            })
+        );
+    }
+    Ok(())
 }

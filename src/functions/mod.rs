@@ -419,6 +419,9 @@ fn repl_config(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
             policy_json(&load_policy(p.dir())?).to_string(),
         ));
     };
+    if name == "compress" {
+        return config_compress(&p, &args);
+    }
     match args.get(1) {
         None => Ok(SqlValue::Int(setting(&load_policy(p.dir())?, &name)? as i64)),
         Some(_) => {
@@ -430,6 +433,33 @@ fn repl_config(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
             Ok(SqlValue::Int(setting(&policy, &name)? as i64))
         }
     }
+}
+
+/// `repl_config('compress'[, value])`: 'none', 'zstd', 'lz4', 'zstd:<level>' or a zstd level
+/// (0 = none); returns the setting in force by name ('zstd', 'zstd:9', 'lz4', 'none').
+fn config_compress(p: &crate::primary::Primary, args: &Args) -> Result<SqlValue> {
+    use crate::primary::maintenance::{load_policy, set_setting};
+    use crate::txlog::Compression;
+    let expected = "'none', 'zstd', 'lz4', 'zstd:<level>' or a zstd level 0..19";
+    let policy = match args.get(1) {
+        None => load_policy(p.dir())?,
+        Some(v) => {
+            let c = match v {
+                SqlValue::Int(n) => u64::try_from(*n)
+                    .ok()
+                    .filter(|n| *n <= 19)
+                    .and_then(Compression::from_code),
+                SqlValue::Text(t) => Compression::parse(t),
+                _ => None,
+            }
+            .ok_or_else(|| args.bad(1, "value of compress", expected, &args::describe(v)))?;
+            let policy = set_setting(p.dir(), "compress", c.code() as i64)?;
+            p.apply_policy(&policy);
+            policy
+        }
+    };
+    let c = Compression::from_code(policy.compress).unwrap_or_default();
+    Ok(SqlValue::Text(c.name()))
 }
 
 /// `repl_config('log'[, level])`: the event log level of this process (off, error, warn,

@@ -53,6 +53,10 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "exec_max_bytes",
         "about the most bytes of values one forwarded request may produce",
     ),
+    (
+        "compress",
+        "store new log records and snapshots compressed: 'none', 'zstd', 'lz4' or a zstd level 1..19 (config.json: 0 none, 1..19 zstd level, 100 lz4)",
+    ),
 ];
 
 const CONFIG_FILE: &str = "config.json";
@@ -67,6 +71,7 @@ fn get(p: &Policy, name: &str) -> Option<u64> {
         "exec_timeout_ms" => p.exec_timeout_ms,
         "exec_max_rows" => p.exec_max_rows,
         "exec_max_bytes" => p.exec_max_bytes,
+        "compress" => p.compress,
         _ => return None,
     })
 }
@@ -153,6 +158,15 @@ fn apply(p: &mut Policy, name: &str, v: u64) -> Result<()> {
         }
         "exec_max_rows" => p.exec_max_rows = v,
         "exec_max_bytes" => p.exec_max_bytes = v,
+        "compress" => {
+            if txlog::Compression::from_code(v).is_none() {
+                return Err(Error::Misuse(format!(
+                    "repl_config(): compress is 'none', 'zstd', 'lz4' or a zstd level 1..19 \
+                     (stored as 0, 1..19, 100), not {v}"
+                )));
+            }
+            p.compress = v
+        }
         _ => return Err(unknown(name)),
     }
     Ok(())
@@ -222,7 +236,8 @@ pub fn pass(dir: &Path, policy: &Policy) -> Result<PassReport> {
                 .and_then(|f| f.sync_data())
                 .map_err(|e| Error::io(format!("fsync of {}", s.path.display()), e))?;
         }
-        let (meta, path) = txlog::compact(dir, durable)?;
+        let c = txlog::Compression::from_code(policy.compress).unwrap_or_default();
+        let (meta, path) = txlog::compact(dir, durable, c)?;
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         report.snapshot = Some((meta.lsn, size, t0.elapsed()));
         newest = Some((meta.lsn, size));
@@ -243,10 +258,12 @@ impl Primary {
     /// pass). `repl_config()` calls it so a change applies to the next append at once.
     pub fn apply_policy(&self, policy: &Policy) {
         let mut st = lock(&self.state);
-        if st.log.config().segment_bytes != policy.segment_bytes {
-            st.log.set_config(LogConfig {
-                segment_bytes: policy.segment_bytes,
-            });
+        let cfg = LogConfig {
+            segment_bytes: policy.segment_bytes,
+            compression: txlog::Compression::from_code(policy.compress).unwrap_or_default(),
+        };
+        if *st.log.config() != cfg {
+            st.log.set_config(cfg);
         }
     }
 

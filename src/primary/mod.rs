@@ -161,6 +161,7 @@ impl Primary {
         let policy = maintenance::load_policy(&dir).unwrap_or_default();
         let cfg = crate::txlog::LogConfig {
             segment_bytes: policy.segment_bytes,
+            compression: crate::txlog::Compression::from_code(policy.compress).unwrap_or_default(),
         };
         let log = if dir.join("meta.json").exists() {
             Log::open(&dir, cfg)?

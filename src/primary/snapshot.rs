@@ -111,7 +111,11 @@ impl Primary {
                 return Err(e);
             }
         }
-        let len = crate::txlog::record_len(meta.page_size, meta.page_count);
+        // The record as written (compressed or not): the file after its segment header.
+        let len = std::fs::metadata(&path)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?
+            .len()
+            .saturating_sub(crate::txlog::SEGMENT_HEADER_LEN as u64);
         if let Err(e) =
             st.log
                 .append_copy_of(&meta, &path, crate::txlog::SEGMENT_HEADER_LEN as u64, len)
@@ -202,7 +206,12 @@ impl Primary {
             db_checksum: sums.total(),
             page_count: count,
         };
-        let path = crate::txlog::write_streamed(&self.dir.join("snap"), &meta, &mut read_page)?;
+        let path = crate::txlog::write_streamed(
+            &self.dir.join("snap"),
+            &meta,
+            st.log.config().compression,
+            &mut read_page,
+        )?;
         st.sums = sums;
         st.page_size = Some(ps);
         Ok((meta, path))

@@ -147,7 +147,8 @@ impl HttpSource {
             .agent
             .get(&url)
             .timeout(timeout)
-            .set("X-Repl-Follower", &self.follower);
+            .set("X-Repl-Follower", &self.follower)
+            .set("X-Repl-Accept-Encoding", ACCEPT_ENCODING);
         if let Some(t) = &self.token {
             req = req.set("Authorization", &format!("Bearer {t}"));
         }
@@ -242,7 +243,8 @@ impl HttpSource {
                 self.log_path(from, max_bytes, wait)
             ))
             .timeout(wait + LOG_GRACE)
-            .set("X-Repl-Follower", &self.follower);
+            .set("X-Repl-Follower", &self.follower)
+            .set("X-Repl-Accept-Encoding", ACCEPT_ENCODING);
         if let Some(t) = &self.token {
             req = req.set("Authorization", &format!("Bearer {t}"));
         }
@@ -314,6 +316,10 @@ impl<R: Read> Read for Counted<'_, R> {
         Ok(n)
     }
 }
+
+/// The codecs this build reads compressed records in (FORMAT.md §8.9): sent with every request,
+/// so a primary storing compressed records serves them as they are.
+const ACCEPT_ENCODING: &str = "zstd, lz4";
 
 /// The message of an error answer: its JSON `error`, else the body itself.
 fn error_message(body: &str) -> String {
@@ -580,7 +586,8 @@ impl Source for HttpSource {
                 .post(&url)
                 .timeout(Duration::from_secs(60))
                 .set("Content-Type", "application/json")
-                .set("X-Repl-Follower", &self.follower);
+                .set("X-Repl-Follower", &self.follower)
+                .set("X-Repl-Accept-Encoding", ACCEPT_ENCODING);
             if let Some(t) = self.exec_token.as_ref().or(self.token.as_ref()) {
                 req = req.set("Authorization", &format!("Bearer {t}"));
             }
@@ -643,7 +650,10 @@ impl Source for HttpSource {
             let _ = super::httpd::spawn(super::httpd::Pool::Fast, job);
             return;
         };
-        let mut headers = vec![("X-Repl-Follower".to_string(), self.follower.clone())];
+        let mut headers = vec![
+            ("X-Repl-Follower".to_string(), self.follower.clone()),
+            ("X-Repl-Accept-Encoding".into(), ACCEPT_ENCODING.into()),
+        ];
         if let Some(t) = &self.token {
             headers.push(("Authorization".into(), format!("Bearer {t}")));
         }

@@ -114,7 +114,7 @@ pub(super) fn serve_log(
     // Followers woken by the same commit ask the same question: the first answer is kept and
     // streamed again (same headers, same file range, one shared descriptor) until the durable
     // LSN moves.
-    let key = (from.0, durable.0 .0, durable.1, max);
+    let key = (from.0, durable.0 .0, durable.1, max, takes_compressed(req));
     if let Some(a) = sh
         .answer
         .lock()
@@ -207,6 +207,21 @@ pub(super) fn serve_log(
     );
     headers.push(header("X-Repl-Records", range.count));
     headers.push(header("X-Repl-Last-Lsn", range.last.0));
+    if let Some(c) = range.codec {
+        if !accepts(req, c) {
+            // A client that does not read compressed records (older builds): the run decoded,
+            // verified and re-encoded uncompressed (memory: the run, about max_bytes).
+            let body = plain_records(&f, range.start, range.len)?;
+            headers.push(header("X-Repl-Encoding", "identity"));
+            sh.served_records
+                .fetch_add(range.count as u64, Ordering::Relaxed);
+            sh.served_bytes
+                .fetch_add(body.len() as u64, Ordering::Relaxed);
+            touch_follower(sh, &follower, range.last.0, None);
+            return reply(Reply::new(200, headers, Body::Bytes(body)));
+        }
+        headers.push(header("X-Repl-Encoding", codec_name(c)));
+    }
     *sh.answer.lock().unwrap_or_else(|e| e.into_inner()) = Some(Answer {
         key,
         headers: headers.clone(),
@@ -233,13 +248,52 @@ pub(super) fn serve_log(
 
 /// The last `/v1/log` answer with records, keyed by (from, durable LSN, generation, max_bytes).
 pub(super) struct Answer {
-    key: (u64, u64, u32, u64),
+    key: (u64, u64, u32, u64, bool),
     headers: Vec<(String, String)>,
     file: std::sync::Arc<std::fs::File>,
     start: u64,
     len: u64,
     count: u64,
     last: u64,
+}
+
+/// The name of a codec id in `X-Repl-Accept-Encoding` / `X-Repl-Encoding` (FORMAT.md §8.9).
+fn codec_name(codec: u8) -> &'static str {
+    match codec {
+        txlog::CODEC_ZSTD => "zstd",
+        txlog::CODEC_LZ4 => "lz4",
+        _ => "unknown",
+    }
+}
+
+/// Whether the client named `codec` in `X-Repl-Accept-Encoding` (a comma-separated list).
+fn accepts(req: &Request, codec: u8) -> bool {
+    let name = codec_name(codec);
+    req.headers_named("X-Repl-Accept-Encoding")
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(name))
+}
+
+/// Whether the client takes every codec (the cached answer is shared only among such clients).
+fn takes_compressed(req: &Request) -> bool {
+    accepts(req, txlog::CODEC_ZSTD) && accepts(req, txlog::CODEC_LZ4)
+}
+
+/// The records of `file[start..start + len]` decoded (every check of §3.4, decompression
+/// included) and re-encoded uncompressed, for a client that does not read compressed records.
+fn plain_records(file: &std::fs::File, start: u64, len: u64) -> Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, start)
+        .map_err(|e| Error::io("reading log records to decompress", e))?;
+    let mut out = Vec::with_capacity(buf.len() * 2);
+    let mut b = &buf[..];
+    while !b.is_empty() {
+        let (r, used) = txlog::decode_record(b)?;
+        out.extend_from_slice(&txlog::encode_record(&r));
+        b = &b[used..];
+    }
+    Ok(out)
 }
 
 /// The `/v1/log` parameters: (from, wait_ms, max_bytes, generation), or the 400 message.
@@ -265,7 +319,49 @@ pub(crate) fn fuzz_url(url: &str) {
     }
 }
 
-pub(super) fn serve_snapshot(sh: &Shared) -> Result<Reply> {
+/// `snapshot` copied uncompressed (txlog::copy_snapshot_plain) into a scratch file in `dir`,
+/// unlinked at once (the descriptor keeps it until the answer is sent; its `.tmp` name is
+/// ignored by every reader of the log meanwhile). Returns the file and its length.
+fn plain_snapshot(
+    dir: &std::path::Path,
+    snapshot: &std::path::Path,
+) -> Result<(std::fs::File, u64)> {
+    use std::sync::atomic::AtomicU64;
+    static N: AtomicU64 = AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        "plain-snapshot.{}.{}.tmp",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let io = |e| Error::io(format!("writing {}", tmp.display()), e);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(io)?;
+    let _ = std::fs::remove_file(&tmp);
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
+    let len = txlog::copy_snapshot_plain(snapshot, &mut w)?;
+    std::io::Write::flush(&mut w).map_err(io)?;
+    drop(w);
+    Ok((file, len))
+}
+
+/// The codec of a snapshot file's record, from its header (`None`: uncompressed).
+fn snapshot_codec(f: &std::fs::File) -> Result<Option<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut h = [0u8; txlog::SEGMENT_HEADER_LEN + txlog::RECORD_HEADER_LEN];
+    f.read_exact_at(&mut h, 0)
+        .map_err(|e| Error::io("reading a snapshot file's header", e))?;
+    let flags = u16::from_be_bytes([
+        h[txlog::SEGMENT_HEADER_LEN + 6],
+        h[txlog::SEGMENT_HEADER_LEN + 7],
+    ]);
+    Ok((flags & txlog::FLAG_COMPRESSED != 0).then_some(h[txlog::SEGMENT_HEADER_LEN + 68]))
+}
+
+pub(super) fn serve_snapshot(sh: &Shared, req: &Request) -> Result<Reply> {
     let durable = Log::read_durable(&sh.dir)?;
     let Some((_, path)) = sh.log.latest_snapshot(durable.map(|d| d.0))? else {
         return Ok(Reply::error(
@@ -282,12 +378,31 @@ pub(super) fn serve_snapshot(sh: &Shared) -> Result<Reply> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let (lsn, generation) = txlog::parse_snapshot_file_name(name).unwrap_or_default();
     let lineage = Log::read_meta(&sh.dir)?.lineage;
-    let headers = vec![
+    let mut headers = vec![
         header("Content-Type", SNAPSHOT_TYPE),
         header("X-Repl-Lineage", lineage),
         header("X-Repl-Snapshot-Lsn", lsn.0),
         header("X-Repl-Generation", generation.0),
     ];
+    if let Some(codec) = snapshot_codec(&f)? {
+        if !accepts(req, codec) {
+            // An older client: the snapshot decoded, verified and copied uncompressed into an
+            // unlinked scratch file in the log directory, then streamed like any snapshot
+            // (memory: one page; disk: one database size while the answer is sent).
+            let (file, len) = plain_snapshot(&sh.dir, &path)?;
+            headers.push(header("X-Repl-Encoding", "identity"));
+            return Ok(Reply::new(
+                200,
+                headers,
+                Body::File {
+                    file: std::sync::Arc::new(file),
+                    offset: 0,
+                    len,
+                },
+            ));
+        }
+        headers.push(header("X-Repl-Encoding", codec_name(codec)));
+    }
     Ok(Reply::new(
         200,
         headers,

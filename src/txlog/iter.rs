@@ -75,6 +75,10 @@ pub struct RecordRange {
     pub first: Lsn,
     pub last: Lsn,
     pub count: u32,
+    /// The codec of the run's compressed records (§3.7; a run never mixes two codecs), `None`
+    /// when every record is plain (a client that does not take that codec gets the run
+    /// re-encoded uncompressed).
+    pub codec: Option<u8>,
     /// Where the read after this one starts.
     pub next: ReadHint,
 }
@@ -98,20 +102,32 @@ impl Log {
             c.resume(h);
         }
         let mut run: Option<(usize, u64, u64, Lsn, RecordMeta, u32)> = None;
+        let mut codec = None;
         while let Some(m) = c.advance() {
             let m = m?;
             // The body is not read here (the client validates it): the sequence check of the
             // next header runs against this one.
             c.prev = Some(m.clone());
             let pos = c.rd.as_ref().map_or(0, |rd| rd.position());
-            let len = super::record_len(m.page_size, m.page_count);
+            let len =
+                c.rd.as_ref()
+                    .and_then(|rd| rd.pending_len())
+                    .unwrap_or_else(|| super::record_len(m.page_size, m.page_count));
+            let this_codec = c.rd.as_ref().and_then(|rd| rd.pending_codec());
             match &mut run {
-                None => run = Some((c.idx, pos, len, m.lsn, m, 1)),
+                None => {
+                    codec = this_codec;
+                    run = Some((c.idx, pos, len, m.lsn, m, 1))
+                }
                 Some((idx, start, total, _, last, n)) => {
                     if *idx != c.idx || pos != *start + *total {
                         break; // the next segment: a later request
                     }
+                    if this_codec.is_some() && codec.is_some() && this_codec != codec {
+                        break; // one codec per run: a client may read only one
+                    }
                     *total += len;
+                    codec = codec.or(this_codec);
                     *last = m;
                     *n += 1;
                 }
@@ -131,6 +147,7 @@ impl Log {
             first,
             last: last.lsn,
             count,
+            codec,
             next: ReadHint {
                 segment,
                 offset: start + len,

@@ -11,12 +11,14 @@
 //! `append` checks that the file still ends where this handle thinks it does, so a handle that
 //! skipped `refresh_for_append` cannot overwrite another process's records.
 
+use super::compress::Compression;
 use super::meta::{self, create_meta, now_ms, read_meta, sync_dir};
+use super::record::encode_record_with;
 use super::record::validate_record;
 use super::segment::{
     encode_segment_header, list_segments, segment_file_name, ScanKind, SegmentHeader, SegmentReader,
 };
-use super::{check_sequence, encode_record, Meta, Record, RecordMeta};
+use super::{check_sequence, Meta, Record, RecordMeta};
 use crate::error::{Error, Result};
 use crate::types::{Generation, Lsn};
 use std::fs::{File, OpenOptions};
@@ -25,16 +27,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// Log tuning.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogConfig {
     /// Roll to a new segment when the next record would take the current one beyond this size.
     pub segment_bytes: u64,
+    /// How new records are stored (the per-database `compress` setting, FORMAT.md §3.7).
+    pub compression: Compression,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             segment_bytes: 64 << 20,
+            compression: Compression::None,
         }
     }
 }
@@ -430,7 +435,7 @@ impl Log {
     /// take the current segment beyond `segment_bytes`. Returns the bytes written.
     pub fn append(&mut self, r: &Record) -> Result<u64> {
         validate_record(r)?;
-        let bytes = encode_record(r);
+        let bytes = encode_record_with(r, self.cfg.compression);
         self.append_with(&r.meta, bytes.len() as u64, &mut |f, at| {
             f.write_all_at(&bytes, at)
         })

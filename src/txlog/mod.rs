@@ -11,6 +11,7 @@
 //! - `meta`: `meta.json` (§6), the durable watermark (§7) and small fs helpers;
 //! - `checksum`: `DbChecksum`, the incrementally maintained database checksum;
 //! - `rebuild` / `verify`: offline tools used by the `sqlite-replica` CLI;
+//! - `compress`: page compression (§3.7), the `compress` setting's codecs;
 //! - `compact`: a new snapshot file built from the log alone (the primary's periodic snapshots);
 //! - `fuzzing`: the single entry point shared by the fuzz target and the seed-corpus test.
 //!
@@ -23,6 +24,7 @@
 
 mod checksum;
 mod compact;
+mod compress;
 mod fuzzing;
 mod iter;
 mod log;
@@ -48,14 +50,18 @@ pub fn log_dir(db_path: &str) -> PathBuf {
 
 pub use checksum::DbChecksum;
 pub use compact::{compact, write_streamed};
+pub use compress::{
+    compress_page, decompress_page, Compression, CODEC_LZ4, CODEC_ZSTD, DEFAULT_ZSTD_LEVEL,
+};
 pub use fuzzing::exercise_decoders;
 pub use iter::{LogIter, LogMetaIter, ReadHint, RecordRange};
 pub use log::{Log, LogConfig, PendingSync};
 pub use meta::{sync_dir, DurableFile, Meta};
 pub use rebuild::{rebuild, RebuildInfo};
 pub use record::{
-    decode_record, decode_record_meta, encode_record, record_len, validate_record, FLAG_COMPRESSED,
-    FLAG_SNAPSHOT, RECORD_HEADER_LEN, RECORD_MAGIC, RECORD_TRAILER_LEN, RECORD_VERSION,
+    decode_record, decode_record_meta, encode_record, encode_record_with, record_len,
+    validate_record, FLAG_COMPRESSED, FLAG_SNAPSHOT, RECORD_HEADER_LEN, RECORD_MAGIC,
+    RECORD_TRAILER_LEN, RECORD_VERSION, RECORD_VERSION_COMPRESSED,
 };
 pub use retention::{
     newest_snapshot, remove_segment_files, remove_snapshots_before, segment_infos, Policy,
@@ -67,7 +73,8 @@ pub use segment::{
     SEGMENT_VERSION,
 };
 pub use snapshot::{
-    parse_snapshot_file_name, snapshot_file_name, stream_snapshot_file, stream_snapshot_from,
+    copy_snapshot_plain, parse_snapshot_file_name, snapshot_file_name, stream_snapshot_file,
+    stream_snapshot_from,
 };
 pub use verify::{GenerationRange, SnapshotInfo, VerifyReport};
 

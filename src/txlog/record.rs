@@ -4,6 +4,7 @@
 //! §3.4. `PageOrder` and `parse_header` are shared with the streaming scanner in `segment.rs`
 //! so both paths reject exactly the same bytes.
 
+use super::compress::{compress_page, decompress_page, Compression, CODEC_LZ4, CODEC_ZSTD};
 use super::{Page, Record, RecordMeta};
 use crate::error::{Error, Result};
 use crate::types::{Checksum, Generation, Lsn, PageNo, PageSize};
@@ -11,21 +12,38 @@ use xxhash_rust::xxh3::xxh3_64;
 
 /// ASCII `RPLR`.
 pub const RECORD_MAGIC: [u8; 4] = *b"RPLR";
-/// Record format version written and accepted by this build.
+/// Record format version of uncompressed records (written whenever compression is off, so
+/// older readers keep reading such logs).
 pub const RECORD_VERSION: u16 = 1;
+/// Record format version of compressed records (§3.7): FLAG_COMPRESSED set, a codec id in
+/// byte 68, and each page entry carries its stored length. This build reads both versions.
+pub const RECORD_VERSION_COMPRESSED: u16 = 2;
 /// Size of the record header (§3.1).
 pub const RECORD_HEADER_LEN: usize = 88;
 /// Size of the record trailer (§3.3).
 pub const RECORD_TRAILER_LEN: usize = 8;
 /// Flag bit 0: the record holds the complete database.
 pub const FLAG_SNAPSHOT: u16 = 1;
-/// Flag bit 1: reserved for compression; must be 0 in version 1.
+/// Flag bit 1: the page entries are compressed (§3.7); set exactly in version-2 records.
 pub const FLAG_COMPRESSED: u16 = 2;
 
 /// Offset of `header_checksum` (§3.1): the header checksum covers bytes 0..80.
 const HEADER_CHECKSUM_AT: usize = 80;
 /// Per-page overhead of a page entry (the `pgno` field, §3.2).
 const PAGE_ENTRY_OVERHEAD: u64 = 4;
+/// Per-page overhead of a compressed page entry (`pgno` and `stored_len`, §3.7).
+pub(crate) const COMPRESSED_ENTRY_OVERHEAD: usize = 8;
+
+/// The smallest and largest total length a compressed record of `page_count` pages can have.
+pub(crate) fn compressed_len_bounds(page_size: PageSize, page_count: u32) -> (u64, u64) {
+    let n = u64::from(page_count);
+    let fixed = (RECORD_HEADER_LEN + RECORD_TRAILER_LEN) as u64;
+    let entry = COMPRESSED_ENTRY_OVERHEAD as u64;
+    (
+        fixed + n * (entry + 1),
+        fixed + n * (entry + u64::from(page_size.get())),
+    )
+}
 
 /// Total encoded length of a record with `page_count` pages: `88 + n × (4 + page_size) + 8`.
 pub fn record_len(page_size: PageSize, page_count: u32) -> u64 {
@@ -92,9 +110,53 @@ pub fn validate_record(r: &Record) -> Result<()> {
     Ok(())
 }
 
-/// Encodes `r` (FORMAT.md §3). Validates the invariants with `validate_record` in debug builds
-/// (panicking on violation); release builds trust the caller (`Log::append` validates).
+/// Encodes `r` uncompressed (FORMAT.md §3, version 1); see `encode_record_with`.
 pub fn encode_record(r: &Record) -> Vec<u8> {
+    encode_record_with(r, Compression::None)
+}
+
+/// Encodes `r` (FORMAT.md §3): version 1 when `c` is `None`, else a compressed version-2 record
+/// (§3.7). Validates the invariants with `validate_record` in debug builds (panicking on
+/// violation); release builds trust the caller (`Log::append` validates).
+pub fn encode_record_with(r: &Record, c: Compression) -> Vec<u8> {
+    let Some(codec) = c.codec() else {
+        return encode_plain(r);
+    };
+    if cfg!(debug_assertions) {
+        if let Err(e) = validate_record(r) {
+            panic!("encode_record: {e}");
+        }
+    }
+    let m = &r.meta;
+    let page_count = r.pages.len() as u32;
+    let mut out = Vec::with_capacity(RECORD_HEADER_LEN + r.pages.len() * 1024);
+    out.extend_from_slice(&[0u8; RECORD_HEADER_LEN]);
+    for p in &r.pages {
+        out.extend_from_slice(&p.pgno.get().to_be_bytes());
+        match compress_page(c, &p.data) {
+            Some(z) => {
+                out.extend_from_slice(&(z.len() as u32).to_be_bytes());
+                out.extend_from_slice(&z);
+            }
+            None => {
+                out.extend_from_slice(&(p.data.len() as u32).to_be_bytes());
+                out.extend_from_slice(&p.data);
+            }
+        }
+    }
+    let total = (out.len() + RECORD_TRAILER_LEN) as u64;
+    out[..RECORD_HEADER_LEN].copy_from_slice(&encode_header_codec(
+        m,
+        page_count,
+        total,
+        Some(codec),
+    ));
+    let sum = xxh3_64(&out);
+    out.extend_from_slice(&sum.to_be_bytes());
+    out
+}
+
+fn encode_plain(r: &Record) -> Vec<u8> {
     if cfg!(debug_assertions) {
         if let Err(e) = validate_record(r) {
             panic!("encode_record: {e}");
@@ -120,10 +182,27 @@ pub(crate) fn encode_header(
     page_count: u32,
     total: u64,
 ) -> [u8; RECORD_HEADER_LEN] {
+    encode_header_codec(m, page_count, total, None)
+}
+
+/// `encode_header` of a version-2 record when `codec` is set (§3.7).
+pub(crate) fn encode_header_codec(
+    m: &RecordMeta,
+    page_count: u32,
+    total: u64,
+    codec: Option<u8>,
+) -> [u8; RECORD_HEADER_LEN] {
     let mut h = [0u8; RECORD_HEADER_LEN];
     h[0..4].copy_from_slice(&RECORD_MAGIC);
-    h[4..6].copy_from_slice(&RECORD_VERSION.to_be_bytes());
-    let flags = if m.snapshot { FLAG_SNAPSHOT } else { 0 };
+    let version = match codec {
+        Some(_) => RECORD_VERSION_COMPRESSED,
+        None => RECORD_VERSION,
+    };
+    h[4..6].copy_from_slice(&version.to_be_bytes());
+    let mut flags = if m.snapshot { FLAG_SNAPSHOT } else { 0 };
+    if codec.is_some() {
+        flags |= FLAG_COMPRESSED;
+    }
     h[6..8].copy_from_slice(&flags.to_be_bytes());
     h[8..16].copy_from_slice(&total.to_be_bytes());
     h[16..24].copy_from_slice(&m.lsn.0.to_be_bytes());
@@ -136,7 +215,8 @@ pub(crate) fn encode_header(
     h[56..60].copy_from_slice(&m.wal_frame.to_be_bytes());
     h[60..64].copy_from_slice(&m.wal_cksum.0.to_be_bytes());
     h[64..68].copy_from_slice(&m.wal_cksum.1.to_be_bytes());
-    // 68..72 reserved = 0
+    // 68: codec (version 2), 69..72 reserved = 0
+    h[68] = codec.unwrap_or(0);
     h[72..80].copy_from_slice(&m.db_checksum.0.to_be_bytes());
     let sum = xxh3_64(&h[..HEADER_CHECKSUM_AT]);
     h[HEADER_CHECKSUM_AT..].copy_from_slice(&sum.to_be_bytes());
@@ -155,9 +235,10 @@ pub(crate) fn be_u64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(a)
 }
 
-/// Validates a complete 88-byte header (rules 2–5 of §3.4) and returns the metadata and the
-/// total record length. `h` must hold at least `RECORD_HEADER_LEN` bytes.
-pub(crate) fn parse_header(h: &[u8]) -> Result<(RecordMeta, u64)> {
+/// Validates a complete 88-byte header (rules 2–5 of §3.4, §3.7) and returns the metadata, the
+/// total record length and the codec of a compressed record. `h` must hold at least
+/// `RECORD_HEADER_LEN` bytes.
+pub(crate) fn parse_header(h: &[u8]) -> Result<(RecordMeta, u64, Option<u8>)> {
     if h[0..4] != RECORD_MAGIC {
         return Err(corrupt(
             None,
@@ -169,12 +250,12 @@ pub(crate) fn parse_header(h: &[u8]) -> Result<(RecordMeta, u64)> {
         ));
     }
     let version = be_u16(h, 4);
-    if version != RECORD_VERSION {
+    if version != RECORD_VERSION && version != RECORD_VERSION_COMPRESSED {
         return Err(corrupt(
             None,
             format!(
-                "unsupported record format version {version} (this build reads version \
-                 {RECORD_VERSION})"
+                "unsupported record format version {version} (this build reads versions \
+                 {RECORD_VERSION} and {RECORD_VERSION_COMPRESSED}); upgrade sqlite-replica"
             ),
         ));
     }
@@ -192,19 +273,41 @@ pub(crate) fn parse_header(h: &[u8]) -> Result<(RecordMeta, u64)> {
     }
     let lsn = Some(claimed);
     let flags = be_u16(h, 6);
-    if flags & FLAG_COMPRESSED != 0 {
+    let compressed = version == RECORD_VERSION_COMPRESSED;
+    if flags & FLAG_COMPRESSED != 0 && !compressed {
         return Err(corrupt(
             lsn,
             "COMPRESSED flag set: compression is not supported in format version 1",
         ));
     }
-    if flags & !FLAG_SNAPSHOT != 0 {
+    if compressed && flags & FLAG_COMPRESSED == 0 {
+        return Err(corrupt(lsn, "format version 2 without the COMPRESSED flag"));
+    }
+    if flags & !(FLAG_SNAPSHOT | FLAG_COMPRESSED) != 0 {
         return Err(corrupt(lsn, format!("unknown flags 0x{flags:04x}")));
     }
-    if be_u32(h, 68) != 0 {
+    let codec = if compressed {
+        match h[68] {
+            c @ (CODEC_ZSTD | CODEC_LZ4) => Some(c),
+            c => {
+                return Err(corrupt(
+                    lsn,
+                    format!("unknown compression codec {c} (this build knows 1 = zstd, 2 = lz4)"),
+                ))
+            }
+        }
+    } else {
+        None
+    };
+    let reserved = if compressed {
+        be_u32(h, 68) & 0x00ff_ffff
+    } else {
+        be_u32(h, 68)
+    };
+    if reserved != 0 {
         return Err(corrupt(
             lsn,
-            format!("reserved field is 0x{:08x}, must be 0", be_u32(h, 68)),
+            format!("reserved field is 0x{reserved:08x}, must be 0"),
         ));
     }
     let raw_page_size = be_u32(h, 28);
@@ -238,8 +341,20 @@ pub(crate) fn parse_header(h: &[u8]) -> Result<(RecordMeta, u64)> {
         ));
     }
     let total = be_u64(h, 8);
+    if compressed {
+        let (lo, hi) = compressed_len_bounds(page_size, page_count);
+        if total < lo || total > hi {
+            return Err(corrupt(
+                lsn,
+                format!(
+                    "compressed record length {total} outside {lo}..={hi} for {page_count} pages \
+                     of {page_size} bytes"
+                ),
+            ));
+        }
+    }
     let expected = record_len(page_size, page_count);
-    if total != expected {
+    if !compressed && total != expected {
         return Err(corrupt(
             lsn,
             format!(
@@ -261,7 +376,7 @@ pub(crate) fn parse_header(h: &[u8]) -> Result<(RecordMeta, u64)> {
         db_checksum: Checksum(be_u64(h, 72)),
         page_count,
     };
-    Ok((meta, total))
+    Ok((meta, total, codec))
 }
 
 /// Validates only the header of the record at the start of `b` (which may hold just the header)
@@ -276,7 +391,7 @@ pub fn decode_record_meta(b: &[u8]) -> Result<(RecordMeta, usize)> {
             ),
         ));
     }
-    let (meta, total) = parse_header(&b[..RECORD_HEADER_LEN])?;
+    let (meta, total, _) = parse_header(&b[..RECORD_HEADER_LEN])?;
     let total = usize::try_from(total)
         .map_err(|_| corrupt(Some(meta.lsn), format!("record length {total} too large")))?;
     Ok((meta, total))
@@ -285,6 +400,7 @@ pub fn decode_record_meta(b: &[u8]) -> Result<(RecordMeta, usize)> {
 /// Decodes and fully validates the record at the start of `b`; returns it and the bytes consumed.
 pub fn decode_record(b: &[u8]) -> Result<(Record, usize)> {
     let (meta, total) = decode_record_meta(b)?;
+    let codec = parse_header(&b[..RECORD_HEADER_LEN])?.2;
     let lsn = Some(meta.lsn);
     if b.len() < total {
         return Err(corrupt(
@@ -305,6 +421,35 @@ pub fn decode_record(b: &[u8]) -> Result<(Record, usize)> {
     let mut order = PageOrder::new(&meta);
     let mut pages = Vec::with_capacity(meta.page_count as usize);
     let mut at = RECORD_HEADER_LEN;
+    if let Some(codec) = codec {
+        for _ in 0..meta.page_count {
+            if at + COMPRESSED_ENTRY_OVERHEAD > body_end {
+                return Err(corrupt(
+                    lsn,
+                    format!("page entry at offset {at} runs past the record"),
+                ));
+            }
+            let pgno = order.check(be_u32(b, at))?;
+            let stored = check_stored_len(lsn, be_u32(b, at + 4), ps, at)?;
+            let start = at + COMPRESSED_ENTRY_OVERHEAD;
+            if start + stored > body_end {
+                return Err(corrupt(
+                    lsn,
+                    format!("page entry at offset {at} runs past the record"),
+                ));
+            }
+            let data = page_data(lsn, codec, &b[start..start + stored], ps, pgno)?;
+            pages.push(Page { pgno, data });
+            at = start + stored;
+        }
+        if at != body_end {
+            return Err(corrupt(
+                lsn,
+                format!("{} bytes after the last page entry", body_end - at),
+            ));
+        }
+        return Ok((Record { meta, pages }, total));
+    }
     for _ in 0..meta.page_count {
         let pgno = order.check(be_u32(b, at))?;
         pages.push(Page {
@@ -315,6 +460,36 @@ pub fn decode_record(b: &[u8]) -> Result<(Record, usize)> {
     }
     debug_assert_eq!(at, body_end);
     Ok((Record { meta, pages }, total))
+}
+
+/// Checks a compressed entry's `stored_len` (§3.7): 1..=page size (equal: stored raw). A
+/// larger claim is refused before anything is read or allocated for it.
+pub(crate) fn check_stored_len(lsn: Option<Lsn>, len: u32, ps: usize, at: usize) -> Result<usize> {
+    let len = len as usize;
+    if len == 0 || len > ps {
+        return Err(corrupt(
+            lsn,
+            format!(
+                "page entry at offset {at} claims {len} stored bytes (must be 1..={ps}, the page size)"
+            ),
+        ));
+    }
+    Ok(len)
+}
+
+/// The page image of a compressed entry: the bytes themselves when stored raw, else decompressed
+/// to exactly the page size.
+pub(crate) fn page_data(
+    lsn: Option<Lsn>,
+    codec: u8,
+    stored: &[u8],
+    ps: usize,
+    pgno: PageNo,
+) -> Result<Vec<u8>> {
+    if stored.len() == ps {
+        return Ok(stored.to_vec());
+    }
+    decompress_page(codec, stored, ps).map_err(|e| corrupt(lsn, format!("page {pgno}: {e}")))
 }
 
 /// Checks page numbers one entry at a time (rule 7 of §3.4).

@@ -38,6 +38,9 @@ pub struct Policy {
     /// The most rows, and about the most bytes, one forwarded request may produce.
     pub exec_max_rows: u64,
     pub exec_max_bytes: u64,
+    /// How new segments' records and snapshot files are stored (FORMAT.md §3.7), as a code:
+    /// 0 = uncompressed, 1..=19 = zstd at that level, 100 = lz4 (`Compression::from_code`).
+    pub compress: u64,
 }
 
 impl Default for Policy {
@@ -51,6 +54,7 @@ impl Default for Policy {
             exec_timeout_ms: 2000,
             exec_max_rows: 10_000,
             exec_max_bytes: 4 << 20,
+            compress: 0,
         }
     }
 }

@@ -6,7 +6,8 @@
 //! writer decides what to do with a torn or corrupt tail. Every message names the file and offset.
 
 use super::record::{
-    be_u16, be_u64, parse_header, PageOrder, RECORD_HEADER_LEN, RECORD_TRAILER_LEN,
+    be_u16, be_u64, check_stored_len, page_data, parse_header, PageOrder,
+    COMPRESSED_ENTRY_OVERHEAD, RECORD_HEADER_LEN, RECORD_TRAILER_LEN,
 };
 use super::{check_sequence, RecordMeta};
 use crate::error::{Error, Result};
@@ -135,6 +136,7 @@ struct Pending {
     start: u64,
     total: u64,
     header: [u8; RECORD_HEADER_LEN],
+    codec: Option<u8>,
 }
 
 /// Sequential reader of one segment (or snapshot) file. Usage: `next_header`, then exactly one of
@@ -300,7 +302,7 @@ impl<R: Read + Seek> SegmentReader<R> {
         self.r
             .read_exact(&mut header)
             .map_err(|e| self.read_err(start, e))?;
-        let (meta, total) =
+        let (meta, total, codec) =
             parse_header(&header).map_err(|e| self.err(ScanKind::Corrupt, start, e))?;
         if total > avail {
             return Err(self.err(
@@ -328,8 +330,19 @@ impl<R: Read + Seek> SegmentReader<R> {
             start,
             total,
             header,
+            codec,
         });
         Ok(Some(meta))
+    }
+
+    /// Stored length of the pending record (its header's `total_len`).
+    pub(crate) fn pending_len(&self) -> Option<u64> {
+        self.pending.as_ref().map(|p| p.total)
+    }
+
+    /// Codec of the pending record when it is compressed (§3.7).
+    pub(crate) fn pending_codec(&self) -> Option<u8> {
+        self.pending.as_ref().and_then(|p| p.codec)
     }
 
     /// Skips the body of the pending record without validating it.
@@ -359,6 +372,9 @@ impl<R: Read + Seek> SegmentReader<R> {
             .expect("read_body without a pending header");
         let mut hasher = Xxh3::new();
         hasher.update(&p.header);
+        if let Some(codec) = p.codec {
+            return self.read_compressed_body(p, codec, hasher, on_page);
+        }
         let entry = 4 + p.meta.page_size.bytes();
         self.page_buf.resize(entry, 0);
         let mut order = PageOrder::new(&p.meta);
@@ -383,6 +399,87 @@ impl<R: Read + Seek> SegmentReader<R> {
             })?;
             at += entry as u64;
         }
+        self.finish_body(p, hasher)
+    }
+
+    /// `read_body` of a compressed record (§3.7): each entry's stored length is checked against
+    /// the page size and what is left of the record before it is read, and each page is
+    /// decompressed (bounded by the page size) before `on_page` sees it.
+    fn read_compressed_body(
+        &mut self,
+        p: Pending,
+        codec: u8,
+        mut hasher: Xxh3,
+        on_page: &mut dyn FnMut(PageNo, &[u8]) -> Result<()>,
+    ) -> std::result::Result<(), ScanError> {
+        let ps = p.meta.page_size.bytes();
+        let lsn = Some(p.meta.lsn);
+        let body_end = p.start + p.total - RECORD_TRAILER_LEN as u64;
+        let mut order = PageOrder::new(&p.meta);
+        let mut at = p.start + RECORD_HEADER_LEN as u64;
+        let mut head = [0u8; COMPRESSED_ENTRY_OVERHEAD];
+        for _ in 0..p.meta.page_count {
+            let past = |this: &Self| {
+                this.err(
+                    ScanKind::Corrupt,
+                    p.start,
+                    format!(
+                        "record LSN {}: page entry at offset {at} runs past the record",
+                        p.meta.lsn
+                    ),
+                )
+            };
+            if at + COMPRESSED_ENTRY_OVERHEAD as u64 > body_end {
+                return Err(past(self));
+            }
+            if let Err(e) = self.r.read_exact(&mut head) {
+                return Err(self.read_err(p.start, e));
+            }
+            hasher.update(&head);
+            let raw = u32::from_be_bytes(head[0..4].try_into().expect("4 bytes"));
+            let corrupt = |this: &Self, e: Error| {
+                this.err(
+                    ScanKind::Corrupt,
+                    p.start,
+                    format!("{e} (entry at offset {at})"),
+                )
+            };
+            let pgno = order.check(raw).map_err(|e| corrupt(self, e))?;
+            let len = u32::from_be_bytes(head[4..8].try_into().expect("4 bytes"));
+            let len = check_stored_len(lsn, len, ps, at as usize).map_err(|e| corrupt(self, e))?;
+            if at + (COMPRESSED_ENTRY_OVERHEAD + len) as u64 > body_end {
+                return Err(past(self));
+            }
+            self.page_buf.resize(len, 0);
+            if let Err(e) = self.r.read_exact(&mut self.page_buf) {
+                return Err(self.read_err(p.start, e));
+            }
+            hasher.update(&self.page_buf);
+            let page =
+                page_data(lsn, codec, &self.page_buf, ps, pgno).map_err(|e| corrupt(self, e))?;
+            on_page(pgno, &page).map_err(|error| ScanError {
+                kind: ScanKind::Io,
+                offset: p.start,
+                error,
+            })?;
+            at += (COMPRESSED_ENTRY_OVERHEAD + len) as u64;
+        }
+        if at != body_end {
+            return Err(self.err(
+                ScanKind::Corrupt,
+                p.start,
+                format!(
+                    "record LSN {}: {} bytes after the last page entry",
+                    p.meta.lsn,
+                    body_end - at
+                ),
+            ));
+        }
+        self.finish_body(p, hasher)
+    }
+
+    /// Reads the trailer of the pending record `p` and checks it against `hasher`.
+    fn finish_body(&mut self, p: Pending, hasher: Xxh3) -> std::result::Result<(), ScanError> {
         let mut trailer = [0u8; RECORD_TRAILER_LEN];
         self.r
             .read_exact(&mut trailer)

@@ -6,9 +6,9 @@
 
 use super::checksum::DbChecksum;
 use super::meta::{now_ms, sync_dir, write_and_sync};
-use super::record::validate_record;
+use super::record::{encode_header, encode_record_with, record_len, validate_record};
 use super::segment::{encode_segment_header, SegmentHeader, SegmentReader};
-use super::{encode_record, Log, Page, Record, RecordMeta};
+use super::{Log, Page, Record, RecordMeta};
 use crate::error::{Error, Result};
 use crate::types::{Generation, Lsn, PageNo};
 use std::io::{Read, Seek, SeekFrom};
@@ -130,6 +130,57 @@ pub fn stream_snapshot_file(
     stream_body(rd, meta, &path.display().to_string(), on_page)
 }
 
+/// Copies the snapshot file at `path` (either record version) into `out` as an uncompressed
+/// (version 1) snapshot file — segment header, SNAPSHOT record — page by page, for a client that
+/// does not read compressed records (FORMAT.md §8.9). Every check of the source is made,
+/// decompression included; on an error what was written to `out` must be discarded. Returns the
+/// bytes written. Memory: one page plus the per-page checksums.
+pub fn copy_snapshot_plain(path: &Path, out: &mut dyn std::io::Write) -> Result<u64> {
+    struct Sink<'a> {
+        out: &'a mut dyn std::io::Write,
+        hasher: xxhash_rust::xxh3::Xxh3,
+        written: u64,
+    }
+    impl Sink<'_> {
+        fn put(&mut self, b: &[u8], hashed: bool) -> Result<()> {
+            if hashed {
+                self.hasher.update(b);
+            }
+            self.written += b.len() as u64;
+            self.out
+                .write_all(b)
+                .map_err(|e| Error::io("writing the uncompressed snapshot copy", e))
+        }
+    }
+    let mut seg = [0u8; super::SEGMENT_HEADER_LEN];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut seg))
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let sink = std::cell::RefCell::new(Sink {
+        out,
+        hasher: xxhash_rust::xxh3::Xxh3::new(),
+        written: 0,
+    });
+    sink.borrow_mut().put(&seg, false)?;
+    stream_snapshot_file(
+        path,
+        &mut |m| {
+            let total = record_len(m.page_size, m.page_count);
+            sink.borrow_mut()
+                .put(&encode_header(m, m.page_count, total), true)
+        },
+        &mut |pgno, data| {
+            let mut s = sink.borrow_mut();
+            s.put(&pgno.get().to_be_bytes(), true)?;
+            s.put(data, true)
+        },
+    )?;
+    let mut s = sink.into_inner();
+    let trailer = s.hasher.digest().to_be_bytes();
+    s.put(&trailer, false)?;
+    Ok(s.written)
+}
+
 /// A reader that cannot seek: the snapshot stream is read front to back, and the segment
 /// reader only seeks to skip records, which a snapshot stream never does.
 struct NoSeek<R>(R);
@@ -235,7 +286,7 @@ impl Log {
             created_ms: now_ms(),
         })
         .to_vec();
-        bytes.extend_from_slice(&encode_record(r));
+        bytes.extend_from_slice(&encode_record_with(r, self.config().compression));
         let res = write_and_sync(&tmp, &bytes).and_then(|()| {
             std::fs::rename(&tmp, &path)
                 .map_err(|e| Error::io(format!("renaming to {}", path.display()), e))

@@ -103,8 +103,8 @@ fn rejects_bad_header_fields() {
     x[0] = b'X';
     rejected(&x, "bad magic");
     let mut x = b.clone();
-    put(&mut x, 4, &2u16.to_be_bytes());
-    rejected(&x, "unsupported record format version 2");
+    put(&mut x, 4, &3u16.to_be_bytes());
+    rejected(&x, "unsupported record format version 3");
     let mut x = b.clone();
     x[20] ^= 1;
     rejected(&x, "header checksum mismatch");

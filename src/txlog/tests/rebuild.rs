@@ -144,7 +144,7 @@ fn compaction_snapshots_equal_the_model_at_every_lsn() {
     let (_, _, states) = synthetic(d.path(), 4000);
     for (lsn, bytes) in states.iter().enumerate().skip(1) {
         let lsn = Lsn(lsn as u64);
-        let (meta, path) = compact(d.path(), lsn).unwrap();
+        let (meta, path) = compact(d.path(), lsn, Default::default()).unwrap();
         assert_eq!(meta.lsn, lsn);
         assert!(meta.snapshot);
         // The file is a valid snapshot (every check of the reader, checksum included)...
@@ -202,7 +202,9 @@ fn compaction_snapshots_equal_the_model_at_every_lsn() {
 fn compaction_past_the_log_end_is_refused_and_leaves_nothing() {
     let d = tempfile::tempdir().unwrap();
     let (_, m, _) = synthetic(d.path(), 4000);
-    let e = compact(d.path(), Lsn(m.lsn.0 + 5)).unwrap_err().to_string();
+    let e = compact(d.path(), Lsn(m.lsn.0 + 5), Default::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("the log ends at LSN"), "{e}");
     let snaps = std::fs::read_dir(d.path().join("snap"))
         .map(|rd| rd.count())

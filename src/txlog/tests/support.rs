@@ -29,11 +29,37 @@ pub fn page_bytes(page_size: PageSize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Deterministic compressible contents: words in varying order, like rows of text.
+pub fn text_page(page_size: PageSize, seed: u64) -> Vec<u8> {
+    const WORDS: [&str; 8] = [
+        "replica ",
+        "commit ",
+        "page ",
+        "segment ",
+        "user42 ",
+        "2026-12-06 ",
+        "error ",
+        "ok ",
+    ];
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(page_size.bytes());
+    while out.len() < page_size.bytes() {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        out.extend_from_slice(WORDS[(x >> 61) as usize].as_bytes());
+    }
+    out.truncate(page_size.bytes());
+    out
+}
+
 pub struct Model {
     pub page_size: PageSize,
     pub pages: Vec<Vec<u8>>,
     pub lsn: Lsn,
     pub generation: Generation,
+    /// Write compressible (text-like) pages instead of random ones.
+    pub text: bool,
     seed: u64,
 }
 
@@ -44,6 +70,7 @@ impl Model {
             pages: Vec::new(),
             lsn: Lsn(0),
             generation: Generation(1),
+            text: false,
             seed: 1,
         }
     }
@@ -96,7 +123,11 @@ impl Model {
         let mut pages = Vec::new();
         for n in sorted {
             self.seed += 1;
-            let data = page_bytes(self.page_size, self.seed);
+            let data = if self.text {
+                text_page(self.page_size, self.seed)
+            } else {
+                page_bytes(self.page_size, self.seed)
+            };
             self.pages[n as usize - 1] = data.clone();
             pages.push(Page { pgno: pn(n), data });
         }
@@ -135,11 +166,22 @@ impl Model {
 
 pub fn new_log(dir: &Path, segment_bytes: u64) -> Log {
     let meta = Meta::new("primary", ps()).unwrap();
-    Log::create(dir, &meta, LogConfig { segment_bytes }).unwrap()
+    Log::create(
+        dir,
+        &meta,
+        LogConfig {
+            segment_bytes,
+            ..LogConfig::default()
+        },
+    )
+    .unwrap()
 }
 
 pub fn cfg(segment_bytes: u64) -> LogConfig {
-    LogConfig { segment_bytes }
+    LogConfig {
+        segment_bytes,
+        ..LogConfig::default()
+    }
 }
 
 /// The segment files of a log directory, sorted.
