@@ -257,3 +257,36 @@ def test_an_older_build_bootstraps_and_follows_a_compressing_primary_over_http(t
             assert "unsupported record format version 2" in e.value.msg, e.value.msg
     finally:
         p.close()
+
+
+def test_gap_snapshot_of_a_compressing_primary_is_logged_as_written(tmp):
+    """A commit by a writer without the extension (a gap) on a zstd primary: the new
+    generation's snapshot is written compressed and copied into the log as written; a replica
+    that was following re-snapshots and ends equal."""
+    import sqlite3  # this interpreter's SQLite, without the extension: a foreign writer
+
+    pdb, rdb = tmp / "p.db", tmp / "r.db"
+    p = Worker(pdb)
+    try:
+        p.one("SELECT repl_primary()")
+        assert p.one("SELECT repl_config('compress', 'zstd')") == "zstd"
+        p.script(["CREATE TABLE notes(body TEXT)", "CREATE TABLE blobs(b BLOB)"])
+        write_pages(p, 3)
+        r = Worker(rdb)
+        try:
+            r.one("SELECT repl_sync(?)", [str(pdb)])
+            stock = sqlite3.connect(pdb)
+            stock.execute("INSERT INTO notes(body) VALUES ('written without the extension')")
+            stock.commit()
+            stock.close()
+            write_pages(p, 1, start=3)  # the next capture sees the foreign commit: a gap
+            st = lsn_checksum(p)
+            assert p.one("SELECT json_extract(repl_status(), '$.generation')") == 2
+            assert 2 in set(stored_versions(pdb)), "the logged snapshot should be compressed"
+            durable(p)
+            wait_for(lambda: r.one("SELECT repl_sync()") == st[0], timeout=30, what="the replica at the new generation")
+            assert lsn_checksum(r) == st
+        finally:
+            r.close()
+    finally:
+        p.close()
