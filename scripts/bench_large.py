@@ -174,7 +174,8 @@ def main() -> None:
         f"({len(lat)} single-row commits, 2 ms apart, from 0.5 s before to 0.5 s after): p50 {p(0.5):.2f} ms,",
         f"p99 {p(0.99):.2f} ms, max {lat[-1] * 1000:.0f} ms; generation after: {prim['generation']} (1 = no gap). The",
         "snapshot is read from a pinned read transaction without the write lock (WAL.md §D.3); the lock",
-        "is held only to fix its state and to install it with what was committed meanwhile.",
+        "is held only to fix its state and to install it with what was committed meanwhile (the max is",
+        "that install: the first log segment created and synced, the watermark written).",
         "",
         f"Checksums equal: {dir_boot['checksum'] == http_boot['checksum']}.",
     ]

@@ -284,6 +284,9 @@ pub fn make_primary(db: &Arc<Db>) -> Result<Arc<Primary>> {
     *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::Primary(p.clone());
     // From here on every commit of this process goes through the role's hooks.
     p.release_init_write();
+    // What was captured while the role was being made (LSN 1 of a new lineage: the commits
+    // made during its first snapshot) durable for replicas now, outside the write lock.
+    p.flush();
     Ok(p)
 }
 

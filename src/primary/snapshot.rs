@@ -301,8 +301,6 @@ impl Primary {
                 return Err(e);
             }
         };
-        // LSN 1, if any, durable for replicas now.
-        self.flush();
         log_event(&format!(
             "event=lineage_created db={:?} pages={} read_ms={read_ms} changed_meanwhile_pages={delta}",
             self.db_path, meta.page_count
