@@ -409,7 +409,7 @@ fn handle(sh: &Shared, req: &Request, ctx: Ctx) -> Outcome {
         let r = match path {
             "/v1/info" => info(sh).map(|v| Outcome::Reply(Reply::json(200, &v))),
             "/v1/log" => serve_log(sh, req, &params, ctx),
-            "/v1/snapshot" => serve_snapshot(sh).map(Outcome::Reply),
+            "/v1/snapshot" => serve_snapshot(sh, req).map(Outcome::Reply),
             "/metrics" | "/v1/metrics" => Ok(Outcome::Reply(metrics(sh))),
             _ => Ok(Outcome::Reply(Reply::error(
                 404,

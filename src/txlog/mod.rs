@@ -68,7 +68,8 @@ pub use segment::{
 };
 pub use snapshot::{
     parse_snapshot_file_name, snapshot_entry_pgno, snapshot_etag, snapshot_file_name,
-    stream_snapshot_file, stream_snapshot_from, stream_snapshot_rest, SnapshotPrefix,
+    snapshot_header, stream_snapshot_file, stream_snapshot_from, stream_snapshot_rest,
+    SnapshotPrefix,
 };
 pub use verify::{GenerationRange, SnapshotInfo, VerifyReport};
 

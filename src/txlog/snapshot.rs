@@ -7,14 +7,14 @@
 use super::checksum::DbChecksum;
 use super::meta::{now_ms, sync_dir, write_and_sync};
 use super::record::{decode_record_meta, validate_record};
-use super::{RECORD_HEADER_LEN, RECORD_TRAILER_LEN, SEGMENT_HEADER_LEN};
-use xxhash_rust::xxh3::Xxh3;
 use super::segment::{encode_segment_header, SegmentHeader, SegmentReader};
 use super::{encode_record, Log, Page, Record, RecordMeta};
+use super::{RECORD_HEADER_LEN, RECORD_TRAILER_LEN, SEGMENT_HEADER_LEN};
 use crate::error::{Error, Result};
 use crate::types::{Generation, Lsn, PageNo};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use xxhash_rust::xxh3::Xxh3;
 
 /// `<lsn as 20 digits>-<generation as 10 digits>.snap`
 pub fn snapshot_file_name(lsn: Lsn, generation: Generation) -> String {
@@ -357,12 +357,26 @@ impl SnapshotPrefix {
 /// `"<lsn>-<generation>-<header checksum as 16 hex digits>"` of a snapshot's record header
 /// (FORMAT.md §8.4): changes whenever the snapshot served changes.
 pub fn snapshot_etag(header: &[u8]) -> String {
-    let be = |a: usize, n: usize| header[a..a + n].iter().fold(0u64, |v, b| v << 8 | *b as u64);
+    let be = |a: usize, n: usize| {
+        header[a..a + n]
+            .iter()
+            .fold(0u64, |v, b| v << 8 | *b as u64)
+    };
     format!(
         "\"{}-{}-{:016x}\"",
         be(16, 8),
         be(24, 4),
         be(RECORD_HEADER_LEN - 8, 8)
+    )
+}
+
+/// The 88-byte record header of a SNAPSHOT record with `meta` (as it was encoded: every field
+/// of the header is in `RecordMeta`).
+pub fn snapshot_header(meta: &RecordMeta) -> [u8; RECORD_HEADER_LEN] {
+    super::record::encode_header(
+        meta,
+        meta.page_count,
+        super::record::record_len(meta.page_size, meta.page_count),
     )
 }
 
