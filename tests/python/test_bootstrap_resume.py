@@ -161,16 +161,23 @@ def test_new_snapshot_meanwhile_starts_over(tmp_path):
             url = f"http://127.0.0.1:{proxy.port}"
             kill_past_half(rdb, url, proxy, total)
             # The primary rewrites every row; its log then outgrows the snapshot: a new one.
+            # The primary rewrites every row twice: its log outgrows the snapshot, and the
+            # next maintenance pass (every 50 ms here) takes a new one.
             out = json.loads(py_ok(r"""
-import json
+import json, os, time
 load()
 c = connect(%r)
 one(c, "select repl_primary()")
 one(c, "select repl_config('snapshot_bytes', 1)")
-c.execute("update t set b = randomblob(length(b))")
+for _ in range(2):
+    c.execute("update t set b = randomblob(length(b))")
+snap = os.path.dirname(%r)
+deadline = time.monotonic() + 120
+while sorted(os.listdir(snap))[-1] == os.path.basename(%r) and time.monotonic() < deadline:
+    time.sleep(0.05)  # polling for the maintenance pass, with a deadline
 print(json.dumps({"checksum": one(c, "select repl_checksum()")}))
-""" % str(db), timeout=300))
-            wait_for(lambda: snapshot_file(db) != old, timeout=120, what="a new snapshot on the primary")
+""" % (str(db), old, old), timeout=300, env={"REPL_MAINTENANCE_MS": "50"}))
+            assert snapshot_file(db) != old, "the primary took no new snapshot"
             new_total = os.path.getsize(snapshot_file(db))
             proxy.body_bytes.clear()
             r = sync(rdb, url)
