@@ -101,6 +101,43 @@ pub fn bootstrap_pending(db_path: &str) -> bool {
     progress_paths(db_path).0.exists()
 }
 
+/// Where a bootstrap's pages go: page 1 aside (`bootstrap.page1`, fsynced), the others into
+/// the database file; every `PROGRESS_EVERY` bytes the file is fsynced and then the progress
+/// recorded (never a page that is not durable).
+struct PageWriter<'a> {
+    handle: &'a crate::vfs::AgentHandle,
+    db: &'a str,
+    page1_path: &'a std::path::Path,
+    header: Option<(RecordMeta, Vec<u8>)>,
+    entries: u32,
+    since: u64,
+    page1: Option<Vec<u8>>,
+}
+
+impl PageWriter<'_> {
+    fn page(&mut self, pgno: crate::types::PageNo, data: &[u8]) -> Result<()> {
+        if pgno.get() == 1 {
+            let ctx = |e| Error::io(format!("writing {}", self.page1_path.display()), e);
+            let mut f = std::fs::File::create(self.page1_path).map_err(ctx)?;
+            std::io::Write::write_all(&mut f, data).map_err(ctx)?;
+            f.sync_all().map_err(ctx)?;
+            self.page1 = Some(data.to_vec());
+        } else {
+            let ps = data.len() as u64;
+            self.handle.write_db((pgno.get() as u64 - 1) * ps, data)?;
+        }
+        self.entries += 1;
+        self.since += 4 + data.len() as u64;
+        if self.since >= PROGRESS_EVERY {
+            self.since = 0;
+            self.handle.sync_db()?;
+            let (m, h) = self.header.as_ref().expect("the header comes first");
+            write_saved(self.db, m, h, self.entries)?;
+        }
+        Ok(())
+    }
+}
+
 impl Replica {
     /// E.1 bootstrap of an empty file: the snapshot streamed straight into the database file
     /// under an EXCLUSIVE lock, page by page as it arrives (memory: a page and the per-page
@@ -248,73 +285,49 @@ impl Replica {
         }
         let handle = &self.handle;
         let page1_path = progress_paths(db).1;
-        let header: Option<(RecordMeta, Vec<u8>)> = resume
-            .as_ref()
-            .map(|p| (p.meta.clone(), p.header().to_vec()));
-        let mut entries = resume.as_ref().map_or(0, |p| p.entries());
-        let mut since = 0u64;
-        let mut page1: Option<Vec<u8>> = None;
-        let mut on_page = |pgno: crate::types::PageNo, data: &[u8]| -> Result<()> {
-            if pgno.get() == 1 {
-                let ctx = |e| Error::io(format!("writing {}", page1_path.display()), e);
-                let mut f = std::fs::File::create(&page1_path).map_err(ctx)?;
-                std::io::Write::write_all(&mut f, data).map_err(ctx)?;
-                f.sync_all().map_err(ctx)?;
-                page1 = Some(data.to_vec());
-            } else {
-                let ps = data.len() as u64;
-                handle.write_db((pgno.get() as u64 - 1) * ps, data)?;
-            }
-            entries += 1;
-            since += 4 + data.len() as u64;
-            if since >= PROGRESS_EVERY {
-                since = 0;
-                handle.sync_db()?;
-                let (m, h) = header.as_ref().expect("the header comes first");
-                write_saved(db, m, h, entries)?;
-            }
-            Ok(())
+        let mut w = PageWriter {
+            handle,
+            db,
+            page1_path: &page1_path,
+            header: resume
+                .as_ref()
+                .map(|p| (p.meta.clone(), p.header().to_vec())),
+            entries: resume.as_ref().map_or(0, |p| p.entries()),
+            since: 0,
+            page1: None,
         };
-        let mut restarted = false;
-        let r = match resume {
-            Some(prefix) => {
-                log_event(&format!(
-                    "event=bootstrap_resume db={db:?} lsn={} entries={} bytes={}",
-                    prefix.meta.lsn,
-                    prefix.entries(),
-                    prefix.offset()
-                ));
-                match self.stream_snapshot_resume(st, "bootstrap download", prefix, &mut on_page) {
-                    Ok(Some(x)) => Ok(x),
-                    Err(e) => Err(e),
-                    Ok(None) => {
-                        restarted = true;
-                        Err(Error::Other(String::new()))
+        let mut fresh = resume.is_none();
+        let mut r = Err(Error::Other("no snapshot streamed".into()));
+        if let Some(prefix) = resume {
+            log_event(&format!(
+                "event=bootstrap_resume db={db:?} lsn={} entries={} bytes={}",
+                prefix.meta.lsn,
+                prefix.entries(),
+                prefix.offset()
+            ));
+            match self
+                .stream_snapshot_resume(st, "bootstrap download", prefix, &mut |p, d| w.page(p, d))
+            {
+                Ok(Some(x)) => r = Ok(x),
+                Err(e) => r = Err(e),
+                Ok(None) => {
+                    log_event(&format!(
+                        "event=bootstrap_restart db={db:?} reason=\"the source serves another snapshot now\""
+                    ));
+                    remove_saved(db);
+                    if let Err(e) = handle.truncate_db(0) {
+                        return (Err(e), Left::Empty);
                     }
+                    fresh = true;
                 }
             }
-            None => Err(Error::Other(String::new())),
-        };
-        let fresh = r
-            .as_ref()
-            .err()
-            .is_some_and(|e| matches!(e, Error::Other(m) if m.is_empty()));
-        drop(on_page);
-        let r = if fresh {
-            if restarted {
-                log_event(&format!(
-                    "event=bootstrap_restart db={db:?} reason=\"the source serves another snapshot now\""
-                ));
-                remove_saved(db);
-                if let Err(e) = handle.truncate_db(0) {
-                    return (Err(e), Left::Empty);
-                }
-            }
-            entries = 0;
-            let mut header_slot: Option<(RecordMeta, Vec<u8>)> = None;
-            let hs = std::cell::RefCell::new(&mut header_slot);
-            let mut since = 0u64;
-            let r = self.stream_snapshot(
+        }
+        if fresh {
+            w.entries = 0;
+            w.since = 0;
+            w.header = None;
+            let w = std::cell::RefCell::new(&mut w);
+            r = self.stream_snapshot(
                 st,
                 "bootstrap download",
                 &mut |m| {
@@ -322,39 +335,17 @@ impl Replica {
                     // Recorded before any page is written: an interruption from here on is
                     // ours to continue.
                     write_saved(db, m, &h, 0)?;
-                    **hs.borrow_mut() = Some((m.clone(), h));
+                    w.borrow_mut().header = Some((m.clone(), h));
                     Ok(())
                 },
-                &mut |pgno, data| {
-                    if pgno.get() == 1 {
-                        let ctx = |e| Error::io(format!("writing {}", page1_path.display()), e);
-                        let mut f = std::fs::File::create(&page1_path).map_err(ctx)?;
-                        std::io::Write::write_all(&mut f, data).map_err(ctx)?;
-                        f.sync_all().map_err(ctx)?;
-                        page1 = Some(data.to_vec());
-                    } else {
-                        let ps = data.len() as u64;
-                        handle.write_db((pgno.get() as u64 - 1) * ps, data)?;
-                    }
-                    entries += 1;
-                    since += 4 + data.len() as u64;
-                    if since >= PROGRESS_EVERY {
-                        since = 0;
-                        handle.sync_db()?;
-                        let g = hs.borrow();
-                        let (m, h) = g.as_ref().expect("the header comes first");
-                        write_saved(db, m, h, entries)?;
-                    }
-                    Ok(())
-                },
+                &mut |p, d| w.borrow_mut().page(p, d),
             );
-            r
-        } else {
-            r
-        };
+        }
+        let entries = w.entries;
+        let page1 = w.page1.take();
         let r = r.and_then(|(meta, sums)| {
             let ps = meta.page_size;
-            let p1 = match page1.take() {
+            let p1 = match page1 {
                 Some(p) => p,
                 None => std::fs::read(&page1_path)
                     .map_err(|e| Error::io(format!("reading {}", page1_path.display()), e))?,
