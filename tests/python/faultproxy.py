@@ -326,11 +326,14 @@ class FaultProxy:
                     return
                 self._hold(path)
                 kind, arg = self._claim(path, status, records, length)
-                while len(buf) < length:
-                    data = up.recv(65536)
+                chunks, have = [buf], len(buf)  # joined once: large bodies stay linear
+                while have < length:
+                    data = up.recv(1 << 20)
                     if not data:
                         break  # the server cut it short itself: pass that on
-                    buf += data
+                    chunks.append(data)
+                    have += len(data)
+                buf = b"".join(chunks)
                 body, buf = buf[:length], buf[length:]
                 if kind == "drop":
                     n = min(int(arg), length - 1)

@@ -71,15 +71,20 @@ except Exception as e:
 def kill_past_half(rdb, url, proxy, total) -> dict:
     """Starts a bootstrap through the (throttled) proxy and kills it -9 once its recorded
     progress passed half of the snapshot; returns that record."""
-    proxy.throttle(48 * MIB)
+    proxy.throttle(32 * MIB)
     child = spawn_py(r"""
 load()
 r = connect(%r)
 one(r, "select repl_sync(?)", (%r,))
 """ % (str(rdb), url))
     try:
-        rec = wait_for(lambda: (s := saved(rdb)) and s["bytes"] >= total // 2 and s,
-                       timeout=120, interval=0.005, what="bootstrap progress past half")
+        def past_half():
+            if child.poll() is not None:
+                raise AssertionError(f"the bootstrap ended before half: {child.stderr.read()}")
+            s = saved(rdb)
+            return s and s["bytes"] >= total // 2 and s
+
+        wait_for(past_half, timeout=240, interval=0.005, what="bootstrap progress past half")
         child.send_signal(signal.SIGKILL)
         child.wait(30)
     finally:
