@@ -46,7 +46,7 @@ impl Replica {
         // minutes, a stalled primary as long as its timeouts): answer at once from what the
         // last finished sync published, with the live LSN, progress and follower on top.
         let Some(st) = self.state_for_query() else {
-            let progress = *lock(&self.progress);
+            let progress = lock(&self.progress).filter(|p| p.total > 0);
             let mut v = lock(&self.published)
                 .status
                 .clone()
@@ -107,7 +107,7 @@ impl Replica {
             "max_drain_ms": st.stats.max_drain_ms,
             "wal_pinned": st.stats.wal_pinned,
             "follow": self.follow_json(),
-            "progress": lock(&self.progress).map(|p| p.json()),
+            "progress": lock(&self.progress).filter(|p| p.total > 0).map(|p| p.json()),
             "last_error": st.stats.last_error,
         })
     }
