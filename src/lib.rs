@@ -38,5 +38,7 @@ pub mod transport;
 pub mod txlog;
 pub mod types;
 pub(crate) mod util;
+/// Rate and ETA of a transfer (the CLI progress bar shares it with `repl_status()`).
+pub use util::rate_eta;
 pub(crate) mod vfs;
 pub mod wal;

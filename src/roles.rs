@@ -111,6 +111,10 @@ impl DbHooks for Db {
         }
     }
 
+    fn shows_empty(&self) -> bool {
+        self.role() != RoleKind::Primary && crate::replica::bootstrap_pending(&self.path)
+    }
+
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
         self
     }

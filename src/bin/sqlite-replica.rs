@@ -244,6 +244,20 @@ struct Bar {
     what: &'static str,
     tty: bool,
     last: u64,
+    started: std::time::Instant,
+}
+
+/// `12.3 MiB/s, ETA 0:42` (rate and time left from `rate_eta`; `--` before any rate).
+fn rate_text(done: u64, total: u64, elapsed_ms: u64) -> String {
+    let (rate, eta) = replica::rate_eta(done, 0, total, elapsed_ms);
+    let eta = eta.map_or_else(
+        || "--".to_string(),
+        |ms| {
+            let s = ms.div_ceil(1000);
+            format!("{}:{:02}", s / 60, s % 60)
+        },
+    );
+    format!("{:.1} MiB/s, ETA {eta}", rate as f64 / 1048576.0)
 }
 
 impl Bar {
@@ -262,12 +276,13 @@ impl Bar {
         self.last = pct;
         let filled = (pct / 4) as usize;
         let line = format!(
-            "{:<10} [{}{}] {pct:>3}% {:.1}/{:.1} MiB",
+            "{:<10} [{}{}] {pct:>3}% {:.1}/{:.1} MiB {}",
             self.what,
             "#".repeat(filled),
             " ".repeat(25 - filled),
             done as f64 / 1048576.0,
-            total as f64 / 1048576.0
+            total as f64 / 1048576.0,
+            rate_text(done, total, self.started.elapsed().as_millis() as u64)
         );
         let mut e = std::io::stderr().lock();
         if self.tty || std::io::stderr().is_terminal() {
@@ -297,6 +312,7 @@ fn restore(source: &str, out: &Path) -> Result<(), Failure> {
         what: "snapshot",
         tty,
         last: 0,
+        started: std::time::Instant::now(),
     };
     let tmp = out.with_extension(format!("restore-{}.tmp", std::process::id()));
     let res = (|| -> Result<(Lsn, replica::types::Checksum), Failure> {
@@ -328,6 +344,7 @@ fn restore(source: &str, out: &Path) -> Result<(), Failure> {
             what: "log",
             tty,
             last: 0,
+            started: std::time::Instant::now(),
         };
         let span = target.0.saturating_sub(lsn.0);
         loop {

@@ -7,17 +7,162 @@ use super::position::Applied;
 use super::{lock, log_event, Replica, State, BATCH_BYTES};
 use crate::error::{Error, Result};
 use crate::transport::Fetch;
-use crate::txlog::DbChecksum;
+use crate::txlog::{DbChecksum, RecordMeta};
 use crate::types::Lsn;
+use crate::vfs::DbFileIo;
 use std::time::{Duration, Instant};
+
+/// How often a bootstrap makes what it wrote durable and records it in `bootstrap.json`
+/// (bytes of snapshot page data): an interrupted bootstrap re-fetches at most this much more.
+const PROGRESS_EVERY: u64 = 16 << 20;
+/// Attempts of one `repl_sync()` to continue a bootstrap whose download broke.
+const BOOTSTRAP_ATTEMPTS: u32 = 4;
+
+/// `<db>-replica/bootstrap.json` and `<db>-replica/bootstrap.page1`: the state of a bootstrap
+/// in progress (WAL.md §E.1).
+fn progress_paths(db_path: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let d = crate::txlog::log_dir(db_path);
+    (d.join("bootstrap.json"), d.join("bootstrap.page1"))
+}
+
+/// A bootstrap's recorded progress: the snapshot's record header and how many of its page
+/// entries are durable in the database file (page 1 in `bootstrap.page1`).
+struct Saved {
+    header: Vec<u8>,
+    entries: u32,
+}
+
+fn read_saved(db_path: &str) -> Option<Saved> {
+    let (json, _) = progress_paths(db_path);
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(json).ok()?).ok()?;
+    if v["format"].as_u64() != Some(1) {
+        return None;
+    }
+    Some(Saved {
+        header: crate::util::unhex(v["header"].as_str()?)?,
+        entries: u32::try_from(v["entries"].as_u64()?).ok()?,
+    })
+}
+
+fn write_saved(db_path: &str, prefix_meta: &RecordMeta, header: &[u8], entries: u32) -> Result<()> {
+    let (json, _) = progress_paths(db_path);
+    let entry = 4 + prefix_meta.page_size.bytes() as u64;
+    let v = serde_json::json!({
+        "format": 1,
+        "lsn": prefix_meta.lsn.0,
+        "generation": prefix_meta.generation.0,
+        "db_checksum": prefix_meta.db_checksum.to_string(),
+        "page_size": prefix_meta.page_size.get(),
+        "page_count": prefix_meta.page_count,
+        "header": crate::util::hex(header),
+        "entries": entries,
+        "bytes": (crate::txlog::SEGMENT_HEADER_LEN + crate::txlog::RECORD_HEADER_LEN) as u64
+            + entries as u64 * entry,
+    });
+    let tmp = json.with_extension("json.tmp");
+    let ctx = |e| {
+        Error::io(
+            format!("recording the bootstrap's progress in {}", json.display()),
+            e,
+        )
+    };
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(ctx)?;
+        std::io::Write::write_all(&mut f, v.to_string().as_bytes()).map_err(ctx)?;
+        f.sync_all().map_err(ctx)?;
+    }
+    std::fs::rename(&tmp, &json).map_err(ctx)?;
+    if let Some(d) = json.parent() {
+        let _ = std::fs::File::open(d).and_then(|d| d.sync_all());
+    }
+    Ok(())
+}
+
+fn remove_saved(db_path: &str) {
+    let (json, page1) = progress_paths(db_path);
+    let _ = std::fs::remove_file(json);
+    let _ = std::fs::remove_file(page1);
+}
+
+/// What became of a failed bootstrap attempt's file.
+#[derive(PartialEq)]
+enum Left {
+    /// Not ours (it was not empty and had no progress of ours): untouched.
+    Untouched,
+    /// Back to empty, no progress recorded: the next bootstrap starts from zero.
+    Empty,
+    /// What was written and recorded stays: the next bootstrap continues from it.
+    Resumable,
+}
+
+/// True when `<db>-replica/bootstrap.json` says a bootstrap was interrupted (it continues;
+/// meanwhile SQLite connections see the file as empty, `DbHooks::shows_empty`).
+pub fn bootstrap_pending(db_path: &str) -> bool {
+    if !progress_paths(db_path).0.exists() {
+        return false;
+    }
+    // Page 1 is written last, once every checksum held: a file that starts with SQLite's
+    // header is a finished bootstrap whose record was not removed yet (a crash in between),
+    // and shows as what it is.
+    use std::io::Read;
+    let mut magic = [0u8; 16];
+    let finished = std::fs::File::open(db_path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|()| &magic == b"SQLite format 3\0");
+    !finished
+}
+
+/// Where a bootstrap's pages go: page 1 aside (`bootstrap.page1`, fsynced), the others into
+/// the database file; every `PROGRESS_EVERY` bytes the file is fsynced and then the progress
+/// recorded (never a page that is not durable).
+struct PageWriter<'a> {
+    handle: &'a crate::vfs::AgentHandle,
+    db: &'a str,
+    page1_path: &'a std::path::Path,
+    header: Option<(RecordMeta, Vec<u8>)>,
+    entries: u32,
+    since: u64,
+    page1: Option<Vec<u8>>,
+}
+
+impl PageWriter<'_> {
+    fn page(&mut self, pgno: crate::types::PageNo, data: &[u8]) -> Result<()> {
+        if pgno.get() == 1 {
+            let ctx = |e| Error::io(format!("writing {}", self.page1_path.display()), e);
+            let mut f = std::fs::File::create(self.page1_path).map_err(ctx)?;
+            std::io::Write::write_all(&mut f, data).map_err(ctx)?;
+            f.sync_all().map_err(ctx)?;
+            self.page1 = Some(data.to_vec());
+        } else {
+            let ps = data.len() as u64;
+            self.handle.write_db((pgno.get() as u64 - 1) * ps, data)?;
+        }
+        self.entries += 1;
+        self.since += 4 + data.len() as u64;
+        if self.since >= PROGRESS_EVERY {
+            self.since = 0;
+            self.handle.sync_db()?;
+            let (m, h) = self.header.as_ref().expect("the header comes first");
+            write_saved(self.db, m, h, self.entries)?;
+        }
+        Ok(())
+    }
+}
 
 impl Replica {
     /// E.1 bootstrap of an empty file: the snapshot streamed straight into the database file
     /// under an EXCLUSIVE lock, page by page as it arrives (memory: a page and the per-page
     /// checksums, whatever the database size). No reader can see it half-written: the lock is
     /// held throughout, and page 1, which makes the file a database, is written last, only
-    /// once the record and database checksums held. Any failure truncates the file back to
-    /// empty: nothing of an unverified snapshot stays.
+    /// once the record and database checksums held.
+    ///
+    /// Resumable: every `PROGRESS_EVERY` bytes the file is fsynced and `bootstrap.json`
+    /// records how many page entries are durable (page 1 waits in `bootstrap.page1`). A
+    /// bootstrap that finds a file without page 1 and such a record continues the same
+    /// snapshot from there (the prefix is re-hashed from the file, so the record and database
+    /// checksums still cover every byte); another snapshot at the source starts over. A broken
+    /// download is continued up to `BOOTSTRAP_ATTEMPTS` times within the call, and left
+    /// resumable after; a snapshot that fails its checksums leaves the file empty.
     pub(super) fn bootstrap(&self, st: &mut State) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while let Err(e) = self.handle.lock_db_exclusive() {
@@ -26,51 +171,22 @@ impl Replica {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let mut page1: Option<Vec<u8>> = None;
-        // Set once the file was found empty: only then may a failure truncate it.
-        let mut ours = false;
-        let r = (|| -> Result<(crate::txlog::RecordMeta, DbChecksum)> {
-            if self.handle.db_size()? != 0 {
-                return Err(Error::Busy(format!(
-                    "{} was written by someone else while bootstrapping; retry",
-                    self.db_path
-                )));
+        let mut attempt = 1;
+        let r = loop {
+            let (r, left) = self.bootstrap_attempt(st);
+            match r {
+                Err(e) if left == Left::Resumable && attempt < BOOTSTRAP_ATTEMPTS => {
+                    log_event(&format!(
+                        "event=bootstrap_retry db={:?} attempt={attempt} error={:?}",
+                        self.db_path,
+                        e.to_string()
+                    ));
+                    std::thread::sleep(Duration::from_millis(250 << attempt));
+                    attempt += 1;
+                }
+                r => break r,
             }
-            // A stale WAL or wal-index next to an empty file would be recovered over the
-            // snapshot: nobody can use them while we hold EXCLUSIVE.
-            for suffix in ["-wal", "-shm"] {
-                let _ = std::fs::remove_file(format!("{}{suffix}", self.db_path));
-            }
-            ours = true;
-            let handle = &self.handle;
-            self.stream_snapshot(
-                st,
-                "bootstrap download",
-                &mut |_| Ok(()),
-                &mut |pgno, data| {
-                    if pgno.get() == 1 {
-                        page1 = Some(data.to_vec());
-                        return Ok(());
-                    }
-                    let ps = data.len() as u64;
-                    handle.write_db((pgno.get() as u64 - 1) * ps, data)
-                },
-            )
-        })();
-        let r = r.and_then(|(meta, sums)| {
-            let ps = meta.page_size;
-            if let Some(p1) = &page1 {
-                self.handle.write_db(0, p1)?;
-            }
-            self.handle
-                .truncate_db(meta.commit_size as u64 * ps.get() as u64)?;
-            self.handle.sync_db()?;
-            Ok((meta, sums))
-        });
-        if r.is_err() && ours {
-            // Nothing of an unverified or partial snapshot stays: back to the empty file.
-            let _ = self.handle.truncate_db(0);
-        }
+        };
         self.handle.unlock_db_to_shared();
         *lock(&self.progress) = None;
         let (meta, sums) = r?;
@@ -98,6 +214,178 @@ impl Replica {
             meta.page_count as usize * ps.bytes()
         ));
         Ok(())
+    }
+
+    /// The prefix of an interrupted bootstrap of the same file, re-hashed from what is on
+    /// disk; `Ok(None)` when there is nothing (usable) to continue. Refuses a file that is not
+    /// ours: one without recorded progress, or whose page 1 is written (a database).
+    fn saved_prefix(&self) -> Result<Option<crate::txlog::SnapshotPrefix>> {
+        let not_ours = |why: &str| {
+            Error::Busy(format!(
+                "{} was written by someone else while bootstrapping ({why}); it is left as it is: \
+                 bootstrap into an empty file, or remove this one if it holds nothing of value",
+                self.db_path
+            ))
+        };
+        let Some(saved) = read_saved(&self.db_path) else {
+            return Err(not_ours(
+                "it is not empty and no interrupted bootstrap was recorded",
+            ));
+        };
+        let size = self.handle.db_size()?;
+        let Ok(mut prefix) = crate::txlog::SnapshotPrefix::new(&saved.header) else {
+            return Ok(None);
+        };
+        let ps = prefix.meta.page_size.bytes();
+        let mut first = vec![0u8; ps.min(size as usize)];
+        self.handle.read_db(0, &mut first)?;
+        if first.iter().any(|b| *b != 0) {
+            // Page 1 is written: the bootstrap finished (its record was not removed yet) or
+            // someone wrote a database here. Either way not ours to overwrite.
+            remove_saved(&self.db_path);
+            return Err(not_ours("its page 1 is written"));
+        }
+        let page1 = std::fs::read(progress_paths(&self.db_path).1).unwrap_or_default();
+        if saved.entries > prefix.meta.page_count || (saved.entries > 0 && page1.len() != ps) {
+            return Ok(None);
+        }
+        let mut buf = vec![0u8; ps];
+        for i in 0..saved.entries {
+            let pgno = prefix.pgno_of(i).get() as u64;
+            if pgno == 1 {
+                prefix.push(&page1)?;
+                continue;
+            }
+            if pgno * ps as u64 > size {
+                return Ok(None); // the file is shorter than recorded: start over
+            }
+            self.handle.read_db((pgno - 1) * ps as u64, &mut buf)?;
+            prefix.push(&buf)?;
+        }
+        Ok(Some(prefix))
+    }
+
+    /// One attempt of `bootstrap` (the caller holds EXCLUSIVE): continues an interrupted
+    /// bootstrap or starts one in an empty file; on success page 1 is written and synced.
+    fn bootstrap_attempt(&self, st: &State) -> (Result<(RecordMeta, DbChecksum)>, Left) {
+        let db = self.db_path.as_str();
+        let resume = match self.handle.db_size() {
+            Err(e) => return (Err(e), Left::Untouched),
+            Ok(0) => {
+                remove_saved(db);
+                None
+            }
+            Ok(_) => match self.saved_prefix() {
+                Err(e) => return (Err(e), Left::Untouched),
+                Ok(p) => {
+                    if p.is_none() {
+                        // Ours, but nothing usable recorded: start over.
+                        remove_saved(db);
+                        if let Err(e) = self.handle.truncate_db(0) {
+                            return (Err(e), Left::Untouched);
+                        }
+                    }
+                    p
+                }
+            },
+        };
+        // A stale WAL or wal-index next to the file would be recovered over the snapshot:
+        // nobody can use them while we hold EXCLUSIVE.
+        for suffix in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{db}{suffix}"));
+        }
+        let handle = &self.handle;
+        let page1_path = progress_paths(db).1;
+        let mut w = PageWriter {
+            handle,
+            db,
+            page1_path: &page1_path,
+            header: resume
+                .as_ref()
+                .map(|p| (p.meta.clone(), p.header().to_vec())),
+            entries: resume.as_ref().map_or(0, |p| p.entries()),
+            since: 0,
+            page1: None,
+        };
+        let mut fresh = resume.is_none();
+        let mut r = Err(Error::Other("no snapshot streamed".into()));
+        if let Some(prefix) = resume {
+            log_event(&format!(
+                "event=bootstrap_resume db={db:?} lsn={} entries={} bytes={}",
+                prefix.meta.lsn,
+                prefix.entries(),
+                prefix.offset()
+            ));
+            match self
+                .stream_snapshot_resume(st, "bootstrap download", prefix, &mut |p, d| w.page(p, d))
+            {
+                Ok(Some(x)) => r = Ok(x),
+                Err(e) => r = Err(e),
+                Ok(None) => {
+                    log_event(&format!(
+                        "event=bootstrap_restart db={db:?} reason=\"the source serves another snapshot now\""
+                    ));
+                    remove_saved(db);
+                    if let Err(e) = handle.truncate_db(0) {
+                        return (Err(e), Left::Empty);
+                    }
+                    fresh = true;
+                }
+            }
+        }
+        if fresh {
+            w.entries = 0;
+            w.since = 0;
+            w.header = None;
+            let w = std::cell::RefCell::new(&mut w);
+            r = self.stream_snapshot(
+                st,
+                "bootstrap download",
+                &mut |m| {
+                    let h = crate::txlog::snapshot_header(m).to_vec();
+                    // Recorded before any page is written: an interruption from here on is
+                    // ours to continue.
+                    write_saved(db, m, &h, 0)?;
+                    w.borrow_mut().header = Some((m.clone(), h));
+                    Ok(())
+                },
+                &mut |p, d| w.borrow_mut().page(p, d),
+            );
+        }
+        let entries = w.entries;
+        let page1 = w.page1.take();
+        let r = r.and_then(|(meta, sums)| {
+            let ps = meta.page_size;
+            let p1 = match page1 {
+                Some(p) => p,
+                None => std::fs::read(&page1_path)
+                    .map_err(|e| Error::io(format!("reading {}", page1_path.display()), e))?,
+            };
+            handle.write_db(0, &p1)?;
+            handle.truncate_db(meta.commit_size as u64 * ps.get() as u64)?;
+            handle.sync_db()?;
+            remove_saved(db);
+            Ok((meta, sums))
+        });
+        match r {
+            Ok(x) => (Ok(x), Left::Empty),
+            Err(e) => {
+                // A download that broke leaves what it recorded, to be continued; a snapshot
+                // that arrived whole but failed its checks (or anything else) leaves nothing:
+                // there is no telling which of its bytes were bad.
+                let complete = read_saved(db)
+                    .and_then(|s| crate::txlog::SnapshotPrefix::new(&s.header).ok())
+                    .is_some_and(|p| entries >= p.meta.page_count);
+                let broke = !complete && !matches!(e, Error::Busy(_)) && bootstrap_pending(db);
+                if broke {
+                    (Err(e), Left::Resumable)
+                } else {
+                    remove_saved(db);
+                    let _ = handle.truncate_db(0);
+                    (Err(e), Left::Empty)
+                }
+            }
+        }
     }
 
     /// E.10 re-snapshot, streamed: the source's snapshot goes page by page into frames of ONE

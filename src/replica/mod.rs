@@ -23,6 +23,7 @@
 
 mod apply;
 mod bootstrap;
+pub use bootstrap::bootstrap_pending;
 mod drain;
 mod follow;
 mod live;
@@ -114,7 +115,7 @@ pub struct Replica {
     follower: Mutex<Option<follow::Follower>>,
     /// Bytes done / total of a bootstrap or re-snapshot in progress (readable while the
     /// sync holds `state`).
-    progress: Mutex<Option<(&'static str, u64, u64)>>,
+    progress: Mutex<Option<Progress>>,
     /// What the queries (`repl_lsn`, `repl_status`, `repl_wait`, `repl_exec`) read while a
     /// sync holds `state`, possibly for as long as a stalled network makes it: refreshed at the
     /// end of every sync, so no query ever waits for the network.
@@ -149,6 +150,32 @@ type Followed = (transport::SourceInfo, Vec<crate::txlog::Record>);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A snapshot download in progress: phase, bytes of the snapshot file done and total, and
+/// where (`base`) and when this transfer started (a resumed bootstrap starts past 0), for the
+/// rate and ETA of `repl_status()` and the progress events.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Progress {
+    pub phase: &'static str,
+    pub done: u64,
+    pub total: u64,
+    pub base: u64,
+    pub started: Instant,
+}
+
+impl Progress {
+    /// (bytes per second, ETA in ms) of this transfer so far (`util::rate_eta`).
+    pub fn rate_eta(&self) -> (u64, Option<u64>) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        crate::util::rate_eta(self.done, self.base, self.total, ms)
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let (rate, eta) = self.rate_eta();
+        serde_json::json!({"phase": self.phase, "bytes": self.done, "total": self.total,
+                           "rate_bytes_s": rate, "eta_ms": eta, "resumed_at": self.base})
+    }
 }
 
 fn log_event(line: &str) {
@@ -446,7 +473,9 @@ impl Replica {
         let (known, prefetched) = followed.unzip();
         self.open_source(st, spec)?;
         self.check_source(st, known)?;
-        if self.handle.db_size()? == 0 && self.pos.read().is_none() {
+        if self.pos.read().is_none()
+            && (self.handle.db_size()? == 0 || bootstrap::bootstrap_pending(&self.db_path))
+        {
             self.bootstrap(st)?;
         }
         self.ensure_open(st)?;

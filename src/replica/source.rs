@@ -106,27 +106,85 @@ impl Replica {
         on_meta: &mut dyn FnMut(&crate::txlog::RecordMeta) -> Result<()>,
         on_page: &mut dyn FnMut(crate::types::PageNo, &[u8]) -> Result<()>,
     ) -> Result<(crate::txlog::RecordMeta, crate::txlog::DbChecksum)> {
-        let mut logged = 0u64;
         let _net = self.network_call(st);
-        let r = st.source.as_ref().expect("set").snapshot_stream(
-            &mut |done, total| {
-                *lock(&self.progress) = Some((what, done, total));
-                let step = (total / 10).max(8 << 20);
-                if total >= 8 << 20 && (done >= logged + step || done == total) {
-                    logged = done;
-                    log_event(&format!(
-                        "event=progress db={:?} phase={what:?} bytes={done} total={total}",
-                        self.db_path
-                    ));
-                }
-            },
-            on_meta,
-            on_page,
-        );
+        self.start_progress(what, 0);
+        let mut progress = self.progress_reporter(what);
+        let r = st
+            .source
+            .as_ref()
+            .expect("set")
+            .snapshot_stream(&mut progress, on_meta, on_page);
         if r.is_err() {
             *lock(&self.progress) = None;
         }
         r
+    }
+
+    /// `stream_snapshot` continuing after `prefix` (a resumed bootstrap, WAL.md §E.1); `None`
+    /// when the source serves another snapshot now.
+    pub(super) fn stream_snapshot_resume(
+        &self,
+        st: &State,
+        what: &'static str,
+        prefix: crate::txlog::SnapshotPrefix,
+        on_page: &mut dyn FnMut(crate::types::PageNo, &[u8]) -> Result<()>,
+    ) -> Result<Option<(crate::txlog::RecordMeta, crate::txlog::DbChecksum)>> {
+        let _net = self.network_call(st);
+        self.start_progress(what, prefix.offset());
+        let mut progress = self.progress_reporter(what);
+        let r = st
+            .source
+            .as_ref()
+            .expect("set")
+            .snapshot_resume(prefix, &mut progress, on_page);
+        if !matches!(r, Ok(Some(_))) {
+            *lock(&self.progress) = None;
+        }
+        r
+    }
+
+    fn start_progress(&self, what: &'static str, base: u64) {
+        *lock(&self.progress) = Some(super::Progress {
+            phase: what,
+            done: base,
+            total: 0,
+            base,
+            started: std::time::Instant::now(),
+        });
+    }
+
+    /// The progress callback of a snapshot download: `repl_status().progress` (with rate and
+    /// ETA) and, past 8 MiB, an `event=progress` line per 10 %.
+    fn progress_reporter(&self, what: &'static str) -> impl FnMut(u64, u64) + '_ {
+        let mut logged = None::<u64>;
+        move |done, total| {
+            let p = {
+                let mut g = lock(&self.progress);
+                let p = match *g {
+                    Some(p) if p.phase == what => super::Progress { done, total, ..p },
+                    _ => super::Progress {
+                        phase: what,
+                        done,
+                        total,
+                        base: done,
+                        started: std::time::Instant::now(),
+                    },
+                };
+                *g = Some(p);
+                p
+            };
+            let step = (total / 10).max(8 << 20);
+            let last = *logged.get_or_insert(p.base);
+            if total >= 8 << 20 && (done >= last + step || done == total) {
+                logged = Some(done);
+                let (rate, eta) = p.rate_eta();
+                log_event(&format!(
+                    "event=progress db={:?} phase={what:?} bytes={done} total={total} rate_bytes_s={rate} eta_ms={}",
+                    self.db_path,
+                    eta.map_or_else(|| "unknown".to_string(), |e| e.to_string())
+                ));
+            }
+        }
     }
 
     /// The source now serves pages of another size than the replica's (the primary was

@@ -46,7 +46,7 @@ impl Replica {
         // minutes, a stalled primary as long as its timeouts): answer at once from what the
         // last finished sync published, with the live LSN, progress and follower on top.
         let Some(st) = self.state_for_query() else {
-            let progress = *lock(&self.progress);
+            let progress = lock(&self.progress).filter(|p| p.total > 0);
             let mut v = lock(&self.published)
                 .status
                 .clone()
@@ -58,9 +58,7 @@ impl Replica {
                 v["lsn"] = serde_json::json!(live);
                 v["checksum"] = serde_json::Value::Null;
             }
-            v["progress"] = serde_json::json!(progress.map(|(phase, done, total)| {
-                serde_json::json!({"phase": phase, "bytes": done, "total": total})
-            }));
+            v["progress"] = serde_json::json!(progress.map(|p| p.json()));
             v["follow"] = self.follow_json();
             return v;
         };
@@ -109,7 +107,7 @@ impl Replica {
             "max_drain_ms": st.stats.max_drain_ms,
             "wal_pinned": st.stats.wal_pinned,
             "follow": self.follow_json(),
-            "progress": lock(&self.progress).map(|(phase, done, total)| serde_json::json!({"phase": phase, "bytes": done, "total": total})),
+            "progress": lock(&self.progress).filter(|p| p.total > 0).map(|p| p.json()),
             "last_error": st.stats.last_error,
         })
     }

@@ -120,6 +120,48 @@ impl Source for DirSource {
         .inspect(|_| progress(total, total))
     }
 
+    fn snapshot_resume(
+        &self,
+        prefix: crate::txlog::SnapshotPrefix,
+        progress: &mut dyn FnMut(u64, u64),
+        on_page: &mut dyn FnMut(crate::types::PageNo, &[u8]) -> Result<()>,
+    ) -> Result<Option<(crate::txlog::RecordMeta, crate::txlog::DbChecksum)>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let durable = Log::read_durable(&self.dir)?.map(|d| d.0);
+        let Some((_, path)) = self.log.latest_snapshot(durable)? else {
+            return Ok(None);
+        };
+        let ctx = |e| Error::io(format!("reading {}", path.display()), e);
+        let mut f = std::fs::File::open(&path).map_err(ctx)?;
+        let len = f.metadata().map_err(ctx)?.len();
+        let mut hdr = [0u8; crate::txlog::SEGMENT_HEADER_LEN + crate::txlog::RECORD_HEADER_LEN];
+        f.read_exact(&mut hdr).map_err(ctx)?;
+        if hdr[crate::txlog::SEGMENT_HEADER_LEN..] != prefix.header()[..]
+            || len != prefix.file_len()
+        {
+            return Ok(None); // another snapshot now: start over
+        }
+        let start = prefix.offset();
+        f.seek(SeekFrom::Start(start)).map_err(ctx)?;
+        let entry = 4 + prefix.meta.page_size.bytes() as u64;
+        let mut done = start;
+        let r = std::io::BufReader::with_capacity(1 << 20, f).take(len - start);
+        crate::txlog::stream_snapshot_rest(
+            r,
+            &path.display().to_string(),
+            prefix,
+            &mut |pgno, data| {
+                done += entry;
+                if done % (256 * entry) < entry {
+                    progress(done.min(len), len);
+                }
+                on_page(pgno, data)
+            },
+        )
+        .inspect(|_| progress(len, len))
+        .map(Some)
+    }
+
     fn page_size(&self) -> Result<Option<PageSize>> {
         let durable = Log::read_durable(&self.dir)?.map(|d| d.0);
         Ok(self.log.latest_snapshot(durable)?.map(|(m, _)| m.page_size))

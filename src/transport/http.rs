@@ -570,6 +570,74 @@ impl Source for HttpSource {
         )
     }
 
+    fn snapshot_resume(
+        &self,
+        prefix: crate::txlog::SnapshotPrefix,
+        progress: &mut dyn FnMut(u64, u64),
+        on_page: &mut dyn FnMut(crate::types::PageNo, &[u8]) -> Result<()>,
+    ) -> Result<Option<(crate::txlog::RecordMeta, DbChecksum)>> {
+        let (start, len, etag) = (prefix.offset(), prefix.file_len(), prefix.etag());
+        let url = self.url("/v1/snapshot");
+        let mut req = self
+            .agent
+            .get(&url)
+            .timeout(Duration::from_secs(3600))
+            .set("X-Repl-Follower", &self.follower)
+            .set("Range", &format!("bytes={start}-"))
+            .set("If-Range", &etag);
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let resp = match req.call() {
+            Ok(r) => r,
+            // The range is past the end: not the snapshot we started.
+            Err(ureq::Error::Status(416, _)) => return Ok(None),
+            Err(ureq::Error::Status(code, r)) => {
+                let body = r.into_string().unwrap_or_default();
+                return Err(status_error(code, &self.shown(), &error_message(&body)));
+            }
+            Err(ureq::Error::Transport(t)) => {
+                return Err(transport_error(&self.shown(), &t.to_string()))
+            }
+        };
+        // Only a 206 for exactly our snapshot and our range continues; a 200 (another
+        // snapshot, or a server without ranges) means starting over.
+        let lsn = prefix.meta.lsn.0.to_string();
+        let same = resp.status() == 206
+            && resp.header("ETag") == Some(etag.as_str())
+            && resp.header("X-Repl-Snapshot-Lsn") == Some(lsn.as_str())
+            && resp.header("Content-Range") == Some(&format!("bytes {start}-{}/{len}", len - 1))
+            && resp
+                .header("Content-Length")
+                .and_then(|v| v.parse::<u64>().ok())
+                == Some(len - start);
+        if !same {
+            return Ok(None);
+        }
+        let shown = self.shown();
+        let mut counted = Counted {
+            inner: resp.into_reader().take(len - start),
+            done: start,
+            total: len,
+            last: start,
+            progress,
+        };
+        crate::txlog::stream_snapshot_rest(&mut counted, &shown, prefix, on_page)
+            .map(Some)
+            .map_err(|e| match e {
+                Error::Io { .. } => Error::Other(format!(
+                    "the snapshot download from {shown} broke: {e}; what arrived so far is kept, retry repl_sync() to continue"
+                )),
+                Error::Corrupt(m) if m.contains("cut short") => Error::Other(format!(
+                    "the snapshot download from {shown} broke ({m}); what arrived so far is kept, retry repl_sync() to continue"
+                )),
+                Error::Corrupt(m) => Error::Corrupt(format!(
+                    "{shown}: the snapshot is invalid ({m}); nothing was applied"
+                )),
+                other => other,
+            })
+    }
+
     fn fetch(&self, from: Lsn, max_bytes: usize) -> Result<Fetch> {
         self.log(from, max_bytes, Duration::ZERO)
     }

@@ -89,6 +89,20 @@ pub trait Source: Send + Sync + 'static {
         sums.truncate(r.meta.commit_size);
         Ok((r.meta, sums))
     }
+    /// Continues the newest snapshot after `prefix` (a bootstrap resumed, WAL.md §E.1), if the
+    /// source still serves the snapshot the prefix was taken from (same record header: LSN,
+    /// generation, checksums, length); `Ok(None)` when it serves another one now, or cannot
+    /// continue: then start over with `snapshot_stream`. `progress` counts the prefix as done
+    /// (bytes of the snapshot file). Trustworthy only once this returns `Ok(Some(_))`: the
+    /// record and database checksums cover the prefix too.
+    fn snapshot_resume(
+        &self,
+        _prefix: crate::txlog::SnapshotPrefix,
+        _progress: &mut dyn FnMut(u64, u64),
+        _on_page: &mut dyn FnMut(crate::types::PageNo, &[u8]) -> Result<()>,
+    ) -> Result<Option<(crate::txlog::RecordMeta, crate::txlog::DbChecksum)>> {
+        Ok(None)
+    }
     /// Forwards a write (`repl_exec`) to the primary: the JSON body of `POST /v1/exec`, the
     /// answer's JSON. Only an HTTP primary can run writes.
     fn exec(&self, _body: &serde_json::Value) -> Result<serde_json::Value> {

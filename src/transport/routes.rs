@@ -361,9 +361,31 @@ fn snapshot_codec(f: &std::fs::File) -> Result<Option<u8>> {
     Ok((flags & txlog::FLAG_COMPRESSED != 0).then_some(h[txlog::SEGMENT_HEADER_LEN + 68]))
 }
 
+/// `Range: bytes=N-` or `bytes=N-M` (one range; FORMAT.md §8.4): `Some((first, last))` with
+/// `last` = `None` for an open end. Anything else (several ranges, suffix ranges, another
+/// unit, garbage) is `None`: the whole body is served, as RFC 9110 §14.2 allows.
+fn parse_range(v: &str) -> Option<(u64, Option<u64>)> {
+    let spec = v.trim().strip_prefix("bytes=")?;
+    let (a, b) = spec.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|c| c.is_ascii_digit());
+    if !digits(a) || !(b.is_empty() || digits(b)) {
+        return None;
+    }
+    let first = a.parse().ok()?;
+    let last = if b.is_empty() {
+        None
+    } else {
+        Some(b.parse().ok()?)
+    };
+    if last.is_some_and(|l| l < first) {
+        return None;
+    }
+    Some((first, last))
+}
+
 pub(super) fn serve_snapshot(sh: &Shared, req: &Request) -> Result<Reply> {
     let durable = Log::read_durable(&sh.dir)?;
-    let Some((_, path)) = sh.log.latest_snapshot(durable.map(|d| d.0))? else {
+    let Some((meta, path)) = sh.log.latest_snapshot(durable.map(|d| d.0))? else {
         return Ok(Reply::error(
             503,
             "the primary has no durable snapshot yet; retry in a moment",
@@ -378,11 +400,18 @@ pub(super) fn serve_snapshot(sh: &Shared, req: &Request) -> Result<Reply> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let (lsn, generation) = txlog::parse_snapshot_file_name(name).unwrap_or_default();
     let lineage = Log::read_meta(&sh.dir)?.lineage;
+    let mut hdr = [0u8; txlog::SEGMENT_HEADER_LEN + txlog::RECORD_HEADER_LEN];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut hdr, 0)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let etag = txlog::snapshot_etag(&hdr[txlog::SEGMENT_HEADER_LEN..]);
     let mut headers = vec![
         header("Content-Type", SNAPSHOT_TYPE),
         header("X-Repl-Lineage", lineage),
         header("X-Repl-Snapshot-Lsn", lsn.0),
         header("X-Repl-Generation", generation.0),
+        header("X-Repl-Snapshot-Checksum", meta.db_checksum),
+        header("ETag", &etag),
+        header("Accept-Ranges", "bytes"),
     ];
     if let Some(codec) = snapshot_codec(&f)? {
         if !accepts(req, codec) {
@@ -390,6 +419,8 @@ pub(super) fn serve_snapshot(sh: &Shared, req: &Request) -> Result<Reply> {
             // unlinked scratch file in the log directory, then streamed like any snapshot
             // (memory: one page; disk: one database size while the answer is sent).
             let (file, len) = plain_snapshot(&sh.dir, &path)?;
+            // Not the stored file: no ranges of it (older clients do not ask for any).
+            headers.retain(|(k, _)| k != "ETag" && k != "Accept-Ranges");
             headers.push(header("X-Repl-Encoding", "identity"));
             return Ok(Reply::new(
                 200,
@@ -403,13 +434,63 @@ pub(super) fn serve_snapshot(sh: &Shared, req: &Request) -> Result<Reply> {
         }
         headers.push(header("X-Repl-Encoding", codec_name(codec)));
     }
+    // A range applies only to the snapshot the client started (If-Range names it): another
+    // snapshot is served whole, from byte 0, so a client notices it changed and starts over.
+    let range = req
+        .header("Range")
+        .and_then(parse_range)
+        .filter(|_| req.header("If-Range").is_none_or(|t| t.trim() == etag));
+    let (status, offset, n) = match range {
+        None => (200, 0, len),
+        Some((first, _)) if first >= len => {
+            headers.push(header("Content-Range", format!("bytes */{len}")));
+            let msg = format!(
+                "the range starts at byte {first} but the snapshot has {len} bytes; \
+                 request it again without Range"
+            );
+            let mut r = Reply::error(416, &msg);
+            for (k, v) in headers.into_iter().skip(1) {
+                r = r.with_header(&k, v);
+            }
+            return Ok(r);
+        }
+        Some((first, last)) => {
+            let last = last.unwrap_or(len - 1).min(len - 1);
+            headers.push(header(
+                "Content-Range",
+                format!("bytes {first}-{last}/{len}"),
+            ));
+            (206, first, last - first + 1)
+        }
+    };
     Ok(Reply::new(
-        200,
+        status,
         headers,
         Body::File {
             file: std::sync::Arc::new(f),
-            offset: 0,
-            len,
+            offset,
+            len: n,
         },
     ))
+}
+
+#[cfg(test)]
+mod range_tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=10-"), Some((10, None)));
+        assert_eq!(parse_range("bytes=0-99"), Some((0, Some(99))));
+        for bad in [
+            "bytes=-5",
+            "bytes=5-1",
+            "items=1-",
+            "bytes=1-2,4-5",
+            "bytes=+1-",
+            "bytes=a-",
+        ] {
+            assert_eq!(parse_range(bad), None, "{bad}");
+        }
+    }
 }

@@ -73,8 +73,9 @@ pub use segment::{
     SEGMENT_VERSION,
 };
 pub use snapshot::{
-    copy_snapshot_plain, parse_snapshot_file_name, snapshot_file_name, stream_snapshot_file,
-    stream_snapshot_from,
+    copy_snapshot_plain, parse_snapshot_file_name, snapshot_entry_pgno, snapshot_etag,
+    snapshot_file_name, snapshot_header, stream_snapshot_file, stream_snapshot_from,
+    stream_snapshot_rest, SnapshotPrefix,
 };
 pub use verify::{GenerationRange, SnapshotInfo, VerifyReport};
 

@@ -6,13 +6,17 @@
 
 use super::checksum::DbChecksum;
 use super::meta::{now_ms, sync_dir, write_and_sync};
-use super::record::{encode_header, encode_record_with, record_len, validate_record};
+use super::record::{
+    decode_record_meta, encode_header, encode_record_with, record_len, validate_record,
+};
 use super::segment::{encode_segment_header, SegmentHeader, SegmentReader};
 use super::{Log, Page, Record, RecordMeta};
+use super::{RECORD_HEADER_LEN, RECORD_TRAILER_LEN, SEGMENT_HEADER_LEN};
 use crate::error::{Error, Result};
 use crate::types::{Generation, Lsn, PageNo};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use xxhash_rust::xxh3::Xxh3;
 
 /// `<lsn as 20 digits>-<generation as 10 digits>.snap`
 pub fn snapshot_file_name(lsn: Lsn, generation: Generation) -> String {
@@ -318,5 +322,274 @@ impl Log {
             Ok(())
         })?;
         Ok(Record { meta, pages })
+    }
+}
+
+/// A snapshot partly received (a bootstrap resumed, WAL.md §E.1): the validated record header
+/// and the first `entries` page entries, hashed as the record checksum and the database
+/// checksum need them. `stream_snapshot_rest` continues from `offset()` in the snapshot file.
+pub struct SnapshotPrefix {
+    pub meta: RecordMeta,
+    header: [u8; RECORD_HEADER_LEN],
+    hasher: Xxh3,
+    sums: DbChecksum,
+    entries: u32,
+}
+
+impl SnapshotPrefix {
+    /// From the 88 header bytes of a SNAPSHOT record (validated again: header checksum, fields).
+    pub fn new(header: &[u8]) -> Result<SnapshotPrefix> {
+        let (meta, _) = decode_record_meta(header)?;
+        if !meta.snapshot || header.len() != RECORD_HEADER_LEN {
+            return Err(Error::Corrupt(format!(
+                "record LSN {}: not the header of a SNAPSHOT record",
+                meta.lsn
+            )));
+        }
+        // The record checksum covers the bytes as stored: a compressed snapshot's prefix cannot
+        // be re-hashed from the decompressed pages on disk, so it is not resumed (it restarts).
+        let flags = u16::from_be_bytes([header[6], header[7]]);
+        if flags & super::FLAG_COMPRESSED != 0 {
+            return Err(Error::Unsupported(format!(
+                "record LSN {}: a compressed snapshot cannot be resumed; it starts over",
+                meta.lsn
+            )));
+        }
+        let mut hasher = Xxh3::new();
+        hasher.update(header);
+        Ok(SnapshotPrefix {
+            sums: DbChecksum::new(meta.page_size),
+            meta,
+            header: header.try_into().expect("checked length"),
+            hasher,
+            entries: 0,
+        })
+    }
+
+    /// The 88 header bytes.
+    pub fn header(&self) -> &[u8; RECORD_HEADER_LEN] {
+        &self.header
+    }
+
+    /// Page entries hashed so far.
+    pub fn entries(&self) -> u32 {
+        self.entries
+    }
+
+    /// The page number of entry `i` (0-based) of this snapshot: every page but the lock-byte one.
+    pub fn pgno_of(&self, i: u32) -> PageNo {
+        snapshot_entry_pgno(self.meta.page_size.lock_byte_page(), i)
+    }
+
+    /// Adds the next page entry (its page number is implied: `pgno_of(entries())`).
+    pub fn push(&mut self, data: &[u8]) -> Result<()> {
+        if self.entries >= self.meta.page_count || data.len() != self.meta.page_size.bytes() {
+            return Err(Error::Corrupt(format!(
+                "snapshot LSN {}: page entry {} does not fit the header ({} entries of {} bytes)",
+                self.meta.lsn, self.entries, self.meta.page_count, self.meta.page_size
+            )));
+        }
+        let pgno = self.pgno_of(self.entries);
+        self.hasher.update(&pgno.get().to_be_bytes());
+        self.hasher.update(data);
+        self.sums.set_page(pgno, data);
+        self.entries += 1;
+        Ok(())
+    }
+
+    /// Byte offset in the snapshot file (segment header included) where entry `entries()` starts.
+    pub fn offset(&self) -> u64 {
+        (SEGMENT_HEADER_LEN + RECORD_HEADER_LEN) as u64
+            + self.entries as u64 * (4 + self.meta.page_size.bytes() as u64)
+    }
+
+    /// Length of the whole snapshot file (segment header + the record).
+    pub fn file_len(&self) -> u64 {
+        SEGMENT_HEADER_LEN as u64
+            + super::record::record_len(self.meta.page_size, self.meta.page_count)
+    }
+
+    /// Identity of the snapshot for HTTP (`ETag`, `If-Range`): LSN, generation and the header
+    /// checksum, which covers the database checksum, the length and the capture time.
+    pub fn etag(&self) -> String {
+        snapshot_etag(&self.header)
+    }
+}
+
+/// `"<lsn>-<generation>-<header checksum as 16 hex digits>"` of a snapshot's record header
+/// (FORMAT.md §8.4): changes whenever the snapshot served changes.
+pub fn snapshot_etag(header: &[u8]) -> String {
+    let be = |a: usize, n: usize| {
+        header[a..a + n]
+            .iter()
+            .fold(0u64, |v, b| v << 8 | *b as u64)
+    };
+    format!(
+        "\"{}-{}-{:016x}\"",
+        be(16, 8),
+        be(24, 4),
+        be(RECORD_HEADER_LEN - 8, 8)
+    )
+}
+
+/// The 88-byte record header of a SNAPSHOT record with `meta` (as it was encoded: every field
+/// of the header is in `RecordMeta`).
+pub fn snapshot_header(meta: &RecordMeta) -> [u8; RECORD_HEADER_LEN] {
+    super::record::encode_header(
+        meta,
+        meta.page_count,
+        super::record::record_len(meta.page_size, meta.page_count),
+    )
+}
+
+/// Page number of entry `i` (0-based) of a SNAPSHOT record: pages in order, lock-byte page skipped.
+pub fn snapshot_entry_pgno(lock_byte: PageNo, i: u32) -> PageNo {
+    let p = i + 1;
+    let p = if p >= lock_byte.get() { p + 1 } else { p };
+    PageNo::new(p).expect("p >= 1")
+}
+
+/// Continues a snapshot from `prefix.offset()`: `r` yields the rest of the snapshot file (the
+/// remaining page entries and the trailer, nothing more). Every entry's page number is checked,
+/// the record checksum over header + all entries (the prefix's included) and the database
+/// checksum at the end: as with `stream_snapshot_from`, the pages are only trustworthy once
+/// this returns `Ok`.
+pub fn stream_snapshot_rest<R: Read>(
+    mut r: R,
+    name: &str,
+    mut prefix: SnapshotPrefix,
+    on_page: &mut dyn FnMut(PageNo, &[u8]) -> Result<()>,
+) -> Result<(RecordMeta, DbChecksum)> {
+    let meta = prefix.meta.clone();
+    let ps = meta.page_size.bytes();
+    let mut buf = vec![0u8; 4 + ps];
+    let io = |e: std::io::Error, at: u64| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Error::Corrupt(format!(
+                "snapshot {name}: cut short at offset {at} (the resumed part ends early)"
+            ))
+        } else {
+            Error::io(format!("reading snapshot {name} at offset {at}"), e)
+        }
+    };
+    while prefix.entries < meta.page_count {
+        let at = prefix.offset();
+        r.read_exact(&mut buf).map_err(|e| io(e, at))?;
+        let want = prefix.pgno_of(prefix.entries);
+        let raw = u32::from_be_bytes(buf[0..4].try_into().expect("4 bytes"));
+        if raw != want.get() {
+            return Err(Error::Corrupt(format!(
+                "snapshot {name}: record LSN {}: entry at offset {at} holds page {raw}, expected page {want}",
+                meta.lsn
+            )));
+        }
+        prefix.push(&buf[4..])?;
+        on_page(want, &buf[4..])?;
+    }
+    let mut trailer = [0u8; RECORD_TRAILER_LEN];
+    let at = prefix.offset();
+    r.read_exact(&mut trailer).map_err(|e| io(e, at))?;
+    let (stored, actual) = (u64::from_be_bytes(trailer), prefix.hasher.digest());
+    if stored != actual {
+        return Err(Error::Corrupt(format!(
+            "snapshot {name}: record LSN {}: record checksum mismatch (stored {stored:016x}, computed {actual:016x})",
+            meta.lsn
+        )));
+    }
+    let mut sums = prefix.sums;
+    sums.truncate(meta.commit_size);
+    if sums.total() != meta.db_checksum {
+        return Err(Error::Corrupt(format!(
+            "snapshot {name}: record LSN {}: database checksum mismatch (record says {}, pages give {})",
+            meta.lsn,
+            meta.db_checksum,
+            sums.total()
+        )));
+    }
+    Ok((meta, sums))
+}
+
+#[cfg(test)]
+mod resume_tests {
+    use super::*;
+    use crate::types::{Checksum, PageSize};
+
+    fn snap(pages: u32) -> Vec<u8> {
+        let ps = PageSize::new(512).unwrap();
+        let pages: Vec<Page> = (1..=pages)
+            .map(|p| Page {
+                pgno: PageNo::new(p).unwrap(),
+                data: vec![p as u8; 512],
+            })
+            .collect();
+        let sums = DbChecksum::from_pages(ps, pages.len() as u32, &pages);
+        let meta = RecordMeta {
+            lsn: Lsn(7),
+            generation: Generation(1),
+            snapshot: true,
+            page_size: ps,
+            commit_size: pages.len() as u32,
+            timestamp_ms: 1,
+            wal_salts: [0; 8],
+            wal_frame: 0,
+            wal_cksum: (0, 0),
+            db_checksum: Checksum(sums.total().0),
+            page_count: pages.len() as u32,
+        };
+        let mut b = encode_segment_header(&SegmentHeader {
+            first_lsn: Lsn(7),
+            created_ms: 1,
+        })
+        .to_vec();
+        b.extend_from_slice(&crate::txlog::encode_record(&Record { meta, pages }));
+        b
+    }
+
+    #[test]
+    fn resumes_at_any_entry_and_catches_a_bad_byte() {
+        let b = snap(10);
+        let hdr = &b[SEGMENT_HEADER_LEN..SEGMENT_HEADER_LEN + RECORD_HEADER_LEN];
+        for k in 0..=10u32 {
+            let mut p = SnapshotPrefix::new(hdr).unwrap();
+            for i in 0..k {
+                p.push(&[i as u8 + 1; 512]).unwrap();
+            }
+            let off = p.offset() as usize;
+            assert_eq!(p.file_len() as usize, b.len());
+            let mut got = Vec::new();
+            let (m, s) = stream_snapshot_rest(&b[off..], "t", p, &mut |pg, _| {
+                got.push(pg.get());
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(s.total(), m.db_checksum);
+            assert_eq!(got, (k + 1..=10).collect::<Vec<_>>());
+        }
+        // A flipped byte in the resumed part, and one in the prefix taken from disk.
+        let mut bad = b.clone();
+        let at = bad.len() - 100;
+        bad[at] ^= 0xff;
+        let mut p = SnapshotPrefix::new(hdr).unwrap();
+        p.push(&[1; 512]).unwrap();
+        let off = p.offset() as usize;
+        assert!(matches!(
+            stream_snapshot_rest(&bad[off..], "t", p, &mut |_, _| Ok(())),
+            Err(Error::Corrupt(_))
+        ));
+        let mut p = SnapshotPrefix::new(hdr).unwrap();
+        p.push(&[9; 512]).unwrap();
+        let off = p.offset() as usize;
+        assert!(stream_snapshot_rest(&b[off..], "t", p, &mut |_, _| Ok(())).is_err());
+        // Cut short.
+        let p = SnapshotPrefix::new(hdr).unwrap();
+        let off = p.offset() as usize;
+        assert!(stream_snapshot_rest(&b[off..b.len() - 3], "t", p, &mut |_, _| Ok(())).is_err());
+    }
+
+    #[test]
+    fn entry_numbers_skip_the_lock_byte_page() {
+        let lb = PageNo::new(5).unwrap();
+        let got: Vec<u32> = (0..6).map(|i| snapshot_entry_pgno(lb, i).get()).collect();
+        assert_eq!(got, vec![1, 2, 3, 4, 6, 7]);
     }
 }

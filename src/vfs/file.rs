@@ -279,7 +279,16 @@ unsafe extern "C" fn x_file_size(f: *mut sqlite3_file, out: *mut i64) -> c_int {
         // SAFETY: SQLite calls io methods only on files we opened.
         let s = unsafe { shim(f) };
         // SAFETY: forwarding.
-        unsafe { real_methods(s).xFileSize.expect("xFileSize")(s.real, out) }
+        let rc = unsafe { real_methods(s).xFileSize.expect("xFileSize")(s.real, out) };
+        if rc == ffi::SQLITE_OK && s.kind == Kind::MainDb {
+            // SAFETY: `out` was just written by the real xFileSize.
+            let size = unsafe { *out };
+            if size > 0 && s.db.as_ref().is_some_and(|d| d.shows_empty()) {
+                // SAFETY: as above; an unfinished bootstrap reads as the empty file it was.
+                unsafe { *out = 0 };
+            }
+        }
+        rc
     })
 }
 

@@ -73,6 +73,12 @@ pub trait DbHooks: Send + Sync {
     /// The connection behind `io` is about to release WRITE (`wal_synced`: every WAL write of
     /// this process has been synced).
     fn write_unlocking(&self, io: &dyn DbFileIo, w: Option<Witness>, wal_synced: bool);
+    /// True when the main database file must read as empty (size 0) to SQLite connections:
+    /// a replica's interrupted bootstrap holds pages of an unfinished snapshot in it, page 1
+    /// not written yet (WAL.md §E.1). Asked only when the file is not empty.
+    fn shows_empty(&self) -> bool {
+        false
+    }
     /// For the layer above, which knows the concrete type.
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
 }

@@ -18,10 +18,13 @@ and at a precise byte of its body. The behaviour is switched at runtime from the
 * ``stall(seconds)``   hold every response byte (of any response) for ``seconds`` from now,
                        then forward again; connections are still accepted
 * ``refuse()``         close new connections at once and the open ones at their next response
+* ``throttle(bps)``    forward every response body at about ``bps`` bytes per second (a slow
+                       link, so a test can act in the middle of a transfer); ``throttle(None)``
+                       lifts it. Independent of the modes above
 
 Matching responses (drop/truncate/flip): ``GET /v1/log`` answered 200 with ``X-Repl-Records``
 > 0 and a non-empty body, i.e. responses that carry records; with ``snapshots = True`` also
-``GET /v1/snapshot`` answered 200 with a body. ``count`` limits a fault to the
+``GET /v1/snapshot`` answered 200 or 206 (a range) with a body. ``count`` limits a fault to the
 next N matching responses (then the proxy goes back to pass by itself); ``None`` faults every
 matching response until the mode is switched.
 
@@ -30,7 +33,9 @@ response held — counted when the hold starts —, a connection refused), so a 
 fault really happened. ``responses`` counts responses forwarded intact, by path; ``unframed``
 counts responses without Content-Length (chunked ones are forwarded as they are, never
 faulted: the log server promises Content-Length framing, so a test asserts it stays 0).
-``log`` keeps the last events for failure messages.
+``body_bytes`` counts the body bytes sent to clients, by path (cut responses included), so a
+test can tell how much a resumed download transferred. ``log`` keeps the last events for
+failure messages.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ class FaultProxy:
         self.responses: collections.Counter[str] = collections.Counter()  # forwarded, by path
         self.log: collections.deque[str] = collections.deque(maxlen=200)
         self.unframed = 0  # responses without Content-Length (chunked): forwarded as they are
+        self.body_bytes: collections.Counter[str] = collections.Counter()  # sent, by path
+        self.rate: float | None = None  # throttle: body bytes per second
         self._conns: set[socket.socket] = set()
         self._closed = False
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -96,6 +103,20 @@ class FaultProxy:
             self._stall_until = time.monotonic() + seconds
             self._stall_path = path
         self._set("stall", seconds)
+
+    def throttle(self, bps: float | None) -> None:
+        self.rate = bps
+
+    def _send_body(self, client: socket.socket, path: str, body: bytes) -> None:
+        """Sends a body (counted in ``body_bytes``), at ``rate`` bytes/s when throttled."""
+        step = 256 * 1024
+        for i in range(0, len(body), step):
+            part = body[i : i + step]
+            client.sendall(part)
+            with self._lock:
+                self.body_bytes[path.split("?")[0]] += len(part)
+            if self.rate:
+                time.sleep(len(part) / self.rate)  # rate limiting, not synchronisation
 
     def refuse(self) -> None:
         self._set("refuse")
@@ -141,7 +162,7 @@ class FaultProxy:
                 return "pass", None
             log = path.startswith("/v1/log") and records > 0
             snap = self.snapshots and path.startswith("/v1/snapshot")
-            if not ((log or snap) and status == 200 and length > 0):
+            if not ((log or snap) and status in (200, 206 if snap else 200) and length > 0):
                 return "pass", None
             arg = self._arg
             if self._remaining is not None:
@@ -305,22 +326,27 @@ class FaultProxy:
                     return
                 self._hold(path)
                 kind, arg = self._claim(path, status, records, length)
-                while len(buf) < length:
-                    data = up.recv(65536)
+                chunks, have = [buf], len(buf)  # joined once: large bodies stay linear
+                while have < length:
+                    data = up.recv(1 << 20)
                     if not data:
                         break  # the server cut it short itself: pass that on
-                    buf += data
+                    chunks.append(data)
+                    have += len(data)
+                buf = b"".join(chunks)
                 body, buf = buf[:length], buf[length:]
                 if kind == "drop":
                     n = min(int(arg), length - 1)
-                    client.sendall(head + body[:n])
+                    client.sendall(head)
+                    self._send_body(client, path, body[:n])
                     self._count("drop", f"reset after {n} of {length} body bytes of {path}")
                     _reset(client)
                     self._forget(client, up)
                     return
                 if kind == "truncate":
                     n = length // 2 if arg is None else min(int(arg), length - 1)
-                    client.sendall(head + body[:n])
+                    client.sendall(head)
+                    self._send_body(client, path, body[:n])
                     self._count("truncate", f"closed after {n} of {length} body bytes of {path}")
                     client.shutdown(socket.SHUT_WR)
                     self._forget(client, up)
@@ -331,7 +357,8 @@ class FaultProxy:
                     self._count("flip", f"flipped body byte {k} of {length} of {path}")
                 with self._lock:
                     self.responses[path.split("?")[0]] += 1
-                client.sendall(head + body)
+                client.sendall(head)
+                self._send_body(client, path, body)
         except OSError:
             self._forget(client, up)
 
