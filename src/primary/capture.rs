@@ -171,6 +171,7 @@ impl Primary {
                 }
                 st.log_failures = 0;
                 st.snapshot_retry_after = None;
+                st.t3_retry_after = None;
                 if st.pos.lsn != before || st.pending {
                     if durable {
                         // The commit synced the WAL: everything captured so far is durable.
@@ -205,6 +206,10 @@ impl Primary {
                     // at every write lock (cheap); a gap snapshot only after a backoff
                     // (`new_generation`).
                     st.log_failures = st.log_failures.saturating_add(1);
+                    let wait = std::time::Duration::from_millis(50)
+                        .saturating_mul(1 << st.log_failures.min(7))
+                        .min(std::time::Duration::from_secs(5));
+                    st.t3_retry_after = Some(std::time::Instant::now() + wait);
                 }
             }
         }

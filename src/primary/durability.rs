@@ -47,7 +47,12 @@ impl Primary {
             let stable = moved && *last == Some(seen);
             *last = if moved { Some(seen) } else { None };
             drop(last);
-            if stable && self.agent.try_lock_write() {
+            // While the log cannot be written, retry from here only after a backoff: each try
+            // holds WRITE, which writers would meet as SQLITE_BUSY (T1 retries anyway).
+            let backing_off = lock(&self.state)
+                .t3_retry_after
+                .is_some_and(|t| std::time::Instant::now() < t);
+            if stable && !backing_off && self.agent.try_lock_write() {
                 if let Some(h) = read_header(&self.agent) {
                     let mut st = lock(&self.state);
                     self.capture(&mut st, &self.agent, &h, false, false);

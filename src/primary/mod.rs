@@ -111,6 +111,8 @@ struct Capture {
     /// No gap snapshot attempt before this (backoff after a failed one: it reads the whole
     /// database under WRITE, so not on every write lock).
     snapshot_retry_after: Option<Instant>,
+    /// No T3 capture attempt before this while the log cannot be written.
+    t3_retry_after: Option<Instant>,
     /// Records at or below the durable watermark were lost and not re-captured: the next
     /// capture starts a new generation past the watermark whatever the WAL shows (recover.rs).
     force_gap: Option<String>,
@@ -204,6 +206,7 @@ impl Primary {
             loaded: false,
             log_failures: 0,
             snapshot_retry_after: None,
+            t3_retry_after: None,
             force_gap: None,
             skip_shared_once: false,
         };
