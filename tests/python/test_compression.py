@@ -47,6 +47,14 @@ def write_pages(p: Worker, rounds: int, start: int = 0) -> None:
         ])
 
 
+def make_tables(p: Worker) -> None:
+    """The two tables write_pages fills."""
+    p.script([
+        "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)",
+        "CREATE TABLE blobs(id INTEGER PRIMARY KEY, b BLOB)",
+    ])
+
+
 def record_versions(data: bytes) -> list[int]:
     """The version field of each record in concatenated records (FORMAT.md §3.1)."""
     out, at = [], 0
@@ -77,10 +85,7 @@ def get(url: str, accept: str | None) -> tuple[dict, bytes]:
 def test_replicas_over_http_and_directory_end_byte_identical(tmp, codec):
     p, url = start_serving_primary(tmp / "p.db")
     try:
-        p.script([
-            "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)",
-            "CREATE TABLE blobs(id INTEGER PRIMARY KEY, b BLOB)",
-        ])
+        make_tables(p)
         assert p.one("SELECT repl_config('compress', ?)", [codec]) == codec
         assert p.one("SELECT repl_config('compress')") == codec
         write_pages(p, 12)
@@ -118,10 +123,7 @@ def test_compressed_snapshot_serves_both_clients_and_bootstraps(tmp):
     """A snapshot written while compression is on (a maintenance pass after enough log)."""
     p, url = start_serving_primary(tmp / "p.db")
     try:
-        p.script([
-            "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)",
-            "CREATE TABLE blobs(id INTEGER PRIMARY KEY, b BLOB)",
-        ])
+        make_tables(p)
         p.one("SELECT repl_config('compress', 'zstd')")
         p.one("SELECT repl_config('snapshot_bytes', 65536)")
         write_pages(p, 30)
@@ -155,10 +157,7 @@ def test_flipped_byte_in_compressed_record_is_refused_nothing_applied(tmp):
     p, url = start_serving_primary(tmp / "p.db")
     proxy = FaultProxy(int(url.rsplit(":", 1)[1]))
     try:
-        p.script([
-            "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)",
-            "CREATE TABLE blobs(id INTEGER PRIMARY KEY, b BLOB)",
-        ])
+        make_tables(p)
         p.one("SELECT repl_config('compress', 'zstd')")
         write_pages(p, 2)
         with Worker(tmp / "r.db") as r:
@@ -201,10 +200,7 @@ def test_follower_on_the_event_loop_client_reads_compressed_records(tmp):
     """repl_follow() long-polls through the engine's own client (not ureq): same negotiation."""
     p, url = start_serving_primary(tmp / "p.db")
     try:
-        p.script([
-            "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)",
-            "CREATE TABLE blobs(id INTEGER PRIMARY KEY, b BLOB)",
-        ])
+        make_tables(p)
         p.one("SELECT repl_config('compress', 'lz4')")
         with Worker(tmp / "r.db") as r:
             r.one("SELECT repl_follow(?, 200)", [url])
@@ -231,10 +227,7 @@ def test_an_older_build_bootstraps_and_follows_a_compressing_primary_over_http(t
     old = {"REPLICA_EXT": os.environ["REPL_OLD_EXT"]}
     p, url = start_serving_primary(tmp / "p.db", env={"REPL_MAINTENANCE_MS": "50"})
     try:
-        p.script([
-            "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)",
-            "CREATE TABLE blobs(id INTEGER PRIMARY KEY, b BLOB)",
-        ])
+        make_tables(p)
         p.one("SELECT repl_config('compress', 'zstd')")
         p.one("SELECT repl_config('snapshot_bytes', 65536)")
         write_pages(p, 30)

@@ -115,24 +115,24 @@ def start_server(db):
     return proc, int(line.strip().rsplit(":", 1)[1])
 
 
-@pytest.fixture()
-def server(big_primary):
-    proc, port = start_server(big_primary[0])
+def served(db):
+    """`sqlite-replica serve db` for one test: yields its port."""
+    proc, port = start_server(db)
     try:
         yield port
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture()
+def server(big_primary):
+    yield from served(big_primary[0])
 
 
 @pytest.fixture()
 def small_server(small_primary):
-    proc, port = start_server(small_primary[0])
-    try:
-        yield port
-    finally:
-        proc.kill()
-        proc.wait()
+    yield from served(small_primary[0])
 
 
 def test_http_bootstrap_streams(big_primary, server, tmp_path):
