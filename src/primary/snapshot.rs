@@ -151,14 +151,7 @@ impl Primary {
         if h.mx_frame > 0 {
             let f = self.wal_file(st)?;
             let hdr = self.wal_header(st, h.salts)?;
-            let mut reader = FrameReader::new(&*f, &hdr, 1, hdr.cksum);
-            while reader.next_frame_no() <= h.mx_frame {
-                let fr = reader.next_frame()?.ok_or_else(|| {
-                    Error::Corrupt(format!("WAL ends before published frame {}", h.mx_frame))
-                })?;
-                wal_pages.insert(fr.header.pgno, fr.frame_no);
-            }
-            frame_cksum = reader.running();
+            (wal_pages, frame_cksum) = newest_frames(&f, &hdr, 1, hdr.cksum, h.mx_frame)?;
             ps = Some(hdr.page_size);
             f_opt = Some(f);
         }
@@ -216,6 +209,27 @@ impl Primary {
         st.page_size = Some(ps);
         Ok((meta, path))
     }
+}
+
+/// The newest frame of every page among frames `start..=upto` of the WAL `f` (`hdr` its header,
+/// `running` the checksum chain before `start`), every frame's checksum verified, and the
+/// running checksum after `upto`.
+fn newest_frames(
+    f: &std::fs::File,
+    hdr: &wal::WalHeader,
+    start: u32,
+    running: (u32, u32),
+    upto: u32,
+) -> Result<(BTreeMap<u32, u32>, (u32, u32))> {
+    let mut newest = BTreeMap::new();
+    let mut reader = FrameReader::new(f, hdr, start, running);
+    while reader.next_frame_no() <= upto {
+        let fr = reader
+            .next_frame()?
+            .ok_or_else(|| Error::Corrupt(format!("WAL ends before published frame {upto}")))?;
+        newest.insert(fr.header.pgno, fr.frame_no);
+    }
+    Ok((newest, reader.running()))
 }
 
 /// The generation of the durable watermark (0 when there is none).
@@ -323,18 +337,13 @@ impl Primary {
         } else {
             (1, hdr.cksum)
         };
-        let mut latest: BTreeMap<u32, u32> = BTreeMap::new();
-        let mut reader = FrameReader::new(&*f, &hdr, start, running);
-        while reader.next_frame_no() <= q.mx_frame {
-            let fr = reader.next_frame()?.ok_or_else(|| {
+        let (latest, running) =
+            newest_frames(&f, &hdr, start, running, q.mx_frame).map_err(|e| {
                 Error::Corrupt(format!(
-                    "the WAL ends before frame {} while following the first snapshot; retry repl_primary()",
-                    q.mx_frame
+                    "{e}, while following the first snapshot; retry repl_primary()"
                 ))
             })?;
-            latest.insert(fr.header.pgno, fr.frame_no);
-        }
-        if reader.running() != q.frame_cksum {
+        if running != q.frame_cksum {
             return Err(Error::Corrupt(
                 "the WAL after the first snapshot does not chain to the current header; retry repl_primary()"
                     .into(),
