@@ -105,6 +105,10 @@ impl DbHooks for Db {
         self.primary().map(|p| p.on_write_locked(io))
     }
 
+    fn wal_restarting(&self) -> bool {
+        self.primary().is_none_or(|p| p.before_wal_restart())
+    }
+
     fn write_unlocking(&self, io: &dyn DbFileIo, w: Option<Witness>, wal_synced: bool) {
         if let Some(p) = self.primary() {
             p.on_write_unlocking(io, w, wal_synced);

@@ -110,7 +110,10 @@ impl Drop for SharedWords {
 /// Test fault injection: `REPL_FAULT_KILL_AT=<point>:<n>` makes the process `SIGKILL` itself the
 /// `n`-th time (counting from 1) it reaches `point`. Read once; without the variable every
 /// call is one relaxed load. Points: `between-header-copies` (a wal-index publish with copy 2
-/// written and copy 1 not, WAL.md §G15 (c)).
+/// written and copy 1 not, WAL.md §G15 (c)); the asynchronous capture's `t2-before-claim`
+/// (committed, not claimed), `t2-after-claim`, `append-before-records`, `append-after-record`
+/// (each record of a pass), `append-before-position` (records in the log, position file
+/// behind) and `restart-before-append` (the restart hook, before it appends).
 pub fn fault_point(point: &str) {
     use std::sync::atomic::{AtomicU64, Ordering};
     static HITS: AtomicU64 = AtomicU64::new(0);

@@ -19,38 +19,74 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 impl Primary {
-    /// Adopt records appended by other processes (call with WRITE held).
+    /// Adopt records appended by other processes, then append every claimed transaction the
+    /// log lacks (the append lock held; WRITE held, or the claimed frames are kept by the
+    /// restart hook: see `append`).
     pub(super) fn sync_shared(
         &self,
         st: &mut Capture,
         h: &WalIndexHeader,
         force: bool,
     ) -> Result<()> {
-        // Every appender rewrites the position file right after appending, so an unchanged
-        // position file means nobody else appended: skip the log re-scan (the commit path).
-        // A process that died between its append and its position write leaves a record our
-        // handle does not know, and the append flag set: `capture` then passes `force`.
-        if !force && std::mem::take(&mut st.skip_shared_once) {
-            return Ok(());
-        }
         let fp = self.read_position();
-        if !force && st.loaded && fp == Some(st.pos) {
+        let claim = self.read_claim();
+        let claim_ahead = |st: &Capture| {
+            claim.is_some_and(|c| c.generation == st.pos.generation && c.lsn > st.pos.lsn)
+        };
+        if !force && st.loaded && fp == Some(st.pos) && !claim_ahead(st) {
             return Ok(());
         }
-        let new = st.log.refresh_for_append()?;
-        for r in &new {
-            apply_to_sums(&mut st.sums, r);
-            st.pos = Position::from_meta(&r.meta);
-            st.page_size = Some(r.meta.page_size);
+        if force || fp != Some(st.pos) {
+            let new = st.log.refresh_for_append()?;
+            for r in &new {
+                apply_to_sums(&mut st.sums, r);
+                st.pos = Position::from_meta(&r.meta);
+                st.page_size = Some(r.meta.page_size);
+            }
+            if let Some(fp) = fp {
+                if fp.lsn == st.pos.lsn && fp.generation == st.pos.generation {
+                    st.pos = fp;
+                } else if fp.lsn > st.pos.lsn && fp.generation >= st.pos.generation {
+                    // The position file names records the log does not hold: its tail was
+                    // lost or torn (recover.rs).
+                    self.recover_lost_tail(st, fp, h, false)?;
+                    self.check_served_tail(st);
+                }
+            }
         }
-        if let Some(fp) = fp {
-            if fp.lsn == st.pos.lsn && fp.generation == st.pos.generation {
-                st.pos = fp;
-            } else if fp.lsn > st.pos.lsn && fp.generation >= st.pos.generation {
-                // The position file names records the log does not hold: its tail was lost
-                // or torn (recover.rs).
-                self.recover_lost_tail(st, fp, h)?;
-                self.check_served_tail(st);
+        if claim_ahead(st) {
+            // Committed and claimed (the fast T2), not appended yet: append them now, from
+            // the WAL, under the LSNs claimed (checked: the frames must chain to the claim).
+            let c = claim.expect("claim_ahead");
+            // `h` may predate the claim (an append pass reads it first): a header read now,
+            // after the claim, shows at least the claimed frames.
+            let fresh;
+            let h = if c.salts == h.salts && c.frame <= h.mx_frame {
+                h
+            } else if let Some(x) = read_header(&self.agent) {
+                fresh = x;
+                &fresh
+            } else {
+                h
+            };
+            let flag = self.append_flag();
+            if let Some(f) = flag {
+                f.store(std::process::id().max(1), Ordering::Release);
+            }
+            let before = st.pos.lsn;
+            crate::sys::fault_point("append-before-records");
+            self.recover_lost_tail(st, c, h, true)?;
+            // Not provable from the WAL (a writer without the extension restarted it over
+            // them): the capture under WRITE answers with a gap; appenders stop trying.
+            st.unprovable = (st.pos.lsn == before).then_some(c);
+            if st.pos.lsn != before {
+                st.captured_txns += st.pos.lsn.0 - before.0;
+                crate::sys::fault_point("append-before-position");
+                self.save_position(st)?;
+                st.pending = true;
+            }
+            if let Some(f) = flag {
+                f.store(0, Ordering::Release);
             }
         }
         Ok(())
@@ -62,8 +98,13 @@ impl Primary {
             return T1Witness {
                 caught_up: false,
                 refuse: false,
+                change: 0,
+                fast: false,
             }; // recovery about to run; T2 handles it
         };
+        if let Some(w) = self.fast_write_locked(&h) {
+            return w;
+        }
         let mut st = lock(&self.state);
         self.capture(&mut st, io, &h, false, false);
         // Caught up = the position is the header: anything this WRITE session publishes is
@@ -86,13 +127,21 @@ impl Primary {
         // restart while this holds), so refuse further writes until the log catches up.
         let refuse = !caught_up && st.log_failures > 0;
         if refuse {
-            log_event(&format!(
-                "event=write_refused db={:?} reason=\"the replication log cannot be written\" error={:?}",
-                self.db_path,
-                st.last_error.clone().unwrap_or_default()
-            ));
+            self.log_refusal(&st.last_error.clone().unwrap_or_default());
         }
-        T1Witness { caught_up, refuse }
+        T1Witness {
+            caught_up,
+            refuse,
+            change: h.change,
+            fast: false,
+        }
+    }
+
+    pub(super) fn log_refusal(&self, error: &str) {
+        log_event(&format!(
+            "event=write_refused db={:?} reason=\"the replication log cannot be written\" error={error:?}",
+            self.db_path,
+        ));
     }
 
     /// T2: the connection holding WRITE is about to release it.
@@ -102,10 +151,14 @@ impl Primary {
                 Some("wal-index header invalid at write-lock release".into());
             return;
         };
+        if w.is_some_and(|w| w.fast && self.fast_write_unlocking(&h, &w)) {
+            return;
+        }
         let witnessed = w.is_some_and(|w| w.caught_up);
         let mut st = lock(&self.state);
-        // Nobody else can have appended since T1: we held WRITE all along.
-        st.skip_shared_once = witnessed;
+        // Nobody else can have appended since a slow T1: we held WRITE all along. (A fast T1
+        // did not look at the log: claimed records may wait for their append.)
+        st.skip_shared_once = witnessed && !w.is_some_and(|w| w.fast);
         self.capture(&mut st, io, &h, witnessed, witnessed && wal_synced);
         // Our own intent (or a dead session's, resolved by this capture) is done with once the
         // position is the header; if capture failed it stays, and the next WRITE holder treats
@@ -122,6 +175,13 @@ impl Primary {
         witnessed: bool,
         durable: bool,
     ) {
+        let _append = match self.append_lock() {
+            Ok(g) => g,
+            Err(e) => {
+                st.last_error = Some(e.to_string());
+                return;
+            }
+        };
         if let Err(e) = self.ensure_loaded(st, io, h) {
             st.last_error = Some(e.to_string());
             log_event(&format!(
@@ -138,13 +198,15 @@ impl Primary {
         let flag = self.append_flag();
         let died_mid_append = flag.is_none_or(|f| f.load(Ordering::Acquire) != 0);
         st.log.trust_tail(flag.is_some());
-        if let Err(e) = self.sync_shared(st, h, died_mid_append) {
-            st.last_error = Some(e.to_string());
-            log_event(&format!(
-                "event=capture_error db={:?} error={:?}",
-                self.db_path,
-                e.to_string()
-            ));
+        let claim_before = self.read_claim();
+        let synced = self.sync_shared(st, h, died_mid_append);
+        // A witnessed session's frames follow the claim its T1 saw: if that claim could not
+        // be appended (its frames are gone), what follows the log's tail is not ours alone.
+        let witnessed = witnessed
+            && claim_before
+                .is_none_or(|c| c.lsn == st.pos.lsn && c.generation == st.pos.generation);
+        if let Err(e) = synced {
+            self.capture_failed(st, e);
             return;
         }
         if let Some(f) = flag {
@@ -170,8 +232,11 @@ impl Primary {
                     ));
                 }
                 st.log_failures = 0;
+                self.append_failing.store(false, Ordering::Release);
                 st.snapshot_retry_after = None;
                 st.t3_retry_after = None;
+                // Everything committed is in the log: the claim is the position again.
+                self.publish_claim(st);
                 if st.pos.lsn != before || st.pending {
                     if durable {
                         // The commit synced the WAL: everything captured so far is durable.
@@ -190,28 +255,29 @@ impl Primary {
                     }
                 }
             }
-            Err(e) => {
-                st.last_error = Some(e.to_string());
-                log_event(&format!(
-                    "event=capture_error db={:?} error={:?}",
-                    self.db_path,
-                    e.to_string()
-                ));
-                // A failed append (or snapshot) may have left the per-page checksums, and
-                // `pos`, ahead of what the log holds: rebuild both from the log (the truth) at
-                // the next capture instead of stamping later records with a wrong checksum.
-                st.loaded = false;
-                if matches!(e, Error::Io { .. }) {
-                    // Writes are refused (T1) until a capture succeeds. An append is retried
-                    // at every write lock (cheap); a gap snapshot only after a backoff
-                    // (`new_generation`).
-                    st.log_failures = st.log_failures.saturating_add(1);
-                    let wait = std::time::Duration::from_millis(50)
-                        .saturating_mul(1 << st.log_failures.min(7))
-                        .min(std::time::Duration::from_secs(5));
-                    st.t3_retry_after = Some(std::time::Instant::now() + wait);
-                }
-            }
+            Err(e) => self.capture_failed(st, e),
+        }
+    }
+
+    fn capture_failed(&self, st: &mut Capture, e: Error) {
+        st.last_error = Some(e.to_string());
+        log_event(&format!(
+            "event=capture_error db={:?} error={:?}",
+            self.db_path,
+            e.to_string()
+        ));
+        // A failed append (or snapshot) may have left the per-page checksums, and `pos`, ahead
+        // of what the log holds: rebuild both from the log (the truth) at the next capture
+        // instead of stamping later records with a wrong checksum.
+        st.loaded = false;
+        if matches!(e, Error::Io { .. }) {
+            // Writes are refused (T1) until a capture succeeds. An append is retried at every
+            // write lock (cheap); a gap snapshot only after a backoff (`new_generation`).
+            st.log_failures = st.log_failures.saturating_add(1);
+            let wait = std::time::Duration::from_millis(50)
+                .saturating_mul(1 << st.log_failures.min(7))
+                .min(std::time::Duration::from_secs(5));
+            st.t3_retry_after = Some(std::time::Instant::now() + wait);
         }
     }
 

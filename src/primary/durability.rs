@@ -15,6 +15,7 @@ impl Primary {
     /// flight (its fsyncs take milliseconds, and a process exiting right after its last close
     /// would kill that round before its raise) or when the position came from other processes.
     pub fn flush(&self) {
+        self.append_now();
         {
             let mut st = lock(&self.state);
             if st.durable >= st.pos.lsn {
@@ -33,10 +34,21 @@ impl Primary {
         // consecutive ticks: taking WRITE here can make an application's write fail with
         // SQLITE_BUSY if it has no busy timeout, so never take it on a transient.
         if let Some(h) = read_header(&self.agent) {
-            let shared = self.read_position();
+            // The claim: the position including committed transactions waiting for their
+            // append (append.rs), which this kicks (a process that claimed them may be gone).
+            let unprovable = match self.claim_state() {
+                Some(false) => {
+                    self.kick_appender();
+                    false
+                }
+                Some(true) => true,
+                None => false,
+            };
+            let shared = self.read_claim().or_else(|| self.read_position());
             let loaded = lock(&self.state).loaded;
-            let moved =
-                !loaded || shared.is_none_or(|p| p.salts != h.salts || p.frame != h.mx_frame);
+            let moved = !loaded
+                || unprovable
+                || shared.is_none_or(|p| p.salts != h.salts || p.frame != h.mx_frame);
             let seen = (
                 h.salts,
                 h.mx_frame,

@@ -57,6 +57,10 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "compress",
         "store new log records and snapshots compressed: 'none', 'zstd', 'lz4' or a zstd level 1..19 (config.json: 0 none, 1..19 zstd level, 100 lz4)",
     ),
+    (
+        "capture_lag_max",
+        "the most committed transactions the log may lag behind the WAL (1..=1000000): beyond it the next writer appends them itself, or, when the log cannot be written (disk full), writes fail with SQLITE_FULL",
+    ),
 ];
 
 const CONFIG_FILE: &str = "config.json";
@@ -72,6 +76,7 @@ fn get(p: &Policy, name: &str) -> Option<u64> {
         "exec_max_rows" => p.exec_max_rows,
         "exec_max_bytes" => p.exec_max_bytes,
         "compress" => p.compress,
+        "capture_lag_max" => p.capture_lag_max,
         _ => return None,
     })
 }
@@ -155,6 +160,14 @@ fn apply(p: &mut Policy, name: &str, v: u64) -> Result<()> {
                 )));
             }
             p.exec_timeout_ms = v
+        }
+        "capture_lag_max" => {
+            if !(1..=1_000_000).contains(&v) {
+                return Err(Error::Misuse(format!(
+                    "repl_config(): capture_lag_max must be between 1 and 1000000, not {v}"
+                )));
+            }
+            p.capture_lag_max = v
         }
         "exec_max_rows" => p.exec_max_rows = v,
         "exec_max_bytes" => p.exec_max_bytes = v,
@@ -257,6 +270,10 @@ impl Primary {
     /// Makes this process's log follow `policy` now (the roll size; the rest is read by each
     /// pass). `repl_config()` calls it so a change applies to the next append at once.
     pub fn apply_policy(&self, policy: &Policy) {
+        self.lag_max.store(
+            policy.capture_lag_max.max(1),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let mut st = lock(&self.state);
         let cfg = LogConfig {
             segment_bytes: policy.segment_bytes,

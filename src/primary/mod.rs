@@ -68,6 +68,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+mod append;
 mod capture;
 mod durability;
 pub(crate) mod exec;
@@ -116,6 +117,8 @@ struct Capture {
     /// Records at or below the durable watermark were lost and not re-captured: the next
     /// capture starts a new generation past the watermark whatever the WAL shows (recover.rs).
     force_gap: Option<String>,
+    /// A claim whose frames the WAL no longer holds (see `append`).
+    unprovable: Option<Position>,
 }
 
 pub struct Primary {
@@ -144,6 +147,21 @@ pub struct Primary {
     t3_seen: Mutex<Option<T3Seen>>,
     /// The HTTP server of this primary's log, when `repl_primary('addr')` started one here.
     server: Mutex<Option<crate::transport::server::Server>>,
+    /// The commit path may use the shared claim alone (`capture`: the fast T1/T2): this
+    /// process loaded the state once, and no new generation is owed.
+    fast: AtomicBool,
+    /// An append pass is queued or lingering on the workers: T2 need not wake them.
+    append_scheduled: AtomicBool,
+    /// Consecutive append passes that found nothing to do (the pass stops lingering).
+    append_idle: std::sync::atomic::AtomicU32,
+    /// Held by an append pass of the shared workers (`detach` waits for it).
+    append_busy: Mutex<()>,
+    /// `<dir>/append.lock`, flocked by whoever appends to the log (any process).
+    append_lockf: once_cell::sync::OnceCell<File>,
+    /// `capture_lag_max` of the policy.
+    lag_max: std::sync::atomic::AtomicU64,
+    /// The last append pass failed with an I/O error (disk full...).
+    append_failing: AtomicBool,
 }
 
 type T3Seen = ([u8; 8], u32, u32, Option<(Lsn, u32)>);
@@ -208,6 +226,7 @@ impl Primary {
             snapshot_retry_after: None,
             t3_retry_after: None,
             force_gap: None,
+            unprovable: None,
             skip_shared_once: false,
         };
         let durable_file = crate::txlog::DurableFile::open(&dir)?;
@@ -224,6 +243,13 @@ impl Primary {
             init_write_held: AtomicBool::new(false),
             t3_seen: Mutex::new(None),
             server: Mutex::new(None),
+            fast: AtomicBool::new(false),
+            append_scheduled: AtomicBool::new(false),
+            append_idle: std::sync::atomic::AtomicU32::new(0),
+            append_busy: Mutex::new(()),
+            append_lockf: once_cell::sync::OnceCell::new(),
+            lag_max: std::sync::atomic::AtomicU64::new(policy.capture_lag_max.max(1)),
+            append_failing: AtomicBool::new(false),
             posf: once_cell::sync::OnceCell::new(),
             durable_file,
             file_id: file_identity(db_path),
@@ -286,7 +312,13 @@ impl Primary {
         let r = match read_header(&self.agent) {
             Some(h) => {
                 let mut st = lock(&self.state);
-                self.ensure_loaded(&mut st, &self.agent, &h)
+                self.append_lock().and_then(|_g| {
+                    self.ensure_loaded(&mut st, &self.agent, &h)?;
+                    // Claims left by a process that died before their append: in the log now.
+                    self.sync_shared(&mut st, &h, false)?;
+                    self.publish_claim(&st);
+                    Ok(())
+                })
             }
             None => Err(Error::Other(
                 "the wal-index is not initialised; is the database in WAL mode?".into(),
@@ -384,7 +416,7 @@ impl Primary {
             } else if fp.lsn > pos.lsn && fp.generation >= pos.generation {
                 // The log lost its tail (OS crash before the group fsync, or a torn tail
                 // truncated just now): re-capture it from the WAL, under the same LSNs.
-                self.recover_lost_tail(st, fp, h)?;
+                self.recover_lost_tail(st, fp, h, false)?;
             }
         }
         self.check_served_tail(st);

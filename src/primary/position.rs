@@ -81,6 +81,8 @@ pub(super) const INTENT_WORD: usize = 16;
 pub(super) const INTENT_WORDS: usize = 10;
 /// Bytes 128..132: non-zero (a pid) while a capture may be appending to the log.
 pub(super) const APPEND_FLAG_WORD: usize = 32;
+/// Bytes 160..200: the claim, encoded like the position (its checksum tells a torn copy).
+pub(super) const CLAIM_WORD: usize = 40;
 
 /// "A write session of ours is open and was caught up at this WAL position" (see the module
 /// doc). Written by T1 after its catch-up, cleared once a capture under WRITE has the
@@ -232,6 +234,39 @@ impl super::Primary {
             std::hint::spin_loop();
         }
         None
+    }
+
+    /// The claim (see the module doc of `primary`): the capture position including the
+    /// transactions committed but not yet appended. Written only by WRITE holders; read
+    /// lock-free by appenders (a torn copy fails its checksum and the read is retried).
+    pub(super) fn read_claim(&self) -> Option<Position> {
+        let f = self.position_file().ok()?;
+        let w = &f.map.words()[CLAIM_WORD..CLAIM_WORD + POSITION_LEN / 4];
+        for _ in 0..8 {
+            let mut b = [0u8; POSITION_LEN];
+            for (i, c) in b.chunks_exact_mut(4).enumerate() {
+                c.copy_from_slice(&w[i].load(Ordering::Acquire).to_ne_bytes());
+            }
+            if let Some(p) = Position::decode(&b) {
+                return Some(p);
+            }
+            std::hint::spin_loop();
+        }
+        None
+    }
+
+    /// Store the claim (WRITE held, or the caller otherwise excludes claim writers). Memory
+    /// stores only: this is the whole of the commit path's bookkeeping.
+    pub(super) fn store_claim(&self, p: &Position) {
+        if let Ok(f) = self.position_file() {
+            let w = &f.map.words()[CLAIM_WORD..CLAIM_WORD + POSITION_LEN / 4];
+            for (slot, c) in w.iter().zip(p.encode().chunks_exact(4)) {
+                slot.store(
+                    u32::from_ne_bytes(c.try_into().expect("4 bytes")),
+                    Ordering::Release,
+                );
+            }
+        }
     }
 
     pub(super) fn save_position(&self, st: &Capture) -> Result<()> {

@@ -19,15 +19,18 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 
 impl Primary {
-    /// With WRITE held, after the log was re-read into `st` (`st.pos` = its last record): if
-    /// the position file `fp` is ahead of it, re-capture the missing records from the WAL
-    /// (event `log_tail_repaired`), or log `log_tail_lost` and leave `st.pos` at the log's
-    /// tail (then the gap rule applies). Errors are I/O errors on the log only.
+    /// With the append lock held, after the log was re-read into `st` (`st.pos` = its last
+    /// record): if the position file `fp` is ahead of it, re-capture the missing records from
+    /// the WAL (event `log_tail_repaired`), or log `log_tail_lost` and leave `st.pos` at the
+    /// log's tail (then the gap rule applies). Errors are I/O errors on the log only.
+    /// `claimed`: `fp` is the claim (transactions committed, not appended yet: the
+    /// asynchronous append, no repair event); the same proof applies.
     pub(super) fn recover_lost_tail(
         &self,
         st: &mut Capture,
         fp: Position,
         h: &WalIndexHeader,
+        claimed: bool,
     ) -> Result<()> {
         if fp.lsn <= st.pos.lsn {
             return Ok(());
@@ -37,16 +40,27 @@ impl Primary {
             Ok(records) => {
                 let mut appended = 0;
                 for r in &records {
-                    if let Err(e) = st.log.append(r) {
+                    let injected = crate::sys::fault_fails("log-append").then(|| {
+                        crate::error::Error::io(
+                            "appending to the log (REPL_FAULT_FAIL_AT)",
+                            std::io::Error::other("injected failure"),
+                        )
+                    });
+                    if let Some(e) = injected.map_or_else(|| st.log.append(r).err(), Some) {
                         // Some records are in the log: adopt exactly those (the log is the
                         // truth), and rebuild the checksums from it at the next capture.
                         st.loaded = false;
                         return Err(e);
                     }
                     appended += 1;
+                    crate::sys::fault_point("append-after-record");
+                }
+                st.pos = fp;
+                if claimed {
+                    // The ordinary asynchronous append of claimed transactions.
+                    return Ok(());
                 }
                 st.captured_txns += appended;
-                st.pos = fp;
                 if let Some((served, _)) = self.durable_file.read().filter(|d| d.0 > tail.lsn) {
                     // Not a crash artefact: records that were fsynced (and may have been
                     // served) were damaged or lost. Repaired, but a person should know.

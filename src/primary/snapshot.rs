@@ -286,6 +286,7 @@ impl Primary {
                 Error::Other("the wal-index header became invalid during the first snapshot".into())
             })?;
             let mut st = super::lock(&self.state);
+            let _append = self.append_lock()?;
             st.pos = Position::from_meta(&meta);
             let mut delta = 0;
             if (q.salts, q.mx_frame) != (p.salts, p.mx_frame) {
@@ -298,6 +299,7 @@ impl Primary {
             self.save_position(&st)?;
             Log::write_durable(&self.dir, Lsn(0), Generation(1))?;
             st.loaded = true;
+            self.publish_claim(&st);
             Ok(delta)
         })();
         drop(pin);

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 impl Primary {
     /// The latest LSN (refreshed from the shared position if another process moved it).
     pub fn lsn(&self) -> Lsn {
+        // "repl_lsn() = N" means record N is in the log: append what is claimed first.
+        self.append_now();
         let st = lock(&self.state);
         let mine = st.pos.lsn;
         drop(st);
@@ -18,8 +20,22 @@ impl Primary {
 
     /// Database checksum at the current LSN.
     pub fn checksum(&self) -> Result<(Lsn, Checksum)> {
+        self.append_now();
         let stale = {
-            let st = lock(&self.state);
+            let mut st = lock(&self.state);
+            let stale = !st.loaded || self.read_position().is_some_and(|p| p.lsn > st.pos.lsn);
+            if stale && st.log.latest_snapshot(None)?.is_some() {
+                // The log is the truth and the append lock keeps it still: no WRITE needed
+                // (the caller may hold it itself, in an open write transaction).
+                if let Some(h) = read_header(&self.agent) {
+                    let _g = self.append_lock()?;
+                    if !st.loaded {
+                        self.load_state(&mut st, &h)?;
+                        st.loaded = true;
+                    }
+                    self.sync_shared(&mut st, &h, true)?;
+                }
+            }
             !st.loaded || self.read_position().is_some_and(|p| p.lsn > st.pos.lsn)
         };
         if stale {
@@ -35,8 +51,10 @@ impl Primary {
             let r = match read_header(&self.agent) {
                 Some(h) => {
                     let mut st = lock(&self.state);
-                    self.ensure_loaded(&mut st, &self.agent, &h)
-                        .and_then(|_| self.sync_shared(&mut st, &h, true))
+                    self.append_lock().and_then(|_g| {
+                        self.ensure_loaded(&mut st, &self.agent, &h)
+                            .and_then(|_| self.sync_shared(&mut st, &h, true))
+                    })
                 }
                 None => Err(Error::Other("the wal-index is not initialised".into())),
             };
@@ -48,6 +66,7 @@ impl Primary {
     }
 
     pub fn status_json(&self) -> serde_json::Value {
+        self.append_now();
         let st = lock(&self.state);
         let durable = Log::read_durable(&self.dir)
             .ok()

@@ -46,6 +46,9 @@ fn t3_interval(primaries: usize) -> Duration {
 #[derive(Default)]
 struct Queue {
     primaries: Vec<Weak<Primary>>,
+    /// Append passes (asynchronous capture, `append.rs`): before rounds, which wait for them.
+    appends: VecDeque<Weak<Primary>>,
+    delayed_appends: Vec<(Instant, Weak<Primary>)>,
     ready: VecDeque<Weak<Primary>>,
     delayed: Vec<(Instant, Weak<Primary>)>,
     next_t3: Option<Instant>,
@@ -90,6 +93,20 @@ pub(super) fn schedule(p: &Weak<Primary>) {
     SHARED.cv.notify_one();
 }
 
+/// Asks for an append pass of `p` as soon as a worker is free.
+pub(super) fn schedule_append(p: &Weak<Primary>) {
+    lock(&SHARED.q).appends.push_back(p.clone());
+    SHARED.cv.notify_one();
+}
+
+/// Asks for another append pass of `p` after `delay`.
+fn schedule_append_after(p: Weak<Primary>, delay: Duration) {
+    lock(&SHARED.q)
+        .delayed_appends
+        .push((Instant::now() + delay, p));
+    SHARED.cv.notify_one();
+}
+
 /// Asks for another round of `p` after `delay` (more records arrived during the last one).
 fn schedule_after(p: Weak<Primary>, delay: Duration) {
     lock(&SHARED.q).delayed.push((Instant::now() + delay, p));
@@ -97,6 +114,7 @@ fn schedule_after(p: Weak<Primary>, delay: Duration) {
 }
 
 enum Job {
+    Append(Weak<Primary>),
     Round(Weak<Primary>),
     T3(Vec<Weak<Primary>>),
 }
@@ -114,6 +132,18 @@ fn next_job() -> Job {
                 i += 1;
             }
         }
+        let mut i = 0;
+        while i < q.delayed_appends.len() {
+            if q.delayed_appends[i].0 <= now {
+                let (_, w) = q.delayed_appends.swap_remove(i);
+                q.appends.push_back(w);
+            } else {
+                i += 1;
+            }
+        }
+        if let Some(w) = q.appends.pop_front() {
+            return Job::Append(w);
+        }
         if let Some(w) = q.ready.pop_front() {
             return Job::Round(w);
         }
@@ -129,7 +159,7 @@ fn next_job() -> Job {
         } else {
             t3_due
         };
-        for (t, _) in &q.delayed {
+        for (t, _) in q.delayed.iter().chain(&q.delayed_appends) {
             until = until.min(*t);
         }
         let wait = until
@@ -146,6 +176,12 @@ fn next_job() -> Job {
 fn round_worker() {
     loop {
         match next_job() {
+            Job::Append(w) => {
+                let again = w.upgrade().and_then(|p| p.run_append());
+                if let Some(d) = again {
+                    schedule_append_after(w, d);
+                }
+            }
             Job::Round(w) => {
                 let again = w.upgrade().is_some_and(|p| p.run_round());
                 if again {
@@ -233,6 +269,7 @@ impl Primary {
     pub fn detach(&self) {
         self.stop.store(true, Ordering::Release);
         let _m = lock(&self.maintenance_busy);
+        let _a = lock(&self.append_busy);
         let _b = lock(&self.busy);
         self.flush();
         {

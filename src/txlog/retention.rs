@@ -41,6 +41,10 @@ pub struct Policy {
     /// How new segments' records and snapshot files are stored (FORMAT.md §3.7), as a code:
     /// 0 = uncompressed, 1..=19 = zstd at that level, 100 = lz4 (`Compression::from_code`).
     pub compress: u64,
+    /// The most committed transactions the log may lag behind the WAL while it cannot be
+    /// written (disk full): beyond it writes fail with SQLITE_FULL (issue 14). While the log
+    /// can be written, a lag this large makes the next writer append itself (back-pressure).
+    pub capture_lag_max: u64,
 }
 
 impl Default for Policy {
@@ -55,6 +59,7 @@ impl Default for Policy {
             exec_max_rows: 10_000,
             exec_max_bytes: 4 << 20,
             compress: 0,
+            capture_lag_max: 1000,
         }
     }
 }

@@ -457,6 +457,13 @@ fn covers_write(ofst: c_int, n: c_int) -> bool {
     ofst <= 0 && 0 < ofst + n
 }
 
+/// Is (ofst, n) READ1..READ4 at once? SQLite asks for exactly that range, exclusively, only to
+/// restart the WAL (a writer's first frame after a complete checkpoint) or in a RESTART or
+/// TRUNCATE checkpoint: the moment WAL frames can be overwritten or cut.
+fn is_restart_range(ofst: c_int, n: c_int) -> bool {
+    ofst == 4 && n == 4
+}
+
 unsafe extern "C" fn x_shm_lock(
     f: *mut sqlite3_file,
     ofst: c_int,
@@ -471,6 +478,18 @@ unsafe extern "C" fn x_shm_lock(
         };
         let db = match (&s.db, s.kind) {
             (Some(db), Kind::MainDb) if covers_write(ofst, n) => db.clone(),
+            (Some(db), Kind::MainDb)
+                if is_restart_range(ofst, n)
+                    && flags == ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE
+                    && db.role() == RoleKind::Primary =>
+            {
+                // The primary's log must hold every committed frame before they can go.
+                if !db.wal_restarting() {
+                    return ffi::SQLITE_BUSY;
+                }
+                // SAFETY: forwarding.
+                return unsafe { lock(s.real, ofst, n, flags) };
+            }
             // SAFETY: forwarding.
             _ => return unsafe { lock(s.real, ofst, n, flags) },
         };

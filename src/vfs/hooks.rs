@@ -35,6 +35,10 @@ pub struct Witness {
     /// The write must not go ahead (the primary's log cannot take it: disk full): the shim
     /// releases WRITE at once and the writer gets SQLITE_FULL, before it writes anything.
     pub refuse: bool,
+    /// The wal-index header's iChange when the lock hook ran (it counts commits).
+    pub change: u32,
+    /// The lock hook took the fast path (memory only); the unlock hook may too.
+    pub fast: bool,
 }
 
 /// Bookkeeping the shim keeps per database across the connections of this process.
@@ -73,6 +77,13 @@ pub trait DbHooks: Send + Sync {
     /// The connection behind `io` is about to release WRITE (`wal_synced`: every WAL write of
     /// this process has been synced).
     fn write_unlocking(&self, io: &dyn DbFileIo, w: Option<Witness>, wal_synced: bool);
+    /// A connection holding WRITE asks for READ1..READ4 exclusively: it is about to restart
+    /// or truncate the WAL, which overwrites its frames. `false` refuses (the shim answers
+    /// SQLITE_BUSY: SQLite then appends to the WAL instead of restarting it, or reports the
+    /// checkpoint busy).
+    fn wal_restarting(&self) -> bool {
+        true
+    }
     /// True when the main database file must read as empty (size 0) to SQLite connections:
     /// a replica's interrupted bootstrap holds pages of an unfinished snapshot in it, page 1
     /// not written yet (WAL.md §E.1). Asked only when the file is not empty.
