@@ -75,15 +75,28 @@ impl Primary {
             }
             let before = st.pos.lsn;
             crate::sys::fault_point("append-before-records");
-            self.recover_lost_tail(st, c, h, true)?;
+            // In batches of at most `recover::BATCH_BYTES` of pages.
+            loop {
+                let at = st.pos.lsn;
+                self.recover_lost_tail(st, c, h, true)?;
+                if st.pos.lsn == at || st.pos.lsn >= c.lsn {
+                    break;
+                }
+            }
             // Not provable from the WAL (a writer without the extension restarted it over
             // them): the capture under WRITE answers with a gap; appenders stop trying.
-            st.unprovable = (st.pos.lsn == before).then_some(c);
+            st.unprovable = (st.pos.lsn < c.lsn).then_some(c);
             if st.pos.lsn != before {
                 st.captured_txns += st.pos.lsn.0 - before.0;
                 crate::sys::fault_point("append-before-position");
                 self.save_position(st)?;
-                st.pending = true;
+                if self.wal_synced_lsn.load(Ordering::Acquire) >= st.pos.lsn.0 && !st.pending {
+                    // The commits claiming these synced the WAL (synchronous=FULL): the round
+                    // only fsyncs the segments and raises the watermark.
+                    st.synced = Some(st.pos);
+                } else {
+                    st.pending = true;
+                }
             }
             if let Some(f) = flag {
                 f.store(0, Ordering::Release);

@@ -162,6 +162,8 @@ pub struct Primary {
     lag_max: std::sync::atomic::AtomicU64,
     /// The last append pass failed with an I/O error (disk full...).
     append_failing: AtomicBool,
+    /// Claims up to this LSN were made by commits that synced the WAL (synchronous=FULL).
+    wal_synced_lsn: std::sync::atomic::AtomicU64,
 }
 
 type T3Seen = ([u8; 8], u32, u32, Option<(Lsn, u32)>);
@@ -250,6 +252,7 @@ impl Primary {
             append_lockf: once_cell::sync::OnceCell::new(),
             lag_max: std::sync::atomic::AtomicU64::new(policy.capture_lag_max.max(1)),
             append_failing: AtomicBool::new(false),
+            wal_synced_lsn: std::sync::atomic::AtomicU64::new(0),
             posf: once_cell::sync::OnceCell::new(),
             durable_file,
             file_id: file_identity(db_path),

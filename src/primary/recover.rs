@@ -18,6 +18,10 @@ use crate::wal::{self, FrameReader, WalIndexHeader};
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 
+/// Page bytes one append pass of the asynchronous capture holds in memory at most (plus one
+/// transaction): a burst of big transactions is appended in several batches.
+const BATCH_BYTES: usize = 16 << 20;
+
 impl Primary {
     /// With the append lock held, after the log was re-read into `st` (`st.pos` = its last
     /// record): if the position file `fp` is ahead of it, re-capture the missing records from
@@ -36,9 +40,29 @@ impl Primary {
             return Ok(());
         }
         let tail = st.pos;
-        match self.recapture(st, fp, h) {
-            Ok(records) => {
+        let limit = if claimed { BATCH_BYTES } else { usize::MAX };
+        match self.recapture(st, fp, h, limit) {
+            Ok((records, reached)) => {
+                let fp = reached;
                 let mut appended = 0;
+                if claimed {
+                    // The asynchronous capture's batch: one write.
+                    let injected = crate::sys::fault_fails("log-append").then(|| {
+                        crate::error::Error::io(
+                            "appending to the log (REPL_FAULT_FAIL_AT)",
+                            std::io::Error::other("injected failure"),
+                        )
+                    });
+                    if let Some(e) =
+                        injected.map_or_else(|| st.log.append_batch(&records).err(), Some)
+                    {
+                        st.loaded = false;
+                        return Err(e);
+                    }
+                    crate::sys::fault_point("append-after-record");
+                    st.pos = fp;
+                    return Ok(());
+                }
                 for r in &records {
                     let injected = crate::sys::fault_fails("log-append").then(|| {
                         crate::error::Error::io(
@@ -116,12 +140,16 @@ impl Primary {
 
     /// The records tail+1..=fp rebuilt from the WAL, checked as the module doc says; `Err`
     /// names why they cannot be. `st.sums` is advanced only on success.
+    /// With `limit`, stops after the first transaction that brings the records' page bytes
+    /// past it and returns what it has (every frame read is checksum-chained to the tail, so a
+    /// prefix of whole transactions is as proven as the whole), with the position reached.
     fn recapture(
         &self,
         st: &mut Capture,
         fp: Position,
         h: &WalIndexHeader,
-    ) -> std::result::Result<Vec<Record>, String> {
+        limit: usize,
+    ) -> std::result::Result<(Vec<Record>, Position), String> {
         let tail = st.pos;
         let lost = fp.lsn.0 - tail.lsn.0;
         if fp.generation != tail.generation {
@@ -166,6 +194,7 @@ impl Primary {
         let mut out = Vec::new();
         let mut pos = tail;
         pos.salts = fp.salts;
+        let mut bytes = 0usize;
         let result = (|| {
             while reader.next_frame_no() <= fp.frame {
                 let fr = reader
@@ -199,6 +228,16 @@ impl Primary {
                     ));
                 }
                 out.push(self.txn_record(st, ps, &mut txn, commit, pos));
+                bytes += out.last().map_or(0, |r| r.pages.len() * ps.bytes());
+                if bytes > limit && pos.lsn < fp.lsn {
+                    return Ok(true); // a proven prefix; the caller continues from `pos`
+                }
+            }
+            Ok(false)
+        })();
+        let result = result.and_then(|partial| {
+            if partial {
+                return Ok(());
             }
             if txn_frames != 0 || pos.frame != fp.frame || pos.cksum != fp.cksum {
                 return Err(format!(
@@ -215,9 +254,9 @@ impl Primary {
                 ));
             }
             Ok(())
-        })();
+        });
         match result {
-            Ok(()) => Ok(out),
+            Ok(()) => Ok((out, pos)),
             Err(why) => {
                 st.sums = saved;
                 Err(why)

@@ -436,7 +436,30 @@ impl Log {
     pub fn append(&mut self, r: &Record) -> Result<u64> {
         validate_record(r)?;
         let bytes = encode_record_with(r, self.cfg.compression);
-        self.append_with(&r.meta, bytes.len() as u64, &mut |f, at| {
+        self.append_with(&r.meta, &r.meta, bytes.len() as u64, &mut |f, at| {
+            f.write_all_at(&bytes, at)
+        })
+    }
+
+    /// Appends consecutive records with one write (the asynchronous capture's batches: one
+    /// `pwrite` and one file-size change instead of one per record). All go into one segment:
+    /// the current one, or a new one if they do not fit. A torn batch is a torn tail like any
+    /// other (FORMAT.md §4.2): readers stop at the first record that fails its checksum.
+    pub fn append_batch(&mut self, rs: &[Record]) -> Result<u64> {
+        let (Some(first), Some(last)) = (rs.first(), rs.last()) else {
+            return Ok(0);
+        };
+        for w in rs.windows(2) {
+            check_sequence(&w[0].meta, &w[1].meta).map_err(|m| {
+                Error::OutOfSequence(format!("append to log {}: {m}", self.dir.display()))
+            })?;
+        }
+        let mut bytes = Vec::new();
+        for r in rs {
+            validate_record(r)?;
+            bytes.extend_from_slice(&encode_record_with(r, self.cfg.compression));
+        }
+        self.append_with(&first.meta, &last.meta, bytes.len() as u64, &mut |f, at| {
             f.write_all_at(&bytes, at)
         })
     }
@@ -454,7 +477,7 @@ impl Log {
     ) -> Result<u64> {
         let from = std::fs::File::open(src)
             .map_err(|e| Error::io(format!("opening {}", src.display()), e))?;
-        self.append_with(meta, len, &mut |f, at| {
+        self.append_with(meta, meta, len, &mut |f, at| {
             let mut buf = vec![0u8; (1 << 20).min(len as usize)];
             let mut done = 0u64;
             while done < len {
@@ -470,6 +493,7 @@ impl Log {
     fn append_with(
         &mut self,
         meta: &RecordMeta,
+        last_meta: &RecordMeta,
         len: u64,
         write: &mut dyn FnMut(&File, u64) -> std::io::Result<()>,
     ) -> Result<u64> {
@@ -515,7 +539,7 @@ impl Log {
         c.end += len;
         c.has_records = true;
         self.first_lsn.get_or_insert(meta.lsn);
-        self.last = Some(meta.clone());
+        self.last = Some(last_meta.clone());
         Ok(len)
     }
 

@@ -402,6 +402,9 @@ def test_durable_watermark_catches_up_and_never_passes_the_log(tmp):
     t = threading.Thread(target=sampler)
     t.start()
     try:
+        # The sampler is running before the commits start (they are fast: capture appends in
+        # the background), and samples while they run.
+        wait_for(lambda: samples[0] > 0, timeout=10, what="the sampler's first sample")
         for i in range(300):
             conn.execute("INSERT INTO t VALUES (?)", (i,))
         lsn += 300
