@@ -452,3 +452,52 @@ fn last_record_cut_or_damaged_at_every_offset_is_dropped_and_retaken() {
         check("flip", at);
     }
 }
+
+/// The asynchronous capture's batches: one write, read back record by record, the sequence
+/// checked inside the batch and against the log's tail, a batch that does not fit rolling the
+/// segment first.
+#[test]
+fn batches_append_in_one_write_and_keep_the_rules() {
+    let d = tempfile::tempdir().unwrap();
+    let mut log = new_log(d.path(), 64 << 10);
+    let mut m = Model::new(ps());
+    m.pages = (1..=6).map(|i| page_bytes(ps(), 900 + i)).collect();
+    let mut recs = vec![m.snapshot_record(false)];
+    log.append(&recs[0]).unwrap();
+    let batch: Vec<Record> = (1..=5).map(|i| m.txn(&[1, i % 5 + 1], 6)).collect();
+    log.append_batch(&batch).unwrap();
+    recs.extend(batch);
+    assert_eq!(log.last(), Some(&recs[5].meta));
+    // Out of sequence inside the batch (a hole) or against the tail: refused, nothing written.
+    let next: Vec<Record> = (0..3).map(|_| m.txn(&[2], 6)).collect();
+    let holed = vec![next[0].clone(), next[2].clone()];
+    assert!(matches!(
+        log.append_batch(&holed),
+        Err(crate::error::Error::OutOfSequence(_))
+    ));
+    assert!(matches!(
+        log.append_batch(&next[1..]),
+        Err(crate::error::Error::OutOfSequence(_))
+    ));
+    assert_eq!(log.last(), Some(&recs[5].meta));
+    // A batch larger than what is left of the segment goes into a new one, whole.
+    let before = segment_files(d.path()).len();
+    let mut big: Vec<Record> = vec![next[0].clone(), next[1].clone(), next[2].clone()];
+    big.extend((0..80).map(|i| m.txn(&[1, 2, 3, 4, 5, i % 6 + 1], 6)));
+    log.append_batch(&big).unwrap();
+    recs.extend(big);
+    assert!(segment_files(d.path()).len() > before);
+    log.sync().unwrap();
+    let got: Vec<Record> = log
+        .read_from(Lsn(1), None)
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert!(
+        got == recs,
+        "the records read back differ from the ones appended"
+    );
+    let reopened = Log::open(d.path(), cfg(64 << 10)).unwrap();
+    assert_eq!(reopened.last(), Some(&recs.last().unwrap().meta));
+    assert_eq!(Log::verify(d.path()).unwrap().records as usize, recs.len());
+}
