@@ -9,7 +9,7 @@
 //! * **fast T1** (`fast_write_locked`): the claim equals the wal-index header (everything
 //!   committed is claimed) → caught up; store the intent as before. Memory loads and stores.
 //! * **fast T2** (`fast_write_unlocking`): same salts as the claim and iChange + 1 (one commit,
-//!   no restart: a restart also bumps iChange and changes the salts) → the claim becomes
+//!   no restart: a restart changes the salts) → the claim becomes
 //!   (LSN + 1, header's mxFrame and frame checksum); no commit (iChange unchanged, same
 //!   mxFrame) → nothing. Anything else takes the synchronous path of `capture.rs`.
 //! * **append pass** (`append_pass`, any process, no WRITE): under the append lock (an flock

@@ -8,6 +8,8 @@
 //!   primaries open) one of them runs the T3 check of every primary (cheap: two reads of
 //!   shared memory each; see `Primary::t3_check`). Two threads,
 //!   so one slow fsync does not hold up every other database's watermark.
+//! - One append thread ("repl-append") runs the append passes of the asynchronous capture
+//!   (`append.rs`), so they keep up with commits instead of waiting behind an fsync.
 //! - One maintenance thread ("repl-maintain") runs a log maintenance pass of each primary
 //!   every `REPL_MAINTENANCE_MS` (default 1 s). A long compaction of one database delays the
 //!   passes of the others, never their commits or watermarks.
@@ -46,9 +48,6 @@ fn t3_interval(primaries: usize) -> Duration {
 #[derive(Default)]
 struct Queue {
     primaries: Vec<Weak<Primary>>,
-    /// Append passes (asynchronous capture, `append.rs`): before rounds, which wait for them.
-    appends: VecDeque<Weak<Primary>>,
-    delayed_appends: Vec<(Instant, Weak<Primary>)>,
     ready: VecDeque<Weak<Primary>>,
     delayed: Vec<(Instant, Weak<Primary>)>,
     next_t3: Option<Instant>,
@@ -76,6 +75,10 @@ pub(super) fn register(p: &Arc<Primary>) -> Result<()> {
                 .map_err(|e| Error::io("starting the group fsync thread", e))?;
         }
         std::thread::Builder::new()
+            .name("repl-append".into())
+            .spawn(append_worker)
+            .map_err(|e| Error::io("starting the log append thread", e))?;
+        std::thread::Builder::new()
             .name("repl-maintain".into())
             .spawn(maintenance_worker)
             .map_err(|e| Error::io("starting the log maintenance thread", e))?;
@@ -93,18 +96,74 @@ pub(super) fn schedule(p: &Weak<Primary>) {
     SHARED.cv.notify_one();
 }
 
-/// Asks for an append pass of `p` as soon as a worker is free.
+#[derive(Default)]
+struct AppendQueue {
+    ready: VecDeque<Weak<Primary>>,
+    delayed: Vec<(Instant, Weak<Primary>)>,
+}
+
+/// The append passes of the asynchronous capture (`append.rs`) run on a thread of their own
+/// ("repl-append"): they must keep up with the commits, so they never queue behind a group
+/// fsync, which takes milliseconds.
+struct Appends {
+    q: Mutex<AppendQueue>,
+    cv: Condvar,
+}
+
+static APPENDS: Lazy<Appends> = Lazy::new(|| Appends {
+    q: Mutex::new(AppendQueue::default()),
+    cv: Condvar::new(),
+});
+
+/// Asks for an append pass of `p` as soon as the append thread is free.
 pub(super) fn schedule_append(p: &Weak<Primary>) {
-    lock(&SHARED.q).appends.push_back(p.clone());
-    SHARED.cv.notify_one();
+    lock(&APPENDS.q).ready.push_back(p.clone());
+    APPENDS.cv.notify_one();
 }
 
 /// Asks for another append pass of `p` after `delay`.
 fn schedule_append_after(p: Weak<Primary>, delay: Duration) {
-    lock(&SHARED.q)
-        .delayed_appends
-        .push((Instant::now() + delay, p));
-    SHARED.cv.notify_one();
+    lock(&APPENDS.q).delayed.push((Instant::now() + delay, p));
+}
+
+fn append_worker() {
+    loop {
+        let w = {
+            let mut q = lock(&APPENDS.q);
+            loop {
+                let now = Instant::now();
+                let mut i = 0;
+                while i < q.delayed.len() {
+                    if q.delayed[i].0 <= now {
+                        let (_, w) = q.delayed.swap_remove(i);
+                        q.ready.push_back(w);
+                    } else {
+                        i += 1;
+                    }
+                }
+                if let Some(w) = q.ready.pop_front() {
+                    break w;
+                }
+                let until = q
+                    .delayed
+                    .iter()
+                    .map(|(t, _)| *t)
+                    .min()
+                    .unwrap_or(now + Duration::from_secs(1));
+                let wait = until
+                    .saturating_duration_since(now)
+                    .max(Duration::from_micros(20));
+                q = APPENDS
+                    .cv
+                    .wait_timeout(q, wait)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        };
+        if let Some(d) = w.upgrade().and_then(|p| p.run_append()) {
+            schedule_append_after(w, d);
+        }
+    }
 }
 
 /// Asks for another round of `p` after `delay` (more records arrived during the last one).
@@ -114,7 +173,6 @@ fn schedule_after(p: Weak<Primary>, delay: Duration) {
 }
 
 enum Job {
-    Append(Weak<Primary>),
     Round(Weak<Primary>),
     T3(Vec<Weak<Primary>>),
 }
@@ -132,18 +190,6 @@ fn next_job() -> Job {
                 i += 1;
             }
         }
-        let mut i = 0;
-        while i < q.delayed_appends.len() {
-            if q.delayed_appends[i].0 <= now {
-                let (_, w) = q.delayed_appends.swap_remove(i);
-                q.appends.push_back(w);
-            } else {
-                i += 1;
-            }
-        }
-        if let Some(w) = q.appends.pop_front() {
-            return Job::Append(w);
-        }
         if let Some(w) = q.ready.pop_front() {
             return Job::Round(w);
         }
@@ -159,7 +205,7 @@ fn next_job() -> Job {
         } else {
             t3_due
         };
-        for (t, _) in q.delayed.iter().chain(&q.delayed_appends) {
+        for (t, _) in &q.delayed {
             until = until.min(*t);
         }
         let wait = until
@@ -176,12 +222,6 @@ fn next_job() -> Job {
 fn round_worker() {
     loop {
         match next_job() {
-            Job::Append(w) => {
-                let again = w.upgrade().and_then(|p| p.run_append());
-                if let Some(d) = again {
-                    schedule_append_after(w, d);
-                }
-            }
             Job::Round(w) => {
                 let again = w.upgrade().is_some_and(|p| p.run_round());
                 if again {
@@ -239,7 +279,11 @@ impl Primary {
 
     /// The T3 check (on a worker).
     fn run_t3(&self) {
-        let _b = lock(&self.busy);
+        // A round in progress (an fsync: milliseconds) skips this tick rather than hold up
+        // the worker, and with it the T3 checks of every other database.
+        let Ok(_b) = self.busy.try_lock() else {
+            return;
+        };
         if !self.stop.load(Ordering::Acquire) {
             self.t3_check();
         }
