@@ -8,14 +8,21 @@ use crate::util::hex;
 use std::time::{Duration, Instant};
 
 impl Primary {
-    /// The latest LSN (refreshed from the shared position if another process moved it).
+    /// The LSN of the last committed transaction (refreshed from the shared position if
+    /// another process moved it). Claimed transactions are appended first, so normally record
+    /// N is in the log when this says N; while the log cannot be written (disk full) the
+    /// claimed LSN is still the right read-your-writes token: a replica reaches it once the
+    /// log has caught up (or through the snapshot of a gap, which includes the transaction).
     pub fn lsn(&self) -> Lsn {
-        // "repl_lsn() = N" means record N is in the log: append what is claimed first.
         self.append_now();
         let st = lock(&self.state);
         let mine = st.pos.lsn;
         drop(st);
-        self.read_position().map_or(mine, |p| p.lsn.max(mine))
+        let appended = self.read_position().map_or(mine, |p| p.lsn.max(mine));
+        match (self.read_claim(), self.read_position()) {
+            (Some(c), Some(p)) if c.generation == p.generation => appended.max(c.lsn),
+            _ => appended,
+        }
     }
 
     /// Database checksum at the current LSN.
