@@ -273,6 +273,8 @@ impl Replica {
             Err(e) => return (Err(e), Left::Untouched),
             Ok(0) => {
                 remove_saved(db);
+                // A re-snapshot's download left by an earlier replica file at this path.
+                super::download::remove_part(db);
                 None
             }
             Ok(_) => match self.saved_prefix() {
@@ -395,6 +397,12 @@ impl Replica {
     /// may be older than what they saw). The commit is published only once the snapshot's
     /// record and database checksums and every record's checksum held. Memory: a MiB of frames
     /// and the per-page checksums, plus the records after the snapshot.
+    ///
+    /// Resumable (issue 15): the snapshot file is downloaded first, as stored (compressed or
+    /// not), into `<db>-replica/snapshot.part` (`download.rs`); an interrupted download
+    /// continues from its last durable byte, and only the local file is then streamed into
+    /// the commit. The part file is removed once the commit is durable, or when it fails a
+    /// check (the next re-snapshot downloads again).
     pub(super) fn resnapshot(&self, st: &mut State, why: &str) -> Result<()> {
         st.last_hdr = None; // whatever is in the WAL now, the snapshot overrides every page
         let r = self.resnapshot_streamed(st, why);
@@ -434,8 +442,13 @@ impl Replica {
         u64,
         crate::types::Checksum,
     )> {
-        // The frames are written under the applier's WRITE lock, taken before the download:
-        // readers are not blocked by it (they read the published state meanwhile).
+        // The snapshot file first, into `<db>-replica/snapshot.part` (resumable: an interrupted
+        // download continues, `download.rs`), before any lock is taken.
+        let part = self
+            .download_snapshot(st, "re-snapshot download")
+            .map_err(|e| self.damaged_source(st, e))?;
+        // The frames are written under the applier's WRITE lock: readers are not blocked by it
+        // (they read the published state meanwhile).
         let mut shm = self.write_locked(st)?;
         let st_ro: &State = st;
         let wal = st_ro.wal.as_ref().expect("opened");
@@ -447,9 +460,8 @@ impl Replica {
             ApplyError::Other(e) => e,
         };
         let mut shm_slot = Some(&mut shm);
-        let streamed = self.stream_snapshot(
-            st_ro,
-            "re-snapshot download",
+        let streamed = crate::txlog::stream_snapshot_file(
+            &part,
             &mut |m| {
                 if Some(m.page_size) != st_ro.page_size && st_ro.page_size.is_some() {
                     return Err(self.page_size_changed(st_ro, m));
@@ -471,6 +483,14 @@ impl Replica {
                     .map_err(to_err)
             },
         );
+        if let Err(e) = &streamed {
+            // A lock that was busy leaves the (valid) download for the next try; anything
+            // else (a damaged file, another page size, a failed write) removes it: the next
+            // re-snapshot downloads the snapshot again.
+            if !matches!(e, Error::Busy(_)) {
+                super::download::remove_part(&self.db_path);
+            }
+        }
         let (smeta, mut sums) = streamed.map_err(|e| self.damaged_source(st_ro, e))?;
         let mut appender = appender.into_inner().expect("begun in on_meta");
         // The records after the snapshot, up to at least the replica's LSN.
@@ -526,6 +546,7 @@ impl Replica {
         // E.5: durable before the position says so.
         wal.sync_data()
             .map_err(|e| Error::io("syncing the replica's WAL", e))?;
+        super::download::remove_part(&self.db_path);
         Ok((
             h, last_lsn, generation, sums, pages, smeta.lsn, ts, checksum,
         ))

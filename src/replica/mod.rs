@@ -23,6 +23,7 @@
 
 mod apply;
 mod bootstrap;
+mod download;
 pub use bootstrap::bootstrap_pending;
 mod drain;
 mod follow;

@@ -143,7 +143,7 @@ impl Replica {
         r
     }
 
-    fn start_progress(&self, what: &'static str, base: u64) {
+    pub(super) fn start_progress(&self, what: &'static str, base: u64) {
         *lock(&self.progress) = Some(super::Progress {
             phase: what,
             done: base,
@@ -155,7 +155,7 @@ impl Replica {
 
     /// The progress callback of a snapshot download: `repl_status().progress` (with rate and
     /// ETA) and, past 8 MiB, an `event=progress` line per 10 %.
-    fn progress_reporter(&self, what: &'static str) -> impl FnMut(u64, u64) + '_ {
+    pub(super) fn progress_reporter(&self, what: &'static str) -> impl FnMut(u64, u64) + '_ {
         let mut logged = None::<u64>;
         move |done, total| {
             let p = {
