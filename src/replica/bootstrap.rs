@@ -2,6 +2,7 @@
 //! and the re-snapshot of a replica whose content is no longer a state of the primary (E.10).
 
 use super::apply::{ApplyError, FrameAppender};
+use super::download::Fresh;
 use super::plan::plan_batch;
 use super::position::Applied;
 use super::{lock, log_event, Replica, State, BATCH_BYTES};
@@ -245,6 +246,11 @@ impl Replica {
             remove_saved(&self.db_path);
             return Err(not_ours("its page 1 is written"));
         }
+        if super::download::pending(&self.db_path) {
+            // A compressed snapshot, bootstrapped from its downloaded file: that download
+            // continues, and the pages are written again from it (no prefix to re-hash).
+            return Ok(None);
+        }
         let page1 = std::fs::read(progress_paths(&self.db_path).1).unwrap_or_default();
         if saved.entries > prefix.meta.page_count || (saved.entries > 0 && page1.len() != ps) {
             return Ok(None);
@@ -273,8 +279,6 @@ impl Replica {
             Err(e) => return (Err(e), Left::Untouched),
             Ok(0) => {
                 remove_saved(db);
-                // A re-snapshot's download left by an earlier replica file at this path.
-                super::download::remove_part(db);
                 None
             }
             Ok(_) => match self.saved_prefix() {
@@ -339,20 +343,30 @@ impl Replica {
             w.entries = 0;
             w.since = 0;
             w.header = None;
+            // A compressed snapshot cannot be continued page by page from the file (its record
+            // checksum covers the compressed bytes): it is downloaded as stored, resumably,
+            // and written from that copy (`bootstrap_from_part`).
             let w = std::cell::RefCell::new(&mut w);
-            r = self.stream_snapshot(
-                st,
-                "bootstrap download",
-                &mut |m| {
-                    let h = crate::txlog::snapshot_header(m).to_vec();
-                    // Recorded before any page is written: an interruption from here on is
-                    // ours to continue.
-                    write_saved(db, m, &h, 0)?;
-                    w.borrow_mut().header = Some((m.clone(), h));
-                    Ok(())
-                },
-                &mut |p, d| w.borrow_mut().page(p, d),
-            );
+            let mut on_meta = |m: &RecordMeta| {
+                let h = crate::txlog::snapshot_header(m).to_vec();
+                // Recorded before any page is written: an interruption from here on is
+                // ours to continue.
+                write_saved(db, m, &h, 0)?;
+                w.borrow_mut().header = Some((m.clone(), h));
+                Ok(())
+            };
+            let mut on_page = |p, d: &[u8]| w.borrow_mut().page(p, d);
+            r = if super::download::pending(db) {
+                self.bootstrap_from_part(st, None, &mut on_meta, &mut on_page)
+            } else {
+                match self.bootstrap_fresh(st, &mut on_meta, &mut on_page) {
+                    Ok(Fresh::Streamed(r)) => r,
+                    Ok(Fresh::Compressed(got, head)) => {
+                        self.bootstrap_from_part(st, Some((got, head)), &mut on_meta, &mut on_page)
+                    }
+                    Err(e) => Err(e),
+                }
+            };
         }
         let entries = w.entries;
         let page1 = w.page1.take();
@@ -367,6 +381,7 @@ impl Replica {
             handle.truncate_db(meta.commit_size as u64 * ps.get() as u64)?;
             handle.sync_db()?;
             remove_saved(db);
+            super::download::remove_part(db);
             Ok((meta, sums))
         });
         match r {
@@ -388,6 +403,28 @@ impl Replica {
                 }
             }
         }
+    }
+
+    /// The bootstrap of a compressed snapshot: its file downloaded as stored into
+    /// `<db>-replica/snapshot.part` (resumable, `download.rs`), then validated and written
+    /// into the database file from there. A kill while writing writes again from the copy;
+    /// a copy that fails a check is removed with the progress (the next try starts over).
+    fn bootstrap_from_part(
+        &self,
+        st: &State,
+        opened: Option<(crate::transport::SnapshotBytes, Vec<u8>)>,
+        on_meta: &mut dyn FnMut(&RecordMeta) -> Result<()>,
+        on_page: &mut dyn FnMut(crate::types::PageNo, &[u8]) -> Result<()>,
+    ) -> Result<(RecordMeta, DbChecksum)> {
+        let part = self.download_snapshot(st, "bootstrap download", opened)?;
+        let r = crate::txlog::stream_snapshot_file(&part, on_meta, on_page);
+        if let Err(e) = &r {
+            if !matches!(e, Error::Busy(_)) {
+                super::download::remove_part(&self.db_path);
+                remove_saved(&self.db_path);
+            }
+        }
+        r
     }
 
     /// E.10 re-snapshot, streamed: the source's snapshot goes page by page into frames of ONE
@@ -445,7 +482,7 @@ impl Replica {
         // The snapshot file first, into `<db>-replica/snapshot.part` (resumable: an interrupted
         // download continues, `download.rs`), before any lock is taken.
         let part = self
-            .download_snapshot(st, "re-snapshot download")
+            .download_snapshot(st, "re-snapshot download", None)
             .map_err(|e| self.damaged_source(st, e))?;
         // The frames are written under the applier's WRITE lock: readers are not blocked by it
         // (they read the published state meanwhile).

@@ -96,31 +96,7 @@ impl Replica {
         Ok(())
     }
 
-    /// Streams the source's snapshot, reporting progress in `repl_status()` and, past a few
-    /// MB, one log line per 10 %: pages go to `on_page` as they arrive (see
-    /// `Source::snapshot_stream`: trustworthy only once this returns `Ok`).
-    pub(super) fn stream_snapshot(
-        &self,
-        st: &State,
-        what: &'static str,
-        on_meta: &mut dyn FnMut(&crate::txlog::RecordMeta) -> Result<()>,
-        on_page: &mut dyn FnMut(crate::types::PageNo, &[u8]) -> Result<()>,
-    ) -> Result<(crate::txlog::RecordMeta, crate::txlog::DbChecksum)> {
-        let _net = self.network_call(st);
-        self.start_progress(what, 0);
-        let mut progress = self.progress_reporter(what);
-        let r = st
-            .source
-            .as_ref()
-            .expect("set")
-            .snapshot_stream(&mut progress, on_meta, on_page);
-        if r.is_err() {
-            *lock(&self.progress) = None;
-        }
-        r
-    }
-
-    /// `stream_snapshot` continuing after `prefix` (a resumed bootstrap, WAL.md §E.1); `None`
+    /// The source's snapshot continued after `prefix` (a resumed bootstrap, WAL.md §E.1); `None`
     /// when the source serves another snapshot now.
     pub(super) fn stream_snapshot_resume(
         &self,

@@ -54,6 +54,14 @@ pub struct SnapshotBytes {
     pub body: Box<dyn std::io::Read + Send>,
 }
 
+/// Whether the first bytes of a snapshot file (segment header + record header) announce a
+/// compressed record.
+pub fn head_compressed(head: &[u8]) -> bool {
+    let at = crate::txlog::SEGMENT_HEADER_LEN + 6;
+    head.len() >= at + 2
+        && u16::from_be_bytes([head[at], head[at + 1]]) & crate::txlog::FLAG_COMPRESSED != 0
+}
+
 /// Records after an LSN.
 pub enum Fetch {
     /// Consecutive records starting at the requested LSN (possibly none: up to date).
