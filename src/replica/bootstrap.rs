@@ -417,6 +417,8 @@ impl Replica {
         on_page: &mut dyn FnMut(crate::types::PageNo, &[u8]) -> Result<()>,
     ) -> Result<(RecordMeta, DbChecksum)> {
         let part = self.download_snapshot(st, "bootstrap download", opened)?;
+        // Queries answer from the published state meanwhile, as during the download.
+        let _long = self.network_call(st);
         let r = crate::txlog::stream_snapshot_file(&part, on_meta, on_page);
         if let Err(e) = &r {
             if !matches!(e, Error::Busy(_)) {
@@ -497,6 +499,9 @@ impl Replica {
             ApplyError::Other(e) => e,
         };
         let mut shm_slot = Some(&mut shm);
+        // Writing a whole database takes a while: queries answer from the published state
+        // meanwhile, as during the download.
+        let long = self.network_call(st_ro);
         let streamed = crate::txlog::stream_snapshot_file(
             &part,
             &mut |m| {
@@ -520,6 +525,7 @@ impl Replica {
                     .map_err(to_err)
             },
         );
+        drop(long);
         if let Err(e) = &streamed {
             // A lock that was busy leaves the (valid) download for the next try; anything
             // else (a damaged file, another page size, a failed write) removes it: the next
