@@ -98,8 +98,8 @@ pub(super) fn remove_part(db_path: &str) {
 }
 
 impl Replica {
-    /// The source's newest snapshot file, complete and durable in `<db>-replica/snapshot.part`
-    /// (not validated yet); continues a download an earlier call or process left, and a broken
+    /// The source's newest snapshot file, complete in `<db>-replica/snapshot.part` (not
+    /// validated yet; durable up to what `snapshot.json` claims); continues a download an earlier call or process left, and a broken
     /// transfer up to `ATTEMPTS` times within the call (backoff 0.5, 1, 2 s,
     /// `event=snapshot_download_retry`); after that the error, with what arrived kept.
     ///
@@ -141,8 +141,9 @@ impl Replica {
         let (_, part) = part_paths(db);
         let part_len = std::fs::metadata(&part).map_or(0, |m| m.len());
         // What is kept: the bytes the record claims durable (more may be on disk, unsynced).
-        // A complete file re-fetches its last byte: the source then says whether it still
-        // serves that snapshot (a range past the end would not name it).
+        // A record of the whole file (a record that fell on the last byte) re-fetches its last
+        // byte: the source then says whether it still serves that snapshot (a range past
+        // the end would not name it).
         let saved = read_state(db).filter(|s| !s.etag.is_empty() && part_len >= s.bytes);
         let resume = saved
             .as_ref()
@@ -222,11 +223,9 @@ impl Replica {
                 write_state(db, &state)?;
             }
         }
-        f.sync_data().map_err(ctx)?;
-        if state.bytes != len {
-            state.bytes = len;
-            write_state(db, &state)?;
-        }
+        // No fsync of the end: the caller validates the file and deletes it once used, so
+        // flushing it would only cost time; a crash before that continues from the last
+        // record (the unclaimed tail is fetched again).
         progress(len, len);
         Ok(part)
     }

@@ -12,6 +12,7 @@ written by a stock sqlite3 (a foreign write), so its next sync must re-snapshot.
   was not recorded (HTTP Range);
 * the same, continued from the primary's directory (a byte offset into the same snapshot);
 * a connection cut in the middle → the same repl_sync() call continues and succeeds;
+* a flipped byte in the resumed part → refused, nothing applied, the next sync starts over;
 * the primary took a new snapshot meanwhile → the download starts over, still correct;
 * a compressed (version 2) snapshot resumes the same way (Range over the stored bytes).
 """
@@ -187,6 +188,29 @@ def test_cut_connection_continues_within_the_call(primary, tmp_path):
     at = resumed_at(log)
     assert at is not None and at >= 16 * MIB, log
     assert sent <= total + 16 * MIB + MIB, (sent, total)
+
+
+def test_corrupt_byte_in_the_resumed_part_is_refused(primary, tmp_path):
+    """The record checksum covers the bytes an earlier process received too: a flipped byte in
+    the resumed part fails it, nothing is applied (readers keep the old state), the part file
+    is removed, and the next sync downloads again and succeeds."""
+    db, p, port = primary
+    total = os.path.getsize(snapshot_file(db))
+    rdb = tmp_path / "r.db"
+    rows = diverged_replica(rdb, port)
+    with FaultProxy(port) as proxy:
+        rec = kill_past_half(rdb, proxy.url, proxy, total)
+    with FaultProxy(port) as proxy:
+        proxy.snapshots = True
+        proxy.flip((total - rec["bytes"]) // 2, count=1)  # inside the resumed part
+        r, _ = sync(rdb, proxy.url)
+        assert r["error"] and "checksum" in r["error"], r
+        assert proxy.faults["flip"] == 1
+        assert not os.path.exists(f"{rdb}-replica/snapshot.part")
+        assert int(stock_one(rdb, "select count(*) from t;")) == rows
+        again, log = sync(rdb, proxy.url)
+    assert_finished(rdb, again, p["checksum"])
+    assert resumed_at(log) is None, log
 
 
 def new_snapshot(db, old: str, compress: str | None = None, blob: str = "randomblob(length(b))") -> str:
