@@ -99,9 +99,10 @@ pub(super) fn remove_part(db_path: &str) {
 
 impl Replica {
     /// The source's newest snapshot file, complete in `<db>-replica/snapshot.part` (not
-    /// validated yet; durable up to what `snapshot.json` claims); continues a download an earlier call or process left, and a broken
-    /// transfer up to `ATTEMPTS` times within the call (backoff 0.5, 1, 2 s,
-    /// `event=snapshot_download_retry`); after that the error, with what arrived kept.
+    /// validated yet; durable up to what `snapshot.json` claims). Continues a download an
+    /// earlier call or process left, and a broken transfer up to `ATTEMPTS` times within the
+    /// call (backoff 0.5, 1, 2 s, `event=snapshot_download_retry`); after that the error, with
+    /// what arrived kept.
     ///
     /// `opened`: a fresh answer of the source (`start` 0) whose first bytes (`head`) were read
     /// already (a bootstrap that looked at the record header first).
@@ -156,6 +157,17 @@ impl Replica {
             None => (src.snapshot_bytes(resume)?, Vec::new()),
         };
         let (start, len) = (got.start, got.len);
+        if start > 0 && saved.as_ref().map(|s| s.len) != Some(len) {
+            // The same ETag names the same header, hence the same length: a source that says
+            // otherwise is not trusted with the rest. Start over (at once: `broke`).
+            remove_part(db);
+            *broke_out = true;
+            return Err(Error::Other(format!(
+                "{} serves the snapshot being continued with another length ({len} bytes, {} recorded);                  the download starts over",
+                src.describe(),
+                saved.as_ref().map_or(0, |s| s.len)
+            )));
+        }
         if let Some((_, at)) = resume {
             if start == 0 {
                 log_event(&format!(
@@ -198,8 +210,8 @@ impl Replica {
         let mut broke = |done: u64, e: String| {
             *broke_out = true;
             Error::Other(format!(
-                "the snapshot download from {} broke at byte {done} of {len} ({e}); the bytes that arrived \
-                 are kept in {}, retry repl_sync() to continue from there",
+                "the snapshot download from {} broke at byte {done} of {len} ({e}); what arrived is kept \
+                 in {}, retry repl_sync() to continue from there",
                 src.describe(),
                 part.display()
             ))
