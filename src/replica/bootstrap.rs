@@ -2,6 +2,7 @@
 //! and the re-snapshot of a replica whose content is no longer a state of the primary (E.10).
 
 use super::apply::{ApplyError, FrameAppender};
+use super::download::Fresh;
 use super::plan::plan_batch;
 use super::position::Applied;
 use super::{lock, log_event, Replica, State, BATCH_BYTES};
@@ -245,6 +246,11 @@ impl Replica {
             remove_saved(&self.db_path);
             return Err(not_ours("its page 1 is written"));
         }
+        if super::download::pending(&self.db_path) {
+            // A compressed snapshot, bootstrapped from its downloaded file: that download
+            // continues, and the pages are written again from it (no prefix to re-hash).
+            return Ok(None);
+        }
         let page1 = std::fs::read(progress_paths(&self.db_path).1).unwrap_or_default();
         if saved.entries > prefix.meta.page_count || (saved.entries > 0 && page1.len() != ps) {
             return Ok(None);
@@ -337,20 +343,30 @@ impl Replica {
             w.entries = 0;
             w.since = 0;
             w.header = None;
+            // A compressed snapshot cannot be continued page by page from the file (its record
+            // checksum covers the compressed bytes): it is downloaded as stored, resumably,
+            // and written from that copy (`bootstrap_from_part`).
             let w = std::cell::RefCell::new(&mut w);
-            r = self.stream_snapshot(
-                st,
-                "bootstrap download",
-                &mut |m| {
-                    let h = crate::txlog::snapshot_header(m).to_vec();
-                    // Recorded before any page is written: an interruption from here on is
-                    // ours to continue.
-                    write_saved(db, m, &h, 0)?;
-                    w.borrow_mut().header = Some((m.clone(), h));
-                    Ok(())
-                },
-                &mut |p, d| w.borrow_mut().page(p, d),
-            );
+            let mut on_meta = |m: &RecordMeta| {
+                let h = crate::txlog::snapshot_header(m).to_vec();
+                // Recorded before any page is written: an interruption from here on is
+                // ours to continue.
+                write_saved(db, m, &h, 0)?;
+                w.borrow_mut().header = Some((m.clone(), h));
+                Ok(())
+            };
+            let mut on_page = |p, d: &[u8]| w.borrow_mut().page(p, d);
+            r = if super::download::pending(db) {
+                self.bootstrap_from_part(st, None, &mut on_meta, &mut on_page)
+            } else {
+                match self.bootstrap_fresh(st, &mut on_meta, &mut on_page) {
+                    Ok(Fresh::Streamed(r)) => r,
+                    Ok(Fresh::Compressed(got, head)) => {
+                        self.bootstrap_from_part(st, Some((got, head)), &mut on_meta, &mut on_page)
+                    }
+                    Err(e) => Err(e),
+                }
+            };
         }
         let entries = w.entries;
         let page1 = w.page1.take();
@@ -365,6 +381,7 @@ impl Replica {
             handle.truncate_db(meta.commit_size as u64 * ps.get() as u64)?;
             handle.sync_db()?;
             remove_saved(db);
+            super::download::remove_part(db);
             Ok((meta, sums))
         });
         match r {
@@ -388,6 +405,30 @@ impl Replica {
         }
     }
 
+    /// The bootstrap of a compressed snapshot: its file downloaded as stored into
+    /// `<db>-replica/snapshot.part` (resumable, `download.rs`), then validated and written
+    /// into the database file from there. A kill while writing writes again from the copy;
+    /// a copy that fails a check is removed with the progress (the next try starts over).
+    fn bootstrap_from_part(
+        &self,
+        st: &State,
+        opened: Option<(crate::transport::SnapshotBytes, Vec<u8>)>,
+        on_meta: &mut dyn FnMut(&RecordMeta) -> Result<()>,
+        on_page: &mut dyn FnMut(crate::types::PageNo, &[u8]) -> Result<()>,
+    ) -> Result<(RecordMeta, DbChecksum)> {
+        let part = self.download_snapshot(st, "bootstrap download", opened)?;
+        // Queries answer from the published state meanwhile, as during the download.
+        let _long = self.network_call(st);
+        let r = crate::txlog::stream_snapshot_file(&part, on_meta, on_page);
+        if let Err(e) = &r {
+            if !matches!(e, Error::Busy(_)) {
+                super::download::remove_part(&self.db_path);
+                remove_saved(&self.db_path);
+            }
+        }
+        r
+    }
+
     /// E.10 re-snapshot, streamed: the source's snapshot goes page by page into frames of ONE
     /// new replica commit (`FrameAppender`: nothing is visible until its last frame), then the
     /// records after the snapshot up to at least the replica's LSN go into the same commit
@@ -395,6 +436,12 @@ impl Replica {
     /// may be older than what they saw). The commit is published only once the snapshot's
     /// record and database checksums and every record's checksum held. Memory: a MiB of frames
     /// and the per-page checksums, plus the records after the snapshot.
+    ///
+    /// Resumable (issue 15): the snapshot file is downloaded first, as stored (compressed or
+    /// not), into `<db>-replica/snapshot.part` (`download.rs`); an interrupted download
+    /// continues from its last durable byte, and only the local file is then streamed into
+    /// the commit. The part file is removed once the commit is durable, or when it fails a
+    /// check (the next re-snapshot downloads again).
     pub(super) fn resnapshot(&self, st: &mut State, why: &str) -> Result<()> {
         st.last_hdr = None; // whatever is in the WAL now, the snapshot overrides every page
         let r = self.resnapshot_streamed(st, why);
@@ -434,8 +481,13 @@ impl Replica {
         u64,
         crate::types::Checksum,
     )> {
-        // The frames are written under the applier's WRITE lock, taken before the download:
-        // readers are not blocked by it (they read the published state meanwhile).
+        // The snapshot file first, into `<db>-replica/snapshot.part` (resumable: an interrupted
+        // download continues, `download.rs`), before any lock is taken.
+        let part = self
+            .download_snapshot(st, "re-snapshot download", None)
+            .map_err(|e| self.damaged_source(st, e))?;
+        // The frames are written under the applier's WRITE lock: readers are not blocked by it
+        // (they read the published state meanwhile).
         let mut shm = self.write_locked(st)?;
         let st_ro: &State = st;
         let wal = st_ro.wal.as_ref().expect("opened");
@@ -447,9 +499,11 @@ impl Replica {
             ApplyError::Other(e) => e,
         };
         let mut shm_slot = Some(&mut shm);
-        let streamed = self.stream_snapshot(
-            st_ro,
-            "re-snapshot download",
+        // Writing a whole database takes a while: queries answer from the published state
+        // meanwhile, as during the download.
+        let long = self.network_call(st_ro);
+        let streamed = crate::txlog::stream_snapshot_file(
+            &part,
             &mut |m| {
                 if Some(m.page_size) != st_ro.page_size && st_ro.page_size.is_some() {
                     return Err(self.page_size_changed(st_ro, m));
@@ -471,6 +525,15 @@ impl Replica {
                     .map_err(to_err)
             },
         );
+        drop(long);
+        if let Err(e) = &streamed {
+            // A lock that was busy leaves the (valid) download for the next try; anything
+            // else (a damaged file, another page size, a failed write) removes it: the next
+            // re-snapshot downloads the snapshot again.
+            if !matches!(e, Error::Busy(_)) {
+                super::download::remove_part(&self.db_path);
+            }
+        }
         let (smeta, mut sums) = streamed.map_err(|e| self.damaged_source(st_ro, e))?;
         let mut appender = appender.into_inner().expect("begun in on_meta");
         // The records after the snapshot, up to at least the replica's LSN.
@@ -526,6 +589,7 @@ impl Replica {
         // E.5: durable before the position says so.
         wal.sync_data()
             .map_err(|e| Error::io("syncing the replica's WAL", e))?;
+        super::download::remove_part(&self.db_path);
         Ok((
             h, last_lsn, generation, sums, pages, smeta.lsn, ts, checksum,
         ))

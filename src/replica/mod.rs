@@ -14,7 +14,8 @@
 //! transaction (E.10), never with a guess.
 //!
 //! Files by responsibility: `source.rs` (which primary, `replica.json`, lineage and page-size
-//! checks, snapshot download), `bootstrap.rs` (E.1 bootstrap, E.10 re-snapshot), `live.rs`
+//! checks, snapshot download), `bootstrap.rs` (E.1 bootstrap, E.10 re-snapshot), `download.rs`
+//! (the resumable download of a snapshot file into `snapshot.part`), `live.rs`
 //! (the sync loop, load by content, one batch = one commit), `plan.rs` and `apply.rs` (the
 //! pure batch plan and the WAL writer), `drain.rs` (checkpoints, E.6 drain), `follow.rs` (the
 //! follower, a state machine on the HTTP engine's workers), `wait.rs` (`repl_wait`, `repl_exec`), `status.rs` (queries),
@@ -23,6 +24,7 @@
 
 mod apply;
 mod bootstrap;
+mod download;
 pub use bootstrap::bootstrap_pending;
 mod drain;
 mod follow;

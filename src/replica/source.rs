@@ -96,31 +96,7 @@ impl Replica {
         Ok(())
     }
 
-    /// Streams the source's snapshot, reporting progress in `repl_status()` and, past a few
-    /// MB, one log line per 10 %: pages go to `on_page` as they arrive (see
-    /// `Source::snapshot_stream`: trustworthy only once this returns `Ok`).
-    pub(super) fn stream_snapshot(
-        &self,
-        st: &State,
-        what: &'static str,
-        on_meta: &mut dyn FnMut(&crate::txlog::RecordMeta) -> Result<()>,
-        on_page: &mut dyn FnMut(crate::types::PageNo, &[u8]) -> Result<()>,
-    ) -> Result<(crate::txlog::RecordMeta, crate::txlog::DbChecksum)> {
-        let _net = self.network_call(st);
-        self.start_progress(what, 0);
-        let mut progress = self.progress_reporter(what);
-        let r = st
-            .source
-            .as_ref()
-            .expect("set")
-            .snapshot_stream(&mut progress, on_meta, on_page);
-        if r.is_err() {
-            *lock(&self.progress) = None;
-        }
-        r
-    }
-
-    /// `stream_snapshot` continuing after `prefix` (a resumed bootstrap, WAL.md §E.1); `None`
+    /// The source's snapshot continued after `prefix` (a resumed bootstrap, WAL.md §E.1); `None`
     /// when the source serves another snapshot now.
     pub(super) fn stream_snapshot_resume(
         &self,
@@ -143,7 +119,7 @@ impl Replica {
         r
     }
 
-    fn start_progress(&self, what: &'static str, base: u64) {
+    pub(super) fn start_progress(&self, what: &'static str, base: u64) {
         *lock(&self.progress) = Some(super::Progress {
             phase: what,
             done: base,
@@ -155,7 +131,7 @@ impl Replica {
 
     /// The progress callback of a snapshot download: `repl_status().progress` (with rate and
     /// ETA) and, past 8 MiB, an `event=progress` line per 10 %.
-    fn progress_reporter(&self, what: &'static str) -> impl FnMut(u64, u64) + '_ {
+    pub(super) fn progress_reporter(&self, what: &'static str) -> impl FnMut(u64, u64) + '_ {
         let mut logged = None::<u64>;
         move |done, total| {
             let p = {

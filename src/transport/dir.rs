@@ -162,6 +162,38 @@ impl Source for DirSource {
         .map(Some)
     }
 
+    fn snapshot_bytes(&self, resume: Option<(&str, u64)>) -> Result<super::SnapshotBytes> {
+        use std::io::{Read, Seek, SeekFrom};
+        let durable = Log::read_durable(&self.dir)?.map(|d| d.0);
+        let Some((meta, path)) = self.log.latest_snapshot(durable)? else {
+            return Err(Error::Other(format!(
+                "the primary {} has no durable snapshot yet; retry in a moment",
+                self.db
+            )));
+        };
+        let ctx = |e| Error::io(format!("reading {}", path.display()), e);
+        // The open descriptor keeps the file readable even if retention removes it meanwhile.
+        let mut f = std::fs::File::open(&path).map_err(ctx)?;
+        let len = f.metadata().map_err(ctx)?.len();
+        let mut hdr = [0u8; crate::txlog::SEGMENT_HEADER_LEN + crate::txlog::RECORD_HEADER_LEN];
+        f.read_exact(&mut hdr).map_err(ctx)?;
+        let etag = crate::txlog::snapshot_etag(&hdr[crate::txlog::SEGMENT_HEADER_LEN..]);
+        // A byte offset into the same snapshot continues; anything else starts over.
+        let start = match resume {
+            Some((e, off)) if e == etag && off < len => off,
+            _ => 0,
+        };
+        f.seek(SeekFrom::Start(start)).map_err(ctx)?;
+        Ok(super::SnapshotBytes {
+            etag,
+            lsn: meta.lsn,
+            generation: meta.generation,
+            len,
+            start,
+            body: Box::new(f.take(len - start)),
+        })
+    }
+
     fn page_size(&self) -> Result<Option<PageSize>> {
         let durable = Log::read_durable(&self.dir)?.map(|d| d.0);
         Ok(self.log.latest_snapshot(durable)?.map(|(m, _)| m.page_size))

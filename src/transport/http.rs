@@ -638,6 +638,83 @@ impl Source for HttpSource {
             })
     }
 
+    fn snapshot_bytes(&self, resume: Option<(&str, u64)>) -> Result<super::SnapshotBytes> {
+        // A snapshot served without an ETag (an older primary) cannot be named: never resumed.
+        let resume = resume.filter(|(etag, _)| !etag.is_empty());
+        let url = self.url("/v1/snapshot");
+        let mut req = self
+            .agent
+            .get(&url)
+            .timeout(Duration::from_secs(3600))
+            .set("X-Repl-Follower", &self.follower)
+            // Compressed snapshots as stored: the bytes a range counts are immutable once
+            // written, and the ETag (the header checksum) names their encoding.
+            .set("X-Repl-Accept-Encoding", ACCEPT_ENCODING);
+        if let Some((etag, off)) = resume {
+            req = req
+                .set("Range", &format!("bytes={off}-"))
+                .set("If-Range", etag);
+        }
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let resp = match req.call() {
+            Ok(r) => r,
+            // The range is past the end: not the snapshot we started; ask for it whole.
+            Err(ureq::Error::Status(416, _)) if resume.is_some() => {
+                return self.snapshot_bytes(None)
+            }
+            Err(ureq::Error::Status(code, r)) => {
+                let body = r.into_string().unwrap_or_default();
+                return Err(status_error(code, &self.shown(), &error_message(&body)));
+            }
+            Err(ureq::Error::Transport(t)) => {
+                return Err(transport_error(&self.shown(), &t.to_string()))
+            }
+        };
+        let etag = resp.header("ETag").unwrap_or("").to_string();
+        let num = |h: &str| resp.header(h).and_then(|v| v.trim().parse::<u64>().ok());
+        let Some(n) = num("Content-Length") else {
+            return Err(Error::Corrupt(format!(
+                "{}: the snapshot response has no Content-Length; nothing was written",
+                self.shown()
+            )));
+        };
+        let (start, len) = match (resp.status(), resume) {
+            (200, _) => (0, n),
+            (206, Some((want, off))) => {
+                // Only exactly our snapshot and our range continues; anything else (a server
+                // that answers ranges differently) is asked for whole.
+                let total = resp
+                    .header("Content-Range")
+                    .and_then(|v| v.strip_prefix(&format!("bytes {off}-")))
+                    .and_then(|v| v.split_once('/'))
+                    .and_then(|(last, len)| Some((last.parse::<u64>().ok()?, len.parse().ok()?)))
+                    .filter(|(last, len)| last + 1 == *len && len - off == n);
+                match total {
+                    Some((_, len)) if etag == want => (off, len),
+                    _ => return self.snapshot_bytes(None),
+                }
+            }
+            (code, _) => {
+                return Err(Error::Other(format!(
+                    "{}: unexpected status {code} for /v1/snapshot; nothing was written, retry repl_sync()",
+                    self.shown()
+                )))
+            }
+        };
+        Ok(super::SnapshotBytes {
+            etag,
+            lsn: Lsn(num("X-Repl-Snapshot-Lsn").unwrap_or(0)),
+            generation: crate::types::Generation(
+                num("X-Repl-Generation").map_or(0, |g| g.min(u32::MAX as u64) as u32),
+            ),
+            len,
+            start,
+            body: Box::new(resp.into_reader().take(len - start)),
+        })
+    }
+
     fn fetch(&self, from: Lsn, max_bytes: usize) -> Result<Fetch> {
         self.log(from, max_bytes, Duration::ZERO)
     }

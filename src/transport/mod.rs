@@ -37,6 +37,31 @@ pub struct SourceInfo {
     pub durable_lsn: Option<Lsn>,
 }
 
+/// A snapshot file's stored bytes (compressed records stay compressed), from `start` to its
+/// end: what a resumable download (WAL.md §E.10) copies into its part file.
+pub struct SnapshotBytes {
+    /// The snapshot's identity (FORMAT.md §8.4 `ETag`: LSN, generation, header checksum; the
+    /// header checksum covers the record's version, flags and codec, so the encoding too).
+    pub etag: String,
+    pub lsn: Lsn,
+    pub generation: crate::types::Generation,
+    /// Length of the whole snapshot file.
+    pub len: u64,
+    /// Where `body` starts: the offset asked for when the source still serves the snapshot
+    /// named by the request's ETag, else 0 (another snapshot now: start over).
+    pub start: u64,
+    /// Exactly `len - start` bytes (a shorter read is a broken transfer).
+    pub body: Box<dyn std::io::Read + Send>,
+}
+
+/// Whether the first bytes of a snapshot file (segment header + record header) announce a
+/// compressed record.
+pub fn head_compressed(head: &[u8]) -> bool {
+    let at = crate::txlog::SEGMENT_HEADER_LEN + 6;
+    head.len() >= at + 2
+        && u16::from_be_bytes([head[at], head[at + 1]]) & crate::txlog::FLAG_COMPRESSED != 0
+}
+
 /// Records after an LSN.
 pub enum Fetch {
     /// Consecutive records starting at the requested LSN (possibly none: up to date).
@@ -102,6 +127,16 @@ pub trait Source: Send + Sync + 'static {
         _on_page: &mut dyn FnMut(crate::types::PageNo, &[u8]) -> Result<()>,
     ) -> Result<Option<(crate::txlog::RecordMeta, crate::txlog::DbChecksum)>> {
         Ok(None)
+    }
+    /// The newest snapshot file's stored bytes from `resume = (etag, offset)` on, if the
+    /// source still serves that snapshot (`start` = offset), else the newest one whole
+    /// (`start` = 0). The bytes are not validated here: the caller keeps them and validates the
+    /// whole file (record and database checksums) before using any page.
+    fn snapshot_bytes(&self, _resume: Option<(&str, u64)>) -> Result<SnapshotBytes> {
+        Err(Error::Unsupported(format!(
+            "{} cannot serve a snapshot file's bytes (resumable download)",
+            self.describe()
+        )))
     }
     /// Forwards a write (`repl_exec`) to the primary: the JSON body of `POST /v1/exec`, the
     /// answer's JSON. Only an HTTP primary can run writes.

@@ -347,7 +347,8 @@ impl SnapshotPrefix {
             )));
         }
         // The record checksum covers the bytes as stored: a compressed snapshot's prefix cannot
-        // be re-hashed from the decompressed pages on disk, so it is not resumed (it restarts).
+        // be re-hashed from the decompressed pages on disk, so it is not resumed this way (a
+        // replica downloads a compressed snapshot file as stored and resumes that copy).
         let flags = u16::from_be_bytes([header[6], header[7]]);
         if flags & super::FLAG_COMPRESSED != 0 {
             return Err(Error::Unsupported(format!(
