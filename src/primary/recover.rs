@@ -21,6 +21,59 @@ use std::os::unix::fs::FileExt;
 /// Page bytes one append pass of the asynchronous capture holds in memory at most (plus one
 /// transaction): a burst of big transactions is appended in several batches.
 const BATCH_BYTES: usize = 16 << 20;
+/// WAL bytes read with one `pread` when the frames to re-capture fit.
+const PREFETCH_BYTES: u64 = 4 << 20;
+
+/// A byte range of the WAL read at once, serving reads inside it from memory and the rest
+/// from the file.
+struct Prefetched<'a> {
+    file: &'a std::fs::File,
+    base: u64,
+    bytes: Vec<u8>,
+}
+
+impl<'a> Prefetched<'a> {
+    fn none(file: &'a std::fs::File) -> Self {
+        Prefetched {
+            file,
+            base: 0,
+            bytes: Vec::new(),
+        }
+    }
+
+    /// `len` bytes from `base`, or fewer at the end of the file (the frame reader then sees
+    /// the end where the file ends); nothing on an error (then every read goes to the file).
+    fn read(file: &'a std::fs::File, base: u64, len: usize) -> Self {
+        let mut bytes = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            match file.read_at(&mut bytes[got..], base + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return Self::none(file),
+            }
+        }
+        bytes.truncate(got);
+        Prefetched { file, base, bytes }
+    }
+}
+
+impl FileExt for Prefetched<'_> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let end = self.base + self.bytes.len() as u64;
+        if offset >= self.base && offset + buf.len() as u64 <= end {
+            let at = (offset - self.base) as usize;
+            buf.copy_from_slice(&self.bytes[at..at + buf.len()]);
+            return Ok(buf.len());
+        }
+        self.file.read_at(buf, offset)
+    }
+
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> std::io::Result<usize> {
+        Err(std::io::Error::other("the prefetched WAL is read-only"))
+    }
+}
 
 impl Primary {
     /// With the append lock held, after the log was re-read into `st` (`st.pos` = its last
@@ -188,7 +241,16 @@ impl Primary {
             (1, hdr.cksum, None)
         };
         let saved = st.sums.clone();
-        let mut reader = FrameReader::new(&*f, &hdr, start, running);
+        // One read for the whole range when it is small (an append pass: tens of frames), not
+        // one per frame.
+        let first = wal::frame_offset(ps, start);
+        let end = wal::frame_offset(ps, fp.frame + 1);
+        let wal_bytes = if fp.frame >= start && end - first <= PREFETCH_BYTES {
+            Prefetched::read(&f, first, (end - first) as usize)
+        } else {
+            Prefetched::none(&f)
+        };
+        let mut reader = FrameReader::new(&wal_bytes, &hdr, start, running);
         let mut txn: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
         let mut txn_frames = 0u32;
         let mut out = Vec::new();
