@@ -74,8 +74,9 @@ impl Primary {
     /// After a capture under WRITE left everything committed in the log: the claim is the
     /// position again, and the commit path may take the fast way (unless a new generation is
     /// owed).
-    pub(super) fn publish_claim(&self, st: &Capture) {
+    pub(super) fn publish_claim(&self, st: &mut Capture) {
         if st.loaded {
+            st.unprovable = None;
             self.store_claim(&st.pos);
             self.fast.store(st.force_gap.is_none(), Ordering::Release);
         }

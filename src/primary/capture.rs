@@ -222,6 +222,19 @@ impl Primary {
             self.capture_failed(st, e);
             return;
         }
+        if let Some(c) = st.unprovable.filter(|c| Some(*c) == self.read_claim()) {
+            // Committed and claimed, but their frames are gone before their append (a process
+            // without the extension restarted or truncated the WAL): whatever the WAL shows
+            // now, the log lacks them. A gap: its snapshot holds them (a restart or a
+            // truncation needs a complete checkpoint first, so they are in the database file).
+            st.force_gap.get_or_insert_with(|| {
+                format!(
+                    "transactions {}..={} were committed and claimed, but their WAL frames were                      overwritten before their append (a process without the extension restarted                      or truncated the WAL)",
+                    st.pos.lsn.next(),
+                    c.lsn
+                )
+            });
+        }
         if let Some(f) = flag {
             f.store(std::process::id().max(1), Ordering::Release);
         }

@@ -319,7 +319,10 @@ impl Primary {
                     self.ensure_loaded(&mut st, &self.agent, &h)?;
                     // Claims left by a process that died before their append: in the log now.
                     self.sync_shared(&mut st, &h, false)?;
-                    self.publish_claim(&st);
+                    if st.unprovable.is_none() {
+                        // (An unprovable claim stays for the next capture: a gap.)
+                        self.publish_claim(&mut st);
+                    }
                     Ok(())
                 })
             }

@@ -299,7 +299,7 @@ impl Primary {
             self.save_position(&st)?;
             Log::write_durable(&self.dir, Lsn(0), Generation(1))?;
             st.loaded = true;
-            self.publish_claim(&st);
+            self.publish_claim(&mut st);
             Ok(delta)
         })();
         drop(pin);

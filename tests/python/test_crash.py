@@ -553,3 +553,47 @@ def test_kill_at_every_point_of_the_async_pipeline(tmp, capfd):
     print(f"pipeline kills: {kills} in {attempt} writers, {len(printed)} printed commits")
     assert all(k > 0 for p, k in kills.items() if p != "restart-before-append"), kills
     check_final_state(db, tmp, printed, all_events)
+
+
+def test_stock_truncate_over_claimed_frames_is_a_gap_that_reuses_no_served_lsn(tmp, capfd):
+    """The one way claimed frames can go before their append (docs/WAL.md §D.2): a process
+    *without* the extension truncates the WAL while a writer's claim waits for its append (here:
+    the writer is killed right after claiming, before any append pass ran). The claim can then
+    not be proven; the next capture of ours answers with a gap whose snapshot holds the claimed
+    transaction (the checkpoint copied it into the database), starting past the durable
+    watermark: nothing committed is lost, no LSN a replica may hold is reused."""
+    db = tmp / "st.db"
+    w = Writer({"db": str(db), "seed": 1, "gen": 0, "create": True, "script": ["commit"] * 3, "autockpt": 0})
+    assert w.finish() == 0, w.stderr
+    printed = set(w.ids())
+    before = inspect(db)
+    served = before[-1].lsn
+    env = {**os.environ, "REPL_FAULT_KILL_AT": "t2-after-claim:1"}
+    w = Writer({"db": str(db), "seed": 2, "gen": 1, "script": ["commit"] * 2, "autockpt": 0}, env=env)
+    rc = w.finish()
+    assert "REPL_FAULT_KILL_AT" in w.stderr and rc == -signal.SIGKILL, (rc, w.stderr)
+    printed.update(w.ids())
+    # Its first commit was captured by its first write session (the synchronous path: the
+    # process had not loaded the state yet); the second was claimed and never appended.
+    proc = subprocess.run(["sqlite3", "-bail", "-batch", str(db)], input="PRAGMA wal_checkpoint(TRUNCATE);\n",
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("0|"), (proc.stdout, proc.stderr)
+    # (The stock shell was the last to close: it deleted the WAL too.)
+    assert not os.path.exists(f"{db}-wal") or os.path.getsize(f"{db}-wal") == 0
+    w = Writer({"db": str(db), "seed": -1, "gen": 2, "max": 1})
+    assert w.finish() == 0, w.stderr
+    printed.update(w.ids())
+    evs = events(w.stderr)
+    assert [e for e in evs if "event=gap" in e], "\n".join(evs)
+    records = inspect(db)
+    assert_dense(records)
+    snaps = [r for r in records if r.kind == "snapshot" and r.generation == 2]
+    assert len(snaps) == 1 and snaps[0].lsn > served, (snaps, served)
+    conn = apsw_conn(db)
+    try:
+        ids = {r[0] for r in conn.execute("SELECT id FROM t")}
+        assert printed <= ids, sorted(printed - ids)
+        verify_ok(db)
+        assert_rebuild_equals(db, tmp / "rebuilt.db", conn)
+    finally:
+        conn.close()
