@@ -341,8 +341,9 @@ impl Primary {
     }
 
     fn finish(&self, mut answer: Value) -> std::result::Result<Value, ExecFailure> {
-        // Our commit was captured under WRITE before COMMIT returned: its LSN is at most the
-        // current one (a later commit by someone else only makes the barrier stricter).
+        // Our commit was claimed under WRITE before COMMIT returned: its LSN is at most the
+        // current one (`lsn()` appends what is claimed first; a later commit by someone else
+        // only makes the barrier stricter).
         let lsn: Lsn = self.lsn();
         answer["lsn"] = json!(lsn.0);
         answer["lineage"] = json!(self.lineage());

@@ -50,6 +50,14 @@ for i in range(1, 41):
     except apsw.Error as e:
         other.append(repr(e))
 status_full = json.loads(one(c, "select repl_status()"))
+# The restart hook: frames the log lacks must stay, so a TRUNCATE checkpoint reports busy and
+# leaves the WAL as it is.
+wal_before = os.path.getsize(path + "-wal")
+try:
+    ckpt_full = list(c.execute("pragma wal_checkpoint(truncate)").fetchall()[0])
+except apsw.FullError:
+    ckpt_full = "full"  # refused at the write lock already (the log is capture_lag_max behind)
+wal_after = os.path.getsize(path + "-wal")
 resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
 # Space is back: writes go through again (after the capture backoff, at most 5 s).
 deadline = time.monotonic() + 30
@@ -64,6 +72,7 @@ while True:
         time.sleep(0.05)
 st = json.loads(one(c, "select repl_status()"))
 print(json.dumps({"ok": ok, "full": full, "other": other, "gen": st["generation"], "lsn": st["lsn"],
+                  "ckpt_full": ckpt_full, "wal_kept": wal_after == wal_before and wal_after > 0,
                   "last_error_full": status_full.get("last_error"), "checksum": one(c, "select repl_checksum()")}))
 """
 
@@ -78,9 +87,61 @@ def test_disk_full_refuses_writes_and_loses_no_acknowledged_commit(tmp_path):
     assert 5 <= len(out["ok"]) - 1 <= 10, out
     assert out["last_error_full"], out
     assert out["gen"] == 1, out  # no gap, no new generation
+    # The WAL was not truncated: the checkpoint was refused (SQLITE_FULL at the write lock) or
+    # reported busy by the restart hook.
+    assert (out["ckpt_full"] == "full" or out["ckpt_full"][0] == 1) and out["wal_kept"], out
     # Every acknowledged row reached the log: a replica built from it has exactly those rows.
     r = apsw_conn(tmp_path / "r.db")
     one(r, "select repl_sync(?)", (str(db),))
     rows = [row[0] for row in r.execute("select id from t order by id")]
     assert rows == sorted(out["ok"]), (rows, out["ok"])
     assert one(r, "select repl_checksum()") == out["checksum"]
+
+
+HOOK_CHILD = r"""
+import apsw, json, os, resource, signal, time
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+load()
+path = %r
+c = connect(path)
+c.execute("pragma busy_timeout=10000")
+c.execute("pragma journal_mode=wal; create table t(id integer primary key, b blob)").fetchall()
+one(c, "select repl_primary()")
+for _ in range(3):
+    c.execute("with recursive s(i) as (select 1 union all select i+1 from s where i < 100) "
+              "insert into t(id, b) select i + 1000, randomblob(20000) from s")
+    c.execute("delete from t where id >= 1000")
+c.execute("pragma wal_checkpoint(truncate)").fetchall()
+seg_dir = path + "-replica/log"
+seg = max((os.path.getsize(os.path.join(seg_dir, f)) for f in os.listdir(seg_dir)))
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (seg + 2048, hard))
+for i in range(1, 11):
+    c.execute("insert into t(id, b) values(?, randomblob(300))", (i,))
+lag = one(c, "select repl_lsn()") - json.loads(one(c, "select repl_status()"))["log"]["last_lsn"]
+wal_before = os.path.getsize(path + "-wal")
+ckpt = list(c.execute("pragma wal_checkpoint(truncate)").fetchall()[0])
+wal_after = os.path.getsize(path + "-wal")
+resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+deadline = time.monotonic() + 30
+while json.loads(one(c, "select repl_status()"))["log"]["last_lsn"] < one(c, "select repl_lsn()"):
+    assert time.monotonic() < deadline, "the log did not catch up"
+    time.sleep(0.02)
+ckpt_after = list(c.execute("pragma wal_checkpoint(truncate)").fetchall()[0])
+st = json.loads(one(c, "select repl_status()"))
+print(json.dumps({"lag": lag, "ckpt": ckpt, "wal_kept": wal_after == wal_before, "ckpt_after": ckpt_after,
+                  "gen": st["generation"], "rows": one(c, "select count(*) from t")}))
+"""
+
+
+def test_restart_hook_keeps_frames_the_log_lacks(tmp_path):
+    """Below the lag bound commits go on while the log cannot be written; a TRUNCATE checkpoint
+    then reports busy (the shim's restart hook refuses READ1..4 while claimed transactions lack
+    their records) and the WAL keeps its frames; when space returns the log catches up, the
+    checkpoint goes through, and there is no new generation."""
+    db = tmp_path / "h.db"
+    out = json.loads(py_ok(HOOK_CHILD % str(db), timeout=120))
+    assert out["lag"] >= 1, out  # claimed transactions were waiting for their append
+    assert out["ckpt"][0] == 1 and out["wal_kept"], out
+    assert out["ckpt_after"][0] == 0, out
+    assert out["gen"] == 1 and out["rows"] == 10, out
