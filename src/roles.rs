@@ -109,9 +109,19 @@ impl DbHooks for Db {
         self.primary().is_none_or(|p| p.before_wal_restart())
     }
 
-    fn write_unlocking(&self, io: &dyn DbFileIo, w: Option<Witness>, wal_synced: bool) {
+    fn write_unlocking(
+        &self,
+        io: &dyn DbFileIo,
+        w: Option<Witness>,
+        wal_synced: bool,
+    ) -> Option<u64> {
+        self.primary()
+            .and_then(|p| p.on_write_unlocking(io, w, wal_synced))
+    }
+
+    fn write_released(&self, lsn: u64) {
         if let Some(p) = self.primary() {
-            p.on_write_unlocking(io, w, wal_synced);
+            p.wait_for_replicas(lsn);
         }
     }
 

@@ -25,6 +25,7 @@ pub const FUNCTIONS: &[(&str, i32, crate::ffi::func::ScalarFn)] = &[
     ("repl_config", -1, repl_config),
     ("repl_follow", -1, repl_follow),
     ("repl_wait", -1, repl_wait),
+    ("repl_wait_replicas", -1, repl_wait_replicas),
     ("repl_exec", -1, exec::repl_exec),
     ("repl_exec_json", -1, exec::repl_exec_json),
 ];
@@ -345,6 +346,35 @@ fn repl_lsn(c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
     })
 }
 
+/// `repl_wait_replicas([lsn [, n [, timeout_ms]]])` on a primary: waits until `n` followers
+/// (default: the `sync_replicas` setting, at least 1) acknowledged `lsn` (default: this
+/// primary's `repl_lsn()`), at most `timeout_ms` (default: `sync_timeout_ms`); returns how
+/// many followers have it, or fails saying how many did.
+fn repl_wait_replicas(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
+    if a.len() > 3 {
+        return Err(Error::Misuse(
+            "repl_wait_replicas() takes at most three arguments: an LSN, a number of followers and a timeout in ms"
+                .into(),
+        ));
+    }
+    let args = Args::new("repl_wait_replicas", a);
+    let lsn = args.int(0, "LSN", 0..=i64::MAX)?;
+    let n = args.int(1, "number of followers", 1..=16)?;
+    let timeout = args.int(2, "timeout in ms", 0..=3_600_000)?;
+    let (entry, path) = main_db_checked(c.db, "repl_wait_replicas()")?;
+    let Some(p) = entry.primary() else {
+        return Err(Error::Misuse(format!(
+            "repl_wait_replicas(): {path} is not a primary; on a replica, repl_wait(lsn) waits for an LSN to be applied here"
+        )));
+    };
+    let policy = crate::primary::maintenance::load_policy(p.dir())?;
+    let lsn = lsn.map_or_else(|| p.lsn().0, |l| l as u64);
+    let n = n.map_or(policy.sync_replicas.max(1) as usize, |n| n as usize);
+    let timeout =
+        std::time::Duration::from_millis(timeout.map_or(policy.sync_timeout_ms, |t| t as u64));
+    Ok(SqlValue::Int(p.wait_replicas(lsn, n, timeout)? as i64))
+}
+
 fn repl_role(c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
     let Some(d) = main_db(c.db) else {
         return Ok(SqlValue::Null);
@@ -422,6 +452,9 @@ fn repl_config(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
     if name == "compress" {
         return config_compress(&p, &args);
     }
+    if name == "sync_level" {
+        return config_sync_level(&p, &args);
+    }
     match args.get(1) {
         None => Ok(SqlValue::Int(setting(&load_policy(p.dir())?, &name)? as i64)),
         Some(_) => {
@@ -460,6 +493,40 @@ fn config_compress(p: &crate::primary::Primary, args: &Args) -> Result<SqlValue>
     };
     let c = Compression::from_code(policy.compress).unwrap_or_default();
     Ok(SqlValue::Text(c.name()))
+}
+
+/// `repl_config('sync_level'[, value])`: 'received', 'durable', 'applied' (or 1, 2, 3); returns
+/// the level in force by name.
+fn config_sync_level(p: &crate::primary::Primary, args: &Args) -> Result<SqlValue> {
+    use crate::primary::maintenance::{load_policy, set_setting};
+    const NAMES: [&str; 3] = ["received", "durable", "applied"];
+    let policy = match args.get(1) {
+        None => load_policy(p.dir())?,
+        Some(v) => {
+            let code = match v {
+                SqlValue::Int(n) => u64::try_from(*n).ok().filter(|n| (1..=3).contains(n)),
+                SqlValue::Text(t) => NAMES
+                    .iter()
+                    .position(|n| t.eq_ignore_ascii_case(n))
+                    .map(|i| i as u64 + 1),
+                _ => None,
+            }
+            .ok_or_else(|| {
+                args.bad(
+                    1,
+                    "value of sync_level",
+                    "'received', 'durable', 'applied' or 1..3",
+                    &args::describe(v),
+                )
+            })?;
+            let policy = set_setting(p.dir(), "sync_level", code as i64)?;
+            p.apply_policy(&policy);
+            policy
+        }
+    };
+    Ok(SqlValue::Text(
+        NAMES[(policy.sync_level.clamp(1, 3) - 1) as usize].into(),
+    ))
 }
 
 /// `repl_config('log'[, level])`: the event log level of this process (off, error, warn,

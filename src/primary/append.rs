@@ -131,20 +131,24 @@ impl Primary {
         })
     }
 
-    /// Fast T2 (see the module doc); `false` = take the synchronous path.
-    pub(super) fn fast_write_unlocking(&self, h: &crate::wal::WalIndexHeader, w: &Witness) -> bool {
-        let Some(c) = self.read_claim() else {
-            return false;
-        };
+    /// Fast T2 (see the module doc): `Some(the LSN committed, if any)`; `None` = take the
+    /// synchronous path.
+    pub(super) fn fast_write_unlocking(
+        &self,
+        h: &crate::wal::WalIndexHeader,
+        w: &Witness,
+        wal_synced: bool,
+    ) -> Option<Option<u64>> {
+        let c = self.read_claim()?;
         if c.salts != h.salts {
-            return false;
+            return None;
         }
         if h.change == w.change && h.mx_frame == c.frame {
             self.write_intent(None); // no commit
-            return true;
+            return Some(None);
         }
         if h.change != w.change.wrapping_add(1) || h.mx_frame <= c.frame {
-            return false;
+            return None;
         }
         crate::sys::fault_point("t2-before-claim");
         self.store_claim(&Position {
@@ -154,10 +158,15 @@ impl Primary {
             frame: h.mx_frame,
             cksum: h.frame_cksum,
         });
+        if wal_synced {
+            // Every WAL write of this process, this commit's last, is synced: so is every
+            // frame before it (fdatasync is per file), whoever wrote them.
+            self.wal_synced_lsn.fetch_max(c.lsn.0 + 1, Ordering::AcqRel);
+        }
         crate::sys::fault_point("t2-after-claim");
         self.write_intent(None);
         self.kick_appender();
-        true
+        Some(Some(c.lsn.0 + 1))
     }
 
     /// Make sure an append pass will run (a futex wake only when none is queued or lingering).
@@ -257,12 +266,12 @@ impl Primary {
                 }
                 self.append_failing.store(false, Ordering::Release);
                 let appended = st.pos.lsn != before;
+                if appended && !st.pending && st.synced.is_none() {
+                    st.pending = true; // adopted from another process
+                }
                 if appended && !st.round_scheduled {
-                    st.pending = true;
                     st.round_scheduled = true;
                     super::workers::schedule(&self.me);
-                } else if appended {
-                    st.pending = true;
                 }
                 Ok(appended)
             }

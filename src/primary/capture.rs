@@ -157,26 +157,37 @@ impl Primary {
         ));
     }
 
-    /// T2: the connection holding WRITE is about to release it.
-    pub fn on_write_unlocking(&self, io: &dyn DbFileIo, w: Option<T1Witness>, wal_synced: bool) {
+    /// T2: the connection holding WRITE is about to release it. Returns the LSN this session
+    /// committed, if it committed one.
+    pub fn on_write_unlocking(
+        &self,
+        io: &dyn DbFileIo,
+        w: Option<T1Witness>,
+        wal_synced: bool,
+    ) -> Option<u64> {
         let Some(h) = read_header(io) else {
             lock(&self.state).last_error =
                 Some("wal-index header invalid at write-lock release".into());
-            return;
+            return None;
         };
-        if w.is_some_and(|w| w.fast && self.fast_write_unlocking(&h, &w)) {
-            return;
+        if let Some(w) = w.filter(|w| w.fast) {
+            if let Some(committed) = self.fast_write_unlocking(&h, &w, wal_synced) {
+                return committed;
+            }
         }
         let witnessed = w.is_some_and(|w| w.caught_up);
         let mut st = lock(&self.state);
         // Nobody else can have appended since a slow T1: we held WRITE all along. (A fast T1
         // did not look at the log: claimed records may wait for their append.)
         st.skip_shared_once = witnessed && !w.is_some_and(|w| w.fast);
+        let before = self.read_claim().map(|c| c.lsn);
         self.capture(&mut st, io, &h, witnessed, witnessed && wal_synced);
         // Our own intent (or a dead session's, resolved by this capture) is done with once the
         // position is the header; if capture failed it stays, and the next WRITE holder treats
         // the frames as this (then dead or failed) session's.
         self.clear_intent_if_caught_up(&st, &h);
+        let after = st.pos.lsn;
+        (witnessed && before.is_some_and(|b| after > b)).then_some(after.0)
     }
 
     /// Capture everything between the position and header `h` (WRITE held by the caller).

@@ -61,6 +61,18 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "capture_lag_max",
         "the most committed transactions the log may lag behind the WAL (1..=1000000): beyond it the next writer appends them itself, or, when the log cannot be written (disk full), writes fail with SQLITE_FULL",
     ),
+    (
+        "sync_replicas",
+        "synchronous replication: a commit returns once this many followers acknowledged it (0..=16; 0 = asynchronous)",
+    ),
+    (
+        "sync_level",
+        "what a synchronous follower acknowledges: 'received', 'durable' or 'applied' (config.json: 1, 2, 3)",
+    ),
+    (
+        "sync_timeout_ms",
+        "the longest a commit waits for its synchronous followers (1..=600000); then it returns anyway and the timeout is counted",
+    ),
 ];
 
 const CONFIG_FILE: &str = "config.json";
@@ -77,6 +89,9 @@ fn get(p: &Policy, name: &str) -> Option<u64> {
         "exec_max_bytes" => p.exec_max_bytes,
         "compress" => p.compress,
         "capture_lag_max" => p.capture_lag_max,
+        "sync_replicas" => p.sync_replicas,
+        "sync_level" => p.sync_level,
+        "sync_timeout_ms" => p.sync_timeout_ms,
         _ => return None,
     })
 }
@@ -160,6 +175,30 @@ fn apply(p: &mut Policy, name: &str, v: u64) -> Result<()> {
                 )));
             }
             p.exec_timeout_ms = v
+        }
+        "sync_replicas" => {
+            if v > 16 {
+                return Err(Error::Misuse(format!(
+                    "repl_config(): sync_replicas must be between 0 and 16, not {v}"
+                )));
+            }
+            p.sync_replicas = v
+        }
+        "sync_level" => {
+            if !(1..=3).contains(&v) {
+                return Err(Error::Misuse(format!(
+                    "repl_config(): sync_level is 'received', 'durable' or 'applied' (stored as 1, 2, 3), not {v}"
+                )));
+            }
+            p.sync_level = v
+        }
+        "sync_timeout_ms" => {
+            if !(1..=600_000).contains(&v) {
+                return Err(Error::Misuse(format!(
+                    "repl_config(): sync_timeout_ms must be between 1 and 600000, not {v}"
+                )));
+            }
+            p.sync_timeout_ms = v
         }
         "capture_lag_max" => {
             if !(1..=1_000_000).contains(&v) {
@@ -270,10 +309,11 @@ impl Primary {
     /// Makes this process's log follow `policy` now (the roll size; the rest is read by each
     /// pass). `repl_config()` calls it so a change applies to the next append at once.
     pub fn apply_policy(&self, policy: &Policy) {
-        self.lag_max.store(
-            policy.capture_lag_max.max(1),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        use std::sync::atomic::Ordering::Relaxed;
+        self.lag_max.store(policy.capture_lag_max.max(1), Relaxed);
+        self.sync_replicas.store(policy.sync_replicas, Relaxed);
+        self.sync_level.store(policy.sync_level, Relaxed);
+        self.sync_timeout_ms.store(policy.sync_timeout_ms, Relaxed);
         let mut st = lock(&self.state);
         let cfg = LogConfig {
             segment_bytes: policy.segment_bytes,

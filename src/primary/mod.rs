@@ -78,6 +78,7 @@ mod position;
 mod recover;
 mod snapshot;
 mod status;
+mod sync;
 mod workers;
 
 use position::{PosFile, Position};
@@ -164,6 +165,12 @@ pub struct Primary {
     append_failing: AtomicBool,
     /// Claims up to this LSN were made by commits that synced the WAL (synchronous=FULL).
     wal_synced_lsn: std::sync::atomic::AtomicU64,
+    /// Synchronous replication settings (the policy's) and counters (`sync.rs`).
+    sync_replicas: std::sync::atomic::AtomicU64,
+    sync_level: std::sync::atomic::AtomicU64,
+    sync_timeout_ms: std::sync::atomic::AtomicU64,
+    sync_waits: std::sync::atomic::AtomicU64,
+    sync_timeouts: std::sync::atomic::AtomicU64,
 }
 
 type T3Seen = ([u8; 8], u32, u32, Option<(Lsn, u32)>);
@@ -253,6 +260,11 @@ impl Primary {
             lag_max: std::sync::atomic::AtomicU64::new(policy.capture_lag_max.max(1)),
             append_failing: AtomicBool::new(false),
             wal_synced_lsn: std::sync::atomic::AtomicU64::new(0),
+            sync_replicas: std::sync::atomic::AtomicU64::new(policy.sync_replicas),
+            sync_level: std::sync::atomic::AtomicU64::new(policy.sync_level),
+            sync_timeout_ms: std::sync::atomic::AtomicU64::new(policy.sync_timeout_ms),
+            sync_waits: std::sync::atomic::AtomicU64::new(0),
+            sync_timeouts: std::sync::atomic::AtomicU64::new(0),
             posf: once_cell::sync::OnceCell::new(),
             durable_file,
             file_id: file_identity(db_path),

@@ -106,6 +106,7 @@ impl Primary {
                 .map(|(l, b)| serde_json::json!({"lsn": l.0, "bytes": b})),
             "settings": maintenance::load_policy(&self.dir).ok().map(|p| maintenance::policy_json(&p)),
             "server": lock(&self.server).as_ref().map(|s| s.status_json()),
+            "sync": self.sync_json(),
             "captured_txns": st.captured_txns,
             "gaps": st.gaps,
             "last_error": st.last_error,

@@ -18,6 +18,32 @@ pub(super) struct Follower {
     pub(super) seen: Instant,
 }
 
+/// A follower asked for `acked + 1`: it has `acked` applied and fsynced (its acknowledgement,
+/// FORMAT.md §8). Recorded for every process of the primary, whose commits may wait for it
+/// (synchronous replication, `txlog::acks`), when it moved or at least every 5 s while the
+/// follower stays.
+pub(super) fn ack_follower(sh: &Shared, id: &str, acked: u64) {
+    let now = Instant::now();
+    {
+        let mut m = sh.acked.lock().unwrap_or_else(|e| e.into_inner());
+        let e = m.entry(id.to_string()).or_insert((0, now));
+        if acked <= e.0 && e.1.elapsed() < Duration::from_secs(5) && e.0 != 0 {
+            return;
+        }
+        *e = (e.0.max(acked), now);
+        if m.len() > 10_000 {
+            m.retain(|_, (_, t)| t.elapsed() < FOLLOWER_TTL);
+        }
+    }
+    if let Err(e) = txlog::acks::record(&sh.dir, id, acked) {
+        crate::logging::event(&format!(
+            "event=acks_error dir={:?} error={:?}",
+            sh.dir,
+            e.to_string()
+        ));
+    }
+}
+
 /// Record a follower's position; `until` is the end of the long-poll it is parked in.
 pub(super) fn touch_follower(sh: &Shared, id: &str, last_lsn: u64, until: Option<Instant>) {
     let now = Instant::now();
@@ -25,7 +51,7 @@ pub(super) fn touch_follower(sh: &Shared, id: &str, last_lsn: u64, until: Option
     let mut m = sh.followers.lock().unwrap_or_else(|e| e.into_inner());
     let f = m
         .entry(id.to_string())
-        .or_insert(Follower { last_lsn, seen });
+        .or_insert(Follower { last_lsn: 0, seen });
     f.last_lsn = f.last_lsn.max(last_lsn);
     f.seen = f.seen.max(seen);
     // Bounded: a stranger inventing follower names cannot grow this map without limit.

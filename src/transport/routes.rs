@@ -2,7 +2,7 @@
 //! parked at the durable end) and `/v1/snapshot` (docs/FORMAT.md §8.2–§8.4).
 
 use super::httpd::{Body, Ctx, Outcome, Reply, Request};
-use super::metrics::touch_follower;
+use super::metrics::{ack_follower, touch_follower};
 use super::request::{header, num, query};
 use super::server::{
     Shared, DEFAULT_MAX_BYTES, MAX_MAX_BYTES, MAX_WAIT_MS, RECORDS_TYPE, SNAPSHOT_TYPE,
@@ -94,6 +94,9 @@ pub(super) fn serve_log(
                 durable.0
             ),
         ));
+    }
+    if from.0 > 1 {
+        ack_follower(sh, &follower, from.0 - 1);
     }
     // At the durable end with a wait: park (no thread, no polling) until the log directory
     // changes or the wait ends. Only a request that can be served registers its follower (a

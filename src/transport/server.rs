@@ -52,6 +52,8 @@ pub(super) struct Shared {
     /// The last `/v1/log` answer with records (see `routes::serve_log`).
     pub(super) answer: Mutex<Option<super::routes::Answer>>,
     pub(super) followers: Mutex<HashMap<String, Follower>>,
+    /// Each follower's last recorded acknowledgement and when it was written to `acks`.
+    pub(super) acked: Mutex<HashMap<String, (u64, std::time::Instant)>>,
     /// (time, durable LSN) samples for records/s.
     pub(super) rate: Mutex<Vec<(Instant, u64)>>,
     pub(super) served_records: std::sync::atomic::AtomicU64,
@@ -245,6 +247,7 @@ impl Server {
             hints: Mutex::new(HashMap::new()),
             answer: Mutex::new(None),
             followers: Mutex::new(HashMap::new()),
+            acked: Mutex::new(HashMap::new()),
             rate: Mutex::new(Vec::new()),
             served_records: Default::default(),
             served_bytes: Default::default(),

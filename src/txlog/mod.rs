@@ -22,6 +22,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod acks;
 mod checksum;
 mod compact;
 mod compress;

@@ -45,6 +45,12 @@ pub struct Policy {
     /// written (disk full): beyond it writes fail with SQLITE_FULL (issue 14). While the log
     /// can be written, a lag this large makes the next writer append itself (back-pressure).
     pub capture_lag_max: u64,
+    /// Synchronous replication (issue 16): a commit returns once this many followers
+    /// acknowledged its LSN (0 = asynchronous), at level `sync_level` (1 received, 2 durable,
+    /// 3 applied), waiting at most `sync_timeout_ms`.
+    pub sync_replicas: u64,
+    pub sync_level: u64,
+    pub sync_timeout_ms: u64,
 }
 
 impl Default for Policy {
@@ -60,6 +66,9 @@ impl Default for Policy {
             exec_max_bytes: 4 << 20,
             compress: 0,
             capture_lag_max: 1000,
+            sync_replicas: 0,
+            sync_level: 3,
+            sync_timeout_ms: 5000,
         }
     }
 }

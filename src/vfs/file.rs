@@ -534,16 +534,22 @@ unsafe extern "C" fn x_shm_lock(
             }
             return rc;
         }
+        let mut committed = None;
         if flags == ffi::SQLITE_SHM_UNLOCK | ffi::SQLITE_SHM_EXCLUSIVE && s.holds_write {
             let w = s.witness.take();
             let durable = db.counters().wal_synced();
-            db.write_unlocking(&ConnIo { s }, w, durable);
+            committed = db.write_unlocking(&ConnIo { s }, w, durable);
             s.holds_write = false;
             s.witness = None;
             db.counters().write_holders.fetch_sub(1, Ordering::AcqRel);
         }
         // SAFETY: forwarding (always, even when capture failed: WRITE must never stay held).
-        unsafe { lock(s.real, ofst, n, flags) }
+        let rc = unsafe { lock(s.real, ofst, n, flags) };
+        if let Some(lsn) = committed {
+            // After the release: a synchronous-replication wait holds up this commit only.
+            db.write_released(lsn);
+        }
+        rc
     })
 }
 

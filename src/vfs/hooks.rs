@@ -76,7 +76,16 @@ pub trait DbHooks: Send + Sync {
     fn write_locked(&self, io: &dyn DbFileIo) -> Option<Witness>;
     /// The connection behind `io` is about to release WRITE (`wal_synced`: every WAL write of
     /// this process has been synced).
-    fn write_unlocking(&self, io: &dyn DbFileIo, w: Option<Witness>, wal_synced: bool);
+    /// Returns the LSN this session committed, if it committed one.
+    fn write_unlocking(
+        &self,
+        io: &dyn DbFileIo,
+        w: Option<Witness>,
+        wal_synced: bool,
+    ) -> Option<u64>;
+    /// WRITE was released after a session that committed `lsn`: synchronous replication may
+    /// wait here (other writers go on).
+    fn write_released(&self, _lsn: u64) {}
     /// A connection holding WRITE asks for READ1..READ4 exclusively: it is about to restart
     /// or truncate the WAL, which overwrites its frames. `false` refuses (the shim answers
     /// SQLITE_BUSY: SQLite then appends to the WAL instead of restarting it, or reports the
