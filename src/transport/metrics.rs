@@ -65,6 +65,7 @@ pub(super) fn followers_json(sh: &Shared) -> serde_json::Value {
         .ok()
         .flatten()
         .map_or(0, |d| d.0 .0);
+    let acked = sh.acked.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let m = sh.followers.lock().unwrap_or_else(|e| e.into_inner());
     let mut v: Vec<_> = m
         .iter()
@@ -74,6 +75,9 @@ pub(super) fn followers_json(sh: &Shared) -> serde_json::Value {
                 "id": id,
                 "last_lsn": f.last_lsn,
                 "lag_lsn": durable.saturating_sub(f.last_lsn),
+                // Applied and fsynced on the follower (received = durable = applied: it asks
+                // for the next LSN only then).
+                "acked_lsn": acked.get(id.as_str()).map_or(0, |a| a.0),
                 "seen_ms_ago": f.seen.elapsed().as_millis() as u64,
                 "waiting": f.seen > Instant::now(),
             })
@@ -174,6 +178,14 @@ pub(super) fn metrics(sh: &Shared) -> Reply {
         "gauge",
         list.iter()
             .map(|f| (label(f), f["last_lsn"].to_string()))
+            .collect(),
+    );
+    metric(
+        "sqlite_replica_follower_acked_lsn",
+        "Last LSN a follower acknowledged: applied and fsynced there (synchronous replication).",
+        "gauge",
+        list.iter()
+            .map(|f| (label(f), f["acked_lsn"].to_string()))
             .collect(),
     );
     metric(

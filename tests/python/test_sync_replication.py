@@ -33,6 +33,8 @@ def test_commit_returns_once_the_follower_applied_it(tmp):
         assert st["replicas"] == 1 and st["level"] == "applied", st
         assert st["waits"] >= 20 and st["timeouts"] == 0, st
         assert p.one("SELECT repl_wait_replicas()") >= 1
+        followers = status(p)["server"]["followers"]
+        assert [f["acked_lsn"] for f in followers] == [p.one("SELECT repl_lsn()")], followers
 
 
 def test_too_few_followers_time_out_visibly(tmp):
