@@ -221,27 +221,20 @@ impl super::Primary {
     /// The shared position. Lock-free readers (T3's pre-check, `repl_lsn()`) may race a
     /// writer's pwrite: the checksum catches a torn copy and the read is retried.
     pub(super) fn read_position(&self) -> Option<Position> {
-        let f = self.position_file().ok()?;
-        let w = f.map.words();
-        for _ in 0..4 {
-            let mut b = [0u8; POSITION_LEN];
-            for (i, c) in b.chunks_exact_mut(4).enumerate() {
-                c.copy_from_slice(&w[i].load(Ordering::Acquire).to_ne_bytes());
-            }
-            if let Some(p) = Position::decode(&b) {
-                return Some(p);
-            }
-            std::hint::spin_loop();
-        }
-        None
+        self.read_mapped_position(0)
     }
 
     /// The claim (see the module doc of `primary`): the capture position including the
     /// transactions committed but not yet appended. Written only by WRITE holders; read
     /// lock-free by appenders (a torn copy fails its checksum and the read is retried).
     pub(super) fn read_claim(&self) -> Option<Position> {
+        self.read_mapped_position(CLAIM_WORD)
+    }
+
+    /// A position encoded at word `at` of the mapping, read lock-free (retried while torn).
+    fn read_mapped_position(&self, at: usize) -> Option<Position> {
         let f = self.position_file().ok()?;
-        let w = &f.map.words()[CLAIM_WORD..CLAIM_WORD + POSITION_LEN / 4];
+        let w = &f.map.words()[at..at + POSITION_LEN / 4];
         for _ in 0..8 {
             let mut b = [0u8; POSITION_LEN];
             for (i, c) in b.chunks_exact_mut(4).enumerate() {

@@ -132,15 +132,8 @@ fn append_worker() {
             let mut q = lock(&APPENDS.q);
             loop {
                 let now = Instant::now();
-                let mut i = 0;
-                while i < q.delayed.len() {
-                    if q.delayed[i].0 <= now {
-                        let (_, w) = q.delayed.swap_remove(i);
-                        q.ready.push_back(w);
-                    } else {
-                        i += 1;
-                    }
-                }
+                let due = take_due(&mut q.delayed, now);
+                q.ready.extend(due);
                 if let Some(w) = q.ready.pop_front() {
                     break w;
                 }
@@ -172,6 +165,20 @@ fn schedule_after(p: Weak<Primary>, delay: Duration) {
     SHARED.cv.notify_one();
 }
 
+/// Removes and returns the entries of `delayed` that are due at `now`.
+fn take_due(delayed: &mut Vec<(Instant, Weak<Primary>)>, now: Instant) -> Vec<Weak<Primary>> {
+    let mut due = Vec::new();
+    let mut i = 0;
+    while i < delayed.len() {
+        if delayed[i].0 <= now {
+            due.push(delayed.swap_remove(i).1);
+        } else {
+            i += 1;
+        }
+    }
+    due
+}
+
 enum Job {
     Round(Weak<Primary>),
     T3(Vec<Weak<Primary>>),
@@ -181,15 +188,8 @@ fn next_job() -> Job {
     let mut q = lock(&SHARED.q);
     loop {
         let now = Instant::now();
-        let mut i = 0;
-        while i < q.delayed.len() {
-            if q.delayed[i].0 <= now {
-                let (_, w) = q.delayed.swap_remove(i);
-                q.ready.push_back(w);
-            } else {
-                i += 1;
-            }
-        }
+        let due = take_due(&mut q.delayed, now);
+        q.ready.extend(due);
         if let Some(w) = q.ready.pop_front() {
             return Job::Round(w);
         }

@@ -16,7 +16,9 @@ import json
 
 from helpers import apsw_conn, one, py_ok
 
-CHILD = r"""
+# The children's common start: a primary on `path` with capture_lag_max LAG_MAX whose log
+# segment is the only file that grows past `limit` (the database and WAL stay below it).
+SETUP = r"""
 import apsw, json, os, resource, signal, time
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 load()
@@ -27,7 +29,7 @@ c = connect(path)
 c.execute("pragma busy_timeout=10000")
 c.execute("pragma journal_mode=wal; create table t(id integer primary key, b blob)").fetchall()
 one(c, "select repl_primary()")
-one(c, "select repl_config('capture_lag_max', 5)")
+one(c, "select repl_config('capture_lag_max', LAG_MAX)")
 # Grow the log, not the database: insert then delete big rows.
 for _ in range(3):
     c.execute("with recursive s(i) as (select 1 union all select i+1 from s where i < 100) "
@@ -37,6 +39,9 @@ c.execute("pragma wal_checkpoint(truncate)").fetchall()
 seg_dir = path + "-replica/log"
 seg = max((os.path.getsize(os.path.join(seg_dir, f)) for f in os.listdir(seg_dir)))
 limit = seg + 2048
+"""
+
+CHILD = SETUP.replace("LAG_MAX", "5") + r"""
 assert os.path.getsize(path) < limit
 soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
@@ -98,24 +103,9 @@ def test_disk_full_refuses_writes_and_loses_no_acknowledged_commit(tmp_path):
     assert one(r, "select repl_checksum()") == out["checksum"]
 
 
-HOOK_CHILD = r"""
-import apsw, json, os, resource, signal, time
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-load()
-path = %r
-c = connect(path)
-c.execute("pragma busy_timeout=10000")
-c.execute("pragma journal_mode=wal; create table t(id integer primary key, b blob)").fetchall()
-one(c, "select repl_primary()")
-for _ in range(3):
-    c.execute("with recursive s(i) as (select 1 union all select i+1 from s where i < 100) "
-              "insert into t(id, b) select i + 1000, randomblob(20000) from s")
-    c.execute("delete from t where id >= 1000")
-c.execute("pragma wal_checkpoint(truncate)").fetchall()
-seg_dir = path + "-replica/log"
-seg = max((os.path.getsize(os.path.join(seg_dir, f)) for f in os.listdir(seg_dir)))
+HOOK_CHILD = SETUP.replace("LAG_MAX", "1000") + r"""
 soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-resource.setrlimit(resource.RLIMIT_FSIZE, (seg + 2048, hard))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
 for i in range(1, 11):
     c.execute("insert into t(id, b) values(?, randomblob(300))", (i,))
 lag = one(c, "select repl_lsn()") - json.loads(one(c, "select repl_status()"))["log"]["last_lsn"]
