@@ -81,3 +81,91 @@ def test_settings_refuse_bad_values(tmp):
             raise AssertionError("accepted on a replica")
         except Exception as e:  # noqa: BLE001
             assert "not a primary" in str(e), e
+
+
+# A primary process: serves on PORT, synchronous with one follower at level durable, then
+# commits one row per transaction and prints its id once COMMIT returned.
+SYNC_WRITER = r"""
+import random, time
+db, port, seed = sys.argv_db, sys.argv_port, int(sys.argv_seed)
+c = connect(db)
+c.setbusytimeout(10000)
+deadline = time.monotonic() + 15
+while True:
+    try:
+        one(c, "SELECT repl_primary(?)", ("127.0.0.1:" + port,))
+        break
+    except apsw.Error as e:
+        if "cannot listen" not in str(e) or time.monotonic() > deadline:
+            raise
+        time.sleep(0.05)
+one(c, "SELECT repl_config('sync_replicas', 1)")
+one(c, "SELECT repl_config('sync_level', 'durable')")
+one(c, "SELECT repl_config('sync_timeout_ms', 60000)")
+print("ready", flush=True)  # (the first commit below waits for the follower the test starts)
+c.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, pad BLOB)")
+rng = random.Random(seed)
+n = one(c, "SELECT coalesce(max(id), 0) FROM t")
+while True:
+    n += 1
+    c.execute("INSERT INTO t(id, pad) VALUES (?, randomblob(?))", (n, rng.randint(10, 3000)))
+    print(n, flush=True)
+"""
+
+
+def test_kill_the_primary_every_acknowledged_commit_is_on_the_replica(tmp):
+    """sync_replicas=1, level durable: the primary process is killed (-9) at random moments under
+    a write load, >= 50 times; right after each kill, every id whose COMMIT had returned is on the
+    replica already (no waiting: it acknowledged them)."""
+    import os
+    import random
+    import signal
+    import socket
+    import threading
+
+    from helpers import spawn_py
+
+    kills = int(os.environ.get("REPL_SYNC_KILLS", "50"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    pdb = tmp / "p.db"
+    rng = random.Random(99)
+    printed: list[int] = []
+    r = None
+    try:
+        for k in range(kills):
+            code = (SYNC_WRITER.replace("sys.argv_db", repr(str(pdb))).replace("sys.argv_port", repr(str(port)))
+                    .replace("sys.argv_seed", repr(str(k))))
+            w = spawn_py(code)
+            lines: list[str] = []
+
+            def read(w=w, lines=lines) -> None:
+                for line in w.stdout:
+                    if not line.endswith("\n"):
+                        break
+                    lines.append(line.strip())
+
+            t = threading.Thread(target=read, daemon=True)
+            t.start()
+            wait_for(lambda: "ready" in lines or w.poll() is not None, timeout=30, what="the primary to start")
+            assert w.poll() is None, w.stderr.read()
+            if r is None:
+                r = Worker(tmp / "r.db")
+                r.q("SELECT repl_follow(?)", [f"http://127.0.0.1:{port}"])
+            # Let it commit for a while (each commit waits for the follower), then kill it.
+            time.sleep(rng.choice([0.02, 0.1, rng.uniform(0, 0.4)]))
+            os.kill(w.pid, signal.SIGKILL)
+            w.wait(timeout=30)
+            t.join(timeout=10)
+            ids = [int(x) for x in lines if x.isdigit()]
+            printed.extend(ids)
+            if printed:
+                have = r.one("SELECT count(*) FROM t WHERE id <= ?", [max(printed)])
+                missing = r.one("SELECT ? - count(*) FROM t WHERE id IN (SELECT value FROM json_each(?))",
+                                [len(printed), json.dumps(printed)])
+                assert missing == 0, f"after kill {k}: {missing} acknowledged commits missing on the replica ({have} there)"
+        assert len(printed) > kills, printed[-5:]
+    finally:
+        if r is not None:
+            r.close()
