@@ -204,6 +204,8 @@ impl Primary {
                 role: "primary".into(),
                 page_size,
                 created_ms: now_ms(),
+                epoch: crate::types::Epoch::FIRST,
+                epoch_start: None,
             };
             Log::create(&dir, &meta, cfg)?
         } else {

@@ -357,11 +357,8 @@ fn snapshot_codec(f: &std::fs::File) -> Result<Option<u8>> {
     let mut h = [0u8; txlog::SEGMENT_HEADER_LEN + txlog::RECORD_HEADER_LEN];
     f.read_exact_at(&mut h, 0)
         .map_err(|e| Error::io("reading a snapshot file's header", e))?;
-    let flags = u16::from_be_bytes([
-        h[txlog::SEGMENT_HEADER_LEN + 6],
-        h[txlog::SEGMENT_HEADER_LEN + 7],
-    ]);
-    Ok((flags & txlog::FLAG_COMPRESSED != 0).then_some(h[txlog::SEGMENT_HEADER_LEN + 68]))
+    // The header parser knows where each record version keeps its codec (FORMAT.md §3.7, §3.1).
+    Ok(txlog::record_codec(&h[txlog::SEGMENT_HEADER_LEN..])?)
 }
 
 /// `Range: bytes=N-` or `bytes=N-M` (one range; FORMAT.md §8.4): `Some((first, last))` with
