@@ -69,9 +69,11 @@ impl Source for DirSource {
         // Read fresh: a primary re-created at the same path has a new lineage.
         let meta = Log::read_meta(&self.dir)?;
         Ok(SourceInfo {
-            lineage: meta.lineage,
+            lineage: meta.lineage.clone(),
             first_lsn: Log::first_segment_lsn(&self.dir)?,
             durable_lsn: Log::read_durable(&self.dir)?.map(|d| d.0),
+            epoch: meta.epoch,
+            epoch_start: meta.epoch_start,
         })
     }
 

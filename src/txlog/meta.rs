@@ -185,7 +185,7 @@ pub(crate) fn create_meta(dir: &Path, meta: &Meta) -> Result<()> {
 }
 
 /// Creates/truncates `path`, writes `data` and fsyncs it.
-pub(crate) fn write_and_sync(path: &Path, data: &[u8]) -> Result<()> {
+pub fn write_and_sync(path: &Path, data: &[u8]) -> Result<()> {
     let ctx = || format!("writing {}", path.display());
     let mut f = File::create(path).map_err(|e| Error::io(ctx(), e))?;
     f.write_all(data).map_err(|e| Error::io(ctx(), e))?;

@@ -57,7 +57,10 @@ pub use compress::{
 pub use fuzzing::exercise_decoders;
 pub use iter::{LogIter, LogMetaIter, ReadHint, RecordRange};
 pub use log::{Log, LogConfig, PendingSync};
-pub use meta::{raise_fence, read_fence, sync_dir, DurableFile, Fence, Meta, DIR_FORMAT_EPOCH};
+pub use meta::{
+    raise_fence, read_fence, sync_dir, write_and_sync as write_file_synced, DurableFile, Fence,
+    Meta, DIR_FORMAT_EPOCH,
+};
 pub use rebuild::{rebuild, RebuildInfo};
 pub use record::{
     decode_record, decode_record_meta, encode_record, encode_record_with, record_codec, record_len,

@@ -1,0 +1,188 @@
+//! Epochs on the replica side (issue 16): the newest epoch this replica has seen is kept in
+//! `replica.json`; a source of an older epoch (a deposed primary) is refused, and records of an
+//! older epoch too. A source of a newer epoch (the replica was re-pointed at a promoted
+//! replica) is followed without a re-snapshot when this replica's history is a prefix of the
+//! new primary's: the new epoch starts at LSN S with checksum C (`SourceInfo::epoch_start`),
+//! and a replica at S with checksum C holds exactly that state. A replica past S holds records
+//! the new primary never got: it rewinds by re-snapshot, with an `event=replica_rewound` line.
+
+use super::source::write_meta;
+use super::{log_event, Replica, State};
+use crate::error::{Error, Result};
+use crate::transport::SourceInfo;
+use crate::types::{Checksum, Epoch, Lsn};
+
+/// What a replica at (`lsn`, `checksum`) does when its source is the primary of a newer epoch
+/// whose history starts at `start` (LSN, checksum).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Switch {
+    /// Its history is a prefix of the new primary's (or it is behind, and the new primary's
+    /// log decides: records, or a re-snapshot when they are not retained).
+    Continue,
+    /// It holds a state the new primary never had: re-snapshot (the reason says why).
+    Rewind(String),
+}
+
+/// The pure decision of an epoch switch (unit-tested below).
+pub(super) fn epoch_switch(lsn: Lsn, checksum: Checksum, start: Option<(Lsn, Checksum)>) -> Switch {
+    let Some((s, c)) = start else {
+        return Switch::Rewind(
+            "the new primary does not say where its epoch starts, so a shared history cannot be checked"
+                .into(),
+        );
+    };
+    if lsn > s {
+        return Switch::Rewind(format!(
+            "the replica holds LSNs {}..={lsn} that the new primary never got (its epoch starts after LSN {s})",
+            s.0 + 1
+        ));
+    }
+    if lsn == s && checksum != c {
+        return Switch::Rewind(format!(
+            "at LSN {s} the replica's checksum is {checksum} but the new primary's is {c}: the histories differ"
+        ));
+    }
+    Switch::Continue
+}
+
+impl Replica {
+    /// Compares the source's epoch (`info`) with the newest this replica has seen: older is
+    /// refused, newer is handled once the live state is loaded (`switch_epoch`).
+    pub(super) fn check_epoch(&self, st: &mut State, info: &SourceInfo) -> Result<()> {
+        if let Some(spec) = st.meta.source.clone() {
+            self.refuse_older_epoch(st, info, &spec)?;
+        }
+        st.pending_epoch = (info.epoch > st.meta.epoch).then_some((info.epoch, info.epoch_start));
+        Ok(())
+    }
+
+    /// A source of an epoch older than the newest this replica has seen is a deposed primary.
+    pub(super) fn refuse_older_epoch(
+        &self,
+        st: &State,
+        info: &SourceInfo,
+        spec: &crate::transport::SourceSpec,
+    ) -> Result<()> {
+        if info.epoch < st.meta.epoch {
+            let src = spec.to_string();
+            log_event(&format!(
+                "event=epoch_refused db={:?} source={src:?} source_epoch={} epoch={}",
+                self.db_path, info.epoch, st.meta.epoch
+            ));
+            return Err(Error::ReadOnly(format!(
+                "{src} is a primary of epoch {} but this replica has seen epoch {}{}: that primary was deposed \
+                 and its records are not this lineage's history any more; nothing was applied. Follow the \
+                 current primary: repl_follow('<its URL>')",
+                info.epoch,
+                st.meta.epoch,
+                st.meta
+                    .epoch_primary
+                    .as_deref()
+                    .map(|p| format!(" (primary {p})"))
+                    .unwrap_or_default()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records of an older epoch than the newest seen are refused (a deposed primary's).
+    pub(super) fn check_record_epochs(
+        &self,
+        st: &State,
+        records: &[crate::txlog::Record],
+    ) -> Result<()> {
+        if let Some(r) = records.iter().find(|r| r.meta.epoch != st.meta.epoch) {
+            let older = r.meta.epoch < st.meta.epoch;
+            return Err(Error::ReadOnly(format!(
+                "record LSN {} is of epoch {}, but this replica follows epoch {}: {}; nothing was applied",
+                r.meta.lsn,
+                r.meta.epoch,
+                st.meta.epoch,
+                if older {
+                    "records of a deposed primary are refused; follow the current primary"
+                } else {
+                    "the source changed epoch during this sync; the next repl_sync() checks the new epoch"
+                }
+            )));
+        }
+        Ok(())
+    }
+
+    /// With the live state loaded: follow the source's newer epoch, rewinding first when this
+    /// replica's history is not a prefix of the new primary's.
+    pub(super) fn switch_epoch(&self, st: &mut State) -> Result<()> {
+        let Some((epoch, start)) = st.pending_epoch.take() else {
+            return Ok(());
+        };
+        if let Switch::Rewind(why) = epoch_switch(st.lsn, st.sums.total(), start) {
+            log_event(&format!(
+                "event=replica_rewound db={:?} lsn={} new_epoch={epoch} epoch_start_lsn={} reason={why:?}",
+                self.db_path,
+                st.lsn,
+                start.map_or(0, |s| s.0 .0)
+            ));
+            if let Err(e) = self.resnapshot(st, &format!("new epoch {epoch}: {why}")) {
+                st.pending_epoch = Some((epoch, start));
+                return Err(e);
+            }
+        }
+        self.adopt_epoch(st, epoch)
+    }
+
+    /// This replica now follows `epoch` (remembered in `replica.json`, sent with requests).
+    pub(super) fn adopt_epoch(&self, st: &mut State, epoch: Epoch) -> Result<()> {
+        st.pending_epoch = None;
+        if epoch == st.meta.epoch {
+            return Ok(());
+        }
+        let before = st.meta.epoch;
+        st.meta.epoch = epoch;
+        st.meta.epoch_primary = st.meta.source.as_ref().map(|s| s.to_string());
+        write_meta(&self.dir, &st.meta)?;
+        log_event(&format!(
+            "event=epoch_followed db={:?} epoch={epoch} previous_epoch={before} primary={:?} lsn={}",
+            self.db_path,
+            st.meta.epoch_primary.as_deref().unwrap_or("?"),
+            st.lsn
+        ));
+        self.announce_epoch(st);
+        Ok(())
+    }
+
+    /// Tell the sources (the sync's and the follower's) which epoch to send.
+    pub(super) fn announce_epoch(&self, st: &State) {
+        let primary = st.meta.epoch_primary.as_deref();
+        if let Some(s) = &st.source {
+            s.set_epoch(st.meta.epoch, primary);
+        }
+        *super::lock(&self.seen_epoch) = (st.meta.epoch, st.meta.epoch_primary.clone());
+        if let Some((_, s)) = super::lock(&self.shared_source).as_ref() {
+            s.set_epoch(st.meta.epoch, primary);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_continues_ahead_or_different_rewinds() {
+        let start = Some((Lsn(10), Checksum(77)));
+        assert_eq!(epoch_switch(Lsn(10), Checksum(77), start), Switch::Continue);
+        // Behind: the new primary's log decides (records, or 410 and a re-snapshot).
+        assert_eq!(epoch_switch(Lsn(4), Checksum(1), start), Switch::Continue);
+        match epoch_switch(Lsn(12), Checksum(77), start) {
+            Switch::Rewind(m) => assert!(m.contains("LSNs 11..=12"), "{m}"),
+            s => panic!("{s:?}"),
+        }
+        match epoch_switch(Lsn(10), Checksum(78), start) {
+            Switch::Rewind(m) => assert!(m.contains("histories differ"), "{m}"),
+            s => panic!("{s:?}"),
+        }
+        assert!(matches!(
+            epoch_switch(Lsn(10), Checksum(77), None),
+            Switch::Rewind(_)
+        ));
+    }
+}
