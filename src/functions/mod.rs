@@ -230,7 +230,7 @@ fn become_primary(c: &Call) -> Result<SqlValue> {
     let (entry, path) = main_db_checked(c.db, "repl_primary()")?;
     if let Some(r) = entry.replica() {
         return Err(Error::Misuse(format!(
-            "repl_primary(): {path} is a replica of {}; a replica cannot become a primary (promotion is not supported yet)",
+            "repl_primary(): {path} is a replica of {}; a replica becomes a primary only by promotion: repl_promote([listen [, token]]) (docs/SQL.md)",
             r.source().map_or("?".into(), |s| s.to_string())
         )));
     }

@@ -365,7 +365,7 @@ fn snapshot_codec(f: &std::fs::File) -> Result<Option<u8>> {
     f.read_exact_at(&mut h, 0)
         .map_err(|e| Error::io("reading a snapshot file's header", e))?;
     // The header parser knows where each record version keeps its codec (FORMAT.md §3.7, §3.1).
-    Ok(txlog::record_codec(&h[txlog::SEGMENT_HEADER_LEN..])?)
+    txlog::record_codec(&h[txlog::SEGMENT_HEADER_LEN..])
 }
 
 /// `Range: bytes=N-` or `bytes=N-M` (one range; FORMAT.md §8.4): `Some((first, last))` with
