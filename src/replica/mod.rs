@@ -487,6 +487,14 @@ impl Replica {
         // request to the source while the locks are held.
         let only_prefetched = followed.is_some();
         let (known, prefetched) = followed.unzip();
+        if !self.dir.join("replica.json").exists() && self.dir.join("meta.json").exists() {
+            // Promoted by another process (repl_promote): this process's replica role is
+            // stale and must not apply anything on top of the new primary's writes.
+            return Err(Error::Misuse(format!(
+                "{} was promoted to a primary (by another process): this connection still sees it as                  a replica; nothing was applied. Reopen the database",
+                self.db_path
+            )));
+        }
         self.open_source(st, spec)?;
         self.check_source(st, known)?;
         if self.pos.read().is_none()

@@ -16,9 +16,12 @@ import os
 import struct
 from pathlib import Path
 
+import subprocess
+
 import pytest
 
 from helpers import (
+    REPO,
     Worker,
     WorkerError,
     lsn_checksum,
@@ -27,6 +30,9 @@ from helpers import (
     wait_for,
     worker_status,
 )
+
+
+CLI = REPO / "build" / "sqlite-replica"
 
 
 def rows(w: Worker) -> list[int]:
@@ -87,12 +93,20 @@ def test_promote_with_force_fences_rewinds_and_orphans(tmp: Path) -> None:
                 p.q("INSERT INTO t VALUES(99, 'lost')")
             assert e.value.name == "ReadOnlyError", e.value.msg
             assert "event=primary_deposed" in p.stderr() or "event=primary_fenced" in p.stderr()
+            # A write forwarded by a replica still following P is refused, naming r1.
+            with pytest.raises(WorkerError) as e:
+                r2.one("SELECT repl_exec('INSERT INTO t VALUES(98, 1)')")
+            assert e.value.name == "ReadOnlyError" and nurl in e.value.msg, e.value.msg
 
             # The new epoch continues the LSNs; its records are version 3.
             r1.q("INSERT INTO t VALUES(100, 'epoch 2')")
             l3 = r1.one("SELECT repl_lsn()")
             assert l3 == l1 + 1
             wait_for(lambda: first_record_version(tmp / "r1.db-replica") == 3, what="a v3 record")
+            # The offline tools read the promoted log (format 2, starting at l1 + 1).
+            out = subprocess.run([str(CLI), "verify", str(tmp / "r1.db-replica")],
+                                 capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stdout + out.stderr
 
             # r3 shares r1's history up to l1: it continues without a re-snapshot.
             r3.one("SELECT repl_sync(?)", [nurl])
@@ -179,3 +193,11 @@ def test_promote_after_primary_died_and_follower_fences_reopened_primary(tmp: Pa
             assert [r[0] for r in p2.q("SELECT id FROM t ORDER BY id")] == [1, 2, 3, 10]
             r2.q("SELECT repl_follow(NULL)")
             p2.q("SELECT repl_follow(NULL)")
+        # The promoted primary, reopened, resumes its epoch where it was: no gap.
+        r1.close()
+        with Worker(tmp / "r1.db") as again:
+            assert again.one("SELECT repl_role()") == "primary"
+            again.q("INSERT INTO t VALUES(13, 'after reopen')")
+            assert again.one("SELECT repl_lsn()") == l3 + 1
+            assert worker_status(again)["epoch"] == 2
+            assert "event=gap" not in again.stderr()
