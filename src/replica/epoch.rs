@@ -45,6 +45,26 @@ pub(super) fn epoch_switch(lsn: Lsn, checksum: Checksum, start: Option<(Lsn, Che
     Switch::Continue
 }
 
+/// Every record of a batch must be of the epoch the replica follows: an older one is a deposed
+/// primary's, a newer one means the source changed epoch during the sync (the next sync
+/// handles the switch). Nothing of the batch is applied otherwise.
+pub(super) fn record_epochs(follows: Epoch, records: &[crate::txlog::Record]) -> Result<()> {
+    if let Some(r) = records.iter().find(|r| r.meta.epoch != follows) {
+        let older = r.meta.epoch < follows;
+        return Err(Error::ReadOnly(format!(
+            "record LSN {} is of epoch {}, but this replica follows epoch {follows}: {}; nothing was applied",
+            r.meta.lsn,
+            r.meta.epoch,
+            if older {
+                "records of a deposed primary are refused; follow the current primary"
+            } else {
+                "the source changed epoch during this sync; the next repl_sync() checks the new epoch"
+            }
+        )));
+    }
+    Ok(())
+}
+
 impl Replica {
     /// Compares the source's epoch (`info`) with the newest this replica has seen: older is
     /// refused, newer is handled once the live state is loaded (`switch_epoch`).
@@ -91,21 +111,7 @@ impl Replica {
         st: &State,
         records: &[crate::txlog::Record],
     ) -> Result<()> {
-        if let Some(r) = records.iter().find(|r| r.meta.epoch != st.meta.epoch) {
-            let older = r.meta.epoch < st.meta.epoch;
-            return Err(Error::ReadOnly(format!(
-                "record LSN {} is of epoch {}, but this replica follows epoch {}: {}; nothing was applied",
-                r.meta.lsn,
-                r.meta.epoch,
-                st.meta.epoch,
-                if older {
-                    "records of a deposed primary are refused; follow the current primary"
-                } else {
-                    "the source changed epoch during this sync; the next repl_sync() checks the new epoch"
-                }
-            )));
-        }
-        Ok(())
+        record_epochs(st.meta.epoch, records)
     }
 
     /// With the live state loaded: follow the source's newer epoch, rewinding first when this
@@ -165,6 +171,50 @@ impl Replica {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_of_another_epoch_are_refused() {
+        use crate::txlog::{Page, Record, RecordMeta};
+        use crate::types::{Generation, PageNo, PageSize};
+        let rec = |lsn: u64, e: u32| Record {
+            meta: RecordMeta {
+                lsn: Lsn(lsn),
+                generation: Generation(1),
+                snapshot: false,
+                page_size: PageSize::new(512).unwrap(),
+                commit_size: 1,
+                timestamp_ms: 0,
+                wal_salts: [0; 8],
+                wal_frame: 0,
+                wal_cksum: (0, 0),
+                db_checksum: Checksum(0),
+                page_count: 1,
+                epoch: Epoch(e),
+            },
+            pages: vec![Page {
+                pgno: PageNo::new(1).unwrap(),
+                data: vec![0; 512],
+            }],
+        };
+        assert!(record_epochs(Epoch(2), &[rec(5, 2), rec(6, 2)]).is_ok());
+        let e = record_epochs(Epoch(2), &[rec(5, 2), rec(6, 1)]).unwrap_err();
+        assert!(matches!(e, Error::ReadOnly(_)));
+        assert!(e.to_string().contains("LSN 6 is of epoch 1") && e.to_string().contains("deposed"));
+        let e = record_epochs(Epoch(2), &[rec(5, 3)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("changed epoch"), "{e}");
+    }
+
+    #[test]
+    fn epoch_start_header_round_trip() {
+        let s = (Lsn(41), Checksum(0x00ab_cdef_0123_4567));
+        let text = crate::transport::format_epoch_start(s);
+        assert_eq!(text, "41 00abcdef01234567");
+        assert_eq!(crate::transport::parse_epoch_start(&text), Some(s));
+        assert_eq!(crate::transport::parse_epoch_start("41"), None);
+        assert_eq!(crate::transport::parse_epoch_start("x 00"), None);
+    }
 
     #[test]
     fn prefix_continues_ahead_or_different_rewinds() {
