@@ -93,7 +93,7 @@ impl Primary {
             "generation": st.pos.generation.0,
             "lineage": st.log.meta().lineage,
             "epoch": st.log.meta().epoch.0,
-            "fenced": lock(&self.fence_state.fence).as_ref().map(|f| serde_json::json!({
+            "fenced": self.fence().map(|f| serde_json::json!({
                 "epoch": f.epoch.0, "primary": f.primary})),
             "checksum": st.sums.total().to_string(),
             "wal": {"frame": st.pos.frame, "salts": hex(&st.pos.salts)},

@@ -201,3 +201,44 @@ def test_promote_after_primary_died_and_follower_fences_reopened_primary(tmp: Pa
             assert again.one("SELECT repl_lsn()") == l3 + 1
             assert worker_status(again)["epoch"] == 2
             assert "event=gap" not in again.stderr()
+
+
+def test_promote_a_directory_replica_fences_the_primary_in_another_process(tmp: Path) -> None:
+    pdb = tmp / "p.db"
+    p = Worker(pdb)
+    with p:
+        p.one("SELECT repl_primary()")
+        p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v)")
+        p.q("INSERT INTO t VALUES(1, 'a')")
+        l1 = p.one("SELECT repl_lsn()")
+        r1 = replica_of(tmp / "r1.db", str(pdb), l1)
+        r2 = replica_of(tmp / "r2.db", str(pdb), l1)
+        with r1, r2:
+            # A directory source always answers: promotion needs 'force'.
+            with pytest.raises(WorkerError) as e:
+                r1.one("SELECT repl_promote()")
+            assert "force" in e.value.msg, e.value.msg
+            done = json.loads(r1.one("SELECT repl_promote(NULL, NULL, 'force')"))
+            assert done["epoch"] == 2 and done["primary"] == str(tmp / "r1.db"), done
+            fence = json.loads((tmp / "p.db-replica" / "fence").read_text())
+            assert fence["epoch"] == 2 and fence["primary"] == str(tmp / "r1.db"), fence
+
+            # P runs in another process: it reads the fence within a maintenance pass.
+            def refused() -> bool:
+                try:
+                    p.q("INSERT INTO t(v) VALUES('maybe')")
+                    return False
+                except WorkerError as e:
+                    assert e.name == "ReadOnlyError", e.msg
+                    return True
+
+            wait_for(refused, timeout=10, interval=0.05, what="P refusing writes")
+            assert worker_status(p)["fenced"]["epoch"] == 2
+            # The promoted primary is a directory source too: r2 continues from it.
+            r1.q("INSERT INTO t VALUES(20, 'epoch 2')")
+            l3 = r1.one("SELECT repl_lsn()")
+            assert l3 == l1 + 1
+            r2.one("SELECT repl_sync(?)", [str(tmp / "r1.db")])
+            sync_to(r2, l3)
+            assert worker_status(r2)["resnapshots"] == 0
+            assert lsn_checksum(r2) == lsn_checksum(r1)
