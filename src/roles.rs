@@ -129,7 +129,8 @@ impl DbHooks for Db {
     }
 
     fn shows_empty(&self) -> bool {
-        self.role() != RoleKind::Primary && crate::replica::bootstrap_pending(&self.path)
+        // A primary, fenced or not, is never a bootstrap in progress.
+        self.primary().is_none() && crate::replica::bootstrap_pending(&self.path)
     }
 
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
