@@ -77,9 +77,6 @@ impl DbHooks for Db {
     fn role(&self) -> RoleKind {
         match &*self.role.read().unwrap_or_else(|e| e.into_inner()) {
             Role::None => RoleKind::None,
-            // A deposed primary (a newer epoch is known) is read-only like a replica: the
-            // shim refuses its WAL write lock with SQLITE_READONLY (primary/fence.rs).
-            Role::Primary(p) if p.is_fenced() => RoleKind::Replica,
             Role::Primary(_) => RoleKind::Primary,
             Role::Replica(_) => RoleKind::Replica,
         }
@@ -97,6 +94,16 @@ impl DbHooks for Db {
     fn main_closed(&self) {
         if self.opens.fetch_sub(1, Ordering::AcqRel) == 1 {
             release_if_idle(self);
+        }
+    }
+
+    fn read_only(&self) -> bool {
+        match &*self.role.read().unwrap_or_else(|e| e.into_inner()) {
+            Role::Replica(_) => true,
+            // A deposed primary (a newer epoch is known: primary/fence.rs) refuses writes like
+            // a replica, and stays a primary for capture (its claimed records still append).
+            Role::Primary(p) => p.is_fenced(),
+            Role::None => false,
         }
     }
 
@@ -129,8 +136,7 @@ impl DbHooks for Db {
     }
 
     fn shows_empty(&self) -> bool {
-        // A primary, fenced or not, is never a bootstrap in progress.
-        self.primary().is_none() && crate::replica::bootstrap_pending(&self.path)
+        self.role() != RoleKind::Primary && crate::replica::bootstrap_pending(&self.path)
     }
 
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {

@@ -1,9 +1,9 @@
 //! Fencing (issue 16): a primary that learns of a newer epoch of its lineage — a follower's
 //! request header, a forwarded write, `repl_promote()` telling its former source, or simply
-//! `<dir>/fence` written by any process — stops accepting writes at once. The shim then treats
-//! the database like a replica's: the WAL write lock is refused with `SQLITE_READONLY` before
-//! anything is written (`roles.rs` reports the role kind), and forwarded writes are answered
-//! with a message naming the new primary.
+//! `<dir>/fence` written by any process — stops accepting writes at once. The shim then refuses
+//! the WAL write lock with `SQLITE_READONLY` before anything is written, as on a replica
+//! (`DbHooks::read_only`, answered in `roles.rs`), while capture goes on as for any primary;
+//! forwarded writes are answered with a message naming the new primary.
 //!
 //! Cost on the write path: one atomic load (`notify::fence_seq`) compared with the value seen
 //! last; the fence file is re-read only when a fence was raised in this process, and once per
