@@ -497,13 +497,17 @@ impl Log {
         len: u64,
         write: &mut dyn FnMut(&File, u64) -> std::io::Result<()>,
     ) -> Result<u64> {
-        // A log holds the records of one primary: its epoch (meta.json).
-        if meta.epoch != self.meta.epoch {
+        // A log holds the records of one primary: its epoch (meta.json). Epochs never
+        // decrease inside a batch (check_sequence), so first and last cover it.
+        if let Some(m) = [meta, last_meta]
+            .into_iter()
+            .find(|m| m.epoch != self.meta.epoch)
+        {
             return Err(Error::Misuse(format!(
                 "append to log {}: record LSN {} has epoch {} but this log is epoch {}",
                 self.dir.display(),
-                meta.lsn,
-                meta.epoch,
+                m.lsn,
+                m.epoch,
                 self.meta.epoch
             )));
         }

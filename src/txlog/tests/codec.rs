@@ -610,3 +610,30 @@ fn tempfile_dir() -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+#[test]
+fn a_log_refuses_records_of_another_epoch() {
+    use crate::types::Epoch;
+    let d = tempfile_dir();
+    let mut meta = Meta::new("primary", ps()).unwrap();
+    meta.epoch = Epoch(2);
+    meta.epoch_start = Some((Lsn(0), Checksum(0)));
+    let mut log = Log::create(&d, &meta, LogConfig::default()).unwrap();
+    let mut m = Model::new(ps());
+    let mut r = m.txn(&[1], 1);
+    let e = log.append(&r).unwrap_err().to_string();
+    assert!(e.contains("has epoch 1 but this log is epoch 2"), "{e}");
+    r.meta.epoch = Epoch(2);
+    log.append(&r).unwrap();
+    let mut r2 = m.txn(&[1], 1);
+    r2.meta.epoch = Epoch(2);
+    let mut r3 = m.txn(&[1], 1);
+    r3.meta.epoch = Epoch(3);
+    assert!(log.append_batch(&[r2.clone(), r3]).is_err());
+    assert!(log.append_batch(&[r2]).is_ok());
+    drop(log);
+    let back = Log::open(&d, LogConfig::default()).unwrap();
+    assert_eq!(back.meta().epoch, Epoch(2));
+    assert_eq!(back.last().unwrap().epoch, Epoch(2));
+    let _ = std::fs::remove_dir_all(&d);
+}
