@@ -207,6 +207,22 @@ mod tests {
     }
 
     #[test]
+    fn replica_json_without_epoch_is_epoch_1_and_keeps_it() {
+        use super::super::source::ReplicaMeta;
+        let old = r#"{"format":1,"role":"replica","source":"/p.db","lineage":"ab","created_ms":5}"#;
+        let m = ReplicaMeta::from_json(old).unwrap();
+        assert_eq!((m.epoch, m.epoch_primary.as_deref()), (Epoch::FIRST, None));
+        let mut m2 = m.clone();
+        m2.epoch = Epoch(3);
+        m2.epoch_primary = Some("http://b:1".into());
+        let back = ReplicaMeta::from_json(&m2.to_json()).unwrap();
+        assert_eq!(
+            (back.epoch, back.epoch_primary.as_deref()),
+            (Epoch(3), Some("http://b:1"))
+        );
+    }
+
+    #[test]
     fn epoch_start_header_round_trip() {
         let s = (Lsn(41), Checksum(0x00ab_cdef_0123_4567));
         let text = crate::transport::format_epoch_start(s);
