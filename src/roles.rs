@@ -468,6 +468,7 @@ pub fn rejoin_as_replica(db: &Arc<Db>, source: &str) -> Result<bool> {
     *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::None;
     drop(p);
     let same = lsn == start && sum == start_sum;
+    let mut orphaned = None;
     let files = [
         "meta.json",
         "durable",
@@ -522,6 +523,9 @@ pub fn rejoin_as_replica(db: &Arc<Db>, source: &str) -> Result<bool> {
             &aside.join("orphaned.json"),
             report.to_string().as_bytes(),
         )?;
+        let mut shown = report;
+        shown["dir"] = serde_json::json!(aside.display().to_string());
+        orphaned = Some(shown);
         crate::logging::event(&format!(
             "event=orphaned_tail db={:?} epoch={old_epoch} first_lsn={first} last_lsn={lsn} new_epoch={} new_epoch_start_lsn={start} dir={:?}",
             db.path,
@@ -533,6 +537,8 @@ pub fn rejoin_as_replica(db: &Arc<Db>, source: &str) -> Result<bool> {
     let r = Replica::attach(&db.path, true)?;
     if same {
         r.start_from(start, generation, sum)?;
+    } else if let Some(report) = orphaned {
+        r.note_orphaned(report)?;
     }
     crate::logging::event(&format!(
         "event=primary_rejoined db={:?} epoch={old_epoch} new_epoch={} new_primary={:?} lsn={lsn} resnapshot={}",

@@ -258,6 +258,7 @@ impl Replica {
                 created_ms: now_ms(),
                 epoch: crate::types::Epoch::FIRST,
                 epoch_primary: None,
+                orphaned: None,
             };
             write_meta(&dir, &m)?;
             m

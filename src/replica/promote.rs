@@ -204,6 +204,14 @@ fn remove_any(p: &std::path::Path) -> Result<()> {
 }
 
 impl Replica {
+    /// A deposed primary rejoined as this replica and kept its unreplicated tail aside:
+    /// remembered in `replica.json` and shown by `repl_status()` (`orphaned`).
+    pub fn note_orphaned(&self, report: serde_json::Value) -> Result<()> {
+        let mut st = lock(&self.state);
+        st.meta.orphaned = Some(report);
+        super::source::write_meta(&self.dir, &st.meta)
+    }
+
     /// A deposed primary that becomes a replica (`roles::rejoin_as_replica`) and whose content
     /// is exactly the new epoch's start: record that position, so the first sync continues
     /// from it instead of re-snapshotting.

@@ -258,6 +258,9 @@ pub(super) struct ReplicaMeta {
     pub(super) epoch: crate::types::Epoch,
     /// The primary it saw that epoch at, as a person reads it (no token).
     pub(super) epoch_primary: Option<String>,
+    /// A deposed primary that rejoined as this replica: what it kept aside (its unreplicated
+    /// tail: `orphaned.json`'s content plus `dir`), shown by `repl_status()`.
+    pub(super) orphaned: Option<serde_json::Value>,
 }
 
 impl ReplicaMeta {
@@ -270,6 +273,7 @@ impl ReplicaMeta {
             "created_ms": self.created_ms,
             "epoch": self.epoch.0,
             "epoch_primary": self.epoch_primary,
+            "orphaned": self.orphaned,
         }))
         .unwrap_or_default()
     }
@@ -290,6 +294,7 @@ impl ReplicaMeta {
                 .and_then(|e| u32::try_from(e).ok())
                 .map_or(crate::types::Epoch::FIRST, crate::types::Epoch),
             epoch_primary: s("epoch_primary"),
+            orphaned: v.get("orphaned").filter(|o| !o.is_null()).cloned(),
         })
     }
 }

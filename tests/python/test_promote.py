@@ -139,6 +139,7 @@ def test_promote_with_force_fences_rewinds_and_orphans(tmp: Path) -> None:
             assert (report["first_lsn"], report["last_lsn"]) == (l1 + 1, l2), report
             assert list((aside / "log").glob("*.seg")), "the segments are kept"
             assert "event=orphaned_tail" in p.stderr()
+            assert worker_status(p)["orphaned"]["first_lsn"] == l1 + 1
             sync_to(p, l3)
             assert rows(p) == [1, 2, 3, 4, 5, 100]
             assert lsn_checksum(p) == lsn_checksum(r1)
@@ -242,3 +243,22 @@ def test_promote_a_directory_replica_fences_the_primary_in_another_process(tmp: 
             sync_to(r2, l3)
             assert worker_status(r2)["resnapshots"] == 0
             assert lsn_checksum(r2) == lsn_checksum(r1)
+
+            # Had the promotion not reached P's directory (no fence), a directory follower
+            # that saw epoch 2 raises it when it reads P: P stops writing again.
+            (tmp / "p.db-replica" / "fence").unlink()
+
+            def accepted() -> bool:
+                try:
+                    p.q("INSERT INTO t(v) VALUES('unfenced')")
+                    return True
+                except WorkerError:
+                    return False
+
+            wait_for(accepted, timeout=10, interval=0.05, what="P writing again without a fence")
+            with pytest.raises(WorkerError) as e:
+                r2.one("SELECT repl_sync(?)", [str(pdb)])
+            assert "seen epoch 2" in e.value.msg, e.value.msg
+            fence = json.loads((tmp / "p.db-replica" / "fence").read_text())
+            assert fence["epoch"] == 2 and fence["primary"] == str(tmp / "r1.db"), fence
+            wait_for(refused, timeout=10, interval=0.05, what="P refusing writes again")
