@@ -512,6 +512,11 @@ impl Replica {
             st.loaded = false; // another process applied since we last looked
         }
         self.apply_available(st, prefetched, only_prefetched)?;
+        // The source serves only durable records: its durable LSN is at least what was
+        // applied, also when it moved on between the info above and the fetches.
+        if st.stats.primary_lsn.is_some_and(|p| p < st.lsn) {
+            st.stats.primary_lsn = Some(st.lsn);
+        }
         self.maybe_checkpoint(st);
         Ok(st.lsn)
     }
