@@ -479,6 +479,7 @@ pub fn rejoin_as_replica(db: &Arc<Db>, source: &str) -> Result<bool> {
         "fence",
         "init.lock",
         "maintenance.lock",
+        "append.lock",
     ];
     if same {
         for f in files {
