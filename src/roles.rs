@@ -480,6 +480,7 @@ pub fn rejoin_as_replica(db: &Arc<Db>, source: &str) -> Result<bool> {
         "init.lock",
         "maintenance.lock",
         "append.lock",
+        "acks",
     ];
     if same {
         for f in files {
