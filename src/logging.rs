@@ -88,10 +88,30 @@ pub fn level_of(event: &str) -> Level {
         | "primary_not_in_wal_mode" => Level::Error,
         // Handled automatically, but a person should know: costs a re-copy, a gap, a stall,
         // or a refused operation.
-        "gap" | "foreign_write" | "crash_catch_up" | "log_tail_truncated" | "log_tail_repaired"
-        | "log_tail_lost" | "log_restarted" | "replica_forked" | "maintenance_error"
-        | "primary_detached" | "follow_error" | "resnapshot" | "wal_pinned"
-        | "wal_write_refused" | "fault" | "server_error" | "accept_error" => Level::Warn,
+        "gap"
+        | "foreign_write"
+        | "crash_catch_up"
+        | "log_tail_truncated"
+        | "log_tail_repaired"
+        | "log_tail_lost"
+        | "log_restarted"
+        | "replica_forked"
+        | "maintenance_error"
+        | "primary_detached"
+        | "follow_error"
+        | "resnapshot"
+        | "wal_pinned"
+        | "wal_write_refused"
+        | "fault"
+        | "server_error"
+        | "accept_error"
+        | "primary_deposed"
+        | "primary_fenced"
+        | "fence_error"
+        | "replica_rewound"
+        | "epoch_refused"
+        | "orphaned_tail"
+        | "promote_notify_failed" => Level::Warn,
         // Routine: roles starting, servers listening, snapshots, retention, progress.
         _ => Level::Info,
     }

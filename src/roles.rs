@@ -97,6 +97,16 @@ impl DbHooks for Db {
         }
     }
 
+    fn read_only(&self) -> bool {
+        match &*self.role.read().unwrap_or_else(|e| e.into_inner()) {
+            Role::Replica(_) => true,
+            // A deposed primary (a newer epoch is known: primary/fence.rs) refuses writes like
+            // a replica, and stays a primary for capture (its claimed records still append).
+            Role::Primary(p) => p.is_fenced(),
+            Role::None => false,
+        }
+    }
+
     fn pragma_veto(&self, name: &str, value: Option<&str>) -> Option<String> {
         pragma_veto(self, name, value)
     }
@@ -351,4 +361,194 @@ pub fn make_replica(db: &Arc<Db>) -> Result<Arc<Replica>> {
     let r = Replica::attach(&db.path, true)?;
     *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::Replica(r.clone());
     Ok(r)
+}
+
+/// `repl_promote()`: the replica attached to `db` becomes the primary of the next epoch
+/// (`Replica::promote` prepares its directory; here the roles are swapped). The primary
+/// resumes capture from the directory like any reopened primary.
+pub fn promote(db: &Arc<Db>, force: bool) -> Result<(Arc<Primary>, crate::replica::Promoted)> {
+    let _g = db.attach_lock.lock().unwrap_or_else(|e| e.into_inner());
+    let r = db.replica().ok_or_else(|| {
+        crate::error::Error::Misuse(format!(
+            "repl_promote(): {} is not a replica; only a replica can be promoted",
+            db.path
+        ))
+    })?;
+    let done = r.promote(force)?;
+    // The primary's agent handle (its SHARED lock) before the replica's handle and applier
+    // connection close: otherwise that close may be the last one and checkpoint and reset
+    // the WAL, which capture would have to take for a gap (a new generation).
+    let p = Primary::attach(&db.path, false).map_err(|e| {
+        crate::error::Error::Other(format!(
+            "repl_promote(): {} was promoted to epoch {} (its log directory is a primary's now) but \
+             capture could not start: {e}; reopen the database to resume it",
+            db.path, done.epoch
+        ))
+    })?;
+    *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::Primary(p.clone());
+    drop(r);
+    Ok((p, done))
+}
+
+/// After a promotion: tell the former primary it was deposed, when it can be reached (a
+/// request carrying the new epoch makes its server raise its fence; a directory source gets
+/// its fence file written). Best effort: a primary that is down learns it from the first
+/// follower or from `repl_sync()` pointed at the new primary.
+pub fn notify_former(done: &crate::replica::Promoted, new_primary: &str) {
+    let Some(spec) = &done.former else {
+        return;
+    };
+    let fence = crate::txlog::Fence {
+        epoch: done.epoch,
+        primary: Some(new_primary.to_string()),
+        seen_ms: crate::util::now_ms(),
+    };
+    let r = spec.open().and_then(|src| {
+        if let Some(dir) = src.log_dir() {
+            crate::txlog::raise_fence(dir, &fence)?;
+            crate::transport::notify::fenced(dir);
+            return Ok(());
+        }
+        src.set_epoch(done.epoch, Some(new_primary));
+        // Answered 409 by a server that learns it was deposed: that is the point.
+        match src.info() {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("409") => Ok(()),
+            Err(e) => Err(e),
+        }
+    });
+    if let Err(e) = r {
+        crate::logging::event(&format!(
+            "event=promote_notify_failed former={:?} epoch={} error={:?}",
+            spec.to_string(),
+            done.epoch,
+            e.to_string()
+        ));
+    }
+}
+
+/// `repl_sync(source)` / `repl_follow(source)` on a primary: when `source` is a primary of the
+/// same lineage and a newer epoch, this primary was deposed and comes back as its replica.
+/// Its records after the new epoch's start (its unreplicated tail) are reported and kept in
+/// `<db>-replica/orphaned-<epoch>-<first lsn>/` with an `orphaned.json` (FORMAT.md §2); a
+/// primary whose state is exactly the new epoch's start continues from it without a
+/// re-snapshot. `Ok(false)`: not deposed by `source` (nothing was changed).
+pub fn rejoin_as_replica(db: &Arc<Db>, source: &str) -> Result<bool> {
+    use crate::error::Error;
+    let Some(p) = db.primary() else {
+        return Ok(false);
+    };
+    let spec = crate::transport::SourceSpec::parse(source)?;
+    let info = spec.open()?.info()?;
+    if info.lineage != p.lineage() || info.epoch <= p.epoch() {
+        return Ok(false);
+    }
+    let Some((start, start_sum)) = info.epoch_start else {
+        return Err(Error::Corrupt(format!(
+            "{spec} is a primary of epoch {} but does not say where its epoch starts; cannot rejoin",
+            info.epoch
+        )));
+    };
+    let old_epoch = p.epoch();
+    let dir = p.dir().to_path_buf();
+    // Every process of this primary stops writing first (fenced), then this one captures
+    // nothing more: what the log holds now is the whole old history.
+    crate::txlog::raise_fence(
+        &dir,
+        &crate::txlog::Fence {
+            epoch: info.epoch,
+            primary: Some(spec.to_string()),
+            seen_ms: crate::util::now_ms(),
+        },
+    )?;
+    crate::transport::notify::fenced(&dir);
+    let (lsn, generation, sum) = p.position_summary()?;
+    let _g = db.attach_lock.lock().unwrap_or_else(|e| e.into_inner());
+    p.detach();
+    *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::None;
+    drop(p);
+    let same = lsn == start && sum == start_sum;
+    let mut orphaned = None;
+    let files = [
+        "meta.json",
+        "durable",
+        "position",
+        "log",
+        "snap",
+        "config.json",
+        "fence",
+        "init.lock",
+        "maintenance.lock",
+        "append.lock",
+        "acks",
+    ];
+    if same {
+        for f in files {
+            let path = dir.join(f);
+            let _ = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+        }
+    } else {
+        let aside = dir.join(format!("orphaned-{old_epoch}-{}", start.0 + 1));
+        std::fs::create_dir_all(&aside)
+            .map_err(|e| Error::io(format!("creating {}", aside.display()), e))?;
+        for f in files {
+            let from = dir.join(f);
+            if from.exists() {
+                std::fs::rename(&from, aside.join(f))
+                    .map_err(|e| Error::io(format!("moving {} aside", from.display()), e))?;
+            }
+        }
+        let (first, what) = if lsn > start {
+            (start.0 + 1, "records this primary wrote after the new epoch started, which the new primary never got")
+        } else {
+            (
+                lsn.0,
+                "this primary's state at the new epoch's start differs from the new primary's",
+            )
+        };
+        let report = serde_json::json!({
+            "epoch": old_epoch.0,
+            "first_lsn": first,
+            "last_lsn": lsn.0,
+            "checksum": sum.to_string(),
+            "new_epoch": info.epoch.0,
+            "new_epoch_start_lsn": start.0,
+            "new_primary": spec.to_string(),
+            "what": what,
+            "files": "log/ holds the segments (sqlite-replica verify/rebuild read them); snap/ the snapshots",
+        });
+        crate::txlog::write_file_synced(
+            &aside.join("orphaned.json"),
+            report.to_string().as_bytes(),
+        )?;
+        let mut shown = report;
+        shown["dir"] = serde_json::json!(aside.display().to_string());
+        orphaned = Some(shown);
+        crate::logging::event(&format!(
+            "event=orphaned_tail db={:?} epoch={old_epoch} first_lsn={first} last_lsn={lsn} new_epoch={} new_epoch_start_lsn={start} dir={:?}",
+            db.path,
+            info.epoch,
+            aside.display().to_string()
+        ));
+    }
+    crate::txlog::sync_dir(&dir)?;
+    let r = Replica::attach(&db.path, true)?;
+    if same {
+        r.start_from(start, generation, sum)?;
+    } else if let Some(report) = orphaned {
+        r.note_orphaned(report)?;
+    }
+    crate::logging::event(&format!(
+        "event=primary_rejoined db={:?} epoch={old_epoch} new_epoch={} new_primary={:?} lsn={lsn} resnapshot={}",
+        db.path,
+        info.epoch,
+        spec.to_string(),
+        !same
+    ));
+    *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::Replica(r);
+    Ok(true)
 }

@@ -31,6 +31,34 @@ impl fmt::Display for Generation {
     }
 }
 
+/// Epoch of a lineage: the term of one primary. Starts at 1; `repl_promote()` makes the
+/// promoted replica the primary of epoch old + 1. Every record carries the epoch of the primary
+/// that wrote it (FORMAT.md §3.1); a replica refuses records of an epoch older than the newest
+/// it has seen, and a primary that learns of a newer epoch stops accepting writes (fencing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Epoch(pub u32);
+
+impl Epoch {
+    /// The epoch of every lineage's first primary (and of files written before epochs existed).
+    pub const FIRST: Epoch = Epoch(1);
+
+    pub fn next(self) -> Epoch {
+        Epoch(self.0.saturating_add(1))
+    }
+}
+
+impl Default for Epoch {
+    fn default() -> Epoch {
+        Epoch::FIRST
+    }
+}
+
+impl fmt::Display for Epoch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 /// A database page number (1-based, never 0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PageNo(u32);

@@ -96,6 +96,7 @@ fn http_seeds() -> Vec<(String, Vec<u8>)> {
                 wal_cksum: (1, 2),
                 db_checksum: DbChecksum::from_pages(ps, 1, &pages).total(),
                 page_count: 1,
+                epoch: replica::types::Epoch::FIRST,
             },
             pages,
         }

@@ -66,6 +66,7 @@ fn build_log(dir: &Path) -> Vec<Vec<u8>> {
             wal_cksum: (1, 2),
             db_checksum: sum,
             page_count: rec_pages.len() as u32,
+            epoch: replica::types::Epoch::FIRST,
         };
         log.append(&Record {
             meta,

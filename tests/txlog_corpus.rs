@@ -36,6 +36,7 @@ fn record(lsn: u64, snapshot: bool, writes: &[u32], commit_size: u32) -> Record 
         wal_cksum: (0x1234_5678, 0x9abc_def0),
         db_checksum: DbChecksum::from_pages(ps, commit_size, &pages).total(),
         page_count: pages.len() as u32,
+        epoch: replica::types::Epoch::FIRST,
     };
     Record { meta, pages }
 }

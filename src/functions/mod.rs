@@ -24,6 +24,7 @@ pub const FUNCTIONS: &[(&str, i32, crate::ffi::func::ScalarFn)] = &[
     ("repl_status", 0, repl_status),
     ("repl_config", -1, repl_config),
     ("repl_follow", -1, repl_follow),
+    ("repl_promote", -1, repl_promote),
     ("repl_wait", -1, repl_wait),
     ("repl_wait_replicas", -1, repl_wait_replicas),
     ("repl_exec", -1, exec::repl_exec),
@@ -229,7 +230,7 @@ fn become_primary(c: &Call) -> Result<SqlValue> {
     let (entry, path) = main_db_checked(c.db, "repl_primary()")?;
     if let Some(r) = entry.replica() {
         return Err(Error::Misuse(format!(
-            "repl_primary(): {path} is a replica of {}; a replica cannot become a primary (promotion is not supported yet)",
+            "repl_primary(): {path} is a replica of {}; a replica becomes a primary only by promotion: repl_promote([listen [, token]]) (docs/SQL.md)",
             r.source().map_or("?".into(), |s| s.to_string())
         )));
     }
@@ -280,6 +281,7 @@ fn repl_sync(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
     let source = Args::new("repl_sync", a).text(0, "source (a path or URL)")?;
     let source = source.as_deref();
     let (entry, path) = main_db_checked(c.db, "repl_sync()")?;
+    rejoin_if_deposed(c, &entry, source)?;
     if entry.primary().is_some() {
         return Err(Error::Misuse(format!(
             "repl_sync(): {path} is a primary; a primary cannot follow another database"
@@ -569,6 +571,91 @@ fn config_log_file(args: &Args) -> Result<SqlValue> {
 /// (long-polling the source from the HTTP engine's shared loop and workers, no thread of its
 /// own); `repl_follow(NULL)` stops it. Returns the LSN reached by
 /// the first sync (or, when stopping, the current LSN).
+/// A primary pointed at a primary of its lineage's newer epoch was deposed: it comes back as
+/// that primary's replica (`roles::rejoin_as_replica`: its unreplicated tail is kept aside).
+fn rejoin_if_deposed(c: &Call, entry: &Arc<Db>, source: Option<&str>) -> Result<()> {
+    let (Some(source), Some(_)) = (source, entry.primary()) else {
+        return Ok(());
+    };
+    if c.db.readonly("main") == 1 {
+        return Ok(()); // the usual refusal follows
+    }
+    crate::roles::rejoin_as_replica(entry, source).map(|_| ())
+}
+
+/// `repl_promote([listen [, token [, 'force']]])`: make this replica the primary of the next
+/// epoch (serving its log on `listen` when given) and tell its former primary it was deposed.
+fn repl_promote(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
+    if a.len() > 3 {
+        return Err(Error::Misuse(
+            "repl_promote() takes at most three arguments: the address to serve on (host:port), a token,              and 'force'"
+                .into(),
+        ));
+    }
+    let args = Args::new("repl_promote", a);
+    let listen = args.text(0, "address (host:port)")?;
+    let token = args.text_or_int(1, "token")?;
+    let force = match args.text(2, "'force'")?.as_deref() {
+        None => false,
+        Some(m) if m.eq_ignore_ascii_case("force") => true,
+        Some(m) => {
+            return Err(Error::Misuse(format!(
+            "repl_promote(): the third argument must be 'force' (got {m:?}); nothing was changed"
+        )))
+        }
+    };
+    let (entry, path) = main_db_checked(c.db, "repl_promote()")?;
+    if entry.primary().is_some() {
+        return Err(Error::Misuse(format!(
+            "repl_promote(): {path} is already a primary"
+        )));
+    }
+    if entry.replica().is_none() {
+        return Err(Error::Misuse(format!(
+            "repl_promote(): {path} is not a replica; only a replica can be promoted (repl_primary() makes              a database a primary)"
+        )));
+    }
+    if c.db.readonly("main") == 1 {
+        return Err(Error::ReadOnly(format!(
+            "repl_promote(): {path} is opened read-only; a primary must be writable"
+        )));
+    }
+    // The address is checked and bound before anything changes.
+    let bound = match &listen {
+        Some(addr) => {
+            let token = token.or_else(|| crate::config::get().token.clone());
+            let tls = crate::transport::server::TlsFiles::from_env()?;
+            let exec_token = crate::config::get().exec_token.clone();
+            Some(
+                crate::transport::server::Server::bind(addr, token, tls.as_ref())
+                    .map_err(|e| {
+                        Error::Misuse(format!("repl_promote('{addr}'): {e}; nothing was changed"))
+                    })?
+                    .with_exec_token(exec_token),
+            )
+        }
+        None => None,
+    };
+    let (p, done) = crate::roles::promote(&entry, force)?;
+    if let Some(b) = bound {
+        p.serve(b)?;
+    }
+    let me = p.server_url().unwrap_or_else(|| path.clone());
+    crate::roles::notify_former(&done, &me);
+    Ok(SqlValue::Text(
+        serde_json::json!({
+            "epoch": done.epoch.0,
+            "lsn": done.lsn.0,
+            "generation": done.generation.0,
+            "lineage": done.lineage,
+            "checksum": done.checksum.to_string(),
+            "primary": me,
+            "former": done.former.as_ref().map(|s| s.to_string()),
+        })
+        .to_string(),
+    ))
+}
+
 fn repl_follow(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
     if a.len() > 2 {
         return Err(Error::Misuse(
@@ -576,6 +663,9 @@ fn repl_follow(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
         ));
     }
     let (entry, path) = main_db_checked(c.db, "repl_follow()")?;
+    if let Some(SqlValue::Text(s)) = a.first() {
+        rejoin_if_deposed(c, &entry, Some(s.as_str()))?;
+    }
     if entry.primary().is_some() {
         return Err(Error::Misuse(format!(
             "repl_follow(): {path} is a primary; a primary cannot follow another database"

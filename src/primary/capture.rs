@@ -568,6 +568,7 @@ impl Primary {
                 wal_cksum: pos.cksum,
                 db_checksum: st.sums.total(),
                 page_count: pages.len() as u32,
+                epoch: st.log.meta().epoch,
             },
             pages,
         }

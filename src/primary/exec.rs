@@ -486,6 +486,9 @@ pub(crate) struct Forwarded(pub std::sync::Weak<Primary>);
 impl Handler for Forwarded {
     fn exec(&self, req: &ExecRequest) -> Option<std::result::Result<Value, ExecFailure>> {
         let p = self.0.upgrade()?;
+        if let Some(e) = p.fenced_error() {
+            return Some(Err(ExecFailure::Other(e)));
+        }
         Some(match p.exec_enabled() {
             Ok(true) => p.exec_checked(req),
             Ok(false) => Err(ExecFailure::Off),

@@ -327,6 +327,8 @@ impl Primary {
     /// One maintenance pass if no other process is running one. Errors go to `last_error`
     /// and the event log; nothing is removed after a failed snapshot.
     pub(super) fn maintain(&self) {
+        // A fence raised by another process (its server, or repl_promote() elsewhere).
+        self.reload_fence();
         let Ok(lock_file) = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)

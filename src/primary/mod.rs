@@ -72,6 +72,7 @@ mod append;
 mod capture;
 mod durability;
 pub(crate) mod exec;
+mod fence;
 pub(crate) mod maintenance;
 mod plan;
 mod position;
@@ -171,6 +172,8 @@ pub struct Primary {
     sync_timeout_ms: std::sync::atomic::AtomicU64,
     sync_waits: std::sync::atomic::AtomicU64,
     sync_timeouts: std::sync::atomic::AtomicU64,
+    /// A newer epoch of the lineage, when one is known (`fence.rs`).
+    fence_state: fence::FenceState,
 }
 
 type T3Seen = ([u8; 8], u32, u32, Option<(Lsn, u32)>);
@@ -204,6 +207,8 @@ impl Primary {
                 role: "primary".into(),
                 page_size,
                 created_ms: now_ms(),
+                epoch: crate::types::Epoch::FIRST,
+                epoch_start: None,
             };
             Log::create(&dir, &meta, cfg)?
         } else {
@@ -269,7 +274,13 @@ impl Primary {
             durable_file,
             file_id: file_identity(db_path),
             dir_id: file_identity(&dir),
+            fence_state: fence::FenceState::default(),
         });
+        p.fence_state.epoch.store(
+            lock(&p.state).log.meta().epoch.0,
+            std::sync::atomic::Ordering::Release,
+        );
+        p.reload_fence();
         if create {
             p.initialise()?;
         }

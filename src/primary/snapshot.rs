@@ -198,6 +198,7 @@ impl Primary {
             wal_cksum: if h.mx_frame > 0 { frame_cksum } else { (0, 0) },
             db_checksum: sums.total(),
             page_count: count,
+            epoch: st.log.meta().epoch,
         };
         let path = crate::txlog::write_streamed(
             &self.dir.join("snap"),
@@ -392,6 +393,7 @@ impl Primary {
                 wal_cksum: q.frame_cksum,
                 db_checksum: sums.total(),
                 page_count: pages.len() as u32,
+                epoch: st.log.meta().epoch,
             },
             pages,
         })

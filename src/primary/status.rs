@@ -92,6 +92,9 @@ impl Primary {
             "lsn": st.pos.lsn.0.max(self.read_position().map_or(0, |p| p.lsn.0)),
             "generation": st.pos.generation.0,
             "lineage": st.log.meta().lineage,
+            "epoch": st.log.meta().epoch.0,
+            "fenced": self.fence().map(|f| serde_json::json!({
+                "epoch": f.epoch.0, "primary": f.primary})),
             "checksum": st.sums.total().to_string(),
             "wal": {"frame": st.pos.frame, "salts": hex(&st.pos.salts)},
             "log": {

@@ -40,6 +40,15 @@ impl Replica {
                     st.diverged = Some(why);
                     return Err(e);
                 }
+                // The snapshot came from the source: its epoch is this replica's now.
+                if let Some((e, _)) = st.pending_epoch {
+                    self.adopt_epoch(st, e)?;
+                }
+                continue;
+            }
+            if st.pending_epoch.is_some() {
+                // The source is a newer epoch's primary (issue 16): prefix or rewind.
+                self.switch_epoch(st)?;
                 continue;
             }
             let pre = prefetched
@@ -69,6 +78,7 @@ impl Replica {
                 Fetch::Records(r) if r.is_empty() => break,
                 Fetch::Records(r) => r,
             };
+            self.check_record_epochs(st, &records)?;
             if let Some(r) = records
                 .iter()
                 .find(|r| Some(r.meta.page_size) != st.page_size)

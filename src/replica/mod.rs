@@ -26,11 +26,14 @@ mod apply;
 mod bootstrap;
 mod download;
 pub use bootstrap::bootstrap_pending;
+pub use promote::Promoted;
 mod drain;
+mod epoch;
 mod follow;
 mod live;
 mod plan;
 mod position;
+mod promote;
 mod source;
 mod status;
 mod wait;
@@ -73,6 +76,9 @@ struct State {
     ckpt: Option<OwnedDb>,
     /// What `repl_status()` reports (and the drain's memory of a pinned WAL).
     stats: Stats,
+    /// The source is the primary of a newer epoch (epoch, where its history starts): handled
+    /// once the live state is loaded (`epoch::switch_epoch`).
+    pending_epoch: Option<(crate::types::Epoch, Option<(Lsn, crate::types::Checksum)>)>,
 }
 
 /// Counters and last-seen values shown by `repl_status()`.
@@ -124,6 +130,8 @@ pub struct Replica {
     published: Mutex<Published>,
     /// Network requests in flight by a sync that holds `state` (see `network_call`).
     network: std::sync::atomic::AtomicUsize,
+    /// The newest epoch seen and where (`replica.json`), for sources opened outside a sync.
+    seen_epoch: Mutex<(crate::types::Epoch, Option<String>)>,
 }
 
 /// Marks a network request made while holding `state` (queries then answer from `published`
@@ -248,6 +256,9 @@ impl Replica {
                 source: None,
                 lineage: None,
                 created_ms: now_ms(),
+                epoch: crate::types::Epoch::FIRST,
+                epoch_primary: None,
+                orphaned: None,
             };
             write_meta(&dir, &m)?;
             m
@@ -279,6 +290,7 @@ impl Replica {
             shared_source: Mutex::new(None),
             progress: Mutex::new(None),
             network: std::sync::atomic::AtomicUsize::new(0),
+            seen_epoch: Mutex::new((meta.epoch, meta.epoch_primary.clone())),
             published: Mutex::new(Published {
                 source: meta.source.clone(),
                 lineage: meta.lineage.clone(),
@@ -299,6 +311,7 @@ impl Replica {
                 wal: None,
                 ckpt: None,
                 stats: Stats::default(),
+                pending_epoch: None,
             }),
         }))
     }
@@ -321,6 +334,8 @@ impl Replica {
             return Ok(src.clone());
         }
         let src: Arc<dyn Source> = Arc::from(spec.open()?);
+        let (e, p) = lock(&self.seen_epoch).clone();
+        src.set_epoch(e, p.as_deref());
         *g = Some((spec.clone(), src.clone()));
         Ok(src)
     }
@@ -473,18 +488,35 @@ impl Replica {
         // request to the source while the locks are held.
         let only_prefetched = followed.is_some();
         let (known, prefetched) = followed.unzip();
+        if !self.dir.join("replica.json").exists() && self.dir.join("meta.json").exists() {
+            // Promoted by another process (repl_promote): this process's replica role is
+            // stale and must not apply anything on top of the new primary's writes.
+            return Err(Error::Misuse(format!(
+                "{} was promoted to a primary (by another process): this connection still sees it as                  a replica; nothing was applied. Reopen the database",
+                self.db_path
+            )));
+        }
         self.open_source(st, spec)?;
         self.check_source(st, known)?;
         if self.pos.read().is_none()
             && (self.handle.db_size()? == 0 || bootstrap::bootstrap_pending(&self.db_path))
         {
             self.bootstrap(st)?;
+            // A new replica starts with its source's epoch: nothing to compare.
+            if let Some((e, _)) = st.pending_epoch {
+                self.adopt_epoch(st, e)?;
+            }
         }
         self.ensure_open(st)?;
         if self.pos.read().map(|a| a.seq) != Some(st.seen_seq) {
             st.loaded = false; // another process applied since we last looked
         }
         self.apply_available(st, prefetched, only_prefetched)?;
+        // The source serves only durable records: its durable LSN is at least what was
+        // applied, also when it moved on between the info above and the fetches.
+        if st.stats.primary_lsn.is_some_and(|p| p < st.lsn) {
+            st.stats.primary_lsn = Some(st.lsn);
+        }
         self.maybe_checkpoint(st);
         Ok(st.lsn)
     }

@@ -167,6 +167,7 @@ mod tests {
                 wal_cksum: (0, 0),
                 db_checksum: Checksum(0),
                 page_count: pages.len() as u32,
+                epoch: crate::types::Epoch::FIRST,
             },
             pages: pages
                 .iter()

@@ -31,6 +31,9 @@ impl Replica {
                     Some(src) => src,
                     None => spec.open()?,
                 };
+                // The first request already says which epoch this replica has seen: a deposed
+                // primary learns it from it (and answers 409).
+                src.set_epoch(st.meta.epoch, st.meta.epoch_primary.as_deref());
                 let info = src.info()?;
                 if let Some(l) = &st.meta.lineage {
                     if *l != info.lineage {
@@ -51,6 +54,8 @@ impl Replica {
                         )));
                     }
                 }
+                // A deposed primary is refused before it becomes this replica's source.
+                self.refuse_older_epoch(st, &info, &spec)?;
                 st.meta.source = Some(spec);
                 st.meta.lineage = Some(info.lineage);
                 write_meta(&self.dir, &st.meta)?;
@@ -64,7 +69,9 @@ impl Replica {
                     self.db_path
                 )));
             };
-            st.source = Some(spec.open()?);
+            let src = spec.open()?;
+            src.set_epoch(st.meta.epoch, st.meta.epoch_primary.as_deref());
+            st.source = Some(src);
         }
         Ok(())
     }
@@ -93,7 +100,7 @@ impl Replica {
         }
         st.stats.primary_lsn = info.durable_lsn;
         st.stats.primary_first_lsn = info.first_lsn;
-        Ok(())
+        self.check_epoch(st, &info)
     }
 
     /// The source's snapshot continued after `prefix` (a resumed bootstrap, WAL.md §E.1); `None`
@@ -247,6 +254,13 @@ pub(super) struct ReplicaMeta {
     pub(super) source: Option<SourceSpec>,
     pub(super) lineage: Option<String>,
     pub(super) created_ms: u64,
+    /// The newest epoch of the lineage this replica has seen (1 in files without it).
+    pub(super) epoch: crate::types::Epoch,
+    /// The primary it saw that epoch at, as a person reads it (no token).
+    pub(super) epoch_primary: Option<String>,
+    /// A deposed primary that rejoined as this replica: what it kept aside (its unreplicated
+    /// tail: `orphaned.json`'s content plus `dir`), shown by `repl_status()`.
+    pub(super) orphaned: Option<serde_json::Value>,
 }
 
 impl ReplicaMeta {
@@ -257,6 +271,9 @@ impl ReplicaMeta {
             "source": self.source.as_ref().map(SourceSpec::persisted),
             "lineage": self.lineage,
             "created_ms": self.created_ms,
+            "epoch": self.epoch.0,
+            "epoch_primary": self.epoch_primary,
+            "orphaned": self.orphaned,
         }))
         .unwrap_or_default()
     }
@@ -271,6 +288,13 @@ impl ReplicaMeta {
             source: s("source").and_then(|t| SourceSpec::parse(&t).ok()),
             lineage: s("lineage"),
             created_ms: v.get("created_ms").and_then(|x| x.as_u64()).unwrap_or(0),
+            epoch: v
+                .get("epoch")
+                .and_then(|x| x.as_u64())
+                .and_then(|e| u32::try_from(e).ok())
+                .map_or(crate::types::Epoch::FIRST, crate::types::Epoch),
+            epoch_primary: s("epoch_primary"),
+            orphaned: v.get("orphaned").filter(|o| !o.is_null()).cloned(),
         })
     }
 }

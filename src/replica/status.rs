@@ -89,6 +89,8 @@ impl Replica {
             "last_batch": st.stats.last_batch.map(|(f, l, n, s)| serde_json::json!({
                 "first_lsn": f.0, "last_lsn": l.0, "pages": n, "snapshot": s})),
             "lineage": st.meta.lineage,
+            "epoch": st.meta.epoch.0,
+            "orphaned": st.meta.orphaned,
             "lsn": lsn,
             // The checksum at `lsn` (as applied by this process; null before its first sync).
             "checksum": st.loaded.then(|| st.sums.total().to_string()),

@@ -20,6 +20,9 @@ pub struct DirSource {
     /// Where the last fetch stopped, so the next one starts there instead of scanning the
     /// segment from its beginning (a sync then costs what it fetches).
     hint: std::sync::Mutex<Option<ReadHint>>,
+    /// The newest epoch the replica has seen and where (`Source::set_epoch`): a directory
+    /// follower has no request header, so `info` raises the primary's fence itself.
+    seen: std::sync::Mutex<(crate::types::Epoch, Option<String>)>,
 }
 
 impl DirSource {
@@ -52,11 +55,41 @@ impl DirSource {
             dir,
             log,
             hint: std::sync::Mutex::new(None),
+            seen: std::sync::Mutex::new((crate::types::Epoch::FIRST, None)),
         })
     }
 }
 
+impl DirSource {
+    /// The follower has seen a newer epoch than this log's: this primary was deposed. Raise
+    /// its fence (FORMAT.md §6.1) as the HTTP server does for `X-Repl-Epoch`; best effort (the
+    /// follower may not be allowed to write the primary's directory).
+    fn tell_deposed(&self, ours: crate::types::Epoch) {
+        let (theirs, primary) = self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if theirs <= ours {
+            return;
+        }
+        let fence = crate::txlog::Fence {
+            epoch: theirs,
+            primary,
+            seen_ms: crate::util::now_ms(),
+        };
+        if let Ok(true) = crate::txlog::raise_fence(&self.dir, &fence) {
+            crate::logging::event(&format!(
+                "event=primary_deposed db={:?} epoch={ours} new_epoch={theirs} new_primary={:?} reason=\"a directory follower\"",
+                self.db,
+                fence.primary.as_deref().unwrap_or("unknown")
+            ));
+            super::notify::fenced(&self.dir);
+        }
+    }
+}
+
 impl Source for DirSource {
+    fn set_epoch(&self, epoch: crate::types::Epoch, primary: Option<&str>) {
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = (epoch, primary.map(str::to_string));
+    }
+
     fn describe(&self) -> String {
         self.db.clone()
     }
@@ -68,10 +101,13 @@ impl Source for DirSource {
     fn info(&self) -> Result<SourceInfo> {
         // Read fresh: a primary re-created at the same path has a new lineage.
         let meta = Log::read_meta(&self.dir)?;
+        self.tell_deposed(meta.epoch);
         Ok(SourceInfo {
-            lineage: meta.lineage,
+            lineage: meta.lineage.clone(),
             first_lsn: Log::first_segment_lsn(&self.dir)?,
             durable_lsn: Log::read_durable(&self.dir)?.map(|d| d.0),
+            epoch: meta.epoch,
+            epoch_start: meta.epoch_start,
         })
     }
 

@@ -96,6 +96,11 @@ fn failure_answer(f: ExecFailure) -> (u16, Value) {
         ExecFailure::Other(Error::Sql { code, message }) => {
             (422, json!({"error": message, "code": code}))
         }
+        // A deposed primary (fencing, FORMAT.md §8.1): nothing ran.
+        ExecFailure::Other(e @ Error::ReadOnly(_)) => (
+            409,
+            json!({"error": e.to_string(), "code": e.sqlite_code()}),
+        ),
         ExecFailure::Other(e) => (
             if matches!(e, Error::Busy(_)) {
                 503

@@ -20,7 +20,7 @@ use super::httpd::client::{Client, ClientResponse, GetRequest, Target};
 use super::{Fetch, FetchDone, Source, SourceInfo, SourceSpec};
 use crate::error::{Error, Result};
 use crate::txlog::{decode_record, DbChecksum, Record, SEGMENT_HEADER_LEN};
-use crate::types::Lsn;
+use crate::types::{Epoch, Lsn};
 use std::io::Read;
 use std::time::Duration;
 
@@ -48,6 +48,9 @@ pub struct HttpSource {
     target: Option<Target>,
     /// The engine's client of `fetch_async`: one kept-alive connection, made on first use.
     client: std::sync::Mutex<Option<std::sync::Arc<Client>>>,
+    /// The newest epoch the replica has seen and where (`Source::set_epoch`), sent with every
+    /// request as `X-Repl-Epoch` / `X-Repl-Primary`.
+    seen: std::sync::Mutex<(Epoch, Option<String>)>,
 }
 
 impl HttpSource {
@@ -105,7 +108,26 @@ impl HttpSource {
             last: std::sync::Mutex::new(None),
             target: Target::parse(base, tls),
             client: std::sync::Mutex::new(None),
+            seen: std::sync::Mutex::new((Epoch::FIRST, None)),
         })
+    }
+
+    /// `X-Repl-Epoch` (and `X-Repl-Primary` when known) for every request: FORMAT.md §8.1.
+    fn epoch_headers(&self) -> Vec<(String, String)> {
+        let g = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut h = vec![("X-Repl-Epoch".to_string(), g.0.to_string())];
+        if let Some(p) = &g.1 {
+            h.push(("X-Repl-Primary".to_string(), p.clone()));
+        }
+        h
+    }
+
+    /// `req` with the epoch headers.
+    fn with_epoch(&self, mut req: ureq::Request) -> ureq::Request {
+        for (k, v) in self.epoch_headers() {
+            req = req.set(&k, &v);
+        }
+        req
     }
 
     /// The URL of endpoint `path` (`/v1/log?…`) of this source's database.
@@ -144,8 +166,7 @@ impl HttpSource {
     fn get(&self, path: &str, timeout: Duration) -> Result<ureq::Response> {
         let url = self.url(path);
         let mut req = self
-            .agent
-            .get(&url)
+            .with_epoch(self.agent.get(&url))
             .timeout(timeout)
             .set("X-Repl-Follower", &self.follower)
             .set("X-Repl-Accept-Encoding", ACCEPT_ENCODING);
@@ -210,6 +231,10 @@ impl HttpSource {
             lineage: l,
             first_lsn: num("X-Repl-First-Lsn").map(Lsn),
             durable_lsn: num("X-Repl-Durable-Lsn").map(Lsn),
+            epoch: num("X-Repl-Epoch")
+                .and_then(|e| u32::try_from(e).ok())
+                .map_or(Epoch::FIRST, Epoch),
+            epoch_start: header("X-Repl-Epoch-Start").and_then(|v| super::parse_epoch_start(&v)),
         });
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = info.clone();
         let announced: Option<u32> = header("X-Repl-Records").and_then(|v| v.parse().ok());
@@ -236,12 +261,11 @@ impl HttpSource {
     /// with the blocking client (`fetch_async` is the same request through the engine).
     fn log(&self, from: Lsn, max_bytes: usize, wait: Duration) -> Result<Fetch> {
         let mut req = self
-            .agent
-            .get(&format!(
+            .with_epoch(self.agent.get(&format!(
                 "{}{}",
                 self.base,
                 self.log_path(from, max_bytes, wait)
-            ))
+            )))
             .timeout(wait + LOG_GRACE)
             .set("X-Repl-Follower", &self.follower)
             .set("X-Repl-Accept-Encoding", ACCEPT_ENCODING);
@@ -453,10 +477,19 @@ impl Source for HttpSource {
             .as_str()
             .ok_or_else(|| Error::Corrupt(format!("{}: /v1/info has no lineage", self.shown())))?
             .to_string();
+        let start = &v["epoch_start"];
         Ok(SourceInfo {
             lineage,
             first_lsn: v["first_lsn"].as_u64().map(Lsn),
             durable_lsn: v["durable_lsn"].as_u64().map(Lsn),
+            epoch: v["epoch"]
+                .as_u64()
+                .and_then(|e| u32::try_from(e).ok())
+                .map_or(Epoch::FIRST, Epoch),
+            epoch_start: match (start["lsn"].as_u64(), start["checksum"].as_str()) {
+                (Some(l), Some(c)) => super::parse_epoch_start(&format!("{l} {c}")),
+                _ => None,
+            },
         })
     }
 
@@ -579,8 +612,7 @@ impl Source for HttpSource {
         let (start, len, etag) = (prefix.offset(), prefix.file_len(), prefix.etag());
         let url = self.url("/v1/snapshot");
         let mut req = self
-            .agent
-            .get(&url)
+            .with_epoch(self.agent.get(&url))
             .timeout(Duration::from_secs(3600))
             .set("X-Repl-Follower", &self.follower)
             .set("Range", &format!("bytes={start}-"))
@@ -727,8 +759,7 @@ impl Source for HttpSource {
         let mut last = None;
         for _ in 0..attempts {
             let mut req = self
-                .agent
-                .post(&url)
+                .with_epoch(self.agent.post(&url))
                 .timeout(Duration::from_secs(60))
                 .set("Content-Type", "application/json")
                 .set("X-Repl-Follower", &self.follower)
@@ -757,6 +788,11 @@ impl Source for HttpSource {
                             code: v["code"].as_i64().unwrap_or(1) as i32,
                             message: format!("the primary refused the write: {msg}"),
                         },
+                        // A deposed primary (FORMAT.md §8.1): nothing ran.
+                        409 if v["code"].as_i64() == Some(8) => Error::ReadOnly(format!(
+                            "repl_exec(): {} refused the write: {msg}",
+                            self.shown()
+                        )),
                         _ => status_error(code, &self.shown(), &msg),
                     });
                 }
@@ -773,6 +809,10 @@ impl Source for HttpSource {
 
     fn last_info(&self) -> Option<SourceInfo> {
         self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_epoch(&self, epoch: Epoch, primary: Option<&str>) {
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = (epoch, primary.map(str::to_string));
     }
 
     fn fetch_wait(&self, from: Lsn, max_bytes: usize, wait: Duration) -> Result<Fetch> {
@@ -799,6 +839,7 @@ impl Source for HttpSource {
             ("X-Repl-Follower".to_string(), self.follower.clone()),
             ("X-Repl-Accept-Encoding".into(), ACCEPT_ENCODING.into()),
         ];
+        headers.extend(self.epoch_headers());
         if let Some(t) = &self.token {
             headers.push(("Authorization".into(), format!("Bearer {t}")));
         }

@@ -25,7 +25,7 @@ pub use spec::{Scheme, SourceSpec};
 
 use crate::error::{Error, Result};
 use crate::txlog::Record;
-use crate::types::{Lsn, PageSize};
+use crate::types::{Checksum, Epoch, Lsn, PageSize};
 
 /// What a source says about itself.
 #[derive(Clone, Debug)]
@@ -35,6 +35,24 @@ pub struct SourceInfo {
     pub first_lsn: Option<Lsn>,
     /// Newest durable LSN (what may be served).
     pub durable_lsn: Option<Lsn>,
+    /// The epoch of the primary serving (1 for servers that do not say).
+    pub epoch: Epoch,
+    /// Where that epoch's history starts: (LSN, database checksum at it); None for epoch 1.
+    pub epoch_start: Option<(Lsn, Checksum)>,
+}
+
+/// `X-Repl-Epoch-Start` (FORMAT.md §8.3): `<lsn> <checksum as 16 hex digits>`.
+pub fn format_epoch_start(start: (Lsn, Checksum)) -> String {
+    format!("{} {:016x}", start.0 .0, start.1 .0)
+}
+
+/// Parses `format_epoch_start`'s text.
+pub fn parse_epoch_start(v: &str) -> Option<(Lsn, Checksum)> {
+    let (l, c) = v.trim().split_once(' ')?;
+    Some((
+        Lsn(l.parse().ok()?),
+        Checksum(u64::from_str_radix(c.trim(), 16).ok()?),
+    ))
 }
 
 /// A snapshot file's stored bytes (compressed records stay compressed), from `start` to its
@@ -196,6 +214,10 @@ pub trait Source: Send + Sync + 'static {
     /// The page size of the newest durable snapshot (None: none yet). Only asked on error
     /// paths (a replica naming why a source does not fit it), so it may cost a file read.
     fn page_size(&self) -> Result<Option<PageSize>>;
+    /// The newest epoch the replica has seen and where (a primary as a person reads it): sent
+    /// with every later request (`X-Repl-Epoch`, `X-Repl-Primary`) so that a deposed primary
+    /// learns it is deposed (FORMAT.md §8.1). A no-op for sources that send nothing.
+    fn set_epoch(&self, _epoch: Epoch, _primary: Option<&str>) {}
     /// The primary's log directory when it is on this machine (a directory source); None for
     /// a remote source.
     fn log_dir(&self) -> Option<&std::path::Path> {

@@ -26,6 +26,21 @@ fn slot(dir: &Path) -> Arc<Slot> {
     m.entry(dir.to_path_buf()).or_default().clone()
 }
 
+/// Bumped whenever this process raises a log directory's fence (`fenced`): a primary compares
+/// it on its write path (one atomic load) and re-reads its fence file only when it moved.
+static FENCE_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The fence sequence (see `FENCE_SEQ`).
+pub fn fence_seq() -> u64 {
+    FENCE_SEQ.load(std::sync::atomic::Ordering::Acquire)
+}
+
+/// Announce that `dir`'s fence file was raised (a primary of this process must stop writing).
+pub fn fenced(dir: &Path) {
+    FENCE_SEQ.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    bump(dir);
+}
+
 /// Announce that `dir`'s watermark (or log) changed.
 pub fn bump(dir: &Path) {
     // Long-polls parked in this process's HTTP engine.

@@ -28,6 +28,9 @@ pub(super) fn info(sh: &Shared) -> Result<serde_json::Value> {
         "format": 1,
         "db": sh.db,
         "lineage": meta.lineage,
+        "epoch": meta.epoch.0,
+        "epoch_start": meta.epoch_start.map(|(l, c)| serde_json::json!({
+            "lsn": l.0, "checksum": format!("{:016x}", c.0)})),
         "page_size": meta.page_size,
         "generation": durable.map(|d| d.1 .0),
         "durable_lsn": durable.map(|d| d.0 .0),
@@ -37,15 +40,19 @@ pub(super) fn info(sh: &Shared) -> Result<serde_json::Value> {
 }
 
 pub(super) fn common_headers(
-    lineage: &str,
+    meta: &txlog::Meta,
     durable: (Lsn, u32),
     first: Option<Lsn>,
 ) -> Vec<(String, String)> {
     let mut h = vec![
-        header("X-Repl-Lineage", lineage),
+        header("X-Repl-Lineage", &meta.lineage),
         header("X-Repl-Durable-Lsn", durable.0 .0),
         header("X-Repl-Generation", durable.1),
+        header("X-Repl-Epoch", meta.epoch),
     ];
+    if let Some(s) = meta.epoch_start {
+        h.push(header("X-Repl-Epoch-Start", super::format_epoch_start(s)));
+    }
     if let Some(f) = first {
         h.push(header("X-Repl-First-Lsn", f.0));
     }
@@ -138,7 +145,7 @@ pub(super) fn serve_log(
             },
         ));
     }
-    let lineage = Log::read_meta(&sh.dir)?.lineage;
+    let meta = Log::read_meta(&sh.dir)?;
     let first = Log::first_segment_lsn(&sh.dir)?;
     // `from` older than the first retained LSN: 410 with `first_lsn` (also when retention
     // removes the segment while this request reads it).
@@ -152,13 +159,13 @@ pub(super) fn serve_log(
                 "first_lsn": f.0,
             }),
         );
-        r.headers.extend(common_headers(&lineage, durable, Some(f)));
+        r.headers.extend(common_headers(&meta, durable, Some(f)));
         Outcome::Reply(r)
     };
     if let Some(f) = first.filter(|f| from < *f) {
         return Ok(gone(f));
     }
-    let mut headers = common_headers(&lineage, durable, first);
+    let mut headers = common_headers(&meta, durable, first);
     headers.push(header("Content-Type", RECORDS_TYPE));
     if from > durable.0 {
         headers.push(header("X-Repl-Records", 0));
@@ -357,11 +364,8 @@ fn snapshot_codec(f: &std::fs::File) -> Result<Option<u8>> {
     let mut h = [0u8; txlog::SEGMENT_HEADER_LEN + txlog::RECORD_HEADER_LEN];
     f.read_exact_at(&mut h, 0)
         .map_err(|e| Error::io("reading a snapshot file's header", e))?;
-    let flags = u16::from_be_bytes([
-        h[txlog::SEGMENT_HEADER_LEN + 6],
-        h[txlog::SEGMENT_HEADER_LEN + 7],
-    ]);
-    Ok((flags & txlog::FLAG_COMPRESSED != 0).then_some(h[txlog::SEGMENT_HEADER_LEN + 68]))
+    // The header parser knows where each record version keeps its codec (FORMAT.md §3.7, §3.1).
+    txlog::record_codec(&h[txlog::SEGMENT_HEADER_LEN..])
 }
 
 /// `Range: bytes=N-` or `bytes=N-M` (one range; FORMAT.md §8.4): `Some((first, last))` with
@@ -402,7 +406,8 @@ pub(super) fn serve_snapshot(sh: &Shared, req: &Request) -> Result<Reply> {
         .len();
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let (lsn, generation) = txlog::parse_snapshot_file_name(name).unwrap_or_default();
-    let lineage = Log::read_meta(&sh.dir)?.lineage;
+    let dir_meta = Log::read_meta(&sh.dir)?;
+    let lineage = dir_meta.lineage.clone();
     let mut hdr = [0u8; txlog::SEGMENT_HEADER_LEN + txlog::RECORD_HEADER_LEN];
     std::os::unix::fs::FileExt::read_exact_at(&f, &mut hdr, 0)
         .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
@@ -410,6 +415,7 @@ pub(super) fn serve_snapshot(sh: &Shared, req: &Request) -> Result<Reply> {
     let mut headers = vec![
         header("Content-Type", SNAPSHOT_TYPE),
         header("X-Repl-Lineage", lineage),
+        header("X-Repl-Epoch", dir_meta.epoch),
         header("X-Repl-Snapshot-Lsn", lsn.0),
         header("X-Repl-Generation", generation.0),
         header("X-Repl-Snapshot-Checksum", meta.db_checksum),

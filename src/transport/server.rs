@@ -399,6 +399,8 @@ fn handle(sh: &Shared, req: &Request, ctx: Ctx) -> Outcome {
     let method = req.method.as_str();
     let reply = if let Err(r) = authorize(sh, req) {
         r
+    } else if let Some(r) = newer_epoch(sh, req) {
+        r
     } else if path == "/v1/exec" {
         if method != "POST" {
             Reply::error(405, "/v1/exec takes POST").with_header("Allow", "POST")
@@ -422,6 +424,64 @@ fn handle(sh: &Shared, req: &Request, ctx: Ctx) -> Outcome {
         return r.unwrap_or_else(|e| Outcome::Reply(Reply::error(500, &e.to_string())));
     };
     Outcome::Reply(reply)
+}
+
+/// A request whose `X-Repl-Epoch` is newer than this log's epoch: the client has seen a primary
+/// promoted after this one, so this one is deposed. The fence file is raised (the primary's
+/// processes stop accepting writes: at once in this process, within a maintenance pass in
+/// others) and the request is answered 409 (FORMAT.md §8.1), a write included.
+fn newer_epoch(sh: &Shared, req: &Request) -> Option<Reply> {
+    let theirs: u32 = req.header("X-Repl-Epoch")?.trim().parse().ok()?;
+    let ours = sh.log.meta().epoch;
+    if theirs <= ours.0 {
+        return None;
+    }
+    // Client-controlled text: kept short and printable before it is stored and logged.
+    let primary = req
+        .header("X-Repl-Primary")
+        .map(|p| {
+            p.chars()
+                .filter(|c| !c.is_control())
+                .take(200)
+                .collect::<String>()
+        })
+        .filter(|p| !p.is_empty());
+    let fence = crate::txlog::Fence {
+        epoch: crate::types::Epoch(theirs),
+        primary: primary.clone(),
+        seen_ms: crate::util::now_ms(),
+    };
+    match crate::txlog::raise_fence(&sh.dir, &fence) {
+        Ok(true) => {
+            log_event(&format!(
+                "event=primary_deposed db={:?} epoch={ours} new_epoch={theirs} new_primary={:?} reason=\"a follower's request\"",
+                sh.db,
+                primary.as_deref().unwrap_or("unknown")
+            ));
+            super::notify::fenced(&sh.dir);
+        }
+        Ok(false) => {}
+        Err(e) => log_event(&format!(
+            "event=fence_error db={:?} error={:?}",
+            sh.db,
+            e.to_string()
+        )),
+    }
+    let mut r = Reply::json(
+        409,
+        &serde_json::json!({
+            "error": format!(
+                "this primary ({}, epoch {ours}) was deposed: epoch {theirs} exists{}; it accepts no writes: \
+                 follow the new primary",
+                sh.db,
+                primary.map(|p| format!(" (primary {p})")).unwrap_or_default()
+            ),
+            "code": 8,
+            "epoch": ours.0,
+        }),
+    );
+    r.headers.push(super::request::header("X-Repl-Epoch", ours));
+    Some(r)
 }
 
 /// Runs a forwarded write: the JSON body goes to the primary's exec handler (only a server

@@ -46,6 +46,7 @@ pub fn compact(dir: &Path, upto: Lsn, c: Compression) -> Result<(RecordMeta, Pat
             wal_cksum: last.wal_cksum,
             db_checksum: info.checksum,
             page_count: full_page_count(last.page_size, info.pages),
+            epoch: last.epoch,
         };
         let path = write_streamed(&snap_dir, &meta, c, &mut |pgno, buf| {
             db.read_exact_at(buf, u64::from(pgno - 1) * u64::from(last.page_size.get()))

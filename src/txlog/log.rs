@@ -497,6 +497,20 @@ impl Log {
         len: u64,
         write: &mut dyn FnMut(&File, u64) -> std::io::Result<()>,
     ) -> Result<u64> {
+        // A log holds the records of one primary: its epoch (meta.json). Epochs never
+        // decrease inside a batch (check_sequence), so first and last cover it.
+        if let Some(m) = [meta, last_meta]
+            .into_iter()
+            .find(|m| m.epoch != self.meta.epoch)
+        {
+            return Err(Error::Misuse(format!(
+                "append to log {}: record LSN {} has epoch {} but this log is epoch {}",
+                self.dir.display(),
+                m.lsn,
+                m.epoch,
+                self.meta.epoch
+            )));
+        }
         if let Some(last) = &self.last {
             check_sequence(last, meta).map_err(|m| {
                 Error::OutOfSequence(format!("append to log {}: {m}", self.dir.display()))

@@ -4,7 +4,7 @@
 //! all; `durable` is one 20-byte pwrite at offset 0, so it holds the old or the new watermark.
 
 use crate::error::{Error, Result};
-use crate::types::{Generation, Lsn, PageSize};
+use crate::types::{Checksum, Epoch, Generation, Lsn, PageSize};
 use serde_json::{json, Value};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -12,9 +12,14 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use xxhash_rust::xxh3::xxh3_64;
 
-/// Directory format version (`meta.json` `format`).
+/// Directory format version (`meta.json` `format`) of an epoch-1 log, readable by every build.
 pub const DIR_FORMAT: u32 = 1;
+/// Directory format version of a log written by a primary of epoch 2 or later (a promoted
+/// replica): `meta.json` adds `epoch`, `epoch_lsn` and `epoch_checksum`, and its records are
+/// version 3 (FORMAT.md §3.1, §6). This build reads both.
+pub const DIR_FORMAT_EPOCH: u32 = 2;
 pub(crate) const META_FILE: &str = "meta.json";
+pub(crate) const FENCE_FILE: &str = "fence";
 pub(crate) const DURABLE_FILE: &str = "durable";
 const DURABLE_LEN: usize = 20;
 
@@ -27,6 +32,11 @@ pub struct Meta {
     pub role: String,
     pub page_size: u32,
     pub created_ms: u64,
+    /// The epoch of the primary writing this log (1 unless it was promoted).
+    pub epoch: Epoch,
+    /// Where this epoch's history starts: the LSN of the promoted replica's state (the log's
+    /// first snapshot) and its database checksum. None for epoch 1 (LSN 0).
+    pub epoch_start: Option<(Lsn, Checksum)>,
 }
 
 impl Meta {
@@ -38,18 +48,28 @@ impl Meta {
             role: role.to_string(),
             page_size: page_size.get(),
             created_ms: now_ms(),
+            epoch: Epoch::FIRST,
+            epoch_start: None,
         })
     }
 
     pub fn to_json(&self) -> String {
-        json!({
+        let mut v = json!({
             "format": self.format,
             "lineage": self.lineage,
             "role": self.role,
             "page_size": self.page_size,
             "created_ms": self.created_ms,
-        })
-        .to_string()
+        });
+        if self.epoch != Epoch::FIRST {
+            v["format"] = json!(DIR_FORMAT_EPOCH);
+            v["epoch"] = json!(self.epoch.0);
+            if let Some((lsn, sum)) = self.epoch_start {
+                v["epoch_lsn"] = json!(lsn.0);
+                v["epoch_checksum"] = json!(format!("{:016x}", sum.0));
+            }
+        }
+        v.to_string()
     }
 
     /// Parses and validates `meta.json` text; `what` names the file in messages.
@@ -69,13 +89,43 @@ impl Meta {
                 .ok_or_else(|| bad(format!("missing or non-string \"{k}\"")))
         };
         let format = uint("format")?;
-        if format != u64::from(DIR_FORMAT) {
+        if format != u64::from(DIR_FORMAT) && format != u64::from(DIR_FORMAT_EPOCH) {
             return Err(Error::Unsupported(format!(
-                "{what}: log directory format {format} is not supported (this build reads format {DIR_FORMAT})"
+                "{what}: log directory format {format} is not supported (this build reads formats \
+                 {DIR_FORMAT} and {DIR_FORMAT_EPOCH})"
             )));
         }
+        let (epoch, epoch_start) = if format == u64::from(DIR_FORMAT_EPOCH) {
+            let e = u32::try_from(uint("epoch")?)
+                .ok()
+                .filter(|e| *e >= 2)
+                .ok_or_else(|| bad("\"epoch\" must be 2..=4294967295 in format 2".into()))?;
+            let start = match (
+                v.get("epoch_lsn").and_then(Value::as_u64),
+                v.get("epoch_checksum"),
+            ) {
+                (Some(l), Some(c)) => {
+                    let c = c
+                        .as_str()
+                        .and_then(|c| u64::from_str_radix(c, 16).ok())
+                        .ok_or_else(|| bad("\"epoch_checksum\" is not 16 hex digits".into()))?;
+                    Some((Lsn(l), Checksum(c)))
+                }
+                (None, None) => None,
+                _ => {
+                    return Err(bad(
+                        "\"epoch_lsn\" and \"epoch_checksum\" go together".into()
+                    ))
+                }
+            };
+            (Epoch(e), start)
+        } else {
+            (Epoch::FIRST, None)
+        };
         let meta = Meta {
-            format: DIR_FORMAT,
+            format: format as u32,
+            epoch,
+            epoch_start,
             lineage: string("lineage")?,
             role: string("role")?,
             page_size: u32::try_from(uint("page_size")?)
@@ -135,7 +185,7 @@ pub(crate) fn create_meta(dir: &Path, meta: &Meta) -> Result<()> {
 }
 
 /// Creates/truncates `path`, writes `data` and fsyncs it.
-pub(crate) fn write_and_sync(path: &Path, data: &[u8]) -> Result<()> {
+pub fn write_and_sync(path: &Path, data: &[u8]) -> Result<()> {
     let ctx = || format!("writing {}", path.display());
     let mut f = File::create(path).map_err(|e| Error::io(ctx(), e))?;
     f.write_all(data).map_err(|e| Error::io(ctx(), e))?;
@@ -150,6 +200,63 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 pub(crate) use crate::util::now_ms;
+
+/// `<dir>/fence`: the newest epoch this log's primary has learned of, and who holds it
+/// (FORMAT.md §6.1). Written by whoever learns it (the HTTP server from a follower's
+/// `X-Repl-Epoch`, `repl_promote()` telling its former source); a primary whose log epoch is
+/// older than the fence accepts no more writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub epoch: Epoch,
+    /// The new primary as a person reads it (a URL without its token, or a path), if known.
+    pub primary: Option<String>,
+    pub seen_ms: u64,
+}
+
+impl Fence {
+    pub fn to_json(&self) -> String {
+        json!({"epoch": self.epoch.0, "primary": self.primary, "seen_ms": self.seen_ms}).to_string()
+    }
+
+    pub fn from_json(text: &str) -> Option<Fence> {
+        let v: Value = serde_json::from_str(text).ok()?;
+        Some(Fence {
+            epoch: Epoch(u32::try_from(v.get("epoch")?.as_u64()?).ok()?),
+            primary: v.get("primary").and_then(Value::as_str).map(str::to_string),
+            seen_ms: v.get("seen_ms").and_then(Value::as_u64).unwrap_or(0),
+        })
+    }
+}
+
+/// Reads `<dir>/fence` (None: no fence, or an unreadable one, which fences nothing).
+pub fn read_fence(dir: &Path) -> Option<Fence> {
+    Fence::from_json(&std::fs::read_to_string(dir.join(FENCE_FILE)).ok()?)
+}
+
+/// Raises `<dir>/fence` to `f` (tmp + rename: readers see the old or the new fence). Never
+/// lowers it; returns whether it changed. Keeps a known primary's name when `f` has none.
+pub fn raise_fence(dir: &Path, f: &Fence) -> Result<bool> {
+    let cur = read_fence(dir);
+    let mut f = f.clone();
+    match &cur {
+        Some(c) if c.epoch > f.epoch => return Ok(false),
+        Some(c) if c.epoch == f.epoch && (f.primary.is_none() || c.primary == f.primary) => {
+            return Ok(false)
+        }
+        Some(c) if c.epoch == f.epoch => {}
+        _ => {}
+    }
+    if f.primary.is_none() {
+        f.primary = cur.filter(|c| c.epoch == f.epoch).and_then(|c| c.primary);
+    }
+    let path = dir.join(FENCE_FILE);
+    let tmp = dir.join(format!("{FENCE_FILE}.{}.tmp", std::process::id()));
+    write_and_sync(&tmp, f.to_json().as_bytes())?;
+    std::fs::rename(&tmp, &path)
+        .map_err(|e| Error::io(format!("renaming to {}", path.display()), e))?;
+    sync_dir(dir)?;
+    Ok(true)
+}
 
 /// 16 bytes from /dev/urandom as 32 lowercase hex digits.
 pub(crate) fn random_hex16() -> Result<String> {

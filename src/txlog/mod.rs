@@ -40,7 +40,7 @@ mod verify;
 #[cfg(test)]
 mod tests;
 
-use crate::types::{Checksum, Generation, Lsn, PageNo, PageSize};
+use crate::types::{Checksum, Epoch, Generation, Lsn, PageNo, PageSize};
 use std::path::PathBuf;
 
 /// The directory holding the replication state of the database at `db_path`:
@@ -57,12 +57,15 @@ pub use compress::{
 pub use fuzzing::exercise_decoders;
 pub use iter::{LogIter, LogMetaIter, ReadHint, RecordRange};
 pub use log::{Log, LogConfig, PendingSync};
-pub use meta::{sync_dir, DurableFile, Meta};
+pub use meta::{
+    raise_fence, read_fence, sync_dir, write_and_sync as write_file_synced, DurableFile, Fence,
+    Meta, DIR_FORMAT_EPOCH,
+};
 pub use rebuild::{rebuild, RebuildInfo};
 pub use record::{
-    decode_record, decode_record_meta, encode_record, encode_record_with, record_len,
+    decode_record, decode_record_meta, encode_record, encode_record_with, record_codec, record_len,
     validate_record, FLAG_COMPRESSED, FLAG_SNAPSHOT, RECORD_HEADER_LEN, RECORD_MAGIC,
-    RECORD_TRAILER_LEN, RECORD_VERSION, RECORD_VERSION_COMPRESSED,
+    RECORD_TRAILER_LEN, RECORD_VERSION, RECORD_VERSION_COMPRESSED, RECORD_VERSION_EPOCH,
 };
 pub use retention::{
     newest_snapshot, remove_segment_files, remove_snapshots_before, segment_infos, Policy,
@@ -107,6 +110,8 @@ pub struct RecordMeta {
     pub db_checksum: Checksum,
     /// Number of page entries (equals `Record::pages.len()`).
     pub page_count: u32,
+    /// Epoch of the primary that wrote the record (1 for records of format versions 1 and 2).
+    pub epoch: Epoch,
 }
 
 /// One record: a primary transaction or a snapshot (`meta.snapshot`).
@@ -135,6 +140,12 @@ pub(crate) fn check_sequence(
         return Err(format!(
             "LSN {}: generation {} is lower than generation {} of LSN {}",
             next.lsn, next.generation, prev.generation, prev.lsn
+        ));
+    }
+    if next.epoch < prev.epoch {
+        return Err(format!(
+            "LSN {}: epoch {} is older than epoch {} of LSN {} (epochs never decrease)",
+            next.lsn, next.epoch, prev.epoch, prev.lsn
         ));
     }
     if next.generation > prev.generation && !next.snapshot {

@@ -7,7 +7,7 @@
 use super::compress::{compress_page, decompress_page, Compression, CODEC_LZ4, CODEC_ZSTD};
 use super::{Page, Record, RecordMeta};
 use crate::error::{Error, Result};
-use crate::types::{Checksum, Generation, Lsn, PageNo, PageSize};
+use crate::types::{Checksum, Epoch, Generation, Lsn, PageNo, PageSize};
 use xxhash_rust::xxh3::xxh3_64;
 
 /// ASCII `RPLR`.
@@ -18,6 +18,11 @@ pub const RECORD_VERSION: u16 = 1;
 /// Record format version of compressed records (§3.7): FLAG_COMPRESSED set, a codec id in
 /// byte 68, and each page entry carries its stored length. This build reads both versions.
 pub const RECORD_VERSION_COMPRESSED: u16 = 2;
+/// Record format version of records written by a primary of epoch 2 or later (a promoted
+/// replica, `repl_promote()`): the layout of version 1 (or, with FLAG_COMPRESSED, of version 2
+/// with the codec in the flags' high byte), and bytes 68..72 hold the epoch. Records of epoch 1
+/// keep versions 1 and 2, byte for byte, so an epoch-1 log stays readable by older builds.
+pub const RECORD_VERSION_EPOCH: u16 = 3;
 /// Size of the record header (§3.1).
 pub const RECORD_HEADER_LEN: usize = 88;
 /// Size of the record trailer (§3.3).
@@ -194,14 +199,19 @@ pub(crate) fn encode_header_codec(
 ) -> [u8; RECORD_HEADER_LEN] {
     let mut h = [0u8; RECORD_HEADER_LEN];
     h[0..4].copy_from_slice(&RECORD_MAGIC);
+    let with_epoch = m.epoch != Epoch::FIRST;
     let version = match codec {
+        _ if with_epoch => RECORD_VERSION_EPOCH,
         Some(_) => RECORD_VERSION_COMPRESSED,
         None => RECORD_VERSION,
     };
     h[4..6].copy_from_slice(&version.to_be_bytes());
     let mut flags = if m.snapshot { FLAG_SNAPSHOT } else { 0 };
-    if codec.is_some() {
+    if let Some(c) = codec {
         flags |= FLAG_COMPRESSED;
+        if with_epoch {
+            flags |= u16::from(c) << 8;
+        }
     }
     h[6..8].copy_from_slice(&flags.to_be_bytes());
     h[8..16].copy_from_slice(&total.to_be_bytes());
@@ -215,8 +225,13 @@ pub(crate) fn encode_header_codec(
     h[56..60].copy_from_slice(&m.wal_frame.to_be_bytes());
     h[60..64].copy_from_slice(&m.wal_cksum.0.to_be_bytes());
     h[64..68].copy_from_slice(&m.wal_cksum.1.to_be_bytes());
-    // 68: codec (version 2), 69..72 reserved = 0
-    h[68] = codec.unwrap_or(0);
+    if with_epoch {
+        // 68..72: the epoch (version 3)
+        h[68..72].copy_from_slice(&m.epoch.0.to_be_bytes());
+    } else {
+        // 68: codec (version 2), 69..72 reserved = 0
+        h[68] = codec.unwrap_or(0);
+    }
     h[72..80].copy_from_slice(&m.db_checksum.0.to_be_bytes());
     let sum = xxh3_64(&h[..HEADER_CHECKSUM_AT]);
     h[HEADER_CHECKSUM_AT..].copy_from_slice(&sum.to_be_bytes());
@@ -250,12 +265,15 @@ pub(crate) fn parse_header(h: &[u8]) -> Result<(RecordMeta, u64, Option<u8>)> {
         ));
     }
     let version = be_u16(h, 4);
-    if version != RECORD_VERSION && version != RECORD_VERSION_COMPRESSED {
+    if version != RECORD_VERSION
+        && version != RECORD_VERSION_COMPRESSED
+        && version != RECORD_VERSION_EPOCH
+    {
         return Err(corrupt(
             None,
             format!(
                 "unsupported record format version {version} (this build reads versions \
-                 {RECORD_VERSION} and {RECORD_VERSION_COMPRESSED}); upgrade sqlite-replica"
+                 {RECORD_VERSION} to {RECORD_VERSION_EPOCH}); upgrade sqlite-replica"
             ),
         ));
     }
@@ -273,7 +291,9 @@ pub(crate) fn parse_header(h: &[u8]) -> Result<(RecordMeta, u64, Option<u8>)> {
     }
     let lsn = Some(claimed);
     let flags = be_u16(h, 6);
-    let compressed = version == RECORD_VERSION_COMPRESSED;
+    let with_epoch = version == RECORD_VERSION_EPOCH;
+    let compressed =
+        version == RECORD_VERSION_COMPRESSED || (with_epoch && flags & FLAG_COMPRESSED != 0);
     if flags & FLAG_COMPRESSED != 0 && !compressed {
         return Err(corrupt(
             lsn,
@@ -283,11 +303,18 @@ pub(crate) fn parse_header(h: &[u8]) -> Result<(RecordMeta, u64, Option<u8>)> {
     if compressed && flags & FLAG_COMPRESSED == 0 {
         return Err(corrupt(lsn, "format version 2 without the COMPRESSED flag"));
     }
-    if flags & !(FLAG_SNAPSHOT | FLAG_COMPRESSED) != 0 {
+    // Version 3 keeps the codec of a compressed record in the flags' high byte.
+    let codec_flags = if with_epoch && compressed { 0xff00 } else { 0 };
+    if flags & !(FLAG_SNAPSHOT | FLAG_COMPRESSED | codec_flags) != 0 {
         return Err(corrupt(lsn, format!("unknown flags 0x{flags:04x}")));
     }
+    let raw_codec = if with_epoch {
+        (flags >> 8) as u8
+    } else {
+        h[68]
+    };
     let codec = if compressed {
-        match h[68] {
+        match raw_codec {
             c @ (CODEC_ZSTD | CODEC_LZ4) => Some(c),
             c => {
                 return Err(corrupt(
@@ -299,17 +326,29 @@ pub(crate) fn parse_header(h: &[u8]) -> Result<(RecordMeta, u64, Option<u8>)> {
     } else {
         None
     };
-    let reserved = if compressed {
-        be_u32(h, 68) & 0x00ff_ffff
+    let epoch = if with_epoch {
+        let e = be_u32(h, 68);
+        if e < 2 {
+            return Err(corrupt(
+                lsn,
+                format!("epoch {e} in a version-3 record (epoch 1 is written as version 1 or 2)"),
+            ));
+        }
+        Epoch(e)
     } else {
-        be_u32(h, 68)
+        let reserved = if compressed {
+            be_u32(h, 68) & 0x00ff_ffff
+        } else {
+            be_u32(h, 68)
+        };
+        if reserved != 0 {
+            return Err(corrupt(
+                lsn,
+                format!("reserved field is 0x{reserved:08x}, must be 0"),
+            ));
+        }
+        Epoch::FIRST
     };
-    if reserved != 0 {
-        return Err(corrupt(
-            lsn,
-            format!("reserved field is 0x{reserved:08x}, must be 0"),
-        ));
-    }
     let raw_page_size = be_u32(h, 28);
     let page_size = PageSize::new(raw_page_size).ok_or_else(|| {
         corrupt(
@@ -375,8 +414,17 @@ pub(crate) fn parse_header(h: &[u8]) -> Result<(RecordMeta, u64, Option<u8>)> {
         wal_cksum: (be_u32(h, 60), be_u32(h, 64)),
         db_checksum: Checksum(be_u64(h, 72)),
         page_count,
+        epoch,
     };
     Ok((meta, total, codec))
+}
+
+/// The codec of the record whose header starts `h` (None: uncompressed), the header validated.
+pub fn record_codec(h: &[u8]) -> Result<Option<u8>> {
+    if h.len() < RECORD_HEADER_LEN {
+        return Err(corrupt(None, "truncated header"));
+    }
+    Ok(parse_header(&h[..RECORD_HEADER_LEN])?.2)
 }
 
 /// Validates only the header of the record at the start of `b` (which may hold just the header)

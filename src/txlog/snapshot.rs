@@ -536,6 +536,7 @@ mod resume_tests {
             wal_cksum: (0, 0),
             db_checksum: Checksum(sums.total().0),
             page_count: pages.len() as u32,
+            epoch: crate::types::Epoch::FIRST,
         };
         let mut b = encode_segment_header(&SegmentHeader {
             first_lsn: Lsn(7),

@@ -218,10 +218,10 @@ unsafe extern "C" fn x_write(
         if s.kind == Kind::Wal {
             if let Some(db) = &s.db {
                 let role = db.role();
-                if role == RoleKind::Replica {
+                if db.read_only() {
                     // Backstop: the WRITE-lock refusal below stops writers before this point.
                     crate::logging::event(&format!(
-                        "event=wal_write_refused db={:?} reason=\"replica is read-only\"",
+                        "event=wal_write_refused db={:?} reason=\"read-only (a replica, or a deposed primary)\"",
                         db.path()
                     ));
                     return ffi::SQLITE_READONLY;
@@ -494,7 +494,7 @@ unsafe extern "C" fn x_shm_lock(
             _ => return unsafe { lock(s.real, ofst, n, flags) },
         };
         if flags == ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE
-            && db.role() == RoleKind::Replica
+            && db.read_only()
             && !s.shm0.is_null()
         {
             // A replica is read-only: refuse the WAL write lock to connections of ours before

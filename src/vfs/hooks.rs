@@ -65,6 +65,12 @@ pub trait DbHooks: Send + Sync {
     fn path(&self) -> &str;
     fn counters(&self) -> &WalCounters;
     fn role(&self) -> RoleKind;
+    /// Writes are refused with SQLITE_READONLY (the WAL write lock, WAL writes): a replica,
+    /// or a primary that learned it was deposed (a newer epoch exists; it stays a primary for
+    /// everything else, e.g. the restart hook).
+    fn read_only(&self) -> bool {
+        self.role() == RoleKind::Replica
+    }
     /// A connection's main-database file is closing.
     fn main_closing(&self);
     /// A connection's main-database file was closed (after the underlying xClose): the last

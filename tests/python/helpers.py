@@ -57,6 +57,7 @@ FUNCTIONS = (
     "repl_status",
     "repl_config",
     "repl_follow",
+    "repl_promote",
     "repl_wait",
     "repl_exec",
     "repl_exec_json",

@@ -103,8 +103,8 @@ fn rejects_bad_header_fields() {
     x[0] = b'X';
     rejected(&x, "bad magic");
     let mut x = b.clone();
-    put(&mut x, 4, &3u16.to_be_bytes());
-    rejected(&x, "unsupported record format version 3");
+    put(&mut x, 4, &4u16.to_be_bytes());
+    rejected(&x, "unsupported record format version 4");
     let mut x = b.clone();
     x[20] ^= 1;
     rejected(&x, "header checksum mismatch");
@@ -421,11 +421,11 @@ fn durable_and_meta_files() {
     let meta = Meta::new("primary", ps()).unwrap();
     assert_eq!(meta.lineage.len(), 32);
     assert_eq!(Meta::from_json(&meta.to_json(), "m").unwrap(), meta);
-    let v2 = meta.to_json().replace("\"format\":1", "\"format\":2");
-    assert!(Meta::from_json(&v2, "m")
+    let v3 = meta.to_json().replace("\"format\":1", "\"format\":3");
+    assert!(Meta::from_json(&v3, "m")
         .unwrap_err()
         .to_string()
-        .contains("format 2 is not supported"));
+        .contains("format 3 is not supported"));
     assert!(Meta::from_json("{}", "m")
         .unwrap_err()
         .to_string()
@@ -490,4 +490,150 @@ fn durable_watermark_never_goes_down_under_racing_raisers() {
         Log::read_durable(&path).unwrap(),
         Some((Lsn(1999 * 6 + 5), Generation(1)))
     );
+}
+
+// ---- epochs (FORMAT.md §3.1 version 3, §6 format 2, §6.1 fence) ----
+
+#[test]
+fn epoch_round_trip_in_version_3_plain_and_compressed() {
+    use crate::types::Epoch;
+    let (mut r, old) = sample();
+    // Epoch 1 is written exactly as before: version 1, reserved 0, read back as epoch 1.
+    assert_eq!(be16(&old, 4), RECORD_VERSION);
+    assert_eq!(decode_record(&old).unwrap().0.meta.epoch, Epoch::FIRST);
+    r.meta.epoch = Epoch(7);
+    let b = encode_record(&r);
+    assert_eq!(be16(&b, 4), RECORD_VERSION_EPOCH);
+    assert_eq!(&b[68..72], &7u32.to_be_bytes());
+    assert_eq!(decode_record(&b).unwrap(), (r.clone(), b.len()));
+    assert_eq!(decode_record_meta(&b).unwrap().0.epoch, Epoch(7));
+    for c in [Compression::Zstd(DEFAULT_ZSTD_LEVEL), Compression::Lz4] {
+        let z = encode_record_with(&r, c);
+        assert_eq!(be16(&z, 4), RECORD_VERSION_EPOCH);
+        assert_eq!(be16(&z, 6) & FLAG_COMPRESSED, FLAG_COMPRESSED);
+        assert_eq!(record_codec(&z).unwrap(), c.codec());
+        assert_eq!(decode_record(&z).unwrap().0, r);
+    }
+    // A version-2 (compressed, epoch 1) record still reads as epoch 1.
+    r.meta.epoch = Epoch::FIRST;
+    let z = encode_record_with(&r, Compression::Lz4);
+    assert_eq!(be16(&z, 4), RECORD_VERSION_COMPRESSED);
+    assert_eq!(decode_record(&z).unwrap().0.meta.epoch, Epoch::FIRST);
+}
+
+#[test]
+fn version_3_rejects_epoch_below_2_and_unknown_codec() {
+    let (mut r, _) = sample();
+    r.meta.epoch = crate::types::Epoch(3);
+    let mut b = encode_record(&r);
+    put(&mut b, 68, &1u32.to_be_bytes());
+    fix_header(&mut b);
+    fix_trailer(&mut b);
+    rejected(&b, "epoch 1 in a version-3 record");
+    let mut z = encode_record_with(&r, Compression::Lz4);
+    put(&mut z, 6, &((9u16 << 8) | FLAG_COMPRESSED).to_be_bytes());
+    fix_header(&mut z);
+    fix_trailer(&mut z);
+    rejected(&z, "unknown compression codec 9");
+}
+
+#[test]
+fn epochs_never_decrease_along_a_log() {
+    use crate::types::Epoch;
+    let mut m = Model::new(ps());
+    let mut a = m.txn(&[1], 1).meta;
+    let mut b = m.txn(&[1], 1).meta;
+    a.epoch = Epoch(2);
+    b.epoch = Epoch(3);
+    assert!(crate::txlog::check_sequence(&a, &b).is_ok());
+    let err = crate::txlog::check_sequence(&b, &a_next(&a, &b)).unwrap_err();
+    assert!(err.contains("epoch 2 is older than epoch 3"), "{err}");
+}
+
+fn a_next(a: &RecordMeta, b: &RecordMeta) -> RecordMeta {
+    RecordMeta {
+        lsn: b.lsn.next(),
+        ..a.clone()
+    }
+}
+
+#[test]
+fn meta_json_epoch_format_2_and_old_format_1() {
+    use crate::types::Epoch;
+    let mut m = Meta::new("primary", ps()).unwrap();
+    let one = m.to_json();
+    assert!(!one.contains("epoch"), "{one}");
+    assert_eq!(Meta::from_json(&one, "t").unwrap().epoch, Epoch::FIRST);
+    m.epoch = Epoch(4);
+    m.epoch_start = Some((Lsn(41), Checksum(0xabc)));
+    let two = m.to_json();
+    let back = Meta::from_json(&two, "t").unwrap();
+    assert_eq!(back.format, DIR_FORMAT_EPOCH);
+    assert_eq!(
+        (back.epoch, back.epoch_start),
+        (Epoch(4), Some((Lsn(41), Checksum(0xabc))))
+    );
+    let bad = two.replace("\"epoch\":4", "\"epoch\":1");
+    assert!(Meta::from_json(&bad, "t").is_err());
+    let three = one.replace("\"format\":1", "\"format\":3");
+    assert!(Meta::from_json(&three, "t")
+        .unwrap_err()
+        .to_string()
+        .contains("format 3"));
+}
+
+#[test]
+fn fence_is_raised_never_lowered() {
+    use crate::types::Epoch;
+    let d = tempfile_dir();
+    assert!(read_fence(&d).is_none());
+    let f = |e, p: Option<&str>| Fence {
+        epoch: Epoch(e),
+        primary: p.map(str::to_string),
+        seen_ms: 1,
+    };
+    assert!(raise_fence(&d, &f(3, Some("http://b"))).unwrap());
+    assert!(!raise_fence(&d, &f(2, Some("http://c"))).unwrap());
+    assert!(!raise_fence(&d, &f(3, None)).unwrap());
+    assert_eq!(read_fence(&d).unwrap().primary.as_deref(), Some("http://b"));
+    assert!(raise_fence(&d, &f(4, None)).unwrap());
+    assert_eq!(read_fence(&d).unwrap().epoch, Epoch(4));
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "repl-fence-{}-{}",
+        std::process::id(),
+        crate::util::now_ms()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn a_log_refuses_records_of_another_epoch() {
+    use crate::types::Epoch;
+    let d = tempfile_dir();
+    let mut meta = Meta::new("primary", ps()).unwrap();
+    meta.epoch = Epoch(2);
+    meta.epoch_start = Some((Lsn(0), Checksum(0)));
+    let mut log = Log::create(&d, &meta, LogConfig::default()).unwrap();
+    let mut m = Model::new(ps());
+    let mut r = m.txn(&[1], 1);
+    let e = log.append(&r).unwrap_err().to_string();
+    assert!(e.contains("has epoch 1 but this log is epoch 2"), "{e}");
+    r.meta.epoch = Epoch(2);
+    log.append(&r).unwrap();
+    let mut r2 = m.txn(&[1], 1);
+    r2.meta.epoch = Epoch(2);
+    let mut r3 = m.txn(&[1], 1);
+    r3.meta.epoch = Epoch(3);
+    assert!(log.append_batch(&[r2.clone(), r3]).is_err());
+    assert!(log.append_batch(&[r2]).is_ok());
+    drop(log);
+    let back = Log::open(&d, LogConfig::default()).unwrap();
+    assert_eq!(back.meta().epoch, Epoch(2));
+    assert_eq!(back.last().unwrap().epoch, Epoch(2));
+    let _ = std::fs::remove_dir_all(&d);
 }

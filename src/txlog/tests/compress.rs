@@ -154,8 +154,8 @@ fn header_rules_of_version_2() {
     rejected(&with(69, &[1]), "reserved field");
     rejected(&with(6, &0u16.to_be_bytes()), "without the COMPRESSED flag");
     rejected(
-        &with(4, &3u16.to_be_bytes()),
-        "unsupported record format version 3",
+        &with(4, &4u16.to_be_bytes()),
+        "unsupported record format version 4",
     );
     rejected(
         &with(8, &100u64.to_be_bytes()),

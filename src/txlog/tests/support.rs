@@ -105,6 +105,7 @@ impl Model {
             wal_cksum: (0xdead_0000 | self.lsn.0 as u32, 0xbeef),
             db_checksum: self.checksum(),
             page_count,
+            epoch: crate::types::Epoch::FIRST,
         }
     }
 
