@@ -59,15 +59,28 @@ impl Primary {
             // the WAL, under the LSNs claimed (checked: the frames must chain to the claim).
             let c = claim.expect("claim_ahead");
             // `h` may predate the claim (an append pass reads it first): a header read now,
-            // after the claim, shows at least the claimed frames.
+            // after the claim, shows at least the claimed frames — or other salts, when the
+            // WAL was restarted over them. A header that cannot be read right now (a writer is
+            // between its two copies) or that still shows less than the claim is no evidence
+            // of anything: leave the append to the next pass, never call the claim lost.
             let fresh;
             let h = if c.salts == h.salts && c.frame <= h.mx_frame {
                 h
-            } else if let Some(x) = read_header(&self.agent) {
+            } else {
+                let Some(x) = (0..1000).find_map(|_| {
+                    let x = read_header(&self.agent);
+                    if x.is_none() {
+                        std::hint::spin_loop();
+                    }
+                    x
+                }) else {
+                    return Ok(());
+                };
+                if x.salts == c.salts && x.mx_frame < c.frame {
+                    return Ok(());
+                }
                 fresh = x;
                 &fresh
-            } else {
-                h
             };
             let flag = self.append_flag();
             if let Some(f) = flag {
