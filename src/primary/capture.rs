@@ -504,12 +504,7 @@ impl Primary {
                     held.push((rec, pos));
                     continue;
                 }
-                if crate::sys::fault_fails("log-append") {
-                    return Err(Error::io(
-                        "appending to the log (REPL_FAULT_FAIL_AT)",
-                        std::io::Error::other("injected failure"),
-                    ));
-                }
+                injected_append_failure()?;
                 st.log.append(&rec)?;
                 st.captured_txns += 1;
             }
@@ -586,4 +581,16 @@ impl Primary {
             pages,
         }
     }
+}
+
+/// Test fault injection (`REPL_FAULT_FAIL_AT=log-append:<n>`): the n-th append to the log fails
+/// as an I/O error would, after its record was built.
+pub(super) fn injected_append_failure() -> Result<()> {
+    if crate::sys::fault_fails("log-append") {
+        return Err(Error::io(
+            "appending to the log (REPL_FAULT_FAIL_AT)",
+            std::io::Error::other("injected failure"),
+        ));
+    }
+    Ok(())
 }

@@ -100,14 +100,8 @@ impl Primary {
                 let mut appended = 0;
                 if claimed {
                     // The asynchronous capture's batch: one write.
-                    let injected = crate::sys::fault_fails("log-append").then(|| {
-                        crate::error::Error::io(
-                            "appending to the log (REPL_FAULT_FAIL_AT)",
-                            std::io::Error::other("injected failure"),
-                        )
-                    });
-                    if let Some(e) =
-                        injected.map_or_else(|| st.log.append_batch(&records).err(), Some)
+                    if let Err(e) = super::capture::injected_append_failure()
+                        .and_then(|_| st.log.append_batch(&records))
                     {
                         st.loaded = false;
                         return Err(e);
@@ -117,13 +111,9 @@ impl Primary {
                     return Ok(());
                 }
                 for r in &records {
-                    let injected = crate::sys::fault_fails("log-append").then(|| {
-                        crate::error::Error::io(
-                            "appending to the log (REPL_FAULT_FAIL_AT)",
-                            std::io::Error::other("injected failure"),
-                        )
-                    });
-                    if let Some(e) = injected.map_or_else(|| st.log.append(r).err(), Some) {
+                    if let Err(e) =
+                        super::capture::injected_append_failure().and_then(|_| st.log.append(r))
+                    {
                         // Some records are in the log: adopt exactly those (the log is the
                         // truth), and rebuild the checksums from it at the next capture.
                         st.loaded = false;
