@@ -243,27 +243,6 @@ impl Replica {
     }
 }
 
-/// A reader that reports (bytes so far, total) to `progress` about every MiB.
-struct Progressed<'a, R> {
-    inner: R,
-    done: u64,
-    total: u64,
-    last: u64,
-    progress: &'a mut dyn FnMut(u64, u64),
-}
-
-impl<R: Read> Read for Progressed<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.done += n as u64;
-        if self.done >= self.last + (1 << 20) || self.done == self.total {
-            self.last = self.done;
-            (self.progress)(self.done, self.total);
-        }
-        Ok(n)
-    }
-}
-
 /// How a fresh bootstrap goes on after reading the snapshot's headers.
 pub(super) enum Fresh {
     /// Streamed straight into the database file (uncompressed: resumable page by page).
@@ -305,16 +284,12 @@ impl Replica {
         }
         self.start_progress(WHAT, 0);
         let mut progress = self.progress_reporter(WHAT);
-        let reader = Progressed {
-            inner: std::io::BufReader::with_capacity(
-                1 << 20,
-                std::io::Cursor::new(head).chain(got.body),
-            ),
-            done: 0,
-            total: got.len,
-            last: 0,
-            progress: &mut progress,
-        };
+        let reader = crate::transport::http::Counted::new(
+            std::io::BufReader::with_capacity(1 << 20, std::io::Cursor::new(head).chain(got.body)),
+            0,
+            got.len,
+            &mut progress,
+        );
         let r = crate::txlog::stream_snapshot_from(reader, &shown, got.len, on_meta, on_page)
             .map_err(|e| match e {
                 Error::Io { .. } => Error::Other(format!(

@@ -320,13 +320,27 @@ impl HttpSource {
     }
 }
 
-/// A body reader that reports (bytes so far, total) about every MiB.
-struct Counted<'a, R> {
+/// A reader that reports (bytes so far, total) to `progress` about every MiB (snapshot
+/// downloads: here and in `replica::download`).
+pub struct Counted<'a, R> {
     inner: R,
     done: u64,
     total: u64,
     last: u64,
     progress: &'a mut dyn FnMut(u64, u64),
+}
+
+impl<'a, R> Counted<'a, R> {
+    /// `done` bytes were there before `inner` (a resumed download).
+    pub fn new(inner: R, done: u64, total: u64, progress: &'a mut dyn FnMut(u64, u64)) -> Self {
+        Counted {
+            inner,
+            done,
+            total,
+            last: done,
+            progress,
+        }
+    }
 }
 
 impl<R: Read> Read for Counted<'_, R> {
@@ -583,13 +597,7 @@ impl Source for HttpSource {
             )));
         };
         let shown = self.shown();
-        let mut counted = Counted {
-            inner: resp.into_reader().take(len),
-            done: 0,
-            total: len,
-            last: 0,
-            progress,
-        };
+        let mut counted = Counted::new(resp.into_reader().take(len), 0, len, progress);
         crate::txlog::stream_snapshot_from(&mut counted, &shown, len, on_meta, on_page).map_err(
             |e| match e {
                 Error::Io { .. } => Error::Other(format!(
@@ -647,13 +655,7 @@ impl Source for HttpSource {
             return Ok(None);
         }
         let shown = self.shown();
-        let mut counted = Counted {
-            inner: resp.into_reader().take(len - start),
-            done: start,
-            total: len,
-            last: start,
-            progress,
-        };
+        let mut counted = Counted::new(resp.into_reader().take(len - start), start, len, progress);
         crate::txlog::stream_snapshot_rest(&mut counted, &shown, prefix, on_page)
             .map(Some)
             .map_err(|e| match e {
