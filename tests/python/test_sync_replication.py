@@ -116,7 +116,8 @@ while True:
 def test_kill_the_primary_every_acknowledged_commit_is_on_the_replica(tmp):
     """sync_replicas=1, level durable: the primary process is killed (-9) at random moments under
     a write load, >= 50 times; right after each kill, every id whose COMMIT had returned is on the
-    replica already (no waiting: it acknowledged them)."""
+    replica already (no waiting: it acknowledged them). After the last kill the replica is
+    promoted: it holds every acknowledged commit and takes writes."""
     import os
     import random
     import signal
@@ -166,6 +167,16 @@ def test_kill_the_primary_every_acknowledged_commit_is_on_the_replica(tmp):
                                 [len(printed), json.dumps(printed)])
                 assert missing == 0, f"after kill {k}: {missing} acknowledged commits missing on the replica ({have} there)"
         assert len(printed) > kills, printed[-5:]
+        # The primary stays dead: promote the replica. Every acknowledged commit is there, it
+        # takes writes of the next epoch, and no id was ever acknowledged twice.
+        assert len(set(printed)) == len(printed), "an id was acknowledged by two commits"
+        done = json.loads(r.one("SELECT repl_promote('127.0.0.1:0')"))
+        assert done["epoch"] >= 2, done
+        missing = r.one("SELECT ? - count(*) FROM t WHERE id IN (SELECT value FROM json_each(?))",
+                        [len(printed), json.dumps(printed)])
+        assert missing == 0, f"after promotion: {missing} acknowledged commits missing"
+        r.q("INSERT INTO t(id, pad) VALUES (?, x'00')", [max(printed) + 10**6])
+        assert status(r)["role"] == "primary", status(r)
     finally:
         if r is not None:
             r.close()
