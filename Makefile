@@ -12,6 +12,7 @@
 #   make bench   build + bench-deps, then scripts/bench.py (commit overhead), scripts/bench_bootstrap.py (replica bootstrap vs cp)
 #                scripts/bench_apply.py (apply throughput, one-transaction sync, reader latency)
 #                scripts/bench_http.py (replication lag over HTTP, catch-up, 256 MiB bootstrap over HTTP),
+#                scripts/bench_sync.py (commit latency/throughput at sync_replicas 0/1/2 and each sync_level),
 #                scripts/bench_fanout.py (one primary, 1/100/1000 long-polling followers: idle CPU, threads, p99),
 #                scripts/bench_many.py (threads, fds, RSS with 1/100/1000 primaries open in one process),
 #                scripts/bench_large.py (LARGE_MIB, default 4096: peak RSS of repl_primary()/bootstraps, bootstrap vs cp;
@@ -131,6 +132,7 @@ bench: build bench-deps
 	$(PYTHON) scripts/bench_bootstrap.py
 	$(PYTHON) scripts/bench_apply.py
 	$(PYTHON) scripts/bench_http.py
+	$(PYTHON) scripts/bench_sync.py
 	$(PYTHON) scripts/bench_fanout.py
 	$(PYTHON) scripts/bench_many.py
 	$(PYTHON) scripts/bench_large.py
