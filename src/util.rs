@@ -1,5 +1,5 @@
-//! Small helpers used across layers: wall-clock milliseconds, hex encoding, random bytes.
-//! Pure std, no state.
+//! Small helpers used across layers: wall-clock milliseconds, hex encoding, random bytes, and
+//! per-thread scratch buffers. Pure std; the only state is the scratch buffers.
 
 #![forbid(unsafe_code)]
 
@@ -92,5 +92,51 @@ mod rate_tests {
         assert_eq!(rate_eta(10, 0, 10, 500).1, Some(0));
         // Huge numbers do not overflow.
         assert_eq!(rate_eta(u64::MAX - 1, 0, u64::MAX, 1).1, Some(0));
+    }
+}
+
+/// Which per-thread scratch buffer (`take_scratch`): one for each use that can be live at once.
+#[derive(Clone, Copy, Debug)]
+pub enum Scratch {
+    /// WAL bytes read ahead by an append pass.
+    WalRead = 0,
+    /// Encoded records of one batched log append.
+    LogBatch = 1,
+}
+
+/// Scratch buffers larger than this are not kept (a thread that once appended a huge batch
+/// does not hold its memory for good).
+const SCRATCH_KEEP: usize = 1 << 20;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<[Vec<u8>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
+}
+
+/// This thread's scratch buffer `which`, emptied (length 0, capacity kept): an append pass
+/// reuses the same memory every time instead of allocating, zeroing and freeing (and, for
+/// large buffers, mapping and unmapping) per pass. A buffer taken twice without `put_scratch`
+/// in between is simply a new one.
+pub fn take_scratch(which: Scratch) -> Vec<u8> {
+    let mut v = SCRATCH
+        .try_with(|s| {
+            s.try_borrow_mut()
+                .map(|mut a| std::mem::take(&mut a[which as usize]))
+                .ok()
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    v.clear();
+    v
+}
+
+/// Gives a buffer from `take_scratch` back for the next use on this thread (dropped if large).
+pub fn put_scratch(which: Scratch, v: Vec<u8>) {
+    if v.capacity() <= SCRATCH_KEEP {
+        let _ = SCRATCH.try_with(|s| {
+            if let Ok(mut a) = s.try_borrow_mut() {
+                a[which as usize] = v;
+            }
+        });
     }
 }

@@ -25,43 +25,57 @@ const BATCH_BYTES: usize = 16 << 20;
 const PREFETCH_BYTES: u64 = 4 << 20;
 
 /// A byte range of the WAL read at once, serving reads inside it from memory and the rest
-/// from the file.
+/// from the file. Its buffer is this thread's scratch buffer (`into_buffer` gives it back).
 struct Prefetched<'a> {
     file: &'a std::fs::File,
     base: u64,
+    /// `bytes[..len]` holds the WAL bytes from `base`; the rest is stale scratch.
     bytes: Vec<u8>,
+    len: usize,
 }
 
 impl<'a> Prefetched<'a> {
-    fn none(file: &'a std::fs::File) -> Self {
+    fn none(file: &'a std::fs::File, bytes: Vec<u8>) -> Self {
         Prefetched {
             file,
             base: 0,
-            bytes: Vec::new(),
+            bytes,
+            len: 0,
         }
     }
 
     /// `len` bytes from `base`, or fewer at the end of the file (the frame reader then sees
     /// the end where the file ends); nothing on an error (then every read goes to the file).
-    fn read(file: &'a std::fs::File, base: u64, len: usize) -> Self {
-        let mut bytes = vec![0u8; len];
+    /// Reads into `bytes` (only its new part, if it must grow, is zeroed first).
+    fn read(file: &'a std::fs::File, base: u64, len: usize, mut bytes: Vec<u8>) -> Self {
+        if bytes.len() < len {
+            bytes.resize(len, 0);
+        }
         let mut got = 0;
         while got < len {
-            match file.read_at(&mut bytes[got..], base + got as u64) {
+            match file.read_at(&mut bytes[got..len], base + got as u64) {
                 Ok(0) => break,
                 Ok(n) => got += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => return Self::none(file),
+                Err(_) => return Self::none(file, bytes),
             }
         }
-        bytes.truncate(got);
-        Prefetched { file, base, bytes }
+        Prefetched {
+            file,
+            base,
+            bytes,
+            len: got,
+        }
+    }
+
+    fn into_buffer(self) -> Vec<u8> {
+        self.bytes
     }
 }
 
 impl FileExt for Prefetched<'_> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-        let end = self.base + self.bytes.len() as u64;
+        let end = self.base + self.len as u64;
         if offset >= self.base && offset + buf.len() as u64 <= end {
             let at = (offset - self.base) as usize;
             buf.copy_from_slice(&self.bytes[at..at + buf.len()]);
@@ -230,15 +244,16 @@ impl Primary {
         } else {
             (1, hdr.cksum, None)
         };
-        let saved = st.sums.clone();
+        st.sums.begin();
         // One read for the whole range when it is small (an append pass: tens of frames), not
         // one per frame.
         let first = wal::frame_offset(ps, start);
         let end = wal::frame_offset(ps, fp.frame + 1);
+        let scratch = crate::util::take_scratch(crate::util::Scratch::WalRead);
         let wal_bytes = if fp.frame >= start && end - first <= PREFETCH_BYTES {
-            Prefetched::read(&f, first, (end - first) as usize)
+            Prefetched::read(&f, first, (end - first) as usize, scratch)
         } else {
-            Prefetched::none(&f)
+            Prefetched::none(&f, scratch)
         };
         let mut reader = FrameReader::new(&wal_bytes, &hdr, start, running);
         let mut txn: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
@@ -287,6 +302,8 @@ impl Primary {
             }
             Ok(false)
         })();
+        drop(reader);
+        crate::util::put_scratch(crate::util::Scratch::WalRead, wal_bytes.into_buffer());
         let result = result.and_then(|partial| {
             if partial {
                 return Ok(());
@@ -308,9 +325,12 @@ impl Primary {
             Ok(())
         });
         match result {
-            Ok(()) => Ok((out, pos)),
+            Ok(()) => {
+                st.sums.commit();
+                Ok((out, pos))
+            }
             Err(why) => {
-                st.sums = saved;
+                st.sums.rollback();
                 Err(why)
             }
         }

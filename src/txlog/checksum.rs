@@ -16,6 +16,17 @@ pub struct DbChecksum {
     sums: Vec<u64>,
     total: u64,
     zero_page: Vec<u8>,
+    /// The undo journal of `begin` (None when no change is being tried).
+    journal: Option<Journal>,
+}
+
+/// What `rollback` needs to take back the changes since `begin`: the size and total then, and
+/// the old value of every slot below that size that was changed or removed since, in order.
+#[derive(Clone, Debug)]
+struct Journal {
+    len: usize,
+    total: u64,
+    old: Vec<(usize, u64)>,
 }
 
 impl DbChecksum {
@@ -27,6 +38,50 @@ impl DbChecksum {
             sums: Vec::new(),
             total: 0,
             zero_page: Vec::new(),
+            journal: None,
+        }
+    }
+
+    /// Starts trying changes that `rollback` can take back (an append pass re-capturing
+    /// frames that may turn out unprovable). Costs nothing up front, and each change then
+    /// remembers one old value, where a copy of the state would cost 8 bytes per page of the
+    /// database on every pass. A `begin` while trying keeps the first one's start.
+    pub fn begin(&mut self) {
+        if self.journal.is_none() {
+            self.journal = Some(Journal {
+                len: self.sums.len(),
+                total: self.total,
+                old: Vec::new(),
+            });
+        }
+    }
+
+    /// Keeps the changes since `begin`.
+    pub fn commit(&mut self) {
+        self.journal = None;
+    }
+
+    /// Takes back every change since `begin` (nothing when not trying).
+    pub fn rollback(&mut self) {
+        let Some(j) = self.journal.take() else {
+            return;
+        };
+        for &(i, v) in j.old.iter().rev() {
+            if self.sums.len() <= i {
+                self.sums.resize(i + 1, 0);
+            }
+            self.sums[i] = v;
+        }
+        self.sums.resize(j.len, 0);
+        self.total = j.total;
+    }
+
+    /// Remembers slot `i`'s value before a change, when `rollback` will need it.
+    fn note(&mut self, i: usize) {
+        if let Some(j) = &mut self.journal {
+            if i < j.len {
+                j.old.push((i, self.sums[i]));
+            }
         }
     }
 
@@ -91,6 +146,7 @@ impl DbChecksum {
         if n > self.size() {
             self.truncate(n);
         }
+        self.note(n as usize - 1);
         let slot = &mut self.sums[n as usize - 1];
         self.total ^= *slot ^ sum.0;
         *slot = sum.0;
@@ -100,6 +156,7 @@ impl DbChecksum {
     pub fn truncate(&mut self, commit_size: u32) {
         let new_len = commit_size as usize;
         while self.sums.len() > new_len {
+            self.note(self.sums.len() - 1);
             let s = self.sums.pop().expect("len > new_len");
             self.total ^= s;
         }
@@ -120,6 +177,9 @@ impl DbChecksum {
 
     /// Removes every page.
     pub fn clear(&mut self) {
+        if self.journal.is_some() {
+            self.truncate(0);
+        }
         self.sums.clear();
         self.total = 0;
     }

@@ -13,8 +13,8 @@
 
 use super::compress::Compression;
 use super::meta::{self, create_meta, now_ms, read_meta, sync_dir};
-use super::record::encode_record_with;
 use super::record::validate_record;
+use super::record::{encode_record_into, encode_record_with};
 use super::segment::{
     encode_segment_header, list_segments, segment_file_name, ScanKind, SegmentHeader, SegmentReader,
 };
@@ -454,14 +454,18 @@ impl Log {
                 Error::OutOfSequence(format!("append to log {}: {m}", self.dir.display()))
             })?;
         }
-        let mut bytes = Vec::new();
         for r in rs {
             validate_record(r)?;
-            bytes.extend_from_slice(&encode_record_with(r, self.cfg.compression));
         }
-        self.append_with(&first.meta, &last.meta, bytes.len() as u64, &mut |f, at| {
+        let mut bytes = crate::util::take_scratch(crate::util::Scratch::LogBatch);
+        for r in rs {
+            encode_record_into(r, self.cfg.compression, &mut bytes);
+        }
+        let done = self.append_with(&first.meta, &last.meta, bytes.len() as u64, &mut |f, at| {
             f.write_all_at(&bytes, at)
-        })
+        });
+        crate::util::put_scratch(crate::util::Scratch::LogBatch, bytes);
+        done
     }
 
     /// Appends the encoded record `meta` found at `offset`, `len` bytes, in the file `src` (a

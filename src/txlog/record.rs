@@ -124,61 +124,56 @@ pub fn encode_record(r: &Record) -> Vec<u8> {
 /// (§3.7). Validates the invariants with `validate_record` in debug builds (panicking on
 /// violation); release builds trust the caller (`Log::append` validates).
 pub fn encode_record_with(r: &Record, c: Compression) -> Vec<u8> {
-    let Some(codec) = c.codec() else {
-        return encode_plain(r);
-    };
-    if cfg!(debug_assertions) {
-        if let Err(e) = validate_record(r) {
-            panic!("encode_record: {e}");
-        }
-    }
-    let m = &r.meta;
-    let page_count = r.pages.len() as u32;
-    let mut out = Vec::with_capacity(RECORD_HEADER_LEN + r.pages.len() * 1024);
-    out.extend_from_slice(&[0u8; RECORD_HEADER_LEN]);
-    for p in &r.pages {
-        out.extend_from_slice(&p.pgno.get().to_be_bytes());
-        match compress_page(c, &p.data) {
-            Some(z) => {
-                out.extend_from_slice(&(z.len() as u32).to_be_bytes());
-                out.extend_from_slice(&z);
-            }
-            None => {
-                out.extend_from_slice(&(p.data.len() as u32).to_be_bytes());
-                out.extend_from_slice(&p.data);
-            }
-        }
-    }
-    let total = (out.len() + RECORD_TRAILER_LEN) as u64;
-    out[..RECORD_HEADER_LEN].copy_from_slice(&encode_header_codec(
-        m,
-        page_count,
-        total,
-        Some(codec),
-    ));
-    let sum = xxh3_64(&out);
-    out.extend_from_slice(&sum.to_be_bytes());
+    let mut out = Vec::new();
+    encode_record_into(r, c, &mut out);
     out
 }
 
-fn encode_plain(r: &Record) -> Vec<u8> {
+/// `encode_record_with`, appending the record's bytes to `out` (a batch of records encoded
+/// into one buffer, with no per-record allocation or copy).
+pub fn encode_record_into(r: &Record, c: Compression, out: &mut Vec<u8>) {
     if cfg!(debug_assertions) {
         if let Err(e) = validate_record(r) {
             panic!("encode_record: {e}");
         }
     }
+    let start = out.len();
     let m = &r.meta;
     let page_count = r.pages.len() as u32;
-    let total = record_len(m.page_size, page_count);
-    let mut out = Vec::with_capacity(total as usize);
-    out.extend_from_slice(&encode_header(m, page_count, total));
-    for p in &r.pages {
-        out.extend_from_slice(&p.pgno.get().to_be_bytes());
-        out.extend_from_slice(&p.data);
+    let codec = c.codec();
+    match codec {
+        None => {
+            let total = record_len(m.page_size, page_count);
+            out.reserve(total as usize);
+            out.extend_from_slice(&encode_header(m, page_count, total));
+            for p in &r.pages {
+                out.extend_from_slice(&p.pgno.get().to_be_bytes());
+                out.extend_from_slice(&p.data);
+            }
+        }
+        Some(_) => {
+            out.reserve(RECORD_HEADER_LEN + r.pages.len() * 1024);
+            out.extend_from_slice(&[0u8; RECORD_HEADER_LEN]);
+            for p in &r.pages {
+                out.extend_from_slice(&p.pgno.get().to_be_bytes());
+                match compress_page(c, &p.data) {
+                    Some(z) => {
+                        out.extend_from_slice(&(z.len() as u32).to_be_bytes());
+                        out.extend_from_slice(&z);
+                    }
+                    None => {
+                        out.extend_from_slice(&(p.data.len() as u32).to_be_bytes());
+                        out.extend_from_slice(&p.data);
+                    }
+                }
+            }
+            let total = (out.len() - start + RECORD_TRAILER_LEN) as u64;
+            out[start..start + RECORD_HEADER_LEN]
+                .copy_from_slice(&encode_header_codec(m, page_count, total, codec));
+        }
     }
-    let sum = xxh3_64(&out);
+    let sum = xxh3_64(&out[start..]);
     out.extend_from_slice(&sum.to_be_bytes());
-    out
 }
 
 /// The 88-byte header of §3.1, `header_checksum` included.

@@ -5,7 +5,7 @@ use super::support::*;
 use crate::txlog::meta::decode_durable;
 use crate::txlog::record::full_page_count;
 use crate::txlog::*;
-use crate::types::{Checksum, Generation, Lsn, PageSize};
+use crate::types::{Checksum, Generation, Lsn, PageNo, PageSize};
 use xxhash_rust::xxh3::xxh3_64;
 
 fn sample() -> (Record, Vec<u8>) {
@@ -394,6 +394,53 @@ fn db_checksum_incremental_equals_full_recompute() {
     d.set_page(big.lock_byte_page(), &[1; 65536]);
     assert_eq!((d.size(), d.total()), (0, Checksum(0)));
     assert_eq!(d.page(big.lock_byte_page()), None);
+}
+
+#[test]
+fn db_checksum_rollback_takes_back_every_change_since_begin() {
+    // Every page of a try (grow, shrink below the start, regrow, snapshot) taken back equals
+    // the state before it, page by page; a committed try equals applying the records.
+    let mut m = Model::new(ps());
+    let mut c = DbChecksum::new(ps());
+    c.apply(&m.txn(&[1, 2, 3, 4, 5], 5));
+    let tries: [&[(&[u32], u32)]; 4] = [
+        &[(&[2, 7], 7), (&[1], 3), (&[9], 9)],
+        &[(&[], 1), (&[3], 4)],
+        &[(&[4], 5)],
+        &[(&[6], 6), (&[], 2), (&[2], 2)],
+    ];
+    for (k, ops) in tries.iter().enumerate() {
+        let before = c.clone();
+        let mut model = m.clone();
+        c.begin();
+        for (pages, size) in *ops {
+            c.apply(&model.txn(pages, *size));
+        }
+        c.begin(); // nested: keeps the first start
+        if k == 3 {
+            c.apply(&model.snapshot_of_current());
+        }
+        assert_eq!(c.total(), model.checksum());
+        c.rollback();
+        assert_eq!(
+            (c.total(), c.size()),
+            (before.total(), before.size()),
+            "try {k}"
+        );
+        for n in 1..=12 {
+            let p = PageNo::new(n).unwrap();
+            assert_eq!(c.page(p), before.page(p), "try {k}, page {n}");
+        }
+        // The same changes kept.
+        c.begin();
+        for (pages, size) in *ops {
+            c.apply(&m.txn(pages, *size));
+        }
+        c.commit();
+        assert_eq!(c.total(), m.checksum());
+        c.rollback(); // nothing to take back after commit
+        assert_eq!(c.total(), m.checksum());
+    }
 }
 
 #[test]

@@ -53,6 +53,7 @@ pub fn text_page(page_size: PageSize, seed: u64) -> Vec<u8> {
     out
 }
 
+#[derive(Clone)]
 pub struct Model {
     pub page_size: PageSize,
     pub pages: Vec<Vec<u8>>,
