@@ -72,6 +72,8 @@ deps:
 	fi; \
 	if ! command -v sqlite3 >/dev/null 2>&1; then apt_install sqlite3; fi; \
 	if ! command -v openssl >/dev/null 2>&1; then apt_install openssl; fi; \
+	: "automatic failover tests (tests/python/test_failover_etcd.py) start real etcd servers"; \
+	if ! command -v etcd >/dev/null 2>&1; then apt_install etcd-server; fi; \
 	if [ ! -x /usr/bin/python3 ]; then apt_install python3; fi; \
 	if ! $(PYTHON) -c 'import apsw, pytest' >/dev/null 2>&1; then \
 	  if ! $(PYTHON) -m pip --version >/dev/null 2>&1; then apt_install python3-pip; fi; \
