@@ -398,7 +398,6 @@ impl Agent {
         // The key is gone: election.
         let mut st = lock(&self.st);
         let since = *st.vacant_since.get_or_insert_with(Instant::now);
-        st.role = "candidate (electing)";
         let sync_n = st
             .leader
             .as_ref()
@@ -429,6 +428,7 @@ impl Agent {
             lock(&self.st).role = "candidate";
             return Ok(());
         }
+        lock(&self.st).role = "candidate (electing)";
         let lsn = r.lsn().0;
         let me = json!({"name": self.name, "lsn": lsn, "epoch": e});
         self.etcd.put(
