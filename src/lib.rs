@@ -27,6 +27,7 @@
 pub mod config;
 pub mod entry;
 pub mod error;
+pub(crate) mod failover;
 pub(crate) mod ffi;
 pub(crate) mod functions;
 pub mod logging;

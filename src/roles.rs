@@ -366,7 +366,11 @@ pub fn make_replica(db: &Arc<Db>) -> Result<Arc<Replica>> {
 /// `repl_promote()`: the replica attached to `db` becomes the primary of the next epoch
 /// (`Replica::promote` prepares its directory; here the roles are swapped). The primary
 /// resumes capture from the directory like any reopened primary.
-pub fn promote(db: &Arc<Db>, force: bool) -> Result<(Arc<Primary>, crate::replica::Promoted)> {
+pub fn promote(
+    db: &Arc<Db>,
+    force: bool,
+    epoch: Option<crate::types::Epoch>,
+) -> Result<(Arc<Primary>, crate::replica::Promoted)> {
     let _g = db.attach_lock.lock().unwrap_or_else(|e| e.into_inner());
     let r = db.replica().ok_or_else(|| {
         crate::error::Error::Misuse(format!(
@@ -374,7 +378,7 @@ pub fn promote(db: &Arc<Db>, force: bool) -> Result<(Arc<Primary>, crate::replic
             db.path
         ))
     })?;
-    let done = r.promote(force)?;
+    let done = r.promote(force, epoch)?;
     // The primary's agent handle (its SHARED lock) before the replica's handle and applier
     // connection close: otherwise that close may be the last one and checkpoint and reset
     // the WAL, which capture would have to take for a gap (a new generation).

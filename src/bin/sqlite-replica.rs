@@ -2,7 +2,7 @@
 //!
 //! - `verify <dir>`: decode every segment and snapshot, check every checksum and the LSN sequence,
 //!   print a report; non-zero exit on any damage (the message names the file and offset).
-//! - `inspect <dir> [--from LSN]`: one line per record: `lsn gen kind pages commit_size db_checksum ts`.
+//! - `inspect <dir> [--from LSN]`: one line per record: `lsn gen kind pages commit_size db_checksum ts epoch`.
 //! - `rebuild <dir> <out.db> [--lsn N]`: write a plain database file at LSN N (default: the end).
 //! - `restore <source> <out.db>`: a plain database file at the source's newest LSN (a
 //!   primary's path or `http://host:port`), from its snapshot plus the log after it, with a
@@ -37,7 +37,7 @@ const USAGE: &str = "usage:
   sqlite-replica compress-bench <db>...   (ratio and MB/s of each codec on the file's pages)
 
 <dir> is a replication log directory (the one holding meta.json, log/ and snap/).
-inspect prints one line per record: lsn gen kind pages commit_size db_checksum ts";
+inspect prints one line per record: lsn gen kind pages commit_size db_checksum ts epoch";
 
 enum Failure {
     Usage(String),
@@ -229,8 +229,14 @@ fn inspect(dir: &Path, from: Option<Lsn>) -> Result<(), Failure> {
         let kind = if m.snapshot { "snapshot" } else { "txn" };
         let line = writeln!(
             out,
-            "{} {} {kind} {} {} {} {}",
-            m.lsn, m.generation, m.page_count, m.commit_size, m.db_checksum, m.timestamp_ms
+            "{} {} {kind} {} {} {} {} {}",
+            m.lsn,
+            m.generation,
+            m.page_count,
+            m.commit_size,
+            m.db_checksum,
+            m.timestamp_ms,
+            m.epoch
         );
         if line.is_err() {
             return Ok(()); // stdout closed (e.g. piped into head)

@@ -42,6 +42,7 @@ pub fn apply_uri_parameters(db: *mut sqlite3) -> Result<()> {
     let token = p("repl_token");
     let exec_token = p("repl_exec_token");
     let follow = p("repl_follow");
+    let failover = p("repl_failover");
     let tls = match (p("repl_tls_cert"), p("repl_tls_key")) {
         (None, None) => crate::transport::server::TlsFiles::from_env()?,
         (cert, key) => crate::transport::server::TlsFiles::pair(
@@ -50,7 +51,12 @@ pub fn apply_uri_parameters(db: *mut sqlite3) -> Result<()> {
             "the repl_tls_cert and repl_tls_key URI parameters",
         )?,
     };
-    if listen.is_none() && token.is_none() && exec_token.is_none() && follow.is_none() {
+    if listen.is_none()
+        && token.is_none()
+        && exec_token.is_none()
+        && follow.is_none()
+        && failover.is_none()
+    {
         return Ok(());
     }
     // Check every parameter before acting on any, so a bad one changes nothing.
@@ -84,6 +90,13 @@ pub fn apply_uri_parameters(db: *mut sqlite3) -> Result<()> {
     if follow {
         repl_follow(&call, &[])
             .map_err(|e| Error::Misuse(format!("the repl_follow URI parameter: {e}")))?;
+    }
+    if let Some(url) = failover {
+        let entry = main_db(call.db).ok_or_else(|| {
+            Error::Misuse("the repl_failover URI parameter: the database is not opened through the replica VFS".into())
+        })?;
+        crate::failover::configure(&entry, Some(&url))
+            .map_err(|e| Error::Misuse(format!("the repl_failover URI parameter: {e}")))?;
     }
     Ok(())
 }
@@ -410,8 +423,8 @@ fn repl_status(c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
         d.as_ref().and_then(|d| d.primary()),
         d.as_ref().and_then(|d| d.replica()),
     ) {
-        (Some(p), _) => p.status_json(),
-        (_, Some(r)) => r.status_json(),
+        (Some(p), _) => with_failover(p.status_json(), &p_path(&d)),
+        (_, Some(r)) => with_failover(r.status_json(), &p_path(&d)),
         _ => serde_json::json!({
             "role": null,
             "db": c.db.filename("main"),
@@ -419,6 +432,16 @@ fn repl_status(c: &Call, _a: &[SqlValue]) -> Result<SqlValue> {
         }),
     };
     Ok(SqlValue::Text(v.to_string()))
+}
+
+fn p_path(d: &Option<Arc<Db>>) -> String {
+    d.as_ref().map(|d| d.path.clone()).unwrap_or_default()
+}
+
+/// `repl_status().failover`: the agent of `repl_config('failover')`, or null.
+fn with_failover(mut v: serde_json::Value, path: &str) -> serde_json::Value {
+    v["failover"] = crate::failover::status(path).unwrap_or(serde_json::Value::Null);
+    v
 }
 
 /// `repl_config()`: the primary's settings as JSON; `repl_config(name)`: one value;
@@ -440,6 +463,9 @@ fn repl_config(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
         _ => {}
     }
     let (entry, path) = main_db_checked(c.db, "repl_config()")?;
+    if name.as_deref() == Some("failover") {
+        return config_failover(&entry, &args);
+    }
     let Some(p) = entry.primary() else {
         return Err(Error::Misuse(format!(
             "repl_config(): {path} is not a primary; the settings (log retention and snapshots) \
@@ -495,6 +521,17 @@ fn config_compress(p: &crate::primary::Primary, args: &Args) -> Result<SqlValue>
     };
     let c = Compression::from_code(policy.compress).unwrap_or_default();
     Ok(SqlValue::Text(c.name()))
+}
+
+/// `repl_config('failover'[, url])`: automatic failover on etcd for this database in this
+/// process (a primary takes the leadership key now; a replica becomes a candidate); NULL or ''
+/// stops it. Returns the URL in force, or NULL.
+fn config_failover(entry: &Arc<Db>, args: &Args) -> Result<SqlValue> {
+    if args.len() > 1 {
+        let url = args.text(1, "failover URL (etcd://host:port/key?listen=host:port)")?;
+        crate::failover::configure(entry, url.as_deref())?;
+    }
+    Ok(crate::failover::configured(&entry.path).map_or(SqlValue::Null, SqlValue::Text))
 }
 
 /// `repl_config('sync_level'[, value])`: 'received', 'durable', 'applied' (or 1, 2, 3); returns
@@ -636,7 +673,7 @@ fn repl_promote(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
         }
         None => None,
     };
-    let (p, done) = crate::roles::promote(&entry, force)?;
+    let (p, done) = crate::roles::promote(&entry, force, None)?;
     if let Some(b) = bound {
         p.serve(b)?;
     }

@@ -26,6 +26,20 @@ pub(super) struct FenceState {
     /// The log's epoch (fixed for the life of the log: `meta.json` is written once), kept
     /// here so the write path never takes the capture mutex to learn it.
     pub(super) epoch: std::sync::atomic::AtomicU32,
+    /// Automatic failover (issue 16, `failover.rs`): writes are accepted only before this
+    /// instant (milliseconds of `mono_ms()`; 0 = no lease governs this primary), the end of
+    /// the coordinator lease as last renewed.
+    pub(super) lease_until: std::sync::atomic::AtomicU64,
+    /// Why writes are held (no lease yet, lease lost), for the error and `repl_status()`.
+    pub(super) held: std::sync::Mutex<Option<String>>,
+}
+
+/// Milliseconds since the first call in this process, from the monotonic clock (lease
+/// deadlines must not move with the wall clock).
+pub fn mono_ms() -> u64 {
+    static START: once_cell::sync::Lazy<std::time::Instant> =
+        once_cell::sync::Lazy::new(std::time::Instant::now);
+    START.elapsed().as_millis() as u64 + 1
 }
 
 impl Primary {
@@ -55,8 +69,38 @@ impl Primary {
         *g = f;
     }
 
-    /// True when a newer epoch is known: this primary must not accept writes.
+    /// Failover: accept writes until `until` (a `mono_ms()` instant; `Some(0)` holds them from
+    /// now), naming `why` when they are refused; `None` = no lease governs writes any more.
+    pub fn set_lease(&self, until: Option<u64>, why: &str) {
+        *lock(&self.fence_state.held) = Some(why.to_string());
+        self.fence_state
+            .lease_until
+            .store(until.map_or(0, |u| u.max(1)), Ordering::Release);
+        if until.is_none() {
+            *lock(&self.fence_state.held) = None;
+        }
+    }
+
+    /// Why writes are held by the failover lease right now, if they are.
+    pub fn lease_hold(&self) -> Option<String> {
+        let until = self.fence_state.lease_until.load(Ordering::Acquire);
+        if until == 0 || mono_ms() < until {
+            return None;
+        }
+        Some(lock(&self.fence_state.held).clone().unwrap_or_default())
+    }
+
+    /// True when a newer epoch is known, or the failover lease ended: this primary must not
+    /// accept writes.
     pub fn is_fenced(&self) -> bool {
+        let until = self.fence_state.lease_until.load(Ordering::Acquire);
+        if until != 0 && mono_ms() >= until {
+            return true;
+        }
+        self.is_deposed()
+    }
+
+    fn is_deposed(&self) -> bool {
         if crate::transport::notify::fence_seq()
             != self.fence_state.seq_seen.load(Ordering::Acquire)
         {
@@ -67,7 +111,7 @@ impl Primary {
 
     /// The fence deposing this primary, if any.
     pub fn fence(&self) -> Option<Fence> {
-        if !self.is_fenced() {
+        if !self.is_deposed() {
             return None;
         }
         lock(&self.fence_state.fence).clone()
@@ -75,7 +119,14 @@ impl Primary {
 
     /// Why a write is refused on a deposed primary (`SQLITE_READONLY`), naming the new one.
     pub fn fenced_error(&self) -> Option<crate::error::Error> {
-        let f = self.fence()?;
+        let Some(f) = self.fence() else {
+            return self.lease_hold().map(|why| {
+                crate::error::Error::ReadOnly(format!(
+                    "{} does not accept writes: {why}",
+                    self.db_path
+                ))
+            });
+        };
         Some(crate::error::Error::ReadOnly(format!(
             "{} is no longer the primary: epoch {} was promoted{} after this primary's epoch {}; \
              writes go to the new primary. To make this database a replica of it, run \

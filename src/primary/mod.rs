@@ -72,7 +72,7 @@ mod append;
 mod capture;
 mod durability;
 pub(crate) mod exec;
-mod fence;
+pub(crate) mod fence;
 pub(crate) mod maintenance;
 mod plan;
 mod position;

@@ -39,8 +39,10 @@ impl Replica {
     /// Turns this replica's directory into the log directory of a primary of the next epoch
     /// (see the module comment). Refuses, changing nothing, when the source answers as a
     /// primary of this lineage with an epoch at least this replica's (it is alive: two
-    /// primaries would accept writes), unless `force`. The caller swaps the roles.
-    pub fn promote(&self, force: bool) -> Result<Promoted> {
+    /// primaries would accept writes), unless `force`. The new epoch is the newest seen + 1,
+    /// or `epoch` when a coordinator decided it (automatic failover: it must be newer than
+    /// every epoch this replica saw). The caller swaps the roles.
+    pub fn promote(&self, force: bool, epoch: Option<Epoch>) -> Result<Promoted> {
         self.unfollow();
         let _applier = self.applier_lock()?;
         let mut st = lock(&self.state);
@@ -71,7 +73,16 @@ impl Replica {
                 self.db_path
             )));
         }
-        let epoch = st.meta.epoch.next();
+        let epoch = match epoch {
+            None => st.meta.epoch.next(),
+            Some(e) if e > st.meta.epoch => e,
+            Some(e) => {
+                return Err(Error::Misuse(format!(
+                    "promoting {} to epoch {e}: it has seen epoch {} already; nothing was changed",
+                    self.db_path, st.meta.epoch
+                )))
+            }
+        };
         let (lsn, generation, checksum) = (st.lsn, st.generation, st.sums.total());
         let ps = st
             .page_size

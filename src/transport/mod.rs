@@ -10,6 +10,7 @@
 //! checked by the txlog decoder before a record leaves here).
 
 pub mod dir;
+pub mod etcd;
 pub mod exec;
 pub mod fuzzing;
 pub mod http;

@@ -71,6 +71,7 @@ class LogRecord:
     pages: int
     commit_size: int
     db_checksum: str
+    epoch: int = 1
 
 
 def inspect(db: str | os.PathLike[str]) -> list[LogRecord]:
@@ -80,8 +81,8 @@ def inspect(db: str | os.PathLike[str]) -> list[LogRecord]:
     out = []
     for line in proc.stdout.splitlines():
         f = line.split()
-        assert len(f) == 7, f"unexpected inspect line: {line!r}"
-        out.append(LogRecord(int(f[0]), int(f[1]), f[2], int(f[3]), int(f[4]), f[5]))
+        assert len(f) == 8, f"unexpected inspect line: {line!r}"
+        out.append(LogRecord(int(f[0]), int(f[1]), f[2], int(f[3]), int(f[4]), f[5], int(f[7])))
     return out
 
 

@@ -1,0 +1,592 @@
+//! Automatic failover on etcd (issue 16, part 4). `repl_config('failover', 'etcd://…/key')`
+//! starts, for one database in this process, an agent thread (`repl-failover`):
+//!
+//! * **On a primary** (the *leader*): it holds `<key>` under an etcd lease and renews it every
+//!   TTL/4. Writes are accepted only until the end of the lease as last renewed (counted from
+//!   when the renewal was *sent*, so it ends here before it ends in etcd): a primary that cannot
+//!   renew stops accepting writes (`SQLITE_READONLY`, `Primary::set_lease`) before anyone else
+//!   can win. With the lease gone in etcd it takes the key back only when `<key>/epoch` still
+//!   names its epoch (nobody won meanwhile); otherwise it stays fenced.
+//! * **On a replica** (a *candidate*): it registers `<key>/members/<name>` and polls `<key>`
+//!   every 200 ms. While a leader with a URL exists, it follows it. When the key is gone, it
+//!   publishes `<key>/candidates/<name>` = its applied LSN (under its own lease), and once
+//!   enough candidates published (the rule below) the most advanced one (ties: the smallest
+//!   name) campaigns with one transaction: `<key>` absent and `<key>/epoch` unchanged →
+//!   `<key>/epoch` = E + 1 and `<key>` = {name, epoch E + 1} under its lease. The winner
+//!   promotes itself to epoch E + 1 (`roles::promote`), serves on its `listen` address, takes
+//!   over the old primary's settings (published in the leader value) and publishes its URL; the
+//!   others follow it.
+//!
+//! **Who may win.** Asynchronous (`sync_replicas` = 0 in the last leader value): the most
+//! advanced of the candidates that published within one TTL after the key vanished (earlier
+//! once every member published). Synchronous (`sync_replicas` = N ≥ 1): every acknowledged
+//! commit is applied on N followers; if those are members (the rule's assumption: the
+//! synchronous followers are the failover candidates), any C − N + 1 of the C members include
+//! one of them, so the election waits until at least C − N + 1 members published, and the most
+//! advanced of them holds every acknowledged commit (all candidates hold prefixes of one
+//! history). With fewer alive, no one wins: that is the price of losing no acknowledged commit.
+
+use crate::error::{Error, Result};
+use crate::primary::Primary;
+use crate::replica::Replica;
+use crate::roles::Db;
+use crate::transport::etcd::{Cmp, Etcd, FailoverUrl, Op};
+use once_cell::sync::Lazy;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const TICK: Duration = Duration::from_millis(200);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn event(line: &str) {
+    crate::logging::event(line);
+}
+
+/// One database's failover agent in this process.
+pub struct Agent {
+    db: Arc<Db>,
+    raw: String,
+    url: FailoverUrl,
+    name: String,
+    etcd: Etcd,
+    stop: AtomicBool,
+    st: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    role: &'static str,
+    lease: i64,
+    last_renew_ms: Option<u64>,
+    leader: Option<Value>,
+    last_error: Option<String>,
+    /// When this candidate first saw the key gone (the election's clock).
+    vacant_since: Option<Instant>,
+    /// The candidate lease under which `<key>/candidates/<name>` is published.
+    candidate_lease: i64,
+    published: bool,
+}
+
+static AGENTS: Lazy<Mutex<HashMap<String, Arc<Agent>>>> = Lazy::new(|| Mutex::new(HashMap::new()));
+
+impl Agent {
+    fn leader_key(&self) -> String {
+        self.url.key.clone()
+    }
+    fn epoch_key(&self) -> String {
+        format!("{}/epoch", self.url.key)
+    }
+    fn candidates(&self) -> String {
+        format!("{}/candidates/", self.url.key)
+    }
+    fn members(&self) -> String {
+        format!("{}/members/", self.url.key)
+    }
+
+    fn note_error(&self, what: &str, e: &Error) {
+        let msg = format!("{what}: {e}");
+        let mut st = lock(&self.st);
+        if st.last_error.as_deref() != Some(msg.as_str()) {
+            event(&format!(
+                "event=failover_error db={:?} key={:?} error={msg:?}",
+                self.db.path, self.url.key
+            ));
+        }
+        st.last_error = Some(msg);
+    }
+}
+
+/// `repl_config('failover')`: the URL in force for `path` in this process.
+pub fn configured(path: &str) -> Option<String> {
+    lock(&AGENTS).get(path).map(|a| a.raw.clone())
+}
+
+/// `repl_status().failover` for `path`, if an agent runs here.
+pub fn status(path: &str) -> Option<Value> {
+    let a = lock(&AGENTS).get(path).cloned()?;
+    let st = lock(&a.st);
+    Some(json!({
+        "coordinator": a.url.endpoints,
+        "key": a.url.key,
+        "name": a.name,
+        "role": st.role,
+        "lease": (st.lease != 0).then(|| format!("{:x}", st.lease)),
+        "ttl_ms": a.url.ttl_secs() * 1000,
+        "last_renew_ms": st.last_renew_ms,
+        "leader": st.leader.as_ref().and_then(|l| l.get("url").cloned()),
+        "leader_epoch": st.leader.as_ref().and_then(|l| l.get("epoch").cloned()),
+        "writes_held": a.db.primary().and_then(|p| p.lease_hold()),
+        "last_error": st.last_error,
+    }))
+}
+
+/// `repl_config('failover', url)` (or NULL / '' to stop): starts (or stops) the agent of `db`.
+/// On a primary the leadership is taken before this returns (an error if it cannot be).
+pub fn configure(db: &Arc<Db>, raw: Option<&str>) -> Result<()> {
+    stop(&db.path);
+    let Some(raw) = raw.filter(|r| !r.is_empty()) else {
+        return Ok(());
+    };
+    let url = FailoverUrl::parse(raw)?;
+    let primary = db.primary();
+    if primary.is_none() && db.replica().is_none() {
+        return Err(Error::Misuse(format!(
+            "repl_config('failover'): {} is neither a primary nor a replica; make it one first",
+            db.path
+        )));
+    }
+    if primary.is_none() && url.listen.is_none() {
+        return Err(Error::Misuse(format!(
+            "repl_config('failover'): a candidate needs the address it serves on once promoted: add \
+             ?listen=host:port to {raw:?}"
+        )));
+    }
+    let name = url
+        .name
+        .clone()
+        .or_else(|| url.listen.clone())
+        .unwrap_or_else(|| db.path.clone());
+    let timeout = Duration::from_millis((url.ttl_ms / 4).clamp(200, 2000));
+    let agent = Arc::new(Agent {
+        db: db.clone(),
+        raw: raw.to_string(),
+        etcd: Etcd::new(url.endpoints.clone(), timeout),
+        url,
+        name,
+        stop: AtomicBool::new(false),
+        st: Mutex::new(State::default()),
+    });
+    if let Some(p) = primary {
+        agent.acquire(&p, true)?;
+    } else {
+        agent
+            .etcd
+            .put(&format!("{}{}", agent.members(), agent.name), b"{}", 0)?;
+        lock(&agent.st).role = "candidate";
+    }
+    event(&format!(
+        "event=failover_started db={:?} key={:?} role={} name={:?}",
+        db.path,
+        agent.url.key,
+        lock(&agent.st).role,
+        agent.name
+    ));
+    lock(&AGENTS).insert(db.path.clone(), agent.clone());
+    let a = agent.clone();
+    std::thread::Builder::new()
+        .name("repl-failover".into())
+        .spawn(move || run(a))
+        .map_err(|e| Error::io("starting the failover thread", e))?;
+    Ok(())
+}
+
+/// Stops the agent of `path` (a leader revokes its lease: the candidates elect at once).
+pub fn stop(path: &str) {
+    if let Some(a) = lock(&AGENTS).remove(path) {
+        a.stop.store(true, Ordering::Release);
+        let lease = lock(&a.st).lease;
+        if lease != 0 {
+            let _ = a.etcd.revoke(lease);
+        }
+        if let Some(p) = a.db.primary() {
+            p.set_lease(None, "");
+        }
+    }
+}
+
+fn run(a: Arc<Agent>) {
+    while !a.stop.load(Ordering::Acquire) {
+        let t0 = Instant::now();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| a.tick()));
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => a.note_error("failover", &e),
+            Err(_) => a.note_error("failover", &Error::Other("panic in the agent".into())),
+        }
+        let nap = if a.db.primary().is_some() {
+            Duration::from_millis((a.url.ttl_secs() as u64 * 1000 / 4).clamp(100, 1000))
+        } else {
+            TICK
+        };
+        if let Some(left) = nap.checked_sub(t0.elapsed()) {
+            std::thread::sleep(left);
+        }
+    }
+}
+
+impl Agent {
+    fn tick(&self) -> Result<()> {
+        if let Some(p) = self.db.primary() {
+            return self.lead(&p);
+        }
+        if let Some(r) = self.db.replica() {
+            return self.candidate(&r);
+        }
+        Ok(())
+    }
+
+    /// The leader value this primary publishes: its URL, epoch and the settings a successor
+    /// takes over.
+    fn leader_value(&self, p: &Primary) -> Result<Value> {
+        let policy = crate::primary::maintenance::load_policy(p.dir())?;
+        let settings = crate::primary::maintenance::policy_json(&policy);
+        Ok(json!({
+            "name": self.name,
+            "url": p.server_url(),
+            "epoch": p.epoch().0,
+            "sync_replicas": policy.sync_replicas,
+            "settings": settings,
+        }))
+    }
+
+    /// Takes the leadership key for primary `p` (first call: `first`); Err when another holds
+    /// it or a newer epoch exists.
+    fn acquire(&self, p: &Primary, first: bool) -> Result<()> {
+        let sent = crate::primary::fence::mono_ms();
+        let (lease, ttl) = self.etcd.grant(self.url.ttl_secs())?;
+        let ours = p.epoch().0 as i64;
+        let ek = self.etcd.get(&self.epoch_key())?;
+        let (e, rev) = ek.as_ref().map_or((0, 0), |kv| {
+            (
+                String::from_utf8_lossy(&kv.value)
+                    .parse::<i64>()
+                    .unwrap_or(0),
+                kv.mod_revision,
+            )
+        });
+        if e > ours || (!first && e != ours) {
+            let _ = self.etcd.revoke(lease);
+            p.set_lease(Some(0), &format!("etcd names epoch {e} at {:?}, newer than this primary's epoch {ours}: it was deposed; repl_follow() the new primary", self.epoch_key()));
+            return Err(Error::ReadOnly(format!(
+                "failover: etcd's {:?} is epoch {e}, this primary's is {ours}: another primary was elected",
+                self.epoch_key()
+            )));
+        }
+        let value = self.leader_value(p)?;
+        let won = self.etcd.txn(
+            &[
+                Cmp::Absent(self.leader_key()),
+                Cmp::ModRev(self.epoch_key(), rev),
+            ],
+            &[
+                Op::Put {
+                    key: self.epoch_key(),
+                    value: ours.to_string().into_bytes(),
+                    lease: 0,
+                },
+                Op::Put {
+                    key: self.leader_key(),
+                    value: value.to_string().into_bytes(),
+                    lease,
+                },
+            ],
+        )?;
+        if !won {
+            let _ = self.etcd.revoke(lease);
+            let holder = self.etcd.get(&self.leader_key())?;
+            return Err(Error::Busy(format!(
+                "failover: the leadership key {:?} is held ({}); a primary takes it only when it is free \
+                 (wait for that lease to end, about {} s)",
+                self.url.key,
+                holder.map_or("changed meanwhile".into(), |kv| String::from_utf8_lossy(&kv.value).into_owned()),
+                self.url.ttl_secs()
+            )));
+        }
+        p.set_lease(Some(sent + ttl as u64 * 1000), &self.lost_why());
+        let mut st = lock(&self.st);
+        st.role = "leader";
+        st.lease = lease;
+        st.last_renew_ms = Some(crate::util::now_ms());
+        st.leader = Some(value);
+        st.last_error = None;
+        drop(st);
+        event(&format!(
+            "event=failover_leader db={:?} key={:?} epoch={ours} lease={lease:x} ttl_s={ttl}",
+            self.db.path, self.url.key
+        ));
+        Ok(())
+    }
+
+    fn lost_why(&self) -> String {
+        format!(
+            "its etcd lease on {:?} was not renewed before it ended (etcd unreachable, or this primary lost \
+             the leadership); writes resume once it holds the key again, else repl_follow() the new primary",
+            self.url.key
+        )
+    }
+
+    /// Leader duty: renew; on a lost lease try to take the key back (same epoch only).
+    fn lead(&self, p: &Primary) -> Result<()> {
+        let lease = lock(&self.st).lease;
+        if lease == 0 {
+            return self.acquire(p, false);
+        }
+        let sent = crate::primary::fence::mono_ms();
+        let ttl = match self.etcd.keepalive(lease) {
+            Ok(t) => t,
+            Err(e) => {
+                self.note_error("renewing the lease", &e);
+                return Ok(()); // the deadline set at the last renewal stays
+            }
+        };
+        if ttl <= 0 {
+            event(&format!(
+                "event=failover_lease_lost db={:?} key={:?} lease={lease:x}",
+                self.db.path, self.url.key
+            ));
+            p.set_lease(Some(0), &self.lost_why());
+            let mut st = lock(&self.st);
+            st.lease = 0;
+            st.role = "leader (lease lost)";
+            drop(st);
+            return self.acquire(p, false);
+        }
+        p.set_lease(Some(sent + ttl as u64 * 1000), &self.lost_why());
+        let value = self.leader_value(p)?;
+        let mut st = lock(&self.st);
+        st.last_renew_ms = Some(crate::util::now_ms());
+        st.last_error = None;
+        let changed = st.leader.as_ref() != Some(&value);
+        drop(st);
+        if changed
+            && self.etcd.txn(
+                &[Cmp::Lease(self.leader_key(), lease)],
+                &[Op::Put {
+                    key: self.leader_key(),
+                    value: value.to_string().into_bytes(),
+                    lease,
+                }],
+            )?
+        {
+            lock(&self.st).leader = Some(value);
+        }
+        Ok(())
+    }
+
+    /// Candidate duty: follow the leader, or take part in the election.
+    fn candidate(&self, r: &Arc<Replica>) -> Result<()> {
+        let leader = self.etcd.get(&self.leader_key())?;
+        if let Some(kv) = leader {
+            let v: Value = serde_json::from_slice(&kv.value).unwrap_or(Value::Null);
+            let mut st = lock(&self.st);
+            st.vacant_since = None;
+            st.role = "candidate";
+            st.leader = Some(v.clone());
+            let (published, clease) = (st.published, st.candidate_lease);
+            st.published = false;
+            st.candidate_lease = 0;
+            drop(st);
+            if published {
+                let _ = self
+                    .etcd
+                    .delete(&format!("{}{}", self.candidates(), self.name));
+            }
+            if clease != 0 {
+                let _ = self.etcd.revoke(clease);
+            }
+            if let Some(url) = v.get("url").and_then(Value::as_str) {
+                self.follow(r, url, v.get("epoch").and_then(Value::as_u64).unwrap_or(0))?;
+            }
+            return Ok(());
+        }
+        // The key is gone: election.
+        let mut st = lock(&self.st);
+        let since = *st.vacant_since.get_or_insert_with(Instant::now);
+        let sync_n = st
+            .leader
+            .as_ref()
+            .and_then(|l| l.get("sync_replicas"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let mut clease = st.candidate_lease;
+        drop(st);
+        if clease == 0 {
+            clease = self.etcd.grant(self.url.ttl_secs())?.0;
+            lock(&self.st).candidate_lease = clease;
+        } else if self.etcd.keepalive(clease)? <= 0 {
+            lock(&self.st).candidate_lease = 0;
+            return Ok(());
+        }
+        let ek = self.etcd.get(&self.epoch_key())?;
+        let (e, rev) = ek.as_ref().map_or((0, 0), |kv| {
+            (
+                String::from_utf8_lossy(&kv.value)
+                    .parse::<u64>()
+                    .unwrap_or(0),
+                kv.mod_revision,
+            )
+        });
+        if e == 0 {
+            // No primary ever held the key: nothing to take over (a primary takes it with
+            // repl_config('failover') and writes the first epoch).
+            lock(&self.st).role = "candidate";
+            return Ok(());
+        }
+        lock(&self.st).role = "candidate (electing)";
+        let lsn = r.lsn().0;
+        let me = json!({"name": self.name, "lsn": lsn, "epoch": e});
+        self.etcd.put(
+            &format!("{}{}", self.candidates(), self.name),
+            me.to_string().as_bytes(),
+            clease,
+        )?;
+        lock(&self.st).published = true;
+        let members = self.etcd.get_prefix(&self.members())?.len() as u64;
+        let mut published: Vec<(u64, String)> = self
+            .etcd
+            .get_prefix(&self.candidates())?
+            .iter()
+            .filter_map(|kv| {
+                let v: Value = serde_json::from_slice(&kv.value).ok()?;
+                if v.get("epoch")?.as_u64()? != e {
+                    return None; // left over from an earlier election
+                }
+                Some((
+                    v.get("lsn")?.as_u64()?,
+                    v.get("name")?.as_str()?.to_string(),
+                ))
+            })
+            .collect();
+        let n = published.len() as u64;
+        let ready = if sync_n > 0 {
+            n + sync_n > members
+        } else {
+            n >= members || since.elapsed() >= Duration::from_millis(self.url.ttl_ms)
+        };
+        // Most advanced first; ties: the smallest name.
+        published.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let best = published.first().cloned();
+        if !ready || best.as_ref().map(|b| b.1.as_str()) != Some(self.name.as_str()) {
+            return Ok(());
+        }
+        let seen = r.status_json()["epoch"].as_u64().unwrap_or(1);
+        let epoch = e.max(seen) + 1;
+        let mut value = json!({
+            "name": self.name, "url": null, "epoch": epoch, "sync_replicas": sync_n,
+            "settings": lock(&self.st).leader.as_ref().and_then(|l| l.get("settings").cloned()),
+        });
+        let won = self.etcd.txn(
+            &[
+                Cmp::Absent(self.leader_key()),
+                Cmp::ModRev(self.epoch_key(), rev),
+            ],
+            &[
+                Op::Put {
+                    key: self.epoch_key(),
+                    value: epoch.to_string().into_bytes(),
+                    lease: 0,
+                },
+                Op::Put {
+                    key: self.leader_key(),
+                    value: value.to_string().into_bytes(),
+                    lease: clease,
+                },
+            ],
+        )?;
+        if !won {
+            return Ok(());
+        }
+        event(&format!(
+            "event=failover_won db={:?} key={:?} epoch={epoch} lsn={lsn} candidates={n} members={members} sync_replicas={sync_n}",
+            self.db.path, self.url.key
+        ));
+        let url = match self.promote(epoch as u32, value.get("settings").cloned()) {
+            Ok(u) => u,
+            Err(e) => {
+                // Give the key up at once: another candidate may manage.
+                let _ = self.etcd.revoke(clease);
+                lock(&self.st).candidate_lease = 0;
+                return Err(e);
+            }
+        };
+        value["url"] = json!(url);
+        let p = self
+            .db
+            .primary()
+            .ok_or_else(|| Error::Other("promoted but not a primary".into()))?;
+        let sent = crate::primary::fence::mono_ms();
+        let ttl = self.etcd.keepalive(clease)?;
+        p.set_lease(Some(sent + ttl.max(0) as u64 * 1000), &self.lost_why());
+        self.etcd.txn(
+            &[Cmp::Lease(self.leader_key(), clease)],
+            &[
+                Op::Put {
+                    key: self.leader_key(),
+                    value: value.to_string().into_bytes(),
+                    lease: clease,
+                },
+                Op::Delete(format!("{}{}", self.candidates(), self.name)),
+                Op::Delete(format!("{}{}", self.members(), self.name)),
+            ],
+        )?;
+        let mut st = lock(&self.st);
+        st.role = "leader";
+        st.lease = clease;
+        st.candidate_lease = 0;
+        st.published = false;
+        st.vacant_since = None;
+        st.last_renew_ms = Some(crate::util::now_ms());
+        st.leader = Some(value);
+        st.last_error = None;
+        drop(st);
+        event(&format!(
+            "event=failover_promoted db={:?} key={:?} epoch={epoch} url={url:?}",
+            self.db.path, self.url.key
+        ));
+        Ok(())
+    }
+
+    /// Promotes this replica to `epoch`, serving on the configured address, with the former
+    /// primary's settings; returns its URL.
+    fn promote(&self, epoch: u32, settings: Option<Value>) -> Result<String> {
+        let addr = self.url.listen.clone().unwrap_or_default();
+        let cfg = crate::config::get();
+        let tls = crate::transport::server::TlsFiles::from_env()?;
+        let bound = crate::transport::server::Server::bind(&addr, cfg.token.clone(), tls.as_ref())
+            .map_err(|e| Error::Misuse(format!("failover: cannot listen on {addr}: {e}")))?
+            .with_exec_token(cfg.exec_token.clone());
+        let (p, done) = crate::roles::promote(&self.db, true, Some(crate::types::Epoch(epoch)))?;
+        // Writes only once the lease deadline is set by the caller.
+        p.set_lease(
+            Some(0),
+            "promoted by failover; waiting for the lease deadline",
+        );
+        if let Some(Value::Object(s)) = settings {
+            for (k, v) in s {
+                if let Some(v) = v.as_i64() {
+                    if let Ok(policy) = crate::primary::maintenance::set_setting(p.dir(), &k, v) {
+                        p.apply_policy(&policy);
+                    }
+                }
+            }
+        }
+        p.serve(bound)?;
+        let me = p.server_url().unwrap_or_else(|| self.db.path.clone());
+        crate::roles::notify_former(&done, &me);
+        Ok(me)
+    }
+
+    /// Follows the leader at `url` unless this replica does already.
+    fn follow(&self, r: &Arc<Replica>, url: &str, epoch: u64) -> Result<()> {
+        let same = r.source().is_some_and(|s| s.to_string() == url);
+        if same && r.following() {
+            return Ok(());
+        }
+        let seen = r.status_json()["epoch"].as_u64().unwrap_or(1);
+        if epoch < seen {
+            return Ok(()); // a stale leader value: wait for the new one
+        }
+        event(&format!(
+            "event=failover_follow db={:?} key={:?} leader={url:?} epoch={epoch}",
+            self.db.path, self.url.key
+        ));
+        r.sync(Some(url))?;
+        r.follow(Duration::from_millis(1000))
+    }
+}

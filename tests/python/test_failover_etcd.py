@@ -1,0 +1,255 @@
+"""Automatic failover on etcd (issue 16, part 4; docs/SQL.md repl_config 'failover', docs/
+ARCHITECTURE.md "Automatic failover").
+
+Real etcd servers (Debian's etcd-server, `make deps` installs it) run on free loopback ports
+with their data under the test's directory: one node, and a 3-node cluster in one test. A
+primary holds the leadership key under a lease; two replicas are candidates. The primary is
+killed with SIGKILL: a candidate must take over within the lease TTL + 1 s, a write forwarded by
+the other replica (repl_exec) must reach the new primary, no acknowledged commit may be lost
+(synchronous mode), and no two nodes may have written records of the same epoch (checked in
+every node's log with `sqlite-replica inspect`). A primary that cannot reach etcd stops
+accepting writes before its lease ends.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from capture_check import inspect
+from helpers import Worker, WorkerError, start_serving_primary, wait_for, worker_status
+
+TTL_MS = 2000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EtcdCluster:
+    """`n` etcd members on loopback, each with its data directory under `root`."""
+
+    def __init__(self, root: Path, n: int):
+        etcd = shutil.which("etcd")
+        if etcd is None:
+            pytest.fail("etcd is missing: run `make deps` (it installs Debian's etcd-server)")
+        self.procs: list[subprocess.Popen] = []
+        self.clients = [free_port() for _ in range(n)]
+        peers = [free_port() for _ in range(n)]
+        cluster = ",".join(f"e{i}=http://127.0.0.1:{peers[i]}" for i in range(n))
+        for i in range(n):
+            log = open(root / f"etcd{i}.log", "w")
+            self.procs.append(subprocess.Popen(
+                [etcd, "--name", f"e{i}", "--data-dir", str(root / f"etcd{i}"),
+                 "--listen-client-urls", f"http://127.0.0.1:{self.clients[i]}",
+                 "--advertise-client-urls", f"http://127.0.0.1:{self.clients[i]}",
+                 "--listen-peer-urls", f"http://127.0.0.1:{peers[i]}",
+                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{peers[i]}",
+                 "--initial-cluster", cluster, "--initial-cluster-state", "new",
+                 "--initial-cluster-token", f"t{peers[0]}"],
+                stdout=log, stderr=subprocess.STDOUT))
+            log.close()
+        for port in self.clients:
+            wait_for(lambda port=port: self.answers(port), timeout=30, interval=0.1,
+                     what=f"etcd on port {port}")
+
+    def answers(self, port: int) -> bool:
+        try:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v3/kv/range",
+                                         data=b'{"key":"AA=="}', method="POST")
+            with urllib.request.urlopen(req, timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def url(self, key: str, **params: str) -> str:
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.clients)
+        q = "&".join(f"{k}={v}" for k, v in {"ttl_ms": str(TTL_MS), **params}.items())
+        return f"etcd://{hosts}/{key}?{q}"
+
+    def kill(self, i: int) -> None:
+        self.procs[i].send_signal(signal.SIGKILL)
+        self.procs[i].wait()
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def failover(w: Worker) -> dict:
+    return worker_status(w)["failover"]
+
+
+def epochs_written(db: Path) -> set[int]:
+    """Epochs of the transaction records in `db`'s log (a replica has none)."""
+    if not (Path(f"{db}-replica") / "meta.json").exists():
+        return set()
+    return {r.epoch for r in inspect(db) if r.kind == "txn"}
+
+
+def setup(tmp: Path, etcd: EtcdCluster, sync: bool) -> tuple[Worker, str, list[Worker]]:
+    p, purl = start_serving_primary(tmp / "p.db")
+    p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+    if sync:
+        p.one("SELECT repl_config('sync_replicas', 1)")
+        p.one("SELECT repl_config('sync_timeout_ms', 10000)")
+    cands = []
+    for name in ("r1", "r2"):
+        r = Worker(tmp / f"{name}.db")
+        r.one("SELECT repl_follow(?, 100)", [purl])
+        r.one("SELECT repl_config('failover', ?)",
+              [etcd.url("app/db", listen=f"127.0.0.1:{free_port()}", name=name)])
+        assert failover(r)["role"].startswith("candidate"), failover(r)
+        cands.append(r)
+    assert p.one("SELECT repl_config('failover', ?)", [etcd.url("app/db")]).startswith("etcd://")
+    st = failover(p)
+    assert st["role"] == "leader" and st["lease"] and st["leader"] == purl, st
+    return p, purl, cands
+
+
+def kill_primary_and_take_over(tmp: Path, p: Worker, cands: list[Worker]) -> tuple[Worker, Worker, float]:
+    """SIGKILL the primary; returns (new primary, other candidate, seconds until it took over)."""
+    t0 = time.monotonic()
+    p.kill()
+
+    def leader():
+        for i, r in enumerate(cands):
+            st = failover(r)
+            if st["role"] == "leader" and st["writes_held"] is None:
+                return i + 1
+        return None
+
+    won = wait_for(leader, timeout=TTL_MS / 1000 + 10, interval=0.02, what="a candidate taking over")
+    took = time.monotonic() - t0
+    new, other = cands[won - 1], cands[2 - won]
+    return new, other, took
+
+
+def resume_writes(new: Worker, other: Worker, first_id: int) -> float:
+    """A write forwarded by the other replica reaches the new primary; returns when (monotonic)."""
+    new.one("SELECT repl_config('exec')")  # a primary now, with the old one's settings
+
+    def forwarded():
+        try:
+            other.one("SELECT repl_exec('INSERT INTO t VALUES(?, ''after failover'')', ?)",
+                      [json.dumps([first_id])])
+            return time.monotonic()
+        except WorkerError as e:
+            last[0] = e.msg
+            return None
+
+    last = [""]
+    try:
+        done = wait_for(forwarded, timeout=15, interval=0.05, what="repl_exec reaching the new primary")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; last error: {last[0]}; other: {worker_status(other)}") from None
+    assert new.one("SELECT v FROM t WHERE id = ?", [first_id]) == "after failover"
+    return done
+
+
+def check_epochs(tmp: Path, nodes: list[str]) -> None:
+    """No two nodes wrote records of one epoch (every node's log)."""
+    owner: dict[int, str] = {}
+    for n in nodes:
+        for e in epochs_written(tmp / f"{n}.db"):
+            assert e not in owner, f"epoch {e} written by {owner[e]} and by {n}"
+            owner[e] = n
+    assert owner.get(1) == "p" and len(owner) == 2, owner
+
+
+def test_sync_failover_on_one_etcd_loses_no_acknowledged_commit(tmp: Path) -> None:
+    etcd = EtcdCluster(tmp, 1)
+    p, purl, cands = setup(tmp, etcd, sync=True)
+    try:
+        acked = []
+        for i in range(1, 41):
+            p.q("INSERT INTO t VALUES(?, 'acked')", [i])
+            acked.append(i)
+        assert worker_status(p)["sync"]["timeouts"] == 0
+        new, other, took = kill_primary_and_take_over(tmp, p, cands)
+        assert took <= TTL_MS / 1000 + 1, f"took over after {took:.2f} s"
+        st = failover(new)
+        assert st["role"] == "leader" and st["leader_epoch"] == 2, st
+        assert worker_status(new)["epoch"] == 2
+        resume_writes(new, other, 1000)
+        # Every acknowledged commit is on the new primary.
+        have = {r[0] for r in new.q("SELECT id FROM t WHERE v = 'acked'")}
+        assert have == set(acked), sorted(set(acked) - have)
+        # The other candidate follows the new primary (its URL published in etcd).
+        wait_for(lambda: failover(other)["leader"] == failover(new)["leader"], what="leader seen")
+        wait_for(lambda: other.one("SELECT count(*) FROM t WHERE id = 1000") == 1,
+                 what="the other replica following the new primary")
+        assert "event=failover_won" in new.stderr() and "event=failover_follow" in other.stderr()
+        # The old primary comes back: etcd names a newer epoch, it refuses writes.
+        with Worker(tmp / "p.db") as again:
+            with pytest.raises(WorkerError) as e:
+                again.one("SELECT repl_config('failover', ?)", [etcd.url("app/db")])
+            assert "epoch 2" in e.value.msg, e.value.msg
+            with pytest.raises(WorkerError) as e:
+                again.q("INSERT INTO t VALUES(5000, 'split brain')")
+            assert e.value.name == "ReadOnlyError", e.value.msg
+        check_epochs(tmp, ["p", "r1", "r2"])
+    finally:
+        for r in cands:
+            r.close()
+        etcd.close()
+
+
+def test_primary_stops_writing_when_it_cannot_renew_its_lease(tmp: Path) -> None:
+    etcd = EtcdCluster(tmp, 1)
+    p, purl = start_serving_primary(tmp / "p.db")
+    with p:
+        p.q("CREATE TABLE t(id INTEGER PRIMARY KEY)")
+        p.one("SELECT repl_config('failover', ?)", [etcd.url("solo/db")])
+        p.q("INSERT INTO t VALUES(1)")
+        t0 = time.monotonic()
+        etcd.kill(0)
+
+        def refused():
+            try:
+                p.q("INSERT INTO t VALUES(NULL)")
+                return None
+            except WorkerError as e:
+                assert e.name == "ReadOnlyError", e.msg
+                return time.monotonic()
+
+        at = wait_for(refused, timeout=TTL_MS / 1000 + 5, interval=0.02, what="writes refused")
+        # Refused no later than the lease's end (counted from the last renewal sent).
+        assert at - t0 <= TTL_MS / 1000 + 0.3, at - t0
+        st = failover(p)
+        assert st["writes_held"] and "lease" in st["writes_held"], st
+        assert st["last_error"] and "etcd unreachable" in st["last_error"], st
+    etcd.close()
+
+
+def test_async_failover_on_a_three_node_etcd_cluster(tmp: Path) -> None:
+    etcd = EtcdCluster(tmp, 3)
+    p, purl, cands = setup(tmp, etcd, sync=False)
+    try:
+        for i in range(1, 21):
+            p.q("INSERT INTO t VALUES(?, 'x')", [i])
+        last = p.one("SELECT repl_lsn()")
+        for r in cands:
+            wait_for(lambda r=r: r.one("SELECT repl_lsn()") >= last, what="candidates caught up")
+        etcd.kill(0)  # one member down: the other two keep the quorum
+        new, other, took = kill_primary_and_take_over(tmp, p, cands)
+        assert took <= TTL_MS / 1000 + 1, f"took over after {took:.2f} s"
+        resume_writes(new, other, 2000)
+        assert new.one("SELECT count(*) FROM t WHERE v = 'x'") == 20
+        check_epochs(tmp, ["p", "r1", "r2"])
+    finally:
+        for r in cands:
+            r.close()
+        etcd.close()
