@@ -79,6 +79,12 @@ deps:
 	  $(PIP_INSTALL) apsw pytest 2>/dev/null || $(PIP_INSTALL) --break-system-packages apsw pytest; \
 	  $(PYTHON) -c 'import apsw, pytest'; \
 	fi; \
+	: "the S3-compatible server of tests/python/test_backup.py (moto_server; boto3 comes with it)"; \
+	if ! command -v moto_server >/dev/null 2>&1 || ! $(PYTHON) -c 'import boto3' >/dev/null 2>&1; then \
+	  echo "deps: pip install moto[server]"; \
+	  $(PIP_INSTALL) 'moto[server]' 2>/dev/null || $(PIP_INSTALL) --break-system-packages 'moto[server]'; \
+	  command -v moto_server >/dev/null; \
+	fi; \
 	if ! $(CARGO) clippy --version >/dev/null 2>&1 || ! $(CARGO) fmt --version >/dev/null 2>&1; then \
 	  echo "deps: rustup component add clippy rustfmt"; rustup component add clippy rustfmt; \
 	fi; \
