@@ -588,7 +588,7 @@ fn restore(source: &str, out: &Path, target: Target) -> Result<(), Failure> {
             std::fs::rename(&tmp, out)
                 .map_err(|e| Failure::Error(format!("renaming to {}: {e}", out.display())))?;
             println!(
-                "restored {} at LSN {lsn}, committed {}, checksum {sum}",
+                "restored {} at LSN {lsn}, checksum {sum}, committed {}",
                 out.display(),
                 rfc3339(ts)
             );

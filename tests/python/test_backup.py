@@ -105,9 +105,9 @@ def cli(args: list[str], env: dict[str, str], ok: bool = True) -> subprocess.Com
 
 
 def restored(out: str) -> tuple[int, str]:
-    m = re.search(r"at LSN (\d+), committed (\S+), checksum (\S+)", out)
+    m = re.search(r"at LSN (\d+), checksum ([0-9a-f]+), committed (\S+)", out)
     assert m, out
-    return int(m.group(1)), m.group(3)
+    return int(m.group(1)), m.group(2)
 
 
 def backup_status(p: Worker) -> dict:
