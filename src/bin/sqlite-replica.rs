@@ -27,11 +27,13 @@ use std::path::Path;
 use std::process::ExitCode;
 
 const USAGE: &str = "usage:
-  sqlite-replica verify <dir>
+  sqlite-replica verify <dir | s3://bucket/prefix>
   sqlite-replica inspect <dir> [--from LSN]
   sqlite-replica rebuild <dir> <out.db> [--lsn N]
-  sqlite-replica restore <source> <out.db>   (source: a primary's path or http://host:port[?token=T])
+  sqlite-replica restore <source> <out.db> [--lsn N | --time 2026-12-06T10:00:00Z]
+      (source: a primary's path, http://host:port[?token=T] or s3://bucket/prefix; default: its newest LSN)
   sqlite-replica serve <db | dir> [--listen HOST:PORT] [--token-file F] [--tls-cert F --tls-key F]
+                       [--backup s3://bucket/prefix]
       (default 127.0.0.1:7070; the token from --token-file or REPL_TOKEN; a directory serves every
        primary in it, each at /v1/db/<file name>)
   sqlite-replica compress-bench <db>...   (ratio and MB/s of each codec on the file's pages)
@@ -94,8 +96,15 @@ fn run(args: &[String]) -> Result<(), Failure> {
         "verify" => {
             let (pos, _) = parse(rest, "--none")?;
             let [dir] = pos.as_slice() else {
-                return Err(Failure::Usage("verify takes one directory".into()));
+                return Err(Failure::Usage(
+                    "verify takes one log directory or s3:// backup".into(),
+                ));
             };
+            if dir.starts_with("s3://") {
+                let src = replica::transport::s3::BucketSource::open(dir).map_err(fail)?;
+                println!("{}", src.verify().map_err(fail)?);
+                return Ok(());
+            }
             let report = Log::verify(Path::new(dir)).map_err(fail)?;
             println!("{report}");
             Ok(())
@@ -122,13 +131,43 @@ fn run(args: &[String]) -> Result<(), Failure> {
             Ok(())
         }
         "restore" => {
-            let (pos, _) = parse(rest, "--none")?;
+            let mut pos = Vec::new();
+            let mut target = Target::End;
+            let mut it = rest.iter();
+            while let Some(a) = it.next() {
+                match a.as_str() {
+                    "--lsn" | "--time" if !matches!(target, Target::End) => {
+                        return Err(Failure::Usage("give one of --lsn and --time".into()))
+                    }
+                    "--lsn" | "--time" => {
+                        let v = it
+                            .next()
+                            .ok_or_else(|| Failure::Usage(format!("{a} needs a value")))?;
+                        target = if a == "--lsn" {
+                            Target::Lsn(Lsn(v.parse().map_err(|_| {
+                                Failure::Usage(format!("--lsn: {v:?} is not an LSN"))
+                            })?))
+                        } else {
+                            let t: jiff::Timestamp = v.parse().map_err(|e| {
+                                Failure::Usage(format!(
+                                    "--time: {v:?} is not an RFC 3339 time such as 2026-12-06T10:00:00Z ({e})"
+                                ))
+                            })?;
+                            Target::Time(u64::try_from(t.as_millisecond()).unwrap_or(0))
+                        };
+                    }
+                    o if o.starts_with("--") => {
+                        return Err(Failure::Usage(format!("unknown option {o}")))
+                    }
+                    _ => pos.push(a.clone()),
+                }
+            }
             let [source, out] = pos.as_slice() else {
                 return Err(Failure::Usage(
                     "restore takes a source and an output file".into(),
                 ));
             };
-            restore(source, Path::new(out))
+            restore(source, Path::new(out), target)
         }
         "serve" => {
             // A server's log is its output: one line per event, info by default.
@@ -138,11 +177,13 @@ fn run(args: &[String]) -> Result<(), Failure> {
             let mut listen = "127.0.0.1:7070".to_string();
             let mut token = replica::config::get().token.clone();
             let (mut cert, mut key) = (None, None);
+            let mut backup = None;
             let mut pos = Vec::new();
             let mut it = rest.iter();
             while let Some(a) = it.next() {
                 match a.as_str() {
-                    "--listen" | "--token" | "--token-file" | "--tls-cert" | "--tls-key" => {
+                    "--listen" | "--token" | "--token-file" | "--tls-cert" | "--tls-key"
+                    | "--backup" => {
                         let v = it
                             .next()
                             .ok_or_else(|| Failure::Usage(format!("{a} needs a value")))?
@@ -163,6 +204,7 @@ fn run(args: &[String]) -> Result<(), Failure> {
                                 token = Some(t);
                             }
                             "--tls-cert" => cert = Some(v),
+                            "--backup" => backup = Some(v),
                             _ => key = Some(v),
                         }
                     }
@@ -183,7 +225,8 @@ fn run(args: &[String]) -> Result<(), Failure> {
 
             let target = std::path::absolute(target)
                 .map_err(|e| Failure::Error(format!("{target}: {e}")))?;
-            let dbs = if target.is_dir() {
+            let target_is_dir = target.is_dir();
+            let dbs = if target_is_dir {
                 let dbs = replica::transport::server::primaries_in(&target).map_err(fail)?;
                 if dbs.is_empty() {
                     return Err(Failure::Error(format!(
@@ -195,6 +238,15 @@ fn run(args: &[String]) -> Result<(), Failure> {
             } else {
                 vec![target.display().to_string()]
             };
+            if let Some(target) = backup {
+                SERVE_MANY.store(
+                    dbs.len() > 1 || target_is_dir,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                for db in &dbs {
+                    spawn_uploader(db, &target)?;
+                }
+            }
             replica::transport::server::serve_forever(&dbs, &listen, token, tls.as_ref())
                 .map_err(fail)
         }
@@ -302,7 +354,98 @@ impl Bar {
     }
 }
 
-fn restore(source: &str, out: &Path) -> Result<(), Failure> {
+/// `serve --backup`: an uploader thread for `db` (one pass every `backup_interval_ms`), the
+/// same passes a primary's own backup thread runs; `backup.lock` keeps it the only uploader.
+fn spawn_uploader(db: &str, target: &str) -> Result<(), Failure> {
+    use replica::transport::s3::Uploader;
+    let db = db.to_string();
+    let dir = replica::txlog::log_dir(&db);
+    let mut target = target.to_string();
+    if dbs_suffix_needed(&target) {
+        // One prefix per database when serving a directory of primaries.
+        let name = Path::new(&db)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("db");
+        target = format!("{}/{name}", target.trim_end_matches('/'));
+    }
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("backup.lock"))
+        .map_err(|e| Failure::Error(format!("{}: {e}", dir.display())))?;
+    if lock.try_lock().is_err() {
+        return Err(Failure::Error(format!(
+            "{db}: another process (the primary itself, or another serve) is uploading its backup"
+        )));
+    }
+    let mut up = Uploader::new(&target, &dir).map_err(fail)?;
+    replica::logging::event(&format!(
+        "event=backup_start db={db:?} target={:?}",
+        up.target()
+    ));
+    std::thread::Builder::new()
+        .name("repl-backup".into())
+        .spawn(move || {
+            let _lock = lock;
+            let mut failing = false;
+            loop {
+                let (interval_ms, retain_ms) = replica::transport::s3::settings(&dir);
+                match up.run(retain_ms) {
+                    Ok(r) if r.objects > 0 => {
+                        failing = false;
+                        replica::logging::event(&format!(
+                            "event=backup_upload db={db:?} objects={} bytes={} uploaded_lsn={}",
+                            r.objects,
+                            r.bytes,
+                            r.uploaded_lsn.map_or(0, |l| l.0)
+                        ))
+                    }
+                    Ok(_) => failing = false,
+                    Err(e) if !failing => {
+                        failing = true;
+                        replica::logging::event(&format!(
+                            "event=backup_error db={db:?} error={:?}",
+                            e.to_string()
+                        ))
+                    }
+                    Err(_) => {}
+                }
+                if up.refused().is_some() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(interval_ms));
+            }
+        })
+        .map_err(|e| Failure::Error(format!("starting the backup thread: {e}")))?;
+    Ok(())
+}
+
+/// Whether a `--backup` target is shared by several databases (set by `serve` for a directory).
+fn dbs_suffix_needed(_target: &str) -> bool {
+    SERVE_MANY.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static SERVE_MANY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Where `restore` stops.
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    /// The source's newest durable LSN.
+    End,
+    Lsn(Lsn),
+    /// The last transaction committed at or before this Unix time (ms).
+    Time(u64),
+}
+
+/// RFC 3339 (UTC, milliseconds) of a Unix time in ms.
+fn rfc3339(ms: u64) -> String {
+    jiff::Timestamp::from_millisecond(ms as i64)
+        .map_or_else(|_| format!("{ms} ms"), |t| t.to_string())
+}
+
+fn restore(source: &str, out: &Path, target: Target) -> Result<(), Failure> {
     use replica::transport::{open_source, Fetch};
     use std::io::IsTerminal;
     use std::os::unix::fs::FileExt;
@@ -313,6 +456,23 @@ fn restore(source: &str, out: &Path) -> Result<(), Failure> {
         )));
     }
     let src = open_source(source).map_err(fail)?;
+    // A time becomes an LSN where the source can tell (directory, bucket); over HTTP the
+    // restore stops at the first record committed later.
+    let (stop_lsn, stop_ms) = match target {
+        Target::End => (None, None),
+        Target::Lsn(l) => (Some(l), None),
+        Target::Time(ms) if src.knows_times() => match src.lsn_at_time(ms).map_err(fail)? {
+            Some(l) => (Some(l), None),
+            None => {
+                return Err(Failure::Error(format!(
+                    "{} holds no transaction committed at or before {}",
+                    src.describe(),
+                    rfc3339(ms)
+                )))
+            }
+        },
+        Target::Time(ms) => (None, Some(ms)),
+    };
     let tty = std::io::stderr().is_terminal();
     let mut bar = Bar {
         what: "snapshot",
@@ -321,7 +481,7 @@ fn restore(source: &str, out: &Path) -> Result<(), Failure> {
         started: std::time::Instant::now(),
     };
     let tmp = out.with_extension(format!("restore-{}.tmp", std::process::id()));
-    let res = (|| -> Result<(Lsn, replica::types::Checksum), Failure> {
+    let res = (|| -> Result<(Lsn, u64, replica::types::Checksum), Failure> {
         let f = std::fs::File::create(&tmp)
             .map_err(|e| Failure::Error(format!("{}: {e}", tmp.display())))?;
         let io = |e: std::io::Error| Failure::Error(format!("writing {}: {e}", tmp.display()));
@@ -329,9 +489,19 @@ fn restore(source: &str, out: &Path) -> Result<(), Failure> {
         // removed unless every checksum held.
         let mut write_err = None;
         let (smeta, mut sums) = src
-            .snapshot_stream(
+            .snapshot_stream_at(
+                stop_lsn,
                 &mut |d, t| bar.show(d, t),
-                &mut |_| Ok(()),
+                &mut |m| match stop_ms {
+                    Some(ms) if m.timestamp_ms > ms => Err(replica::error::Error::Unsupported(format!(
+                        "the source's newest snapshot (LSN {}) was taken at {}, after {}; restore from the \
+                         primary's log directory or from its bucket backup instead",
+                        m.lsn,
+                        rfc3339(m.timestamp_ms),
+                        rfc3339(ms)
+                    ))),
+                    _ => Ok(()),
+                },
                 &mut |pgno, data| {
                     f.write_all_at(data, (pgno.get() as u64 - 1) * data.len() as u64)
                         .map_err(|e| {
@@ -342,32 +512,51 @@ fn restore(source: &str, out: &Path) -> Result<(), Failure> {
                 },
             )
             .map_err(|e| write_err.take().map_or_else(|| fail(e), Failure::Error))?;
-        let ps = smeta.page_size;
+        let mut ps = smeta.page_size;
         let mut size = smeta.commit_size;
         let mut lsn = smeta.lsn;
-        let target = src.info().map_err(fail)?.durable_lsn.unwrap_or(lsn);
+        let mut ts = smeta.timestamp_ms;
+        let end = src.info().map_err(fail)?.durable_lsn.unwrap_or(lsn);
+        if let Some(t) = stop_lsn {
+            if t > end {
+                return Err(Failure::Error(format!(
+                    "LSN {t} is not in {}: it ends at LSN {end}",
+                    src.describe()
+                )));
+            }
+        }
+        let goal = stop_lsn.unwrap_or(end);
         let mut bar = Bar {
             what: "log",
             tty,
             last: 0,
             started: std::time::Instant::now(),
         };
-        let span = target.0.saturating_sub(lsn.0);
-        loop {
+        let span = goal.0.saturating_sub(lsn.0);
+        'fetch: while lsn < goal {
             let recs = match src.fetch(lsn.next(), 32 << 20).map_err(fail)? {
                 Fetch::Records(v) if v.is_empty() => break,
                 Fetch::Records(v) => v,
                 Fetch::Truncated { first_lsn } => {
                     return Err(Failure::Error(format!(
-                        "the source's log moved on while restoring (it now starts at LSN {first_lsn}); run restore again"
+                        "the source no longer holds LSN {} (it now starts at LSN {first_lsn}); run restore again",
+                        lsn.next()
                     )))
                 }
             };
             for r in recs {
-                if r.meta.page_size != ps || r.meta.snapshot {
+                if r.meta.lsn > goal || stop_ms.is_some_and(|ms| r.meta.timestamp_ms > ms) {
+                    break 'fetch;
+                }
+                if r.meta.snapshot {
+                    // A new generation starts with the whole database.
+                    f.set_len(0).map_err(io)?;
+                    sums = replica::txlog::DbChecksum::new(r.meta.page_size);
+                    ps = r.meta.page_size;
+                } else if r.meta.page_size != ps {
                     return Err(Failure::Error(format!(
-                        "LSN {}: the primary started a new generation while restoring; run restore again",
-                        r.meta.lsn
+                        "LSN {}: page size {} differs from {} without a snapshot",
+                        r.meta.lsn, r.meta.page_size, ps
                     )));
                 }
                 for p in &r.pages {
@@ -384,19 +573,31 @@ fn restore(source: &str, out: &Path) -> Result<(), Failure> {
                     )));
                 }
                 lsn = r.meta.lsn;
+                ts = r.meta.timestamp_ms;
             }
             bar.show(lsn.0.saturating_sub(smeta.lsn.0).min(span), span.max(1));
         }
         bar.show(span.max(1), span.max(1));
+        if let Some(t) = stop_lsn {
+            if lsn != t {
+                return Err(Failure::Error(format!(
+                    "the source's log ends at LSN {lsn}, before the target LSN {t}; nothing was kept"
+                )));
+            }
+        }
         f.set_len(size as u64 * ps.get() as u64).map_err(io)?;
         f.sync_all().map_err(io)?;
-        Ok((lsn, sums.total()))
+        Ok((lsn, ts, sums.total()))
     })();
     match res {
-        Ok((lsn, sum)) => {
+        Ok((lsn, ts, sum)) => {
             std::fs::rename(&tmp, out)
                 .map_err(|e| Failure::Error(format!("renaming to {}: {e}", out.display())))?;
-            println!("restored {} at LSN {lsn}, checksum {sum}", out.display());
+            println!(
+                "restored {} at LSN {lsn}, checksum {sum}, committed {}",
+                out.display(),
+                rfc3339(ts)
+            );
             Ok(())
         }
         Err(e) => {

@@ -483,6 +483,38 @@ fn repl_config(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
     if name == "sync_level" {
         return config_sync_level(&p, &args);
     }
+    if name == "backup" {
+        if let Some(v) = args.text(1, "backup target")? {
+            crate::transport::s3::set_target(p.dir(), &v)?;
+        }
+        return Ok(
+            crate::transport::s3::configured_target(p.dir()).map_or(SqlValue::Null, SqlValue::Text)
+        );
+    }
+    if name == "backup_retain_secs" || name == "backup_retain" {
+        if let Some(SqlValue::Text(t)) = args.get(1) {
+            let secs = parse_duration_secs(t).ok_or_else(|| {
+                args.bad(
+                    1,
+                    "value of backup_retain",
+                    "a number of seconds or a duration such as '7d', '12h', '30m'",
+                    &args::describe(&SqlValue::Text(t.clone())),
+                )
+            })?;
+            let policy = set_setting(p.dir(), "backup_retain_secs", secs as i64)?;
+            return Ok(SqlValue::Int(policy.backup_retain_secs as i64));
+        }
+        if name == "backup_retain" && args.get(1).is_none() {
+            return Ok(SqlValue::Int(
+                load_policy(p.dir())?.backup_retain_secs as i64,
+            ));
+        }
+    }
+    let name = if name == "backup_retain" {
+        "backup_retain_secs".to_string()
+    } else {
+        name
+    };
     match args.get(1) {
         None => Ok(SqlValue::Int(setting(&load_policy(p.dir())?, &name)? as i64)),
         Some(_) => {
@@ -494,6 +526,24 @@ fn repl_config(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
             Ok(SqlValue::Int(setting(&policy, &name)? as i64))
         }
     }
+}
+
+/// `'7d'`, `'12h'`, `'30m'`, `'45s'` or a plain number of seconds.
+fn parse_duration_secs(t: &str) -> Option<u64> {
+    let t = t.trim();
+    let (n, unit) = match t.char_indices().last()? {
+        (i, c) if c.is_ascii_alphabetic() => (&t[..i], c),
+        _ => (t, 's'),
+    };
+    let mul = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86400,
+        'w' => 7 * 86400,
+        _ => return None,
+    };
+    n.trim().parse::<u64>().ok()?.checked_mul(mul)
 }
 
 /// `repl_config('compress'[, value])`: 'none', 'zstd', 'lz4', 'zstd:<level>' or a zstd level

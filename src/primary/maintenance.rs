@@ -70,6 +70,18 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "what a synchronous follower acknowledges: 'received', 'durable' or 'applied' (config.json: 1, 2, 3)",
     ),
     (
+        "backup",
+        "back the log up to an S3-compatible bucket: 's3://bucket/prefix' ('' = off; stored in backup.target)",
+    ),
+    (
+        "backup_interval_ms",
+        "how often the backup uploader ships what became durable (100..=600000; default 1000)",
+    ),
+    (
+        "backup_retain_secs",
+        "how long the bucket keeps the history a restore can reach, e.g. '7d' (0 = everything); older objects go once a newer snapshot covers them",
+    ),
+    (
         "sync_timeout_ms",
         "the longest a commit waits for its synchronous followers (1..=600000); then it returns anyway and the timeout is counted",
     ),
@@ -92,6 +104,8 @@ fn get(p: &Policy, name: &str) -> Option<u64> {
         "sync_replicas" => p.sync_replicas,
         "sync_level" => p.sync_level,
         "sync_timeout_ms" => p.sync_timeout_ms,
+        "backup_interval_ms" => p.backup_interval_ms,
+        "backup_retain_secs" => p.backup_retain_secs,
         _ => return None,
     })
 }
@@ -112,7 +126,7 @@ pub fn setting(p: &Policy, name: &str) -> Result<u64> {
 /// All settings as a JSON object.
 pub fn policy_json(p: &Policy) -> serde_json::Value {
     let mut m = serde_json::Map::new();
-    for (name, _) in SETTINGS {
+    for (name, _) in SETTINGS.iter().filter(|(n, _)| *n != "backup") {
         m.insert((*name).into(), get(p, name).unwrap_or(0).into());
     }
     serde_json::Value::Object(m)
@@ -208,6 +222,15 @@ fn apply(p: &mut Policy, name: &str, v: u64) -> Result<()> {
             }
             p.capture_lag_max = v
         }
+        "backup_interval_ms" => {
+            if !(100..=600_000).contains(&v) {
+                return Err(Error::Misuse(format!(
+                    "repl_config(): backup_interval_ms must be between 100 and 600000, not {v}"
+                )));
+            }
+            p.backup_interval_ms = v
+        }
+        "backup_retain_secs" => p.backup_retain_secs = v,
         "exec_max_rows" => p.exec_max_rows = v,
         "exec_max_bytes" => p.exec_max_bytes = v,
         "compress" => {
@@ -265,8 +288,16 @@ pub fn pass(dir: &Path, policy: &Policy) -> Result<PassReport> {
     let mut segs = txlog::segment_infos(&dir.join("log"))?;
     // Retention first with the snapshot we have, so a compaction's transient files (its
     // scratch database and the new snapshot) never add to segments already removable.
+    // A segment goes only once it is in the bucket too (when a backup is configured).
+    let uploaded = crate::transport::s3::uploaded_lsn(dir);
+    let uploaded_only = |segs: &[txlog::SegmentInfo], n: usize| match uploaded {
+        None => n,
+        Some(u) => (0..n)
+            .take_while(|&i| segs.get(i + 1).is_some_and(|next| next.first.0 <= u.0 + 1))
+            .count(),
+    };
     if let Some((snap_lsn, _)) = newest {
-        let n = policy.removable(&segs, Some(snap_lsn));
+        let n = uploaded_only(&segs, policy.removable(&segs, Some(snap_lsn)));
         if n > 0 {
             report.removed_segments += txlog::remove_segment_files(&segs[..n])?;
             segs.drain(..n);
@@ -297,7 +328,7 @@ pub fn pass(dir: &Path, policy: &Policy) -> Result<PassReport> {
     let Some((snap_lsn, _)) = newest else {
         return Ok(report);
     };
-    let n = policy.removable(&segs, Some(snap_lsn));
+    let n = uploaded_only(&segs, policy.removable(&segs, Some(snap_lsn)));
     if n > 0 {
         report.removed_segments += txlog::remove_segment_files(&segs[..n])?;
     }

@@ -69,6 +69,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 mod append;
+mod backup;
 mod capture;
 mod durability;
 pub(crate) mod exec;
@@ -137,6 +138,8 @@ pub struct Primary {
     /// Held by a maintenance pass (separate, so a compaction never delays a group fsync).
     maintenance_busy: Mutex<()>,
     last_maintenance: Mutex<Option<Instant>>,
+    /// The object-storage uploader of this primary in this process (`backup.rs`).
+    backup: Mutex<Option<backup::Backup>>,
     /// `repl_primary()` loaded the state under WRITE and keeps it until the registry has
     /// installed the role (`release_init_write`): a commit by another connection of this
     /// process in between would not go through the role's hooks and would read as a gap.
@@ -254,6 +257,7 @@ impl Primary {
             busy: Mutex::new(()),
             maintenance_busy: Mutex::new(()),
             last_maintenance: Mutex::new(None),
+            backup: Mutex::new(None),
             init_write_held: AtomicBool::new(false),
             t3_seen: Mutex::new(None),
             server: Mutex::new(None),

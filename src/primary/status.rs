@@ -110,6 +110,7 @@ impl Primary {
             "settings": maintenance::load_policy(&self.dir).ok().map(|p| maintenance::policy_json(&p)),
             "server": lock(&self.server).as_ref().map(|s| s.status_json()),
             "sync": self.sync_json(),
+            "backup": self.backup_json(),
             "captured_txns": st.captured_txns,
             "gaps": st.gaps,
             "last_error": st.last_error,

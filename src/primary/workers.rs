@@ -10,6 +10,8 @@
 //!   so one slow fsync does not hold up every other database's watermark.
 //! - One append thread ("repl-append") runs the append passes of the asynchronous capture
 //!   (`append.rs`), so they keep up with commits instead of waiting behind an fsync.
+//! - One backup thread ("repl-backup") runs the object-storage uploads (`backup.rs`) of the
+//!   primaries that have a backup target, each every `backup_interval_ms`.
 //! - One maintenance thread ("repl-maintain") runs a log maintenance pass of each primary
 //!   every `REPL_MAINTENANCE_MS` (default 1 s). A long compaction of one database delays the
 //!   passes of the others, never their commits or watermarks.
@@ -78,6 +80,10 @@ pub(super) fn register(p: &Arc<Primary>) -> Result<()> {
             .name("repl-append".into())
             .spawn(append_worker)
             .map_err(|e| Error::io("starting the log append thread", e))?;
+        std::thread::Builder::new()
+            .name("repl-backup".into())
+            .spawn(backup_worker)
+            .map_err(|e| Error::io("starting the backup thread", e))?;
         std::thread::Builder::new()
             .name("repl-maintain".into())
             .spawn(maintenance_worker)
@@ -240,6 +246,20 @@ fn round_worker() {
     }
 }
 
+/// The backup uploads of every primary with a backup target (`backup.rs`): a sweep every
+/// 20 ms; each primary's pass runs when its `backup_interval_ms` has passed.
+fn backup_worker() {
+    loop {
+        let list: Vec<Weak<Primary>> = lock(&SHARED.q).primaries.clone();
+        for w in list {
+            if let Some(p) = w.upgrade() {
+                p.run_backup();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn maintenance_worker() {
     let interval = crate::config::get().maintenance_interval;
     loop {
@@ -315,6 +335,7 @@ impl Primary {
         let _m = lock(&self.maintenance_busy);
         let _a = lock(&self.append_busy);
         let _b = lock(&self.busy);
+        *lock(&self.backup) = None;
         self.flush();
         {
             let mut st = lock(&self.state);

@@ -128,12 +128,66 @@ impl Source for DirSource {
         on_meta: &mut dyn FnMut(&crate::txlog::RecordMeta) -> Result<()>,
         on_page: &mut dyn FnMut(crate::types::PageNo, &[u8]) -> Result<()>,
     ) -> Result<(crate::txlog::RecordMeta, crate::txlog::DbChecksum)> {
+        self.snapshot_stream_at(None, progress, on_meta, on_page)
+    }
+
+    fn knows_times(&self) -> bool {
+        true
+    }
+
+    fn lsn_at_time(&self, ms: u64) -> Result<Option<Lsn>> {
+        let Some((durable, _)) = Log::read_durable(&self.dir)? else {
+            return Ok(None);
+        };
+        let mut found = None;
+        if let Some(first) = Log::first_segment_lsn(&self.dir)? {
+            for m in self.log.read_meta_from(first, Some(durable))? {
+                let m = m?;
+                if m.timestamp_ms > ms {
+                    break;
+                }
+                found = Some(m.lsn);
+            }
+        }
+        if found.is_none() {
+            // Older than the log: the newest snapshot file committed by then.
+            let mut at = Some(durable);
+            while let Some((m, _)) = self.log.latest_snapshot(at)? {
+                if m.timestamp_ms <= ms {
+                    return Ok(Some(m.lsn));
+                }
+                let Some(before) = m.lsn.0.checked_sub(1) else {
+                    break;
+                };
+                at = Some(Lsn(before));
+            }
+        }
+        Ok(found)
+    }
+
+    fn snapshot_stream_at(
+        &self,
+        at: Option<Lsn>,
+        progress: &mut dyn FnMut(u64, u64),
+        on_meta: &mut dyn FnMut(&crate::txlog::RecordMeta) -> Result<()>,
+        on_page: &mut dyn FnMut(crate::types::PageNo, &[u8]) -> Result<()>,
+    ) -> Result<(crate::txlog::RecordMeta, crate::txlog::DbChecksum)> {
         let durable = Log::read_durable(&self.dir)?.map(|d| d.0);
-        let Some((_, path)) = self.log.latest_snapshot(durable)? else {
-            return Err(Error::Other(format!(
-                "the primary {} has no durable snapshot yet; retry in a moment",
-                self.db
-            )));
+        let upto = match (durable, at) {
+            (Some(d), Some(a)) => Some(d.min(a)),
+            (d, _) => d,
+        };
+        let Some((_, path)) = self.log.latest_snapshot(upto)? else {
+            return Err(Error::Other(match at {
+                Some(a) => format!(
+                    "the primary {} has no snapshot at or before LSN {a} any more",
+                    self.db
+                ),
+                None => format!(
+                    "the primary {} has no durable snapshot yet; retry in a moment",
+                    self.db
+                ),
+            }));
         };
         let total = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let mut done = 0u64;

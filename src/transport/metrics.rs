@@ -158,6 +158,39 @@ pub(super) fn metrics(sh: &Shared) -> Reply {
             sh.served_bytes.load(Ordering::Relaxed).to_string(),
         )],
     );
+    if let (Some(_), Some(b)) = (
+        super::s3::configured_target(&sh.dir),
+        super::s3::read_status(&sh.dir),
+    ) {
+        let n = |k: &str| b.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        metric(
+            "sqlite_replica_backup_uploaded_lsn",
+            "Newest LSN in the bucket backup.",
+            "gauge",
+            vec![(String::new(), n("uploaded_lsn").to_string())],
+        );
+        metric(
+            "sqlite_replica_backup_backlog",
+            "Durable transactions not in the bucket yet.",
+            "gauge",
+            vec![(String::new(), n("backlog").to_string())],
+        );
+        metric(
+            "sqlite_replica_backup_errors_total",
+            "Failed uploader passes (this uploader's life).",
+            "counter",
+            vec![(String::new(), n("errors").to_string())],
+        );
+        metric(
+            "sqlite_replica_backup_failing",
+            "1 while the last uploader pass failed (last_error in repl_status()).",
+            "gauge",
+            vec![(
+                String::new(),
+                u8::from(!b["last_error"].is_null()).to_string(),
+            )],
+        );
+    }
     metric(
         "sqlite_replica_followers",
         "Followers seen in the last 30 s.",

@@ -19,6 +19,7 @@ mod metrics;
 pub mod notify;
 mod request;
 mod routes;
+pub mod s3;
 pub mod server;
 mod spec;
 
@@ -132,6 +133,42 @@ pub trait Source: Send + Sync + 'static {
         }
         sums.truncate(r.meta.commit_size);
         Ok((r.meta, sums))
+    }
+    /// `snapshot_stream`, but of the newest snapshot at or before `at` (None: the newest), for
+    /// a point-in-time restore. The default streams the newest snapshot and refuses it (in
+    /// `on_meta`, before any page) when it is after `at`: a server serves only its newest
+    /// snapshot. The directory and bucket sources pick an older one.
+    fn snapshot_stream_at(
+        &self,
+        at: Option<Lsn>,
+        progress: &mut dyn FnMut(u64, u64),
+        on_meta: &mut dyn FnMut(&crate::txlog::RecordMeta) -> Result<()>,
+        on_page: &mut dyn FnMut(crate::types::PageNo, &[u8]) -> Result<()>,
+    ) -> Result<(crate::txlog::RecordMeta, crate::txlog::DbChecksum)> {
+        let describe = self.describe();
+        self.snapshot_stream(
+            progress,
+            &mut |m| match at {
+                Some(a) if m.lsn > a => Err(Error::Unsupported(format!(
+                    "{describe} serves only its newest snapshot, at LSN {}, which is after the target LSN {a}; \
+                     restore from the primary's log directory or from its bucket backup instead",
+                    m.lsn
+                ))),
+                _ => on_meta(m),
+            },
+            on_page,
+        )
+    }
+    /// The LSN of the last transaction committed at or before `ms` (Unix milliseconds), when
+    /// the source can tell without streaming (directory, bucket); `Ok(None)` when it cannot
+    /// (HTTP: the restore then stops at the first record committed later), or when nothing
+    /// that early is held.
+    fn lsn_at_time(&self, _ms: u64) -> Result<Option<Lsn>> {
+        Ok(None)
+    }
+    /// Whether `lsn_at_time` answers.
+    fn knows_times(&self) -> bool {
+        false
     }
     /// Continues the newest snapshot after `prefix` (a bootstrap resumed, WAL.md §E.1), if the
     /// source still serves the snapshot the prefix was taken from (same record header: LSN,

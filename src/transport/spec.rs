@@ -15,6 +15,8 @@ pub enum Scheme {
     Dir,
     /// A primary serving its log over HTTP.
     Http,
+    /// A primary's backup in an S3-compatible bucket (`s3://bucket/prefix`, FORMAT.md §9).
+    S3,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -48,12 +50,24 @@ impl SourceSpec {
         if s.starts_with("http://") || s.starts_with("https://") {
             return parse_http(s);
         }
+        if s.starts_with("s3://") {
+            super::s3::Target::parse(s)?;
+            return Ok(SourceSpec {
+                scheme: Scheme::S3,
+                address: s.to_string(),
+                db: None,
+                ca: None,
+                exec_token: None,
+                token: None,
+                given: s.to_string(),
+            });
+        }
         let path = if let Some(rest) = s.strip_prefix("file:") {
             let rest = rest.split('?').next().unwrap_or("");
             rest.strip_prefix("//").unwrap_or(rest).to_string()
         } else if s.contains("://") {
             return Err(Error::Misuse(format!(
-                "repl_sync('{s}'): unknown source scheme; use a database path, a file: URL or http(s)://"
+                "repl_sync('{s}'): unknown source scheme; use a database path, a file: URL, http(s):// or s3://"
             )));
         } else {
             s.to_string()
@@ -73,6 +87,7 @@ impl SourceSpec {
     pub fn open(&self) -> Result<Box<dyn Source>> {
         Ok(match self.scheme {
             Scheme::Dir => Box::new(DirSource::open(&self.address)?),
+            Scheme::S3 => Box::new(super::s3::BucketSource::open(&self.address)?),
             Scheme::Http => Box::new(HttpSource::connect(
                 &self.address,
                 self.db.clone(),

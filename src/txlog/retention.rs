@@ -51,6 +51,10 @@ pub struct Policy {
     pub sync_replicas: u64,
     pub sync_level: u64,
     pub sync_timeout_ms: u64,
+    /// Object storage backups (issue 17, FORMAT.md §9): how often the uploader ships what
+    /// became durable, and how long the bucket keeps the history (0 = everything).
+    pub backup_interval_ms: u64,
+    pub backup_retain_secs: u64,
 }
 
 impl Default for Policy {
@@ -69,6 +73,8 @@ impl Default for Policy {
             sync_replicas: 0,
             sync_level: 3,
             sync_timeout_ms: 5000,
+            backup_interval_ms: 1000,
+            backup_retain_secs: 0,
         }
     }
 }

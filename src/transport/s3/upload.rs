@@ -1,0 +1,430 @@
+//! The uploader: one pass ships what a primary's log directory made durable since the last pass
+//! to the bucket (FORMAT.md §9): the newest snapshot when the bucket needs a base, then the
+//! records after the manifest's last LSN as immutable chunks, then the manifest with a
+//! conditional PUT (`If-None-Match: *` to create it, `If-Match: <etag>` to replace the version
+//! this uploader last wrote), so two uploaders can never interleave: the one that loses the
+//! race stops and says who holds the prefix. Works on a log directory (like the HTTP server),
+//! so a primary's background thread (`primary/backup.rs`) and `sqlite-replica serve --backup`
+//! run the same code. The pass's outcome goes to `<db>-replica/backup.json` (status for
+//! `repl_status()`, `/metrics`, and local retention, which keeps every segment not uploaded yet).
+
+use super::client::{Client, Cond, Target};
+use super::crypt::Key;
+use super::manifest::{chunk_key, snapshot_key, Manifest, Object, MANIFEST};
+use crate::error::{Error, Result};
+use crate::txlog::{self, Log};
+use crate::types::Lsn;
+use std::path::{Path, PathBuf};
+
+/// The most record bytes one chunk holds (a larger backlog goes up as several chunks).
+pub const CHUNK_MAX: usize = 8 << 20;
+/// An uploader rewrites the manifest at least every `LEASE_MS / 2`, and a new uploader does
+/// not take over a manifest another one wrote less than `LEASE_MS` ago (FORMAT.md §9.3).
+pub const LEASE_MS: u64 = 10_000;
+/// The status file in the log directory.
+pub const STATUS_FILE: &str = "backup.json";
+/// The file holding the backup target (`repl_config('backup', …)`).
+pub const TARGET_FILE: &str = "backup.target";
+
+/// What a pass did.
+#[derive(Clone, Debug, Default)]
+pub struct PassReport {
+    pub objects: usize,
+    pub bytes: u64,
+    pub uploaded_lsn: Option<Lsn>,
+    pub durable_lsn: Option<Lsn>,
+    pub deleted: usize,
+}
+
+pub struct Uploader {
+    client: Client,
+    dir: PathBuf,
+    log: Option<Log>,
+    key: Option<Key>,
+    writer: String,
+    host: String,
+    /// The manifest as this uploader last wrote or read it, and its ETag (None: not created).
+    manifest: Option<(Manifest, Option<String>)>,
+    /// Set when another uploader holds the prefix: this one never writes again.
+    refused: Option<String>,
+    errors: u64,
+    uploads: u64,
+}
+
+/// The backup target configured for the log directory `dir` (None: no backup).
+pub fn configured_target(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(dir.join(TARGET_FILE))
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+}
+
+/// Sets (or with `""` clears) the backup target of `dir`, checked first.
+pub fn set_target(dir: &Path, target: &str) -> Result<()> {
+    let path = dir.join(TARGET_FILE);
+    if target.trim().is_empty() {
+        return match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::io(format!("removing {}", path.display()), e))
+            }
+            _ => Ok(()),
+        };
+    }
+    Target::parse(target)?;
+    let tmp = dir.join(format!("{TARGET_FILE}.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, format!("{}\n", target.trim()))
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(format!("writing {}", path.display()), e)
+        })
+}
+
+/// The LSN up to which `dir`'s log is in the bucket: None when no backup is configured, Some(0)
+/// while nothing is. Local retention keeps every segment above it.
+pub fn uploaded_lsn(dir: &Path) -> Option<Lsn> {
+    configured_target(dir)?;
+    let s = read_status(dir);
+    Some(Lsn(s
+        .and_then(|v| v.get("uploaded_lsn").and_then(serde_json::Value::as_u64))
+        .unwrap_or(0)))
+}
+
+/// `(backup_interval_ms, backup_retain_secs × 1000)` from the primary's `config.json` (the
+/// `repl_config()` settings; defaults 1000 and 0), for uploaders outside the primary
+/// (`sqlite-replica serve --backup`).
+pub fn settings(dir: &Path) -> (u64, u64) {
+    let v: serde_json::Value = std::fs::read(dir.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let n = |k: &str| v.get(k).and_then(serde_json::Value::as_u64);
+    (
+        n("backup_interval_ms").unwrap_or(1000).max(100),
+        n("backup_retain_secs").unwrap_or(0).saturating_mul(1000),
+    )
+}
+
+/// The status file's content (None: none yet).
+pub fn read_status(dir: &Path) -> Option<serde_json::Value> {
+    let t = std::fs::read(dir.join(STATUS_FILE)).ok()?;
+    serde_json::from_slice(&t).ok()
+}
+
+impl Uploader {
+    /// An uploader of the log directory `dir` to `target` (the key from the environment).
+    pub fn new(target: &str, dir: &Path) -> Result<Uploader> {
+        let client = Client::new(Target::parse(target)?)?;
+        let mut w = [0u8; 8];
+        crate::util::urandom(&mut w).map_err(|e| Error::io("reading /dev/urandom", e))?;
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        Ok(Uploader {
+            client,
+            dir: dir.to_path_buf(),
+            log: None,
+            key: Key::from_env()?,
+            writer: crate::util::hex(&w),
+            host: format!("{host} pid {}", std::process::id()),
+            manifest: None,
+            refused: None,
+            errors: 0,
+            uploads: 0,
+        })
+    }
+
+    pub fn target(&self) -> String {
+        self.client.target().display()
+    }
+
+    /// Set when another uploader holds the prefix (permanent).
+    pub fn refused(&self) -> Option<&str> {
+        self.refused.as_deref()
+    }
+
+    /// One pass, then the status file: `retain_ms` is the bucket's retention window (0: keep
+    /// everything).
+    pub fn run(&mut self, retain_ms: u64) -> Result<PassReport> {
+        let r = match &self.refused {
+            Some(why) => Err(Error::Busy(why.clone())),
+            None => self.pass(retain_ms),
+        };
+        if r.is_err() {
+            self.errors += 1;
+        }
+        self.write_status(r.as_ref().err().map(|e| e.to_string()));
+        r
+    }
+
+    fn write_status(&self, error: Option<String>) {
+        let durable = Log::read_durable(&self.dir).ok().flatten().map(|d| d.0);
+        let uploaded = self.manifest.as_ref().and_then(|(m, _)| m.last_lsn());
+        let prev = read_status(&self.dir);
+        let keep = |k: &str| prev.as_ref().and_then(|p| p.get(k).cloned());
+        let now = crate::util::now_ms();
+        let v = serde_json::json!({
+            "target": self.target(),
+            "writer": self.writer,
+            "uploaded_lsn": uploaded.map(|l| l.0).or_else(|| keep("uploaded_lsn").and_then(|v| v.as_u64())),
+            "durable_lsn": durable.map(|l| l.0),
+            "backlog": durable.map_or(0, |d| d.0.saturating_sub(uploaded.map_or(0, |u| u.0))),
+            "objects": self.manifest.as_ref().map_or(0, |(m, _)| m.chunks.len() + m.snapshots.len()),
+            "uploads": self.uploads,
+            "errors": self.errors,
+            "encrypted": self.key.is_some(),
+            "last_error": error.clone().map(serde_json::Value::from).or_else(|| keep("last_error")).filter(|_| error.is_some()),
+            "last_ok_ms": if error.is_none() { Some(now) } else { keep("last_ok_ms").and_then(|v| v.as_u64()) },
+            "updated_ms": now,
+            "refused": self.refused.is_some(),
+        });
+        let path = self.dir.join(STATUS_FILE);
+        let tmp = self
+            .dir
+            .join(format!("{STATUS_FILE}.{}.tmp", std::process::id()));
+        if std::fs::write(&tmp, v.to_string())
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .is_err()
+        {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+
+    fn seal(&self, key: &str, plain: Vec<u8>) -> Result<Vec<u8>> {
+        match &self.key {
+            Some(k) => k.seal(key, &plain),
+            None => Ok(plain),
+        }
+    }
+
+    /// Reads the manifest (or prepares a new one) and checks that this log may write it.
+    fn load_manifest(&mut self, meta: &txlog::Meta) -> Result<()> {
+        if self.manifest.is_some() {
+            return Ok(());
+        }
+        let what = self.client.describe(MANIFEST);
+        let (mut m, etag) = match self.client.get(MANIFEST)? {
+            Some((b, etag)) => (Manifest::from_json(&b, &what)?, Some(etag)),
+            None => {
+                let mut m = Manifest::new(
+                    &meta.lineage,
+                    meta.epoch,
+                    meta.page_size,
+                    &self.writer,
+                    &self.host,
+                );
+                m.key_check = self.key.as_ref().map(Key::check).transpose()?;
+                (m, None)
+            }
+        };
+        if m.lineage != meta.lineage {
+            return Err(Error::Misuse(format!(
+                "{what} holds the backup of another database (lineage {}); this primary is lineage {}: choose another prefix",
+                m.lineage, meta.lineage
+            )));
+        }
+        match (&m.key_check, &self.key) {
+            (Some(c), Some(k)) if !k.matches(c) => {
+                return Err(Error::Misuse(format!(
+                    "the backup key (REPL_BACKUP_KEY / REPL_BACKUP_KEY_FILE) is not the key the objects of {} were sealed with; nothing was uploaded",
+                    self.target()
+                )))
+            }
+            (Some(_), None) => {
+                return Err(Error::Misuse(format!(
+                    "{} is encrypted: set REPL_BACKUP_KEY or REPL_BACKUP_KEY_FILE to its key; nothing was uploaded",
+                    self.target()
+                )))
+            }
+            (None, Some(_)) if etag.is_some() => {
+                return Err(Error::Misuse(format!(
+                    "{} holds an unencrypted backup: encryption cannot start on it; choose another prefix, or unset REPL_BACKUP_KEY",
+                    self.target()
+                )))
+            }
+            _ => {}
+        }
+        let age = crate::util::now_ms().saturating_sub(m.updated_ms);
+        if etag.is_some() && m.writer != self.writer && age < LEASE_MS {
+            return Err(Error::Busy(format!(
+                "{what} is held by uploader {} ({}), which wrote it {age} ms ago: two uploaders on one prefix; \
+                 this one waits (it takes over {} s after the other stops). Give each primary its own prefix",
+                m.writer,
+                m.writer_host,
+                LEASE_MS / 1000
+            )));
+        }
+        if m.epoch < meta.epoch {
+            m.epoch = meta.epoch;
+        }
+        // Taken over by this uploader at its next manifest write (conditional on `etag`).
+        m.writer = self.writer.clone();
+        m.writer_host = self.host.clone();
+        self.manifest = Some((m, etag));
+        Ok(())
+    }
+
+    fn pass(&mut self, retain_ms: u64) -> Result<PassReport> {
+        let mut report = PassReport::default();
+        let meta = Log::read_meta(&self.dir)?;
+        let Some((durable, _)) = Log::read_durable(&self.dir)? else {
+            return Ok(report);
+        };
+        report.durable_lsn = Some(durable);
+        self.load_manifest(&meta)?;
+        if self.log.is_none() {
+            self.log = Some(Log::open(&self.dir, Default::default())?);
+        }
+        let (mut m, etag) = self.manifest.clone().expect("loaded");
+        let log = self.log.as_ref().expect("opened");
+        let mut changed = etag.is_none();
+        // A base: the bucket's first snapshot, a newer local one (the primary's snapshot
+        // cadence), or one that bridges a part of the log that is gone locally.
+        let mut next = m.last_lsn().map(Lsn::next);
+        let first_local = Log::first_segment_lsn(&self.dir)?;
+        let local_gone = |n: Lsn| first_local.is_none_or(|f| n < f) && n <= durable;
+        let newest_local = log.latest_snapshot(Some(durable))?;
+        let bucket_newest = m.snapshots.last().map(|s| s.first_lsn);
+        let need_base = next.is_none_or(local_gone);
+        let newer = newest_local
+            .as_ref()
+            .is_some_and(|(s, _)| bucket_newest.is_none_or(|b| s.lsn > b));
+        if need_base || newer {
+            let Some((smeta, path)) = newest_local else {
+                return Err(Error::Other(format!(
+                    "{}: no durable snapshot to start the backup from yet; it starts with the next pass",
+                    self.dir.display()
+                )));
+            };
+            let key = snapshot_key(smeta.lsn, smeta.generation);
+            if !m.snapshots.iter().any(|s| s.key == key) {
+                let plain = std::fs::read(&path)
+                    .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+                let body = self.seal(&key, plain)?;
+                self.client.put(&key, &body, Cond::None)?;
+                self.uploads += 1;
+                report.objects += 1;
+                report.bytes += body.len() as u64;
+                m.snapshots.push(Object {
+                    key,
+                    first_lsn: smeta.lsn,
+                    last_lsn: smeta.lsn,
+                    generation: smeta.generation,
+                    epoch: smeta.epoch,
+                    first_ms: smeta.timestamp_ms,
+                    last_ms: smeta.timestamp_ms,
+                    bytes: body.len() as u64,
+                    xxh3: xxhash_rust::xxh3::xxh3_64(&body),
+                    db_checksum: smeta.db_checksum,
+                });
+                m.snapshots.sort_by_key(|s| s.first_lsn);
+                changed = true;
+            }
+            // The chain goes on after the snapshot when the log before it is gone locally (or
+            // the bucket had nothing yet).
+            if need_base {
+                next = Some(smeta.lsn.next());
+            }
+        }
+        let mut next = next.unwrap_or(Lsn(1));
+        while next <= durable {
+            let mut body = txlog::encode_segment_header(&txlog::SegmentHeader {
+                first_lsn: next,
+                created_ms: crate::util::now_ms(),
+            })
+            .to_vec();
+            let mut first: Option<txlog::RecordMeta> = None;
+            let mut last: Option<txlog::RecordMeta> = None;
+            for r in log.read_from(next, Some(durable))? {
+                let r = r?;
+                body.extend_from_slice(&txlog::encode_record(&r));
+                first.get_or_insert_with(|| r.meta.clone());
+                last = Some(r.meta);
+                if body.len() >= CHUNK_MAX {
+                    break;
+                }
+            }
+            let (Some(first), Some(last)) = (first, last) else {
+                break;
+            };
+            let key = chunk_key(first.lsn, last.lsn);
+            let body = self.seal(&key, body)?;
+            self.client.put(&key, &body, Cond::None)?;
+            self.uploads += 1;
+            report.objects += 1;
+            report.bytes += body.len() as u64;
+            m.chunks.push(Object {
+                key,
+                first_lsn: first.lsn,
+                last_lsn: last.lsn,
+                generation: last.generation,
+                epoch: last.epoch,
+                first_ms: first.timestamp_ms,
+                last_ms: last.timestamp_ms,
+                bytes: body.len() as u64,
+                xxh3: xxhash_rust::xxh3::xxh3_64(&body),
+                db_checksum: last.db_checksum,
+            });
+            changed = true;
+            next = last.lsn.next();
+        }
+        m.check_chain().map_err(|e| {
+            Error::Corrupt(format!(
+                "the manifest this pass would write is wrong ({e}); nothing was changed"
+            ))
+        })?;
+        let deleted = m.plan_retention(crate::util::now_ms(), retain_ms);
+        changed |= !deleted.is_empty();
+        let lease_due = crate::util::now_ms().saturating_sub(m.updated_ms) >= LEASE_MS / 2;
+        if changed || lease_due {
+            self.write_manifest(m, etag)?;
+        }
+        for key in &deleted {
+            // The manifest no longer names them; a failed delete leaves an orphan only.
+            if let Err(e) = self.client.delete(key) {
+                crate::logging::event(&format!(
+                    "event=backup_error target={:?} error={:?}",
+                    self.target(),
+                    e.to_string()
+                ));
+            }
+        }
+        report.deleted = deleted.len();
+        report.uploaded_lsn = self.manifest.as_ref().and_then(|(m, _)| m.last_lsn());
+        Ok(report)
+    }
+
+    /// The conditional manifest write; on a lost race, whoever wrote it is named and this
+    /// uploader stops for good.
+    fn write_manifest(&mut self, mut m: Manifest, etag: Option<String>) -> Result<()> {
+        m.updated_ms = crate::util::now_ms();
+        let cond = match &etag {
+            Some(e) => Cond::Etag(e),
+            None => Cond::Absent,
+        };
+        match self.client.put(MANIFEST, m.to_json().as_bytes(), cond)? {
+            Some(new) => {
+                self.uploads += 1;
+                self.manifest = Some((m, Some(new)));
+                Ok(())
+            }
+            None => {
+                let what = self.client.describe(MANIFEST);
+                let other = self
+                    .client
+                    .get(MANIFEST)?
+                    .and_then(|(b, _)| Manifest::from_json(&b, &what).ok())
+                    .map_or_else(
+                        || "another uploader".to_string(),
+                        |o| format!("uploader {} ({})", o.writer, o.writer_host),
+                    );
+                let why = format!(
+                    "{what} was changed by {other} since this uploader last read it: two uploaders on one prefix; \
+                     this one stops (nothing it wrote is in the manifest). Give each primary its own prefix"
+                );
+                self.refused = Some(why.clone());
+                Err(Error::Busy(why))
+            }
+        }
+    }
+}
