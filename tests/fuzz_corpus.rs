@@ -76,6 +76,30 @@ fn wal_seeds() -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// A manifest with a snapshot at LSN 3 and two chunks 4..=5, 6..=9 (as the uploader writes it).
+fn manifest_seed() -> Vec<u8> {
+    use replica::transport::s3::manifest::{chunk_key, snapshot_key, Manifest, Object};
+    use replica::types::{Checksum, Epoch};
+    let obj = |key: String, first: u64, last: u64| Object {
+        key,
+        first_lsn: Lsn(first),
+        last_lsn: Lsn(last),
+        generation: Generation(1),
+        epoch: Epoch::FIRST,
+        first_ms: 1_700_000_000_000 + first,
+        last_ms: 1_700_000_000_000 + last,
+        bytes: 4096,
+        xxh3: 0x1234,
+        db_checksum: Checksum(0xabcd + last),
+    };
+    let mut m = Manifest::new("lineage-1", Epoch::FIRST, 4096, "w1", "host:1");
+    m.snapshots
+        .push(obj(snapshot_key(Lsn(3), Generation(1)), 3, 3));
+    m.chunks.push(obj(chunk_key(Lsn(4), Lsn(5)), 4, 5));
+    m.chunks.push(obj(chunk_key(Lsn(6), Lsn(9)), 6, 9));
+    m.to_json().into_bytes()
+}
+
 fn http_seeds() -> Vec<(String, Vec<u8>)> {
     let ps = PageSize::new(512).unwrap();
     let rec = |lsn: u64| {
@@ -123,6 +147,21 @@ fn http_seeds() -> Vec<(String, Vec<u8>)> {
     zflip[97] ^= 1;
     out.push(("log-body-compressed.bin".to_string(), zbody));
     out.push(("log-body-compressed-flip.bin".to_string(), zflip));
+    // What a bucket returns (FORMAT.md §9): a manifest as the uploader writes it and damaged
+    // copies (encrypted objects: `sealed_seeds`).
+    let manifest = manifest_seed();
+    out.push(("bucket-manifest.json".to_string(), manifest.clone()));
+    let cut = manifest.len() / 2;
+    out.push((
+        "bucket-manifest-cut.json".to_string(),
+        manifest[..cut].to_vec(),
+    ));
+    let text = String::from_utf8(manifest.clone()).unwrap();
+    out.push((
+        "bucket-manifest-overlap.json".to_string(),
+        text.replacen("\"first_lsn\": 6", "\"first_lsn\": 5", 1)
+            .into_bytes(),
+    ));
     for (i, u) in [
         "/v1/log?from=1&wait_ms=100&max_bytes=4096",
         "/v1/log?from=-1",
@@ -198,9 +237,27 @@ fn http_corpus_decodes_without_panicking() {
     check("http_input", http_seeds(), exercise_http);
 }
 
+/// Encrypted objects (a random nonce each time, so written by `regenerate_corpora` but not
+/// compared with the committed files): the log body sealed with the fuzz entry point's key, and
+/// a copy with one flipped byte.
+fn sealed_seeds() -> Vec<(String, Vec<u8>)> {
+    let key = replica::transport::s3::crypt::Key::parse(&[7u8; 32], "seed").unwrap();
+    let body = http_seeds().remove(0).1;
+    let sealed = key.seal("log/x.seg", &body).unwrap();
+    let mut flip = sealed.clone();
+    flip[40] ^= 1;
+    vec![
+        ("bucket-sealed.bin".to_string(), sealed),
+        ("bucket-sealed-flip.bin".to_string(), flip),
+    ]
+}
+
 #[test]
 #[ignore = "writes the committed seed corpora; run after a format change"]
 fn regenerate_corpora() {
+    for (file, bytes) in sealed_seeds() {
+        std::fs::write(dir("http_input").join(file), bytes).unwrap();
+    }
     for (name, seeds) in [("wal_parse", wal_seeds()), ("http_input", http_seeds())] {
         let d = dir(name);
         std::fs::create_dir_all(&d).unwrap();
