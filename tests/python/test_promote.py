@@ -262,3 +262,63 @@ def test_promote_a_directory_replica_fences_the_primary_in_another_process(tmp: 
             fence = json.loads((tmp / "p.db-replica" / "fence").read_text())
             assert fence["epoch"] == 2 and fence["primary"] == str(tmp / "r1.db"), fence
             wait_for(refused, timeout=10, interval=0.05, what="P refusing writes again")
+
+
+def test_partitioned_old_primary_cannot_get_a_write_accepted_by_any_replica(tmp: Path) -> None:
+    """P keeps running but is cut off (every replica reaches it through a fault proxy that
+    refuses connections) and goes on accepting local writes, unaware. r1 is promoted (P does
+    not answer: no 'force' needed) and the others follow it. When the partition heals, P's
+    writes of the partition are accepted by no replica: a replica that saw epoch 2 refuses P
+    (nothing changes on it), and P, told of epoch 2 by that very request, refuses writes."""
+    from faultproxy import FaultProxy
+
+    p, purl = start_serving_primary(tmp / "p.db")
+    px = FaultProxy(int(purl.rsplit(":", 1)[1]))
+    with p, px:
+        p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v)")
+        for i in range(1, 6):
+            p.q("INSERT INTO t VALUES(?, ?)", [i, f"v{i}"])
+        l1 = p.one("SELECT repl_lsn()")
+        r1 = replica_of(tmp / "r1.db", px.url, l1)
+        r2 = replica_of(tmp / "r2.db", px.url, l1)
+        r3 = replica_of(tmp / "r3.db", px.url, l1)
+        with r1, r2, r3:
+            px.refuse()  # the partition
+            for i in range(100, 105):  # accepted by P alone
+                p.q("INSERT INTO t VALUES(?, 'partitioned')", [i])
+            lp = p.one("SELECT repl_lsn()")
+            assert lp == l1 + 5
+            for r in (r1, r2, r3):
+                with pytest.raises(WorkerError):
+                    r.one("SELECT repl_sync()")
+            assert px.faults["refuse"] > 0, px.log
+
+            done = json.loads(r1.one("SELECT repl_promote('127.0.0.1:0')"))
+            assert done["epoch"] == 2 and done["lsn"] == l1, done
+            nurl = done["primary"]
+            r1.q("INSERT INTO t VALUES(200, 'epoch 2')")
+            l2 = r1.one("SELECT repl_lsn()")
+            for r in (r2, r3):
+                r.one("SELECT repl_sync(?)", [nurl])
+                sync_to(r, l2)
+                assert worker_status(r)["epoch"] == 2
+
+            px.pass_()  # the partition heals
+            before = {r: lsn_checksum(r) for r in (r2, r3)}
+            for r in (r2, r3):
+                with pytest.raises(WorkerError) as e:
+                    r.one("SELECT repl_sync(?)", [px.url])
+                # Refused either way: by the replica (it has seen epoch 2) or by P itself, which
+                # the request's X-Repl-Epoch just told of epoch 2 (HTTP 409, "deposed").
+                assert "epoch 2" in e.value.msg and ("seen epoch 2" in e.value.msg or "deposed" in e.value.msg), e.value.msg
+                assert lsn_checksum(r) == before[r], "a refused source changed nothing"
+                assert worker_status(r)["primary"] == nurl
+            # No replica holds a write of the partition.
+            for r in (r1, r2, r3):
+                assert r.one("SELECT count(*) FROM t WHERE v = 'partitioned'") == 0
+            # P learned epoch 2 from those requests: its writes are refused, naming r1.
+            st = wait_for(lambda: worker_status(p).get("fenced"), what="P fenced")
+            assert st["epoch"] == 2 and st["primary"] == nurl, st
+            with pytest.raises(WorkerError) as e:
+                p.q("INSERT INTO t VALUES(300, 'after the partition')")
+            assert e.value.name == "ReadOnlyError", e.value.msg
