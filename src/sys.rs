@@ -107,6 +107,35 @@ impl Drop for SharedWords {
     }
 }
 
+/// This process's id without a system call per use (the write intent stores it on every
+/// commit; `getpid` costs a kernel entry each time, and glibc no longer caches it). The cache
+/// is cleared in a forked child by a `pthread_atfork` handler, registered with the first use,
+/// and only when this library is pinned (`pin_this_library`: the handler must stay mapped for
+/// the life of the process); unpinned, every call asks the kernel.
+pub fn pid() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::OnceLock;
+    static PID: AtomicU32 = AtomicU32::new(0);
+    static CACHED: OnceLock<bool> = OnceLock::new();
+    extern "C" fn forked_child() {
+        PID.store(0, Ordering::Relaxed);
+    }
+    let p = PID.load(Ordering::Relaxed);
+    if p != 0 {
+        return p;
+    }
+    let p = std::process::id();
+    let cached = *CACHED.get_or_init(|| {
+        // SAFETY: registers a child handler that only stores to a static atomic (async-signal
+        // safe), in a library that stays mapped for the life of the process (pinned).
+        pin_this_library() && unsafe { libc::pthread_atfork(None, None, Some(forked_child)) } == 0
+    });
+    if cached {
+        PID.store(p, Ordering::Relaxed);
+    }
+    p
+}
+
 /// Test fault injection: `REPL_FAULT_KILL_AT=<point>:<n>` makes the process `SIGKILL` itself the
 /// `n`-th time (counting from 1) it reaches `point`. Read once; without the variable every
 /// call is one relaxed load. Points: `between-header-copies` (a wal-index publish with copy 2
@@ -248,4 +277,32 @@ pub fn open_file_limit() -> Option<u64> {
     // SAFETY: getrlimit writes one rlimit struct we own.
     let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
     (rc == 0 && r.rlim_cur != libc::RLIM_INFINITY).then_some(r.rlim_cur)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cached_pid_is_the_childs_own_after_fork() {
+        let parent = super::pid();
+        assert_eq!(parent, std::process::id());
+        assert_eq!(super::pid(), parent); // cached now
+                                          // SAFETY: fork in a test; the child only reads its pid, compares and _exits (no
+                                          // allocation, no lock another thread could hold).
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            let ok = super::pid() == unsafe { libc::getpid() } as u32 && super::pid() != parent;
+            // SAFETY: _exit ends the child at once, running no destructors or atexit handlers.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        assert!(child > 0, "fork failed");
+        let mut status = 0;
+        // SAFETY: waitpid on the child we just forked, writing its status into our int.
+        let r = unsafe { libc::waitpid(child, &mut status, 0) };
+        assert_eq!(r, child);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the child saw the parent's pid"
+        );
+        assert_eq!(super::pid(), parent);
+    }
 }

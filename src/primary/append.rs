@@ -116,7 +116,7 @@ impl Primary {
             }
         }
         self.write_intent(Some(&super::position::Intent {
-            pid: std::process::id(),
+            pid: crate::sys::pid(),
             salts: h.salts,
             frame: h.mx_frame,
             change: h.change,

@@ -84,7 +84,7 @@ impl Primary {
             };
             let flag = self.append_flag();
             if let Some(f) = flag {
-                f.store(std::process::id().max(1), Ordering::Release);
+                f.store(crate::sys::pid().max(1), Ordering::Release);
             }
             let before = st.pos.lsn;
             crate::sys::fault_point("append-before-records");
@@ -140,7 +140,7 @@ impl Primary {
             // Tell whoever holds WRITE next, should this process die before T2, that what
             // follows this position is this session's work (at most one transaction).
             self.write_intent(Some(&Intent {
-                pid: std::process::id(),
+                pid: crate::sys::pid(),
                 salts: h.salts,
                 frame: h.mx_frame,
                 change: h.change,
@@ -260,7 +260,7 @@ impl Primary {
             });
         }
         if let Some(f) = flag {
-            f.store(std::process::id().max(1), Ordering::Release);
+            f.store(crate::sys::pid().max(1), Ordering::Release);
         }
         let mut r = self.capture_once(st, io, h, witnessed);
         if matches!(r, Err(Error::OutOfSequence(_) | Error::StaleHandle(_))) {
