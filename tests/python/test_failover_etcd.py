@@ -9,11 +9,18 @@ the other replica (repl_exec) must reach the new primary, no acknowledged commit
 (synchronous mode), and no two nodes may have written records of the same epoch (checked in
 every node's log with `sqlite-replica inspect`). A primary that cannot reach etcd stops
 accepting writes before its lease ends.
+
+Membership (task: leased members): a candidate killed for good leaves `<key>/members/` after the
+TTL and no longer holds up an election; but in synchronous mode a follower of the current epoch
+that died keeps counting (`<key>/synced/<name>`), so a lagging candidate cannot win while the
+acknowledged commits may exist only on the dead one.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import shutil
 import signal
 import socket
@@ -24,8 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from capture_check import inspect
-from helpers import Worker, WorkerError, start_serving_primary, wait_for, worker_status
+from capture_check import inspect, run_cli
+from helpers import Worker, WorkerError, lsn_checksum, start_serving_primary, wait_for, worker_status
 
 TTL_MS = 2000
 
@@ -77,6 +84,21 @@ class EtcdCluster:
         q = "&".join(f"{k}={v}" for k, v in {"ttl_ms": str(TTL_MS), **params}.items())
         return f"etcd://{hosts}/{key}?{q}"
 
+    def prefix(self, prefix: str) -> dict[str, dict]:
+        """The keys under `prefix` (of the first member that answers) and their JSON values."""
+        body = json.dumps({"key": base64.b64encode(prefix.encode()).decode(),
+                           "range_end": base64.b64encode(prefix[:-1].encode() + bytes([ord(prefix[-1]) + 1])).decode()})
+        for port in self.clients:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/v3/kv/range", data=body.encode(), method="POST")
+                with urllib.request.urlopen(req, timeout=2) as r:
+                    kvs = json.load(r).get("kvs", [])
+                return {base64.b64decode(kv["key"]).decode()[len(prefix):]: json.loads(base64.b64decode(kv["value"]))
+                        for kv in kvs}
+            except OSError:
+                continue
+        raise AssertionError("no etcd member answers")
+
     def kill(self, i: int) -> None:
         self.procs[i].send_signal(signal.SIGKILL)
         self.procs[i].wait()
@@ -93,10 +115,16 @@ def failover(w: Worker) -> dict:
 
 
 def epochs_written(db: Path) -> set[int]:
-    """Epochs of the transaction records in `db`'s log (a replica has none)."""
-    if not (Path(f"{db}-replica") / "meta.json").exists():
-        return set()
-    return {r.epoch for r in inspect(db) if r.kind == "txn"}
+    """Epochs of the transaction records in `db`'s log (a replica has none) and in the logs a
+    deposed primary kept aside when it rejoined (`orphaned-*/`)."""
+    out = set()
+    if (Path(f"{db}-replica") / "meta.json").exists():
+        out = {r.epoch for r in inspect(db) if r.kind == "txn"}
+    for aside in Path(f"{db}-replica").glob("orphaned-*"):
+        proc = run_cli("inspect", aside)
+        assert proc.returncode == 0, proc.stderr
+        out |= {int(ln.split()[7]) for ln in proc.stdout.splitlines() if ln.split()[2] == "txn"}
+    return out
 
 
 def setup(tmp: Path, etcd: EtcdCluster, sync: bool) -> tuple[Worker, str, list[Worker]]:
@@ -244,12 +272,94 @@ def test_async_failover_on_a_three_node_etcd_cluster(tmp: Path) -> None:
         for r in cands:
             wait_for(lambda r=r: r.one("SELECT repl_lsn()") >= last, what="candidates caught up")
         etcd.kill(0)  # one member down: the other two keep the quorum
+        # (once they elected an etcd leader among them: takeover time is ours, not etcd's)
+        wait_for(lambda: etcd.answers(etcd.clients[1]) and etcd.answers(etcd.clients[2]), timeout=20,
+                 what="etcd's remaining members electing a leader")
         new, other, took = kill_primary_and_take_over(tmp, p, cands)
-        assert took <= TTL_MS / 1000 + 1, f"took over after {took:.2f} s"
+        events = [ln for r in cands for ln in r.stderr().splitlines() if ln.startswith("event=failover")]
+        # TTL + up to 0.5 s of etcd's expiry sweep + two candidate ticks; a 3-member etcd that
+        # just lost a member answers slower on the loaded 2-core VM: one more second of slack.
+        assert took <= TTL_MS / 1000 + 2, f"took over after {took:.2f} s: {events}"
         resume_writes(new, other, 2000)
         assert new.one("SELECT count(*) FROM t WHERE v = 'x'") == 20
         check_epochs(tmp, ["p", "r1", "r2"])
     finally:
         for r in cands:
             r.close()
+        etcd.close()
+
+
+def test_dead_candidate_leaves_the_membership_after_its_lease(tmp: Path) -> None:
+    """Asynchronous: a candidate killed for good leaves `<key>/members/` within the TTL; the
+    election then needs no one else (every live member published) and the winner counts one
+    member."""
+    etcd = EtcdCluster(tmp, 1)
+    p, purl, cands = setup(tmp, etcd, sync=False)
+    try:
+        assert set(etcd.prefix("app/db/members/")) == {"r1", "r2"}
+        p.q("INSERT INTO t VALUES(1, 'x')")
+        cands[1].kill()
+        t0 = time.monotonic()
+        wait_for(lambda: set(etcd.prefix("app/db/members/")) == {"r1"}, timeout=TTL_MS / 1000 + 3, interval=0.05,
+                 what="the dead candidate's member entry expiring")
+        assert time.monotonic() - t0 <= TTL_MS / 1000 + 1.5
+        new, _, took = kill_primary_and_take_over(tmp, p, cands[:1] + cands[:1])
+        assert new is cands[0] and took <= TTL_MS / 1000 + 1.5, took
+        won = [ln for ln in new.stderr().splitlines() if ln.startswith("event=failover_won")]
+        assert won and " members=1 " in won[0], won
+        # A leader is no member.
+        assert etcd.prefix("app/db/members/") == {}, etcd.prefix("app/db/members/")
+    finally:
+        cands[0].close()
+        etcd.close()
+
+
+def test_sync_dead_follower_keeps_counting_until_it_is_back(tmp: Path) -> None:
+    """Synchronous (N = 1): r1 is paused (it acknowledges nothing), so the commits are
+    acknowledged by r2 only; then r2 and the primary die. r1's member entry is alive, r2's
+    expires, but r2 followed this epoch's leader (`synced/r2`): the lagging r1 must not win.
+    When r2 comes back it wins, and every acknowledged commit is on it."""
+    etcd = EtcdCluster(tmp, 1)
+    p, purl, cands = setup(tmp, etcd, sync=True)
+    r1, r2 = cands
+    try:
+        p.q("INSERT INTO t VALUES(1, 'acked')")
+        wait_for(lambda: r1.one("SELECT count(*) FROM t") == 1, what="r1 has the first row")
+        wait_for(lambda: set(etcd.prefix("app/db/synced/")) == {"r1", "r2"}, what="both candidates marked")
+        assert all(v["epoch"] == 1 for v in etcd.prefix("app/db/synced/").values())
+        os.kill(r1.pid, signal.SIGSTOP)
+        try:
+            for i in range(2, 7):
+                p.q("INSERT INTO t VALUES(?, 'acked')", [i])
+            assert worker_status(p)["sync"]["timeouts"] == 0
+            r2.kill()
+            p.kill()
+        finally:
+            os.kill(r1.pid, signal.SIGCONT)
+        assert r1.one("SELECT count(*) FROM t") < 6
+        wait_for(lambda: set(etcd.prefix("app/db/members/")) == {"r1"}, timeout=TTL_MS / 1000 + 3,
+                 what="r2's member entry expiring")
+        wait_for(lambda: failover(r1)["role"] == "candidate (electing)", timeout=TTL_MS / 1000 + 3,
+                 what="r1 electing")
+        time.sleep(2 * TTL_MS / 1000)
+        st = failover(r1)
+        assert st["role"] == "candidate (electing)", st  # no primary rather than a lost commit
+        assert "event=failover_won" not in r1.stderr()
+        # r2 comes back (its process restarted on its files): it is the most advanced and wins.
+        with Worker(tmp / "r2.db") as back:
+            back.one("SELECT repl_config('failover', ?)",
+                     [etcd.url("app/db", listen=f"127.0.0.1:{free_port()}", name="r2")])
+            wait_for(lambda: failover(back)["role"] == "leader" and failover(back)["writes_held"] is None,
+                     timeout=TTL_MS / 1000 + 10, what="r2 winning once back")
+            assert {r[0] for r in back.q("SELECT id FROM t WHERE v = 'acked'")} == set(range(1, 7))
+            won = [ln for ln in back.stderr().splitlines() if ln.startswith("event=failover_won")]
+            # It started while the key was vacant: the sync rule came from etcd's `settings`.
+            assert won and " voters=2 " in won[0] and "sync_replicas=1" in won[0], won
+            assert worker_status(back)["settings"]["sync_replicas"] == 1
+            try:
+                wait_for(lambda: r1.one("SELECT count(*) FROM t") == 6, what="r1 following r2")
+            except AssertionError as e:
+                raise AssertionError(f"{e}: {worker_status(r1)} {worker_status(back)}") from None
+    finally:
+        r1.close()
         etcd.close()
