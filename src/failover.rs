@@ -70,7 +70,7 @@ pub struct Agent {
     raw: String,
     url: FailoverUrl,
     name: String,
-    /// The address a promotion serves on (`listen`).
+    /// The address a promotion serves on (`listen`, or a primary's own server address).
     listen: Option<String>,
     etcd: Etcd,
     stop: AtomicBool,
@@ -133,6 +133,12 @@ impl Agent {
     }
 }
 
+/// `host:port` of a server URL (`http://host:port[/v1/db/name]`).
+fn host_port(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split('/').next().unwrap_or(rest).to_string()
+}
+
 /// `repl_config('failover')`: the URL in force for `path` in this process.
 pub fn configured(path: &str) -> Option<String> {
     lock(&AGENTS).get(path).map(|a| a.raw.clone())
@@ -179,7 +185,12 @@ pub fn configure(db: &Arc<Db>, raw: Option<&str>) -> Result<()> {
              ?listen=host:port to {raw:?}"
         )));
     }
-    let listen = url.listen.clone();
+    // The address this node serves on once promoted: `listen`, or (a primary) the address its
+    // server has now, so that a deposed primary that rejoins can be elected later.
+    let listen = url
+        .listen
+        .clone()
+        .or_else(|| primary.as_ref().and_then(|p| p.server_url()).map(|u| host_port(&u)));
     let name = url
         .name
         .clone()
@@ -197,7 +208,18 @@ pub fn configure(db: &Arc<Db>, raw: Option<&str>) -> Result<()> {
         st: Mutex::new(State::default()),
     });
     if let Some(p) = primary {
-        agent.acquire(&p, true)?;
+        match agent.acquire(&p, true) {
+            Ok(()) => {}
+            // Deposed: etcd names a newer epoch. It becomes the new primary's replica now when
+            // that one is published, else the thread does once it is (writes stay held).
+            Err(Error::ReadOnly(why)) => {
+                lock(&agent.st).role = "deposed";
+                if let Err(e) = agent.rejoin(&p) {
+                    agent.note_error(&why, &e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
     } else {
         agent.keep_member()?;
         if let Some(kv) = agent.etcd.get(&agent.leader_key())? {
@@ -373,7 +395,7 @@ impl Agent {
     fn lead(&self, p: &Primary) -> Result<()> {
         let lease = lock(&self.st).lease;
         if lease == 0 {
-            return self.acquire(p, false);
+            return self.acquire_or_rejoin(p);
         }
         let sent = crate::primary::fence::mono_ms();
         let ttl = match self.etcd.keepalive(lease) {
@@ -393,7 +415,7 @@ impl Agent {
             st.lease = 0;
             st.role = "leader (lease lost)";
             drop(st);
-            return self.acquire(p, false);
+            return self.acquire_or_rejoin(p);
         }
         p.set_lease(Some(sent + ttl as u64 * 1000), &self.lost_why());
         let value = self.leader_value(p)?;
@@ -422,6 +444,72 @@ impl Agent {
             lock(&self.st).leader = Some(value);
         }
         Ok(())
+    }
+
+    /// Takes the key back (same epoch only); when etcd names a newer epoch this primary was
+    /// deposed: it rejoins as the new primary's replica once that one is published.
+    fn acquire_or_rejoin(&self, p: &Primary) -> Result<()> {
+        match self.acquire(p, false) {
+            Err(Error::ReadOnly(why)) => {
+                lock(&self.st).role = "deposed";
+                if self.rejoin(p)? {
+                    Ok(())
+                } else {
+                    Err(Error::ReadOnly(why))
+                }
+            }
+            r => r,
+        }
+    }
+
+    /// A deposed primary (etcd's leader value names a newer epoch and its URL) becomes that
+    /// primary's replica (`roles::rejoin_as_replica`: fenced first, its unreplicated tail kept
+    /// in `orphaned-<epoch>-<lsn>/`), then goes on as a candidate. `Ok(false)`: no newer leader
+    /// published yet (writes stay held; the next tick tries again).
+    fn rejoin(&self, p: &Primary) -> Result<bool> {
+        let Some(kv) = self.etcd.get(&self.leader_key())? else {
+            return Ok(false);
+        };
+        let v: Value = serde_json::from_slice(&kv.value).unwrap_or(Value::Null);
+        let epoch = v.get("epoch").and_then(Value::as_u64).unwrap_or(0);
+        let Some(url) = v.get("url").and_then(Value::as_str) else {
+            return Ok(false); // the winner has not published its URL yet
+        };
+        let old = p.epoch().0 as u64;
+        if epoch <= old {
+            return Ok(false);
+        }
+        p.set_lease(
+            Some(0),
+            &format!("deposed: etcd names epoch {epoch} (primary {url}); rejoining as its replica"),
+        );
+        if !crate::roles::rejoin_as_replica(&self.db, url)? {
+            return Err(Error::Misuse(format!(
+                "failover: the leader {url} of epoch {epoch} is not a newer primary of this database's \
+                 lineage; not rejoining (check the etcd key {:?})",
+                self.url.key
+            )));
+        }
+        let orphaned = self
+            .db
+            .replica()
+            .map(|r| r.status_json()["orphaned"].clone())
+            .unwrap_or(Value::Null);
+        event(&format!(
+            "event=failover_rejoined db={:?} key={:?} epoch={old} new_epoch={epoch} leader={url:?} orphaned={}",
+            self.db.path,
+            self.url.key,
+            orphaned
+                .get("dir")
+                .and_then(Value::as_str)
+                .map_or("none".to_string(), |d| format!("{d:?}"))
+        ));
+        let mut st = lock(&self.st);
+        st.role = "candidate";
+        st.lease = 0;
+        st.leader = Some(v);
+        st.last_error = None;
+        Ok(true)
     }
 
     /// Keeps `<key>/members/<name>` alive under the member lease (renewed every TTL/4, granted
@@ -717,7 +805,13 @@ impl Agent {
         }
         p.serve(bound)?;
         let me = p.server_url().unwrap_or_else(|| self.db.path.clone());
-        crate::roles::notify_former(&done, &me);
+        // Best effort and off the takeover path: a former primary that hangs (paused, cut off)
+        // rather than refusing the connection would hold the new one's URL back for as long
+        // as the request's timeout. It learns the new epoch from etcd too, when it runs again.
+        let (done2, me2) = (done.clone(), me.clone());
+        let _ = std::thread::Builder::new()
+            .name("repl-failover-notify".into())
+            .spawn(move || crate::roles::notify_former(&done2, &me2));
         Ok(me)
     }
 

@@ -13,7 +13,8 @@ accepting writes before its lease ends.
 Membership (task: leased members): a candidate killed for good leaves `<key>/members/` after the
 TTL and no longer holds up an election; but in synchronous mode a follower of the current epoch
 that died keeps counting (`<key>/synced/<name>`), so a lagging candidate cannot win while the
-acknowledged commits may exist only on the dead one.
+acknowledged commits may exist only on the dead one. A deposed primary restarted with failover
+configured rejoins by itself as the new primary's replica, its unreplicated tail kept aside.
 """
 
 from __future__ import annotations
@@ -197,6 +198,24 @@ def check_epochs(tmp: Path, nodes: list[str]) -> None:
     assert owner.get(1) == "p" and len(owner) == 2, owner
 
 
+def rejoin_old_primary(etcd: EtcdCluster, again: Worker, new: Worker) -> dict:
+    """`again` (the old primary, restarted) configures failover: it must become the new
+    primary's replica, refuse local writes and converge; returns its repl_status()."""
+    assert again.one("SELECT repl_role()") == "primary"
+    assert again.one("SELECT repl_config('failover', ?)", [etcd.url("app/db")]).startswith("etcd://")
+    wait_for(lambda: again.one("SELECT repl_role()") == "replica", timeout=15, what="the old primary rejoining")
+    assert "event=failover_rejoined" in again.stderr(), again.stderr()[-3000:]
+    wait_for(lambda: failover(again)["role"] == "candidate", what="the old primary a candidate")
+    with pytest.raises(WorkerError) as e:
+        again.q("INSERT INTO t VALUES(5000, 'split brain')")
+    assert e.value.name == "ReadOnlyError", e.value.msg
+    want = lsn_checksum(new)
+    wait_for(lambda: lsn_checksum(again) == want, timeout=20, what=f"the old primary converging to {want}")
+    st = worker_status(again)
+    assert st["epoch"] == worker_status(new)["epoch"] and failover(again)["leader"] == failover(new)["leader"], st
+    return st
+
+
 def test_sync_failover_on_one_etcd_loses_no_acknowledged_commit(tmp: Path) -> None:
     etcd = EtcdCluster(tmp, 1)
     p, purl, cands = setup(tmp, etcd, sync=True)
@@ -220,15 +239,14 @@ def test_sync_failover_on_one_etcd_loses_no_acknowledged_commit(tmp: Path) -> No
         wait_for(lambda: other.one("SELECT count(*) FROM t WHERE id = 1000") == 1,
                  what="the other replica following the new primary")
         assert "event=failover_won" in new.stderr() and "event=failover_follow" in other.stderr()
-        # The old primary comes back: etcd names a newer epoch, it refuses writes.
-        with Worker(tmp / "p.db") as again:
-            with pytest.raises(WorkerError) as e:
-                again.one("SELECT repl_config('failover', ?)", [etcd.url("app/db")])
-            assert "epoch 2" in e.value.msg, e.value.msg
-            with pytest.raises(WorkerError) as e:
-                again.q("INSERT INTO t VALUES(5000, 'split brain')")
-            assert e.value.name == "ReadOnlyError", e.value.msg
+        # (Before the old primary rejoins: with nothing unreplicated it drops its old log.)
         check_epochs(tmp, ["p", "r1", "r2"])
+        # The old primary comes back with failover configured: etcd names a newer epoch and the
+        # new primary's URL, so it rejoins as that primary's replica by itself.
+        with Worker(tmp / "p.db") as again:
+            rejoin_old_primary(etcd, again, new)
+            # Nothing was unreplicated (every commit was acknowledged): no tail kept aside.
+            assert worker_status(again)["orphaned"] is None, worker_status(again)
     finally:
         for r in cands:
             r.close()
@@ -280,8 +298,24 @@ def test_async_failover_on_a_three_node_etcd_cluster(tmp: Path) -> None:
         # TTL + up to 0.5 s of etcd's expiry sweep + two candidate ticks; a 3-member etcd that
         # just lost a member answers slower on the loaded 2-core VM: one more second of slack.
         assert took <= TTL_MS / 1000 + 2, f"took over after {took:.2f} s: {events}"
+        # An unreplicated tail: another process of the old primary (no server, no failover)
+        # committed after the last record the candidates received, and nobody heard of it.
+        with Worker(tmp / "p.db") as late:
+            for i in range(100, 103):
+                late.q("INSERT INTO t VALUES(?, 'tail')", [i])
+            tail_end = late.one("SELECT repl_lsn()")
         resume_writes(new, other, 2000)
         assert new.one("SELECT count(*) FROM t WHERE v = 'x'") == 20
+        assert new.one("SELECT count(*) FROM t WHERE v = 'tail'") == 0
+        # The old primary comes back: it rejoins, its tail reported and kept, never discarded.
+        with Worker(tmp / "p.db") as again:
+            st = rejoin_old_primary(etcd, again, new)
+            orph = st["orphaned"]
+            assert orph and orph["first_lsn"] == last + 1 and orph["last_lsn"] == tail_end, (orph, last, tail_end)
+            assert orph["new_primary"] == failover(new)["leader"], orph
+            assert (Path(orph["dir"]) / "orphaned.json").exists() and any((Path(orph["dir"]) / "log").iterdir())
+            assert "event=orphaned_tail" in again.stderr()
+            assert again.one("SELECT count(*) FROM t WHERE v = 'tail'") == 0
         check_epochs(tmp, ["p", "r1", "r2"])
     finally:
         for r in cands:
@@ -362,4 +396,43 @@ def test_sync_dead_follower_keeps_counting_until_it_is_back(tmp: Path) -> None:
                 raise AssertionError(f"{e}: {worker_status(r1)} {worker_status(back)}") from None
     finally:
         r1.close()
+        etcd.close()
+
+
+def test_paused_primary_rejoins_by_itself(tmp: Path) -> None:
+    """A live primary that lost its lease (paused past the TTL) while a candidate won: when it
+    runs again its agent finds the newer epoch and becomes the new primary's replica by itself,
+    with no one calling repl_sync()."""
+    etcd = EtcdCluster(tmp, 1)
+    p, purl, cands = setup(tmp, etcd, sync=False)
+    try:
+        for i in range(1, 6):
+            p.q("INSERT INTO t VALUES(?, 'x')", [i])
+        os.kill(p.pid, signal.SIGSTOP)
+        try:
+            won = wait_for(lambda: next((r for r in cands if failover(r)["role"] == "leader"), None),
+                           timeout=TTL_MS / 1000 + 10, interval=0.05, what="a candidate taking over")
+            assert epochs_written(tmp / "p.db") == {1}
+        finally:
+            os.kill(p.pid, signal.SIGCONT)
+        wait_for(lambda: failover(won)["writes_held"] is None, what="the new primary taking writes")
+        won.q("INSERT INTO t VALUES(100, 'new epoch')")
+        wait_for(lambda: p.one("SELECT repl_role()") == "replica", timeout=15, what="the paused primary rejoining")
+        assert "event=failover_rejoined" in p.stderr(), p.stderr()[-3000:]
+        with pytest.raises(WorkerError) as e:
+            p.q("INSERT INTO t VALUES(5000, 'split brain')")
+        assert e.value.name == "ReadOnlyError", e.value.msg
+        want = lsn_checksum(won)
+        wait_for(lambda: lsn_checksum(p) == want, timeout=20, what="the old primary converging")
+        assert p.one("SELECT count(*) FROM t WHERE id = 100") == 1
+        wait_for(lambda: failover(p)["role"] == "candidate", what="the old primary a candidate")
+        # Epoch 2 written by the winner only; the old primary wrote epoch 1 only (its log, all of
+        # it in the new history, was dropped when it rejoined; a tail would be kept aside).
+        assert epochs_written(Path(won.path)) == {2}
+        assert epochs_written(tmp / "p.db") <= {1}
+        assert all(epochs_written(Path(r.path)) == set() for r in cands if r is not won)
+    finally:
+        p.close()
+        for r in cands:
+            r.close()
         etcd.close()
