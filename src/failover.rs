@@ -6,7 +6,10 @@
 //!   when the renewal was *sent*, so it ends here before it ends in etcd): a primary that cannot
 //!   renew stops accepting writes (`SQLITE_READONLY`, `Primary::set_lease`) before anyone else
 //!   can win. With the lease gone in etcd it takes the key back only when `<key>/epoch` still
-//!   names its epoch (nobody won meanwhile); otherwise it stays fenced.
+//!   names its epoch (nobody won meanwhile); otherwise it was deposed: writes stay held and, once
+//!   the new leader published its URL, it rejoins as that primary's replica
+//!   (`roles::rejoin_as_replica`, its unreplicated tail kept aside) and goes on as a candidate.
+//!   A restarted primary configured with a newer epoch in etcd does the same at once.
 //! * **On a replica** (a *candidate*): it registers `<key>/members/<name>` under a lease of its
 //!   own, renewed every TTL/4 (a candidate gone for good drops out of the election after the
 //!   TTL), and polls `<key>` every 200 ms. While a leader with a URL exists, it writes
@@ -187,10 +190,12 @@ pub fn configure(db: &Arc<Db>, raw: Option<&str>) -> Result<()> {
     }
     // The address this node serves on once promoted: `listen`, or (a primary) the address its
     // server has now, so that a deposed primary that rejoins can be elected later.
-    let listen = url
-        .listen
-        .clone()
-        .or_else(|| primary.as_ref().and_then(|p| p.server_url()).map(|u| host_port(&u)));
+    let listen = url.listen.clone().or_else(|| {
+        primary
+            .as_ref()
+            .and_then(|p| p.server_url())
+            .map(|u| host_port(&u))
+    });
     let name = url
         .name
         .clone()
@@ -327,7 +332,7 @@ impl Agent {
         });
         if e > ours || (!first && e != ours) {
             let _ = self.etcd.revoke(lease);
-            p.set_lease(Some(0), &format!("etcd names epoch {e} at {:?}, newer than this primary's epoch {ours}: it was deposed; repl_follow() the new primary", self.epoch_key()));
+            p.set_lease(Some(0), &format!("etcd names epoch {e} at {:?}, newer than this primary's epoch {ours}: it was deposed; it rejoins as the new primary's replica once that one is published", self.epoch_key()));
             return Err(Error::ReadOnly(format!(
                 "failover: etcd's {:?} is epoch {e}, this primary's is {ours}: another primary was elected",
                 self.epoch_key()
