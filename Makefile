@@ -26,8 +26,11 @@
 #                seconds on a scratch copy of its seed corpus (needs the nightly toolchain)
 #   make torture build, then scripts/torture.py once per seed of TORTURE_SEEDS (default 1 2 3), each
 #                TORTURE_SECS (default 150) of writers, followers behind fault proxies, stock readers
-#                and seeded kill -9 / proxy / drain / foreign-write faults (about 9 min in all; not
-#                part of `make test`, which runs a 60 s smoke version: tests/python/test_torture.py)
+#                and seeded kill -9 / proxy / drain / foreign-write faults, then once per seed of
+#                TORTURE_FAILOVER_SEEDS (default 1) with --failover (an etcd started by the script,
+#                the primary killed -9 and replaced through etcd, the killed node back as a replica;
+#                about 12 min in all; not part of `make test`, which runs a 60 s smoke version and a
+#                30 s --failover one: tests/python/test_torture.py)
 #   make sqlite-tests  build, then scripts/sqlite_tests.py: fetches the Debian source of sqlite3
 #                (apt-get source, into build/sqlite-src/), builds its testfixture once, and runs
 #                SQLite's WAL/pager/lock/backup/crash test files without the extension, with it as
@@ -49,6 +52,7 @@ RELEASE := target/release
 
 TORTURE_SEEDS ?= 1 2 3
 TORTURE_SECS  ?= 150
+TORTURE_FAILOVER_SEEDS ?= 1
 
 # Root installs directly; anyone else goes through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -177,8 +181,12 @@ torture: build
 	  echo "torture: seed $$seed, $(TORTURE_SECS) s"; \
 	  $(PYTHON) scripts/torture.py --seed $$seed --secs $(TORTURE_SECS) || failed="$$failed $$seed"; \
 	done; \
+	for seed in $(TORTURE_FAILOVER_SEEDS); do \
+	  echo "torture: seed $$seed, $(TORTURE_SECS) s, --failover"; \
+	  $(PYTHON) scripts/torture.py --seed $$seed --secs $(TORTURE_SECS) --failover || failed="$$failed $$seed(failover)"; \
+	done; \
 	if [ -n "$$failed" ]; then echo "torture: FAILED seeds:$$failed"; exit 1; fi; \
-	echo "torture: all seeds passed ($(TORTURE_SEEDS))"
+	echo "torture: all seeds passed ($(TORTURE_SEEDS); --failover: $(TORTURE_FAILOVER_SEEDS))"
 
 ## sqlite-tests: SQLite's own tests as a gate (README "SQLite's own tests"); SQLITE_TESTS="wal.test ..."
 ## picks files, SQLITE_TESTS_JOBS (2) and SQLITE_TESTS_TIMEOUT (300 s per file) tune the run.

@@ -6,9 +6,15 @@
 //!   when the renewal was *sent*, so it ends here before it ends in etcd): a primary that cannot
 //!   renew stops accepting writes (`SQLITE_READONLY`, `Primary::set_lease`) before anyone else
 //!   can win. With the lease gone in etcd it takes the key back only when `<key>/epoch` still
-//!   names its epoch (nobody won meanwhile); otherwise it stays fenced.
-//! * **On a replica** (a *candidate*): it registers `<key>/members/<name>` and polls `<key>`
-//!   every 200 ms. While a leader with a URL exists, it follows it. When the key is gone, it
+//!   names its epoch (nobody won meanwhile); otherwise it was deposed: writes stay held and, once
+//!   the new leader published its URL, it rejoins as that primary's replica
+//!   (`roles::rejoin_as_replica`, its unreplicated tail kept aside) and goes on as a candidate.
+//!   A restarted primary configured with a newer epoch in etcd does the same at once.
+//! * **On a replica** (a *candidate*): it registers `<key>/members/<name>` under a lease of its
+//!   own, renewed every TTL/4 (a candidate gone for good drops out of the election after the
+//!   TTL), and polls `<key>` every 200 ms. While a leader with a URL exists, it writes
+//!   `<key>/synced/<name>` = {epoch} (no lease: see "Who may win") and follows it. When the key
+//!   is gone, it
 //!   publishes `<key>/candidates/<name>` = its applied LSN (under its own lease), and once
 //!   enough candidates published (the rule below) the most advanced one (ties: the smallest
 //!   name) campaigns with one transaction: `<key>` absent and `<key>/epoch` unchanged →
@@ -19,12 +25,25 @@
 //!
 //! **Who may win.** Asynchronous (`sync_replicas` = 0 in the last leader value): the most
 //! advanced of the candidates that published within one TTL after the key vanished (earlier
-//! once every member published). Synchronous (`sync_replicas` = N ≥ 1): every acknowledged
-//! commit is applied on N followers; if those are members (the rule's assumption: the
-//! synchronous followers are the failover candidates), any C − N + 1 of the C members include
-//! one of them, so the election waits until at least C − N + 1 members published, and the most
+//! once every live member published). Synchronous (`sync_replicas` = N ≥ 1): every acknowledged
+//! commit is applied on N followers; if those are candidates (the rule's assumption: the
+//! synchronous followers are the failover candidates), any C − N + 1 of the C *voters* include
+//! one of them, so the election waits until at least C − N + 1 voters published, and the most
 //! advanced of them holds every acknowledged commit (all candidates hold prefixes of one
 //! history). With fewer alive, no one wins: that is the price of losing no acknowledged commit.
+//!
+//! The voters are the live members **and** every candidate that followed the leader of the
+//! epoch being replaced (its `synced/<name>` names that epoch), alive or not. Why a dead
+//! follower keeps counting: a synchronous follower that acknowledged commits and then died (its
+//! member lease ended) may be the only holder of those commits (N = 1: the others lagged);
+//! leaving it out would let a less advanced candidate win and lose them. The mark is written
+//! before the candidate follows the leader, whatever `sync_replicas` says then (it can be turned
+//! on at any commit, before the candidate could know), and it only counts in the election that
+//! ends that epoch: the winner holds every acknowledged commit of it, and the next epoch's
+//! commits are acknowledged by followers of the next leader, which mark that epoch. So leases
+//! drop a gone candidate from every later epoch, and from the current one when it never
+//! followed its leader; within the epoch it followed, it counts until it comes back (or an
+//! operator deletes `<key>/synced/<name>` knowing it held nothing the others lack).
 
 use crate::error::{Error, Result};
 use crate::primary::Primary;
@@ -54,6 +73,8 @@ pub struct Agent {
     raw: String,
     url: FailoverUrl,
     name: String,
+    /// The address a promotion serves on (`listen`, or a primary's own server address).
+    listen: Option<String>,
     etcd: Etcd,
     stop: AtomicBool,
     st: Mutex<State>,
@@ -71,6 +92,11 @@ struct State {
     /// The candidate lease under which `<key>/candidates/<name>` is published.
     candidate_lease: i64,
     published: bool,
+    /// The lease of `<key>/members/<name>` (a candidate's membership) and its last renewal.
+    member_lease: i64,
+    member_renewed: Option<Instant>,
+    /// The epoch `<key>/synced/<name>` names (0: not written by this agent yet).
+    synced_epoch: u64,
 }
 
 static AGENTS: Lazy<Mutex<HashMap<String, Arc<Agent>>>> = Lazy::new(|| Mutex::new(HashMap::new()));
@@ -88,6 +114,14 @@ impl Agent {
     fn members(&self) -> String {
         format!("{}/members/", self.url.key)
     }
+    /// The last leader value, kept without a lease: a candidate that never saw the leader
+    /// (started while the key was vacant) still knows its `sync_replicas` and settings.
+    fn settings_key(&self) -> String {
+        format!("{}/settings", self.url.key)
+    }
+    fn synced(&self) -> String {
+        format!("{}/synced/", self.url.key)
+    }
 
     fn note_error(&self, what: &str, e: &Error) {
         let msg = format!("{what}: {e}");
@@ -100,6 +134,12 @@ impl Agent {
         }
         st.last_error = Some(msg);
     }
+}
+
+/// `host:port` of a server URL (`http://host:port[/v1/db/name]`).
+fn host_port(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split('/').next().unwrap_or(rest).to_string()
 }
 
 /// `repl_config('failover')`: the URL in force for `path` in this process.
@@ -117,6 +157,7 @@ pub fn status(path: &str) -> Option<Value> {
         "name": a.name,
         "role": st.role,
         "lease": (st.lease != 0).then(|| format!("{:x}", st.lease)),
+        "member_lease": (st.member_lease != 0).then(|| format!("{:x}", st.member_lease)),
         "ttl_ms": a.url.ttl_secs() * 1000,
         "last_renew_ms": st.last_renew_ms,
         "leader": st.leader.as_ref().and_then(|l| l.get("url").cloned()),
@@ -147,10 +188,18 @@ pub fn configure(db: &Arc<Db>, raw: Option<&str>) -> Result<()> {
              ?listen=host:port to {raw:?}"
         )));
     }
+    // The address this node serves on once promoted: `listen`, or (a primary) the address its
+    // server has now, so that a deposed primary that rejoins can be elected later.
+    let listen = url.listen.clone().or_else(|| {
+        primary
+            .as_ref()
+            .and_then(|p| p.server_url())
+            .map(|u| host_port(&u))
+    });
     let name = url
         .name
         .clone()
-        .or_else(|| url.listen.clone())
+        .or_else(|| listen.clone())
         .unwrap_or_else(|| db.path.clone());
     let timeout = Duration::from_millis((url.ttl_ms / 4).clamp(200, 2000));
     let agent = Arc::new(Agent {
@@ -159,15 +208,31 @@ pub fn configure(db: &Arc<Db>, raw: Option<&str>) -> Result<()> {
         etcd: Etcd::new(url.endpoints.clone(), timeout),
         url,
         name,
+        listen,
         stop: AtomicBool::new(false),
         st: Mutex::new(State::default()),
     });
     if let Some(p) = primary {
-        agent.acquire(&p, true)?;
+        match agent.acquire(&p, true) {
+            Ok(()) => {}
+            // Deposed: etcd names a newer epoch. It becomes the new primary's replica now when
+            // that one is published, else the thread does once it is (writes stay held).
+            Err(Error::ReadOnly(why)) => {
+                lock(&agent.st).role = "deposed";
+                if let Err(e) = agent.rejoin(&p) {
+                    agent.note_error(&why, &e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
     } else {
-        agent
-            .etcd
-            .put(&format!("{}{}", agent.members(), agent.name), b"{}", 0)?;
+        agent.keep_member()?;
+        if let Some(kv) = agent.etcd.get(&agent.leader_key())? {
+            let v: Value = serde_json::from_slice(&kv.value).unwrap_or(Value::Null);
+            if let Some(e) = v.get("epoch").and_then(Value::as_u64) {
+                agent.mark_synced(e)?;
+            }
+        }
         lock(&agent.st).role = "candidate";
     }
     event(&format!(
@@ -190,9 +255,14 @@ pub fn configure(db: &Arc<Db>, raw: Option<&str>) -> Result<()> {
 pub fn stop(path: &str) {
     if let Some(a) = lock(&AGENTS).remove(path) {
         a.stop.store(true, Ordering::Release);
-        let lease = lock(&a.st).lease;
-        if lease != 0 {
-            let _ = a.etcd.revoke(lease);
+        let (lease, member) = {
+            let st = lock(&a.st);
+            (st.lease, st.member_lease)
+        };
+        for l in [lease, member] {
+            if l != 0 {
+                let _ = a.etcd.revoke(l); // the member entry goes with its lease
+            }
         }
         if let Some(p) = a.db.primary() {
             p.set_lease(None, "");
@@ -262,7 +332,7 @@ impl Agent {
         });
         if e > ours || (!first && e != ours) {
             let _ = self.etcd.revoke(lease);
-            p.set_lease(Some(0), &format!("etcd names epoch {e} at {:?}, newer than this primary's epoch {ours}: it was deposed; repl_follow() the new primary", self.epoch_key()));
+            p.set_lease(Some(0), &format!("etcd names epoch {e} at {:?}, newer than this primary's epoch {ours}: it was deposed; it rejoins as the new primary's replica once that one is published", self.epoch_key()));
             return Err(Error::ReadOnly(format!(
                 "failover: etcd's {:?} is epoch {e}, this primary's is {ours}: another primary was elected",
                 self.epoch_key()
@@ -284,6 +354,11 @@ impl Agent {
                     key: self.leader_key(),
                     value: value.to_string().into_bytes(),
                     lease,
+                },
+                Op::Put {
+                    key: self.settings_key(),
+                    value: value.to_string().into_bytes(),
+                    lease: 0,
                 },
             ],
         )?;
@@ -325,7 +400,7 @@ impl Agent {
     fn lead(&self, p: &Primary) -> Result<()> {
         let lease = lock(&self.st).lease;
         if lease == 0 {
-            return self.acquire(p, false);
+            return self.acquire_or_rejoin(p);
         }
         let sent = crate::primary::fence::mono_ms();
         let ttl = match self.etcd.keepalive(lease) {
@@ -345,7 +420,7 @@ impl Agent {
             st.lease = 0;
             st.role = "leader (lease lost)";
             drop(st);
-            return self.acquire(p, false);
+            return self.acquire_or_rejoin(p);
         }
         p.set_lease(Some(sent + ttl as u64 * 1000), &self.lost_why());
         let value = self.leader_value(p)?;
@@ -357,11 +432,18 @@ impl Agent {
         if changed
             && self.etcd.txn(
                 &[Cmp::Lease(self.leader_key(), lease)],
-                &[Op::Put {
-                    key: self.leader_key(),
-                    value: value.to_string().into_bytes(),
-                    lease,
-                }],
+                &[
+                    Op::Put {
+                        key: self.leader_key(),
+                        value: value.to_string().into_bytes(),
+                        lease,
+                    },
+                    Op::Put {
+                        key: self.settings_key(),
+                        value: value.to_string().into_bytes(),
+                        lease: 0,
+                    },
+                ],
             )?
         {
             lock(&self.st).leader = Some(value);
@@ -369,8 +451,129 @@ impl Agent {
         Ok(())
     }
 
+    /// Takes the key back (same epoch only); when etcd names a newer epoch this primary was
+    /// deposed: it rejoins as the new primary's replica once that one is published.
+    fn acquire_or_rejoin(&self, p: &Primary) -> Result<()> {
+        match self.acquire(p, false) {
+            Err(Error::ReadOnly(why)) => {
+                lock(&self.st).role = "deposed";
+                if self.rejoin(p)? {
+                    Ok(())
+                } else {
+                    Err(Error::ReadOnly(why))
+                }
+            }
+            r => r,
+        }
+    }
+
+    /// A deposed primary (etcd's leader value names a newer epoch and its URL) becomes that
+    /// primary's replica (`roles::rejoin_as_replica`: fenced first, its unreplicated tail kept
+    /// in `orphaned-<epoch>-<lsn>/`), then goes on as a candidate. `Ok(false)`: no newer leader
+    /// published yet (writes stay held; the next tick tries again).
+    fn rejoin(&self, p: &Primary) -> Result<bool> {
+        let Some(kv) = self.etcd.get(&self.leader_key())? else {
+            return Ok(false);
+        };
+        let v: Value = serde_json::from_slice(&kv.value).unwrap_or(Value::Null);
+        let epoch = v.get("epoch").and_then(Value::as_u64).unwrap_or(0);
+        let Some(url) = v.get("url").and_then(Value::as_str) else {
+            return Ok(false); // the winner has not published its URL yet
+        };
+        let old = p.epoch().0 as u64;
+        if epoch <= old {
+            return Ok(false);
+        }
+        p.set_lease(
+            Some(0),
+            &format!("deposed: etcd names epoch {epoch} (primary {url}); rejoining as its replica"),
+        );
+        if !crate::roles::rejoin_as_replica(&self.db, url)? {
+            return Err(Error::Misuse(format!(
+                "failover: the leader {url} of epoch {epoch} is not a newer primary of this database's \
+                 lineage; not rejoining (check the etcd key {:?})",
+                self.url.key
+            )));
+        }
+        let orphaned = self
+            .db
+            .replica()
+            .map(|r| r.status_json()["orphaned"].clone())
+            .unwrap_or(Value::Null);
+        event(&format!(
+            "event=failover_rejoined db={:?} key={:?} epoch={old} new_epoch={epoch} leader={url:?} orphaned={}",
+            self.db.path,
+            self.url.key,
+            orphaned
+                .get("dir")
+                .and_then(Value::as_str)
+                .map_or("none".to_string(), |d| format!("{d:?}"))
+        ));
+        let mut st = lock(&self.st);
+        st.role = "candidate";
+        st.lease = 0;
+        st.leader = Some(v);
+        st.last_error = None;
+        Ok(true)
+    }
+
+    /// Keeps `<key>/members/<name>` alive under the member lease (renewed every TTL/4, granted
+    /// and written again when it ended, e.g. after etcd was unreachable for a TTL).
+    fn keep_member(&self) -> Result<()> {
+        let every = Duration::from_millis((self.url.ttl_secs() as u64 * 1000 / 4).max(100));
+        let (lease, at) = {
+            let st = lock(&self.st);
+            (st.member_lease, st.member_renewed)
+        };
+        if lease != 0 {
+            if at.is_some_and(|t| t.elapsed() < every) {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if self.etcd.keepalive(lease)? > 0 {
+                lock(&self.st).member_renewed = Some(now);
+                return Ok(());
+            }
+        }
+        let now = Instant::now();
+        let (lease, _) = self.etcd.grant(self.url.ttl_secs())?;
+        let me = json!({"name": self.name, "listen": self.listen});
+        self.etcd.put(
+            &format!("{}{}", self.members(), self.name),
+            me.to_string().as_bytes(),
+            lease,
+        )?;
+        let mut st = lock(&self.st);
+        st.member_lease = lease;
+        st.member_renewed = Some(now);
+        drop(st);
+        event(&format!(
+            "event=failover_member db={:?} key={:?} name={:?} lease={lease:x}",
+            self.db.path, self.url.key, self.name
+        ));
+        Ok(())
+    }
+
+    /// Writes `<key>/synced/<name>` = {epoch} (no lease) before this candidate follows the
+    /// leader of `epoch`: from then on it may acknowledge that leader's commits, so it counts
+    /// among the voters of the election that ends the epoch, even if it dies (module comment).
+    fn mark_synced(&self, epoch: u64) -> Result<()> {
+        if epoch == 0 || lock(&self.st).synced_epoch == epoch {
+            return Ok(());
+        }
+        let v = json!({"name": self.name, "epoch": epoch});
+        self.etcd.put(
+            &format!("{}{}", self.synced(), self.name),
+            v.to_string().as_bytes(),
+            0,
+        )?;
+        lock(&self.st).synced_epoch = epoch;
+        Ok(())
+    }
+
     /// Candidate duty: follow the leader, or take part in the election.
     fn candidate(&self, r: &Arc<Replica>) -> Result<()> {
+        self.keep_member()?;
         let leader = self.etcd.get(&self.leader_key())?;
         if let Some(kv) = leader {
             let v: Value = serde_json::from_slice(&kv.value).unwrap_or(Value::Null);
@@ -391,21 +594,31 @@ impl Agent {
                 let _ = self.etcd.revoke(clease);
             }
             if let Some(url) = v.get("url").and_then(Value::as_str) {
-                self.follow(r, url, v.get("epoch").and_then(Value::as_u64).unwrap_or(0))?;
+                let epoch = v.get("epoch").and_then(Value::as_u64).unwrap_or(0);
+                self.mark_synced(epoch)?;
+                self.follow(r, url, epoch)?;
             }
             return Ok(());
         }
         // The key is gone: election.
         let mut st = lock(&self.st);
         let since = *st.vacant_since.get_or_insert_with(Instant::now);
-        let sync_n = st
-            .leader
+        let seen_leader = st.leader.clone();
+        let mut clease = st.candidate_lease;
+        drop(st);
+        // The last leader's settings: etcd's copy (kept without a lease), else what this
+        // candidate saw. A candidate started while the key was vacant must not take a
+        // synchronous database for an asynchronous one.
+        let last = match self.etcd.get(&self.settings_key())? {
+            Some(kv) => serde_json::from_slice::<Value>(&kv.value).ok(),
+            None => None,
+        }
+        .or(seen_leader);
+        let sync_n = last
             .as_ref()
             .and_then(|l| l.get("sync_replicas"))
             .and_then(Value::as_u64)
             .unwrap_or(0);
-        let mut clease = st.candidate_lease;
-        drop(st);
         if clease == 0 {
             clease = self.etcd.grant(self.url.ttl_secs())?.0;
             lock(&self.st).candidate_lease = clease;
@@ -437,7 +650,25 @@ impl Agent {
             clease,
         )?;
         lock(&self.st).published = true;
-        let members = self.etcd.get_prefix(&self.members())?.len() as u64;
+        // Live members (leased), and the voters of this epoch's election: live members plus
+        // every candidate that followed this epoch's leader (module comment, "Who may win").
+        let names = |kvs: Vec<crate::transport::etcd::Kv>, epoch: Option<u64>| {
+            kvs.iter()
+                .filter_map(|kv| {
+                    let v: Value = serde_json::from_slice(&kv.value).ok()?;
+                    if epoch.is_some() && v.get("epoch").and_then(Value::as_u64) != epoch {
+                        return None;
+                    }
+                    Some(v.get("name")?.as_str()?.to_string())
+                })
+                .collect::<std::collections::BTreeSet<String>>()
+        };
+        let live = names(self.etcd.get_prefix(&self.members())?, None);
+        let mut voters = live.clone();
+        if sync_n > 0 {
+            voters.extend(names(self.etcd.get_prefix(&self.synced())?, Some(e)));
+        }
+        let members = live.len() as u64;
         let mut published: Vec<(u64, String)> = self
             .etcd
             .get_prefix(&self.candidates())?
@@ -454,8 +685,10 @@ impl Agent {
             })
             .collect();
         let n = published.len() as u64;
+        let voted = published.iter().filter(|c| voters.contains(&c.1)).count() as u64;
+        let voters = voters.len() as u64;
         let ready = if sync_n > 0 {
-            n + sync_n > members
+            voted + sync_n > voters
         } else {
             n >= members || since.elapsed() >= Duration::from_millis(self.url.ttl_ms)
         };
@@ -469,7 +702,7 @@ impl Agent {
         let epoch = e.max(seen) + 1;
         let mut value = json!({
             "name": self.name, "url": null, "epoch": epoch, "sync_replicas": sync_n,
-            "settings": lock(&self.st).leader.as_ref().and_then(|l| l.get("settings").cloned()),
+            "settings": last.as_ref().and_then(|l| l.get("settings").cloned()),
         });
         let won = self.etcd.txn(
             &[
@@ -493,7 +726,7 @@ impl Agent {
             return Ok(());
         }
         event(&format!(
-            "event=failover_won db={:?} key={:?} epoch={epoch} lsn={lsn} candidates={n} members={members} sync_replicas={sync_n}",
+            "event=failover_won db={:?} key={:?} epoch={epoch} lsn={lsn} candidates={n} members={members} voters={voters} sync_replicas={sync_n}",
             self.db.path, self.url.key
         ));
         let url = match self.promote(epoch as u32, value.get("settings").cloned()) {
@@ -521,10 +754,19 @@ impl Agent {
                     value: value.to_string().into_bytes(),
                     lease: clease,
                 },
+                Op::Put {
+                    key: self.settings_key(),
+                    value: value.to_string().into_bytes(),
+                    lease: 0,
+                },
                 Op::Delete(format!("{}{}", self.candidates(), self.name)),
                 Op::Delete(format!("{}{}", self.members(), self.name)),
             ],
         )?;
+        let member = std::mem::take(&mut lock(&self.st).member_lease);
+        if member != 0 {
+            let _ = self.etcd.revoke(member); // a leader is no candidate (its entry goes with it)
+        }
         let mut st = lock(&self.st);
         st.role = "leader";
         st.lease = clease;
@@ -545,7 +787,7 @@ impl Agent {
     /// Promotes this replica to `epoch`, serving on the configured address, with the former
     /// primary's settings; returns its URL.
     fn promote(&self, epoch: u32, settings: Option<Value>) -> Result<String> {
-        let addr = self.url.listen.clone().unwrap_or_default();
+        let addr = self.listen.clone().unwrap_or_default();
         let cfg = crate::config::get();
         let tls = crate::transport::server::TlsFiles::from_env()?;
         let bound = crate::transport::server::Server::bind(&addr, cfg.token.clone(), tls.as_ref())
@@ -568,7 +810,13 @@ impl Agent {
         }
         p.serve(bound)?;
         let me = p.server_url().unwrap_or_else(|| self.db.path.clone());
-        crate::roles::notify_former(&done, &me);
+        // Best effort and off the takeover path: a former primary that hangs (paused, cut off)
+        // rather than refusing the connection would hold the new one's URL back for as long
+        // as the request's timeout. It learns the new epoch from etcd too, when it runs again.
+        let (done2, me2) = (done.clone(), me.clone());
+        let _ = std::thread::Builder::new()
+            .name("repl-failover-notify".into())
+            .spawn(move || crate::roles::notify_former(&done2, &me2));
         Ok(me)
     }
 

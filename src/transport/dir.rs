@@ -306,10 +306,10 @@ impl Source for DirSource {
         if from > durable {
             return Ok(Fetch::Records(Vec::new()));
         }
-        if let Some(first) = Log::first_segment_lsn(&self.dir)? {
-            if from < first {
-                return Ok(Fetch::Truncated { first_lsn: first });
-            }
+        // No segment: everything up to the durable end is only in a snapshot (see routes.rs).
+        let first = Log::first_segment_lsn(&self.dir)?.unwrap_or(Lsn(durable.0 + 1));
+        if from < first {
+            return Ok(Fetch::Truncated { first_lsn: first });
         }
         let read = |hinted: bool| -> Result<Vec<_>> {
             let mut out = Vec::new();

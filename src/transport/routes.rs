@@ -162,7 +162,10 @@ pub(super) fn serve_log(
         r.headers.extend(common_headers(&meta, durable, Some(f)));
         Outcome::Reply(r)
     };
-    if let Some(f) = first.filter(|f| from < *f) {
+    // No segment at all (a promoted primary before its first commit, or one whose every
+    // segment retention removed): whatever precedes the durable end is only in a snapshot.
+    // Without this, a follower behind answered "0 records" re-asked at once, forever.
+    if let Some(f) = first.or(Some(Lsn(durable.0 .0 + 1))).filter(|f| from < *f) {
         return Ok(gone(f));
     }
     let mut headers = common_headers(&meta, durable, first);

@@ -322,3 +322,29 @@ def test_partitioned_old_primary_cannot_get_a_write_accepted_by_any_replica(tmp:
             with pytest.raises(WorkerError) as e:
                 p.q("INSERT INTO t VALUES(300, 'after the partition')")
             assert e.value.name == "ReadOnlyError", e.value.msg
+
+
+def test_replica_behind_a_promoted_primary_without_commits_resnapshots(tmp: Path) -> None:
+    """A replica behind the promoted one's LSN S, pointed at it before its first commit: the new
+    primary's log has no segment (its history before S is only the promotion's snapshot), so
+    the answer must be 410 (re-snapshot), not "0 records" — which the follower re-asked at once,
+    forever (found by the failover tests: 94,740 requests in 10 s, the replica never caught up)."""
+    p, purl = start_serving_primary(tmp / "p.db")
+    p.q("CREATE TABLE t(id INTEGER PRIMARY KEY, v)")
+    p.q("INSERT INTO t VALUES(1, 'a')")
+    behind = replica_of(tmp / "behind.db", purl, p.one("SELECT repl_lsn()"))
+    b2 = replica_of(tmp / "behind2.db", purl, p.one("SELECT repl_lsn()"))
+    for i in range(2, 5):
+        p.q("INSERT INTO t VALUES(?, 'b')", [i])
+    r1 = replica_of(tmp / "r1.db", purl, p.one("SELECT repl_lsn()"))
+    with behind, b2, r1:
+        p.kill()
+        nurl = json.loads(r1.one("SELECT repl_promote('127.0.0.1:0')"))["primary"]
+        assert worker_status(r1)["log"]["first_lsn"] is None  # no segment yet
+        behind.one("SELECT repl_follow(?, 100)", [nurl])
+        wait_for(lambda: lsn_checksum(behind) == lsn_checksum(r1), timeout=15, what="the replica behind catching up")
+        assert worker_status(behind)["resnapshots"] == 1
+        behind.q("SELECT repl_follow(NULL)")
+        # The directory source answers the same way.
+        b2.one("SELECT repl_sync(?)", [str(tmp / "r1.db")])
+        assert lsn_checksum(b2) == lsn_checksum(r1) and b2.one("SELECT count(*) FROM t") == 4
