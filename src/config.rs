@@ -44,6 +44,9 @@ pub struct Config {
     pub http_head_timeout: Option<Duration>,
     pub http_idle_timeout: Option<Duration>,
     pub http_write_timeout: Option<Duration>,
+    /// `REPL_BACKUP_LEASE_MS` (default 10000, at least 200; tests shorten it): the bucket
+    /// manifest's lease (FORMAT.md §9.3).
+    pub backup_lease_ms: u64,
 }
 
 impl Config {
@@ -83,6 +86,9 @@ impl Config {
             http_head_timeout: ms_at_least_10("REPL_HTTP_HEAD_TIMEOUT_MS"),
             http_idle_timeout: ms_at_least_10("REPL_HTTP_IDLE_TIMEOUT_MS"),
             http_write_timeout: ms_at_least_10("REPL_HTTP_WRITE_TIMEOUT_MS"),
+            backup_lease_ms: num_trimmed("REPL_BACKUP_LEASE_MS")
+                .filter(|v| *v >= 200)
+                .unwrap_or(10_000),
         }
     }
 }
@@ -145,5 +151,8 @@ mod tests {
         assert_eq!(h.http_head_timeout, None, "at least 10 ms");
         assert_eq!(h.http_idle_timeout, Some(Duration::from_millis(250)));
         assert_eq!((h.log_level, h.ca_file.as_deref()), (None, Some("/ca.pem")));
+        assert_eq!(d.backup_lease_ms, 10_000);
+        assert_eq!(with(&[("REPL_BACKUP_LEASE_MS", "150")]).backup_lease_ms, 10_000);
+        assert_eq!(with(&[("REPL_BACKUP_LEASE_MS", "1500")]).backup_lease_ms, 1500);
     }
 }

@@ -403,10 +403,15 @@ fn spawn_uploader(db: &str, target: &str) -> Result<(), Failure> {
                         ))
                     }
                     Ok(_) => failing = false,
-                    Err(e) if !failing => {
+                    Err(e) if !failing || up.refused().is_some() => {
                         failing = true;
                         replica::logging::event(&format!(
-                            "event=backup_error db={db:?} error={:?}",
+                            "event={} db={db:?} error={:?}",
+                            if up.refused().is_some() {
+                                "backup_stopped"
+                            } else {
+                                "backup_error"
+                            },
                             e.to_string()
                         ))
                     }

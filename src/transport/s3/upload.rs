@@ -18,9 +18,12 @@ use std::path::{Path, PathBuf};
 
 /// The most record bytes one chunk holds (a larger backlog goes up as several chunks).
 pub const CHUNK_MAX: usize = 8 << 20;
-/// An uploader rewrites the manifest at least every `LEASE_MS / 2`, and a new uploader does
-/// not take over a manifest another one wrote less than `LEASE_MS` ago (FORMAT.md §9.3).
-pub const LEASE_MS: u64 = 10_000;
+/// An uploader rewrites the manifest at least every `lease_ms() / 2`, and a new uploader does
+/// not take over a manifest another one wrote less than `lease_ms()` ago (FORMAT.md §9.3):
+/// 10 s, or `REPL_BACKUP_LEASE_MS` (tests shorten it).
+pub fn lease_ms() -> u64 {
+    crate::config::get().backup_lease_ms
+}
 /// The status file in the log directory.
 pub const STATUS_FILE: &str = "backup.json";
 /// The file holding the backup target (`repl_config('backup', …)`).
@@ -245,13 +248,13 @@ impl Uploader {
             _ => {}
         }
         let age = crate::util::now_ms().saturating_sub(m.updated_ms);
-        if etag.is_some() && m.writer != self.writer && age < LEASE_MS {
+        let lease = lease_ms();
+        if etag.is_some() && m.writer != self.writer && age < lease {
             return Err(Error::Busy(format!(
                 "{what} is held by uploader {} ({}), which wrote it {age} ms ago: two uploaders on one prefix; \
-                 this one waits (it takes over {} s after the other stops). Give each primary its own prefix",
+                 this one waits (it takes over {lease} ms after the other stops). Give each primary its own prefix",
                 m.writer,
                 m.writer_host,
-                LEASE_MS / 1000
             )));
         }
         if m.epoch < meta.epoch {
@@ -375,7 +378,7 @@ impl Uploader {
         })?;
         let deleted = m.plan_retention(crate::util::now_ms(), retain_ms);
         changed |= !deleted.is_empty();
-        let lease_due = crate::util::now_ms().saturating_sub(m.updated_ms) >= LEASE_MS / 2;
+        let lease_due = crate::util::now_ms().saturating_sub(m.updated_ms) >= lease_ms() / 2;
         if changed || lease_due {
             self.write_manifest(m, etag)?;
         }
