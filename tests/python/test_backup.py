@@ -343,6 +343,54 @@ def test_follower_lag_steady_state(moto, tmp):
     assert worst <= 1.5 * interval + 250, lags
 
 
+def test_uri_parameter_and_serve_backup(moto, tmp):
+    """``file:u.db?repl_backup=s3://…`` on an existing primary sets its backup as
+    repl_config('backup', …) does (the endpoint percent-encoded in it, no AWS_ENDPOINT_URL); and
+    ``sqlite-replica serve s.db --backup s3://…`` uploads a live primary's log from the server
+    process: the bucket restores the primary's last LSN, the target is remembered as the
+    primary's setting, and a second serve with another target is refused."""
+    base, _ = moto
+    make_bucket(base, "uri")
+    env = {**aws_env(base), "AWS_ENDPOINT_URL": ""}
+    p = start_primary(tmp / "u.db", env=env)
+    p.script(["CREATE TABLE t(v)", "INSERT INTO t VALUES (1), (2)"])
+    p.close()
+    target = f"s3://uri/u?endpoint={base}"
+    enc = target.replace("?", "%3F")
+    q = Worker(f"file:{tmp / 'u.db'}?repl_backup={enc}", env=env)
+    assert q.one("SELECT repl_config('backup')") == target
+    q.q("INSERT INTO t VALUES (3)")
+    lsn, ck = lsn_checksum(q)
+    uploaded(q)
+    q.close()
+    out = cli(["restore", "s3://uri/u", str(tmp / "u-r.db")], aws_env(base)).stdout
+    assert restored(out) == (lsn, ck), out
+
+    s = start_primary(tmp / "s.db", env=aws_env(base))
+    s.script(["CREATE TABLE t(v)", "INSERT INTO t VALUES ('a')"])
+    port = free_port()
+    srv = subprocess.Popen([CLI, "serve", str(tmp / "s.db"), "--listen", f"127.0.0.1:{port}",
+                            "--backup", "s3://uri/s"], env={**os.environ, **aws_env(base)},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert s.one("SELECT repl_config('backup')") == "s3://uri/s"
+        for i in range(20):
+            s.q("INSERT INTO t VALUES (?)", [i])
+        lsn, ck = lsn_checksum(s)
+        wait_for(lambda: (backup_status(s).get("uploaded_lsn") or 0) >= lsn, timeout=20,
+                 interval=0.05, what="serve uploaded the primary's log")
+        r = cli(["serve", str(tmp / "s.db"), "--listen", f"127.0.0.1:{free_port()}",
+                 "--backup", "s3://uri/other"], aws_env(base), ok=False)
+        assert r.returncode != 0 and "already backs up to s3://uri/s" in r.stderr, r.stderr
+    finally:
+        srv.terminate()
+        err = srv.communicate(timeout=10)[1]
+    assert "event=backup_start" in err and "event=backup_upload" in err, err
+    s.close()
+    out = cli(["restore", "s3://uri/s", str(tmp / "s-r.db")], aws_env(base)).stdout
+    assert restored(out) == (lsn, ck), out
+
+
 def test_encrypted_backup(moto, tmp):
     """With a key no page of the database reaches the bucket in clear; the key restores it,
     a wrong key or none is refused before anything is written."""
