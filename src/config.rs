@@ -47,6 +47,9 @@ pub struct Config {
     /// `REPL_BACKUP_LEASE_MS` (default 10000, at least 200; tests shorten it): the bucket
     /// manifest's lease (FORMAT.md §9.3).
     pub backup_lease_ms: u64,
+    /// `REPL_BACKUP_PART_MB` (default 64, at least 5, the S3 minimum): an object larger than
+    /// this goes to the bucket as a multipart upload of parts this size.
+    pub backup_part_mb: u64,
 }
 
 impl Config {
@@ -89,6 +92,9 @@ impl Config {
             backup_lease_ms: num_trimmed("REPL_BACKUP_LEASE_MS")
                 .filter(|v| *v >= 200)
                 .unwrap_or(10_000),
+            backup_part_mb: num_trimmed("REPL_BACKUP_PART_MB")
+                .filter(|v| (5..=4096).contains(v))
+                .unwrap_or(64),
         }
     }
 }
@@ -154,5 +160,8 @@ mod tests {
         assert_eq!(d.backup_lease_ms, 10_000);
         assert_eq!(with(&[("REPL_BACKUP_LEASE_MS", "150")]).backup_lease_ms, 10_000);
         assert_eq!(with(&[("REPL_BACKUP_LEASE_MS", "1500")]).backup_lease_ms, 1500);
+        assert_eq!(d.backup_part_mb, 64);
+        assert_eq!(with(&[("REPL_BACKUP_PART_MB", "4")]).backup_part_mb, 64);
+        assert_eq!(with(&[("REPL_BACKUP_PART_MB", "5")]).backup_part_mb, 5);
     }
 }

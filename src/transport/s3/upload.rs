@@ -301,13 +301,24 @@ impl Uploader {
             };
             let key = snapshot_key(smeta.lsn, smeta.generation);
             if !m.snapshots.iter().any(|s| s.key == key) {
-                let plain = std::fs::read(&path)
-                    .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-                let body = self.seal(&key, plain)?;
-                self.client.put(&key, &body, Cond::None)?;
+                let reading = |e| Error::io(format!("reading {}", path.display()), e);
+                // Streamed from the file (multipart above one part): memory stays one part
+                // however large the database. Sealing needs the whole object in memory.
+                let (bytes, xxh3) = match &self.key {
+                    None => {
+                        let mut f = std::fs::File::open(&path).map_err(reading)?;
+                        let len = f.metadata().map_err(reading)?.len();
+                        self.client.put_stream(&key, len, &mut f)?
+                    }
+                    Some(_) => {
+                        let body = self.seal(&key, std::fs::read(&path).map_err(reading)?)?;
+                        self.client
+                            .put_stream(&key, body.len() as u64, &mut body.as_slice())?
+                    }
+                };
                 self.uploads += 1;
                 report.objects += 1;
-                report.bytes += body.len() as u64;
+                report.bytes += bytes;
                 m.snapshots.push(Object {
                     key,
                     first_lsn: smeta.lsn,
@@ -316,8 +327,8 @@ impl Uploader {
                     epoch: smeta.epoch,
                     first_ms: smeta.timestamp_ms,
                     last_ms: smeta.timestamp_ms,
-                    bytes: body.len() as u64,
-                    xxh3: xxhash_rust::xxh3::xxh3_64(&body),
+                    bytes,
+                    xxh3,
                     db_checksum: smeta.db_checksum,
                 });
                 m.snapshots.sort_by_key(|s| s.first_lsn);
