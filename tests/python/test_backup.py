@@ -469,6 +469,52 @@ def test_large_snapshot_multipart_and_streamed(moto, tmp):
     assert not (tmp / "bad.db").exists()
 
 
+def test_bucket_retention(moto, tmp):
+    """Bucket retention end to end: with backup_retain '3s' and a bucket snapshot cadence of
+    1 s (backup_snapshot_secs), 8 s of writes leave a bucket whose oldest snapshot is newer than
+    LSN 0, whose deleted objects are really gone (the listing is exactly the manifest), that
+    still restores every LSN from its oldest snapshot on (each with the primary's checksum),
+    refuses an LSN before it, and verifies clean."""
+    base, _ = moto
+    make_bucket(base, "ret")
+    p = start_backed_up(tmp / "ret.db", "s3://ret/r", base, interval_ms=200,
+                        env={"REPL_MAINTENANCE_MS": "300"})
+    assert p.one("SELECT repl_config('backup_retain', '3s')") == 3
+    assert p.one("SELECT repl_config('backup_snapshot_secs', 1)") == 1
+    p.script(["CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)"])
+    sums: dict[int, str] = {}
+    when: dict[int, float] = {}
+    t_end = time.time() + 8
+    while time.time() < t_end:
+        p.q("INSERT INTO t(v) VALUES (?)", ["r" * 300])
+        lsn, ck = lsn_checksum(p)
+        sums[lsn], when[lsn] = ck, time.time()
+        time.sleep(0.03)
+    final = uploaded(p)
+    time.sleep(0.5)  # one more pass: its retention runs with the last upload's manifest
+    t_check = time.time()
+    p.close()
+    c = s3(base)
+    m = json.loads(c.get_object(Bucket="ret", Key="r/manifest.json")["Body"].read())
+    listed = {o["Key"] for o in c.list_objects_v2(Bucket="ret", Prefix="r/")["Contents"]}
+    named = {"r/" + o["key"] for o in m["snapshots"] + m["chunks"]} | {"r/manifest.json"}
+    assert listed == named, (sorted(listed - named), sorted(named - listed))
+    oldest = m["snapshots"][0]["first_lsn"]
+    assert oldest > 1 and len(m["snapshots"]) >= 2, m["snapshots"]
+    assert not any(k.startswith("r/log/00000000000000000001-") for k in listed), sorted(listed)
+    # Every LSN committed inside the window (3 s before the last pass, 0.5 s of slack) is reachable.
+    inside = [n for n in sums if when[n] >= t_check - 3 + 0.5 + 0.5]
+    assert inside and min(inside) >= oldest, (min(inside), oldest)
+    env = aws_env(base)
+    for n in sorted({oldest, oldest + 1, (oldest + final) // 2, min(inside), final}):
+        out = cli(["restore", "s3://ret/r", str(tmp / f"at-{n}.db"), "--lsn", str(n)], env).stdout
+        assert restored(out) == (n, sums[n]), out
+    r = cli(["restore", "s3://ret/r", str(tmp / "gone.db"), "--lsn", str(oldest - 1)], env, ok=False)
+    assert r.returncode == 1 and not (tmp / "gone.db").exists(), r.stderr
+    out = cli(["verify", "s3://ret/r"], env).stdout
+    assert out.rstrip().endswith("OK") and f"..{final}" in out, out
+
+
 def test_encrypted_backup(moto, tmp):
     """With a key no page of the database reaches the bucket in clear; the key restores it,
     a wrong key or none is refused before anything is written."""
