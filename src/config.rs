@@ -50,6 +50,9 @@ pub struct Config {
     /// `REPL_BACKUP_PART_MB` (default 64, at least 5, the S3 minimum): an object larger than
     /// this goes to the bucket as a multipart upload of parts this size.
     pub backup_part_mb: u64,
+    /// `REPL_BACKUP_COMPACT_CHUNKS` (default 64, at least 2): merge a run of this many small
+    /// bucket chunks into one object (FORMAT.md §9.7).
+    pub backup_compact_chunks: u64,
 }
 
 impl Config {
@@ -94,6 +97,9 @@ impl Config {
                 .unwrap_or(10_000),
             backup_part_mb: num_trimmed("REPL_BACKUP_PART_MB")
                 .filter(|v| (5..=4096).contains(v))
+                .unwrap_or(64),
+            backup_compact_chunks: num_trimmed("REPL_BACKUP_COMPACT_CHUNKS")
+                .filter(|v| *v >= 2)
                 .unwrap_or(64),
         }
     }
@@ -163,5 +169,8 @@ mod tests {
         assert_eq!(d.backup_part_mb, 64);
         assert_eq!(with(&[("REPL_BACKUP_PART_MB", "4")]).backup_part_mb, 64);
         assert_eq!(with(&[("REPL_BACKUP_PART_MB", "5")]).backup_part_mb, 5);
+        assert_eq!(d.backup_compact_chunks, 64);
+        assert_eq!(with(&[("REPL_BACKUP_COMPACT_CHUNKS", "1")]).backup_compact_chunks, 64);
+        assert_eq!(with(&[("REPL_BACKUP_COMPACT_CHUNKS", "8")]).backup_compact_chunks, 8);
     }
 }

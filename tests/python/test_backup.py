@@ -515,6 +515,61 @@ def test_bucket_retention(moto, tmp):
     assert out.rstrip().endswith("OK") and f"..{final}" in out, out
 
 
+def test_chunk_compaction(moto, tmp):
+    """Chunk compaction: with runs of 8 small chunks merged (REPL_BACKUP_COMPACT_CHUNKS=8; 64 by
+    default) and a 0.6 s lease (so merged-away chunks are deleted 1.8 s later), 5 s of writes
+    uploaded every 100 ms leave fewer, larger chunk objects, and once the grace period is over
+    the listing is exactly the manifest. A replica following the bucket meanwhile never fails
+    and ends equal to the primary; restore (every 25th LSN, and --time) and verify are as
+    without compaction."""
+    base, _ = moto
+    make_bucket(base, "cmp")
+    env = {"REPL_BACKUP_COMPACT_CHUNKS": "8", "REPL_BACKUP_LEASE_MS": "600"}
+    p = start_backed_up(tmp / "c.db", "s3://cmp/c", base, interval_ms=100, env=env)
+    p.script(["CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)"])
+    uploaded(p)
+    r = Worker(tmp / "c-replica.db", env=aws_env(base))
+    r.one("SELECT repl_follow('s3://cmp/c', 200)")
+    sums: dict[int, str] = {}
+    t_end = time.time() + 5
+    while time.time() < t_end:
+        p.q("INSERT INTO t(v) VALUES (?)", ["c" * 100])
+        lsn, ck = lsn_checksum(p)
+        sums[lsn] = ck
+        time.sleep(0.03)
+    time.sleep(0.05)
+    t_mid = time.time()
+    time.sleep(0.05)
+    p.q("INSERT INTO t(v) VALUES ('after')")
+    final, final_ck = lsn_checksum(p)
+    uploaded(p)
+    wait_for(lambda: r.one("SELECT repl_lsn()") >= final, timeout=20, what="follower caught up")
+    assert lsn_checksum(r) == (final, final_ck)
+    assert "follow_error" not in r.stderr(), r.stderr()
+    r.close()
+    st = backup_status(p)
+    assert st["compactions"] >= 2, st
+    c = s3(base)
+
+    def listing_is_manifest():
+        m = json.loads(c.get_object(Bucket="cmp", Key="c/manifest.json")["Body"].read())
+        listed = {o["Key"] for o in c.list_objects_v2(Bucket="cmp", Prefix="c/")["Contents"]}
+        return m if listed == {"c/" + o["key"] for o in m["snapshots"] + m["chunks"]} | {"c/manifest.json"} else None
+
+    m = wait_for(listing_is_manifest, timeout=10, interval=0.2, what="merged-away chunks deleted")
+    p.close()
+    assert len(m["chunks"]) < st["uploads"] / 3, (len(m["chunks"]), st)
+    assert any(ch["last_lsn"] - ch["first_lsn"] >= 8 for ch in m["chunks"]), m["chunks"]
+    env = aws_env(base)
+    for n in list(range(25, final, 25)) + [final]:
+        out = cli(["restore", "s3://cmp/c", str(tmp / f"at-{n}.db"), "--lsn", str(n)], env).stdout
+        assert restored(out) == (n, sums.get(n, final_ck)), out
+    out = cli(["restore", "s3://cmp/c", str(tmp / "t.db"), "--time", iso(t_mid)], env).stdout
+    assert restored(out) == (final - 1, sums[final - 1]), out
+    out = cli(["verify", "s3://cmp/c"], env).stdout
+    assert out.rstrip().endswith("OK") and f"..{final}" in out, out
+
+
 def test_encrypted_backup(moto, tmp):
     """With a key no page of the database reaches the bucket in clear; the key restores it,
     a wrong key or none is refused before anything is written."""

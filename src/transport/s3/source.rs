@@ -467,6 +467,41 @@ impl Source for BucketSource {
         if m.last_lsn().is_none_or(|l| l < from) {
             m = self.refresh()?;
         }
+        match self.fetch_in(&m, from, max_bytes) {
+            // A chunk the cached manifest names may have been merged into a larger one
+            // (compaction, FORMAT.md §9.7) and deleted: the current manifest names the new one.
+            Err(e) => {
+                let now = self.refresh()?;
+                if now.chunks == m.chunks {
+                    return Err(e);
+                }
+                self.fetch_in(&now, from, max_bytes)
+            }
+            ok => ok,
+        }
+    }
+
+    fn fetch_wait(&self, from: Lsn, max_bytes: usize, wait: Duration) -> Result<Fetch> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let f = self.fetch(from, max_bytes)?;
+            match &f {
+                Fetch::Records(v) if v.is_empty() && Instant::now() + POLL < deadline => {
+                    std::thread::sleep(POLL);
+                    self.refresh()?;
+                }
+                _ => return Ok(f),
+            }
+        }
+    }
+
+    fn page_size(&self) -> Result<Option<PageSize>> {
+        Ok(PageSize::new(self.cached()?.page_size))
+    }
+}
+
+impl BucketSource {
+    fn fetch_in(&self, m: &Manifest, from: Lsn, max_bytes: usize) -> Result<Fetch> {
         let mut out = Vec::new();
         let Some(last) = m.last_lsn() else {
             return Ok(Fetch::Records(out));
@@ -496,23 +531,5 @@ impl Source for BucketSource {
             at = c.last_lsn.next();
         }
         Ok(Fetch::Records(out))
-    }
-
-    fn fetch_wait(&self, from: Lsn, max_bytes: usize, wait: Duration) -> Result<Fetch> {
-        let deadline = Instant::now() + wait;
-        loop {
-            let f = self.fetch(from, max_bytes)?;
-            match &f {
-                Fetch::Records(v) if v.is_empty() && Instant::now() + POLL < deadline => {
-                    std::thread::sleep(POLL);
-                    self.refresh()?;
-                }
-                _ => return Ok(f),
-            }
-        }
-    }
-
-    fn page_size(&self) -> Result<Option<PageSize>> {
-        Ok(PageSize::new(self.cached()?.page_size))
     }
 }

@@ -24,6 +24,12 @@ pub const CHUNK_MAX: usize = 8 << 20;
 pub fn lease_ms() -> u64 {
     crate::config::get().backup_lease_ms
 }
+/// Chunk compaction (FORMAT.md §9.7): runs of small chunks are merged into objects of at most
+/// this many bytes (the merge is built in memory: this bounds it).
+pub const COMPACT_TARGET: u64 = 16 << 20;
+/// The newest chunks, which followers are reading, are never merged.
+pub const COMPACT_KEEP_NEWEST: usize = 4;
+
 /// The status file in the log directory.
 pub const STATUS_FILE: &str = "backup.json";
 /// The file holding the backup target (`repl_config('backup', …)`).
@@ -52,6 +58,12 @@ pub struct Uploader {
     refused: Option<String>,
     errors: u64,
     uploads: u64,
+    /// Chunks replaced by a merged one, deleted once readers that still hold the manifest
+    /// naming them had time to re-read it: (due time in Unix ms, key).
+    pending_deletes: Vec<(u64, String)>,
+    /// No compaction before this time (Unix ms) after one failed.
+    compact_after: u64,
+    pub compactions: u64,
 }
 
 /// The backup target configured for the log directory `dir` (None: no backup).
@@ -134,6 +146,9 @@ impl Uploader {
             refused: None,
             errors: 0,
             uploads: 0,
+            pending_deletes: Vec::new(),
+            compact_after: 0,
+            compactions: 0,
         })
     }
 
@@ -180,6 +195,7 @@ impl Uploader {
             "last_ok_ms": if error.is_none() { Some(now) } else { keep("last_ok_ms").and_then(|v| v.as_u64()) },
             "updated_ms": now,
             "refused": self.refused.is_some(),
+            "compactions": self.compactions,
         });
         let path = self.dir.join(STATUS_FILE);
         let tmp = self
@@ -387,12 +403,28 @@ impl Uploader {
                 "the manifest this pass would write is wrong ({e}); nothing was changed"
             ))
         })?;
+        let replaced = self.compact(&mut m);
+        changed |= !replaced.is_empty();
         let deleted = m.plan_retention(crate::util::now_ms(), retain_ms);
         changed |= !deleted.is_empty();
         let lease_due = crate::util::now_ms().saturating_sub(m.updated_ms) >= lease_ms() / 2;
         if changed || lease_due {
             self.write_manifest(m, etag)?;
         }
+        // Merged chunks go after a grace period: a follower may still read the manifest that
+        // names them (and one that misses an object re-reads the manifest anyway).
+        let now = crate::util::now_ms();
+        let grace = 3 * lease_ms();
+        self.pending_deletes
+            .extend(replaced.into_iter().map(|k| (now + grace, k)));
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_deletes)
+            .into_iter()
+            .partition(|(t, _)| *t <= now);
+        self.pending_deletes = later;
+        let deleted: Vec<String> = deleted
+            .into_iter()
+            .chain(due.into_iter().map(|(_, k)| k))
+            .collect();
         for key in &deleted {
             // The manifest no longer names them; a failed delete leaves an orphan only.
             if let Err(e) = self.client.delete(key) {
@@ -406,6 +438,89 @@ impl Uploader {
         report.deleted = deleted.len();
         report.uploaded_lsn = self.manifest.as_ref().and_then(|(m, _)| m.last_lsn());
         Ok(report)
+    }
+
+    /// Chunk compaction (FORMAT.md §9.7): merges one run of small contiguous chunks into one
+    /// object and replaces them with it in `m` (written by the caller's conditional manifest
+    /// write). Returns the replaced keys. A failure only postpones compaction (a minute): the
+    /// pass goes on without it.
+    fn compact(&mut self, m: &mut Manifest) -> Vec<String> {
+        let now = crate::util::now_ms();
+        if now < self.compact_after {
+            return Vec::new();
+        }
+        let min = crate::config::get().backup_compact_chunks as usize;
+        let Some(run) = m.plan_compaction(min, COMPACT_TARGET, COMPACT_KEEP_NEWEST) else {
+            return Vec::new();
+        };
+        let parts = m.chunks[run.clone()].to_vec();
+        match self.merge(&parts) {
+            Ok(obj) => {
+                self.compactions += 1;
+                m.chunks.splice(run, [obj]);
+                parts.into_iter().map(|o| o.key).collect()
+            }
+            Err(e) => {
+                self.compact_after = now + 60_000;
+                crate::logging::event(&format!(
+                    "event=backup_error target={:?} error={:?}",
+                    self.target(),
+                    format!("chunk compaction postponed: {e}")
+                ));
+                Vec::new()
+            }
+        }
+    }
+
+    /// Downloads `parts` (checked against their manifest entries), concatenates their records
+    /// under one segment header and uploads the result as one chunk.
+    fn merge(&mut self, parts: &[Object]) -> Result<Object> {
+        let (first, last) = (&parts[0], &parts[parts.len() - 1]);
+        let mut body = txlog::encode_segment_header(&txlog::SegmentHeader {
+            first_lsn: first.first_lsn,
+            created_ms: crate::util::now_ms(),
+        })
+        .to_vec();
+        for o in parts {
+            let what = self.client.describe(&o.key);
+            let Some((b, _)) = self.client.get(&o.key)? else {
+                return Err(Error::Corrupt(format!("{what} is missing")));
+            };
+            if b.len() as u64 != o.bytes || xxhash_rust::xxh3::xxh3_64(&b) != o.xxh3 {
+                return Err(Error::Corrupt(format!(
+                    "{what} differs from its manifest entry (size or xxh3)"
+                )));
+            }
+            let plain = match &self.key {
+                Some(k) => k.open(&o.key, &b, &what)?,
+                None => b,
+            };
+            let h = txlog::decode_segment_header(&plain)
+                .map_err(|e| Error::Corrupt(format!("{what}: {e}")))?;
+            if h.first_lsn != o.first_lsn {
+                return Err(Error::Corrupt(format!(
+                    "{what}: starts at LSN {}, the manifest says {}",
+                    h.first_lsn, o.first_lsn
+                )));
+            }
+            body.extend_from_slice(&plain[txlog::SEGMENT_HEADER_LEN..]);
+        }
+        let key = chunk_key(first.first_lsn, last.last_lsn);
+        let body = self.seal(&key, body)?;
+        self.client.put(&key, &body, Cond::None)?;
+        self.uploads += 1;
+        Ok(Object {
+            key,
+            first_lsn: first.first_lsn,
+            last_lsn: last.last_lsn,
+            generation: last.generation,
+            epoch: last.epoch,
+            first_ms: first.first_ms,
+            last_ms: last.last_ms,
+            bytes: body.len() as u64,
+            xxh3: xxhash_rust::xxh3::xxh3_64(&body),
+            db_checksum: last.db_checksum,
+        })
     }
 
     /// The conditional manifest write; on a lost race, whoever wrote it is named and this
