@@ -164,13 +164,25 @@ mod tests {
         assert_eq!(h.http_idle_timeout, Some(Duration::from_millis(250)));
         assert_eq!((h.log_level, h.ca_file.as_deref()), (None, Some("/ca.pem")));
         assert_eq!(d.backup_lease_ms, 10_000);
-        assert_eq!(with(&[("REPL_BACKUP_LEASE_MS", "150")]).backup_lease_ms, 10_000);
-        assert_eq!(with(&[("REPL_BACKUP_LEASE_MS", "1500")]).backup_lease_ms, 1500);
+        assert_eq!(
+            with(&[("REPL_BACKUP_LEASE_MS", "150")]).backup_lease_ms,
+            10_000
+        );
+        assert_eq!(
+            with(&[("REPL_BACKUP_LEASE_MS", "1500")]).backup_lease_ms,
+            1500
+        );
         assert_eq!(d.backup_part_mb, 64);
         assert_eq!(with(&[("REPL_BACKUP_PART_MB", "4")]).backup_part_mb, 64);
         assert_eq!(with(&[("REPL_BACKUP_PART_MB", "5")]).backup_part_mb, 5);
         assert_eq!(d.backup_compact_chunks, 64);
-        assert_eq!(with(&[("REPL_BACKUP_COMPACT_CHUNKS", "1")]).backup_compact_chunks, 64);
-        assert_eq!(with(&[("REPL_BACKUP_COMPACT_CHUNKS", "8")]).backup_compact_chunks, 8);
+        assert_eq!(
+            with(&[("REPL_BACKUP_COMPACT_CHUNKS", "1")]).backup_compact_chunks,
+            64
+        );
+        assert_eq!(
+            with(&[("REPL_BACKUP_COMPACT_CHUNKS", "8")]).backup_compact_chunks,
+            8
+        );
     }
 }

@@ -612,8 +612,10 @@ def test_same_lineage_lease_and_lost_race(moto, tmp):
     like to the bucket). The copy refuses while the primary's uploader holds the manifest's
     lease; once the primary is frozen (SIGSTOP) past the lease the copy takes over, and when the
     primary wakes up its conditional manifest write is refused: it stops for good, says so in
-    repl_status().backup.last_error and in an event line, and never writes again. The lease is
-    shortened to 1.5 s for the test (REPL_BACKUP_LEASE_MS; 10 s by default)."""
+    repl_status().backup.last_error and in an event line, and never writes again. Last, a third
+    copy that committed its own transaction (a history the bucket does not have) refuses to
+    append to the bucket. The lease is shortened to 1.5 s for the test (REPL_BACKUP_LEASE_MS;
+    10 s by default)."""
     base, _ = moto
     make_bucket(base, "lease")
     lease = {"REPL_BACKUP_LEASE_MS": "1500"}
@@ -625,10 +627,11 @@ def test_same_lineage_lease_and_lost_race(moto, tmp):
     lsn, ck = lsn_checksum(a)
     uploaded(a)
     a.close()
-    copy = tmp / "elsewhere"
-    copy.mkdir()
-    for f in tmp.glob("a.db*"):
-        (shutil.copytree if f.is_dir() else shutil.copy2)(f, copy / f.name)
+    copy, copy2 = tmp / "elsewhere", tmp / "elsewhere2"
+    for d in (copy, copy2):
+        d.mkdir()
+        for f in tmp.glob("a.db*"):
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, d / f.name)
     a = start_primary(db, env={**aws_env(base), **lease})
     wait_for(lambda: (backup_status(a).get("writer") or "") == manifest_writer(base, "lease", "a")
              and backup_status(a).get("last_error") is None,
@@ -667,7 +670,19 @@ def test_same_lineage_lease_and_lost_race(moto, tmp):
     assert st["refused"] and st["uploads"] == uploads and st["last_error"], st
     assert manifest_writer(base, "lease", "a") == b_writer
     a.close()
+    # The copy that holds the prefix commits and uploads; then it stops, and another copy made
+    # at the same point, which committed a transaction of its own, comes up after the lease:
+    # its history is not the bucket's, so it refuses instead of appending to it.
+    b.q("INSERT INTO t(v) VALUES ('from the copy')")
+    lsn, ck = lsn_checksum(b)
+    uploaded(b)
     b.close()
+    c2 = start_primary(copy2 / "a.db", env={**aws_env(base), **lease})
+    c2.q("INSERT INTO t(v) VALUES ('from the other copy')")
+    wait_for(lambda: backup_status(c2).get("refused"), timeout=15, interval=0.05,
+             what="the diverged copy refused")
+    assert "another copy" in backup_status(c2)["last_error"], backup_status(c2)
+    c2.close()
     env = aws_env(base)
     out = cli(["restore", "s3://lease/a", str(tmp / "r.db")], env).stdout
     assert restored(out) == (lsn, ck), out

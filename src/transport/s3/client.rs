@@ -289,8 +289,13 @@ impl Client {
             .map_err(|e| self.failed("POST (create multipart upload)", name, e))?
             .into_string()
             .map_err(|e| Error::io(what(), e))?;
-        let created = rusty_s3::actions::CreateMultipartUpload::parse_response(&resp)
-            .map_err(|e| Error::Other(format!("{}: the bucket's answer to CreateMultipartUpload is not understood ({e})", what())))?;
+        let created =
+            rusty_s3::actions::CreateMultipartUpload::parse_response(&resp).map_err(|e| {
+                Error::Other(format!(
+                    "{}: the bucket's answer to CreateMultipartUpload is not understood ({e})",
+                    what()
+                ))
+            })?;
         let id = created.upload_id().to_string();
         let r = self.upload_parts(name, &key, &id, part, r);
         if r.is_err() {
@@ -332,7 +337,10 @@ impl Client {
                 break;
             }
             let number = u16::try_from(etags.len() + 1).map_err(|_| {
-                Error::Other(format!("{}: more than 65535 parts; raise REPL_BACKUP_PART_MB", what()))
+                Error::Other(format!(
+                    "{}: more than 65535 parts; raise REPL_BACKUP_PART_MB",
+                    what()
+                ))
             })?;
             hash.update(&buf[..n]);
             total += n as u64;

@@ -314,7 +314,9 @@ const CHECKED: &str = "backup object check: ";
 
 impl Read for Checked {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{CHECKED}{m}"));
+        let bad = |m: String| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{CHECKED}{m}"))
+        };
         let k = self.inner.read(buf)?;
         if self.first && k > 0 {
             self.first = false;

@@ -61,9 +61,54 @@ pub struct Uploader {
     /// Chunks replaced by a merged one, deleted once readers that still hold the manifest
     /// naming them had time to re-read it: (due time in Unix ms, key).
     pending_deletes: Vec<(u64, String)>,
+    /// The bucket's last LSN was found in this log with the same database checksum.
+    history_checked: bool,
     /// No compaction before this time (Unix ms) after one failed.
     compact_after: u64,
     pub compactions: u64,
+}
+
+/// Whether `log` (durable up to `durable`) continues the history the manifest `m` ends with:
+/// the bucket must not be ahead of the log, and where the log still holds the bucket's last
+/// LSN, its database checksum there must be the bucket's. A copy of a database that went its own
+/// way (same lineage, other transactions) fails here before it uploads anything.
+fn same_history(
+    m: &Manifest,
+    log: &Log,
+    durable: Lsn,
+    what: &str,
+) -> std::result::Result<(), String> {
+    let last = m
+        .chunks
+        .last()
+        .into_iter()
+        .chain(m.snapshots.last())
+        .max_by_key(|o| o.last_lsn);
+    let Some(last) = last else {
+        return Ok(());
+    };
+    if last.last_lsn > durable {
+        return Err(format!(
+            "{what} ends at LSN {} but this log at LSN {durable}: the bucket holds transactions this \
+             database never had (another copy of it, or a database restored from it, wrote them); \
+             this uploader stops. Give this database its own prefix",
+            last.last_lsn
+        ));
+    }
+    let held = log
+        .read_from(last.last_lsn, Some(last.last_lsn))
+        .ok()
+        .and_then(|mut it| it.next())
+        .and_then(|r| r.ok());
+    match held {
+        Some(r) if r.meta.lsn == last.last_lsn && r.meta.db_checksum != last.db_checksum => Err(format!(
+            "{what}: at LSN {} the bucket's database checksum is {}, this log's {}: another copy of \
+             this database with other transactions wrote the bucket; this uploader stops. Give \
+             this database its own prefix",
+            last.last_lsn, last.db_checksum, r.meta.db_checksum
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The backup target configured for the log directory `dir` (None: no backup).
@@ -147,6 +192,7 @@ impl Uploader {
             errors: 0,
             uploads: 0,
             pending_deletes: Vec::new(),
+            history_checked: false,
             compact_after: 0,
             compactions: 0,
         })
@@ -296,6 +342,15 @@ impl Uploader {
         }
         let (mut m, etag) = self.manifest.clone().expect("loaded");
         let log = self.log.as_ref().expect("opened");
+        if !self.history_checked {
+            if let Err(why) = same_history(&m, log, durable, &self.client.describe(MANIFEST)) {
+                // Another copy of this database (same lineage, other history) wrote the bucket:
+                // appending this log's records would break every checksum after them.
+                self.refused = Some(why.clone());
+                return Err(Error::Busy(why));
+            }
+            self.history_checked = true;
+        }
         let mut changed = etag.is_none();
         // A base: the bucket's first snapshot, a newer local one (the primary's snapshot
         // cadence), or one that bridges a part of the log that is gone locally.
