@@ -247,19 +247,16 @@ impl Client {
         }
     }
 
-    /// The object's body as a reader (read in pieces, never whole) and its length, or None when
-    /// it does not exist.
-    pub fn get_reader(&self, name: &str) -> Result<Option<(Box<dyn Read + Send>, Option<u64>)>> {
+    /// The object's body as a reader (read in pieces, never whole), or None when it does not
+    /// exist.
+    pub fn get_reader(&self, name: &str) -> Result<Option<Box<dyn Read + Send>>> {
         let key = self.key(name);
         let url = self
             .bucket
             .get_object(self.creds.as_ref(), &key)
             .sign(SIGN_FOR);
         match self.agent.request_url("GET", &url).call() {
-            Ok(r) => {
-                let len = r.header("Content-Length").and_then(|l| l.parse().ok());
-                Ok(Some((Box::new(r.into_reader()), len)))
-            }
+            Ok(r) => Ok(Some(Box::new(r.into_reader()))),
             Err(ureq::Error::Status(404, _)) => Ok(None),
             Err(e) => Err(self.failed("GET", name, e)),
         }

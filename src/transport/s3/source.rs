@@ -174,7 +174,7 @@ impl BucketSource {
             return Ok((Box::new(std::io::Cursor::new(plain)), len));
         }
         let what = self.client.describe(&o.key);
-        let Some((body, _)) = self.client.get_reader(&o.key)? else {
+        let Some(body) = self.client.get_reader(&o.key)? else {
             return Err(Error::Corrupt(format!(
                 "{what} is missing: the manifest lists it; the backup is damaged (sqlite-replica verify names every problem)"
             )));
