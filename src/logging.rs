@@ -85,7 +85,8 @@ pub fn level_of(event: &str) -> Level {
         | "resume_failed"
         | "capture_error"
         | "log_tail_damaged"
-        | "primary_not_in_wal_mode" => Level::Error,
+        | "primary_not_in_wal_mode"
+        | "backup_stopped" => Level::Error,
         // Handled automatically, but a person should know: costs a re-copy, a gap, a stall,
         // or a refused operation.
         "gap"
@@ -111,7 +112,8 @@ pub fn level_of(event: &str) -> Level {
         | "replica_rewound"
         | "epoch_refused"
         | "orphaned_tail"
-        | "promote_notify_failed" => Level::Warn,
+        | "promote_notify_failed"
+        | "backup_error" => Level::Warn,
         // Routine: roles starting, servers listening, snapshots, retention, progress.
         _ => Level::Info,
     }

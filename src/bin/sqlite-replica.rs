@@ -35,7 +35,8 @@ const USAGE: &str = "usage:
   sqlite-replica serve <db | dir> [--listen HOST:PORT] [--token-file F] [--tls-cert F --tls-key F]
                        [--backup s3://bucket/prefix]
       (default 127.0.0.1:7070; the token from --token-file or REPL_TOKEN; a directory serves every
-       primary in it, each at /v1/db/<file name>)
+       primary in it, each at /v1/db/<file name>; --backup also uploads each primary's log to the
+       bucket, as repl_config('backup') would, one prefix per database when serving a directory)
   sqlite-replica compress-bench <db>...   (ratio and MB/s of each codec on the file's pages)
 
 <dir> is a replication log directory (the one holding meta.json, log/ and snap/).
@@ -369,6 +370,19 @@ fn spawn_uploader(db: &str, target: &str) -> Result<(), Failure> {
             .unwrap_or("db");
         target = format!("{}/{name}", target.trim_end_matches('/'));
     }
+    // Remembered as the primary's own `backup` setting, so local retention keeps every segment
+    // the bucket lacks and repl_status().backup shows these uploads; the primary's own thread
+    // takes over once this process stops. Another target already set is refused.
+    match replica::transport::s3::configured_target(&dir) {
+        Some(t) if t != target => {
+            return Err(Failure::Error(format!(
+                "{db} already backs up to {t} (repl_config('backup')): serve --backup {target} would \
+                 split its backup in two; pass that target, or clear it with repl_config('backup', '')"
+            )))
+        }
+        Some(_) => {}
+        None => replica::transport::s3::set_target(&dir, &target).map_err(fail)?,
+    }
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -403,10 +417,15 @@ fn spawn_uploader(db: &str, target: &str) -> Result<(), Failure> {
                         ))
                     }
                     Ok(_) => failing = false,
-                    Err(e) if !failing => {
+                    Err(e) if !failing || up.refused().is_some() => {
                         failing = true;
                         replica::logging::event(&format!(
-                            "event=backup_error db={db:?} error={:?}",
+                            "event={} db={db:?} error={:?}",
+                            if up.refused().is_some() {
+                                "backup_stopped"
+                            } else {
+                                "backup_error"
+                            },
                             e.to_string()
                         ))
                     }

@@ -34,7 +34,8 @@ pub const FUNCTIONS: &[(&str, i32, crate::ffi::func::ScalarFn)] = &[
 /// The `repl_*` URI parameters of a newly opened connection's main database:
 /// `repl_listen=host:port` (with `repl_token=`) makes it a primary serving over HTTP, as
 /// `repl_primary(listen, token)`; `repl_follow=1` starts following the remembered source, as
-/// `repl_follow()`. Absent parameters change nothing.
+/// `repl_follow()`; `repl_backup=s3://…` sets a primary's bucket backup, as
+/// `repl_config('backup', …)`. Absent parameters change nothing.
 pub fn apply_uri_parameters(db: *mut sqlite3) -> Result<()> {
     let call = Call { db: DbRef(db) };
     let p = |n: &str| call.db.uri_parameter("main", n).filter(|v| !v.is_empty());
@@ -43,6 +44,7 @@ pub fn apply_uri_parameters(db: *mut sqlite3) -> Result<()> {
     let exec_token = p("repl_exec_token");
     let follow = p("repl_follow");
     let failover = p("repl_failover");
+    let backup = p("repl_backup");
     let tls = match (p("repl_tls_cert"), p("repl_tls_key")) {
         (None, None) => crate::transport::server::TlsFiles::from_env()?,
         (cert, key) => crate::transport::server::TlsFiles::pair(
@@ -56,8 +58,13 @@ pub fn apply_uri_parameters(db: *mut sqlite3) -> Result<()> {
         && exec_token.is_none()
         && follow.is_none()
         && failover.is_none()
+        && backup.is_none()
     {
         return Ok(());
+    }
+    if let Some(t) = &backup {
+        crate::transport::s3::Target::parse(t)
+            .map_err(|e| Error::Misuse(format!("the repl_backup URI parameter: {e}")))?;
     }
     // Check every parameter before acting on any, so a bad one changes nothing.
     let follow = match follow.map(|f| f.to_ascii_lowercase()) {
@@ -86,6 +93,17 @@ pub fn apply_uri_parameters(db: *mut sqlite3) -> Result<()> {
     if let Some(addr) = listen {
         primary_listen(&call, &addr, token, exec_token, tls)
             .map_err(|e| Error::Misuse(format!("the repl_listen URI parameter: {e}")))?;
+    }
+    if let Some(target) = backup {
+        let (entry, path) = main_db_checked(call.db, "the repl_backup URI parameter")?;
+        let p = entry.primary().ok_or_else(|| {
+            Error::Misuse(format!(
+                "the repl_backup URI parameter: {path} is not a primary (add repl_listen=host:port, \
+                 or open it once and run repl_primary())"
+            ))
+        })?;
+        crate::transport::s3::set_target(p.dir(), &target)
+            .map_err(|e| Error::Misuse(format!("the repl_backup URI parameter: {e}")))?;
     }
     if follow {
         repl_follow(&call, &[])

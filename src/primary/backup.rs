@@ -118,9 +118,16 @@ impl Primary {
                 }
             }
             Err(e) => {
-                if !b.failing {
+                // A lost manifest race stops the uploader for good: always said, once.
+                let stopped = b.uploader.refused().is_some();
+                if !b.failing || stopped {
                     log_event(&format!(
-                        "event=backup_error db={:?} target={:?} error={:?}",
+                        "event={} db={:?} target={:?} error={:?}",
+                        if stopped {
+                            "backup_stopped"
+                        } else {
+                            "backup_error"
+                        },
                         self.db_path,
                         b.uploader.target(),
                         e.to_string()

@@ -82,6 +82,10 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "how long the bucket keeps the history a restore can reach, e.g. '7d' (0 = everything); older objects go once a newer snapshot covers them",
     ),
     (
+        "backup_snapshot_secs",
+        "the bucket's snapshot cadence: a new snapshot once the newest is this old and records came after it (0 = a quarter of backup_retain_secs); retention drops objects a newer snapshot covers",
+    ),
+    (
         "sync_timeout_ms",
         "the longest a commit waits for its synchronous followers (1..=600000); then it returns anyway and the timeout is counted",
     ),
@@ -106,6 +110,7 @@ fn get(p: &Policy, name: &str) -> Option<u64> {
         "sync_timeout_ms" => p.sync_timeout_ms,
         "backup_interval_ms" => p.backup_interval_ms,
         "backup_retain_secs" => p.backup_retain_secs,
+        "backup_snapshot_secs" => p.backup_snapshot_secs,
         _ => return None,
     })
 }
@@ -231,6 +236,7 @@ fn apply(p: &mut Policy, name: &str, v: u64) -> Result<()> {
             p.backup_interval_ms = v
         }
         "backup_retain_secs" => p.backup_retain_secs = v,
+        "backup_snapshot_secs" => p.backup_snapshot_secs = v,
         "exec_max_rows" => p.exec_max_rows = v,
         "exec_max_bytes" => p.exec_max_bytes = v,
         "compress" => {
@@ -304,8 +310,15 @@ pub fn pass(dir: &Path, policy: &Policy) -> Result<PassReport> {
         }
     }
     let (snap_lsn, snap_size) = newest.unwrap_or((Lsn(0), 0));
+    // The bucket's own cadence (FORMAT.md §9.5): with a backup, a snapshot once the newest is
+    // `backup_snapshot_every()` seconds old, so bucket retention has newer bases to keep.
+    let every = policy.backup_snapshot_every();
+    let bucket_due = every > 0
+        && uploaded.is_some()
+        && txlog::newest_snapshot_age(dir)?.is_some_and(|age| age >= Duration::from_secs(every));
     if durable > snap_lsn
-        && policy.snapshot_due(Policy::bytes_after(&segs, Some(snap_lsn)), snap_size)
+        && (bucket_due
+            || policy.snapshot_due(Policy::bytes_after(&segs, Some(snap_lsn)), snap_size))
     {
         let t0 = Instant::now();
         // The snapshot must never be ahead of the log on disk: a power loss that took a

@@ -68,8 +68,8 @@ pub use record::{
     RECORD_TRAILER_LEN, RECORD_VERSION, RECORD_VERSION_COMPRESSED, RECORD_VERSION_EPOCH,
 };
 pub use retention::{
-    newest_snapshot, remove_segment_files, remove_snapshots_before, segment_infos, Policy,
-    SegmentInfo,
+    newest_snapshot, newest_snapshot_age, remove_segment_files, remove_snapshots_before,
+    segment_infos, Policy, SegmentInfo,
 };
 pub use segment::{
     decode_segment_header, encode_segment_header, parse_segment_file_name, scan_segment_bytes,

@@ -55,6 +55,10 @@ pub struct Policy {
     /// became durable, and how long the bucket keeps the history (0 = everything).
     pub backup_interval_ms: u64,
     pub backup_retain_secs: u64,
+    /// The bucket's snapshot cadence: a new snapshot (uploaded by the next pass) once the newest
+    /// is this many seconds old and records came after it; 0 = a quarter of
+    /// `backup_retain_secs` (none while that is 0 too). It lets retention drop old objects.
+    pub backup_snapshot_secs: u64,
 }
 
 impl Default for Policy {
@@ -75,6 +79,7 @@ impl Default for Policy {
             sync_timeout_ms: 5000,
             backup_interval_ms: 1000,
             backup_retain_secs: 0,
+            backup_snapshot_secs: 0,
         }
     }
 }
@@ -128,6 +133,16 @@ impl Policy {
     pub fn snapshot_due(&self, log_after: u64, snapshot_size: u64) -> bool {
         self.snapshot_bytes > 0 && log_after >= self.snapshot_bytes.max(snapshot_size)
     }
+
+    /// The bucket's snapshot cadence in seconds (0: none): `backup_snapshot_secs`, else a
+    /// quarter of `backup_retain_secs` (at least 1 s).
+    pub fn backup_snapshot_every(&self) -> u64 {
+        match (self.backup_snapshot_secs, self.backup_retain_secs) {
+            (0, 0) => 0,
+            (0, r) => (r / 4).max(1),
+            (s, _) => s,
+        }
+    }
 }
 
 /// The segments of `<dir>/log`, oldest first, with sizes and ages.
@@ -180,6 +195,18 @@ pub fn newest_snapshot(dir: &Path) -> Result<Option<(Lsn, u64)>> {
     };
     let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     Ok(Some((*lsn, size)))
+}
+
+/// How long ago the newest snapshot file was written (None: no snapshot).
+pub fn newest_snapshot_age(dir: &Path) -> Result<Option<std::time::Duration>> {
+    let snaps = list_snapshots(dir)?;
+    let Some((_, _, path)) = snaps.last() else {
+        return Ok(None);
+    };
+    Ok(std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .map(|t| SystemTime::now().duration_since(t).unwrap_or_default()))
 }
 
 impl Log {
@@ -309,6 +336,19 @@ mod tests {
             "the last segment always counts"
         );
         assert_eq!(Policy::bytes_after(&[], Some(Lsn(5))), 0);
+    }
+
+    #[test]
+    fn backup_snapshot_cadence() {
+        let p = |snap, retain| Policy {
+            backup_snapshot_secs: snap,
+            backup_retain_secs: retain,
+            ..Policy::default()
+        };
+        assert_eq!(p(0, 0).backup_snapshot_every(), 0);
+        assert_eq!(p(0, 7 * 86400).backup_snapshot_every(), 7 * 86400 / 4);
+        assert_eq!(p(0, 2).backup_snapshot_every(), 1);
+        assert_eq!(p(60, 0).backup_snapshot_every(), 60);
     }
 
     #[test]

@@ -85,6 +85,8 @@ URI_FAILURES = {
     "bad repl_follow": ("repl_follow=maybe", "must be 1 or 0"),
     "good repl_listen, bad repl_follow": ("repl_listen=127.0.0.1:0&repl_follow=maybe", "must be 1 or 0"),
     "non-loopback repl_listen without token": ("repl_listen=0.0.0.0:0", "without a token"),
+    "good repl_listen, bad repl_backup": ("repl_listen=127.0.0.1:0&repl_backup=http://b/x", "not an s3:// URL"),
+    "repl_backup on a non-primary": ("repl_backup=s3://bkt/x", "not a primary"),
 }
 
 

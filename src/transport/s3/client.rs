@@ -1,6 +1,8 @@
 //! The S3 client: `s3://bucket/prefix` parsed once, credentials the AWS way, requests signed by
-//! rusty-s3 (SigV4, sans-IO: a presigned URL) and sent with the blocking ureq client. Four
-//! operations: GET, PUT (optionally conditional), HEAD-less existence through GET, DELETE.
+//! rusty-s3 (SigV4, sans-IO: a presigned URL) and sent with the blocking ureq client. The
+//! operations: GET (whole, or as a reader for large objects), PUT (optionally conditional; large
+//! objects as multipart uploads, one part in memory at a time), HEAD-less existence through GET,
+//! DELETE.
 //!
 //! Settings (environment, as the AWS tools read them): `AWS_ACCESS_KEY_ID`,
 //! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION` (or `AWS_DEFAULT_REGION`, default
@@ -10,10 +12,17 @@
 
 use crate::error::{Error, Result};
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
+use std::io::Read;
 use std::time::Duration;
 
 /// How long a signed request stays valid.
 const SIGN_FOR: Duration = Duration::from_secs(600);
+
+/// Objects larger than this go up as multipart uploads of parts this size (64 MiB, or
+/// `REPL_BACKUP_PART_MB`; S3 takes at least 5 MiB per part but the last, at most 10,000 parts).
+pub fn part_size() -> usize {
+    (crate::config::get().backup_part_mb as usize) << 20
+}
 
 /// A parsed `s3://bucket/prefix` target.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -148,9 +157,12 @@ impl Client {
             }),
             _ => None,
         };
+        // Per socket read and write, not per request: a 1 GiB snapshot streams for longer than
+        // any whole-request limit would allow, but a stalled bucket still fails in a minute.
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(3))
-            .timeout(Duration::from_secs(60))
+            .timeout_read(Duration::from_secs(60))
+            .timeout_write(Duration::from_secs(60))
             .build();
         Ok(Client {
             target,
@@ -233,6 +245,142 @@ impl Client {
             }
             Err(e) => Err(self.failed("GET", name, e)),
         }
+    }
+
+    /// The object's body as a reader (read in pieces, never whole), or None when it does not
+    /// exist.
+    pub fn get_reader(&self, name: &str) -> Result<Option<Box<dyn Read + Send>>> {
+        let key = self.key(name);
+        let url = self
+            .bucket
+            .get_object(self.creds.as_ref(), &key)
+            .sign(SIGN_FOR);
+        match self.agent.request_url("GET", &url).call() {
+            Ok(r) => Ok(Some(Box::new(r.into_reader()))),
+            Err(ureq::Error::Status(404, _)) => Ok(None),
+            Err(e) => Err(self.failed("GET", name, e)),
+        }
+    }
+
+    /// Uploads `len` bytes read from `r`, unconditionally: one PUT when they fit in a part
+    /// (`part_size()`), else a multipart upload of parts that size, so memory stays one part
+    /// whatever the object's size. Returns the stored length and its xxh3-64.
+    pub fn put_stream(&self, name: &str, len: u64, r: &mut dyn Read) -> Result<(u64, u64)> {
+        let part = part_size();
+        let what = || format!("S3 PUT {}", self.describe(name));
+        if len <= part as u64 {
+            let mut body = Vec::with_capacity(len as usize);
+            r.read_to_end(&mut body).map_err(|e| Error::io(what(), e))?;
+            self.put(name, &body, Cond::None)?;
+            return Ok((body.len() as u64, xxhash_rust::xxh3::xxh3_64(&body)));
+        }
+        let key = self.key(name);
+        let url = self
+            .bucket
+            .create_multipart_upload(self.creds.as_ref(), &key)
+            .sign(SIGN_FOR);
+        let resp = self
+            .agent
+            .request_url("POST", &url)
+            .call()
+            .map_err(|e| self.failed("POST (create multipart upload)", name, e))?
+            .into_string()
+            .map_err(|e| Error::io(what(), e))?;
+        let created =
+            rusty_s3::actions::CreateMultipartUpload::parse_response(&resp).map_err(|e| {
+                Error::Other(format!(
+                    "{}: the bucket's answer to CreateMultipartUpload is not understood ({e})",
+                    what()
+                ))
+            })?;
+        let id = created.upload_id().to_string();
+        let r = self.upload_parts(name, &key, &id, part, r);
+        if r.is_err() {
+            // Best effort: an upload neither completed nor aborted keeps its parts (billed)
+            // until the bucket's lifecycle rule for incomplete uploads removes them.
+            let url = self
+                .bucket
+                .abort_multipart_upload(self.creds.as_ref(), &key, &id)
+                .sign(SIGN_FOR);
+            let _ = self.agent.request_url("DELETE", &url).call();
+        }
+        r
+    }
+
+    fn upload_parts(
+        &self,
+        name: &str,
+        key: &str,
+        id: &str,
+        part: usize,
+        r: &mut dyn Read,
+    ) -> Result<(u64, u64)> {
+        let what = || format!("S3 PUT {}", self.describe(name));
+        let mut hash = xxhash_rust::xxh3::Xxh3::new();
+        let mut etags: Vec<String> = Vec::new();
+        let mut buf = vec![0u8; part];
+        let mut total = 0u64;
+        loop {
+            let mut n = 0;
+            while n < part {
+                match r.read(&mut buf[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(Error::io(what(), e)),
+                }
+            }
+            if n == 0 && !etags.is_empty() {
+                break;
+            }
+            let number = u16::try_from(etags.len() + 1).map_err(|_| {
+                Error::Other(format!(
+                    "{}: more than 65535 parts; raise REPL_BACKUP_PART_MB",
+                    what()
+                ))
+            })?;
+            hash.update(&buf[..n]);
+            total += n as u64;
+            let url = self
+                .bucket
+                .upload_part(self.creds.as_ref(), key, number, id)
+                .sign(SIGN_FOR);
+            let resp = self
+                .agent
+                .request_url("PUT", &url)
+                .send_bytes(&buf[..n])
+                .map_err(|e| self.failed(&format!("PUT (part {number})"), name, e))?;
+            etags.push(resp.header("ETag").unwrap_or("").to_string());
+            if n < part {
+                break;
+            }
+        }
+        let action = self.bucket.complete_multipart_upload(
+            self.creds.as_ref(),
+            key,
+            id,
+            etags.iter().map(String::as_str),
+        );
+        let url = action.sign(SIGN_FOR);
+        let resp = self
+            .agent
+            .request_url("POST", &url)
+            .send_string(&action.body())
+            .map_err(|e| self.failed("POST (complete multipart upload)", name, e))?
+            .into_string()
+            .map_err(|e| Error::io(what(), e))?;
+        // S3 may answer 200 and still report a failure in the body.
+        if resp.contains("<Error>") {
+            return Err(Error::Other(format!(
+                "{}: CompleteMultipartUpload failed: {}",
+                what(),
+                resp.split("<Code>")
+                    .nth(1)
+                    .and_then(|s| s.split("</Code>").next())
+                    .unwrap_or("unknown error")
+            )));
+        }
+        Ok((total, hash.digest()))
     }
 
     /// PUTs `body`; under a condition, `Ok(None)` when the condition failed (HTTP 412, or 409

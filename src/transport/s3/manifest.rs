@@ -285,6 +285,43 @@ impl Manifest {
         Ok(())
     }
 
+    /// Chunk compaction (FORMAT.md §9.7): the first run of at least 2 contiguous chunks, each
+    /// under half of `target` bytes and together at most `target`, that is `min_chunks` long
+    /// or holds at least half of `target`, leaving the newest `keep_newest` chunks alone (the
+    /// ones followers read). None: nothing worth merging.
+    pub fn plan_compaction(
+        &self,
+        min_chunks: usize,
+        target: u64,
+        keep_newest: usize,
+    ) -> Option<std::ops::Range<usize>> {
+        let n = self.chunks.len().saturating_sub(keep_newest);
+        let small = |c: &Object| c.bytes < target / 2;
+        let (mut s, mut total) = (0usize, 0u64);
+        for j in 0..n {
+            let c = &self.chunks[j];
+            if j > s {
+                let contiguous = c.first_lsn == self.chunks[j - 1].last_lsn.next();
+                let fits = total + c.bytes <= target;
+                if contiguous && small(c) && fits {
+                    total += c.bytes;
+                    continue;
+                }
+                if j - s >= 2 && (j - s >= min_chunks || total * 2 >= target) {
+                    return Some(s..j);
+                }
+                s = j;
+            }
+            if small(c) {
+                total = c.bytes;
+            } else {
+                s = j + 1;
+                total = 0;
+            }
+        }
+        (n > s + 1 && (n - s >= min_chunks || total * 2 >= target)).then_some(s..n)
+    }
+
     /// Retention (FORMAT.md §9.5): keeps every object needed to restore any point of the last
     /// `retain_ms` before `now_ms`. The base is the newest snapshot committed at or before the
     /// window's start; objects wholly before it are removed from the manifest and returned (to
@@ -394,6 +431,38 @@ mod tests {
         let text = manifest().to_json().replace("\"log/", "\"../");
         assert!(Manifest::from_json(text.as_bytes(), "m").is_err());
         assert!(Manifest::from_json(b"{}", "m").is_err());
+    }
+
+    #[test]
+    fn compaction_plans_contiguous_small_runs() {
+        let mut m = Manifest::new("lin", Epoch(1), 4096, "w1", "h");
+        m.snapshots = vec![snap(0, 0), snap(40, 0)];
+        // 1..=10 small, 11..=12 big, 13..=20 small, then a break (bridged by the snapshot at
+        // 40), 41..=60 small.
+        let mut c = |a: u64, b: u64, bytes: u64| {
+            let mut o = chunk(a, b, 0);
+            o.bytes = bytes;
+            m.chunks.push(o);
+        };
+        for i in 1..=10 {
+            c(i, i, 10);
+        }
+        c(11, 12, 600);
+        for i in 13..=20 {
+            c(i, i, 10);
+        }
+        for i in 41..=60 {
+            c(i, i, 10);
+        }
+        assert!(m.check_chain().is_ok());
+        // Runs of at least 10: 1..=10 (indices 0..10); the big chunk and the break split runs.
+        assert_eq!(m.plan_compaction(10, 1000, 4), Some(0..10));
+        assert_eq!(m.plan_compaction(11, 1000, 4), Some(19..35));
+        // The newest chunks are left alone: 41..=60 minus 15 kept is 5 long.
+        assert_eq!(m.plan_compaction(11, 1000, 15), None);
+        // Cut by size: 100 bytes hold 10 chunks of 10.
+        assert_eq!(m.plan_compaction(50, 100, 0), Some(0..10));
+        assert_eq!(m.plan_compaction(50, 1000, 0), None);
     }
 
     #[test]

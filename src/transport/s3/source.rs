@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::transport::{Fetch, Source, SourceInfo};
 use crate::txlog::{self, Record};
 use crate::types::{Lsn, PageSize};
+use std::io::Read;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -159,6 +160,37 @@ impl BucketSource {
         Ok(v)
     }
 
+    /// The object `o` as a reader of its plain bytes. Unencrypted, it is the GET's body read
+    /// in pieces (a snapshot of any size in bounded memory), checked against the manifest's
+    /// `bytes` and `xxh3` as it goes: a damaged body fails the read that completes its length, a
+    /// short or long one the read past it, so a caller that reads to the end (as `drain` makes
+    /// sure) has used nothing unchecked once it returns. Encrypted, the whole object is opened in memory first (the
+    /// seal covers the whole object).
+    /// Returns the reader and the plain length.
+    pub fn object_reader(&self, o: &Object) -> Result<(Box<dyn Read + Send>, u64)> {
+        if self.key.is_some() {
+            let plain = self.object(o)?;
+            let len = plain.len() as u64;
+            return Ok((Box::new(std::io::Cursor::new(plain)), len));
+        }
+        let what = self.client.describe(&o.key);
+        let Some(body) = self.client.get_reader(&o.key)? else {
+            return Err(Error::Corrupt(format!(
+                "{what} is missing: the manifest lists it; the backup is damaged (sqlite-replica verify names every problem)"
+            )));
+        };
+        let rd = Checked {
+            inner: body,
+            what,
+            want_len: o.bytes,
+            want_xxh3: o.xxh3,
+            hash: xxhash_rust::xxh3::Xxh3::new(),
+            n: 0,
+            first: true,
+        };
+        Ok((Box::new(rd), o.bytes))
+    }
+
     /// Streams the snapshot object `o`.
     fn stream_object(
         &self,
@@ -168,10 +200,11 @@ impl BucketSource {
         on_page: &mut dyn FnMut(crate::types::PageNo, &[u8]) -> Result<()>,
     ) -> Result<(txlog::RecordMeta, txlog::DbChecksum)> {
         let what = self.client.describe(&o.key);
-        let b = self.object(o)?;
-        let len = b.len() as u64;
+        let (mut rd, len) = self.object_reader(o)?;
         progress(len, len);
-        let r = txlog::stream_snapshot_from(std::io::Cursor::new(b), &what, len, on_meta, on_page)?;
+        let r = txlog::stream_snapshot_from(&mut rd, &what, len, on_meta, on_page)
+            .map_err(checked_error)?;
+        drain(&mut rd, &what)?;
         if r.0.lsn != o.first_lsn || r.0.db_checksum != o.db_checksum {
             return Err(Error::Corrupt(format!(
                 "{what}: holds LSN {} checksum {}, the manifest says LSN {} checksum {}",
@@ -264,6 +297,78 @@ impl BucketSource {
     }
 }
 
+/// A GET body checked as it is read against the manifest's length and xxh3 (`object_reader`).
+struct Checked {
+    inner: Box<dyn Read + Send>,
+    what: String,
+    want_len: u64,
+    want_xxh3: u64,
+    hash: xxhash_rust::xxh3::Xxh3,
+    n: u64,
+    /// Before the first byte: a sealed object read without a key is named as such.
+    first: bool,
+}
+
+/// The marker of a `Checked` failure inside an `io::Error` (see `checked_error`).
+const CHECKED: &str = "backup object check: ";
+
+impl Read for Checked {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let bad = |m: String| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{CHECKED}{m}"))
+        };
+        let k = self.inner.read(buf)?;
+        if self.first && k > 0 {
+            self.first = false;
+            if super::crypt::is_sealed(&buf[..k]) {
+                return Err(bad(format!(
+                    "{} is encrypted: set REPL_BACKUP_KEY or REPL_BACKUP_KEY_FILE",
+                    self.what
+                )));
+            }
+        }
+        self.hash.update(&buf[..k]);
+        self.n += k as u64;
+        if self.n > self.want_len || (k == 0 && self.n < self.want_len) {
+            return Err(bad(format!(
+                "{} is {}{} bytes, the manifest says {}: truncated or replaced; refused",
+                self.what,
+                if k == 0 { "" } else { "more than " },
+                self.n,
+                self.want_len
+            )));
+        }
+        // Checked on the read that completes the length (a reader that stops at the length
+        // it was told, without a last empty read, still has every byte checked).
+        if k > 0 && self.n == self.want_len && self.hash.digest() != self.want_xxh3 {
+            return Err(bad(format!(
+                "{}: checksum {:016x} differs from the manifest's {:016x}: the object is damaged; refused",
+                self.what,
+                self.hash.digest(),
+                self.want_xxh3
+            )));
+        }
+        Ok(k)
+    }
+}
+
+/// Reads `rd` to its end (where `Checked` compares length and checksum).
+fn drain(rd: &mut dyn Read, what: &str) -> Result<()> {
+    std::io::copy(rd, &mut std::io::sink())
+        .map(|_| ())
+        .map_err(|e| checked_error(Error::io(format!("reading {what}"), e)))
+}
+
+/// A `Checked` failure surfaced through a decoder's I/O error becomes the corruption it is.
+fn checked_error(e: Error) -> Error {
+    let text = e.to_string();
+    match text.split_once(CHECKED) {
+        Some((_, m)) if m.contains("is encrypted") => Error::Misuse(m.to_string()),
+        Some((_, m)) => Error::Corrupt(m.to_string()),
+        None => e,
+    }
+}
+
 impl Source for BucketSource {
     fn describe(&self) -> String {
         self.client.target().display()
@@ -343,21 +448,19 @@ impl Source for BucketSource {
                 self.describe()
             )));
         };
-        let b = self.object(&s)?;
-        let head = txlog::SEGMENT_HEADER_LEN + txlog::RECORD_HEADER_LEN;
-        if b.len() < head {
-            return Err(Error::Corrupt(format!(
-                "{} is truncated",
-                self.client.describe(&s.key)
-            )));
-        }
+        let what = self.client.describe(&s.key);
+        let (mut rd, len) = self.object_reader(&s)?;
+        let mut head = vec![0u8; txlog::SEGMENT_HEADER_LEN + txlog::RECORD_HEADER_LEN];
+        rd.read_exact(&mut head)
+            .map_err(|e| Error::Corrupt(format!("{what} is truncated ({e})")))?;
         Ok(crate::transport::SnapshotBytes {
-            etag: txlog::snapshot_etag(&b[txlog::SEGMENT_HEADER_LEN..head]),
+            etag: txlog::snapshot_etag(&head[txlog::SEGMENT_HEADER_LEN..]),
             lsn: s.first_lsn,
             generation: s.generation,
-            len: b.len() as u64,
+            len,
             start: 0,
-            body: Box::new(std::io::Cursor::new(b)),
+            // Checked as it is read: a damaged body fails the read that reaches its end.
+            body: Box::new(std::io::Cursor::new(head).chain(rd)),
         })
     }
 
@@ -366,6 +469,41 @@ impl Source for BucketSource {
         if m.last_lsn().is_none_or(|l| l < from) {
             m = self.refresh()?;
         }
+        match self.fetch_in(&m, from, max_bytes) {
+            // A chunk the cached manifest names may have been merged into a larger one
+            // (compaction, FORMAT.md §9.7) and deleted: the current manifest names the new one.
+            Err(e) => {
+                let now = self.refresh()?;
+                if now.chunks == m.chunks {
+                    return Err(e);
+                }
+                self.fetch_in(&now, from, max_bytes)
+            }
+            ok => ok,
+        }
+    }
+
+    fn fetch_wait(&self, from: Lsn, max_bytes: usize, wait: Duration) -> Result<Fetch> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let f = self.fetch(from, max_bytes)?;
+            match &f {
+                Fetch::Records(v) if v.is_empty() && Instant::now() + POLL < deadline => {
+                    std::thread::sleep(POLL);
+                    self.refresh()?;
+                }
+                _ => return Ok(f),
+            }
+        }
+    }
+
+    fn page_size(&self) -> Result<Option<PageSize>> {
+        Ok(PageSize::new(self.cached()?.page_size))
+    }
+}
+
+impl BucketSource {
+    fn fetch_in(&self, m: &Manifest, from: Lsn, max_bytes: usize) -> Result<Fetch> {
         let mut out = Vec::new();
         let Some(last) = m.last_lsn() else {
             return Ok(Fetch::Records(out));
@@ -395,23 +533,5 @@ impl Source for BucketSource {
             at = c.last_lsn.next();
         }
         Ok(Fetch::Records(out))
-    }
-
-    fn fetch_wait(&self, from: Lsn, max_bytes: usize, wait: Duration) -> Result<Fetch> {
-        let deadline = Instant::now() + wait;
-        loop {
-            let f = self.fetch(from, max_bytes)?;
-            match &f {
-                Fetch::Records(v) if v.is_empty() && Instant::now() + POLL < deadline => {
-                    std::thread::sleep(POLL);
-                    self.refresh()?;
-                }
-                _ => return Ok(f),
-            }
-        }
-    }
-
-    fn page_size(&self) -> Result<Option<PageSize>> {
-        Ok(PageSize::new(self.cached()?.page_size))
     }
 }

@@ -18,9 +18,18 @@ use std::path::{Path, PathBuf};
 
 /// The most record bytes one chunk holds (a larger backlog goes up as several chunks).
 pub const CHUNK_MAX: usize = 8 << 20;
-/// An uploader rewrites the manifest at least every `LEASE_MS / 2`, and a new uploader does
-/// not take over a manifest another one wrote less than `LEASE_MS` ago (FORMAT.md §9.3).
-pub const LEASE_MS: u64 = 10_000;
+/// An uploader rewrites the manifest at least every `lease_ms() / 2`, and a new uploader does
+/// not take over a manifest another one wrote less than `lease_ms()` ago (FORMAT.md §9.3):
+/// 10 s, or `REPL_BACKUP_LEASE_MS` (tests shorten it).
+pub fn lease_ms() -> u64 {
+    crate::config::get().backup_lease_ms
+}
+/// Chunk compaction (FORMAT.md §9.7): runs of small chunks are merged into objects of at most
+/// this many bytes (the merge is built in memory: this bounds it).
+pub const COMPACT_TARGET: u64 = 16 << 20;
+/// The newest chunks, which followers are reading, are never merged.
+pub const COMPACT_KEEP_NEWEST: usize = 4;
+
 /// The status file in the log directory.
 pub const STATUS_FILE: &str = "backup.json";
 /// The file holding the backup target (`repl_config('backup', …)`).
@@ -49,6 +58,57 @@ pub struct Uploader {
     refused: Option<String>,
     errors: u64,
     uploads: u64,
+    /// Chunks replaced by a merged one, deleted once readers that still hold the manifest
+    /// naming them had time to re-read it: (due time in Unix ms, key).
+    pending_deletes: Vec<(u64, String)>,
+    /// The bucket's last LSN was found in this log with the same database checksum.
+    history_checked: bool,
+    /// No compaction before this time (Unix ms) after one failed.
+    compact_after: u64,
+    pub compactions: u64,
+}
+
+/// Whether `log` (durable up to `durable`) continues the history the manifest `m` ends with:
+/// the bucket must not be ahead of the log, and where the log still holds the bucket's last
+/// LSN, its database checksum there must be the bucket's. A copy of a database that went its own
+/// way (same lineage, other transactions) fails here before it uploads anything.
+fn same_history(
+    m: &Manifest,
+    log: &Log,
+    durable: Lsn,
+    what: &str,
+) -> std::result::Result<(), String> {
+    let last = m
+        .chunks
+        .last()
+        .into_iter()
+        .chain(m.snapshots.last())
+        .max_by_key(|o| o.last_lsn);
+    let Some(last) = last else {
+        return Ok(());
+    };
+    if last.last_lsn > durable {
+        return Err(format!(
+            "{what} ends at LSN {} but this log at LSN {durable}: the bucket holds transactions this \
+             database never had (another copy of it, or a database restored from it, wrote them); \
+             this uploader stops. Give this database its own prefix",
+            last.last_lsn
+        ));
+    }
+    let held = log
+        .read_from(last.last_lsn, Some(last.last_lsn))
+        .ok()
+        .and_then(|mut it| it.next())
+        .and_then(|r| r.ok());
+    match held {
+        Some(r) if r.meta.lsn == last.last_lsn && r.meta.db_checksum != last.db_checksum => Err(format!(
+            "{what}: at LSN {} the bucket's database checksum is {}, this log's {}: another copy of \
+             this database with other transactions wrote the bucket; this uploader stops. Give \
+             this database its own prefix",
+            last.last_lsn, last.db_checksum, r.meta.db_checksum
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The backup target configured for the log directory `dir` (None: no backup).
@@ -131,6 +191,10 @@ impl Uploader {
             refused: None,
             errors: 0,
             uploads: 0,
+            pending_deletes: Vec::new(),
+            history_checked: false,
+            compact_after: 0,
+            compactions: 0,
         })
     }
 
@@ -177,6 +241,7 @@ impl Uploader {
             "last_ok_ms": if error.is_none() { Some(now) } else { keep("last_ok_ms").and_then(|v| v.as_u64()) },
             "updated_ms": now,
             "refused": self.refused.is_some(),
+            "compactions": self.compactions,
         });
         let path = self.dir.join(STATUS_FILE);
         let tmp = self
@@ -245,13 +310,13 @@ impl Uploader {
             _ => {}
         }
         let age = crate::util::now_ms().saturating_sub(m.updated_ms);
-        if etag.is_some() && m.writer != self.writer && age < LEASE_MS {
+        let lease = lease_ms();
+        if etag.is_some() && m.writer != self.writer && age < lease {
             return Err(Error::Busy(format!(
                 "{what} is held by uploader {} ({}), which wrote it {age} ms ago: two uploaders on one prefix; \
-                 this one waits (it takes over {} s after the other stops). Give each primary its own prefix",
+                 this one waits (it takes over {lease} ms after the other stops). Give each primary its own prefix",
                 m.writer,
                 m.writer_host,
-                LEASE_MS / 1000
             )));
         }
         if m.epoch < meta.epoch {
@@ -277,6 +342,15 @@ impl Uploader {
         }
         let (mut m, etag) = self.manifest.clone().expect("loaded");
         let log = self.log.as_ref().expect("opened");
+        if !self.history_checked {
+            if let Err(why) = same_history(&m, log, durable, &self.client.describe(MANIFEST)) {
+                // Another copy of this database (same lineage, other history) wrote the bucket:
+                // appending this log's records would break every checksum after them.
+                self.refused = Some(why.clone());
+                return Err(Error::Busy(why));
+            }
+            self.history_checked = true;
+        }
         let mut changed = etag.is_none();
         // A base: the bucket's first snapshot, a newer local one (the primary's snapshot
         // cadence), or one that bridges a part of the log that is gone locally.
@@ -298,13 +372,24 @@ impl Uploader {
             };
             let key = snapshot_key(smeta.lsn, smeta.generation);
             if !m.snapshots.iter().any(|s| s.key == key) {
-                let plain = std::fs::read(&path)
-                    .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-                let body = self.seal(&key, plain)?;
-                self.client.put(&key, &body, Cond::None)?;
+                let reading = |e| Error::io(format!("reading {}", path.display()), e);
+                // Streamed from the file (multipart above one part): memory stays one part
+                // however large the database. Sealing needs the whole object in memory.
+                let (bytes, xxh3) = match &self.key {
+                    None => {
+                        let mut f = std::fs::File::open(&path).map_err(reading)?;
+                        let len = f.metadata().map_err(reading)?.len();
+                        self.client.put_stream(&key, len, &mut f)?
+                    }
+                    Some(_) => {
+                        let body = self.seal(&key, std::fs::read(&path).map_err(reading)?)?;
+                        self.client
+                            .put_stream(&key, body.len() as u64, &mut body.as_slice())?
+                    }
+                };
                 self.uploads += 1;
                 report.objects += 1;
-                report.bytes += body.len() as u64;
+                report.bytes += bytes;
                 m.snapshots.push(Object {
                     key,
                     first_lsn: smeta.lsn,
@@ -313,8 +398,8 @@ impl Uploader {
                     epoch: smeta.epoch,
                     first_ms: smeta.timestamp_ms,
                     last_ms: smeta.timestamp_ms,
-                    bytes: body.len() as u64,
-                    xxh3: xxhash_rust::xxh3::xxh3_64(&body),
+                    bytes,
+                    xxh3,
                     db_checksum: smeta.db_checksum,
                 });
                 m.snapshots.sort_by_key(|s| s.first_lsn);
@@ -373,12 +458,28 @@ impl Uploader {
                 "the manifest this pass would write is wrong ({e}); nothing was changed"
             ))
         })?;
+        let replaced = self.compact(&mut m);
+        changed |= !replaced.is_empty();
         let deleted = m.plan_retention(crate::util::now_ms(), retain_ms);
         changed |= !deleted.is_empty();
-        let lease_due = crate::util::now_ms().saturating_sub(m.updated_ms) >= LEASE_MS / 2;
+        let lease_due = crate::util::now_ms().saturating_sub(m.updated_ms) >= lease_ms() / 2;
         if changed || lease_due {
             self.write_manifest(m, etag)?;
         }
+        // Merged chunks go after a grace period: a follower may still read the manifest that
+        // names them (and one that misses an object re-reads the manifest anyway).
+        let now = crate::util::now_ms();
+        let grace = 3 * lease_ms();
+        self.pending_deletes
+            .extend(replaced.into_iter().map(|k| (now + grace, k)));
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending_deletes)
+            .into_iter()
+            .partition(|(t, _)| *t <= now);
+        self.pending_deletes = later;
+        let deleted: Vec<String> = deleted
+            .into_iter()
+            .chain(due.into_iter().map(|(_, k)| k))
+            .collect();
         for key in &deleted {
             // The manifest no longer names them; a failed delete leaves an orphan only.
             if let Err(e) = self.client.delete(key) {
@@ -392,6 +493,89 @@ impl Uploader {
         report.deleted = deleted.len();
         report.uploaded_lsn = self.manifest.as_ref().and_then(|(m, _)| m.last_lsn());
         Ok(report)
+    }
+
+    /// Chunk compaction (FORMAT.md §9.7): merges one run of small contiguous chunks into one
+    /// object and replaces them with it in `m` (written by the caller's conditional manifest
+    /// write). Returns the replaced keys. A failure only postpones compaction (a minute): the
+    /// pass goes on without it.
+    fn compact(&mut self, m: &mut Manifest) -> Vec<String> {
+        let now = crate::util::now_ms();
+        if now < self.compact_after {
+            return Vec::new();
+        }
+        let min = crate::config::get().backup_compact_chunks as usize;
+        let Some(run) = m.plan_compaction(min, COMPACT_TARGET, COMPACT_KEEP_NEWEST) else {
+            return Vec::new();
+        };
+        let parts = m.chunks[run.clone()].to_vec();
+        match self.merge(&parts) {
+            Ok(obj) => {
+                self.compactions += 1;
+                m.chunks.splice(run, [obj]);
+                parts.into_iter().map(|o| o.key).collect()
+            }
+            Err(e) => {
+                self.compact_after = now + 60_000;
+                crate::logging::event(&format!(
+                    "event=backup_error target={:?} error={:?}",
+                    self.target(),
+                    format!("chunk compaction postponed: {e}")
+                ));
+                Vec::new()
+            }
+        }
+    }
+
+    /// Downloads `parts` (checked against their manifest entries), concatenates their records
+    /// under one segment header and uploads the result as one chunk.
+    fn merge(&mut self, parts: &[Object]) -> Result<Object> {
+        let (first, last) = (&parts[0], &parts[parts.len() - 1]);
+        let mut body = txlog::encode_segment_header(&txlog::SegmentHeader {
+            first_lsn: first.first_lsn,
+            created_ms: crate::util::now_ms(),
+        })
+        .to_vec();
+        for o in parts {
+            let what = self.client.describe(&o.key);
+            let Some((b, _)) = self.client.get(&o.key)? else {
+                return Err(Error::Corrupt(format!("{what} is missing")));
+            };
+            if b.len() as u64 != o.bytes || xxhash_rust::xxh3::xxh3_64(&b) != o.xxh3 {
+                return Err(Error::Corrupt(format!(
+                    "{what} differs from its manifest entry (size or xxh3)"
+                )));
+            }
+            let plain = match &self.key {
+                Some(k) => k.open(&o.key, &b, &what)?,
+                None => b,
+            };
+            let h = txlog::decode_segment_header(&plain)
+                .map_err(|e| Error::Corrupt(format!("{what}: {e}")))?;
+            if h.first_lsn != o.first_lsn {
+                return Err(Error::Corrupt(format!(
+                    "{what}: starts at LSN {}, the manifest says {}",
+                    h.first_lsn, o.first_lsn
+                )));
+            }
+            body.extend_from_slice(&plain[txlog::SEGMENT_HEADER_LEN..]);
+        }
+        let key = chunk_key(first.first_lsn, last.last_lsn);
+        let body = self.seal(&key, body)?;
+        self.client.put(&key, &body, Cond::None)?;
+        self.uploads += 1;
+        Ok(Object {
+            key,
+            first_lsn: first.first_lsn,
+            last_lsn: last.last_lsn,
+            generation: last.generation,
+            epoch: last.epoch,
+            first_ms: first.first_ms,
+            last_ms: last.last_ms,
+            bytes: body.len() as u64,
+            xxh3: xxhash_rust::xxh3::xxh3_64(&body),
+            db_checksum: last.db_checksum,
+        })
     }
 
     /// The conditional manifest write; on a lost race, whoever wrote it is named and this
