@@ -404,8 +404,23 @@ fn spawn_uploader(db: &str, target: &str) -> Result<(), Failure> {
         .spawn(move || {
             let _lock = lock;
             let mut failing = false;
+            let mut last_pass: Option<std::time::Instant> = None;
             loop {
                 let (interval_ms, retain_ms) = replica::transport::s3::settings(&dir);
+                let interval = std::time::Duration::from_millis(interval_ms);
+                if last_pass.is_some_and(|t| t.elapsed() < interval) {
+                    // Between passes: keep the lease (an interval longer than half of it).
+                    if up.renew().is_err() && up.refused().is_some() {
+                        replica::logging::event(&format!(
+                            "event=backup_stopped db={db:?} error={:?}",
+                            up.refused().unwrap_or_default()
+                        ));
+                        return;
+                    }
+                    std::thread::sleep(Uploader::renew_every().min(interval));
+                    continue;
+                }
+                last_pass = Some(std::time::Instant::now());
                 match up.run(retain_ms) {
                     Ok(r) if r.objects > 0 => {
                         failing = false;
@@ -434,7 +449,7 @@ fn spawn_uploader(db: &str, target: &str) -> Result<(), Failure> {
                 if up.refused().is_some() {
                     return;
                 }
-                std::thread::sleep(std::time::Duration::from_millis(interval_ms));
+                std::thread::sleep(Uploader::renew_every().min(interval));
             }
         })
         .map_err(|e| Failure::Error(format!("starting the backup thread: {e}")))?;

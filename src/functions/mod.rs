@@ -104,6 +104,7 @@ pub fn apply_uri_parameters(db: *mut sqlite3) -> Result<()> {
         })?;
         crate::transport::s3::set_target(p.dir(), &target)
             .map_err(|e| Error::Misuse(format!("the repl_backup URI parameter: {e}")))?;
+        p.backup_settings_changed();
     }
     if follow {
         repl_follow(&call, &[])
@@ -504,6 +505,7 @@ fn repl_config(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
     if name == "backup" {
         if let Some(v) = args.text(1, "backup target")? {
             crate::transport::s3::set_target(p.dir(), &v)?;
+            p.backup_settings_changed();
         }
         return Ok(
             crate::transport::s3::configured_target(p.dir()).map_or(SqlValue::Null, SqlValue::Text)
@@ -520,6 +522,7 @@ fn repl_config(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
                 )
             })?;
             let policy = set_setting(p.dir(), "backup_retain_secs", secs as i64)?;
+            p.backup_settings_changed();
             return Ok(SqlValue::Int(policy.backup_retain_secs as i64));
         }
         if name == "backup_retain" && args.get(1).is_none() {
@@ -541,6 +544,9 @@ fn repl_config(c: &Call, a: &[SqlValue]) -> Result<SqlValue> {
                 .unwrap_or_default();
             let policy = set_setting(p.dir(), &name, v)?;
             p.apply_policy(&policy);
+            if name.starts_with("backup") {
+                p.backup_settings_changed();
+            }
             Ok(SqlValue::Int(setting(&policy, &name)? as i64))
         }
     }

@@ -20,10 +20,24 @@ pub(super) struct Backup {
     /// `backup.lock`, held while this process uploads.
     _lock: File,
     last: Option<Instant>,
+    /// The last lease check (`Uploader::renew`) between passes.
+    last_renew: Option<Instant>,
     failing: bool,
 }
 
+/// How long the backup target and settings read from the log directory are trusted.
+const SETTINGS_RECHECK: Duration = Duration::from_secs(1);
+
+/// What `run_backup` last read: when, the target, the settings.
+pub(super) type BackupSeen = Option<(Instant, Option<String>, crate::txlog::Policy)>;
+
 impl Primary {
+    /// The backup target or a backup setting was changed by this process: read them again at
+    /// the next pass.
+    pub fn backup_settings_changed(&self) {
+        *lock(&self.backup_seen) = None;
+    }
+
     /// A pass when one is due (on the backup thread).
     pub(super) fn run_backup(&self) {
         let mut slot = lock(&self.backup);
@@ -31,19 +45,55 @@ impl Primary {
             *slot = None;
             return;
         }
-        let Some(target) = s3::configured_target(&self.dir) else {
+        // The target and settings are files another process may change: read again at most
+        // once a second (this runs every 20 ms for every primary of the process), and at once
+        // after a change made here (`backup_settings_changed`).
+        let (target, policy) = {
+            let mut seen = lock(&self.backup_seen);
+            match &*seen {
+                Some((at, target, policy)) if at.elapsed() < SETTINGS_RECHECK => {
+                    (target.clone(), *policy)
+                }
+                _ => {
+                    let target = s3::configured_target(&self.dir);
+                    let policy = match target {
+                        Some(_) => super::maintenance::load_policy(&self.dir).unwrap_or_default(),
+                        None => Default::default(),
+                    };
+                    *seen = Some((Instant::now(), target.clone(), policy));
+                    (target, policy)
+                }
+            }
+        };
+        let Some(target) = target else {
             *slot = None;
             return;
         };
         if slot.as_ref().is_some_and(|b| b.target != target) {
             *slot = None; // the target changed: a new uploader
         }
-        let policy = super::maintenance::load_policy(&self.dir).unwrap_or_default();
         let interval = Duration::from_millis(policy.backup_interval_ms.max(100));
-        if slot
-            .as_ref()
-            .is_some_and(|b| b.last.is_some_and(|t| t.elapsed() < interval))
+        if let Some(b) = slot
+            .as_mut()
+            .filter(|b| b.last.is_some_and(|t| t.elapsed() < interval))
         {
+            // No pass due yet; the lease may be (an interval longer than half the lease).
+            if b.last_renew
+                .or(b.last)
+                .is_some_and(|t| t.elapsed() >= Uploader::renew_every())
+            {
+                b.last_renew = Some(Instant::now());
+                if let Err(e) = b.uploader.renew() {
+                    if b.uploader.refused().is_some() {
+                        log_event(&format!(
+                            "event=backup_stopped db={:?} target={:?} error={:?}",
+                            self.db_path,
+                            b.uploader.target(),
+                            e.to_string()
+                        ));
+                    }
+                }
+            }
             return;
         }
         if slot.is_none() {
@@ -70,6 +120,7 @@ impl Primary {
                         uploader: u,
                         _lock: f,
                         last: None,
+                        last_renew: None,
                         failing: false,
                     });
                 }
@@ -92,6 +143,7 @@ impl Primary {
             return; // stopped for good: the status file says why
         }
         b.last = Some(Instant::now());
+        b.last_renew = b.last;
         match b
             .uploader
             .run(policy.backup_retain_secs.saturating_mul(1000))

@@ -140,6 +140,8 @@ pub struct Primary {
     last_maintenance: Mutex<Option<Instant>>,
     /// The object-storage uploader of this primary in this process (`backup.rs`).
     backup: Mutex<Option<backup::Backup>>,
+    /// The backup target and settings as last read (`backup.rs`).
+    backup_seen: Mutex<backup::BackupSeen>,
     /// `repl_primary()` loaded the state under WRITE and keeps it until the registry has
     /// installed the role (`release_init_write`): a commit by another connection of this
     /// process in between would not go through the role's hooks and would read as a gap.
@@ -258,6 +260,7 @@ impl Primary {
             maintenance_busy: Mutex::new(()),
             last_maintenance: Mutex::new(None),
             backup: Mutex::new(None),
+            backup_seen: Mutex::new(None),
             init_write_held: AtomicBool::new(false),
             t3_seen: Mutex::new(None),
             server: Mutex::new(None),

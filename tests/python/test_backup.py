@@ -261,7 +261,10 @@ def test_replica_follows_the_bucket(moto, tmp):
     r = Worker(rdb, env=aws_env(base))
     assert r.one("SELECT repl_follow('s3://follow/bank', 200)") >= 1
     seen = set()
-    for i in range(150):
+    # At least 150 transfers, and on until the reader saw the replica move (bounded: the
+    # bucket is read every 200 ms; on a loaded machine 150 transfers can take less than that).
+    i, deadline = 0, time.time() + 20
+    while i < 150 or (len(seen) < 2 and time.time() < deadline):
         a, b = 1 + i % 10, 1 + (i * 7 + 3) % 10
         p.script(["BEGIN", f"UPDATE acct SET bal = bal - 7 WHERE id = {a}",
                   f"UPDATE acct SET bal = bal + 7 WHERE id = {b}", "COMMIT"])
@@ -269,6 +272,7 @@ def test_replica_follows_the_bucket(moto, tmp):
             total = stock_one(rdb, "SELECT sum(bal) FROM acct;")
             assert total == "1000", f"torn state seen: sum {total}"
             seen.add(stock_one(rdb, "SELECT group_concat(bal) FROM acct;"))
+        i += 1
     lsn = uploaded(p)
     t0 = time.time()
     wait_for(lambda: r.one("SELECT repl_lsn()") >= lsn, timeout=20, interval=0.02, what="replica caught up")
@@ -614,11 +618,12 @@ def test_same_lineage_lease_and_lost_race(moto, tmp):
     primary wakes up its conditional manifest write is refused: it stops for good, says so in
     repl_status().backup.last_error and in an event line, and never writes again. Last, a third
     copy that committed its own transaction (a history the bucket does not have) refuses to
-    append to the bucket. The lease is shortened to 1.5 s for the test (REPL_BACKUP_LEASE_MS;
-    10 s by default)."""
+    append to the bucket. The lease is shortened to 3 s for the test (REPL_BACKUP_LEASE_MS;
+    10 s by default; 1.5 s was too short for a moto server shared with the outage run on a
+    loaded 2-core machine: a renewal delayed by a slow PUT let the copy take over)."""
     base, _ = moto
     make_bucket(base, "lease")
-    lease = {"REPL_BACKUP_LEASE_MS": "1500"}
+    lease = {"REPL_BACKUP_LEASE_MS": "3000"}
     db = tmp / "a.db"
     a = start_backed_up(db, "s3://lease/a", base, interval_ms=100, env=lease)
     a.script(["CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)"])
@@ -632,10 +637,16 @@ def test_same_lineage_lease_and_lost_race(moto, tmp):
         d.mkdir()
         for f in tmp.glob("a.db*"):
             (shutil.copytree if f.is_dir() else shutil.copy2)(f, d / f.name)
+    # The reopened primary resumes its backup at once: the manifest's writer served this very
+    # directory, whose backup.lock it holds now, so that uploader is gone (no lease to wait out).
+    old_writer = manifest_writer(base, "lease", "a")
+    t0 = time.monotonic()
     a = start_primary(db, env={**aws_env(base), **lease})
-    wait_for(lambda: (backup_status(a).get("writer") or "") == manifest_writer(base, "lease", "a")
+    wait_for(lambda: (backup_status(a).get("writer") or old_writer) != old_writer
+             and backup_status(a).get("writer") == manifest_writer(base, "lease", "a")
              and backup_status(a).get("last_error") is None,
              timeout=15, interval=0.05, what="the reopened primary holds the prefix")
+    assert time.monotonic() - t0 < 3.0, "the reopened primary waited out its own old lease"
     a_writer = backup_status(a)["writer"]
     b = start_primary(copy / "a.db", env={**aws_env(base), **lease})
     assert lsn_checksum(b) == (lsn, ck)
@@ -643,7 +654,7 @@ def test_same_lineage_lease_and_lost_race(moto, tmp):
              timeout=10, interval=0.05, what="the copy refused")
     assert a_writer in backup_status(b)["last_error"], backup_status(b)
     # Two leases later the copy still waits: the live primary renews its lease.
-    time.sleep(3.2)
+    time.sleep(6.2)
     st = backup_status(b)
     assert "is held by uploader" in (st.get("last_error") or ""), st
     assert manifest_writer(base, "lease", "a") == a_writer

@@ -44,6 +44,10 @@ pub struct Manifest {
     pub writer: String,
     /// Where that uploader runs (host and pid), for error messages only.
     pub writer_host: String,
+    /// Which log directory that uploader served (`boot id:device:inode`; empty when unknown):
+    /// an uploader of the same directory holds its `backup.lock`, so the one named here is
+    /// gone and need not be waited for (FORMAT.md §9.3).
+    pub writer_dir: String,
     pub updated_ms: u64,
     /// Encrypted objects: the key check (hex of an AEAD seal of a fixed text; `crypt.rs`).
     pub key_check: Option<String>,
@@ -121,6 +125,7 @@ impl Manifest {
             page_size,
             writer: writer.to_string(),
             writer_host: host.to_string(),
+            writer_dir: String::new(),
             updated_ms: 0,
             key_check: None,
             snapshots: Vec::new(),
@@ -136,6 +141,7 @@ impl Manifest {
             "page_size": self.page_size,
             "writer": self.writer,
             "writer_host": self.writer_host,
+            "writer_dir": self.writer_dir,
             "updated_ms": self.updated_ms,
             "key_check": self.key_check,
             "last_lsn": self.last_lsn().map(|l| l.0),
@@ -187,6 +193,7 @@ impl Manifest {
                 .ok_or_else(|| bad("page_size"))?,
             writer: s("writer")?,
             writer_host: s("writer_host").unwrap_or_default(),
+            writer_dir: s("writer_dir").unwrap_or_default(),
             updated_ms: v.get("updated_ms").and_then(Value::as_u64).unwrap_or(0),
             key_check: v
                 .get("key_check")

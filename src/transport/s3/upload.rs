@@ -52,6 +52,8 @@ pub struct Uploader {
     key: Option<Key>,
     writer: String,
     host: String,
+    /// This log directory's identity (`dir_identity`), written into the manifest.
+    dir_id: String,
     /// The manifest as this uploader last wrote or read it, and its ETag (None: not created).
     manifest: Option<(Manifest, Option<String>)>,
     /// Set when another uploader holds the prefix: this one never writes again.
@@ -187,6 +189,7 @@ impl Uploader {
             key: Key::from_env()?,
             writer: crate::util::hex(&w),
             host: format!("{host} pid {}", std::process::id()),
+            dir_id: dir_identity(dir),
             manifest: None,
             refused: None,
             errors: 0,
@@ -218,6 +221,38 @@ impl Uploader {
             self.errors += 1;
         }
         self.write_status(r.as_ref().err().map(|e| e.to_string()));
+        r
+    }
+
+    /// How often an uploader must at least look at its lease: a quarter of it, so the manifest
+    /// is rewritten (`renew`) before half the lease has gone by even when the upload interval
+    /// is longer than the lease.
+    pub fn renew_every() -> std::time::Duration {
+        std::time::Duration::from_millis((lease_ms() / 4).max(50))
+    }
+
+    /// Keeps this uploader's hold on the prefix between passes (FORMAT.md §9.3): when this
+    /// uploader wrote the manifest it holds and half the lease has gone by since, rewrites it
+    /// unchanged but for its time (a conditional write: a lost race stops this uploader, as in
+    /// a pass). Without it, an upload interval longer than half the lease would let another
+    /// uploader take the prefix over from a live one.
+    pub fn renew(&mut self) -> Result<()> {
+        if self.refused.is_some() {
+            return Ok(());
+        }
+        let Some((m, etag @ Some(_))) = self.manifest.clone() else {
+            return Ok(()); // nothing held yet: the next pass writes the manifest
+        };
+        if m.writer != self.writer
+            || crate::util::now_ms().saturating_sub(m.updated_ms) < lease_ms() / 2
+        {
+            return Ok(());
+        }
+        let r = self.write_manifest(m, etag);
+        if r.is_err() {
+            self.errors += 1;
+            self.write_status(r.as_ref().err().map(|e| e.to_string()));
+        }
         r
     }
 
@@ -311,7 +346,11 @@ impl Uploader {
         }
         let age = crate::util::now_ms().saturating_sub(m.updated_ms);
         let lease = lease_ms();
-        if etag.is_some() && m.writer != self.writer && age < lease {
+        // The manifest's writer served this very directory: it held `backup.lock`, which this
+        // uploader holds now (it is only created under it), so that writer is gone (a
+        // restarted primary resumes its backup at once instead of waiting out its own lease).
+        let predecessor_gone = !self.dir_id.is_empty() && m.writer_dir == self.dir_id;
+        if etag.is_some() && m.writer != self.writer && age < lease && !predecessor_gone {
             return Err(Error::Busy(format!(
                 "{what} is held by uploader {} ({}), which wrote it {age} ms ago: two uploaders on one prefix; \
                  this one waits (it takes over {lease} ms after the other stops). Give each primary its own prefix",
@@ -325,6 +364,7 @@ impl Uploader {
         // Taken over by this uploader at its next manifest write (conditional on `etag`).
         m.writer = self.writer.clone();
         m.writer_host = self.host.clone();
+        m.writer_dir = self.dir_id.clone();
         self.manifest = Some((m, etag));
         Ok(())
     }
@@ -610,5 +650,19 @@ impl Uploader {
                 Err(Error::Busy(why))
             }
         }
+    }
+}
+
+/// `boot id:device:inode` of the log directory: the same string means the same directory on the
+/// same running kernel (a copy of it has another inode; another machine, or this one after a
+/// reboot, another boot id). Empty when any part is unknown.
+fn dir_identity(dir: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|b| b.trim().to_string())
+        .unwrap_or_default();
+    match std::fs::metadata(dir) {
+        Ok(md) if !boot.is_empty() => format!("{boot}:{}:{}", md.dev(), md.ino()),
+        _ => String::new(),
     }
 }
