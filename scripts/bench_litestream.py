@@ -491,10 +491,13 @@ def report(version: str, write: dict[str, list[float]], lag: list[dict], bt: dic
         "- Why Litestream's writer can be faster than plain SQLite: Litestream takes over checkpointing (it checkpoints from "
         "its own process, and its locks keep the writer's automatic checkpoint from completing), so the writer stops paying "
         "the checkpoint's copy and fsyncs every ~1000 pages (see the WAL column: it only grows while Litestream runs); the work moves to the `litestream` process. Our primary's "
-        "extra cost is on the commit path (capture; docs/ARCHITECTURE.md, *Known costs*), Litestream's is off it, in another "
-        "process; with ±30 % round-to-round noise here, differences under ~1.3× are not reliable.",
-        "- Not the same guarantee: a sqlite-replica commit is in the log (captured, ordered, served) when it returns; "
-        "Litestream copies it asynchronously, up to one sync interval later, and a crash in that window loses it from the replica.",
+        "extra cost is spread over the commit path (the shim's two hooks), an append thread in the same process and the "
+        "restarts that wait for it (docs/ARCHITECTURE.md, *Known costs*); Litestream's is in another process, which also takes "
+        "the checkpoints off the writer; with ±30 % round-to-round noise here, differences under ~1.3× are not reliable.",
+        "- Not the same guarantee: a sqlite-replica commit has its LSN when it returns (the claim, in shared memory that "
+        "survives the process) and is in the log a moment later (the append thread); the WAL keeps its frames until then, so a "
+        "crash in between is caught up from the WAL by the next opener. Litestream copies it up to one sync interval later, "
+        "and a crash of its process in that window is caught up from the WAL too, but nothing orders or numbers the commits.",
         "",
         f"### 2. Replication lag at {RATE} commits/s (commit on the primary → visible to a reader on a replica)",
         "",

@@ -246,9 +246,30 @@ def test_damaged_objects_and_two_uploaders(moto, tmp):
     assert r.returncode == 1 and chunks[1] in r.stderr and "truncated" in r.stderr, r.stderr
 
 
+LONG_READER = r"""
+import json, os, sqlite3, sys, time
+db, stop = sys.argv[1], sys.argv[2]
+c = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5, isolation_level=None)
+q = "SELECT sum(bal), group_concat(bal) FROM acct"
+reads, bad, states = 0, [], set()
+while not os.path.exists(stop):
+    c.execute("BEGIN")
+    first = c.execute(q).fetchone()
+    time.sleep(0.03)  # a long read transaction: the replica applies under it
+    again = c.execute(q).fetchone()
+    c.execute("COMMIT")
+    reads += 1
+    states.add(first[1])
+    if first != again or first[0] != 1000:
+        bad.append([first, again])
+print(json.dumps({"reads": reads, "bad": bad[:5], "states": len(states)}))
+"""
+
+
 def test_replica_follows_the_bucket(moto, tmp):
-    """A replica bootstrapped from the bucket and following it: a stock reader polling it
-    never sees a torn bank (the sum of the balances never changes), and it ends equal to the
+    """A replica bootstrapped from the bucket and following it: stock readers never see a torn
+    bank (the sum of the balances never changes) — one polling, one holding long read
+    transactions that must read the same state twice inside each — and it ends equal to the
     primary."""
     base, proxy = moto
     make_bucket(base, "follow")
@@ -260,6 +281,9 @@ def test_replica_follows_the_bucket(moto, tmp):
     rdb = tmp / "replica.db"
     r = Worker(rdb, env=aws_env(base))
     assert r.one("SELECT repl_follow('s3://follow/bank', 200)") >= 1
+    stop = tmp / "stop-long-reader"
+    long_reader = subprocess.Popen([sys.executable, "-c", LONG_READER, str(rdb), str(stop)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = set()
     # At least 150 transfers, and on until the reader saw the replica move (bounded: the
     # bucket is read every 200 ms; on a loaded machine 150 transfers can take less than that).
@@ -277,6 +301,11 @@ def test_replica_follows_the_bucket(moto, tmp):
     t0 = time.time()
     wait_for(lambda: r.one("SELECT repl_lsn()") >= lsn, timeout=20, interval=0.02, what="replica caught up")
     lag = time.time() - t0
+    stop.write_text("stop")
+    out, err = long_reader.communicate(timeout=30)
+    assert long_reader.returncode == 0, err
+    lr = json.loads(out)
+    assert lr["bad"] == [] and lr["reads"] >= 3, lr
     assert lsn_checksum(r) == lsn_checksum(p)
     assert stock_one(rdb, "SELECT sum(bal) FROM acct;") == "1000"
     assert len(seen) > 1, "the replica never moved while the primary wrote"
