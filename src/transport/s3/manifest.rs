@@ -57,6 +57,31 @@ pub struct Manifest {
     pub chunks: Vec<Object>,
 }
 
+impl Object {
+    /// The entry of an object holding the records `first..=last` (a snapshot: both its
+    /// record), stored as `bytes` bytes whose xxh3-64 is `xxh3`.
+    pub fn of_records(
+        key: String,
+        first: &crate::txlog::RecordMeta,
+        last: &crate::txlog::RecordMeta,
+        bytes: u64,
+        xxh3: u64,
+    ) -> Object {
+        Object {
+            key,
+            first_lsn: first.lsn,
+            last_lsn: last.lsn,
+            generation: last.generation,
+            epoch: last.epoch,
+            first_ms: first.timestamp_ms,
+            last_ms: last.timestamp_ms,
+            bytes,
+            xxh3,
+            db_checksum: last.db_checksum,
+        }
+    }
+}
+
 /// Object key of a chunk holding `first..=last`.
 pub fn chunk_key(first: Lsn, last: Lsn) -> String {
     format!("log/{:020}-{:020}.seg", first.0, last.0)

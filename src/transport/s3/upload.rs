@@ -430,18 +430,8 @@ impl Uploader {
                 self.uploads += 1;
                 report.objects += 1;
                 report.bytes += bytes;
-                m.snapshots.push(Object {
-                    key,
-                    first_lsn: smeta.lsn,
-                    last_lsn: smeta.lsn,
-                    generation: smeta.generation,
-                    epoch: smeta.epoch,
-                    first_ms: smeta.timestamp_ms,
-                    last_ms: smeta.timestamp_ms,
-                    bytes,
-                    xxh3,
-                    db_checksum: smeta.db_checksum,
-                });
+                m.snapshots
+                    .push(Object::of_records(key, &smeta, &smeta, bytes, xxh3));
                 m.snapshots.sort_by_key(|s| s.first_lsn);
                 changed = true;
             }
@@ -478,18 +468,14 @@ impl Uploader {
             self.uploads += 1;
             report.objects += 1;
             report.bytes += body.len() as u64;
-            m.chunks.push(Object {
+            let xxh3 = xxhash_rust::xxh3::xxh3_64(&body);
+            m.chunks.push(Object::of_records(
                 key,
-                first_lsn: first.lsn,
-                last_lsn: last.lsn,
-                generation: last.generation,
-                epoch: last.epoch,
-                first_ms: first.timestamp_ms,
-                last_ms: last.timestamp_ms,
-                bytes: body.len() as u64,
-                xxh3: xxhash_rust::xxh3::xxh3_64(&body),
-                db_checksum: last.db_checksum,
-            });
+                &first,
+                &last,
+                body.len() as u64,
+                xxh3,
+            ));
             changed = true;
             next = last.lsn.next();
         }
