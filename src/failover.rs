@@ -315,6 +315,47 @@ impl Agent {
         }))
     }
 
+    /// The one etcd transaction that makes a node the leader of `epoch`: `<key>` must be free
+    /// and `<key>/epoch` unchanged since it was read at revision `rev`, so two nodes can never
+    /// both win an epoch. It writes the epoch, `<key>` = `value` under `lease` and, for a
+    /// primary taking its key (`settings`), the lease-free copy of that value in
+    /// `<key>/settings`. False: someone else got there first.
+    fn take_leadership(
+        &self,
+        rev: i64,
+        epoch: i64,
+        value: &serde_json::Value,
+        lease: i64,
+        settings: bool,
+    ) -> Result<bool> {
+        let mut ops = vec![
+            Op::Put {
+                key: self.epoch_key(),
+                value: epoch.to_string().into_bytes(),
+                lease: 0,
+            },
+            Op::Put {
+                key: self.leader_key(),
+                value: value.to_string().into_bytes(),
+                lease,
+            },
+        ];
+        if settings {
+            ops.push(Op::Put {
+                key: self.settings_key(),
+                value: value.to_string().into_bytes(),
+                lease: 0,
+            });
+        }
+        self.etcd.txn(
+            &[
+                Cmp::Absent(self.leader_key()),
+                Cmp::ModRev(self.epoch_key(), rev),
+            ],
+            &ops,
+        )
+    }
+
     /// Takes the leadership key for primary `p` (first call: `first`); Err when another holds
     /// it or a newer epoch exists.
     fn acquire(&self, p: &Primary, first: bool) -> Result<()> {
@@ -339,29 +380,7 @@ impl Agent {
             )));
         }
         let value = self.leader_value(p)?;
-        let won = self.etcd.txn(
-            &[
-                Cmp::Absent(self.leader_key()),
-                Cmp::ModRev(self.epoch_key(), rev),
-            ],
-            &[
-                Op::Put {
-                    key: self.epoch_key(),
-                    value: ours.to_string().into_bytes(),
-                    lease: 0,
-                },
-                Op::Put {
-                    key: self.leader_key(),
-                    value: value.to_string().into_bytes(),
-                    lease,
-                },
-                Op::Put {
-                    key: self.settings_key(),
-                    value: value.to_string().into_bytes(),
-                    lease: 0,
-                },
-            ],
-        )?;
+        let won = self.take_leadership(rev, ours, &value, lease, true)?;
         if !won {
             let _ = self.etcd.revoke(lease);
             let holder = self.etcd.get(&self.leader_key())?;
@@ -704,24 +723,7 @@ impl Agent {
             "name": self.name, "url": null, "epoch": epoch, "sync_replicas": sync_n,
             "settings": last.as_ref().and_then(|l| l.get("settings").cloned()),
         });
-        let won = self.etcd.txn(
-            &[
-                Cmp::Absent(self.leader_key()),
-                Cmp::ModRev(self.epoch_key(), rev),
-            ],
-            &[
-                Op::Put {
-                    key: self.epoch_key(),
-                    value: epoch.to_string().into_bytes(),
-                    lease: 0,
-                },
-                Op::Put {
-                    key: self.leader_key(),
-                    value: value.to_string().into_bytes(),
-                    lease: clease,
-                },
-            ],
-        )?;
+        let won = self.take_leadership(rev, epoch as i64, &value, clease, false)?;
         if !won {
             return Ok(());
         }
