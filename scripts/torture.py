@@ -170,6 +170,19 @@ print(json.dumps(workload.read_loop(os.environ["R_DB"], os.environ["STOP"], os.e
 """
 
 
+def stock_checkpoint(db: Path, mode: str):
+    """A checkpoint of `db` by a stock connection (no extension, `vfs='unix'`): its result row,
+    or "busy"."""
+    c = apsw.Connection(str(db), vfs="unix")
+    c.setbusytimeout(200)
+    try:
+        return c.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+    except apsw.BusyError:
+        return "busy"
+    finally:
+        c.close()
+
+
 def log(**kv) -> None:
     parts = [f"t={time.monotonic() - T0:.2f}"]
     for k, v in kv.items():
@@ -292,15 +305,7 @@ class Torture:
         log(event="fault", kind="replica_foreign_write", replica=i, result=res)
 
     def checkpoint(self, i: int, mode: str) -> None:
-        c = apsw.Connection(str(self.rdbs[i]), vfs="unix")
-        c.setbusytimeout(200)
-        try:
-            res = c.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
-        except apsw.BusyError:
-            res = "busy"
-        finally:
-            c.close()
-        log(event="fault", kind="checkpoint", replica=i, mode=mode, result=res)
+        log(event="fault", kind="checkpoint", replica=i, mode=mode, result=stock_checkpoint(self.rdbs[i], mode))
 
     def one_fault(self) -> None:
         rng = self.rng
@@ -831,15 +836,7 @@ class FailoverTorture(Torture):
         elif kind == "checkpoint":
             n = rng.choice(replicas)
             mode = rng.choice(["PASSIVE", "PASSIVE", "RESTART", "TRUNCATE", "FULL"])
-            c = apsw.Connection(str(self.dbs[n]), vfs="unix")
-            c.setbusytimeout(200)
-            try:
-                res = c.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
-            except apsw.BusyError:
-                res = "busy"
-            finally:
-                c.close()
-            log(event="fault", kind="checkpoint", node=n, mode=mode, result=res)
+            log(event="fault", kind="checkpoint", node=n, mode=mode, result=stock_checkpoint(self.dbs[n], mode))
 
     def foreign_write(self) -> None:
         lead = self.leader()

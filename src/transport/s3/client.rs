@@ -217,14 +217,19 @@ impl Client {
         }
     }
 
-    /// The object's bytes and ETag, or None when it does not exist.
-    pub fn get(&self, name: &str) -> Result<Option<(Vec<u8>, String)>> {
-        let key = self.key(name);
+    /// A signed GET of the object `name`, sent (ureq's own result: callers match its statuses).
+    #[allow(clippy::result_large_err)]
+    fn signed_get(&self, name: &str) -> std::result::Result<ureq::Response, ureq::Error> {
         let url = self
             .bucket
-            .get_object(self.creds.as_ref(), &key)
+            .get_object(self.creds.as_ref(), &self.key(name))
             .sign(SIGN_FOR);
-        match self.agent.request_url("GET", &url).call() {
+        self.agent.request_url("GET", &url).call()
+    }
+
+    /// The object's bytes and ETag, or None when it does not exist.
+    pub fn get(&self, name: &str) -> Result<Option<(Vec<u8>, String)>> {
+        match self.signed_get(name) {
             Ok(r) => {
                 let etag = r.header("ETag").unwrap_or("").to_string();
                 let mut b = Vec::new();
@@ -250,12 +255,7 @@ impl Client {
     /// The object's body as a reader (read in pieces, never whole), or None when it does not
     /// exist.
     pub fn get_reader(&self, name: &str) -> Result<Option<Box<dyn Read + Send>>> {
-        let key = self.key(name);
-        let url = self
-            .bucket
-            .get_object(self.creds.as_ref(), &key)
-            .sign(SIGN_FOR);
-        match self.agent.request_url("GET", &url).call() {
+        match self.signed_get(name) {
             Ok(r) => Ok(Some(Box::new(r.into_reader()))),
             Err(ureq::Error::Status(404, _)) => Ok(None),
             Err(e) => Err(self.failed("GET", name, e)),
