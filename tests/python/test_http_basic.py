@@ -233,6 +233,8 @@ def test_cli_restore_with_progress(tmp, kind):
         for i in range(20):
             p.q("UPDATE t SET b = randomblob(100) WHERE id = ?", [i + 1])
         want_lsn, want_ck = lsn_checksum(p)
+        # Records are served once durable (the group fsync comes a moment after the commit).
+        wait_for(lambda: (worker_status(p)["log"]["durable_lsn"] or 0) >= want_lsn, what="the last commit durable")
         source = url if kind == "http" else str(tmp / "p.db")
         out = tmp / "restored.db"
         proc = subprocess.run([CLI, "restore", source, str(out)], capture_output=True, text=True, timeout=60)
