@@ -200,6 +200,7 @@ impl Primary {
         match r {
             Ok(true) => {
                 self.append_idle.store(0, Ordering::Relaxed);
+                self.maybe_assist_checkpoint();
                 Some(LINGER)
             }
             Ok(false) => {

@@ -86,6 +86,10 @@ pub const SETTINGS: &[(&str, &str)] = &[
         "the bucket's snapshot cadence: a new snapshot once the newest is this old and records came after it (0 = a quarter of backup_retain_secs); retention drops objects a newer snapshot covers",
     ),
     (
+        "checkpoint_assist",
+        "checkpoint PASSIVE in the background once the WAL holds this many frames, so commits rarely run SQLite's automatic checkpoint themselves (0 = off: leave checkpoints to the application; 0..=1000000)",
+    ),
+    (
         "sync_timeout_ms",
         "the longest a commit waits for its synchronous followers (1..=600000); then it returns anyway and the timeout is counted",
     ),
@@ -111,6 +115,7 @@ fn get(p: &Policy, name: &str) -> Option<u64> {
         "backup_interval_ms" => p.backup_interval_ms,
         "backup_retain_secs" => p.backup_retain_secs,
         "backup_snapshot_secs" => p.backup_snapshot_secs,
+        "checkpoint_assist" => p.checkpoint_assist,
         _ => return None,
     })
 }
@@ -235,6 +240,14 @@ fn apply(p: &mut Policy, name: &str, v: u64) -> Result<()> {
             }
             p.backup_interval_ms = v
         }
+        "checkpoint_assist" => {
+            if v > 1_000_000 {
+                return Err(Error::Misuse(format!(
+                    "repl_config(): checkpoint_assist must be between 0 (off) and 1000000 frames, not {v}"
+                )));
+            }
+            p.checkpoint_assist = v
+        }
         "backup_retain_secs" => p.backup_retain_secs = v,
         "backup_snapshot_secs" => p.backup_snapshot_secs = v,
         "exec_max_rows" => p.exec_max_rows = v,
@@ -358,6 +371,7 @@ impl Primary {
         self.sync_replicas.store(policy.sync_replicas, Relaxed);
         self.sync_level.store(policy.sync_level, Relaxed);
         self.sync_timeout_ms.store(policy.sync_timeout_ms, Relaxed);
+        self.ckpt_assist.store(policy.checkpoint_assist, Relaxed);
         let mut st = lock(&self.state);
         let cfg = LogConfig {
             segment_bytes: policy.segment_bytes,

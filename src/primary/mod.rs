@@ -71,6 +71,7 @@ use std::time::{Duration, Instant};
 mod append;
 mod backup;
 mod capture;
+mod checkpoint;
 mod durability;
 pub(crate) mod exec;
 pub(crate) mod fence;
@@ -179,6 +180,12 @@ pub struct Primary {
     sync_timeouts: std::sync::atomic::AtomicU64,
     /// A newer epoch of the lineage, when one is known (`fence.rs`).
     fence_state: fence::FenceState,
+    /// Checkpoint assist (`checkpoint.rs`): the policy's frame threshold (0 = off), a run
+    /// queued or running, held by a run (`detach` waits for it), and what the runs did.
+    ckpt_assist: std::sync::atomic::AtomicU64,
+    ckpt_scheduled: AtomicBool,
+    ckpt_busy: Mutex<()>,
+    ckpt_stats: Mutex<checkpoint::CheckpointStats>,
 }
 
 type T3Seen = ([u8; 8], u32, u32, Option<(Lsn, u32)>);
@@ -282,6 +289,10 @@ impl Primary {
             file_id: file_identity(db_path),
             dir_id: file_identity(&dir),
             fence_state: fence::FenceState::default(),
+            ckpt_assist: std::sync::atomic::AtomicU64::new(policy.checkpoint_assist),
+            ckpt_scheduled: AtomicBool::new(false),
+            ckpt_busy: Mutex::new(()),
+            ckpt_stats: Mutex::new(checkpoint::CheckpointStats::default()),
         });
         p.fence_state.epoch.store(
             lock(&p.state).log.meta().epoch.0,

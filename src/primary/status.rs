@@ -111,6 +111,7 @@ impl Primary {
             "server": lock(&self.server).as_ref().map(|s| s.status_json()),
             "sync": self.sync_json(),
             "backup": self.backup_json(),
+            "checkpoint": self.checkpoint_json(),
             "captured_txns": st.captured_txns,
             "gaps": st.gaps,
             "last_error": st.last_error,

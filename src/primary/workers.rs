@@ -10,6 +10,11 @@
 //!   so one slow fsync does not hold up every other database's watermark.
 //! - One append thread ("repl-append") runs the append passes of the asynchronous capture
 //!   (`append.rs`), so they keep up with commits instead of waiting behind an fsync.
+//!   It and the checkpoint thread run at nice `sys::BACKGROUND_NICE`: on a machine whose CPUs
+//!   are busy the application's threads go first, and a log that falls `capture_lag_max`
+//!   behind makes the writer append itself (back-pressure), so the lag stays bounded.
+//! - One checkpoint thread ("repl-checkpoint") runs the assisted PASSIVE checkpoints
+//!   (`checkpoint.rs`) of the primaries whose WAL grew past `checkpoint_assist` frames.
 //! - One backup thread ("repl-backup") runs the object-storage uploads (`backup.rs`) of the
 //!   primaries that have a backup target, each every `backup_interval_ms`.
 //! - One maintenance thread ("repl-maintain") runs a log maintenance pass of each primary
@@ -81,6 +86,10 @@ pub(super) fn register(p: &Arc<Primary>) -> Result<()> {
             .spawn(append_worker)
             .map_err(|e| Error::io("starting the log append thread", e))?;
         std::thread::Builder::new()
+            .name("repl-checkpoint".into())
+            .spawn(checkpoint_worker)
+            .map_err(|e| Error::io("starting the checkpoint assist thread", e))?;
+        std::thread::Builder::new()
             .name("repl-backup".into())
             .spawn(backup_worker)
             .map_err(|e| Error::io("starting the backup thread", e))?;
@@ -127,12 +136,44 @@ pub(super) fn schedule_append(p: &Weak<Primary>) {
     APPENDS.cv.notify_one();
 }
 
+/// The assisted checkpoints (`checkpoint.rs`), on a thread of their own ("repl-checkpoint"):
+/// a run takes a few milliseconds of fsyncs, which must delay neither an append pass nor a
+/// group fsync.
+static CHECKPOINTS: Lazy<(Mutex<VecDeque<Weak<Primary>>>, Condvar)> =
+    Lazy::new(|| (Mutex::new(VecDeque::new()), Condvar::new()));
+
+/// Asks for an assisted checkpoint of `p` (the caller's `ckpt_scheduled` flag keeps at most one
+/// queued per primary).
+pub(super) fn schedule_checkpoint(p: &Weak<Primary>) {
+    lock(&CHECKPOINTS.0).push_back(p.clone());
+    CHECKPOINTS.1.notify_one();
+}
+
+fn checkpoint_worker() {
+    crate::sys::lower_this_thread_priority();
+    loop {
+        let w = {
+            let mut q = lock(&CHECKPOINTS.0);
+            loop {
+                if let Some(w) = q.pop_front() {
+                    break w;
+                }
+                q = CHECKPOINTS.1.wait(q).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        if let Some(p) = w.upgrade() {
+            p.run_assisted_checkpoint();
+        }
+    }
+}
+
 /// Asks for another append pass of `p` after `delay`.
 fn schedule_append_after(p: Weak<Primary>, delay: Duration) {
     lock(&APPENDS.q).delayed.push((Instant::now() + delay, p));
 }
 
 fn append_worker() {
+    crate::sys::lower_this_thread_priority();
     loop {
         let w = {
             let mut q = lock(&APPENDS.q);
@@ -334,6 +375,7 @@ impl Primary {
         self.stop.store(true, Ordering::Release);
         let _m = lock(&self.maintenance_busy);
         let _a = lock(&self.append_busy);
+        let _c = lock(&self.ckpt_busy);
         let _b = lock(&self.busy);
         *lock(&self.backup) = None;
         self.flush();

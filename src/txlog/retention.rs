@@ -59,6 +59,9 @@ pub struct Policy {
     /// is this many seconds old and records came after it; 0 = a quarter of
     /// `backup_retain_secs` (none while that is 0 too). It lets retention drop old objects.
     pub backup_snapshot_secs: u64,
+    /// Checkpoint assist (primary/checkpoint.rs): once the WAL holds this many frames the
+    /// primary checkpoints PASSIVE in the background (0 = off).
+    pub checkpoint_assist: u64,
 }
 
 impl Default for Policy {
@@ -80,6 +83,7 @@ impl Default for Policy {
             backup_interval_ms: 1000,
             backup_retain_secs: 0,
             backup_snapshot_secs: 0,
+            checkpoint_assist: 500,
         }
     }
 }

@@ -1,0 +1,149 @@
+//! Checkpoint assist: the primary checkpoints its WAL in the background, so the application's
+//! commits rarely pay for it.
+//!
+//! SQLite runs an automatic checkpoint in the committing thread once the WAL holds
+//! `wal_autocheckpoint` frames (1000 by default): the WAL fsync, the copy of the changed pages
+//! into the database and its fsync, about a quarter of a small commit's cost at
+//! `synchronous=NORMAL` on our test VM. A primary's append pass (`append.rs`) already looks at
+//! the wal-index after every batch; when the WAL holds `checkpoint_assist` frames (a setting,
+//! default 500, 0 = off) and a good share of them are not backfilled yet, it asks the
+//! "repl-checkpoint" thread for a `PRAGMA wal_checkpoint(PASSIVE)` on a short-lived connection
+//! of its own. The application's automatic checkpoint still runs at its threshold, but finds
+//! most frames copied and most of the WAL already synced, so it is short.
+//!
+//! Why this is safe and changes nothing the application can rely on:
+//! * **PASSIVE** never waits for a lock and never blocks a reader or a writer; it never
+//!   restarts or truncates the WAL (only a writer or a RESTART/TRUNCATE checkpoint does, and
+//!   those still go through the shim's restart hook). A checkpoint the application asks for
+//!   itself (any mode) is not held back: nothing here holds a read mark or a lock between runs.
+//! * The connection is opened through the host's own VFS (as a stock process would: a
+//!   checkpoint writes the database file, which the capture never reads), with
+//!   `SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE` so closing it never checkpoints or deletes the WAL, and
+//!   it is closed after each run, so it never keeps the application's last close from
+//!   removing the WAL (or a stock process from changing the journal mode).
+//! * Applications that manage checkpoints themselves (`wal_autocheckpoint=0`, a copy of the
+//!   database file that must not change) turn it off with `repl_config('checkpoint_assist', 0)`.
+
+use super::{lock, log_event, Primary};
+use crate::error::Result;
+use crate::ffi::conn::OwnedDb;
+use crate::vfs::DbFileIo;
+use crate::wal::{CkptInfo, WalIndexHeader};
+use std::sync::atomic::Ordering;
+
+/// What `repl_status()` shows about the assist.
+#[derive(Default)]
+pub(super) struct CheckpointStats {
+    pub(super) runs: u64,
+    pub(super) last_error: Option<String>,
+}
+
+/// Ask for a checkpoint once the WAL holds `assist` frames of which at least this fraction
+/// (1/n) is not backfilled: a run copies a useful batch, and runs do not follow each other
+/// back to back while the writer adds a few frames at a time.
+const UNBACKFILLED_SHARE: u32 = 4;
+
+/// Should the assist run, given the WAL's frame count and backfill? (`assist` 0 = off.)
+pub(super) fn assist_due(assist: u64, mx_frame: u32, n_backfill: u32) -> bool {
+    let Ok(assist) = u32::try_from(assist) else {
+        return false;
+    };
+    assist > 0
+        && mx_frame >= assist
+        && mx_frame.saturating_sub(n_backfill) >= (assist / UNBACKFILLED_SHARE).max(1)
+}
+
+impl Primary {
+    /// After an append pass: schedule a background checkpoint when `assist_due`.
+    pub(super) fn maybe_assist_checkpoint(&self) {
+        let assist = self.ckpt_assist.load(Ordering::Relaxed);
+        if assist == 0 {
+            return;
+        }
+        let Some(head) = self.agent.shm_head() else {
+            return;
+        };
+        let Some(h) = WalIndexHeader::read_valid(&head[..96]) else {
+            return;
+        };
+        let ck = CkptInfo::parse(&head);
+        if assist_due(assist, h.mx_frame, ck.n_backfill)
+            && !self.ckpt_scheduled.swap(true, Ordering::SeqCst)
+        {
+            super::workers::schedule_checkpoint(&self.me);
+        }
+    }
+
+    /// One assisted checkpoint, on the "repl-checkpoint" thread.
+    pub(super) fn run_assisted_checkpoint(&self) {
+        let _b = lock(&self.ckpt_busy);
+        if !self.stop.load(Ordering::Acquire) {
+            let r = self.checkpoint_passive();
+            let mut s = lock(&self.ckpt_stats);
+            match r {
+                Ok(()) => {
+                    s.runs += 1;
+                    s.last_error = None;
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    if s.last_error.as_deref() != Some(e.as_str()) {
+                        log_event(&format!(
+                            "event=checkpoint_assist_error db={:?} error={e:?}",
+                            self.db_path
+                        ));
+                    }
+                    s.last_error = Some(e);
+                }
+            }
+        }
+        self.ckpt_scheduled.store(false, Ordering::SeqCst);
+    }
+
+    fn checkpoint_passive(&self) -> Result<()> {
+        let db = OwnedDb::open(
+            &self.db_path,
+            crate::ffi::SQLITE_OPEN_READWRITE,
+            Some(crate::vfs::base_name_cstr()),
+        )?;
+        db.db()
+            .db_config_flag(crate::ffi::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true);
+        db.db().exec("PRAGMA wal_checkpoint(PASSIVE)")
+    }
+
+    pub(super) fn checkpoint_json(&self) -> serde_json::Value {
+        let s = lock(&self.ckpt_stats);
+        serde_json::json!({
+            "assist_frames": self.ckpt_assist.load(Ordering::Relaxed),
+            "assisted": s.runs,
+            "last_error": s.last_error,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::assist_due;
+
+    #[test]
+    fn assist_runs_past_the_threshold_with_enough_to_copy() {
+        assert!(!assist_due(0, 5000, 0), "0 = off");
+        assert!(!assist_due(500, 499, 0), "below the threshold");
+        assert!(assist_due(500, 500, 0));
+        assert!(assist_due(500, 900, 775));
+        assert!(
+            !assist_due(500, 900, 776),
+            "fewer than a quarter left to copy"
+        );
+        assert!(!assist_due(500, 900, 900), "all backfilled");
+        assert!(
+            !assist_due(500, 10, 900),
+            "backfill past the end (a restart raced)"
+        );
+        assert!(assist_due(1, 1, 0));
+        assert!(
+            !assist_due(u64::MAX, u32::MAX, 0),
+            "beyond a frame count: never"
+        );
+    }
+}

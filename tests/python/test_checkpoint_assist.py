@@ -1,0 +1,124 @@
+"""Checkpoint assist (issue 14, primary/checkpoint.rs): a primary checkpoints PASSIVE in the
+background once its WAL holds `checkpoint_assist` frames (default 500), so the application's
+commits rarely run SQLite's automatic checkpoint themselves.
+
+What a user checks: the assist runs (repl_status), the WAL stays bounded, nothing is lost or
+reordered (the log, a stock reader and a replica agree), a checkpoint the application asks for
+itself is never held back, `checkpoint_assist = 0` leaves the database file untouched by us,
+and a bad value is refused without changing the setting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import apsw
+import pytest
+
+from capture_check import assert_dense, assert_rebuild_equals, inspect, verify_ok
+from helpers import make_primary, one, shm_state, stock_checkpoint, stock_one, wait_for
+
+ROW = "x" * 100
+
+
+def status(c: apsw.Connection) -> dict:
+    return json.loads(one(c, "SELECT repl_status()"))
+
+
+def commit_rows(c: apsw.Connection, n: int, start: int = 1) -> None:
+    for i in range(start, start + n):
+        c.execute("INSERT INTO t(id, v) VALUES (?, ?)", (i, ROW))
+
+
+def new_primary(tmp, autocheckpoint: int | None = None) -> tuple[apsw.Connection, str]:
+    db = str(tmp / "p.db")
+    c, _ = make_primary(db)
+    c.execute("PRAGMA journal_mode=WAL").fetchall()
+    if autocheckpoint is not None:
+        c.execute(f"PRAGMA wal_autocheckpoint={autocheckpoint}").fetchall()
+    c.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+    return c, db
+
+
+def test_assist_checkpoints_in_the_background_and_loses_nothing(tmp):
+    # The application turned its own automatic checkpoints off: only the assist copies pages
+    # into the database file, so a grown file and a bounded WAL are its work alone.
+    c, db = new_primary(tmp, autocheckpoint=0)
+    assert status(c)["settings"]["checkpoint_assist"] == 500
+    commit_rows(c, 3000)
+    lsn = one(c, "SELECT repl_lsn()")
+    wait_for(lambda: status(c)["checkpoint"]["assisted"] >= 1, timeout=10,
+             what="an assisted checkpoint")
+    st = status(c)
+    assert st["checkpoint"]["last_error"] is None, st["checkpoint"]
+    assert st["checkpoint"]["assist_frames"] == 500
+    # Pages reached the database file (it started at two pages).
+    assert os.path.getsize(db) > 40 * 4096, os.path.getsize(db)
+    shm = shm_state(db)
+    assert shm["n_backfill"] > 0, shm
+    # Everything committed is in the log, in order, and a stock reader sees it all.
+    assert lsn == st["lsn"]
+    assert stock_one(db, "SELECT count(*), min(id), max(id) FROM t;") == "3000|1|3000"
+    assert stock_one(db, "PRAGMA integrity_check;") == "ok"
+    # The log verifies, its LSNs are dense, and the database rebuilt from it equals the
+    # primary's.
+    verify_ok(db)
+    assert_dense(inspect(db))
+    assert_rebuild_equals(db, tmp / "rebuilt.db", c)
+    c.close()
+
+
+def test_application_checkpoints_are_not_held_back(tmp):
+    c, db = new_primary(tmp)
+    for k in range(3):
+        commit_rows(c, 1200, start=1 + k * 1200)
+        # TRUNCATE by the application right after a burst: never busy because of the assist
+        # (the assist holds nothing between runs), and the WAL is empty afterwards.
+        busy, log, done = wait_for(
+            lambda: (lambda r: r if r[0] == 0 else None)(
+                c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0]),
+            timeout=10, what="a TRUNCATE checkpoint that is not busy")
+        assert (busy, log, done) == (0, 0, 0)
+        assert os.path.getsize(db + "-wal") == 0
+    # A stock process's checkpoint too.
+    commit_rows(c, 10, start=10_000)
+    assert stock_checkpoint(db, "RESTART")[0] == 0
+    assert one(c, "SELECT count(*) FROM t") == 3610
+    st = status(c)
+    assert st["lsn"] == one(c, "SELECT repl_lsn()")
+    assert st["gaps"] == 0, st
+    c.close()
+
+
+def test_assist_off_leaves_checkpoints_to_the_application(tmp):
+    c, db = new_primary(tmp, autocheckpoint=0)
+    assert one(c, "SELECT repl_config('checkpoint_assist', 0)") is not None
+    size0 = os.path.getsize(db)
+    commit_rows(c, 3000)
+    one(c, "SELECT repl_lsn()")  # the log has everything (an append pass ran)
+    st = status(c)
+    assert st["settings"]["checkpoint_assist"] == 0
+    assert st["checkpoint"]["assisted"] == 0, st["checkpoint"]
+    assert shm_state(db)["n_backfill"] == 0
+    assert os.path.getsize(db) == size0
+    # Turned back on, it runs at the next append pass.
+    one(c, "SELECT repl_config('checkpoint_assist', 100)")
+    commit_rows(c, 10, start=5000)
+    wait_for(lambda: status(c)["checkpoint"]["assisted"] >= 1, timeout=10,
+             what="an assisted checkpoint after turning the assist on")
+    c.close()
+
+
+@pytest.mark.parametrize("value", [-1, 1_000_001, "many"])
+def test_bad_assist_value_is_refused_and_changes_nothing(tmp, value):
+    c, db = new_primary(tmp)
+    one(c, "SELECT repl_config('checkpoint_assist', 700)")
+    cfg = tmp / "p.db-replica" / "config.json"
+    before = cfg.read_bytes()
+    with pytest.raises(apsw.Error) as e:
+        one(c, "SELECT repl_config('checkpoint_assist', ?)", (value,))
+    assert "checkpoint_assist" in str(e.value), str(e.value)
+    assert cfg.read_bytes() == before
+    assert status(c)["settings"]["checkpoint_assist"] == 700
+    c.close()
