@@ -151,7 +151,8 @@ def test_repl_config_reads_sets_persists_and_refuses_bad_input(tmp):
         assert set(defaults) == {"retain_bytes", "retain_secs", "snapshot_bytes", "segment_bytes",
                                  "exec", "exec_timeout_ms", "exec_max_rows", "exec_max_bytes", "compress",
                                  "capture_lag_max", "sync_replicas", "sync_level", "sync_timeout_ms",
-                                 "backup_interval_ms", "backup_retain_secs", "backup_snapshot_secs"}
+                                 "backup_interval_ms", "backup_retain_secs", "backup_snapshot_secs",
+                                 "checkpoint_assist"}
         assert all(isinstance(v, int) and v > 0 for k, v in defaults.items()
                    if k not in ("exec", "compress", "sync_replicas", "backup_retain_secs", "backup_snapshot_secs")), defaults
         assert defaults["compress"] == 0, "records are stored uncompressed by default"
