@@ -279,18 +279,19 @@ pub fn open_file_limit() -> Option<u64> {
     (rc == 0 && r.rlim_cur != libc::RLIM_INFINITY).then_some(r.rlim_cur)
 }
 
-/// The nice value of the background threads whose work can wait for the application's:
-/// the log append and the assisted checkpoints (`primary::workers`).
-pub const BACKGROUND_NICE: i32 = 10;
-
-/// Lower the calling thread's scheduling priority to `BACKGROUND_NICE`, so on a busy machine
-/// the application's threads get the CPU first (best effort: an error leaves it unchanged).
-/// On Linux a thread id given to `setpriority(PRIO_PROCESS)` names that thread alone.
+/// Lower the calling thread's scheduling priority to `REPL_BACKGROUND_NICE` (default 10), so
+/// on a busy machine the application's threads get the CPU first (best effort: an error leaves
+/// it unchanged; 0 leaves it as inherited). On Linux a thread id given to
+/// `setpriority(PRIO_PROCESS)` names that thread alone.
 pub fn lower_this_thread_priority() {
+    let nice = crate::config::get().background_nice;
+    if nice == 0 {
+        return;
+    }
     // SAFETY: gettid and setpriority on the calling thread; no memory is involved.
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, BACKGROUND_NICE);
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice);
     }
 }
 

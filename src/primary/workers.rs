@@ -10,7 +10,7 @@
 //!   so one slow fsync does not hold up every other database's watermark.
 //! - One append thread ("repl-append") runs the append passes of the asynchronous capture
 //!   (`append.rs`), so they keep up with commits instead of waiting behind an fsync.
-//!   It and the checkpoint thread run at nice `sys::BACKGROUND_NICE`: on a machine whose CPUs
+//!   It and the checkpoint thread run at nice `REPL_BACKGROUND_NICE` (10): on a machine whose CPUs
 //!   are busy the application's threads go first, and a log that falls `capture_lag_max`
 //!   behind makes the writer append itself (back-pressure), so the lag stays bounded.
 //! - One checkpoint thread ("repl-checkpoint") runs the assisted PASSIVE checkpoints

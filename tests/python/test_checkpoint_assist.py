@@ -17,7 +17,7 @@ import apsw
 import pytest
 
 from capture_check import assert_dense, assert_rebuild_equals, inspect, verify_ok
-from helpers import make_primary, one, shm_state, stock_checkpoint, stock_one, wait_for
+from helpers import make_primary, one, py_ok, shm_state, stock_checkpoint, stock_one, wait_for
 
 ROW = "x" * 100
 
@@ -122,3 +122,36 @@ def test_bad_assist_value_is_refused_and_changes_nothing(tmp, value):
     assert cfg.read_bytes() == before
     assert status(c)["settings"]["checkpoint_assist"] == 700
     c.close()
+
+
+NICE_CHILD = r"""
+import json, os
+load()
+c = connect(%r)
+c.execute("pragma journal_mode=wal").fetchall()
+one(c, "select repl_primary()")
+c.execute("create table t(x)")
+c.execute("insert into t values (1)")
+one(c, "select repl_lsn()")
+nice = {}
+for t in os.listdir("/proc/self/task"):
+    name = open(f"/proc/self/task/{t}/comm").read().strip()
+    fields = open(f"/proc/self/task/{t}/stat").read().rsplit(")", 1)[1].split()
+    if int(t) == os.getpid():
+        name = "main"
+    nice.setdefault(name, set()).add(int(fields[16]))  # field 19 of stat: nice
+print(json.dumps({k: sorted(v) for k, v in nice.items()}))
+"""
+
+
+@pytest.mark.parametrize("env, expected", [({}, 10), ({"REPL_BACKGROUND_NICE": "0"}, 0),
+                                           ({"REPL_BACKGROUND_NICE": "5"}, 5)])
+def test_background_threads_yield_the_cpu_to_the_application(tmp, env, expected):
+    nice = json.loads(py_ok(NICE_CHILD % str(tmp / "p.db"), env=env))
+    # The log append and the checkpoint assist can wait; the application's thread, the group
+    # fsync (commits at sync levels wait for it) and the others keep the inherited priority.
+    assert nice["repl-append"] == [expected], nice
+    assert nice["repl-checkpoint"] == [expected], nice
+    assert nice["repl-durable"] == [0], nice
+    assert nice["main"] == [0], nice
+
