@@ -306,6 +306,9 @@ impl Primary {
             p.release_init_write();
             return Err(e);
         }
+        if !create {
+            p.discard_unpublished_frames();
+        }
         Ok(p)
     }
 

@@ -364,3 +364,78 @@ pub(super) fn refuse_rollback_mode(agent: &crate::vfs::AgentHandle, db_path: &st
          generation starting with a snapshot)"
     )))
 }
+
+impl Primary {
+    /// At resume: a writer killed after writing a commit's frames to the WAL but before
+    /// publishing them in the wal-index header leaves a complete transaction no connection
+    /// sees and no capture claimed. The next writer would overwrite it, but if every connection
+    /// closes first, the next first opener's stock recovery commits it after all, an
+    /// unwitnessed change (a gap). Under WRITE (no writer can be half-way then) a valid frame
+    /// right after the header's last one is made invalid for recovery (its salt-1 inverted),
+    /// which is what the next writer's overwrite would do. Best effort: skipped when WRITE is
+    /// busy (a live writer will overwrite the frames) or anything cannot be read.
+    pub(super) fn discard_unpublished_frames(&self) {
+        if !self.agent.try_lock_write() {
+            return;
+        }
+        let r = self.discard_unpublished_frames_locked();
+        self.agent.unlock_write();
+        match r {
+            Ok(Some(frame)) => log_event(&format!(
+                "event=unpublished_frames_discarded db={:?} frame={frame} \
+                 reason=\"a writer died after writing them, before publishing its commit\"",
+                self.db_path
+            )),
+            Ok(None) => {}
+            Err(e) => log_event(&format!(
+                "event=unpublished_frames_check_failed db={:?} error={:?}",
+                self.db_path,
+                e.to_string()
+            )),
+        }
+    }
+
+    fn discard_unpublished_frames_locked(&self) -> Result<Option<u32>> {
+        let Some(h) = super::read_header(&self.agent) else {
+            return Ok(None);
+        };
+        let path = format!("{}-wal", self.db_path);
+        let f = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(crate::error::Error::io(format!("opening {path}"), e)),
+        };
+        let mut b = [0u8; 32];
+        if f.read_exact_at(&mut b, 0).is_err() {
+            return Ok(None); // shorter than a header: nothing recovery could commit
+        }
+        let Ok(wh) = wal::WalHeader::parse(&b) else {
+            return Ok(None);
+        };
+        if wh.salts != h.salts {
+            return Ok(None); // recovery would reject every frame after a different header
+        }
+        // The chain after the header's last frame (the WAL header's own checksum before frame 1).
+        let running = if h.mx_frame == 0 {
+            wh.cksum
+        } else {
+            h.frame_cksum
+        };
+        let mut reader = FrameReader::new(&f, &wh, h.mx_frame + 1, running);
+        let Ok(Some(frame)) = reader.next_frame() else {
+            return Ok(None);
+        };
+        let off = wal::frame_offset(wh.page_size, frame.frame_no) + 8;
+        let mut salt1 = [0u8; 4];
+        salt1.copy_from_slice(&h.salts[..4]);
+        let inverted = u32::from_ne_bytes(salt1) ^ u32::MAX;
+        f.write_all_at(&inverted.to_ne_bytes(), off)
+            .and_then(|()| f.sync_data())
+            .map_err(|e| crate::error::Error::io(format!("writing {path}"), e))?;
+        Ok(Some(frame.frame_no))
+    }
+}

@@ -2,7 +2,7 @@
 
 The shim wraps ``pwrite``/``pwrite64``. It kills the process at its (REPL_CRASH_AFTER + 1)-th
 pwrite to a file whose path ends with REPL_CRASH_SUFFIX -- before the write (REPL_CRASH_MODE
-"before") or after writing half of it ("half") -- counting only once the file named by
+"before"), after writing half of it ("half") or after writing all of it ("after") -- counting only once the file named by
 REPL_CRASH_ARM_FILE exists (when that variable is set). Before dying it writes ``KILL_MARKER``
 to stderr, so a test can tell that the kill came from the shim.
 
@@ -29,7 +29,7 @@ SHIM_C = r"""
 
 /* SIGKILL this process at the (REPL_CRASH_AFTER + 1)-th pwrite to a file whose path ends with
    REPL_CRASH_SUFFIX, counting only once the file REPL_CRASH_ARM_FILE exists (when set): before
-   the write (mode "before"), or after writing half of it (mode "half"). */
+   the write (mode "before"), after writing half of it (mode "half") or all of it ("after"). */
 static ssize_t (*real_pwrite64)(int, const void *, size_t, off_t);
 static long countdown = -2;
 
@@ -56,6 +56,7 @@ static ssize_t hook(int fd, const void *buf, size_t count, off_t off) {
         if (countdown-- == 0) {
             const char *mode = getenv("REPL_CRASH_MODE");
             if (mode && strcmp(mode, "half") == 0) real_pwrite64(fd, buf, count / 2, off);
+            if (mode && strcmp(mode, "after") == 0) real_pwrite64(fd, buf, count, off);
             static const char msg[] = "crashshim: SIGKILL\n";
             write(2, msg, sizeof msg - 1);
             kill(getpid(), SIGKILL);

@@ -1,0 +1,111 @@
+"""A writer killed between writing its commit's frames and publishing them (found by the
+failover torture, issue 14).
+
+SQLite writes a commit's frames to the WAL file, then publishes them in the wal-index header.
+SIGKILL in between leaves a complete, valid transaction in the WAL file that no live connection
+sees and no capture claimed (T2 never ran). While another process keeps the wal-index alive,
+nothing recovers it; once every connection has closed, the next first opener's stock recovery
+would commit it after all: a change nobody witnessed, so the primary would start a new
+generation and every replica re-copy the database, for a transaction its writer never saw
+succeed. The primary's resume discards such frames under WRITE (as the next writer's overwrite
+would), so the transaction stays lost everywhere, and the lineage goes on.
+
+The kill shim (killshim.py, mode "after") SIGKILLs the writer right after the pwrite of the
+commit frame's page: frame header and page written, wal-index header not yet published.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from capture_check import assert_dense, inspect
+from helpers import py_ok, run_py, spawn_py, stock_one
+from killshim import KILL_MARKER
+
+SETUP = r"""
+load()
+c = connect(%r)
+c.execute("pragma journal_mode=wal").fetchall()
+one(c, "select repl_primary()")
+c.execute("create table t(id integer primary key, v text)")
+c.execute("insert into t(v) values ('one')")
+print(json.dumps({"lsn": one(c, "select repl_lsn()")}))
+c.close()
+"""
+
+# The writer: one more single-row commit (one frame: its header and its page, two pwrites to
+# the -wal), killed after the second.
+WRITER = r"""
+load()
+c = connect(%r)
+open(%r, "w").close()  # arm the shim
+c.execute("insert into t(v) values ('two')")
+print("not killed")
+"""
+
+RESUME = r"""
+load()
+c = connect(%r)
+lsn, checksum = json.loads(one(c, "select json_array(repl_lsn(), repl_checksum())"))
+st = json.loads(one(c, "select repl_status()"))
+print(json.dumps({"lsn": lsn, "generation": st["generation"], "gaps": st["gaps"],
+                  "rows": one(c, "select count(*) from t")}), flush=True)
+if %r:
+    sys.stdin.readline()  # stay open until told: this primary closes last
+c.close()
+"""
+
+# A stock process (no extension) keeping the wal-index alive, as a reader or a second
+# application would: with it open, nothing runs recovery when the writer dies.
+HOLDER = r"""
+import sqlite3, sys
+c = sqlite3.connect(sys.argv[1])
+print(c.execute("select count(*) from t").fetchone()[0], flush=True)
+sys.stdin.readline()
+print(c.execute("select count(*) from t").fetchone()[0], flush=True)
+c.close()
+"""
+
+
+def test_unpublished_commit_of_a_killed_writer_is_not_recovered_later(tmp, kill_shim):
+    db = str(tmp / "p.db")
+    assert json.loads(py_ok(SETUP % db))["lsn"] >= 2
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, db], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "1"
+        env = {"LD_PRELOAD": kill_shim, "REPL_CRASH_SUFFIX": "-wal", "REPL_CRASH_AFTER": "1",
+               "REPL_CRASH_MODE": "after", "REPL_CRASH_ARM_FILE": str(tmp / "armed")}
+        w = run_py(WRITER % (db, str(tmp / "armed")), env=env)
+        assert w.returncode == -9 and KILL_MARKER in w.stderr, (w.returncode, w.stderr[-2000:])
+        # The primary resumes while the holder keeps the wal-index: the commit was never
+        # published, so nobody sees it, and the resume discards its frames.
+        r = spawn_py(RESUME % (db, True))
+        resumed = json.loads(r.stdout.readline())
+        assert resumed["rows"] == 1 and resumed["generation"] == 1 and resumed["gaps"] == 0, resumed
+        # The holder closes first (its close is not the last: no checkpoint), then the primary,
+        # whose last close leaves the WAL and the wal-index in place (ARCHITECTURE.md "Capture").
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "1"
+        holder.wait(10)
+        r.stdin.write("\n")
+        r.stdin.flush()
+        _, err = r.communicate(timeout=30)
+        assert r.returncode == 0, err
+        assert "event=unpublished_frames_discarded" in err, err
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    # Every connection closed: a stock opener runs recovery over the WAL file, and finds no
+    # transaction beyond the published ones.
+    assert stock_one(db, "SELECT count(*) FROM t;") == "1"
+    assert stock_one(db, "PRAGMA integrity_check;") == "ok"
+    # The primary goes on in the same generation, without a gap.
+    again = json.loads(py_ok(RESUME % (db, False)))
+    assert again == {"lsn": resumed["lsn"], "generation": 1, "gaps": 0, "rows": 1}, (again, resumed)
+    records = inspect(db)
+    assert_dense(records)
+    assert {r.generation for r in records} == {1}, records
