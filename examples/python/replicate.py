@@ -25,7 +25,9 @@ def one(conn, sql, args=()):
     return conn.execute(sql, args).fetchone()[0]
 
 
-with tempfile.TemporaryDirectory() as d:
+# The primary's server keeps the role (and its background threads) alive until the process
+# exits, so they may still write into primary.db-replica/ while the directory is removed.
+with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as d:
     primary = apsw.Connection(f"{d}/primary.db")
     one(primary, "SELECT repl_primary()")  # WAL mode + replication log
     primary.execute("CREATE TABLE notes(id INTEGER PRIMARY KEY, text TEXT NOT NULL)")
