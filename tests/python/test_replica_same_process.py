@@ -34,7 +34,7 @@ import textwrap
 import pytest
 
 from helpers import (
-    SNAP_SQL, PyChild, assert_replica_equals_primary, lsn_checksum, primary_snap, shm_state, sqlite3_cli, start_primary,
+    SNAP_SQL, PyChild, assert_replica_equals_primary, durable, lsn_checksum, primary_snap, shm_state, sqlite3_cli, start_primary,
     start_replica, stock_one, sync_to, wait_for,
 )
 
@@ -212,6 +212,9 @@ def setup(tmp):
         "INSERT INTO t(v, pad) SELECT n, randomblob(3000) FROM c",
         [ROWS],
     )
+    # Records are served once the group fsync made them durable: the replica's first
+    # repl_sync() below must find the last commit served.
+    durable(p)
     return pdb, rdb, p
 
 
