@@ -279,9 +279,9 @@ pub fn open_file_limit() -> Option<u64> {
     (rc == 0 && r.rlim_cur != libc::RLIM_INFINITY).then_some(r.rlim_cur)
 }
 
-/// Lower the calling thread's scheduling priority to `REPL_BACKGROUND_NICE` (default 10), so
-/// on a busy machine the application's threads get the CPU first (best effort: an error leaves
-/// it unchanged; 0 leaves it as inherited). On Linux a thread id given to
+/// Lower the calling thread's scheduling priority to `REPL_BACKGROUND_NICE` (default 0: as
+/// inherited), so on a busy machine the application's threads get the CPU first (best effort:
+/// an error leaves it unchanged). On Linux a thread id given to
 /// `setpriority(PRIO_PROCESS)` names that thread alone.
 pub fn lower_this_thread_priority() {
     let nice = crate::config::get().background_nice;

@@ -10,9 +10,9 @@
 //!   so one slow fsync does not hold up every other database's watermark.
 //! - One append thread ("repl-append") runs the append passes of the asynchronous capture
 //!   (`append.rs`), so they keep up with commits instead of waiting behind an fsync.
-//!   It and the checkpoint thread run at nice `REPL_BACKGROUND_NICE` (10): on a machine whose CPUs
-//!   are busy the application's threads go first, and a log that falls `capture_lag_max`
-//!   behind makes the writer append itself (back-pressure), so the lag stays bounded.
+//!   `REPL_BACKGROUND_NICE` (default 0) lowers its and the checkpoint thread's priority, so on
+//!   a machine whose CPUs are busy the application's threads go first (at the price of
+//!   replication lag; a log `capture_lag_max` behind makes the writer append itself).
 //! - One checkpoint thread ("repl-checkpoint") runs the assisted PASSIVE checkpoints
 //!   (`checkpoint.rs`) of the primaries whose WAL grew past `checkpoint_assist` frames.
 //! - One backup thread ("repl-backup") runs the object-storage uploads (`backup.rs`) of the
