@@ -319,10 +319,28 @@ class Writer:
         self.stats["commits"] += 1
         on_commit()
 
+    def wait_for_gate(self) -> None:
+        """Pace the workload to the sampler: start no transaction while the number of committed
+        ``ops`` rows (all writers) has reached the limit the sampler wrote into the gate file.
+        Without it a slow sampler (a loaded machine) met the writers every ~50 commits instead of
+        every ~20 and the test took fewer samples than it promises."""
+        gate = self.cfg.get("gate")
+        if not gate:
+            return
+        deadline = time.monotonic() + 120
+        while True:
+            with open(gate) as f:
+                limit = int(f.read())
+            if one(self.c, "SELECT coalesce(max(id), 0) FROM ops") < limit:
+                return
+            assert time.monotonic() < deadline, f"{self.w}: the sampler never lifted the gate at {limit}"
+            time.sleep(0.0005)
+
     def run(self) -> dict:
         c = self.c
         cache5 = self.cfg["cache5"]
         while self.stats["commits"] < self.n:
+            self.wait_for_gate()
             if cache5 == "sometimes" and self.rng.random() < 0.05:
                 c.execute("PRAGMA cache_size=5" if self.rng.random() < 0.5 else "PRAGMA cache_size=-2000")
             self.run_txn(*self.plan())
@@ -438,7 +456,17 @@ def test_differential_capture_under_a_mixed_concurrent_workload(tmp):
 
     counts = [round(TXNS * w["share"]) for w in WRITERS]
     counts[-1] = TXNS - sum(counts[:-1])
-    cfgs = [dict(w, db=db, n=n, seed=SEED) for w, n in zip(WRITERS, counts)]
+    gate = tmp / "gate"  # the sampler's limit on committed ops rows; see Writer.wait_for_gate
+
+    def set_gate(limit: int) -> None:
+        (tmp / "gate.tmp").write_text(str(limit))
+        os.replace(tmp / "gate.tmp", gate)
+
+    cfgs = [dict(w, db=db, n=n, seed=SEED, gate=str(gate)) for w, n in zip(WRITERS, counts)]
+    srng = random.Random(f"{SEED}/sampler")
+    step = max(1, int(TXNS / (SAMPLES * 2)))
+    next_at = srng.randint(1, step)
+    set_gate(next_at)
 
     procs = []
     thread_result: dict = {}
@@ -475,17 +503,18 @@ def test_differential_capture_under_a_mixed_concurrent_workload(tmp):
             p.stdin.flush()
         thread.start()
 
-        # Sample roughly every `step` LSNs (jittered) while anything is still writing.
-        srng = random.Random(f"{SEED}/sampler")
-        step = max(1, int(TXNS / (SAMPLES * 2)))
-        next_at = setup_lsn + srng.randint(1, step)
+        # Sample roughly every `step` commits (jittered) while anything is still writing. The
+        # writers start no transaction once `next_at` ops rows are committed, so each sample
+        # lands at most one in-flight transaction per writer past its point, however slow the
+        # sampler is on a loaded machine (the LSN of a sample is whatever repl_lsn() says).
         workload_deadline = time.monotonic() + 150
         while thread.is_alive() or any(p.poll() is None for _, p in procs):
             assert time.monotonic() < workload_deadline, "the workload did not finish in time"
-            if one(sampler, "SELECT repl_lsn()") >= next_at:
+            if one(sampler, "SELECT coalesce(max(id), 0) FROM ops") >= next_at:
                 s = take_sample(sampler, db, frames=len(samples) % 8 == 0)
                 samples.append(s)
-                next_at = s["lsn"] + srng.randint(max(1, step // 2), step + step // 2)
+                next_at += srng.randint(max(1, step // 2), step + step // 2)
+                set_gate(next_at)
             else:
                 time.sleep(0.002)
         thread.join(timeout=30)
