@@ -35,7 +35,16 @@ for _ in range(3):
     c.execute("with recursive s(i) as (select 1 union all select i+1 from s where i < 100) "
               "insert into t(id, b) select i + 1000, randomblob(20000) from s")
     c.execute("delete from t where id >= 1000")
-c.execute("pragma wal_checkpoint(truncate)").fetchall()
+# Start with the log caught up and the WAL empty: a TRUNCATE checkpoint can meet SQLITE_BUSY
+# (the background checkpoint assist reading the WAL), and one unappended setup transaction
+# would count against capture_lag_max below (a loaded CI saw 4 commits pass instead of 5).
+deadline = time.monotonic() + 30
+while c.execute("pragma wal_checkpoint(truncate)").fetchall()[0][0] != 0:
+    assert time.monotonic() < deadline, "the setup's TRUNCATE checkpoint stayed busy"
+    time.sleep(0.02)
+while json.loads(one(c, "select repl_status()"))["log"]["last_lsn"] < one(c, "select repl_lsn()"):
+    assert time.monotonic() < deadline, "the log did not catch up with the setup"
+    time.sleep(0.02)
 seg_dir = path + "-replica/log"
 seg = max((os.path.getsize(os.path.join(seg_dir, f)) for f in os.listdir(seg_dir)))
 limit = seg + 2048
