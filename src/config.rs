@@ -26,6 +26,9 @@ pub struct Config {
     /// `REPL_FAULT_FAIL_AT=<point>:<n>` (tests only): the n-th time `point` is reached the
     /// operation there fails with an I/O error (`sys::fault_fails`).
     pub fault_fail_at: Option<(String, u64)>,
+    /// `REPL_FAULT_DELAY_AT=<point>:<ms>` (tests only): every time `point` is reached the
+    /// thread sleeps `ms` milliseconds there (`sys::fault_delay`).
+    pub fault_delay_at: Option<(String, u64)>,
     /// `REPL_EXEC_TOKEN`: the token of `/v1/exec` (servers) and of forwarded writes (replicas).
     pub exec_token: Option<String>,
     /// `REPL_LOG`: the event log level as given (`logging` parses it; default warn).
@@ -83,6 +86,10 @@ impl Config {
                 Some((p.to_string(), n.parse().ok()?))
             }),
             fault_fail_at: var("REPL_FAULT_FAIL_AT").and_then(|v| {
+                let (p, n) = v.rsplit_once(':')?;
+                Some((p.to_string(), n.parse().ok()?))
+            }),
+            fault_delay_at: var("REPL_FAULT_DELAY_AT").and_then(|v| {
                 let (p, n) = v.rsplit_once(':')?;
                 Some((p.to_string(), n.parse().ok()?))
             }),

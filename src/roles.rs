@@ -221,7 +221,8 @@ fn release_if_idle(db: &Db) {
             Role::Primary(p) if p.keeps_alive() => return,
             Role::Replica(r) if r.following() => return,
             Role::Primary(p) => p.detach(),
-            Role::Replica(_) | Role::None => {}
+            Role::Replica(r) => r.release(),
+            Role::None => {}
         }
         *db.role.write().unwrap_or_else(|e| e.into_inner()) = Role::None;
     }

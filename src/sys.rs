@@ -161,6 +161,17 @@ pub fn fault_point(point: &str) {
     }
 }
 
+/// Test fault injection: `REPL_FAULT_DELAY_AT=<point>:<ms>` makes every call for `point`
+/// sleep `ms` milliseconds. Points: `append-worker-holds` (the append worker, after a pass,
+/// still holding its reference to the primary).
+pub fn fault_delay(point: &str) {
+    if let Some((p, ms)) = crate::config::get().fault_delay_at.as_ref() {
+        if p == point {
+            std::thread::sleep(std::time::Duration::from_millis(*ms));
+        }
+    }
+}
+
 /// Test fault injection: `REPL_FAULT_FAIL_AT=<point>:<n>` makes the `n`-th call for `point`
 /// (counting from one) return true, and the caller fail its operation there with an I/O error.
 /// Points: `log-append` (capture's append of a transaction record, after the record was built:

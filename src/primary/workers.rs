@@ -200,7 +200,12 @@ fn append_worker() {
                     .0;
             }
         };
-        if let Some(d) = w.upgrade().and_then(|p| p.run_append()) {
+        let again = w.upgrade().and_then(|p| {
+            let again = p.run_append();
+            crate::sys::fault_delay("append-worker-holds");
+            again
+        });
+        if let Some(d) = again {
             schedule_append_after(w, d);
         }
     }
@@ -369,8 +374,9 @@ impl Primary {
 
     /// Ends this primary's work in this process: stops its background jobs (waiting for one
     /// in progress), then makes everything captured durable for replicas (WAL fsync,
-    /// watermark, log fsync). Called when the last connection closes; the handle, locks and
-    /// fds go with the last reference.
+    /// watermark, log fsync), then closes the agent handle in this thread (its locks and
+    /// wal-index mapping go with it; see `AgentHandle::close`). Called when the last
+    /// connection closes, or when the role moves on; the log's fds go with the last reference.
     pub fn detach(&self) {
         self.stop.store(true, Ordering::Release);
         let _m = lock(&self.maintenance_busy);
@@ -386,8 +392,12 @@ impl Primary {
                     st.last_error = Some(e.to_string());
                 }
             }
+            // The WAL reader too: no file of the database stays open after the last close.
+            st.wal = None;
+            st.wal_hdr = None;
         }
         crate::transport::notify::forget(&self.dir);
+        self.agent.close();
         crate::logging::event(&format!("event=primary_closed db={:?}", self.db_path));
     }
 

@@ -230,6 +230,13 @@ pub fn is_replica_dir(db_path: &str) -> bool {
 }
 
 impl Replica {
+    /// The role ends in this process (its last connection closed, nothing follows): close
+    /// the applier's handle now, in this thread, not with the last reference, which a
+    /// background thread may hold after the application called `sqlite3_shutdown()`.
+    pub fn release(&self) {
+        self.handle.close();
+    }
+
     /// Attach the replica role to the database at `db_path` (creating
     /// `<db>-replica/replica.json` when `create`).
     pub fn attach(db_path: &str, create: bool) -> Result<Arc<Replica>> {

@@ -14,8 +14,9 @@ use super::DbFileIo;
 use crate::error::{Error, Result};
 use crate::ffi::{self, sqlite3_file};
 use std::ffi::{c_char, c_int, c_void, CString};
-use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 pub struct AgentHandle {
     file: *mut sqlite3_file,
@@ -23,6 +24,25 @@ pub struct AgentHandle {
     fname: *const c_char,
     path: String,
     state: Mutex<AgentState>,
+    /// Set by `close`: no call reaches the underlying file any more.
+    closed: AtomicBool,
+    /// The underlying file was closed (exactly once: `close_file`).
+    file_closed: AtomicBool,
+    /// Calls in progress on the underlying file (see `enter`); `close` waits for them.
+    users: AtomicUsize,
+}
+
+/// How long `close` waits for calls in progress before it gives up and leaves the handle
+/// open (a leak, logged) rather than closing a file another thread still uses.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
+/// One call in progress on an open handle (`AgentHandle::enter`).
+struct InUse<'a>(&'a AgentHandle);
+
+impl Drop for InUse<'_> {
+    fn drop(&mut self) {
+        self.0.users.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Why a handle whose file was replaced keeps off the wal-index (see `AgentHandle::moved`).
@@ -89,6 +109,9 @@ impl AgentHandle {
                 write_locked: false,
                 held: 0,
             }),
+            closed: AtomicBool::new(false),
+            file_closed: AtomicBool::new(false),
+            users: AtomicUsize::new(0),
         };
         if rc != ffi::SQLITE_OK {
             return Err(Error::Other(format!(
@@ -104,6 +127,85 @@ impl AgentHandle {
             )));
         }
         Ok(h)
+    }
+
+    /// Register a call on the underlying file; `None` once `close` began. Re-entrant (a
+    /// counter), so a call made while a `LiveShm` of the same thread is alive is fine.
+    fn enter(&self) -> Option<InUse<'_>> {
+        self.users.fetch_add(1, Ordering::SeqCst);
+        let g = InUse(self);
+        if self.closed.load(Ordering::SeqCst) {
+            return None;
+        }
+        Some(g)
+    }
+
+    fn closed_error(&self) -> Error {
+        Error::Other(format!(
+            "the agent handle on {} is closed: the role ended in this process",
+            self.path
+        ))
+    }
+
+    /// Close the handle now, in the calling thread: drop the WAL WRITE lock if held, unmap
+    /// the wal-index, drop the SHARED lock and close the file. Later calls on the handle
+    /// fail (or do nothing) instead of reaching the file. Waits for calls in progress.
+    ///
+    /// A role's end calls this from the thread that closed the application's last
+    /// connection, so the file is closed before `sqlite3_close` returns: the application may
+    /// call `sqlite3_shutdown()` next, after which a close from a background thread (which
+    /// held the last reference) would use the host VFS's torn-down mutex and hang or crash.
+    pub fn close(&self) {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let deadline = Instant::now() + CLOSE_WAIT;
+        while self.users.load(Ordering::SeqCst) != 0 {
+            if Instant::now() >= deadline {
+                crate::logging::event(&format!(
+                    "event=agent_close_abandoned level=error db={:?} reason=\"calls still in progress after {} s; the handle stays open\"",
+                    self.path,
+                    CLOSE_WAIT.as_secs()
+                ));
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.close_file();
+    }
+
+    /// The close itself, once `closed` is set and no call is in progress (after `close`'s
+    /// wait, or in `Drop`, where nobody else can hold the handle).
+    fn close_file(&self) {
+        if self.file_closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: reading the method pointer our own xOpen call set (NULL if it failed).
+        let opened = unsafe { !(*self.file).pMethods.is_null() };
+        if opened {
+            self.unlock_write_locked(&mut st);
+            let m = self.methods();
+            // SAFETY: no call is in progress and none can start (`closed`): unmapping
+            // without delete, dropping our lock and closing the handle we opened; each
+            // exactly once (`file_closed`).
+            unsafe {
+                if let Some(u) = m.xShmUnmap {
+                    u(self.file, 0);
+                }
+                if let Some(u) = m.xUnlock {
+                    u(self.file, ffi::SQLITE_LOCK_NONE);
+                }
+                if let Some(c) = m.xClose {
+                    c(self.file);
+                }
+            }
+        }
+        if let Some(free) = ffi::api().free_filename {
+            // SAFETY: the name `open` made with sqlite3_create_filename, freed once.
+            unsafe { free(self.fname as *mut c_char as _) };
+        }
+        st.regions.clear();
     }
 
     fn methods(&self) -> &'static ffi::sqlite3_io_methods {
@@ -148,6 +250,7 @@ impl AgentHandle {
     /// connections). `moved` narrows that race for a later first open (after this one failed,
     /// e.g. out of memory) but cannot close it: the check and the open are two steps.
     pub fn open_wal_index(&self) {
+        let Some(_u) = self.enter() else { return };
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let _ = self.map0(&mut st);
     }
@@ -199,11 +302,12 @@ impl AgentHandle {
     /// Exclusive access to the wal-index through this handle (the applier's view): block
     /// access, WAL locks, the barrier. `Ok(None)` when the wal-index is not initialised yet.
     pub fn live_shm(&self) -> Result<Option<LiveShm<'_>>> {
+        let u = self.enter().ok_or_else(|| self.closed_error())?;
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if self.map_region(&mut st, 0, false)?.is_none() {
             return Ok(None);
         }
-        Ok(Some(LiveShm { h: self, st }))
+        Ok(Some(LiveShm { h: self, st, _u: u }))
     }
 
     fn shm_lock_raw(&self, ofst: u32, n: u32, flags: c_int) -> c_int {
@@ -216,6 +320,7 @@ impl AgentHandle {
 
     /// Write database-file bytes at `offset` through the underlying VFS.
     pub fn write_db(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        let _u = self.enter().ok_or_else(|| self.closed_error())?;
         let w = self.methods().xWrite.expect("xWrite");
         // SAFETY: `buf` is valid for `len` bytes; the handle is open.
         let rc = unsafe {
@@ -231,6 +336,7 @@ impl AgentHandle {
 
     /// Truncate the database file to `size` bytes.
     pub fn truncate_db(&self, size: u64) -> Result<()> {
+        let _u = self.enter().ok_or_else(|| self.closed_error())?;
         let t = self.methods().xTruncate.expect("xTruncate");
         // SAFETY: plain call on our open handle.
         let rc = unsafe { t(self.file, size as i64) };
@@ -239,6 +345,7 @@ impl AgentHandle {
 
     /// fsync the database file.
     pub fn sync_db(&self) -> Result<()> {
+        let _u = self.enter().ok_or_else(|| self.closed_error())?;
         let s = self.methods().xSync.expect("xSync");
         // SAFETY: plain call on our open handle (SQLITE_SYNC_NORMAL = 2).
         let rc = unsafe { s(self.file, 2) };
@@ -247,6 +354,7 @@ impl AgentHandle {
 
     /// Size of the database file in bytes.
     pub fn db_size(&self) -> Result<u64> {
+        let _u = self.enter().ok_or_else(|| self.closed_error())?;
         let f = self.methods().xFileSize.expect("xFileSize");
         let mut n: i64 = 0;
         // SAFETY: `n` receives the size.
@@ -258,6 +366,7 @@ impl AgentHandle {
     /// Take the database-file lock up to EXCLUSIVE (RESERVED first, as SQLite does). Fails
     /// with `Busy` when another connection reads or writes; the handle stays SHARED then.
     pub fn lock_db_exclusive(&self) -> Result<()> {
+        let _u = self.enter().ok_or_else(|| self.closed_error())?;
         let l = self.methods().xLock.expect("xLock");
         for level in [ffi::SQLITE_LOCK_RESERVED, ffi::SQLITE_LOCK_EXCLUSIVE] {
             // SAFETY: lock escalation on our open handle, which holds SHARED.
@@ -276,6 +385,7 @@ impl AgentHandle {
 
     /// Drop back to the SHARED database-file lock this handle keeps for its life.
     pub fn unlock_db_to_shared(&self) {
+        let Some(_u) = self.enter() else { return };
         if let Some(u) = self.methods().xUnlock {
             // SAFETY: lowering our own lock.
             unsafe { u(self.file, ffi::SQLITE_LOCK_SHARED) };
@@ -284,6 +394,9 @@ impl AgentHandle {
 
     /// Try to take the WAL WRITE lock (never waits). Returns false when busy.
     pub fn try_lock_write(&self) -> bool {
+        let Some(_u) = self.enter() else {
+            return false;
+        };
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if st.write_locked || self.map0(&mut st).is_none() || self.moved() {
             return false;
@@ -306,7 +419,12 @@ impl AgentHandle {
 
     /// Release the WAL WRITE lock taken by `try_lock_write`.
     pub fn unlock_write(&self) {
+        let Some(_u) = self.enter() else { return };
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.unlock_write_locked(&mut st);
+    }
+
+    fn unlock_write_locked(&self, st: &mut AgentState) {
         if !st.write_locked {
             return;
         }
@@ -343,6 +461,7 @@ fn code_to_result(rc: c_int, what: &str) -> Result<()> {
 pub struct LiveShm<'a> {
     h: &'a AgentHandle,
     st: std::sync::MutexGuard<'a, AgentState>,
+    _u: InUse<'a>,
 }
 
 impl LiveShm<'_> {
@@ -485,6 +604,7 @@ impl crate::wal::ShmAccess for LiveShm<'_> {
 
 impl DbFileIo for AgentHandle {
     fn shm_head(&self) -> Option<[u8; 136]> {
+        let _u = self.enter()?;
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let p = self.map0(&mut st)?;
         // SAFETY: `p` is our live region-0 mapping (unmapped only in Drop).
@@ -492,6 +612,7 @@ impl DbFileIo for AgentHandle {
     }
 
     fn read_db(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let _u = self.enter().ok_or_else(|| self.closed_error())?;
         read_real(self.file, offset, buf)
     }
 }
@@ -499,24 +620,9 @@ impl DbFileIo for AgentHandle {
 impl Drop for AgentHandle {
     fn drop(&mut self) {
         ffi::guard((), || {
-            self.unlock_write();
-            let m = self.methods();
-            // SAFETY: unmapping without delete, dropping our lock and closing the handle we
-            // opened, then freeing the filename; each exactly once.
-            unsafe {
-                if let Some(u) = m.xShmUnmap {
-                    u(self.file, 0);
-                }
-                if let Some(u) = m.xUnlock {
-                    u(self.file, ffi::SQLITE_LOCK_NONE);
-                }
-                if let Some(c) = m.xClose {
-                    c(self.file);
-                }
-                if let Some(free) = ffi::api().free_filename {
-                    free(self.fname as *mut c_char as _);
-                }
-            }
+            // Nobody else holds the handle any more (we own it): no wait needed.
+            self.closed.store(true, Ordering::SeqCst);
+            self.close_file();
             let _ = &self.mem;
         })
     }
