@@ -119,6 +119,11 @@ impl DbHooks for Db {
         self.primary().is_none_or(|p| p.before_wal_restart())
     }
 
+    fn background_may_hold_write(&self) -> bool {
+        self.primary()
+            .is_some_and(|p| p.background_may_hold_write())
+    }
+
     fn write_unlocking(
         &self,
         io: &dyn DbFileIo,

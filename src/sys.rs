@@ -162,11 +162,13 @@ pub fn fault_point(point: &str) {
 }
 
 /// Test fault injection: `REPL_FAULT_DELAY_AT=<point>:<ms>` makes every call for `point`
-/// sleep `ms` milliseconds. Points: `append-worker-holds` (the append worker, after a pass,
-/// still holding its reference to the primary).
+/// sleep `ms` milliseconds, after logging `event=fault kind=delay point=<point>` (so a test knows
+/// the thread is there). Points: `append-worker-holds` (the append worker, after a pass,
+/// still holding its reference to the primary), `t3-holds-write` (T3 holding WRITE).
 pub fn fault_delay(point: &str) {
     if let Some((p, ms)) = crate::config::get().fault_delay_at.as_ref() {
         if p == point {
+            crate::logging::event(&format!("event=fault kind=delay point={point} ms={ms}"));
             std::thread::sleep(std::time::Duration::from_millis(*ms));
         }
     }

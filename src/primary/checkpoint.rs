@@ -12,10 +12,17 @@
 //! most frames copied and most of the WAL already synced, so it is short.
 //!
 //! Why this is safe and changes nothing the application can rely on:
-//! * **PASSIVE** never waits for a lock and never blocks a reader or a writer; it never
-//!   restarts or truncates the WAL (only a writer or a RESTART/TRUNCATE checkpoint does, and
-//!   those still go through the shim's restart hook). A checkpoint the application asks for
-//!   itself (any mode) is not held back: nothing here holds a read mark or a lock between runs.
+//! * **PASSIVE** never waits for a lock; it never restarts or truncates the WAL (only a writer
+//!   or a RESTART/TRUNCATE checkpoint does, and those still go through the shim's restart
+//!   hook). A checkpoint the application asks for itself (any mode) is not held back: nothing
+//!   here holds a read mark or a lock between runs.
+//! * **WRITE for a moment.** Like any SQLite reader, the assist's connection takes the WAL
+//!   WRITE lock for a moment when it reads a wal-index header that a commit is rewriting (to
+//!   check whether recovery is needed; the commit has released WRITE by then). An application
+//!   writer asking for WRITE in that moment got SQLITE_BUSY, which a single-connection
+//!   application without a busy timeout never expects (`make bench` met it once in ~340 runs
+//!   of 5000 commits). While a run is in progress the shim therefore retries a busy WRITE
+//!   request (`Primary::background_may_hold_write`, `vfs::file::x_shm_lock`), bounded.
 //! * The connection is opened through the host's own VFS (as a stock process would: a
 //!   checkpoint writes the database file, which the capture never reads), with
 //!   `SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE` so closing it never checkpoints or deletes the WAL, and
@@ -29,7 +36,7 @@ use crate::error::Result;
 use crate::ffi::conn::OwnedDb;
 use crate::vfs::DbFileIo;
 use crate::wal::{CkptInfo, WalIndexHeader};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// What `repl_status()` shows about the assist.
 #[derive(Default)]
@@ -53,7 +60,29 @@ pub(super) fn assist_due(assist: u64, mx_frame: u32, n_backfill: u32) -> bool {
         && mx_frame.saturating_sub(n_backfill) >= (assist / UNBACKFILLED_SHARE).max(1)
 }
 
+/// Marks a background job that may hold the WAL WRITE lock (`Primary::background_write`).
+pub(super) struct BackgroundWrite<'a>(&'a AtomicUsize);
+
+impl Drop for BackgroundWrite<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Primary {
+    /// Count a background job of this process that may take WRITE while the value lives.
+    pub(super) fn background_write(&self) -> BackgroundWrite<'_> {
+        self.bg_write.fetch_add(1, Ordering::SeqCst);
+        BackgroundWrite(&self.bg_write)
+    }
+
+    /// True while a background job of this process may hold WRITE for a moment: the shim
+    /// then retries an application writer's busy WRITE request instead of answering
+    /// SQLITE_BUSY (which an application without a busy timeout reports as an error).
+    pub fn background_may_hold_write(&self) -> bool {
+        self.bg_write.load(Ordering::SeqCst) > 0
+    }
+
     /// After an append pass: schedule a background checkpoint when `assist_due`.
     pub(super) fn maybe_assist_checkpoint(&self) {
         let assist = self.ckpt_assist.load(Ordering::Relaxed);
@@ -101,6 +130,10 @@ impl Primary {
     }
 
     fn checkpoint_passive(&self) -> Result<()> {
+        // Its connection takes WRITE for a moment when it reads a wal-index header a commit
+        // is rewriting (SQLite's reader then checks whether recovery is needed, under WRITE):
+        // the application's writers wait for that in the shim instead of failing with BUSY.
+        let _w = self.background_write();
         let db = OwnedDb::open(
             &self.db_path,
             crate::ffi::SQLITE_OPEN_READWRITE,

@@ -64,7 +64,9 @@ impl Primary {
             let backing_off = lock(&self.state)
                 .t3_retry_after
                 .is_some_and(|t| std::time::Instant::now() < t);
+            let _w = self.background_write();
             if stable && !backing_off && self.agent.try_lock_write() {
+                crate::sys::fault_delay("t3-holds-write");
                 if let Some(h) = read_header(&self.agent) {
                     let mut st = lock(&self.state);
                     self.capture(&mut st, &self.agent, &h, false, false);

@@ -186,6 +186,9 @@ pub struct Primary {
     ckpt_scheduled: AtomicBool,
     ckpt_busy: Mutex<()>,
     ckpt_stats: Mutex<checkpoint::CheckpointStats>,
+    /// Background jobs of this process that may hold the WAL WRITE lock for a moment right
+    /// now (an assisted checkpoint's connection, T3's capture): see `background_may_hold_write`.
+    bg_write: std::sync::atomic::AtomicUsize,
 }
 
 type T3Seen = ([u8; 8], u32, u32, Option<(Lsn, u32)>);
@@ -293,6 +296,7 @@ impl Primary {
             ckpt_scheduled: AtomicBool::new(false),
             ckpt_busy: Mutex::new(()),
             ckpt_stats: Mutex::new(checkpoint::CheckpointStats::default()),
+            bg_write: std::sync::atomic::AtomicUsize::new(0),
         });
         p.fence_state.epoch.store(
             lock(&p.state).log.meta().epoch.0,

@@ -452,6 +452,37 @@ unsafe extern "C" fn x_unfetch(f: *mut sqlite3_file, off: i64, p: *mut c_void) -
     })
 }
 
+/// How long an application writer's WRITE request waits out a background job of ours (see
+/// `DbHooks::background_may_hold_write`) before it answers SQLITE_BUSY after all.
+const BACKGROUND_WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Retry a busy WRITE request while `background` says a job of ours may hold WRITE: such a
+/// job holds it for microseconds (a reader's header check, T3's capture), so spin briefly,
+/// then poll every 50 µs. Once no job runs, one last try decides; SQLITE_BUSY after
+/// `BACKGROUND_WRITE_WAIT` (another connection holds WRITE: its owner's busy handler applies).
+fn retry_while_background_writes(
+    mut try_lock: impl FnMut() -> c_int,
+    background: impl Fn() -> bool,
+) -> c_int {
+    let deadline = std::time::Instant::now() + BACKGROUND_WRITE_WAIT;
+    let mut tries = 0u32;
+    loop {
+        if !background() {
+            return try_lock();
+        }
+        if tries < 64 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+        tries += 1;
+        let rc = try_lock();
+        if rc != ffi::SQLITE_BUSY || std::time::Instant::now() >= deadline {
+            return rc;
+        }
+    }
+}
+
 /// Does the lock request (ofst, n) cover slot 0 (WRITE)?
 fn covers_write(ofst: c_int, n: c_int) -> bool {
     ofst <= 0 && 0 < ofst + n
@@ -508,7 +539,14 @@ unsafe extern "C" fn x_shm_lock(
         }
         if flags == ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE {
             // SAFETY: forwarding.
-            let rc = unsafe { lock(s.real, ofst, n, flags) };
+            let mut rc = unsafe { lock(s.real, ofst, n, flags) };
+            if rc == ffi::SQLITE_BUSY && db.background_may_hold_write() {
+                rc = retry_while_background_writes(
+                    // SAFETY: forwarding the same request again.
+                    || unsafe { lock(s.real, ofst, n, flags) },
+                    || db.background_may_hold_write(),
+                );
+            }
             if rc == ffi::SQLITE_OK && !s.holds_write {
                 s.holds_write = true;
                 db.counters().write_holders.fetch_add(1, Ordering::AcqRel);
@@ -619,5 +657,60 @@ pub(super) fn read_real(
             format!("reading the database at offset {offset}"),
             std::io::Error::other(format!("SQLite I/O error code {x}")),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    #[test]
+    fn busy_write_is_retried_only_while_a_background_job_runs() {
+        // No job of ours: one more try decides (an application's own contention stays BUSY).
+        let tries = Cell::new(0);
+        let rc = retry_while_background_writes(
+            || {
+                tries.set(tries.get() + 1);
+                ffi::SQLITE_BUSY
+            },
+            || false,
+        );
+        assert_eq!((rc, tries.get()), (ffi::SQLITE_BUSY, 1));
+
+        // A job holds WRITE for a few tries, then releases it: the request succeeds.
+        let tries = Cell::new(0);
+        let rc = retry_while_background_writes(
+            || {
+                tries.set(tries.get() + 1);
+                if tries.get() < 5 {
+                    ffi::SQLITE_BUSY
+                } else {
+                    ffi::SQLITE_OK
+                }
+            },
+            || true,
+        );
+        assert_eq!((rc, tries.get()), (ffi::SQLITE_OK, 5));
+
+        // The job ends while WRITE is still busy (someone else holds it): the last try
+        // after the job's end answers.
+        let tries = Cell::new(0);
+        let rc = retry_while_background_writes(
+            || {
+                tries.set(tries.get() + 1);
+                ffi::SQLITE_BUSY
+            },
+            || tries.get() < 3,
+        );
+        assert_eq!((rc, tries.get()), (ffi::SQLITE_BUSY, 4));
+    }
+
+    #[test]
+    fn busy_write_wait_is_bounded() {
+        let started = std::time::Instant::now();
+        let rc = retry_while_background_writes(|| ffi::SQLITE_BUSY, || true);
+        assert_eq!(rc, ffi::SQLITE_BUSY);
+        assert!(started.elapsed() >= BACKGROUND_WRITE_WAIT);
     }
 }

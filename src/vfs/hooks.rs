@@ -99,6 +99,11 @@ pub trait DbHooks: Send + Sync {
     fn wal_restarting(&self) -> bool {
         true
     }
+    /// A background job of this process may hold the WAL WRITE lock for a moment: a busy
+    /// WRITE request of an application connection is retried (bounded) instead of failing.
+    fn background_may_hold_write(&self) -> bool {
+        false
+    }
     /// True when the main database file must read as empty (size 0) to SQLite connections:
     /// a replica's interrupted bootstrap holds pages of an unfinished snapshot in it, page 1
     /// not written yet (WAL.md §E.1). Asked only when the file is not empty.
