@@ -86,7 +86,8 @@ pub fn level_of(event: &str) -> Level {
         | "capture_error"
         | "log_tail_damaged"
         | "primary_not_in_wal_mode"
-        | "backup_stopped" => Level::Error,
+        | "backup_stopped"
+        | "agent_close_abandoned" => Level::Error,
         // Handled automatically, but a person should know: costs a re-copy, a gap, a stall,
         // or a refused operation.
         "gap"

@@ -163,7 +163,7 @@ impl AgentHandle {
         while self.users.load(Ordering::SeqCst) != 0 {
             if Instant::now() >= deadline {
                 crate::logging::event(&format!(
-                    "event=agent_close_abandoned level=error db={:?} reason=\"calls still in progress after {} s; the handle stays open\"",
+                    "event=agent_close_abandoned db={:?} reason=\"calls still in progress after {} s; the handle stays open\"",
                     self.path,
                     CLOSE_WAIT.as_secs()
                 ));
