@@ -69,6 +69,13 @@ impl Config {
         // The server limits take surrounding spaces (as they did when the server read them).
         let num_trimmed = |k: &str| var(k).and_then(|v| v.trim().parse::<u64>().ok());
         let text = |k: &str| var(k).filter(|v| !v.is_empty());
+        // Test fault points: `<point>:<n>`.
+        let point_and_number = |k: &str| {
+            var(k).and_then(|v| {
+                let (p, n) = v.rsplit_once(':')?;
+                Some((p.to_string(), n.parse::<u64>().ok()?))
+            })
+        };
         let ms_at_least_10 = |k: &str| {
             num_trimmed(k)
                 .filter(|v| *v >= 10)
@@ -81,18 +88,9 @@ impl Config {
             drain_frames: num("REPL_DRAIN_FRAMES")
                 .map_or(4000, |v| v.clamp(16, u32::MAX as u64) as u32),
             drain_timeout: Duration::from_millis(num("REPL_DRAIN_TIMEOUT_MS").unwrap_or(2000)),
-            fault_kill_at: var("REPL_FAULT_KILL_AT").and_then(|v| {
-                let (p, n) = v.rsplit_once(':')?;
-                Some((p.to_string(), n.parse().ok()?))
-            }),
-            fault_fail_at: var("REPL_FAULT_FAIL_AT").and_then(|v| {
-                let (p, n) = v.rsplit_once(':')?;
-                Some((p.to_string(), n.parse().ok()?))
-            }),
-            fault_delay_at: var("REPL_FAULT_DELAY_AT").and_then(|v| {
-                let (p, n) = v.rsplit_once(':')?;
-                Some((p.to_string(), n.parse().ok()?))
-            }),
+            fault_kill_at: point_and_number("REPL_FAULT_KILL_AT"),
+            fault_fail_at: point_and_number("REPL_FAULT_FAIL_AT"),
+            fault_delay_at: point_and_number("REPL_FAULT_DELAY_AT"),
             exec_token: text("REPL_EXEC_TOKEN"),
             log_level: text("REPL_LOG"),
             log_file: text("REPL_LOG_FILE"),
@@ -160,6 +158,8 @@ mod tests {
             ("REPL_DRAIN_FRAMES", "3"),
             ("REPL_DRAIN_TIMEOUT_MS", "300"),
             ("REPL_FAULT_KILL_AT", "a:b:2"),
+            ("REPL_FAULT_FAIL_AT", "log-append:3"),
+            ("REPL_FAULT_DELAY_AT", "t3-holds-write:400"),
         ]);
         assert_eq!(c.token.as_deref(), Some("s"));
         assert_eq!(c.fsync_interval, Duration::from_micros(7));
@@ -167,6 +167,8 @@ mod tests {
         assert_eq!(c.drain_frames, 16, "clamped");
         assert_eq!(c.drain_timeout, Duration::from_millis(300));
         assert_eq!(c.fault_kill_at, Some(("a:b".into(), 2)));
+        assert_eq!(c.fault_fail_at, Some(("log-append".into(), 3)));
+        assert_eq!(c.fault_delay_at, Some(("t3-holds-write".into(), 400)));
         let bad = with(&[
             ("REPL_TOKEN", ""),
             ("REPL_DRAIN_FRAMES", "x"),
