@@ -20,7 +20,7 @@ from helpers import apsw_conn, make_primary, one, py_ok, spawn_py
 # most THREADS are open at once), measuring threads, fds and RSS before, after 10 % and at
 # the end.
 MANY = r"""
-import json, os, sys, threading
+import json, os, sys, threading, time
 root, n, threads = sys.argv_root, sys.argv_n, sys.argv_threads
 def proc_counts():
     rss = 0
@@ -52,7 +52,21 @@ def work(k):
 ts = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
 for t in ts: t.start()
 for t in ts: t.join()
-print(json.dumps({"base": base, "tenth": marks.get("tenth"), "end": proc_counts(), "errors": errors[:3]}))
+# A joined thread (ours or Python's) may still be leaving the kernel's task list for a moment:
+# poll for the fixed set, with a deadline, and name what is left if it is not reached.
+def names():
+    out = []
+    for t in os.listdir("/proc/self/task"):
+        try:
+            out.append(open(f"/proc/self/task/{t}/comm").read().strip())
+        except OSError:
+            pass
+    return sorted(out)
+deadline = time.monotonic() + 5
+while proc_counts()["threads"] > base["threads"] + 6 and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(json.dumps({"base": base, "tenth": marks.get("tenth"), "end": proc_counts(), "errors": errors[:3],
+                  "thread_names": names()}))
 """
 
 
