@@ -18,9 +18,13 @@ use crate::wal::{self, FrameReader, WalIndexHeader};
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 
-/// Page bytes one append pass of the asynchronous capture holds in memory at most (plus one
-/// transaction): a burst of big transactions is appended in several batches.
-const BATCH_BYTES: usize = 16 << 20;
+/// Page bytes of one batch of the asynchronous capture's append (plus one transaction): a
+/// pass that is behind appends in several batches of this size, each one read, encoded and
+/// written with its WAL bytes, pages and encoded records still in the CPU's cache. With
+/// 16 MiB batches a pass that fell behind by a few hundred records ran at 9–12 µs a record
+/// against 3–4 µs, fell further behind, and the WAL restart then appended the backlog in the
+/// committing thread (`make bench`, 2026-12-06: 0.3–7.8 ms a restart; none after).
+const BATCH_BYTES: usize = 256 << 10;
 /// WAL bytes read with one `pread` when the frames to re-capture fit.
 const PREFETCH_BYTES: u64 = 4 << 20;
 
@@ -250,8 +254,12 @@ impl Primary {
         let first = wal::frame_offset(ps, start);
         let end = wal::frame_offset(ps, fp.frame + 1);
         let scratch = crate::util::take_scratch(crate::util::Scratch::WalRead);
-        let wal_bytes = if fp.frame >= start && end - first <= PREFETCH_BYTES {
-            Prefetched::read(&f, first, (end - first) as usize, scratch)
+        // At most one batch's worth (frames past it, the rest of a big transaction, are read
+        // one by one): what a batch does not use would be read again by the next one.
+        let frame_bytes = (wal::FRAME_HEADER_SIZE + ps.bytes()) as u64;
+        let want = (end - first).min((limit as u64).saturating_add(2 * frame_bytes));
+        let wal_bytes = if fp.frame >= start && want <= PREFETCH_BYTES {
+            Prefetched::read(&f, first, want as usize, scratch)
         } else {
             Prefetched::none(&f, scratch)
         };

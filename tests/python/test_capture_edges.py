@@ -423,3 +423,64 @@ def test_durable_watermark_catches_up_and_never_passes_the_log(tmp):
     assert st["log"]["last_lsn"] == lsn and st["log"]["durable_lsn"] == lsn
     verify_out = verify_ok(db)
     assert f"durable watermark LSN {lsn}" in verify_out
+
+
+def test_backlog_appended_in_batches(tmp_path):
+    """A pass that finds the log far behind (here: the append worker held in a test delay while
+    about 2.4 MiB of transactions commit, three of them larger than one append batch) appends
+    it in batches of at most 256 KiB of pages plus one transaction: every transaction is one
+    record under its own LSN, each big one whole, and the log rebuilds to the primary."""
+    db = str(tmp_path / "p.db")
+    out = py_ok(
+        f"""
+        db = {db!r}
+        c = connect(db)
+        c.execute("PRAGMA journal_mode=WAL")
+        first = one(c, "SELECT repl_primary()")
+        c.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
+
+        def worker_delayed():
+            for t in os.listdir("/proc/self/task"):
+                try:
+                    with open(f"/proc/self/task/{{t}}/comm") as f:
+                        name = f.read().strip()
+                    with open(f"/proc/self/task/{{t}}/wchan") as f:
+                        wchan = f.read().strip()
+                except OSError:
+                    continue
+                if name == "repl-append" and wchan == "hrtimer_nanosleep":
+                    return True
+            return False
+
+        c.execute("INSERT INTO t(v) VALUES (x'00')")
+        deadline = time.monotonic() + 10
+        while not worker_delayed():
+            assert time.monotonic() < deadline, "the append worker never reached its test delay"
+            time.sleep(0.005)
+        txns = 0
+        for i in range(300):
+            if i % 100 == 50:
+                c.execute("INSERT INTO t(v) VALUES (randomblob(400000))")  # ~100 pages
+            else:
+                c.execute("INSERT INTO t(v) VALUES (randomblob(100))")
+            txns += 1
+        held = worker_delayed()
+        wal_bytes = os.path.getsize(db + "-wal")
+        lsn = one(c, "SELECT repl_lsn()")  # appends the backlog now, in this thread
+        c.close()
+        print(json.dumps({{"first": first, "txns": txns, "held": held, "wal_bytes": wal_bytes, "lsn": lsn}}))
+        """,
+        env={"REPL_FAULT_DELAY_AT": "append-worker-holds:4000"},
+        timeout=120,
+    )
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["held"], r  # the 300 commits all happened while the worker was held
+    assert r["wal_bytes"] > 2 << 20, r  # a backlog of about ten batches
+    expected = r["first"] + 2 + r["txns"]  # CREATE TABLE, the first INSERT, the 300
+    assert r["lsn"] == expected, r
+    records = inspect(db)
+    assert_dense(records)
+    assert records[-1].lsn == expected
+    big = [rec for rec in records if rec.pages >= 90]
+    assert len(big) == 3, [(rec.lsn, rec.pages) for rec in records if rec.pages > 2]
+    assert assert_rebuild_equals(db, tmp_path / "out.db")["lsn"] == expected
