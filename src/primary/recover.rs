@@ -374,7 +374,7 @@ pub(super) fn refuse_rollback_mode(agent: &crate::vfs::AgentHandle, db_path: &st
 }
 
 impl Primary {
-    /// At resume: a writer killed after writing a commit's frames to the WAL but before
+    /// At resume and at the last close: a writer killed after writing a commit's frames to the WAL but before
     /// publishing them in the wal-index header leaves a complete transaction no connection
     /// sees and no capture claimed. The next writer would overwrite it, but if every connection
     /// closes first, the next first opener's stock recovery commits it after all, an

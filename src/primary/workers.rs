@@ -397,6 +397,10 @@ impl Primary {
             st.wal_hdr = None;
         }
         crate::transport::notify::forget(&self.dir);
+        // The last moment this process can see a writer of another process that died between
+        // writing its commit's frames and publishing them: once every connection is closed,
+        // the next first opener's recovery would commit them (recover.rs).
+        self.discard_unpublished_frames();
         self.agent.close();
         crate::logging::event(&format!("event=primary_closed db={:?}", self.db_path));
     }

@@ -264,6 +264,22 @@ def _popen_py(src: str, stdin: Any, stdout: Any, stderr: Any, env: dict[str, str
     )
 
 
+def thread_in_test_delay(name: str) -> bool:
+    """True when a thread of THIS process named ``name`` sleeps in a test delay
+    (``REPL_FAULT_DELAY_AT``: a nanosleep); for child snippets that hold a worker there."""
+    for t in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{t}/comm") as f:
+                comm = f.read().strip()
+            with open(f"/proc/self/task/{t}/wchan") as f:
+                wchan = f.read().strip()
+        except OSError:
+            continue
+        if comm == name and wchan == "hrtimer_nanosleep":
+            return True
+    return False
+
+
 def wait_for(
     cond: Callable[[], Any],
     timeout: float = 10.0,

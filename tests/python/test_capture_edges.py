@@ -439,22 +439,11 @@ def test_backlog_appended_in_batches(tmp_path):
         first = one(c, "SELECT repl_primary()")
         c.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)")
 
-        def worker_delayed():
-            for t in os.listdir("/proc/self/task"):
-                try:
-                    with open(f"/proc/self/task/{{t}}/comm") as f:
-                        name = f.read().strip()
-                    with open(f"/proc/self/task/{{t}}/wchan") as f:
-                        wchan = f.read().strip()
-                except OSError:
-                    continue
-                if name == "repl-append" and wchan == "hrtimer_nanosleep":
-                    return True
-            return False
+        from helpers import thread_in_test_delay
 
         c.execute("INSERT INTO t(v) VALUES (x'00')")
         deadline = time.monotonic() + 10
-        while not worker_delayed():
+        while not thread_in_test_delay("repl-append"):
             assert time.monotonic() < deadline, "the append worker never reached its test delay"
             time.sleep(0.005)
         txns = 0
@@ -464,7 +453,7 @@ def test_backlog_appended_in_batches(tmp_path):
             else:
                 c.execute("INSERT INTO t(v) VALUES (randomblob(100))")
             txns += 1
-        held = worker_delayed()
+        held = thread_in_test_delay("repl-append")
         wal_bytes = os.path.getsize(db + "-wal")
         lsn = one(c, "SELECT repl_lsn()")  # appends the backlog now, in this thread
         c.close()

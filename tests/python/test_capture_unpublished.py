@@ -109,3 +109,38 @@ def test_unpublished_commit_of_a_killed_writer_is_not_recovered_later(tmp, kill_
     records = inspect(db)
     assert_dense(records)
     assert {r.generation for r in records} == {1}, records
+
+
+def test_unpublished_commit_while_a_primary_process_stays_up_is_discarded_at_its_last_close(tmp, kill_shim):
+    """The case the resume check cannot see: a primary process is already up (its agent keeps
+    the wal-index alive) when a writer of another process dies between writing its commit's
+    frames and publishing them. Nothing resumes afterwards; the primary's last close is the
+    last moment before a first opener's recovery would commit the transaction, so the close
+    discards the frames under WRITE, as the resume does."""
+    db = str(tmp / "p.db")
+    assert json.loads(py_ok(SETUP % db))["lsn"] >= 2
+    p = spawn_py(RESUME % (db, True))  # a long-lived primary process
+    try:
+        before = json.loads(p.stdout.readline())
+        assert before["rows"] == 1 and before["gaps"] == 0, before
+        env = {"LD_PRELOAD": kill_shim, "REPL_CRASH_SUFFIX": "-wal", "REPL_CRASH_AFTER": "1",
+               "REPL_CRASH_MODE": "after", "REPL_CRASH_ARM_FILE": str(tmp / "armed")}
+        w = run_py(WRITER % (db, str(tmp / "armed")), env=env)
+        assert w.returncode == -9 and KILL_MARKER in w.stderr, (w.returncode, w.stderr[-2000:])
+        p.stdin.write("\n")
+        p.stdin.flush()
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 0, err
+        assert "event=unpublished_frames_discarded" in err, err
+    finally:
+        if p.poll() is None:
+            p.kill()
+    # Every connection closed: a stock opener's recovery finds no transaction beyond the
+    # published ones, and the primary goes on in the same generation, without a gap.
+    assert stock_one(db, "SELECT count(*) FROM t;") == "1"
+    assert stock_one(db, "PRAGMA integrity_check;") == "ok"
+    again = json.loads(py_ok(RESUME % (db, False)))
+    assert again == {"lsn": before["lsn"], "generation": 1, "gaps": 0, "rows": 1}, (again, before)
+    records = inspect(db)
+    assert_dense(records)
+    assert {r.generation for r in records} == {1}, records

@@ -57,18 +57,7 @@ def test_last_close_closes_the_files_while_a_background_thread_holds_the_primary
         one(c, "SELECT repl_primary()")
         c.execute("CREATE TABLE t(x)")
 
-        def append_worker_delayed():
-            for t in os.listdir("/proc/self/task"):
-                try:
-                    with open(f"/proc/self/task/{{t}}/comm") as f:
-                        name = f.read().strip()
-                    with open(f"/proc/self/task/{{t}}/wchan") as f:
-                        wchan = f.read().strip()
-                except OSError:
-                    continue
-                if name == "repl-append" and wchan == "hrtimer_nanosleep":
-                    return True
-            return False
+        from helpers import thread_in_test_delay
 
         def open_files():
             names = []
@@ -81,13 +70,13 @@ def test_last_close_closes_the_files_while_a_background_thread_holds_the_primary
 
         c.execute("INSERT INTO t VALUES (1)")
         deadline = time.monotonic() + 10
-        while not append_worker_delayed():
+        while not thread_in_test_delay("repl-append"):
             assert time.monotonic() < deadline, "the append worker never reached its test delay"
             time.sleep(0.005)
         held_before = open_files()
         c.close()
         held_after = open_files()
-        worker_still_delayed = append_worker_delayed()
+        worker_still_delayed = thread_in_test_delay("repl-append")
         apsw.shutdown()
         apsw.initialize()
         boot = apsw.Connection(":memory:")
