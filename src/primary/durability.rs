@@ -64,16 +64,20 @@ impl Primary {
             let backing_off = lock(&self.state)
                 .t3_retry_after
                 .is_some_and(|t| std::time::Instant::now() < t);
-            let _w = self.background_write();
-            if stable && !backing_off && self.agent.try_lock_write() {
-                crate::sys::fault_delay("t3-holds-write");
-                if let Some(h) = read_header(&self.agent) {
-                    let mut st = lock(&self.state);
-                    self.capture(&mut st, &self.agent, &h, false, false);
-                    self.clear_intent_if_caught_up(&st, &h);
+            if stable && !backing_off {
+                // Counted before the attempt and until the release: an application writer that
+                // meets this WRITE retries in the shim instead of failing with SQLITE_BUSY.
+                let _w = self.background_write();
+                if self.agent.try_lock_write() {
+                    crate::sys::fault_delay("t3-holds-write");
+                    if let Some(h) = read_header(&self.agent) {
+                        let mut st = lock(&self.state);
+                        self.capture(&mut st, &self.agent, &h, false, false);
+                        self.clear_intent_if_caught_up(&st, &h);
+                    }
+                    self.agent.unlock_write();
+                    *lock(&self.t3_seen) = None;
                 }
-                self.agent.unlock_write();
-                *lock(&self.t3_seen) = None;
             }
         }
     }
