@@ -23,7 +23,8 @@ use std::os::unix::fs::FileExt;
 /// written with its WAL bytes, pages and encoded records still in the CPU's cache. With
 /// 16 MiB batches a pass that fell behind by a few hundred records ran at 9–12 µs a record
 /// against 3–4 µs, fell further behind, and the WAL restart then appended the backlog in the
-/// committing thread (`make bench`, 2026-12-06: 0.3–7.8 ms a restart; none after).
+/// committing thread (per-pass traces, 2026-12-06: 0.45–7.8 ms a restart; none in 8 traced
+/// runs after).
 const BATCH_BYTES: usize = 256 << 10;
 /// WAL bytes read with one `pread` when the frames to re-capture fit.
 const PREFETCH_BYTES: u64 = 4 << 20;
@@ -374,14 +375,15 @@ pub(super) fn refuse_rollback_mode(agent: &crate::vfs::AgentHandle, db_path: &st
 }
 
 impl Primary {
-    /// At resume and at the last close: a writer killed after writing a commit's frames to the WAL but before
-    /// publishing them in the wal-index header leaves a complete transaction no connection
-    /// sees and no capture claimed. The next writer would overwrite it, but if every connection
-    /// closes first, the next first opener's stock recovery commits it after all, an
-    /// unwitnessed change (a gap). Under WRITE (no writer can be half-way then) a valid frame
-    /// right after the header's last one is made invalid for recovery (its salt-1 inverted),
-    /// which is what the next writer's overwrite would do. Best effort: skipped when WRITE is
-    /// busy (a live writer will overwrite the frames) or anything cannot be read.
+    /// At resume and at the last close: a writer killed after writing a commit's frames to
+    /// the WAL but before publishing them in the wal-index header leaves a complete
+    /// transaction no connection sees and no capture claimed. The next writer would overwrite
+    /// it, but if every connection closes first, the next first opener's stock recovery
+    /// commits it after all, an unwitnessed change (a gap). Under WRITE (no writer can be
+    /// half-way then) a valid frame right after the header's last one is made invalid for
+    /// recovery (its salt-1 inverted), which is what the next writer's overwrite would do.
+    /// Best effort: skipped when WRITE is busy (a live writer will overwrite the frames) or
+    /// anything cannot be read.
     pub(super) fn discard_unpublished_frames(&self) {
         if !self.agent.try_lock_write() {
             return;
