@@ -64,7 +64,7 @@ use crate::vfs::{AgentHandle, DbFileIo};
 use crate::wal::{WalHeader, WalIndexHeader};
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -188,7 +188,7 @@ pub struct Primary {
     ckpt_stats: Mutex<checkpoint::CheckpointStats>,
     /// Background jobs of this process that may hold the WAL WRITE lock for a moment right
     /// now (an assisted checkpoint's connection, T3's capture): see `background_may_hold_write`.
-    bg_write: std::sync::atomic::AtomicUsize,
+    bg_write: AtomicUsize,
 }
 
 type T3Seen = ([u8; 8], u32, u32, Option<(Lsn, u32)>);
@@ -296,7 +296,7 @@ impl Primary {
             ckpt_scheduled: AtomicBool::new(false),
             ckpt_busy: Mutex::new(()),
             ckpt_stats: Mutex::new(checkpoint::CheckpointStats::default()),
-            bg_write: std::sync::atomic::AtomicUsize::new(0),
+            bg_write: AtomicUsize::new(0),
         });
         p.fence_state.epoch.store(
             lock(&p.state).log.meta().epoch.0,

@@ -69,6 +69,38 @@ c.close()
 """
 
 
+def kill_writer_before_publish(tmp, db: str, kill_shim: str) -> None:
+    """Run WRITER under the kill shim: SIGKILLed after writing its commit frame, before
+    publishing it in the wal-index header."""
+    env = {"LD_PRELOAD": kill_shim, "REPL_CRASH_SUFFIX": "-wal", "REPL_CRASH_AFTER": "1",
+           "REPL_CRASH_MODE": "after", "REPL_CRASH_ARM_FILE": str(tmp / "armed")}
+    w = run_py(WRITER % (db, str(tmp / "armed")), env=env)
+    assert w.returncode == -9 and KILL_MARKER in w.stderr, (w.returncode, w.stderr[-2000:])
+
+
+def close_primary_expecting_discard(p: subprocess.Popen) -> None:
+    """Let a RESUME child that waits on stdin close its (last) connection; its close or its
+    resume must have logged the discard."""
+    p.stdin.write("\n")
+    p.stdin.flush()
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert "event=unpublished_frames_discarded" in err, err
+
+
+def assert_killed_commit_stays_lost(db: str, lsn: int) -> None:
+    """Every connection closed: a stock opener's recovery over the WAL file finds no
+    transaction beyond the published ones, and the primary goes on in the same generation,
+    at the same LSN, without a gap."""
+    assert stock_one(db, "SELECT count(*) FROM t;") == "1"
+    assert stock_one(db, "PRAGMA integrity_check;") == "ok"
+    again = json.loads(py_ok(RESUME % (db, False)))
+    assert again == {"lsn": lsn, "generation": 1, "gaps": 0, "rows": 1}, (again, lsn)
+    records = inspect(db)
+    assert_dense(records)
+    assert {r.generation for r in records} == {1}, records
+
+
 def test_unpublished_commit_of_a_killed_writer_is_not_recovered_later(tmp, kill_shim):
     db = str(tmp / "p.db")
     assert json.loads(py_ok(SETUP % db))["lsn"] >= 2
@@ -76,10 +108,7 @@ def test_unpublished_commit_of_a_killed_writer_is_not_recovered_later(tmp, kill_
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "1"
-        env = {"LD_PRELOAD": kill_shim, "REPL_CRASH_SUFFIX": "-wal", "REPL_CRASH_AFTER": "1",
-               "REPL_CRASH_MODE": "after", "REPL_CRASH_ARM_FILE": str(tmp / "armed")}
-        w = run_py(WRITER % (db, str(tmp / "armed")), env=env)
-        assert w.returncode == -9 and KILL_MARKER in w.stderr, (w.returncode, w.stderr[-2000:])
+        kill_writer_before_publish(tmp, db, kill_shim)
         # The primary resumes while the holder keeps the wal-index: the commit was never
         # published, so nobody sees it, and the resume discards its frames.
         r = spawn_py(RESUME % (db, True))
@@ -91,24 +120,11 @@ def test_unpublished_commit_of_a_killed_writer_is_not_recovered_later(tmp, kill_
         holder.stdin.flush()
         assert holder.stdout.readline().strip() == "1"
         holder.wait(10)
-        r.stdin.write("\n")
-        r.stdin.flush()
-        _, err = r.communicate(timeout=30)
-        assert r.returncode == 0, err
-        assert "event=unpublished_frames_discarded" in err, err
+        close_primary_expecting_discard(r)
     finally:
         if holder.poll() is None:
             holder.kill()
-    # Every connection closed: a stock opener runs recovery over the WAL file, and finds no
-    # transaction beyond the published ones.
-    assert stock_one(db, "SELECT count(*) FROM t;") == "1"
-    assert stock_one(db, "PRAGMA integrity_check;") == "ok"
-    # The primary goes on in the same generation, without a gap.
-    again = json.loads(py_ok(RESUME % (db, False)))
-    assert again == {"lsn": resumed["lsn"], "generation": 1, "gaps": 0, "rows": 1}, (again, resumed)
-    records = inspect(db)
-    assert_dense(records)
-    assert {r.generation for r in records} == {1}, records
+    assert_killed_commit_stays_lost(db, resumed["lsn"])
 
 
 def test_unpublished_commit_while_a_primary_process_stays_up_is_discarded_at_its_last_close(tmp, kill_shim):
@@ -123,24 +139,9 @@ def test_unpublished_commit_while_a_primary_process_stays_up_is_discarded_at_its
     try:
         before = json.loads(p.stdout.readline())
         assert before["rows"] == 1 and before["gaps"] == 0, before
-        env = {"LD_PRELOAD": kill_shim, "REPL_CRASH_SUFFIX": "-wal", "REPL_CRASH_AFTER": "1",
-               "REPL_CRASH_MODE": "after", "REPL_CRASH_ARM_FILE": str(tmp / "armed")}
-        w = run_py(WRITER % (db, str(tmp / "armed")), env=env)
-        assert w.returncode == -9 and KILL_MARKER in w.stderr, (w.returncode, w.stderr[-2000:])
-        p.stdin.write("\n")
-        p.stdin.flush()
-        _, err = p.communicate(timeout=30)
-        assert p.returncode == 0, err
-        assert "event=unpublished_frames_discarded" in err, err
+        kill_writer_before_publish(tmp, db, kill_shim)
+        close_primary_expecting_discard(p)
     finally:
         if p.poll() is None:
             p.kill()
-    # Every connection closed: a stock opener's recovery finds no transaction beyond the
-    # published ones, and the primary goes on in the same generation, without a gap.
-    assert stock_one(db, "SELECT count(*) FROM t;") == "1"
-    assert stock_one(db, "PRAGMA integrity_check;") == "ok"
-    again = json.loads(py_ok(RESUME % (db, False)))
-    assert again == {"lsn": before["lsn"], "generation": 1, "gaps": 0, "rows": 1}, (again, before)
-    records = inspect(db)
-    assert_dense(records)
-    assert {r.generation for r in records} == {1}, records
+    assert_killed_commit_stays_lost(db, before["lsn"])
