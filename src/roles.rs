@@ -119,6 +119,11 @@ impl DbHooks for Db {
         self.primary().is_none_or(|p| p.before_wal_restart())
     }
 
+    fn checkpoint_handoff(&self, mx_frame: u32) -> bool {
+        self.primary()
+            .is_some_and(|p| p.checkpoint_handoff(mx_frame))
+    }
+
     fn background_may_hold_write(&self) -> bool {
         self.primary()
             .is_some_and(|p| p.background_may_hold_write())

@@ -45,6 +45,7 @@ pub const SQLITE_FCNTL_HAS_MOVED: c_int = 20;
 
 pub const SQLITE_SHM_UNLOCK: c_int = 1;
 pub const SQLITE_SHM_LOCK: c_int = 2;
+pub const SQLITE_SHM_SHARED: c_int = 4;
 pub const SQLITE_SHM_EXCLUSIVE: c_int = 8;
 
 pub const SQLITE_LOCK_SHARED: c_int = 1;

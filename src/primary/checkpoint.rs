@@ -50,6 +50,22 @@ pub(super) struct CheckpointStats {
 /// back to back while the writer adds a few frames at a time.
 const UNBACKFILLED_SHARE: u32 = 4;
 
+/// SQLite's default `wal_autocheckpoint`: below it a checkpoint lock asked for right after a
+/// commit is not an automatic one (unless the application lowered the setting, and then it
+/// is simply not handed off), so it is never answered busy.
+const AUTOCHECKPOINT_DEFAULT: u32 = 1000;
+
+/// Past this many WAL frames an automatic checkpoint is no longer handed off: the writer's
+/// own checkpoint copies what the assist has not and lets the next commit restart the WAL
+/// (a writer committing back to back never leaves the assist a moment with nothing left to
+/// copy). 4,000 frames is 16 MiB of WAL at 4 KiB pages.
+const HANDOFF_MAX_FRAMES: u32 = 4000;
+
+/// Is an automatic checkpoint at `mx_frame` frames handed to the assist? (`assist` 0 = off.)
+pub(super) fn handoff_due(assist: u64, mx_frame: u32) -> bool {
+    assist > 0 && (AUTOCHECKPOINT_DEFAULT..HANDOFF_MAX_FRAMES).contains(&mx_frame)
+}
+
 /// Should the assist run, given the WAL's frame count and backfill? (`assist` 0 = off.)
 pub(super) fn assist_due(assist: u64, mx_frame: u32, n_backfill: u32) -> bool {
     let Ok(assist) = u32::try_from(assist) else {
@@ -81,6 +97,20 @@ impl Primary {
     /// SQLITE_BUSY (which an application without a busy timeout reports as an error).
     pub fn background_may_hold_write(&self) -> bool {
         self.bg_write.load(Ordering::SeqCst) > 0
+    }
+
+    /// SQLite's automatic checkpoint of a commit of this process (the shim's `x_shm_lock`):
+    /// while `handoff_due`, the assist runs it instead (scheduled now) and the committing
+    /// thread goes on; `false` lets the connection checkpoint itself.
+    pub fn checkpoint_handoff(&self, mx_frame: u32) -> bool {
+        if !handoff_due(self.ckpt_assist.load(Ordering::Relaxed), mx_frame) {
+            return false;
+        }
+        self.ckpt_handoffs.fetch_add(1, Ordering::Relaxed);
+        if !self.ckpt_scheduled.swap(true, Ordering::SeqCst) {
+            super::workers::schedule_checkpoint(&self.me);
+        }
+        true
     }
 
     /// After an append pass: schedule a background checkpoint when `assist_due`.
@@ -149,6 +179,7 @@ impl Primary {
         serde_json::json!({
             "assist_frames": self.ckpt_assist.load(Ordering::Relaxed),
             "assisted": s.runs,
+            "handed_off": self.ckpt_handoffs.load(Ordering::Relaxed),
             "last_error": s.last_error,
         })
     }
@@ -156,7 +187,23 @@ impl Primary {
 
 #[cfg(test)]
 mod tests {
-    use super::assist_due;
+    use super::{assist_due, handoff_due};
+
+    #[test]
+    fn automatic_checkpoints_are_handed_off_between_the_default_threshold_and_the_bound() {
+        assert!(!handoff_due(0, 1500), "assist off: never");
+        assert!(
+            !handoff_due(500, 999),
+            "below SQLite's default threshold: not an automatic checkpoint"
+        );
+        assert!(handoff_due(500, 1000));
+        assert!(handoff_due(500, 3999));
+        assert!(
+            !handoff_due(500, 4000),
+            "past the bound the writer checkpoints"
+        );
+        assert!(!handoff_due(500, u32::MAX));
+    }
 
     #[test]
     fn assist_runs_past_the_threshold_with_enough_to_copy() {

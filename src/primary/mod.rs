@@ -186,6 +186,8 @@ pub struct Primary {
     ckpt_scheduled: AtomicBool,
     ckpt_busy: Mutex<()>,
     ckpt_stats: Mutex<checkpoint::CheckpointStats>,
+    /// Automatic checkpoints of this process's connections handed to the assist.
+    ckpt_handoffs: std::sync::atomic::AtomicU64,
     /// Background jobs of this process that may hold the WAL WRITE lock for a moment right
     /// now (an assisted checkpoint's connection, T3's capture): see `background_may_hold_write`.
     bg_write: AtomicUsize,
@@ -296,6 +298,7 @@ impl Primary {
             ckpt_scheduled: AtomicBool::new(false),
             ckpt_busy: Mutex::new(()),
             ckpt_stats: Mutex::new(checkpoint::CheckpointStats::default()),
+            ckpt_handoffs: std::sync::atomic::AtomicU64::new(0),
             bg_write: AtomicUsize::new(0),
         });
         p.fence_state.epoch.store(

@@ -162,6 +162,7 @@ fn checkpoint_worker() {
             }
         };
         if let Some(p) = w.upgrade() {
+            crate::sys::fault_delay("checkpoint-worker-holds");
             p.run_assisted_checkpoint();
         }
     }

@@ -34,6 +34,9 @@ pub(super) struct ShimFile {
     holds_write: bool,
     /// What T1 established when this connection took WRITE (consumed by T2).
     witness: Option<Witness>,
+    /// This connection committed and has asked for no lock since, except to release its read
+    /// mark: a checkpoint lock it asks for now is SQLite's automatic checkpoint of that commit.
+    after_commit: bool,
 }
 
 /// Our fields, rounded up so the underlying file object is 16-byte aligned.
@@ -121,6 +124,7 @@ pub(super) unsafe extern "C" fn x_open(
                     shm0: std::ptr::null_mut(),
                     holds_write: false,
                     witness: None,
+                    after_commit: false,
                 },
             );
             (*real).pMethods = std::ptr::null();
@@ -488,6 +492,12 @@ fn covers_write(ofst: c_int, n: c_int) -> bool {
     ofst <= 0 && 0 < ofst + n
 }
 
+/// Is (ofst, n) the checkpoint lock (CKPT, slot 1)? Every checkpoint, automatic or asked
+/// for, takes it first, without a busy handler.
+fn is_checkpoint_lock(ofst: c_int, n: c_int) -> bool {
+    ofst == 1 && n == 1
+}
+
 /// Is (ofst, n) READ1..READ4 at once? SQLite asks for exactly that range, exclusively, only to
 /// restart the WAL (a writer's first frame after a complete checkpoint) or in a RESTART or
 /// TRUNCATE checkpoint: the moment WAL frames can be overwritten or cut.
@@ -507,8 +517,29 @@ unsafe extern "C" fn x_shm_lock(
         let Some(lock) = real_methods(s).xShmLock else {
             return ffi::SQLITE_IOERR;
         };
+        // Any request but the release of a read mark ends "just committed".
+        let after_commit = if flags == ffi::SQLITE_SHM_UNLOCK | ffi::SQLITE_SHM_SHARED {
+            s.after_commit
+        } else {
+            std::mem::take(&mut s.after_commit)
+        };
         let db = match (&s.db, s.kind) {
             (Some(db), Kind::MainDb) if covers_write(ofst, n) => db.clone(),
+            (Some(db), Kind::MainDb)
+                if after_commit
+                    && is_checkpoint_lock(ofst, n)
+                    && flags == ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE
+                    && !s.shm0.is_null() =>
+            {
+                // SAFETY: shm0 is this connection's live region-0 mapping.
+                let head = unsafe { shm_read_head(s.shm0) };
+                let mx = crate::wal::WalIndexHeader::read_valid(&head[..96]).map(|h| h.mx_frame);
+                if mx.is_some_and(|mx| db.checkpoint_handoff(mx)) {
+                    return ffi::SQLITE_BUSY;
+                }
+                // SAFETY: forwarding.
+                return unsafe { lock(s.real, ofst, n, flags) };
+            }
             (Some(db), Kind::MainDb)
                 if is_restart_range(ofst, n)
                     && flags == ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE
@@ -583,6 +614,7 @@ unsafe extern "C" fn x_shm_lock(
         }
         // SAFETY: forwarding (always, even when capture failed: WRITE must never stay held).
         let rc = unsafe { lock(s.real, ofst, n, flags) };
+        s.after_commit = committed.is_some();
         if let Some(lsn) = committed {
             // After the release: a synchronous-replication wait holds up this commit only.
             db.write_released(lsn);

@@ -104,6 +104,13 @@ pub trait DbHooks: Send + Sync {
     fn background_may_hold_write(&self) -> bool {
         false
     }
+    /// A connection that just committed asks for the checkpoint lock (SQLite's automatic
+    /// checkpoint) while the WAL holds `mx_frame` frames. `true` hands the checkpoint to a
+    /// background job: the shim answers SQLITE_BUSY, which SQLite's automatic checkpoint
+    /// ignores (as it does when another connection is checkpointing).
+    fn checkpoint_handoff(&self, _mx_frame: u32) -> bool {
+        false
+    }
     /// True when the main database file must read as empty (size 0) to SQLite connections:
     /// a replica's interrupted bootstrap holds pages of an unfinished snapshot in it, page 1
     /// not written yet (WAL.md §E.1). Asked only when the file is not empty.
