@@ -8,14 +8,33 @@
 //! the wal-index after every batch; when the WAL holds `checkpoint_assist` frames (a setting,
 //! default 500, 0 = off) and a good share of them are not backfilled yet, it asks the
 //! "repl-checkpoint" thread for a `PRAGMA wal_checkpoint(PASSIVE)` on a short-lived connection
-//! of its own. The application's automatic checkpoint still runs at its threshold, but finds
-//! most frames copied and most of the WAL already synced, so it is short.
+//! of its own.
+//!
+//! **The hand-off.** SQLite's automatic checkpoint of a commit is taken over too while the
+//! WAL holds 1,000 (SQLite's default threshold) to 4,000 frames: the shim sees a connection
+//! ask for the checkpoint lock right after its commit (no other lock in between but the
+//! release of its read mark), answers SQLITE_BUSY — which the automatic checkpoint ignores, as
+//! it does whenever another connection is checkpointing — and schedules the assist
+//! (`checkpoint_handoff`). This is what Litestream's writer gains from Litestream's read lock
+//! (its checkpoints become no-ops), without holding anything. Past 4,000 frames the writer's
+//! own checkpoint runs, copies what the assist has not, and its next commit restarts the WAL:
+//! a writer committing back to back never leaves the assist a moment with nothing left to
+//! copy, and a stuck assist cannot let the WAL grow.
 //!
 //! Why this is safe and changes nothing the application can rely on:
 //! * **PASSIVE** never waits for a lock; it never restarts or truncates the WAL (only a writer
 //!   or a RESTART/TRUNCATE checkpoint does, and those still go through the shim's restart
 //!   hook). A checkpoint the application asks for itself (any mode) is not held back: nothing
-//!   here holds a read mark or a lock between runs.
+//!   here holds a read mark or a lock between runs, and the hand-off answers busy only to the
+//!   checkpoint lock a connection asks for right after committing with 1,000..4,000 frames in
+//!   the WAL, i.e. SQLite's automatic checkpoint. Not told apart: an application that raised
+//!   or disabled `wal_autocheckpoint`, or checkpoints from its own `wal_hook`, and asks for a
+//!   checkpoint as the very next thing after a commit in that window; that one checkpoint is
+//!   answered busy (as it could be by any concurrent checkpointer) and the assist runs it.
+//! * **No busy from a run.** A checkpoint the application asks for takes the checkpoint lock
+//!   without a busy handler, so one that met an assist run holding it failed at once (a
+//!   TRUNCATE right after a burst of commits, typically). The shim now retries it while a run
+//!   is in progress (bounded, like WRITE below), so it waits for the run instead.
 //! * **WRITE for a moment.** Like any SQLite reader, the assist's connection takes the WAL
 //!   WRITE lock for a moment when it reads a wal-index header that a commit is rewriting (to
 //!   check whether recovery is needed; the commit has released WRITE by then). An application
@@ -28,8 +47,9 @@
 //!   `SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE` so closing it never checkpoints or deletes the WAL, and
 //!   it is closed after each run, so it never keeps the application's last close from
 //!   removing the WAL (or a stock process from changing the journal mode).
-//! * Applications that manage checkpoints themselves (`wal_autocheckpoint=0`, a copy of the
-//!   database file that must not change) turn it off with `repl_config('checkpoint_assist', 0)`.
+//! * Applications that manage checkpoints themselves (`wal_autocheckpoint=0`, their own
+//!   `wal_hook`, a copy of the database file that must not change) turn it off with
+//!   `repl_config('checkpoint_assist', 0)`, which turns the hand-off off too.
 
 use super::{lock, log_event, Primary};
 use crate::error::Result;

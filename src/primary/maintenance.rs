@@ -87,7 +87,7 @@ pub const SETTINGS: &[(&str, &str)] = &[
     ),
     (
         "checkpoint_assist",
-        "checkpoint PASSIVE in the background once the WAL holds this many frames, so commits rarely run SQLite's automatic checkpoint themselves (0 = off: leave checkpoints to the application; 0..=1000000)",
+        "checkpoint PASSIVE in the background once the WAL holds this many frames, and take over SQLite's automatic checkpoint of a commit while the WAL holds 1000..4000 frames, so commits rarely run a checkpoint themselves (0 = off: leave checkpoints to the application; 0..=1000000)",
     ),
     (
         "sync_timeout_ms",

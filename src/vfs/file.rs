@@ -462,7 +462,8 @@ const BACKGROUND_WRITE_WAIT: std::time::Duration = std::time::Duration::from_sec
 
 /// Retry a busy WRITE request while `background` says a job of ours may hold WRITE: such a
 /// job holds it for microseconds (a reader's header check, T3's capture), so spin briefly,
-/// then poll every 50 µs. Once no job runs, one last try decides; SQLITE_BUSY after
+/// then poll every 50 µs. Also used for an application's checkpoint lock while an assisted
+/// checkpoint (milliseconds) holds it. Once no job runs, one last try decides; SQLITE_BUSY after
 /// `BACKGROUND_WRITE_WAIT` (another connection holds WRITE: its owner's busy handler applies).
 fn retry_while_background_writes(
     mut try_lock: impl FnMut() -> c_int,
@@ -526,19 +527,32 @@ unsafe extern "C" fn x_shm_lock(
         let db = match (&s.db, s.kind) {
             (Some(db), Kind::MainDb) if covers_write(ofst, n) => db.clone(),
             (Some(db), Kind::MainDb)
-                if after_commit
-                    && is_checkpoint_lock(ofst, n)
-                    && flags == ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE
-                    && !s.shm0.is_null() =>
+                if is_checkpoint_lock(ofst, n)
+                    && flags == ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE =>
             {
-                // SAFETY: shm0 is this connection's live region-0 mapping.
-                let head = unsafe { shm_read_head(s.shm0) };
-                let mx = crate::wal::WalIndexHeader::read_valid(&head[..96]).map(|h| h.mx_frame);
-                if mx.is_some_and(|mx| db.checkpoint_handoff(mx)) {
-                    return ffi::SQLITE_BUSY;
+                if after_commit && !s.shm0.is_null() {
+                    // SQLite's automatic checkpoint of the commit just made: the assist may
+                    // take it over.
+                    // SAFETY: shm0 is this connection's live region-0 mapping.
+                    let head = unsafe { shm_read_head(s.shm0) };
+                    let h = crate::wal::WalIndexHeader::read_valid(&head[..96]);
+                    if h.is_some_and(|h| db.checkpoint_handoff(h.mx_frame)) {
+                        return ffi::SQLITE_BUSY;
+                    }
                 }
                 // SAFETY: forwarding.
-                return unsafe { lock(s.real, ofst, n, flags) };
+                let rc = unsafe { lock(s.real, ofst, n, flags) };
+                if rc == ffi::SQLITE_BUSY && !after_commit && db.background_may_hold_write() {
+                    // A checkpoint the application asked for meets our assist's run: it
+                    // waits for the run instead of failing (an automatic one just tries
+                    // again at the next commit).
+                    return retry_while_background_writes(
+                        // SAFETY: forwarding the same request again.
+                        || unsafe { lock(s.real, ofst, n, flags) },
+                        || db.background_may_hold_write(),
+                    );
+                }
+                return rc;
             }
             (Some(db), Kind::MainDb)
                 if is_restart_range(ofst, n)

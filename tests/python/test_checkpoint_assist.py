@@ -153,6 +153,22 @@ def test_stuck_assist_leaves_the_writer_its_own_checkpoint_past_the_bound(tmp):
     assert_rebuild_equals(db, tmp / "rebuilt.db")
 
 
+def test_application_checkpoint_waits_for_an_assist_run_instead_of_failing(tmp):
+    """Every burst ends with the assist just handed a checkpoint, so the application's own
+    TRUNCATE right after it usually meets an assist run holding the checkpoint lock (which
+    SQLite takes without a busy handler): it waits for the run and succeeds at the first try."""
+    c, db = new_primary(tmp)
+    c.setbusytimeout(5000)  # for the locks SQLite does wait on (WRITE, the readers)
+    for k in range(12):
+        commit_rows(c, 1100, start=1 + k * 1100)
+        assert c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0] == (0, 0, 0), k
+        assert os.path.getsize(db + "-wal") == 0
+    st = status(c)
+    assert st["checkpoint"]["handed_off"] >= 12, st["checkpoint"]
+    assert one(c, "SELECT count(*) FROM t") == 13_200
+    c.close()
+
+
 def test_checkpoint_asked_right_after_a_commit_is_not_handed_off(tmp):
     """Below SQLite's default threshold no automatic checkpoint runs, so a checkpoint lock a
     connection asks for right after its commit is the application's own: never answered
