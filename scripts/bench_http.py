@@ -63,7 +63,7 @@ while time.perf_counter() - start < secs:
     if left > 0:
         time.sleep(left)  # pacing: a steady commit rate (sleeping: the 2 cores are shared)
     p.execute("UPDATE stamp SET ns = ? WHERE id = 1", (time.time_ns(),)); n += 1
-open(sys.argv[3], "w").write(str(n))
+open(sys.argv[3] + ".tmp", "w").write(str(n)); os.rename(sys.argv[3] + ".tmp", sys.argv[3])  # whole, never seen empty
 while os.path.exists(sys.argv[3]):
     time.sleep(0.05)  # keep serving until the driver is done
 """

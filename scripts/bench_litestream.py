@@ -112,7 +112,7 @@ while time.perf_counter() - start < secs:
     if left > 0:
         time.sleep(left)
     p.execute("INSERT INTO stamp(ns) VALUES (?)", (time.time_ns(),)); n += 1
-open(sys.argv[3], "w").write(str(n))
+open(sys.argv[3] + ".tmp", "w").write(str(n)); os.rename(sys.argv[3] + ".tmp", sys.argv[3])  # whole, never seen empty
 while os.path.exists(sys.argv[3]):
     time.sleep(0.05)  # keep serving until the driver is done
 """
@@ -454,6 +454,8 @@ def report(version: str, write: dict[str, list[float]], long: dict[str, list[flo
         """'sqlite-replica wins by 2.3x' style verdict; a = ours, b = Litestream's."""
         better = a < b if lower_better else a > b
         f = (b / a if lower_better else a / b) if better else (a / b if lower_better else b / a)
+        if f < 1.05:  # the "Where sqlite-replica loses" line above still counts any loss
+            return f"**a tie**{' ' + what if what else ''} (within 5 %: {'ours' if better else 'Litestream'} ahead by {f:.2f}×)"
         return f"**{'sqlite-replica' if better else 'Litestream'} wins**{' ' + what if what else ''} by {f:.1f}×"
 
     env = (f"REPL_BENCH_LS_N={N} REPL_BENCH_LS_ROUNDS={ROUNDS} REPL_BENCH_LS_LONG_N={LONG_N} "
