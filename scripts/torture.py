@@ -8,7 +8,9 @@ Processes (each its own OS process, so kill -9 is a real crash):
 * WRITERS writer processes (extension loaded) doing bank transfers on ``p.db``: every
   transaction moves money between two accounts (the total never changes), bumps ``ver.v`` by
   one and stamps the touched accounts with it (so ``max(acct.ver) == ver.v`` in every committed
-  state); sometimes multi-page / overflow blob churn in ``junk``;
+  state); sometimes multi-page / overflow blob churn in ``junk``; writer 0 commits at
+  synchronous=NORMAL (its automatic checkpoints go to the checkpoint assist: the hand-off),
+  the others at SQLite's default FULL;
 * three replica processes, each following the primary through its own fault proxy
   (tests/python/faultproxy.py) with ``repl_follow(<proxy>, 100)``; every incarnation gets a
   seeded ``REPL_DRAIN_FRAMES`` (some tiny, forcing drains);
@@ -101,6 +103,7 @@ import random
 from workload import transfer
 conn = connect(os.environ["P_DB"])
 conn.setbusytimeout(10000)
+conn.execute(f"PRAGMA synchronous={os.environ['SYNC']}")
 rng = random.Random(int(os.environ["SEED"]))
 stop, n = os.environ["STOP"], int(os.environ["N_ACCT"])
 done = busy = 0
@@ -247,7 +250,8 @@ class Torture:
         self.port = int(url.rsplit(":", 1)[1])
 
     def start_writer(self, i: int) -> None:
-        self.writers[i] = self.spawn(WRITER, f"writer{i}", SEED=self.rng.randrange(1 << 30), STOP=self.stop_w)
+        self.writers[i] = self.spawn(WRITER, f"writer{i}", SEED=self.rng.randrange(1 << 30), STOP=self.stop_w,
+                                     SYNC="NORMAL" if i == 0 else "FULL")
 
     def start_replica(self, i: int) -> None:
         drain = self.rng.choice([16, 64, 400, 4000])
