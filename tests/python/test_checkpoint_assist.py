@@ -33,6 +33,16 @@ def commit_rows(c: apsw.Connection, n: int, start: int = 1) -> None:
         c.execute("INSERT INTO t(id, v) VALUES (?, ?)", (i, ROW))
 
 
+def assert_nothing_lost(db: str, tmp, n: int, c: apsw.Connection | None = None) -> None:
+    """Rows 1..n are all there for a stock reader, the log verifies with dense LSNs, and the
+    database rebuilt from the log equals the primary's."""
+    assert stock_one(db, "SELECT count(*), min(id), max(id) FROM t;") == f"{n}|1|{n}"
+    assert stock_one(db, "PRAGMA integrity_check;") == "ok"
+    verify_ok(db)
+    assert_dense(inspect(db))
+    assert_rebuild_equals(db, tmp / "rebuilt.db", c)
+
+
 def new_primary(tmp, autocheckpoint: int | None = None, synchronous: str | None = None
                 ) -> tuple[apsw.Connection, str]:
     db = str(tmp / "p.db")
@@ -62,15 +72,8 @@ def test_assist_checkpoints_in_the_background_and_loses_nothing(tmp):
     assert os.path.getsize(db) > 40 * 4096, os.path.getsize(db)
     shm = shm_state(db)
     assert shm["n_backfill"] > 0, shm
-    # Everything committed is in the log, in order, and a stock reader sees it all.
     assert lsn == st["lsn"]
-    assert stock_one(db, "SELECT count(*), min(id), max(id) FROM t;") == "3000|1|3000"
-    assert stock_one(db, "PRAGMA integrity_check;") == "ok"
-    # The log verifies, its LSNs are dense, and the database rebuilt from it equals the
-    # primary's.
-    verify_ok(db)
-    assert_dense(inspect(db))
-    assert_rebuild_equals(db, tmp / "rebuilt.db", c)
+    assert_nothing_lost(db, tmp, 3000, c)
     c.close()
 
 
@@ -114,11 +117,7 @@ def test_automatic_checkpoints_are_handed_to_the_assist(tmp):
     assert st["checkpoint"]["handed_off"] >= 1, st["checkpoint"]
     assert st["checkpoint"]["last_error"] is None, st["checkpoint"]
     assert os.path.getsize(db + "-wal") <= 32 + 2 * HANDOFF_MAX_FRAMES * FRAME
-    assert stock_one(db, "SELECT count(*), min(id), max(id) FROM t;") == "10000|1|10000"
-    assert stock_one(db, "PRAGMA integrity_check;") == "ok"
-    verify_ok(db)
-    assert_dense(inspect(db))
-    assert_rebuild_equals(db, tmp / "rebuilt.db", c)
+    assert_nothing_lost(db, tmp, 10_000, c)
     c.close()
 
 
@@ -168,10 +167,7 @@ def test_stuck_assist_leaves_the_writer_its_own_checkpoint_past_the_bound(tmp):
     assert r["st"]["handed_off"] >= 1, r
     # The writer's own checkpoint ran past the bound: the WAL restarted instead of growing.
     assert 1000 * FRAME < r["biggest"] <= 32 + (HANDOFF_MAX_FRAMES + 2) * FRAME, r
-    assert stock_one(db, "SELECT count(*), min(id), max(id) FROM t;") == "12000|1|12000"
-    verify_ok(db)
-    assert_dense(inspect(db))
-    assert_rebuild_equals(db, tmp / "rebuilt.db")
+    assert_nothing_lost(db, tmp, 12_000)
 
 
 def test_application_checkpoint_waits_for_an_assist_run_instead_of_failing(tmp):
