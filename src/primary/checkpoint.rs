@@ -11,15 +11,16 @@
 //! of its own.
 //!
 //! **The hand-off.** SQLite's automatic checkpoint of a commit is taken over too while the
-//! WAL holds 1,000 (SQLite's default threshold) to 4,000 frames, at `synchronous=NORMAL`: the shim sees a connection
-//! ask for the checkpoint lock right after its commit (no other lock in between but the
-//! release of its read mark), answers SQLITE_BUSY — which the automatic checkpoint ignores, as
-//! it does whenever another connection is checkpointing — and schedules the assist
-//! (`checkpoint_handoff`). This is what Litestream's writer gains from Litestream's read lock
-//! (its checkpoints become no-ops), without holding anything. Past 4,000 frames the writer's
-//! own checkpoint runs, copies what the assist has not, and its next commit restarts the WAL:
-//! a writer committing back to back never leaves the assist a moment with nothing left to
-//! copy, and a stuck assist cannot let the WAL grow. Not for a commit that synced the WAL
+//! WAL holds 1,000 (SQLite's default threshold) to 4,000 frames, at `synchronous=NORMAL`:
+//! the shim sees a connection ask for the checkpoint lock right after its commit (no other
+//! lock in between but the release of its read mark), answers SQLITE_BUSY — which the
+//! automatic checkpoint ignores, as it does whenever another connection is checkpointing —
+//! and schedules the assist (`checkpoint_handoff`). This is what Litestream's writer gains
+//! from Litestream's read lock (its checkpoints become no-ops), without holding anything.
+//! Past 4,000 frames the writer's own checkpoint runs (once no assist run holds the lock),
+//! copies what the assist has not, and its next commit restarts the WAL: a writer committing
+//! back to back never leaves the assist a moment with nothing left to copy, and a stuck
+//! assist cannot let the WAL grow. Not for a commit that synced the WAL
 //! (`synchronous=FULL`): each commit's fsync would then meet a WAL growing past 1,000 frames,
 //! and an fsync of a growing file also commits its size (measured: 1.9× plain at FULL with
 //! the hand-off, 1.05× without; the checkpoint is a small share of a FULL commit anyway).
@@ -80,9 +81,8 @@ const AUTOCHECKPOINT_DEFAULT: u32 = 1000;
 
 /// Past this many WAL frames an automatic checkpoint is no longer handed off: the writer's
 /// own checkpoint (once no assist run holds the checkpoint lock) copies what the assist has
-/// not and lets the next commit restart the WAL
-/// (a writer committing back to back never leaves the assist a moment with nothing left to
-/// copy). 4,000 frames is 16 MiB of WAL at 4 KiB pages.
+/// not and lets the next commit restart the WAL (a writer committing back to back never
+/// leaves the assist a moment with nothing left to copy). 16 MiB of WAL at 4 KiB pages.
 const HANDOFF_MAX_FRAMES: u32 = 4000;
 
 /// Is an automatic checkpoint at `mx_frame` frames handed to the assist? (`assist` 0 = off.)

@@ -462,9 +462,10 @@ const BACKGROUND_WRITE_WAIT: std::time::Duration = std::time::Duration::from_sec
 
 /// Retry a busy WRITE request while `background` says a job of ours may hold WRITE: such a
 /// job holds it for microseconds (a reader's header check, T3's capture), so spin briefly,
-/// then poll every 50 µs. Also used for an application's checkpoint lock while an assisted
-/// checkpoint (milliseconds) holds it. Once no job runs, one last try decides; SQLITE_BUSY after
+/// then poll every 50 µs. Once no job runs, one last try decides; SQLITE_BUSY after
 /// `BACKGROUND_WRITE_WAIT` (another connection holds WRITE: its owner's busy handler applies).
+/// Also used for an application's checkpoint lock while an assisted checkpoint (milliseconds)
+/// holds it.
 fn retry_while_background_writes(
     mut try_lock: impl FnMut() -> c_int,
     background: impl Fn() -> bool,
