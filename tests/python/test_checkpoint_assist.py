@@ -245,13 +245,27 @@ one(c, "select repl_primary()")
 c.execute("create table t(x)")
 c.execute("insert into t values (1)")
 one(c, "select repl_lsn()")
-nice = {}
-for t in os.listdir("/proc/self/task"):
-    name = open(f"/proc/self/task/{t}/comm").read().strip()
-    fields = open(f"/proc/self/task/{t}/stat").read().rsplit(")", 1)[1].split()
-    if int(t) == os.getpid():
-        name = "main"
-    nice.setdefault(name, set()).add(int(fields[16]))  # field 19 of stat: nice
+# A worker names itself, then sets its priority, then waits for work: read once every worker
+# is named and none is still running its start (on a loaded machine they start late).
+WORKERS = ("repl-append", "repl-checkpoint", "repl-durable")
+deadline = time.monotonic() + 30
+while True:
+    nice, running = {}, set()
+    for t in os.listdir("/proc/self/task"):
+        try:
+            name = open(f"/proc/self/task/{t}/comm").read().strip()
+            fields = open(f"/proc/self/task/{t}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(t) == os.getpid():
+            name = "main"
+        nice.setdefault(name, set()).add(int(fields[16]))  # field 19 of stat: nice
+        if fields[0] == "R":  # field 3: state
+            running.add(name)
+    if all(w in nice for w in WORKERS) and not running.intersection(WORKERS):
+        break
+    assert time.monotonic() < deadline, f"workers never all started and idle: {nice} {running}"
+    time.sleep(0.01)
 print(json.dumps({k: sorted(v) for k, v in nice.items()}))
 """
 
