@@ -441,10 +441,22 @@ def main() -> None:
     report(version, write, long, lag, bt, runtime)
 
 
+def write_table(res: dict[str, list[float]], wal: dict[str, list[float]]) -> list[str]:
+    """The markdown table of one write benchmark: per variant the median µs/commit, its ratio to
+    plain SQLite, the largest WAL after a run and every round's value."""
+    med = {v: statistics.median(xs) for v, xs in res.items()}
+    return [
+        "| variant | µs/commit | vs plain | WAL after the run (max) | per round |",
+        "|---|---:|---:|---:|---|",
+        *[f"| {WRITE_LABELS[v]} | {med[v]:.1f} | {med[v] / med['plain']:.2f}× | {max(wal[v]):.1f} MiB | "
+          f"{' · '.join(f'{x:.1f}' for x in res[v])} |"
+          for v in WRITE_VARIANTS],
+    ]
+
+
 def report(version: str, write: dict[str, list[float]], long: dict[str, list[float]], lag: list[dict], bt: dict,
            runtime: float) -> None:
     med = {v: statistics.median(xs) for v, xs in write.items()}
-    plain = med["plain"]
     ours, lsf, lsd = lag
     mib = bt["mib"]
     rate = {k: mib / bt[k] for k in ("cp", "dir", "http", "ls")}
@@ -484,11 +496,7 @@ def report(version: str, write: dict[str, list[float]], long: dict[str, list[flo
             f"append thread's page-cache writes — fall inside the measured window), median of {LONG_ROUNDS} "
             "interleaved rounds:",
             "",
-            "| variant | µs/commit | vs plain | WAL after the run (max) | per round |",
-            "|---|---:|---:|---:|---|",
-            *[f"| {WRITE_LABELS[v]} | {lmed[v]:.1f} | {lmed[v] / lmed['plain']:.2f}× | {max(LONG_WAL_MIB[v]):.1f} MiB | "
-              f"{' · '.join(f'{x:.1f}' for x in long[v])} |"
-              for v in WRITE_VARIANTS],
+            *write_table(long, LONG_WAL_MIB),
             "",
             f"- vs Litestream (default intervals), sustained: "
             f"{who(lmed['primary'], lmed['litestream-default'], True, 'on commit cost')} "
@@ -522,11 +530,7 @@ def report(version: str, write: dict[str, list[float]], long: dict[str, list[flo
         "holding the write lock now and then: without a busy timeout the writer got SQLITE_BUSY at 1 ms intervals, so every "
         "variant sets `busy_timeout` 5000) and the CPU it takes from 2 shared cores, not work on the commit path.",
         "",
-        "| variant | µs/commit | vs plain | WAL after the run (max) | per round |",
-        "|---|---:|---:|---:|---|",
-        *[f"| {WRITE_LABELS[v]} | {med[v]:.1f} | {med[v] / plain:.2f}× | {max(WAL_MIB[v]):.1f} MiB | "
-          f"{' · '.join(f'{x:.1f}' for x in write[v])} |"
-          for v in WRITE_VARIANTS],
+        *write_table(write, WAL_MIB),
         "",
         f"- vs Litestream (default intervals): {who(med['primary'], med['litestream-default'], True, 'on commit cost')} "
         f"({med['primary']:.1f} vs {med['litestream-default']:.1f} µs/commit).",

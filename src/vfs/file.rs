@@ -531,15 +531,12 @@ unsafe extern "C" fn x_shm_lock(
                 if is_checkpoint_lock(ofst, n)
                     && flags == ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE =>
             {
-                if after_commit && !s.shm0.is_null() {
-                    // SQLite's automatic checkpoint of the commit just made: the assist may
-                    // take it over.
-                    // SAFETY: shm0 is this connection's live region-0 mapping.
-                    let head = unsafe { shm_read_head(s.shm0) };
-                    let h = crate::wal::WalIndexHeader::read_valid(&head[..96]);
-                    if h.is_some_and(|h| db.checkpoint_handoff(h.mx_frame)) {
-                        return ffi::SQLITE_BUSY;
-                    }
+                // SQLite's automatic checkpoint of the commit just made: the assist may take
+                // it over.
+                if after_commit
+                    && valid_header(s).is_some_and(|h| db.checkpoint_handoff(h.mx_frame))
+                {
+                    return ffi::SQLITE_BUSY;
                 }
                 // SAFETY: forwarding.
                 let rc = unsafe { lock(s.real, ofst, n, flags) };
@@ -572,16 +569,12 @@ unsafe extern "C" fn x_shm_lock(
         };
         if flags == ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE
             && db.read_only()
-            && !s.shm0.is_null()
-        {
             // A replica is read-only: refuse the WAL write lock to connections of ours before
             // they write anything (SQLite reports SQLITE_READONLY, "attempt to write a readonly
             // database"). Recovery of an invalid wal-index also needs WRITE: allow that.
-            // SAFETY: shm0 is this connection's live region-0 mapping.
-            let head = unsafe { shm_read_head(s.shm0) };
-            if crate::wal::WalIndexHeader::read_valid(&head[..96]).is_some() {
-                return ffi::SQLITE_READONLY;
-            }
+            && valid_header(s).is_some()
+        {
+            return ffi::SQLITE_READONLY;
         }
         if flags == ffi::SQLITE_SHM_LOCK | ffi::SQLITE_SHM_EXCLUSIVE {
             // SAFETY: forwarding.
@@ -650,6 +643,18 @@ pub(super) unsafe fn shm_load_u32(base: *mut c_void, word_off: usize) -> u32 {
     // SAFETY: per the contract; other processes/threads write these words concurrently, so
     // they are accessed atomically (SQLite itself treats them as aligned 32-bit words).
     unsafe { AtomicU32::from_ptr((base as *mut u32).add(word_off)).load(Ordering::Acquire) }
+}
+
+/// The wal-index header as this connection's mapping holds it, when it is valid (None
+/// before the connection mapped region 0, or while the header copies disagree).
+fn valid_header(s: &ShimFile) -> Option<crate::wal::WalIndexHeader> {
+    if s.shm0.is_null() {
+        return None;
+    }
+    // SAFETY: shm0 is this connection's live region-0 mapping (set by x_shm_map, cleared by
+    // x_shm_unmap).
+    let head = unsafe { shm_read_head(s.shm0) };
+    crate::wal::WalIndexHeader::read_valid(&head[..96])
 }
 
 /// The first 136 bytes of block 0 (header copies + checkpoint info) from a mapping.
